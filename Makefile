@@ -1,0 +1,17 @@
+# The README's two commands: `make demo` and `make test`. Each sets itself up first.
+PY := .venv/bin/python
+
+.PHONY: setup demo test lint bench
+
+setup:
+	@bash scripts/setup.sh
+
+demo: setup
+	$(PY) -m qsmnode demo
+
+test: setup
+	$(PY) -m ruff check qsmnode tests benchmarks
+	$(PY) -m pytest
+
+bench: setup
+	$(PY) benchmarks/run.py

@@ -1,0 +1,1 @@
+"""Quantitative susceptibility mapping: pure numerical code, arrays in and arrays out."""

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# One setup for both README commands: create or reuse .venv, install qsmnode with its test
+# extra, and install the Debian tools the tests and the demo use when they are missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+VENV=.venv
+STAMP=$VENV/.installed
+
+# Debian package -> a program it provides.
+declare -A TOOLS=([dcmtk]=storescu [dicom3tools]=dciodvfy [dcm2niix]=dcm2niix [orthanc]=Orthanc)
+
+missing=()
+for pkg in "${!TOOLS[@]}"; do
+    command -v "${TOOLS[$pkg]}" >/dev/null 2>&1 || missing+=("$pkg")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    if [ "$(id -u)" = 0 ]; then apt_cmd=(apt-get)
+    elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then apt_cmd=(sudo apt-get)
+    else apt_cmd=()
+    fi
+    if [ ${#apt_cmd[@]} -gt 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "setup: installing Debian packages: ${missing[*]}"
+        "${apt_cmd[@]}" update -qq
+        DEBIAN_FRONTEND=noninteractive "${apt_cmd[@]}" install -y -qq --no-install-recommends \
+            "${missing[@]}" >/dev/null
+    else
+        echo "setup: missing Debian packages: ${missing[*]}" >&2
+        echo "setup: install them with: sudo apt-get install ${missing[*]}" >&2
+        echo "setup: (tests that need them will fail and name the missing program)" >&2
+    fi
+fi
+
+if [ ! -x "$VENV/bin/python" ]; then
+    echo "setup: creating $VENV"
+    "$PYTHON" -m venv "$VENV"
+fi
+if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ]; then
+    echo "setup: installing qsmnode into $VENV"
+    "$VENV/bin/python" -m pip install -q --upgrade pip
+    "$VENV/bin/python" -m pip install -q -e ".[test]"
+    touch "$STAMP"
+fi
