@@ -1,0 +1,1 @@
+"""The service: configuration, store, receiver, tracker, jobs and sender."""
