@@ -1,0 +1,632 @@
+"""Typed, validated configuration of the node.
+
+The configuration is one TOML file, read with :mod:`tomllib` into a tree of frozen dataclasses
+rooted at :class:`Settings`. Keys left out of the file take the dataclass defaults; these equal
+the values in the documented default file ``config/qsmnode.toml``.
+
+Which file is read: the ``path`` argument of :func:`load_settings`, else ``$QSMNODE_CONFIG``,
+else the packaged default ``config/qsmnode.toml``. Relative paths inside the file are relative to
+the file's folder, and ``~`` expands to the home folder.
+
+Environment overrides: only paths and ports can be overridden, with ``QSMNODE_<SECTION>_<KEY>``
+in upper case; a nested table adds its name (``QSMNODE_LISTENER_TLS_CERT_FILE``). The rule is
+taken from the schema: a field typed ``Path``, or an ``int`` field marked ``port`` in its
+metadata, outside arrays of tables. :data:`ENV_OVERRIDES` lists them. Relative paths given in the
+environment are relative to the current directory. Other ``QSMNODE_*`` variables are ignored.
+
+Validation is generic: :func:`load_settings` walks the dataclass fields and their type hints
+(``str``, ``int``, ``float``, ``bool``, ``Path``, ``X | None``, ``tuple[X, ...]``, nested
+dataclasses, and tuples of dataclasses for TOML arrays of tables) and applies the constraints in
+each field's metadata (see :func:`_rule`). A dataclass may add cross-field checks in a
+``_cross_check(at)`` method. Every problem raises :class:`ConfigError`, whose message names the
+file (or environment variable), the dotted key (``listener.port``, ``destinations[1].ae_title``;
+indices count from 0) and what was expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import ipaddress
+import json
+import math
+import os
+import re
+import tomllib
+import types
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import MISSING, dataclass, field
+from pathlib import Path
+from typing import Any, NoReturn, get_args, get_origin, get_type_hints
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "config" / "qsmnode.toml"
+"""The documented default configuration file shipped with the repository."""
+
+CONFIG_ENV = "QSMNODE_CONFIG"
+"""Environment variable naming the configuration file when no path is given."""
+
+ENV_PREFIX = "QSMNODE_"
+
+
+class ConfigError(Exception):
+    """A configuration problem. The message names the file or variable, the key and the fix."""
+
+
+def _rule(
+    *,
+    expect: str | None = None,
+    unit: str | None = None,
+    ge: float | None = None,
+    le: float | None = None,
+    gt: float | None = None,
+    choices: tuple[str, ...] | None = None,
+    check: Callable[[Any], bool] | None = None,
+    port: bool = False,
+) -> dict[str, Any]:
+    """Field metadata: constraints, and the words used in error messages.
+
+    ``expect`` replaces the generated description of what is expected; ``unit`` is added to it;
+    ``ge``/``le``/``gt`` bound numbers; ``choices`` lists allowed strings; ``check`` is a predicate
+    on the converted value; ``port`` marks an int field that the environment may override. For
+    ``tuple[X, ...]`` fields the constraints apply to each item.
+    """
+    given = {
+        "expect": expect, "unit": unit, "ge": ge, "le": le, "gt": gt,
+        "choices": choices, "check": check,
+    }
+    meta: dict[str, Any] = {key: value for key, value in given.items() if value is not None}
+    if port:
+        meta["port"] = True
+    return meta
+
+
+_INTERNAL: dict[str, Any] = {"internal": True}  # metadata of fields that are not TOML keys
+
+# AE title: printable ASCII (0x20-0x7E) except backslash (0x5C), 1-16 characters.
+_AE_TITLE = re.compile(r"[\x20-\x5b\x5d-\x7e]{1,16}")
+_HOST_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOSTNAME = re.compile(rf"{_HOST_LABEL}(?:\.{_HOST_LABEL})*")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+AE_TITLE_EXPECT = (
+    "an AE title: 1-16 printable ASCII characters, no backslash, "
+    "no leading or trailing spaces"
+)
+HOST_EXPECT = "a hostname or IP address"
+
+
+def is_ae_title(text: str) -> bool:
+    """True for a valid DICOM AE title (leading and trailing spaces refused: not significant)."""
+    return bool(_AE_TITLE.fullmatch(text)) and text.strip(" ") == text
+
+
+def is_host(text: str) -> bool:
+    """True for an IPv4/IPv6 address or an RFC 1123 hostname."""
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        pass
+    else:
+        return True
+    if len(text) > 253 or re.fullmatch(r"[0-9.]+", text):  # a malformed IPv4 address
+        return False
+    return bool(_HOSTNAME.fullmatch(text))
+
+
+def _valid_pdu(size: int) -> bool:
+    return size == 0 or 4096 <= size <= 0xFFFFFFFF
+
+
+# --------------------------------------------------------------------------------------------
+# The schema
+
+
+@dataclass(frozen=True)
+class PathsConfig:
+    """``[paths]``: where the node keeps its state."""
+
+    state_dir: Path = field(
+        default=Path("/var/lib/qsmnode"), metadata=_rule(expect="a directory path")
+    )
+
+
+def _tls_files(
+    tls: ServerTLSConfig | ClientTLSConfig, at: str, required: dict[str, str]
+) -> Iterator[tuple[str, str]]:
+    """Problems with the files of an enabled TLS table: missing keys, then missing files."""
+    for name, why in required.items():
+        if getattr(tls, name) is None:
+            yield f"{at}{name}", f"missing: a file path is required when {why}"
+    for name in ("cert_file", "key_file", "ca_file"):
+        path = getattr(tls, name)
+        if path is not None and not path.is_file():
+            yield f"{at}{name}", f"file not found: {path}"
+
+
+@dataclass(frozen=True)
+class ServerTLSConfig:
+    """``[listener.tls]``: DICOM TLS on the listener (off by default)."""
+
+    enabled: bool = False
+    cert_file: Path | None = field(default=None, metadata=_rule(expect="a PEM file path"))
+    key_file: Path | None = field(default=None, metadata=_rule(expect="a PEM file path"))
+    ca_file: Path | None = field(default=None, metadata=_rule(expect="a PEM file path"))
+    require_client_cert: bool = True
+
+    def _cross_check(self, at: str) -> Iterator[tuple[str, str]]:
+        if not self.enabled:
+            return
+        required = {
+            "cert_file": f"{at}enabled is true",
+            "key_file": f"{at}enabled is true",
+        }
+        if self.require_client_cert:
+            required["ca_file"] = f"{at}enabled and {at}require_client_cert are true"
+        yield from _tls_files(self, at, required)
+
+
+@dataclass(frozen=True)
+class ClientTLSConfig:
+    """``[destinations.tls]``: DICOM TLS towards one destination (off by default).
+
+    Without ``ca_file`` the system's trusted CAs verify the server; ``cert_file`` and
+    ``key_file`` (both or neither) give the node a client certificate.
+    """
+
+    enabled: bool = False
+    ca_file: Path | None = field(default=None, metadata=_rule(expect="a PEM file path"))
+    cert_file: Path | None = field(default=None, metadata=_rule(expect="a PEM file path"))
+    key_file: Path | None = field(default=None, metadata=_rule(expect="a PEM file path"))
+
+    def _cross_check(self, at: str) -> Iterator[tuple[str, str]]:
+        if not self.enabled:
+            return
+        required: dict[str, str] = {}
+        if self.cert_file is not None:
+            required["key_file"] = f"{at}cert_file is set"
+        if self.key_file is not None:
+            required["cert_file"] = f"{at}key_file is set"
+        yield from _tls_files(self, at, required)
+
+
+@dataclass(frozen=True)
+class AllowedSenderConfig:
+    """``[[listener.allowed_senders]]``: one calling AE title the listener accepts."""
+
+    ae_title: str = field(metadata=_rule(expect=AE_TITLE_EXPECT, check=is_ae_title))
+    hosts: tuple[str, ...] = field(
+        default=(), metadata=_rule(expect=HOST_EXPECT, check=is_host)
+    )
+
+
+@dataclass(frozen=True)
+class ListenerConfig:
+    """``[listener]``: the C-STORE SCP that receives images from the scanner."""
+
+    ae_title: str = field(
+        default="QSMNODE", metadata=_rule(expect=AE_TITLE_EXPECT, check=is_ae_title)
+    )
+    host: str = field(default="0.0.0.0", metadata=_rule(expect=HOST_EXPECT, check=is_host))
+    port: int = field(default=11112, metadata=_rule(ge=1, le=65535, port=True))
+    max_associations: int = field(default=8, metadata=_rule(ge=1))
+    max_pdu_bytes: int = field(
+        default=262144,
+        metadata=_rule(expect="0 (no limit) or an integer 4096-4294967295", check=_valid_pdu),
+    )
+    acse_timeout_s: float = field(default=30.0, metadata=_rule(unit="seconds", gt=0))
+    dimse_timeout_s: float = field(default=60.0, metadata=_rule(unit="seconds", gt=0))
+    network_timeout_s: float = field(default=60.0, metadata=_rule(unit="seconds", gt=0))
+    min_free_disk_mb: int = field(default=1024, metadata=_rule(unit="MiB", ge=0))
+    store_other_sop_classes: bool = False
+    tls: ServerTLSConfig = field(default_factory=ServerTLSConfig)
+    allowed_senders: tuple[AllowedSenderConfig, ...] = (AllowedSenderConfig("SCANNER7T"),)
+
+    def _cross_check(self, at: str) -> Iterator[tuple[str, str]]:
+        seen: dict[str, int] = {}
+        for index, sender in enumerate(self.allowed_senders):
+            if sender.ae_title in seen:
+                first = f"{at}allowed_senders[{seen[sender.ae_title]}]"
+                yield (
+                    f"{at}allowed_senders[{index}].ae_title",
+                    f"duplicate AE title {json.dumps(sender.ae_title)} (also in {first}); "
+                    "list all its hosts in one entry",
+                )
+            seen.setdefault(sender.ae_title, index)
+
+
+@dataclass(frozen=True)
+class TrackerConfig:
+    """``[tracker]``: when a received series counts as complete."""
+
+    quiet_period_s: float = field(default=10.0, metadata=_rule(unit="seconds", gt=0))
+    max_wait_s: float = field(default=600.0, metadata=_rule(unit="seconds", gt=0))
+
+    def _cross_check(self, at: str) -> Iterator[tuple[str, str]]:
+        if self.max_wait_s < self.quiet_period_s:
+            yield (
+                f"{at}max_wait_s",
+                f"expected a number (seconds) >= {at}quiet_period_s "
+                f"({_number(self.quiet_period_s)}), got {_number(self.max_wait_s)}",
+            )
+
+
+@dataclass(frozen=True)
+class RulesConfig:
+    """``[rules]``: which acquisitions are processed."""
+
+    min_echoes: int = field(default=2, metadata=_rule(ge=1))
+    require_phase: bool = True
+    field_strengths_t: tuple[float, ...] = field(
+        default=(), metadata=_rule(unit="tesla", gt=0, le=20)
+    )
+
+
+@dataclass(frozen=True)
+class WorkersConfig:
+    """``[workers]``: the process pool that runs QSM jobs."""
+
+    processes: int = field(default=1, metadata=_rule(ge=1))
+    memory_budget_mb: int = field(default=8192, metadata=_rule(unit="MiB", ge=256))
+    job_attempts: int = field(default=3, metadata=_rule(ge=1))
+    lease_s: float = field(default=3600.0, metadata=_rule(unit="seconds", gt=0))
+
+
+@dataclass(frozen=True)
+class DestinationConfig:
+    """``[[destinations]]``: one C-STORE SCP (PACS) that receives the derived objects."""
+
+    name: str = field(
+        metadata=_rule(
+            expect="a name of 1-64 letters, digits, '_', '.' or '-', starting with a letter "
+            "or digit",
+            check=lambda text: bool(_NAME.fullmatch(text)),
+        )
+    )
+    ae_title: str = field(metadata=_rule(expect=AE_TITLE_EXPECT, check=is_ae_title))
+    host: str = field(metadata=_rule(expect=HOST_EXPECT, check=is_host))
+    port: int = field(metadata=_rule(ge=1, le=65535))
+    calling_ae_title: str = field(
+        default="QSMNODE", metadata=_rule(expect=AE_TITLE_EXPECT, check=is_ae_title)
+    )
+    tls: ClientTLSConfig = field(default_factory=ClientTLSConfig)
+
+
+@dataclass(frozen=True)
+class SenderConfig:
+    """``[sender]``: retries of C-STORE to the destinations."""
+
+    retry_initial_s: float = field(default=10.0, metadata=_rule(unit="seconds", gt=0))
+    retry_max_s: float = field(default=3600.0, metadata=_rule(unit="seconds", gt=0))
+    max_attempts: int = field(default=0, metadata=_rule(expect="an integer >= 0 (0 = forever)",
+                                                        ge=0))
+
+    def _cross_check(self, at: str) -> Iterator[tuple[str, str]]:
+        if self.retry_max_s < self.retry_initial_s:
+            yield (
+                f"{at}retry_max_s",
+                f"expected a number (seconds) >= {at}retry_initial_s "
+                f"({_number(self.retry_initial_s)}), got {_number(self.retry_max_s)}",
+            )
+
+
+@dataclass(frozen=True)
+class HTTPConfig:
+    """``[http]``: the status and health endpoint."""
+
+    host: str = field(default="127.0.0.1", metadata=_rule(expect=HOST_EXPECT, check=is_host))
+    port: int = field(
+        default=8080,
+        metadata=_rule(expect="an integer 0-65535 (0 = disabled)", ge=0, le=65535, port=True),
+    )
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    """``[logging]``."""
+
+    level: str = field(default="INFO", metadata=_rule(choices=("DEBUG", "INFO", "WARNING",
+                                                               "ERROR")))
+
+
+_WILDCARD_HOSTS = frozenset({"0.0.0.0", "::"})
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The whole configuration. ``source`` is the file read; ``env_overrides`` names the
+    environment variables that replaced values from it."""
+
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    listener: ListenerConfig = field(default_factory=ListenerConfig)
+    tracker: TrackerConfig = field(default_factory=TrackerConfig)
+    rules: RulesConfig = field(default_factory=RulesConfig)
+    workers: WorkersConfig = field(default_factory=WorkersConfig)
+    destinations: tuple[DestinationConfig, ...] = ()
+    sender: SenderConfig = field(default_factory=SenderConfig)
+    http: HTTPConfig = field(default_factory=HTTPConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    source: Path = field(default=DEFAULT_CONFIG, metadata=_INTERNAL)
+    env_overrides: tuple[str, ...] = field(default=(), metadata=_INTERNAL)
+
+    def _cross_check(self, at: str) -> Iterator[tuple[str, str]]:
+        seen: dict[str, int] = {}
+        for index, destination in enumerate(self.destinations):
+            if destination.name in seen:
+                yield (
+                    f"{at}destinations[{index}].name",
+                    f"duplicate name {json.dumps(destination.name)} "
+                    f"(also {at}destinations[{seen[destination.name]}].name)",
+                )
+            seen.setdefault(destination.name, index)
+        listener, http = self.listener, self.http
+        if http.port == listener.port and (
+            http.host == listener.host or {http.host, listener.host} & _WILDCARD_HOSTS
+        ):
+            yield (
+                f"{at}http.port",
+                f"expected a port other than {at}listener.port ({listener.port}) "
+                "on the same address, got the same",
+            )
+
+
+# --------------------------------------------------------------------------------------------
+# Generic validation
+
+
+def _toml_fields(cls: type) -> dict[str, dataclasses.Field[Any]]:
+    return {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return get_type_hints(cls)
+
+
+def _without_none(hint: Any) -> Any:
+    """``X`` for ``X | None``, else the hint unchanged."""
+    if isinstance(hint, types.UnionType):
+        others = [arg for arg in get_args(hint) if arg is not type(None)]
+        if len(others) != 1:
+            raise TypeError(f"unsupported union {hint!r}")
+        return others[0]
+    return hint
+
+
+_TYPE_WORDS: dict[type, str] = {
+    bool: "true or false", int: "an integer", float: "a number", str: "a string", Path: "a path",
+}
+
+
+def _number(value: float) -> str:
+    """``30`` for 30.0, ``0.5`` for 0.5: numbers in messages without a needless ``.0``."""
+    return str(int(value)) if float(value).is_integer() else repr(value)
+
+
+def _expect(typ: type, meta: Mapping[str, Any]) -> str:
+    """What a field expects, in words, from its type and metadata."""
+    if "expect" in meta:
+        return str(meta["expect"])
+    if "choices" in meta:
+        return "one of " + ", ".join(meta["choices"])
+    words = _TYPE_WORDS[typ]
+    if "unit" in meta:
+        words += f" ({meta['unit']})"
+    ge, le, gt = meta.get("ge"), meta.get("le"), meta.get("gt")
+    if ge is not None and le is not None:
+        return f"{words} {_number(ge)}-{_number(le)}"
+    conditions = []
+    if gt is not None:
+        conditions.append(f"> {_number(gt)}")
+    if ge is not None:
+        conditions.append(f">= {_number(ge)}")
+    if le is not None:
+        conditions.append(f"<= {_number(le)}")
+    return " ".join([words, " and ".join(conditions)]) if conditions else words
+
+
+def _describe(value: Any) -> str:
+    """A TOML value, as quoted in an error message."""
+    if isinstance(value, bool):
+        return f"boolean {str(value).lower()}"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return f"string {json.dumps(value, ensure_ascii=False)}"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "a table"
+    return f"a date/time ({value})"
+
+
+def _meets(value: Any, meta: Mapping[str, Any]) -> bool:
+    if "ge" in meta and value < meta["ge"]:
+        return False
+    if "gt" in meta and value <= meta["gt"]:
+        return False
+    if "le" in meta and value > meta["le"]:
+        return False
+    if "choices" in meta and value not in meta["choices"]:
+        return False
+    return "check" not in meta or bool(meta["check"](value))
+
+
+class _Reader:
+    """Converts the parsed TOML into the dataclass tree, raising ConfigError on any problem."""
+
+    def __init__(self, label: str, base_dir: Path, origins: Mapping[str, str]) -> None:
+        self.label = label  # the file, as named by the caller
+        self.base_dir = base_dir  # relative paths in the file are relative to this
+        self.origins = origins  # dotted key -> environment variable that set it
+
+    def fail(self, key: str, message: str) -> NoReturn:
+        variable = self.origins.get(key)
+        if variable is not None:
+            raise ConfigError(f"{variable} (environment, overrides {key}): {message}")
+        raise ConfigError(f"{self.label}: {key}: {message}")
+
+    def table(self, cls: type, raw: Any, at: str) -> Any:
+        """Build dataclass ``cls`` from the TOML table ``raw``; ``at`` prefixes its keys."""
+        known = _toml_fields(cls)
+        if not isinstance(raw, dict):
+            self.fail(at.rstrip("."), f"expected a table, got {_describe(raw)}")
+        for key in raw:
+            if key not in known:
+                self._unknown(key, at, list(known))
+        hints = _hints(cls)
+        values: dict[str, Any] = {}
+        for name, spec in known.items():
+            key = at + name
+            if name in raw:
+                values[name] = self.value(raw[name], hints[name], key, spec.metadata)
+            elif spec.default is MISSING and spec.default_factory is MISSING:
+                typ = _without_none(hints[name])
+                expect = _expect(typ, spec.metadata) if typ in _TYPE_WORDS else "a value"
+                self.fail(key, f"missing required key (expected {expect})")
+        built = cls(**values)
+        cross_check = getattr(built, "_cross_check", None)
+        if cross_check is not None:
+            for key, message in cross_check(at):
+                self.fail(key, message)
+        return built
+
+    def _unknown(self, key: str, at: str, known: list[str]) -> NoReturn:
+        what = "section" if not at else "key"
+        close = difflib.get_close_matches(key, known, n=1)
+        hint = f"did you mean {json.dumps(close[0])}? " if close else ""
+        self.fail(at + key, f"unknown {what} ({hint}known {what}s: {', '.join(known)})")
+
+    def value(self, raw: Any, hint: Any, key: str, meta: Mapping[str, Any]) -> Any:
+        """Convert one TOML value to the field type ``hint``."""
+        hint = _without_none(hint)  # TOML has no null: an optional key is simply left out
+        if dataclasses.is_dataclass(hint):
+            return self.table(hint, raw, key + ".")
+        if get_origin(hint) is tuple:
+            item = get_args(hint)[0]
+            if not isinstance(raw, list):
+                if dataclasses.is_dataclass(item):
+                    expect = f"an array of tables ([[{key}]])"
+                else:
+                    expect = f"an array (each item {_expect(item, meta)})"
+                self.fail(key, f"expected {expect}, got {_describe(raw)}")
+            if dataclasses.is_dataclass(item):
+                return tuple(self.table(item, v, f"{key}[{i}].") for i, v in enumerate(raw))
+            return tuple(self.value(v, item, f"{key}[{i}]", meta) for i, v in enumerate(raw))
+        return self.scalar(raw, hint, key, meta)
+
+    def scalar(self, raw: Any, typ: type, key: str, meta: Mapping[str, Any]) -> Any:
+        if typ not in _TYPE_WORDS:
+            raise TypeError(f"{key}: unsupported field type {typ!r}")
+        if typ is bool:
+            ok = isinstance(raw, bool)
+        elif typ is int:
+            ok = isinstance(raw, int) and not isinstance(raw, bool)
+        elif typ is float:
+            ok = isinstance(raw, int | float) and not isinstance(raw, bool) and math.isfinite(raw)
+        else:
+            ok = isinstance(raw, str) and raw != ""
+        value = float(raw) if ok and typ is float else raw
+        if not ok or not _meets(value, meta):
+            self.fail(key, f"expected {_expect(typ, meta)}, got {_describe(raw)}")
+        if typ is Path:
+            path = Path(value).expanduser()
+            base = Path.cwd() if key in self.origins else self.base_dir
+            return path if path.is_absolute() else base / path
+        return value
+
+
+def _overridable(
+    cls: type | None = None, parts: tuple[str, ...] = ()
+) -> Iterator[tuple[tuple[str, ...], type, Mapping[str, Any]]]:
+    """The keys the environment may override: Path fields and int fields marked ``port``."""
+    cls = Settings if cls is None else cls
+    hints = _hints(cls)
+    for name, spec in _toml_fields(cls).items():
+        typ = _without_none(hints[name])
+        if dataclasses.is_dataclass(typ):
+            yield from _overridable(typ, (*parts, name))
+        elif typ is Path or (typ is int and spec.metadata.get("port")):
+            yield (*parts, name), typ, spec.metadata
+
+
+def _env_name(parts: tuple[str, ...]) -> str:
+    return ENV_PREFIX + "_".join(parts).upper()
+
+
+ENV_OVERRIDES: dict[str, str] = {_env_name(parts): ".".join(parts) for parts, _, _ in
+                                 _overridable()}
+"""Environment variable -> the dotted key it overrides."""
+
+
+def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> dict[str, str]:
+    """Write the environment overrides into the parsed TOML; return dotted key -> variable."""
+    origins: dict[str, str] = {}
+    for parts, typ, meta in _overridable():
+        variable = _env_name(parts)
+        if variable not in env:
+            continue
+        text = env[variable]
+        value: Any = text
+        if typ is int:
+            if not re.fullmatch(r"\s*[+-]?[0-9]+\s*", text):
+                raise ConfigError(
+                    f"{variable} (environment, overrides {'.'.join(parts)}): "
+                    f"expected {_expect(int, meta)}, got {_describe(text)}"
+                )
+            value = int(text)
+        table = raw
+        for part in parts[:-1]:
+            table = table.setdefault(part, {})
+            if not isinstance(table, dict):
+                break  # the file has a non-table here: validating the file reports it
+        else:
+            table[parts[-1]] = value
+            origins[".".join(parts)] = variable
+    return origins
+
+
+def _read_toml(path: Path, label: str) -> dict[str, Any]:
+    try:
+        with path.open("rb") as stream:
+            return tomllib.load(stream)
+    except FileNotFoundError:
+        raise ConfigError(f"{label}: file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{label}: is a directory, expected a TOML file") from None
+    except OSError as exc:
+        raise ConfigError(f"{label}: cannot read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{label}: not UTF-8 text (bad byte at offset {exc.start})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{label}: TOML syntax error: {exc}") from None
+
+
+def load_settings(
+    path: Path | str | None = None, env: Mapping[str, str] | None = None
+) -> Settings:
+    """Read, validate and return the configuration.
+
+    ``path`` defaults to ``$QSMNODE_CONFIG``, else :data:`DEFAULT_CONFIG`; ``env`` (default
+    ``os.environ``) supplies ``QSMNODE_CONFIG`` and the overrides. Raises :class:`ConfigError`.
+    """
+    env = os.environ if env is None else env
+    label_suffix = ""
+    if path is None:
+        chosen = env.get(CONFIG_ENV)
+        if chosen is None:
+            path = DEFAULT_CONFIG
+        elif not chosen.strip():
+            raise ConfigError(f"{CONFIG_ENV}: expected the path of a TOML file, got an empty "
+                              "string")
+        else:
+            path, label_suffix = chosen, f" (from {CONFIG_ENV})"
+    path = Path(path)
+    raw = _read_toml(path, f"{path}{label_suffix}")
+    origins = _apply_env(raw, env)
+    source = path.absolute()
+    reader = _Reader(f"{path}{label_suffix}", source.parent, origins)
+    settings = reader.table(Settings, raw, "")
+    return dataclasses.replace(
+        settings, source=source, env_overrides=tuple(sorted(set(origins.values())))
+    )
