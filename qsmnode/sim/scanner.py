@@ -56,8 +56,9 @@ def rotation_matrix(angles_deg: tuple[float, float, float]) -> NDArray[np.float6
 class ScanParams:
     """What the simulated scanner acquires.
 
-    The voxel axes i, j, k start along RAS x, y, z and are rotated by ``rotation_deg``; the
-    field of view is centred on ``centre_mm``.
+    The voxel axes i, j, k start along the patient's left, posterior and superior (as a
+    scanner stores an axial slab) and are rotated by ``rotation_deg``; the field of view is
+    centred on ``centre_mm``.
     """
 
     shape: tuple[int, int, int]
@@ -85,7 +86,7 @@ class ScanParams:
         """Voxel-to-RAS affine of the acquisition grid."""
         rot = rotation_matrix(self.rotation_deg)
         a = np.eye(4)
-        a[:3, :3] = rot * np.asarray(self.voxel_size_mm)
+        a[:3, :3] = rot @ np.diag([-1.0, -1.0, 1.0]) * np.asarray(self.voxel_size_mm)
         centre_index = (np.asarray(self.shape) - 1) / 2.0
         a[:3, 3] = np.asarray(self.centre_mm) - a[:3, :3] @ centre_index
         return a
