@@ -14,4 +14,4 @@ test: setup
 	$(PY) -m pytest
 
 bench: setup
-	$(PY) benchmarks/run.py
+	for b in benchmarks/bench_*.py; do $(PY) $$b || exit 1; done

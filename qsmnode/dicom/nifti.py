@@ -38,7 +38,7 @@ def write_megre(gre: MultiEchoGRE, out_dir: Path, prefix: str = "sub-sim") -> li
     for e, te in enumerate(gre.echo_times_s, start=1):
         for part, data in (("mag", gre.magnitude), ("phase", gre.phase)):
             stem = f"{prefix}_echo-{e}_part-{part}_MEGRE"
-            written.append(write_nifti(data[..., e - 1], gre.affine, out_dir / f"{stem}.nii.gz"))
+            written.append(write_nifti(data[..., e - 1], gre.affine, out_dir / f"{stem}.nii"))
             sidecar = {"EchoTime": te, "MagneticFieldStrength": gre.field_strength_t,
                        "EchoNumber": e}
             (out_dir / f"{stem}.json").write_text(json.dumps(sidecar, indent=2) + "\n")
