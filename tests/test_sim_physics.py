@@ -186,3 +186,16 @@ def test_slab_is_oblique_with_anisotropic_voxels() -> None:
     assert abs(b[2]) < 0.99, "B0 is not along the slice axis on an oblique slab"
     assert scan.shape == (320, 320, 80) and len(scan.echo_times_s) == 4
     assert scan.field_strength_t == 7.0
+
+
+def test_shim_removes_low_order_field_and_keeps_the_local_field() -> None:
+    raw = simulate(preset("tiny", snr=0.0, shim_order=-1))
+    shimmed = simulate(preset("tiny", snr=0.0, shim_order=2))
+    m = raw.truth.brain_mask
+    assert np.array_equal(raw.truth.local_field_ppm, shimmed.truth.local_field_ppm)
+    before, after = raw.truth.total_field_ppm[m], shimmed.truth.total_field_ppm[m]
+    assert abs(after.mean()) < 1e-4
+    assert after.std() < 0.7 * before.std()
+    # What the shim took away is smooth: a 2nd-order polynomial has no voxel-scale detail.
+    removed = raw.truth.total_field_ppm - shimmed.truth.total_field_ppm
+    assert np.abs(np.diff(removed, n=3, axis=0)).max() < 1e-4

@@ -156,6 +156,16 @@ class _Lattice:
         )
 
 
+def _solid_harmonics(x: NDArray, y: NDArray, z: NDArray, order: int) -> list[NDArray]:
+    """The real solid spherical harmonics up to ``order`` (≤ 2) at centred points."""
+    terms = [np.ones_like(x)]
+    if order >= 1:
+        terms += [x, y, z]
+    if order >= 2:
+        terms += [x * y, x * z, y * z, x * x - y * y, 2 * z * z - x * x - y * y]
+    return terms
+
+
 def shim(
     field_ppm: F32, mask: NDArray[np.bool_], points: tuple[F32, F32, F32], order: int
 ) -> F32:
@@ -163,23 +173,12 @@ def shim(
     ``order`` (≤ 2), as a scanner's B0 shim does."""
     if order < 0:
         return field_ppm
-    x, y, z = (p[mask].astype(np.float64) for p in points)
-    c = [v.mean() for v in (x, y, z)]
-    x, y, z = x - c[0], y - c[1], z - c[2]
-    terms = [np.ones_like(x)]
-    if order >= 1:
-        terms += [x, y, z]
-    if order >= 2:
-        terms += [x * y, x * z, y * z, x * x - y * y, 2 * z * z - x * x - y * y]
-    basis = np.stack(terms, axis=1)
-    coef, *_ = np.linalg.lstsq(basis, field_ppm[mask].astype(np.float64), rcond=None)
-    xs, ys, zs = (p.astype(np.float64) - ci for p, ci in zip(points, c, strict=True))
-    full = [np.ones_like(xs)]
-    if order >= 1:
-        full += [xs, ys, zs]
-    if order >= 2:
-        full += [xs * ys, xs * zs, ys * zs, xs * xs - ys * ys, 2 * zs * zs - xs * xs - ys * ys]
-    fit = sum(a * t for a, t in zip(coef, full, strict=True))
+    centre = [float(p[mask].mean()) for p in points]
+    centred = [(p - np.float32(c)) for p, c in zip(points, centre, strict=True)]
+    basis = np.stack([t[mask] for t in _solid_harmonics(*centred, order)], axis=1)
+    coef, *_ = np.linalg.lstsq(basis.astype(np.float64), field_ppm[mask], rcond=None)
+    fit = sum(np.float32(a) * t for a, t in zip(coef, _solid_harmonics(*centred, order),
+                                                  strict=True))
     return (field_ppm - fit).astype(np.float32)
 
 

@@ -1,0 +1,604 @@
+"""Group instance summaries into multi-echo GRE acquisitions, or say in plain words why not.
+
+:func:`group_acquisitions` takes :class:`~qsmnode.dicom.headers.InstanceInfo` summaries (from
+any number of series and studies) and returns one :class:`AcquisitionPlan` per complete
+acquisition and one :class:`Problem` per set of images that cannot be processed.
+
+The rules:
+
+1. Instances are de-duplicated by SOP Instance UID (re-sent files); frames by frame number.
+2. Frames are clustered by geometry: study, frame of reference, Rows × Columns,
+   ImageOrientationPatient (within 1e-4), PixelSpacing (within 1e-4 mm) and ORIGINAL vs
+   DERIVED. Slice positions are compared later, so a part that is a slice short stays in the
+   acquisition and is reported rather than split off.
+3. Within a cluster, each series (Enhanced and classic files of one series apart) is a unit
+   holding a set of (part, echo) keys. Units are taken in series-number order and join the
+   first candidate acquisition whose slice positions overlap theirs and which holds none of
+   their keys yet; otherwise they start a new candidate. This joins Siemens magnitude and
+   phase series (n, n+1), Siemens XA series per echo and Philips mixed series, and keeps an
+   exact repeat of the protocol (series 7, 8 after 5, 6) apart.
+4. Echo identity is the echo time rounded to 1 µs, never InstanceNumber or EchoNumbers.
+5. A candidate becomes a plan only when it has magnitude and (if required) phase with the same
+   echo times, at least ``min_echoes`` echoes, every slice for every echo and part, exactly
+   one image per slice, echo and part, and evenly spaced slices. Otherwise it is a Problem.
+
+Limitation: a different protocol with the same geometry and different echo times, in series
+that do not repeat any echo time, would join an acquisition and be reported as mismatched echo
+times rather than kept apart.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+from numpy.typing import NDArray
+
+from qsmnode.dicom.geometry import affine_from_slices
+from qsmnode.dicom.headers import FrameInfo, InstanceInfo, Part, Vendor
+
+ORIENTATION_TOL = 1e-4
+SPACING_TOL_MM = 1e-4
+POSITION_DECIMALS = 2
+"""Slice positions are compared after rounding to 0.01 mm."""
+
+
+@dataclass(frozen=True)
+class FrameRef:
+    """One frame of one instance, as used by an acquisition."""
+
+    instance: InstanceInfo
+    frame: FrameInfo
+
+    @property
+    def path(self) -> str | None:
+        return self.instance.path
+
+    @property
+    def sop_instance_uid(self) -> str:
+        return self.instance.sop_instance_uid
+
+    @property
+    def frame_number(self) -> int | None:
+        return self.frame.frame_number
+
+
+@dataclass(frozen=True, eq=False)
+class AcquisitionPlan:
+    """A complete multi-echo GRE acquisition: which frame is slice ``k``, echo ``e`` and part.
+
+    Attributes:
+        magnitude: ``[k][e]`` frames (k in the affine's slice order, e by ascending TE).
+        phase: ``[k][e]`` frames, or None when phase was not required and is absent.
+        affine: voxel-to-RAS affine from :func:`~qsmnode.dicom.geometry.affine_from_slices`.
+        vendor: from the first magnitude instance.
+    """
+
+    study_uid: str
+    frame_of_reference_uid: str
+    series_uids: tuple[str, ...]
+    series_numbers: tuple[int | None, ...]
+    series_description: str
+    vendor: Vendor
+    echo_times_s: tuple[float, ...]
+    rows: int
+    columns: int
+    affine: NDArray[np.float64] = field(repr=False)
+    magnitude: tuple[tuple[FrameRef, ...], ...] = field(repr=False)
+    phase: tuple[tuple[FrameRef, ...], ...] | None = field(repr=False)
+    field_strength_t: float | None
+
+    @property
+    def n_slices(self) -> int:
+        return len(self.magnitude)
+
+    @property
+    def n_echoes(self) -> int:
+        return len(self.echo_times_s)
+
+    @property
+    def sop_instance_uids(self) -> frozenset[str]:
+        """Every instance the acquisition uses."""
+        refs = [r for row in self.magnitude for r in row]
+        if self.phase is not None:
+            refs += [r for row in self.phase for r in row]
+        return frozenset(r.sop_instance_uid for r in refs)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Images that do not make a processable acquisition, and why (plain language)."""
+
+    reason: str
+    study_uid: str = ""
+    series_uids: tuple[str, ...] = ()
+    series_numbers: tuple[int | None, ...] = ()
+
+
+# ---------------------------------------------------------------------------------------------
+# internal structures
+
+_PosKey = tuple[int, int, int]
+_EchoKey = int  # echo time in µs
+
+
+def echo_key(echo_time_s: float) -> _EchoKey:
+    """Echo identity: the echo time rounded to 1 µs."""
+    return round(echo_time_s * 1e6)
+
+
+def _pos_key(position: tuple[float, float, float]) -> _PosKey:
+    return tuple(round(p * 10**POSITION_DECIMALS) for p in position)  # type: ignore[return-value]
+
+
+def _ms(key: _EchoKey) -> str:
+    return f"{key / 1000:g} ms"
+
+
+def _plural(n: int, word: str, plural: str | None = None) -> str:
+    return f"{n} {word if n == 1 else (plural or word + 's')}"
+
+
+@dataclass
+class _Cluster:
+    study_uid: str
+    for_uid: str
+    rows: int
+    columns: int
+    orientation: tuple[float, ...]
+    pixel_spacing: tuple[float, float]
+    derived: bool
+
+    def accepts(self, info: InstanceInfo, frame: FrameInfo) -> bool:
+        assert frame.orientation is not None and frame.pixel_spacing is not None
+        return (
+            info.study_uid == self.study_uid
+            and info.frame_of_reference_uid == self.for_uid
+            and info.rows == self.rows
+            and info.columns == self.columns
+            and info.derived == self.derived
+            and max(abs(a - b) for a, b in zip(frame.orientation, self.orientation, strict=True))
+            <= ORIENTATION_TOL
+            and max(
+                abs(a - b) for a, b in zip(frame.pixel_spacing, self.pixel_spacing, strict=True)
+            )
+            <= SPACING_TOL_MM
+        )
+
+
+@dataclass
+class _Unit:
+    """The frames of one series (classic or Enhanced) in one geometry cluster."""
+
+    cluster: int
+    series_uid: str
+    series_number: int | None
+    refs: list[FrameRef] = field(default_factory=list)
+    keys: set[tuple[Part, _EchoKey | None]] = field(default_factory=set)
+    positions: set[_PosKey] = field(default_factory=set)
+
+
+@dataclass
+class _Candidate:
+    cluster: int
+    units: list[_Unit] = field(default_factory=list)
+    keys: set[tuple[Part, _EchoKey | None]] = field(default_factory=set)
+    positions: set[_PosKey] = field(default_factory=set)
+
+    def add(self, unit: _Unit) -> None:
+        self.units.append(unit)
+        self.keys |= unit.keys
+        self.positions |= unit.positions
+
+    @property
+    def refs(self) -> list[FrameRef]:
+        return [r for u in self.units for r in u.refs]
+
+    def parts(self) -> set[Part]:
+        return {p for p, _ in self.keys}
+
+    def series(self) -> tuple[tuple[str, ...], tuple[int | None, ...]]:
+        seen: dict[str, int | None] = {}
+        for u in self.units:
+            seen.setdefault(u.series_uid, u.series_number)
+        return tuple(seen), tuple(seen.values())
+
+    def label(self) -> str:
+        uids, numbers = self.series()
+        first = self.units[0].refs[0].instance
+        nums = ", ".join("?" if n is None else str(n) for n in numbers)
+        desc = f" '{first.series_description}'" if first.series_description else ""
+        return f"series {nums}{desc} (series UID{'s' if len(uids) > 1 else ''} {', '.join(uids)})"
+
+    def problem(self, reason: str) -> Problem:
+        uids, numbers = self.series()
+        first = self.units[0].refs[0].instance
+        return Problem(
+            reason=f"{self.label()}: {reason}",
+            study_uid=first.study_uid,
+            series_uids=uids,
+            series_numbers=numbers,
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# grouping
+
+
+def _series_of(refs: list[FrameRef], part: Part, key: _EchoKey | None = None) -> str:
+    numbers = sorted(
+        {
+            r.instance.series_number
+            for r in refs
+            if r.frame.part is part
+            and (
+                key is None
+                or (r.frame.echo_time_s is not None and echo_key(r.frame.echo_time_s) == key)
+            )
+        },
+        key=lambda n: (n is None, n or 0),
+    )
+    return ", ".join("?" if n is None else str(n) for n in numbers)
+
+
+def _evaluate(cand: _Candidate, min_echoes: int, require_phase: bool) -> AcquisitionPlan | Problem:
+    refs = cand.refs
+    table: dict[Part, dict[_EchoKey, dict[_PosKey, list[FrameRef]]]] = {
+        Part.MAGNITUDE: defaultdict(lambda: defaultdict(list)),
+        Part.PHASE: defaultdict(lambda: defaultdict(list)),
+    }
+    others: dict[Part, int] = defaultdict(int)
+    no_te = 0
+    actual_position: dict[_PosKey, tuple[float, float, float]] = {}
+    for r in refs:
+        f = r.frame
+        assert f.position is not None
+        actual_position.setdefault(_pos_key(f.position), f.position)
+        if f.part not in table:
+            others[f.part] += 1
+            continue
+        if f.echo_time_s is None:
+            no_te += 1
+            continue
+        table[f.part][echo_key(f.echo_time_s)][_pos_key(f.position)].append(r)
+    mag, pha = table[Part.MAGNITUDE], table[Part.PHASE]
+    reasons: list[str] = []
+
+    if no_te:
+        reasons.append(f"{_plural(no_te, 'image')} without an echo time")
+    if not mag:
+        extra = ""
+        if others:
+            listed = ", ".join(f"{n} {p.value}" for p, n in sorted(others.items()))
+            extra = f" (found {listed} images; these are not combined)"
+        what = "only phase images, no magnitude" if pha else "no magnitude or phase images"
+        return cand.problem(f"{what}{extra}")
+    fieldmap = [r for r in refs if r.frame.part is Part.PHASE and r.instance.phase_difference]
+    if fieldmap:
+        names = sorted({r.instance.sequence_name for r in fieldmap if r.instance.sequence_name})
+        how = f" (sequence {', '.join(names)})" if names else ""
+        return cand.problem(
+            f"the phase in series {_series_of(fieldmap, Part.PHASE)} is a phase-difference "
+            f"field map{how}, not a per-echo phase; QSM needs the phase of every echo"
+        )
+    mag_tes, pha_tes = sorted(mag), sorted(pha)
+    if not pha:
+        if require_phase:
+            reasons.append(
+                f"no phase: only magnitude images ({_plural(len(mag_tes), 'echo', 'echoes')}) "
+                "were found; QSM needs the phase of every echo"
+            )
+    elif mag_tes != pha_tes:
+        first = refs[0].instance
+        if first.vendor is Vendor.SIEMENS and len(mag_tes) == 2 and pha_tes == [mag_tes[1]]:
+            return cand.problem(
+                f"magnitude has 2 echoes ({_ms(mag_tes[0])}, {_ms(mag_tes[1])}) but phase "
+                f"only one, at the second echo time: this looks like a Siemens "
+                f"phase-difference field map, not a per-echo phase"
+            )
+        only_m = [k for k in mag_tes if k not in pha]
+        only_p = [k for k in pha_tes if k not in mag]
+        detail = []
+        if only_m:
+            detail.append(
+                f"magnitude (series {_series_of(refs, Part.MAGNITUDE)}) has TE "
+                f"{', '.join(_ms(k) for k in only_m)} with no matching phase"
+            )
+        if only_p:
+            detail.append(
+                f"phase (series {_series_of(refs, Part.PHASE)}) has TE "
+                f"{', '.join(_ms(k) for k in only_p)} with no matching magnitude"
+            )
+        reasons.append("mismatched echo times between magnitude and phase: " + "; ".join(detail))
+    n_echoes = len(mag_tes)
+    if n_echoes < min_echoes:
+        reasons.append(
+            f"{_plural(n_echoes, 'echo', 'echoes')}, the rule needs at least {min_echoes}"
+        )
+
+    # one image per slice, echo and part
+    for part, echoes in table.items():
+        for key in sorted(echoes):
+            dups = {p: rs for p, rs in echoes[key].items() if len(rs) > 1}
+            if not dups:
+                continue
+            numbers = {r.frame.echo_number for rs in dups.values() for r in rs}
+            numbers.discard(None)
+            note = ""
+            if len(numbers) > 1:
+                note = (
+                    f" with different echo numbers ({', '.join(map(str, sorted(numbers)))}): "
+                    "the echo times do not tell the echoes apart (GE exports may repeat the "
+                    "first TE)"
+                )
+            reasons.append(
+                f"{part.value} TE {_ms(key)} has more than one image at "
+                f"{_plural(len(dups), 'slice position')}{note}"
+            )
+
+    # every slice for every echo and part
+    expected = {pk for echoes in table.values() for per_pos in echoes.values() for pk in per_pos}
+    n_expected = len(expected)
+    short: list[tuple[Part, _EchoKey, int]] = []
+    for part, echoes in table.items():
+        for key in sorted(echoes):
+            have = len(echoes[key])
+            if have < n_expected:
+                short.append((part, key, have))
+    if short:
+        echo_index = {k: i + 1 for i, k in enumerate(mag_tes or pha_tes)}
+        lines = []
+        for part, key, have in short:
+            missing = n_expected - have
+            number = echo_index.get(key)
+            which = f"echo {number} " if number else ""
+            lines.append(
+                f"{part.value} {which}(TE {_ms(key)}, series "
+                f"{_series_of(refs, part, key)}) has {have} of {n_expected} slices, "
+                f"{_plural(missing, 'slice')} missing"
+            )
+        mag_complete = all(len(mag[k]) == n_expected for k in mag)
+        phase_short = [s for s in short if s[0] is Part.PHASE]
+        if pha and mag_complete and phase_short and all(s[2] == n_expected - 1 for s in short):
+            lead = (
+                "phase is one slice short of magnitude"
+                if len(phase_short) == len(pha)
+                else "a phase slice is missing"
+            )
+        else:
+            lead = "missing slices"
+        reasons.append(f"{lead}: " + "; ".join(lines))
+    if reasons:
+        return cand.problem("; ".join(reasons))
+
+    # geometry
+    keys = list(expected)
+    positions = [actual_position[k] for k in keys]
+    first_mag = mag[mag_tes[0]]
+    some = next(iter(first_mag.values()))[0]
+    orientation = some.frame.orientation
+    assert orientation is not None and some.frame.pixel_spacing is not None
+    try:
+        affine, order = affine_from_slices(
+            [orientation] * len(positions),
+            positions,
+            some.frame.pixel_spacing,
+            slice_spacing=some.frame.slice_spacing,
+        )
+    except ValueError as exc:
+        reason = str(exc)
+        if "not evenly spaced" in reason:
+            reason += " (a slice may be missing from every echo and part)"
+        if "single slice" in reason:
+            reason = "one slice only, and neither SpacingBetweenSlices nor SliceThickness"
+        return cand.problem(f"cannot build the slice geometry: {reason}")
+    ordered = [keys[i] for i in order]
+
+    def grid(part_table: dict[_EchoKey, dict[_PosKey, list[FrameRef]]]) -> tuple:
+        return tuple(tuple(part_table[te][pk][0] for te in mag_tes) for pk in ordered)
+
+    uids, numbers = cand.series()
+    info = some.instance
+    strengths = [r.instance.field_strength_t for r in refs if r.instance.field_strength_t]
+    return AcquisitionPlan(
+        study_uid=info.study_uid,
+        frame_of_reference_uid=info.frame_of_reference_uid,
+        series_uids=uids,
+        series_numbers=numbers,
+        series_description=info.series_description,
+        vendor=info.vendor,
+        echo_times_s=tuple(k / 1e6 for k in mag_tes),
+        rows=int(info.rows or 0),
+        columns=int(info.columns or 0),
+        affine=affine,
+        magnitude=grid(mag),
+        phase=grid(pha) if pha else None,
+        field_strength_t=strengths[0] if strengths else None,
+    )
+
+
+def _geometry_difference(a: _Candidate, b: _Candidate, clusters: list[_Cluster]) -> str:
+    ca, cb = clusters[a.cluster], clusters[b.cluster]
+    diffs = []
+    if (ca.rows, ca.columns) != (cb.rows, cb.columns):
+        diffs.append(f"matrix {ca.rows}×{ca.columns} vs {cb.rows}×{cb.columns}")
+    d = max(abs(x - y) for x, y in zip(ca.orientation, cb.orientation, strict=True))
+    if d > ORIENTATION_TOL:
+        diffs.append(f"orientation differs by up to {d:.3g} in the direction cosines")
+    if max(abs(x - y) for x, y in zip(ca.pixel_spacing, cb.pixel_spacing, strict=True)) > (
+        SPACING_TOL_MM
+    ):
+        diffs.append(
+            "pixel spacing "
+            f"{ca.pixel_spacing[0]:g}×{ca.pixel_spacing[1]:g} vs "
+            f"{cb.pixel_spacing[0]:g}×{cb.pixel_spacing[1]:g} mm"
+        )
+    if ca.derived != cb.derived:
+        diffs.append("one is ORIGINAL, the other DERIVED")
+    if a.cluster == b.cluster and not (a.positions & b.positions):
+        diffs.append("their slice positions do not overlap")
+    return "; ".join(diffs) or "geometry differs"
+
+
+def group_acquisitions(
+    infos: list[InstanceInfo], min_echoes: int = 2, require_phase: bool = True
+) -> list[AcquisitionPlan | Problem]:
+    """Group instance summaries into acquisitions (see the module docstring for the rules).
+
+    Args:
+        infos: summaries of any instances, in any order; duplicates are ignored.
+        min_echoes: fewest echoes an acquisition must have.
+        require_phase: report magnitude-only acquisitions as problems (else plan them with
+            ``phase=None``).
+
+    Returns:
+        Plans and problems, ordered by study and first series number.
+    """
+    seen_uids: set[str] = set()
+    clusters: list[_Cluster] = []
+    cluster_cache: dict[tuple, int] = {}
+    units: dict[tuple[str, bool, int], _Unit] = {}
+    no_geometry: dict[str, list[InstanceInfo]] = defaultdict(list)
+    for info in infos:
+        if info.sop_instance_uid in seen_uids:
+            continue
+        seen_uids.add(info.sop_instance_uid)
+        for frame in info.frames:
+            if (
+                frame.position is None
+                or frame.orientation is None
+                or frame.pixel_spacing is None
+                or not info.rows
+                or not info.columns
+            ):
+                bad = no_geometry[info.series_uid]
+                if not bad or bad[-1] is not info:
+                    bad.append(info)
+                continue
+            ckey = (
+                info.study_uid,
+                info.frame_of_reference_uid,
+                info.rows,
+                info.columns,
+                info.derived,
+                frame.orientation,
+                frame.pixel_spacing,
+            )
+            cid = cluster_cache.get(ckey)
+            if cid is None:
+                cid = next((i for i, c in enumerate(clusters) if c.accepts(info, frame)), None)
+                if cid is None:
+                    cid = len(clusters)
+                    clusters.append(
+                        _Cluster(
+                            info.study_uid,
+                            info.frame_of_reference_uid,
+                            int(info.rows),
+                            int(info.columns),
+                            frame.orientation,
+                            frame.pixel_spacing,
+                            info.derived,
+                        )
+                    )
+                cluster_cache[ckey] = cid
+            ukey = (info.series_uid, info.enhanced, cid)
+            unit = units.get(ukey)
+            if unit is None:
+                unit = units[ukey] = _Unit(cid, info.series_uid, info.series_number)
+            unit.refs.append(FrameRef(info, frame))
+            te = None if frame.echo_time_s is None else echo_key(frame.echo_time_s)
+            unit.keys.add((frame.part, te))
+            unit.positions.add(_pos_key(frame.position))
+
+    # assemble candidates, series by series
+    candidates: list[_Candidate] = []
+    ordered_units = sorted(
+        units.values(),
+        key=lambda u: (u.cluster, u.series_number is None, u.series_number or 0, u.series_uid),
+    )
+    for unit in ordered_units:
+        target = next(
+            (
+                c
+                for c in candidates
+                if c.cluster == unit.cluster
+                and c.positions & unit.positions
+                and not c.keys & unit.keys
+            ),
+            None,
+        )
+        if target is None:
+            target = _Candidate(unit.cluster)
+            candidates.append(target)
+        target.add(unit)
+
+    # magnitude-only and phase-only candidates of one series description: mixed geometry
+    results: list[tuple[tuple, AcquisitionPlan | Problem]] = []
+    paired: set[int] = set()
+    for i, a in enumerate(candidates):
+        if a.parts() & {Part.MAGNITUDE, Part.PHASE} != {Part.MAGNITUDE} or i in paired:
+            continue
+        ia = a.units[0].refs[0].instance
+        for j, b in enumerate(candidates):
+            if j == i or j in paired:
+                continue
+            if b.parts() & {Part.MAGNITUDE, Part.PHASE} != {Part.PHASE}:
+                continue
+            ib = b.units[0].refs[0].instance
+            if (ia.study_uid, ia.frame_of_reference_uid, ia.series_description) != (
+                ib.study_uid,
+                ib.frame_of_reference_uid,
+                ib.series_description,
+            ):
+                continue
+            paired.update((i, j))
+            ua, na = a.series()
+            ub, nb = b.series()
+            results.append(
+                (
+                    _sort_key(a),
+                    Problem(
+                        reason=(
+                            f"magnitude {a.label()} and phase {b.label()} cannot be combined: "
+                            f"mixed geometry ({_geometry_difference(a, b, clusters)})"
+                        ),
+                        study_uid=ia.study_uid,
+                        series_uids=ua + ub,
+                        series_numbers=na + nb,
+                    ),
+                )
+            )
+            break
+    for i, cand in enumerate(candidates):
+        if i not in paired:
+            results.append((_sort_key(cand), _evaluate(cand, min_echoes, require_phase)))
+    for series_uid, bad in no_geometry.items():
+        first = bad[0]
+        results.append(
+            (
+                (first.study_uid, first.series_number is None, first.series_number or 0),
+                Problem(
+                    reason=(
+                        f"series {first.series_number} '{first.series_description}' (series "
+                        f"UID {series_uid}): {_plural(len(bad), 'instance')} without image "
+                        "plane geometry (position, orientation, pixel spacing or matrix "
+                        "missing); not an image series that can be processed"
+                    ),
+                    study_uid=first.study_uid,
+                    series_uids=(series_uid,),
+                    series_numbers=(first.series_number,),
+                ),
+            )
+        )
+    results.sort(key=lambda item: item[0])
+    return [r for _, r in results]
+
+
+def _sort_key(cand: _Candidate) -> tuple:
+    first = cand.units[0]
+    return (
+        first.refs[0].instance.study_uid,
+        first.series_number is None,
+        first.series_number or 0,
+    )

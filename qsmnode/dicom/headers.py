@@ -1,0 +1,442 @@
+"""Cheap per-instance header summaries: what grouping and loading need, read without pixels.
+
+:func:`summarize` turns one DICOM file (or dataset) into an :class:`InstanceInfo`: UIDs, the
+vendor, and one :class:`FrameInfo` per frame (one for a classic single-frame image) with the
+echo time, the complex part, the plane geometry and the rescale. It never decodes pixel data.
+
+How the complex part is found (first that answers wins). Classic images:
+
+1. Philips private (2005,1011) "M"/"P"/"R"/"I" (creator "Philips MR Imaging DD 001"), read
+   when the vendor is Philips or unknown.
+2. GE private (0043,102F) 0/1/2/3 = magnitude/phase/real/imaginary (creator "GEMS_PARM_01"),
+   read when the vendor is GE or unknown.
+3. ComplexImageComponent, unless MIXED.
+4. ImageType value 3 or 4: ``M``/``P``/``R``/``I``, the spelled-out forms, and Philips
+   ``PHASE MAP``.
+
+Enhanced frames: the standard attributes first (MR Image Frame Type's ComplexImageComponent,
+then FrameType value 3 or 4), then the Philips per-frame private item (2005,140F) with (2005,1011).
+
+Phase-difference field maps (:attr:`InstanceInfo.phase_difference`), conservative on purpose:
+an instance with phase frames is flagged only when its SequenceName or PulseSequenceName is a
+Siemens field-mapping sequence (``*fm2d2r``, ``fm3d2``: ``fm`` followed by ``2d``/``3d``), or
+its ImageType/FrameType carries a token naming a difference or field map (``DIFF``,
+``PHASE_DIFF``, ``FM``, ``FIELD_MAP``, ``FIELDMAP``). The SeriesDescription is never used: the
+real Philips sample is called "fcMRI Field Mapping" and holds ordinary per-echo phase. The
+grouping adds a pattern check (Siemens: two magnitude echoes, phase only at the second TE).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.multival import MultiValue
+
+ENHANCED_SOP_CLASSES = frozenset(
+    {
+        "1.2.840.10008.5.1.4.1.1.4.1",  # Enhanced MR Image Storage
+        "1.2.840.10008.5.1.4.1.1.4.3",  # Enhanced MR Color Image Storage
+        "1.2.840.10008.5.1.4.1.1.4.4",  # Legacy Converted Enhanced MR Image Storage
+    }
+)
+"""Multi-frame MR SOP classes with functional groups. Enhanced is detected by SOPClassUID
+only, never by NumberOfFrames (DOMAIN.md)."""
+
+PHILIPS_MR_CREATOR = "Philips MR Imaging DD 001"
+PHILIPS_MR_FRAME_CREATOR = "Philips MR Imaging DD 005"
+GE_PARM_CREATOR = "GEMS_PARM_01"
+
+
+class Vendor(StrEnum):
+    SIEMENS = "siemens"
+    PHILIPS = "philips"
+    GE = "ge"
+    OTHER = "other"
+
+
+class Part(StrEnum):
+    MAGNITUDE = "magnitude"
+    PHASE = "phase"
+    REAL = "real"
+    IMAGINARY = "imaginary"
+    UNKNOWN = "unknown"
+
+
+@dataclass(frozen=True)
+class FrameInfo:
+    """One frame of an instance (the only frame of a classic image).
+
+    Attributes:
+        frame_number: 1-based frame number in an Enhanced file; None for a classic image.
+        echo_time_s: EchoTime (classic) or EffectiveEchoTime (Enhanced) in seconds.
+        echo_number: EchoNumbers (first value) where present.
+        part: the complex component.
+        position: ImagePositionPatient (LPS mm).
+        orientation: ImageOrientationPatient (six direction cosines).
+        pixel_spacing: PixelSpacing ``(row spacing, column spacing)``.
+        slice_spacing: SpacingBetweenSlices, else SliceThickness (needed for a single slice).
+        rescale_slope, rescale_intercept, rescale_type: Modality LUT (None where absent).
+        units: the Real World Value Mapping's unit code (e.g. ``mrad``), lower case.
+    """
+
+    frame_number: int | None
+    echo_time_s: float | None
+    echo_number: int | None
+    part: Part
+    position: tuple[float, float, float] | None
+    orientation: tuple[float, float, float, float, float, float] | None
+    pixel_spacing: tuple[float, float] | None
+    slice_spacing: float | None
+    rescale_slope: float | None
+    rescale_intercept: float | None
+    rescale_type: str | None
+    units: str | None
+
+
+@dataclass(frozen=True)
+class InstanceInfo:
+    """What the grouping and the loader need to know about one instance, without its pixels.
+
+    Rows and Columns are per instance: the standard fixes them for all frames of a file.
+    """
+
+    path: str | None
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_uid: str
+    series_uid: str
+    frame_of_reference_uid: str
+    series_number: int | None
+    series_description: str
+    manufacturer: str
+    vendor: Vendor
+    enhanced: bool
+    derived: bool
+    """ImageType value 1 is DERIVED: never combined with ORIGINAL images."""
+    image_type: tuple[str, ...]
+    sequence_name: str
+    rows: int | None
+    columns: int | None
+    images_in_acquisition: int | None
+    field_strength_t: float | None
+    phase_difference: bool
+    frames: tuple[FrameInfo, ...]
+
+
+# ---------------------------------------------------------------------------------------------
+# value helpers
+
+
+def _float(value: Any) -> float | None:
+    if value is None or value == "":
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _int(value: Any) -> int | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, list | tuple | MultiValue):
+        value = value[0] if len(value) else None
+        if value is None:
+            return None
+    try:
+        return int(float(value))
+    except (TypeError, ValueError):
+        return None
+
+
+def _floats(value: Any, n: int) -> tuple[float, ...] | None:
+    if value is None or value == "":
+        return None
+    try:
+        out = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        return None
+    return out if len(out) == n else None
+
+
+def _text(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bytes):
+        value = value.decode("ascii", "replace")
+    return str(value).strip().strip("\x00").strip()
+
+
+def _tokens(value: Any) -> tuple[str, ...]:
+    if value is None or value == "":
+        return ()
+    if isinstance(value, str | bytes):
+        value = _text(value).split("\\")
+    return tuple(_text(v).upper() for v in value)
+
+
+def _private(ds: Dataset, group: int, creator: str, offset: int) -> Any:
+    """Value of a private element by its creator, or None."""
+    try:
+        return ds.private_block(group, creator)[offset].value
+    except (KeyError, ValueError):
+        return None
+
+
+def _first_item(ds: Dataset | None, keyword: str) -> Dataset | None:
+    if ds is None:
+        return None
+    seq = ds.get(keyword)
+    if not seq:
+        return None
+    return seq[0]
+
+
+def vendor_of(manufacturer: str) -> Vendor:
+    """The vendor from Manufacturer (case-insensitive)."""
+    m = manufacturer.lower()
+    if "siemens" in m:
+        return Vendor.SIEMENS
+    if "philips" in m:
+        return Vendor.PHILIPS
+    if re.search(r"\bge\b", m) or "general electric" in m or m.startswith("gems"):
+        return Vendor.GE
+    return Vendor.OTHER
+
+
+_PART_TOKENS = {
+    "M": Part.MAGNITUDE,
+    "MAG": Part.MAGNITUDE,
+    "MAGNITUDE": Part.MAGNITUDE,
+    "P": Part.PHASE,
+    "PHASE": Part.PHASE,
+    "PHASE MAP": Part.PHASE,
+    "R": Part.REAL,
+    "REAL": Part.REAL,
+    "I": Part.IMAGINARY,
+    "IMAGINARY": Part.IMAGINARY,
+}
+_GE_PARTS = {0: Part.MAGNITUDE, 1: Part.PHASE, 2: Part.REAL, 3: Part.IMAGINARY}
+_FIELD_MAP_TOKENS = frozenset({"DIFF", "PHASE_DIFF", "PHASEDIFF", "FM", "FIELD_MAP", "FIELDMAP"})
+_SIEMENS_FIELD_MAP_SEQUENCE = re.compile(r"^\*?fm[23]d", re.IGNORECASE)
+
+
+def _part_from(philips: Any, ge: Any, component: Any, image_type: tuple[str, ...]) -> Part:
+    token = _text(philips).upper()
+    if token in _PART_TOKENS:
+        return _PART_TOKENS[token]
+    flag = _int(ge)
+    if flag in _GE_PARTS:
+        return _GE_PARTS[flag]
+    token = _text(component).upper()
+    if token in _PART_TOKENS:
+        return _PART_TOKENS[token]
+    for token in image_type[2:4]:
+        if token in _PART_TOKENS:
+            return _PART_TOKENS[token]
+    return Part.UNKNOWN
+
+
+def _units(rwvm_item: Dataset | None) -> str | None:
+    code = _first_item(rwvm_item, "MeasurementUnitsCodeSequence")
+    if code is None:
+        return None
+    value = _text(code.get("CodeValue")).lower()
+    return value or None
+
+
+def _slice_spacing(item: Dataset | None) -> float | None:
+    if item is None:
+        return None
+    spacing = _float(item.get("SpacingBetweenSlices"))
+    if spacing is None or spacing <= 0:
+        spacing = _float(item.get("SliceThickness"))
+    return spacing if spacing is not None and spacing > 0 else None
+
+
+def _ms_to_s(value: Any) -> float | None:
+    ms = _float(value)
+    return None if ms is None else ms / 1000.0
+
+
+def _classic_frame(ds: Dataset, image_type: tuple[str, ...], vendor: Vendor) -> FrameInfo:
+    philips = ge = None
+    if vendor in (Vendor.PHILIPS, Vendor.OTHER):
+        philips = _private(ds, 0x2005, PHILIPS_MR_CREATOR, 0x11)
+    if vendor in (Vendor.GE, Vendor.OTHER):
+        ge = _private(ds, 0x0043, GE_PARM_CREATOR, 0x2F)
+    part = _part_from(philips, ge, ds.get("ComplexImageComponent"), image_type)
+    return FrameInfo(
+        frame_number=None,
+        echo_time_s=_ms_to_s(ds.get("EchoTime")),
+        echo_number=_int(ds.get("EchoNumbers")),
+        part=part,
+        position=_floats(ds.get("ImagePositionPatient"), 3),  # type: ignore[arg-type]
+        orientation=_floats(ds.get("ImageOrientationPatient"), 6),  # type: ignore[arg-type]
+        pixel_spacing=_floats(ds.get("PixelSpacing"), 2),  # type: ignore[arg-type]
+        slice_spacing=_slice_spacing(ds),
+        rescale_slope=_float(ds.get("RescaleSlope")),
+        rescale_intercept=_float(ds.get("RescaleIntercept")),
+        rescale_type=_text(ds.get("RescaleType")) or None,
+        units=(
+            _units(_first_item(ds, "RealWorldValueMappingSequence")) if part is Part.PHASE else None
+        ),
+    )
+
+
+def _philips_frame_part(item: Dataset) -> Any:
+    """(2005,1011) inside the Philips per-frame private item (2005,140F), or None."""
+    try:
+        seq = item.private_block(0x2005, PHILIPS_MR_FRAME_CREATOR)[0x0F].value
+    except (KeyError, ValueError):
+        return None
+    return _private(seq[0], 0x2005, PHILIPS_MR_CREATOR, 0x11) if seq else None
+
+
+def _enhanced_frames(ds: Dataset) -> tuple[list[FrameInfo], bool]:
+    """Per-frame summaries of an Enhanced file, and whether any frame type names a field map."""
+    shared = _first_item(ds, "SharedFunctionalGroupsSequence")
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
+    frames: list[FrameInfo] = []
+    field_map_token = False
+    shared_items: dict[str, Dataset | None] = {}
+
+    def group(item: Dataset, keyword: str) -> Dataset | None:
+        """The functional group item: per-frame where present, else shared."""
+        found = _first_item(item, keyword)
+        if found is None:
+            if keyword not in shared_items:
+                shared_items[keyword] = _first_item(shared, keyword)
+            found = shared_items[keyword]
+        return found
+
+    for number, item in enumerate(per_frame, start=1):
+        frame_type_item = group(item, "MRImageFrameTypeSequence")
+        frame_type = _tokens(frame_type_item.get("FrameType")) if frame_type_item else ()
+        field_map_token |= bool(_FIELD_MAP_TOKENS.intersection(frame_type))
+        component = frame_type_item.get("ComplexImageComponent") if frame_type_item else None
+        if _text(component).upper() == "MIXED":
+            component = None
+        # For Enhanced files the standard attributes are authoritative; the private one is a
+        # fallback (the order differs from classic files on purpose).
+        part = _part_from(None, None, component, frame_type)
+        if part is Part.UNKNOWN:
+            part = _part_from(_philips_frame_part(item), None, None, ())
+        echo = group(item, "MREchoSequence")
+        position = group(item, "PlanePositionSequence")
+        orientation = group(item, "PlaneOrientationSequence")
+        measures = group(item, "PixelMeasuresSequence")
+        pvt = group(item, "PixelValueTransformationSequence")
+        rwvm = group(item, "RealWorldValueMappingSequence") if part is Part.PHASE else None
+        frames.append(
+            FrameInfo(
+                frame_number=number,
+                echo_time_s=_ms_to_s(echo.get("EffectiveEchoTime")) if echo else None,
+                echo_number=None,
+                part=part,
+                position=(_floats(position.get("ImagePositionPatient"), 3) if position else None),  # type: ignore[arg-type]
+                orientation=(
+                    _floats(orientation.get("ImageOrientationPatient"), 6) if orientation else None
+                ),  # type: ignore[arg-type]
+                pixel_spacing=(_floats(measures.get("PixelSpacing"), 2) if measures else None),  # type: ignore[arg-type]
+                slice_spacing=_slice_spacing(measures),
+                rescale_slope=_float(pvt.get("RescaleSlope")) if pvt else None,
+                rescale_intercept=_float(pvt.get("RescaleIntercept")) if pvt else None,
+                rescale_type=(_text(pvt.get("RescaleType")) or None) if pvt else None,
+                units=_units(rwvm) if part is Part.PHASE else None,
+            )
+        )
+    return frames, field_map_token
+
+
+def _field_strength(value: Any) -> float | None:
+    b0 = _float(value)
+    if b0 is None or b0 <= 0:
+        return None
+    return b0 / 10000.0 if b0 > 100 else b0  # some old exports write gauss
+
+
+def summarize(ds_or_path: Dataset | str | os.PathLike[str]) -> InstanceInfo:
+    """Summarize one instance. A path is read with ``stop_before_pixels``; a dataset is used as
+    it is (its ``filename`` becomes :attr:`InstanceInfo.path` when it has one).
+
+    Raises:
+        pydicom.errors.InvalidDicomError: the file is not DICOM.
+    """
+    if isinstance(ds_or_path, Dataset):
+        ds = ds_or_path
+        filename = getattr(ds, "filename", None)
+        path = str(filename) if isinstance(filename, str | os.PathLike) else None
+    else:
+        path = str(ds_or_path)
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+    sop_class = _text(ds.get("SOPClassUID"))
+    enhanced = sop_class in ENHANCED_SOP_CLASSES
+    image_type = _tokens(ds.get("ImageType"))
+    manufacturer = _text(ds.get("Manufacturer"))
+    vendor = vendor_of(manufacturer)
+    sequence_name = _text(ds.get("SequenceName")) or _text(ds.get("PulseSequenceName"))
+    if enhanced:
+        frames, field_map_token = _enhanced_frames(ds)
+    else:
+        frames, field_map_token = [_classic_frame(ds, image_type, vendor)], False
+    field_map_token |= bool(_FIELD_MAP_TOKENS.intersection(image_type))
+    has_phase = any(f.part is Part.PHASE for f in frames)
+    names = (_text(ds.get("SequenceName")), _text(ds.get("PulseSequenceName")))
+    fm_sequence = any(_SIEMENS_FIELD_MAP_SEQUENCE.match(n) for n in names if n)
+    return InstanceInfo(
+        path=path,
+        sop_class_uid=sop_class,
+        sop_instance_uid=_text(ds.get("SOPInstanceUID")),
+        study_uid=_text(ds.get("StudyInstanceUID")),
+        series_uid=_text(ds.get("SeriesInstanceUID")),
+        frame_of_reference_uid=_text(ds.get("FrameOfReferenceUID")),
+        series_number=_int(ds.get("SeriesNumber")),
+        series_description=_text(ds.get("SeriesDescription")),
+        manufacturer=manufacturer,
+        vendor=vendor,
+        enhanced=enhanced,
+        derived=bool(image_type) and image_type[0] == "DERIVED",
+        image_type=image_type,
+        sequence_name=sequence_name,
+        rows=_int(ds.get("Rows")),
+        columns=_int(ds.get("Columns")),
+        images_in_acquisition=_int(ds.get("ImagesInAcquisition")),
+        field_strength_t=_field_strength(ds.get("MagneticFieldStrength")),
+        phase_difference=has_phase and (fm_sequence or field_map_token),
+        frames=tuple(frames),
+    )
+
+
+def iter_files(root: str | os.PathLike[str]) -> Iterator[Path]:
+    """Every regular file under ``root`` (or ``root`` itself), in sorted order."""
+    root = Path(root)
+    if root.is_file():
+        yield root
+        return
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in sorted(filenames):
+            yield Path(dirpath) / name
+
+
+def summarize_files(paths: Iterable[str | os.PathLike[str]]) -> list[InstanceInfo]:
+    """Summaries of the DICOM files among ``paths``; non-DICOM files and DICOMDIRs are skipped."""
+    infos = []
+    for path in paths:
+        if Path(path).name.upper() == "DICOMDIR":
+            continue
+        try:
+            infos.append(summarize(path))
+        except (InvalidDicomError, EOFError, OSError):
+            continue
+    return infos

@@ -1,0 +1,421 @@
+"""DICOM files into acquisitions: summaries, grouping, problems and loading, on simulated files of
+every vendor style and on the real Philips and Siemens samples."""
+
+from __future__ import annotations
+
+import math
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+
+from qsmnode.acquisition import MultiEchoGRE
+from qsmnode.dicom.headers import Part, Vendor, summarize, vendor_of
+from qsmnode.dicom.load import (
+    AcquisitionPlan,
+    LoadedAcquisition,
+    Problem,
+    group_acquisitions,
+    load_acquisition,
+    load_folder,
+    phase_scaling_from_range,
+    summarize_files,
+    wrap_phase,
+)
+from qsmnode.sim.scanner import Simulation, preset, simulate
+from qsmnode.sim.vendor_dicom import (
+    PHILIPS_PHASE_SLOPE,
+    STYLES,
+    SimStudyInfo,
+    magnitude_scale,
+    write_dicom,
+)
+
+PHASE_STEP = {
+    "siemens": 2 * np.pi / 4096,
+    "siemens-xa": 2 * np.pi / 4096,
+    "philips": PHILIPS_PHASE_SLOPE / 1000,
+    "enhanced": PHILIPS_PHASE_SLOPE / 1000,
+}
+
+
+@pytest.fixture(scope="module")
+def sim() -> Simulation:
+    """The tiny preset's field of view on a coarse grid (12 slices, 3 echoes): fast."""
+    scan = preset(
+        "tiny",
+        shape=(24, 28, 12),
+        voxel_size_mm=(7.0, 7.0, 12.0),
+        echo_times_s=(0.005, 0.0105, 0.016),
+    )
+    return simulate(scan)
+
+
+def _files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file())
+
+
+def _only(results: list) -> LoadedAcquisition:
+    problems = [r.reason for r in results if isinstance(r, Problem)]
+    assert not problems, problems
+    assert len(results) == 1, results
+    assert isinstance(results[0], LoadedAcquisition)
+    return results[0]
+
+
+def _only_problem(results: list) -> str:
+    assert len(results) == 1, results
+    assert isinstance(results[0], Problem), results[0]
+    return results[0].reason
+
+
+def _plan(folder: Path, **kwargs: object) -> AcquisitionPlan | Problem:
+    results = group_acquisitions(summarize_files(_files(folder)), **kwargs)  # type: ignore[arg-type]
+    assert len(results) == 1, results
+    return results[0]
+
+
+def voxel_map(a: np.ndarray, b: np.ndarray, shape_b: tuple[int, ...], tol_mm: float = 1e-3):
+    """Indices into grid ``a`` of every voxel of grid ``b`` (shape ``shape_b``), asserting the two
+    grids put voxels at the same positions (axis flips and permutations allowed)."""
+    m = np.linalg.inv(a) @ b
+    perm = np.round(m[:3, :3])
+    assert np.allclose(np.abs(perm).sum(axis=0), 1) and np.allclose(np.abs(perm).sum(axis=1), 1)
+    idx_b = np.indices(shape_b[:3]).reshape(3, -1).astype(np.float64)
+    idx_a = perm @ idx_b + np.round(m[:3, 3])[:, None]
+    pos_a = a[:3, :3] @ idx_a + a[:3, 3:4]
+    pos_b = b[:3, :3] @ idx_b + b[:3, 3:4]
+    assert np.abs(pos_a - pos_b).max() < tol_mm
+    return tuple(np.rint(idx_a).astype(int)), tuple(np.rint(idx_b).astype(int))
+
+
+def angle_error(x: np.ndarray, y: np.ndarray) -> float:
+    return float(np.abs(np.angle(np.exp(1j * (x.astype(np.float64) - y)))).max())
+
+
+# ---------------------------------------------------------------------------------------------
+# simulated files, every style
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_every_simulated_style_loads_as_the_truth(style: str, sim: Simulation, tmp_path: Path):
+    truth = sim.gre
+    written = write_dicom(truth, tmp_path, style)
+    loaded = _only(load_folder(tmp_path))
+    gre = loaded.gre
+
+    assert gre.echo_times_s == pytest.approx(truth.echo_times_s, abs=1e-9)
+    assert gre.field_strength_t == pytest.approx(7.0)
+    assert gre.shape == truth.shape
+    ia, ib = voxel_map(gre.affine, truth.affine, truth.shape)  # k may be reversed
+    for e in range(truth.n_echoes):
+        got_phase = gre.phase[..., e][ia].reshape(truth.shape)
+        want_phase = truth.phase[..., e][ib].reshape(truth.shape)
+        assert angle_error(got_phase, want_phase) <= PHASE_STEP[style] * 0.5 + 1e-5
+        got_mag = gre.magnitude[..., e][ia].reshape(truth.shape)
+        want_mag = truth.magnitude[..., e][ib].reshape(truth.shape)
+        scale = magnitude_scale(truth)
+        if style.startswith("siemens"):  # no rescale tags: stored units
+            np.testing.assert_allclose(got_mag, want_mag * scale, atol=0.5 + 1e-3)
+        else:
+            np.testing.assert_allclose(got_mag, want_mag, atol=(0.5 + 1e-3) / scale, rtol=1e-5)
+    assert gre.phase.min() >= -np.pi and gre.phase.max() < np.pi
+    assert gre.magnitude.dtype == np.float32 and gre.phase.dtype == np.float32
+
+    nk, ne = truth.shape[2], truth.n_echoes
+    sources = [s for table in (loaded.magnitude_sources, loaded.phase_sources) for s in table]
+    assert loaded.phase_sources is not None
+    assert len(loaded.magnitude_sources) == nk and len(loaded.phase_sources) == nk
+    flat = [ref for row in sources for ref in row]
+    assert all(len(row) == ne for row in sources)
+    assert len(set(flat)) == 2 * nk * ne  # complete and unique
+    written_uids = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in written}
+    assert {ref.sop_instance_uid for ref in flat} == written_uids
+    if style == "enhanced":
+        assert {ref.frame_number for ref in flat} == set(range(1, 2 * nk * ne + 1))
+    else:
+        assert all(ref.frame_number is None for ref in flat)
+    study = SimStudyInfo()
+    assert loaded.study_uid == study.study_instance_uid
+    assert loaded.frame_of_reference_uid == study.frame_of_reference_uid
+    assert loaded.patient_study["PatientID"] == study.patient_id
+    assert "PixelData" not in loaded.header
+    assert loaded.vendor == ("siemens" if style.startswith("siemens") else "philips")
+
+
+def test_two_studies_in_one_folder_are_two_acquisitions(sim: Simulation, tmp_path: Path):
+    write_dicom(sim.gre, tmp_path / "a", "siemens", SimStudyInfo(seed=1))
+    write_dicom(sim.gre, tmp_path / "b", "philips", SimStudyInfo(seed=2))
+    results = load_folder(tmp_path)
+    assert len(results) == 2 and all(isinstance(r, LoadedAcquisition) for r in results)
+    assert {r.study_uid for r in results} == {  # type: ignore[union-attr]
+        SimStudyInfo(seed=1).study_instance_uid,
+        SimStudyInfo(seed=2).study_instance_uid,
+    }
+
+
+def test_a_repeated_protocol_in_one_study_is_two_acquisitions(sim: Simulation, tmp_path: Path):
+    write_dicom(sim.gre, tmp_path, "siemens", SimStudyInfo(series_number=5))
+    write_dicom(sim.gre, tmp_path, "siemens", SimStudyInfo(series_number=7))
+    plans = group_acquisitions(summarize_files(_files(tmp_path)))
+    assert [p.series_numbers for p in plans] == [(5, 6), (7, 8)]  # type: ignore[union-attr]
+
+
+def test_echo_identity_is_the_echo_time_not_the_instance_number(sim: Simulation, tmp_path: Path):
+    write_dicom(sim.gre, tmp_path, "siemens")
+    for path in _files(tmp_path):
+        ds = pydicom.dcmread(path)
+        ds.InstanceNumber = 1
+        ds.save_as(path)
+    plan = _plan(tmp_path)
+    assert isinstance(plan, AcquisitionPlan) and plan.n_echoes == sim.gre.n_echoes
+
+
+# ---------------------------------------------------------------------------------------------
+# phase scaling, signs and vendors
+
+
+def _rewrite(paths: list[Path], **changes: object) -> None:
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        for keyword, value in changes.items():
+            if value is None:
+                if keyword in ds:
+                    delattr(ds, keyword)
+            else:
+                setattr(ds, keyword, value)
+        ds.save_as(path)
+
+
+def test_siemens_phase_without_rescale_tags(sim: Simulation, tmp_path: Path):
+    write_dicom(sim.gre, tmp_path / "with", "siemens")
+    shutil.copytree(tmp_path / "with", tmp_path / "without")
+    phase_files = _files(next((tmp_path / "without").glob("*_P")))
+    _rewrite(phase_files, RescaleSlope=None, RescaleIntercept=None, RescaleType=None)
+    with_tags = _only(load_folder(tmp_path / "with"))
+    without = _only(load_folder(tmp_path / "without"))
+    assert "no rescale" in without.phase_scaling
+    assert angle_error(without.gre.phase, with_tags.gre.phase) < 1e-5
+
+
+def test_ge_phase_is_negated_and_scaled_by_its_range(sim: Simulation, tmp_path: Path):
+    write_dicom(sim.gre, tmp_path / "siemens", "siemens")
+    shutil.copytree(tmp_path / "siemens", tmp_path / "ge")
+    _rewrite(_files(tmp_path / "ge"), Manufacturer="GE MEDICAL SYSTEMS")
+    reference = _only(load_folder(tmp_path / "siemens"))
+    ge = _only(load_folder(tmp_path / "ge"))
+    assert ge.vendor == "ge" and ge.phase_sign == -1
+    assert "±4096" in ge.phase_scaling  # the generic rule, from the value range
+    assert angle_error(ge.gre.phase, -reference.gre.phase) < 1e-5
+    overridden = _only(load_folder(tmp_path / "ge", phase_sign={"ge": 1}))
+    assert angle_error(overridden.gre.phase, reference.gre.phase) < 1e-5
+
+
+def test_phase_units_from_the_value_range():
+    assert phase_scaling_from_range(-3.14, 3.1)[:2] == (1.0, 0.0)
+    assert phase_scaling_from_range(-3142, 3142)[:2] == (1e-3, 0.0)
+    a, b, _ = phase_scaling_from_range(0, 4095)
+    assert a * 0 + b == pytest.approx(-math.pi) and a * 4096 + b == pytest.approx(math.pi)
+    a, b, _ = phase_scaling_from_range(-4096, 4094)
+    assert a * -4096 + b == pytest.approx(-math.pi)
+    with pytest.raises(ValueError, match="cannot tell the phase units"):
+        phase_scaling_from_range(-40000, 40000)
+    wrapped = wrap_phase(np.array([np.pi, -np.pi, 3.142, 7.0, -3.2], dtype=np.float32))
+    assert wrapped.min() >= -np.pi and wrapped.max() < np.pi
+    assert wrapped[0] == wrapped[1] == np.float32(-np.pi)
+
+
+def test_vendor_from_manufacturer_and_enhanced_from_the_sop_class(sim: Simulation, tmp_path):
+    assert vendor_of("SIEMENS") == Vendor.SIEMENS == "siemens"
+    assert vendor_of("Siemens Healthineers") == "siemens"
+    assert vendor_of("Philips Medical Systems") == "philips"
+    assert vendor_of("GE MEDICAL SYSTEMS") == "ge"
+    assert vendor_of("Canon Medical Systems") == "other"
+    path = write_dicom(sim.gre, tmp_path, "siemens")[0]
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    ds.NumberOfFrames = 1
+    info = summarize(ds)
+    assert not info.enhanced and info.path == str(path)
+    assert info.frames[0].part is Part.MAGNITUDE and info.frames[0].echo_number == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# problems
+
+
+def test_a_missing_phase_slice_is_reported_with_counts(sim: Simulation, tmp_path: Path):
+    write_dicom(sim.gre, tmp_path, "siemens")
+    phase_dir = next(tmp_path.glob("*_P"))
+    nk = sim.gre.shape[2]
+    (phase_dir / f"{nk + 3:05d}.dcm").unlink()  # echo 2, slice 3
+    reason = _only_problem(group_acquisitions(summarize_files(_files(tmp_path))))
+    assert "a phase slice is missing" in reason
+    assert f"phase echo 2 (TE 10.5 ms, series 6) has {nk - 1} of {nk} slices" in reason
+    assert "series 5, 6" in reason
+
+
+def test_phase_one_slice_short_of_magnitude(sim: Simulation, tmp_path: Path):
+    write_dicom(sim.gre, tmp_path, "siemens")
+    phase_dir = next(tmp_path.glob("*_P"))
+    nk = sim.gre.shape[2]
+    for e in range(sim.gre.n_echoes):  # the last slice of every echo
+        (phase_dir / f"{(e + 1) * nk:05d}.dcm").unlink()
+    reason = _only_problem(group_acquisitions(summarize_files(_files(tmp_path))))
+    assert reason.count(f"has {nk - 1} of {nk} slices") == sim.gre.n_echoes
+    assert "phase is one slice short of magnitude" in reason
+
+
+def test_mismatched_echo_times_between_magnitude_and_phase(sim: Simulation, tmp_path: Path):
+    write_dicom(sim.gre, tmp_path, "siemens-xa")
+    ne = sim.gre.n_echoes
+    phase_echo2 = next(tmp_path.glob(f"{5 + ne + 1:04d}_*_P_e2"))
+    _rewrite(_files(phase_echo2), EchoTime="11")
+    reason = _only_problem(group_acquisitions(summarize_files(_files(tmp_path))))
+    assert "mismatched echo times" in reason
+    assert "TE 10.5 ms with no matching phase" in reason
+    assert "TE 11 ms with no matching magnitude" in reason
+
+
+def test_a_single_echo_is_not_enough(sim: Simulation, tmp_path: Path):
+    one = replace(
+        sim.gre,
+        magnitude=sim.gre.magnitude[..., :1],
+        phase=sim.gre.phase[..., :1],
+        echo_times_s=sim.gre.echo_times_s[:1],
+    )
+    write_dicom(one, tmp_path, "philips")
+    reason = _only_problem(group_acquisitions(summarize_files(_files(tmp_path))))
+    assert "1 echo, the rule needs at least 2" in reason
+    plan = _plan(tmp_path, min_echoes=1)
+    assert isinstance(plan, AcquisitionPlan)
+    assert load_acquisition(plan).gre.n_echoes == 1
+
+
+def test_no_phase(sim: Simulation, tmp_path: Path):
+    write_dicom(sim.gre, tmp_path, "siemens")
+    shutil.rmtree(next(tmp_path.glob("*_P")))
+    reason = _only_problem(group_acquisitions(summarize_files(_files(tmp_path))))
+    assert "no phase" in reason and "series 5 " in reason
+    plan = _plan(tmp_path, require_phase=False)
+    assert isinstance(plan, AcquisitionPlan) and plan.phase is None
+    loaded = load_acquisition(plan)
+    assert not loaded.has_phase and np.isnan(loaded.gre.phase).all()
+
+
+def test_a_phase_difference_field_map_is_refused(sim: Simulation, tmp_path: Path):
+    write_dicom(sim.gre, tmp_path, "siemens")
+    _rewrite(_files(next(tmp_path.glob("*_P"))), SequenceName="*fm2d2r")
+    reason = _only_problem(group_acquisitions(summarize_files(_files(tmp_path))))
+    assert "phase-difference field map" in reason and "*fm2d2r" in reason
+
+
+def test_siemens_field_map_pattern_two_magnitudes_one_phase(sim: Simulation, tmp_path: Path):
+    two = replace(
+        sim.gre,
+        magnitude=sim.gre.magnitude[..., :2],
+        phase=sim.gre.phase[..., :2],
+        echo_times_s=sim.gre.echo_times_s[:2],
+    )
+    write_dicom(two, tmp_path, "siemens")
+    nk = sim.gre.shape[2]
+    for k in range(nk):  # drop the phase of echo 1: phase only at TE2, like gre_field_mapping
+        (next(tmp_path.glob("*_P")) / f"{k + 1:05d}.dcm").unlink()
+    reason = _only_problem(group_acquisitions(summarize_files(_files(tmp_path))))
+    assert "phase-difference field map" in reason
+
+
+def test_mixed_geometry_is_reported(sim: Simulation, tmp_path: Path):
+    write_dicom(sim.gre, tmp_path, "siemens")
+    _rewrite(_files(next(tmp_path.glob("*_P"))), PixelSpacing=["6.5", "6.5"])
+    reason = _only_problem(group_acquisitions(summarize_files(_files(tmp_path))))
+    assert "mixed geometry" in reason and "pixel spacing" in reason
+
+
+def test_echoes_sharing_one_echo_time_are_reported(sim: Simulation, tmp_path: Path):
+    write_dicom(sim.gre, tmp_path, "siemens")
+    _rewrite(_files(tmp_path), EchoTime="5")  # GE-style: the first TE on every echo
+    reason = _only_problem(group_acquisitions(summarize_files(_files(tmp_path))))
+    assert "different echo numbers" in reason
+
+
+# ---------------------------------------------------------------------------------------------
+# real scanner files
+
+
+@pytest.fixture(scope="module")
+def philips_classic(shared_data: Path) -> LoadedAcquisition:
+    return _only(load_folder(shared_data / "philips-3t-2echo" / "classic"))
+
+
+def test_real_philips_classic(philips_classic: LoadedAcquisition):
+    gre = philips_classic.gre
+    assert gre.echo_times_s == pytest.approx((0.0023, 0.0046))
+    assert gre.shape == (80, 80, 53)
+    assert gre.field_strength_t == 3.0
+    assert philips_classic.vendor == "philips"
+    assert gre.voxel_size_mm == pytest.approx([3, 3, 3], abs=1e-3)
+    assert "mrad" in philips_classic.phase_scaling
+    assert gre.phase.min() >= -np.pi and gre.phase.max() < np.pi
+    assert gre.phase.max() - gre.phase.min() > 6.2  # wrapped phase fills the range
+    uids = {r.sop_instance_uid for row in philips_classic.magnitude_sources for r in row}
+    uids |= {r.sop_instance_uid for row in philips_classic.phase_sources or () for r in row}
+    assert len(uids) == 212
+
+
+def test_real_philips_enhanced_equals_classic(shared_data: Path, philips_classic):
+    enhanced = _only(load_folder(shared_data / "philips-3t-2echo" / "enhanced"))
+    assert enhanced.gre.echo_times_s == philips_classic.gre.echo_times_s
+    np.testing.assert_allclose(enhanced.gre.affine, philips_classic.gre.affine, atol=1e-6)
+    np.testing.assert_array_equal(enhanced.gre.magnitude, philips_classic.gre.magnitude)
+    np.testing.assert_array_equal(enhanced.gre.phase, philips_classic.gre.phase)
+    frames = {r.frame_number for row in enhanced.magnitude_sources for r in row}
+    assert len(frames) == 106 and len({r.sop_instance_uid for r in enhanced.magnitude_sources[0]})
+
+
+def test_real_philips_matches_dcm2niix(shared_data: Path, philips_classic):
+    reference = shared_data / "philips-3t-2echo" / "reference"
+    gre = philips_classic.gre
+    for e in (1, 2):
+        for part in ("", "_ph"):
+            img = nib.load(reference / f"2001_WIP_fcMRI_Field_Mapping_cl_e{e}{part}.nii.gz")
+            ours_idx, ref_idx = voxel_map(gre.affine, img.affine, img.shape)
+            ref = np.asarray(img.get_fdata(), dtype=np.float64)[ref_idx]
+            if part:  # dcm2niix scales Philips phase to radians itself
+                ours = gre.phase[..., e - 1][ours_idx]
+                assert angle_error(ours, ref) < 2e-3
+            else:  # dcm2niix writes Philips floating-point values (stored / ScaleSlope)
+                ours = gre.magnitude[..., e - 1][ours_idx]
+                ratio = float(np.median(ours[ref > 0] / ref[ref > 0]))
+                assert ratio == pytest.approx(1.29158 * 0.000237989, rel=1e-4)  # RS · SS
+                np.testing.assert_allclose(ours, ref * ratio, rtol=1e-5, atol=1e-3)
+
+
+def test_real_siemens_single_slice(shared_data: Path):
+    folder = shared_data / "siemens-3t-megre-1slice"
+    loaded = _only(load_folder([folder / "mag", folder / "phase"]))
+    gre = loaded.gre
+    assert gre.echo_times_s == pytest.approx((0.004, 0.010, 0.016))
+    assert gre.shape == (54, 64, 1)
+    assert loaded.series_numbers == (2, 3)
+    assert "Siemens slope 2" in loaded.phase_scaling
+    raw = pydicom.dcmread(folder / "phase" / "00017.dcm").pixel_array  # echo 2
+    expected = (2.0 * raw - 4096) * np.pi / 4096
+    assert angle_error(gre.phase[:, :, 0, 1].T, expected) < 1e-5
+    assert isinstance(gre, MultiEchoGRE)
+
+
+def test_real_philips_enhanced_part_from_the_private_frame_item(shared_data: Path):
+    path = (
+        shared_data / "philips-3t-2echo" / "enhanced" / "2001_WIP_fcMRI_Field_Mapping_e2_phMag.dcm"
+    )
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    standard = [f.part for f in summarize(ds).frames]
+    for frame in ds.PerFrameFunctionalGroupsSequence:
+        del frame.MRImageFrameTypeSequence  # only Philips' (2005,140F) item is left
+    private = [f.part for f in summarize(ds).frames]
+    assert private == standard
+    assert standard.count(Part.MAGNITUDE) == standard.count(Part.PHASE) == 106
