@@ -55,6 +55,93 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(args.out)
 
 
+def _serve(args: argparse.Namespace) -> int:
+    import logging
+    import signal
+    import threading
+
+    from qsmnode.node.config import ConfigError, load_settings
+    from qsmnode.node.receiver import serve
+    from qsmnode.node.store import StoreError
+
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        stream=sys.stderr, level=settings.logging.level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    log = logging.getLogger("qsmnode")
+    stop = threading.Event()
+
+    def on_signal(number: int, _frame: object) -> None:
+        log.info("received %s: stopping", signal.Signals(number).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    log.info("qsmnode %s serving with %s", __version__, settings.source)
+    try:
+        return serve(settings, stop)
+    except (StoreError, OSError) as exc:
+        log.error("cannot serve: %s", exc)
+        return 1
+
+
+def _status(args: argparse.Namespace) -> int:
+    import json
+    import time
+
+    from qsmnode.node.config import ConfigError, load_settings
+    from qsmnode.node.store import Store, StoreError
+
+    try:
+        settings = load_settings(args.config)
+        with Store.in_state_dir(settings.paths.state_dir, readonly=True) as store:
+            summary = store.summary()
+            series = store.series()
+            path, version = store.path, store.schema_version()
+    except (ConfigError, StoreError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        report = {
+            "store": str(path), "schema_version": version, "summary": summary,
+            "series": [s.as_dict() for s in series],
+        }
+        print(json.dumps(report, indent=2))
+        return 0
+
+    def when(t: float | None) -> str:
+        return "-" if t is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+
+    print(f"store: {path} (schema {version})")
+    print(f"series: {summary['series']} ({summary['series_open']} open, "
+          f"{summary['series_complete']} complete); instances: {summary['instances']} "
+          f"({summary['bytes'] / 2**20:.1f} MiB)")
+    if not series:
+        return 0
+    header = ("SERIES", "STATE", "INSTANCES", "EXPECTED", "MOD", "LAST RECEIVED",
+              "DESCRIPTION", "SERIES UID")
+    rows = [
+        (
+            "-" if s.series_number is None else str(s.series_number), s.state,
+            str(s.received_count), "-" if s.expected_count is None else str(s.expected_count),
+            s.modality or "-", when(s.last_received_at), s.series_description or "-",
+            s.series_uid,
+        )
+        for s in series
+    ]
+    widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
+    print()
+    for row in (header, *rows):
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+              .rstrip())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qsmnode", description=__doc__)
     parser.add_argument("--version", action="version", version=f"qsmnode {__version__}")
@@ -92,6 +179,21 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--called-ae", default="QSMNODE", help="the receiver's AE title")
     sim.add_argument("--calling-ae", default="SCANNER7T", help="the scanner's AE title")
     sim.set_defaults(run=_simulate)
+
+    serve = commands.add_parser(
+        "serve", help="run the node in the foreground (DICOM listener); logs to stderr",
+        description="Run the node: receive images by C-STORE into the spool and the store. "
+        "Logs go to stderr. SIGTERM or SIGINT stops it cleanly.",
+    )
+    serve.add_argument("--config", type=Path, default=None, metavar="FILE",
+                       help="TOML file (default: $QSMNODE_CONFIG, else config/qsmnode.toml)")
+    serve.set_defaults(run=_serve)
+
+    status = commands.add_parser("status", help="show what the node has received")
+    status.add_argument("--config", type=Path, default=None, metavar="FILE",
+                        help="TOML file (default: $QSMNODE_CONFIG, else config/qsmnode.toml)")
+    status.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    status.set_defaults(run=_status)
 
     demo = commands.add_parser("demo", help="run the demonstration")
     demo.add_argument("--out", type=Path, default=Path("demo-output"), help="output folder")

@@ -1,0 +1,127 @@
+"""The spool: received instances as files, written durably.
+
+Layout: ``<root>/<study_uid>/<series_uid>/<sop_instance_uid>.dcm``. A file is first written to a
+temporary name in its final folder (``.<sop_uid>.<random>.tmp``), fsynced, renamed into place,
+and the folder is fsynced; new folders are fsynced into their parents. So after a crash a
+``.dcm`` file in the spool is always complete, and a leftover ``.tmp`` file is garbage.
+
+Only UIDs made of digits and dots (at most 64 characters) name files, so a peer cannot steer a
+path out of the spool.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import shutil
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+MIB = 1024 * 1024
+TEMP_SUFFIX = ".tmp"
+INSTANCE_SUFFIX = ".dcm"
+
+_UID = re.compile(r"[0-9]+(?:\.[0-9]+)*")
+
+
+def is_uid(text: str) -> bool:
+    """True for a syntactically valid DICOM UID: digits and dots, 1-64 characters."""
+    return len(text) <= 64 and bool(_UID.fullmatch(text))
+
+
+class SpoolError(OSError):
+    """Writing to the spool failed (the message names the file and the system error)."""
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Spool:
+    """The folder of received instances, with a free-space floor.
+
+    ``min_free_bytes``: :meth:`has_room` is false when writing would leave less free space than
+    this on the spool's file system.
+    """
+
+    def __init__(self, root: Path, min_free_bytes: int = 0) -> None:
+        self.root = Path(root)
+        self.min_free_bytes = min_free_bytes
+        self._ensure_dir(self.root)
+
+    def path_for(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
+        """Final path of an instance. Raises ValueError for a UID that is not a valid UID."""
+        for name, uid in (("study", study_uid), ("series", series_uid), ("SOP instance", sop_uid)):
+            if not is_uid(uid):
+                raise ValueError(f"invalid {name} UID {uid[:80]!r}")
+        return self.root / study_uid / series_uid / f"{sop_uid}{INSTANCE_SUFFIX}"
+
+    def free_bytes(self) -> int:
+        """Free space (for unprivileged users) on the spool's file system."""
+        return shutil.disk_usage(self.root).free
+
+    def has_room(self, nbytes: int) -> bool:
+        """True when ``nbytes`` can be written and the free-space floor still holds."""
+        return self.free_bytes() - nbytes >= self.min_free_bytes
+
+    def write(self, path: Path, chunks: Iterable[bytes]) -> int:
+        """Write ``chunks`` to ``path`` (from :meth:`path_for`) durably; return the size.
+
+        Temporary name, fsync of the file, rename, fsync of the folder. An existing file at
+        ``path`` is replaced atomically. Raises :class:`SpoolError`.
+        """
+        folder = path.parent
+        temp = folder / f".{path.stem}.{secrets.token_hex(4)}{TEMP_SUFFIX}"
+        try:
+            self._ensure_dir(folder)
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+            size = 0
+            try:
+                for chunk in chunks:
+                    view = memoryview(chunk)
+                    while view:
+                        written = os.write(fd, view)
+                        view = view[written:]
+                        size += written
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(temp, path)
+            _fsync_dir(folder)
+        except OSError as exc:
+            temp.unlink(missing_ok=True)
+            raise SpoolError(exc.errno, f"cannot write {path}: {exc.strerror or exc}") from exc
+        return size
+
+    def instance_files(self) -> Iterator[Path]:
+        """Every complete instance file in the spool."""
+        yield from self.root.glob(f"*/*/*{INSTANCE_SUFFIX}")
+
+    def remove_temp_files(self) -> int:
+        """Delete temporary files left by an interrupted write; return how many."""
+        count = 0
+        for temp in self.root.glob(f"*/*/.*{TEMP_SUFFIX}"):
+            temp.unlink(missing_ok=True)
+            count += 1
+        return count
+
+    def _ensure_dir(self, folder: Path) -> None:
+        """Create ``folder`` and missing parents, fsyncing each new entry into its parent."""
+        if folder.is_dir():
+            return
+        missing = []
+        current = folder
+        while not current.is_dir():
+            missing.append(current)
+            current = current.parent
+        for new in reversed(missing):
+            try:
+                new.mkdir()
+            except FileExistsError:
+                continue  # made concurrently by another association
+            _fsync_dir(new.parent)

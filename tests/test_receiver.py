@@ -1,0 +1,605 @@
+"""The durable receiver, against real peers.
+
+dcmtk ``storescu``/``echoscu`` play the scanner; the node runs as ``python -m qsmnode serve`` in
+a subprocess on a free loopback port, with its configuration and state in ``tmp_path``.
+Payloads no DICOM tool would send (truncated, garbage) go out through pynetdicom, which sends a
+file's dataset bytes as they are.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import sqlite3
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    SecondaryCaptureImageStorage,
+    generate_uid,
+)
+from pynetdicom import AE, _config
+
+from qsmnode.node.receiver import (
+    CALLED_AE_NOT_RECOGNISED,
+    CALLING_AE_NOT_RECOGNISED,
+    AccessPolicy,
+    DatasetError,
+    inspect_dataset,
+)
+from qsmnode.node.spool import Spool
+from qsmnode.node.store import InstanceRecord, Store, StoreError
+from tests.conftest import REPO, require_tool
+
+ALLOWED = "SCANNER7T"
+
+
+# ------------------------------------------------------------------------------------------------
+# Helpers
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def dataset_bytes(path: Path) -> bytes:
+    """The dataset part of a Part 10 file (everything after the file meta), as stored."""
+    data = path.read_bytes()
+    assert data[128:132] == b"DICM" and data[132:136] == b"\x02\x00\x00\x00"
+    (group_length,) = struct.unpack("<I", data[140:144])
+    return data[144 + group_length:]
+
+
+def toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, str | Path):
+        return json.dumps(str(value))
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    return str(value)
+
+
+class Node:
+    """``qsmnode serve`` in a subprocess, with its own config and state under ``root``."""
+
+    def __init__(self, root: Path, *, senders: dict[str, list[str]] | None = None,
+                 tls: dict[str, object] | None = None, **listener: object) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.state_dir = root / "state"
+        self.config = root / "qsmnode.toml"
+        self.log_path = root / "node.log"
+        self.process: subprocess.Popen[bytes] | None = None
+        settings = {"host": "127.0.0.1", "port": self.port, "min_free_disk_mb": 1,
+                    "acse_timeout_s": 5, **listener}
+        lines = ["[paths]", f"state_dir = {toml_value(self.state_dir)}", "", "[listener]"]
+        lines += [f"{key} = {toml_value(value)}" for key, value in settings.items()]
+        if tls is not None:
+            lines += ["", "[listener.tls]"]
+            lines += [f"{key} = {toml_value(value)}" for key, value in tls.items()]
+        for ae_title, hosts in (senders or {ALLOWED: []}).items():
+            lines += ["", "[[listener.allowed_senders]]", f"ae_title = {toml_value(ae_title)}",
+                      f"hosts = {toml_value(hosts)}"]
+        lines += ["", "[http]", "port = 0", "", "[logging]", 'level = "INFO"', ""]
+        self.config.write_text("\n".join(lines))
+
+    def start(self) -> Node:
+        """Start the node and wait until it listens (a restart appends to the same log)."""
+        offset = len(self.log())
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "qsmnode", "serve", "--config", str(self.config)],
+            stdout=subprocess.DEVNULL, stderr=self.log_path.open("ab"), cwd=REPO,
+        )
+        deadline = time.monotonic() + 30
+        while "listening as" not in self.log()[offset:]:
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"the node did not start:\n{self.log()}")
+            time.sleep(0.05)
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self) -> None:
+        """SIGTERM: the node must exit cleanly, with status 0."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+        assert self.process.wait(timeout=15) == 0, self.log()
+        self.process = None
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(timeout=10)
+        self.process = None
+
+    def close(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+
+    def store(self) -> Store:
+        return Store.in_state_dir(self.state_dir, readonly=True)
+
+    def count(self) -> int:
+        try:
+            with self.store() as store:
+                return store.count_instances()
+        except (StoreError, sqlite3.Error):
+            return 0
+
+    def spool_files(self) -> set[Path]:
+        return set((self.state_dir / "spool").glob("*/*/*.dcm"))
+
+    def status(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "qsmnode", "status", "--config", str(self.config), *args],
+            capture_output=True, text=True, timeout=60, cwd=REPO,
+        )
+
+    def storescu(self, *args: str | Path, calling: str = ALLOWED, nodelay: bool = True,
+                 ) -> subprocess.CompletedProcess[str]:
+        # dcmtk leaves Nagle's algorithm on unless TCP_NODELAY=1: each instance then waits for
+        # a delayed ACK (~40 ms) whatever the receiver
+        env = {**os.environ, "TCP_NODELAY": "1" if nodelay else "0"}
+        return subprocess.run(
+            [require_tool("storescu", "dcmtk"), "-aet", calling, "-aec", "QSMNODE",
+             "127.0.0.1", str(self.port), *map(str, args)],
+            capture_output=True, text=True, timeout=120, env=env,
+        )
+
+    def echoscu(self, *args: str, calling: str = ALLOWED, called: str = "QSMNODE",
+                ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [require_tool("echoscu", "dcmtk"), "-aet", calling, "-aec", called, *args,
+             "127.0.0.1", str(self.port)],
+            capture_output=True, text=True, timeout=60,
+        )
+
+
+@pytest.fixture
+def nodes() -> Iterator[list[Node]]:
+    """Nodes made by a test are killed at its end, whatever happened."""
+    made: list[Node] = []
+    yield made
+    for node in made:
+        node.close()
+
+
+def make_node(nodes: list[Node], root: Path, **kwargs: object) -> Node:
+    node = Node(root, **kwargs)  # type: ignore[arg-type]
+    nodes.append(node)
+    return node
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """A tiny simulated Siemens study: 40 slices x 4 echoes x (magnitude, phase) = 320 files."""
+    out = tmp_path_factory.mktemp("study")
+    result = subprocess.run(
+        [sys.executable, "-m", "qsmnode", "simulate", "--size", "tiny", "--style", "siemens",
+         "--seed", "3", "--out", str(out)],
+        capture_output=True, text=True, timeout=120, cwd=REPO,
+    )
+    assert result.returncode == 0, result.stderr
+    files = sorted((out / "dicom").rglob("*.dcm"))
+    assert len(files) == 320
+    return files
+
+
+def by_sop_uid(files: list[Path]) -> dict[str, Path]:
+    return {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID): f for f in files}
+
+
+def secondary_capture(source: Path, out: Path) -> Path:
+    """A non-MR instance of the same study (as a scanner's screen capture would be)."""
+    ds = pydicom.dcmread(source)
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.Modality = "OT"
+    ds.save_as(out, enforce_file_format=True)
+    return out
+
+
+def send_raw(port: int, files: dict[str, Path], monkeypatch: pytest.MonkeyPatch,
+             ) -> dict[str, pydicom.Dataset]:
+    """C-STORE each file's dataset bytes unparsed (pynetdicom's chunked send); name -> status."""
+    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)
+    first = next(iter(files.values()))
+    meta = pydicom.dcmread(first, stop_before_pixels=True).file_meta
+    ae = AE(ae_title=ALLOWED)
+    ae.add_requested_context(meta.MediaStorageSOPClassUID, meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", port, ae_title="QSMNODE")
+    assert assoc.is_established
+    try:
+        return {name: assoc.send_c_store(path) for name, path in files.items()}
+    finally:
+        assoc.release()
+
+
+# ------------------------------------------------------------------------------------------------
+# Units: parsing, access policy, store, spool
+
+
+def _encodings(source: Path) -> dict[str, tuple[bytes, str]]:
+    """The same dataset in four transfer syntaxes, with an undefined-length sequence added."""
+    ds = pydicom.dcmread(source)
+    item = pydicom.Dataset()
+    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = "T-A0100", "SRT", "Brain"
+    ds.AnatomicRegionSequence = pydicom.Sequence([item])
+    ds["AnatomicRegionSequence"].is_undefined_length = True
+    out: dict[str, tuple[bytes, str]] = {}
+    for syntax in (ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian):
+        buffer = DicomBytesIO()
+        buffer.is_little_endian = syntax.is_little_endian
+        buffer.is_implicit_VR = syntax.is_implicit_VR
+        write_dataset(buffer, ds)
+        out[syntax.name] = (buffer.getvalue(), str(syntax))
+    deflater = zlib.compressobj(wbits=-zlib.MAX_WBITS)
+    explicit = out[ExplicitVRLittleEndian.name][0]
+    deflated = deflater.compress(explicit) + deflater.flush()
+    out[DeflatedExplicitVRLittleEndian.name] = (deflated, str(DeflatedExplicitVRLittleEndian))
+    return out
+
+
+def test_inspect_dataset_reads_uids_and_refuses_every_truncation(study: list[Path]) -> None:
+    source = pydicom.dcmread(study[0], stop_before_pixels=True)
+    for name, (data, syntax) in _encodings(study[0]).items():
+        header = inspect_dataset(data, syntax)
+        assert header.sop_instance_uid == source.SOPInstanceUID, name
+        assert header.series_uid == source.SeriesInstanceUID, name
+        assert header.study_uid == source.StudyInstanceUID, name
+        assert header.series_number == source.SeriesNumber, name
+        cuts = sorted({*range(1, len(data), max(1, len(data) // 97)), len(data) - 1})
+        if syntax == DeflatedExplicitVRLittleEndian:
+            cuts = cuts[::8]
+        for cut in cuts:
+            with pytest.raises(DatasetError, match=r"^(truncated|corrupt|unreadable)"):
+                inspect_dataset(data[:cut], syntax)
+    with pytest.raises(DatasetError, match="corrupt"):
+        inspect_dataset(b"this is not DICOM, not at all", str(source.file_meta.TransferSyntaxUID))
+    with pytest.raises(DatasetError, match="empty"):
+        inspect_dataset(b"", ImplicitVRLittleEndian)
+
+
+def test_access_policy() -> None:
+    policy = AccessPolicy("QSMNODE", {"SCANNER7T": (), "SCANNER3T": ("localhost", "192.0.2.7")})
+    assert policy.check("SCANNER7T", "QSMNODE", "203.0.113.5") is None
+    assert policy.check("SCANNER3T", "QSMNODE", "127.0.0.1") is None  # localhost, resolved
+    assert policy.check("SCANNER3T", "QSMNODE", "::ffff:192.0.2.7") is None  # IPv4-mapped
+    refusal = policy.check("SCANNER3T", "QSMNODE", "192.0.2.8")
+    assert refusal is not None and refusal.diagnostic == CALLING_AE_NOT_RECOGNISED
+    assert "not allowed from 192.0.2.8" in refusal.reason
+    refusal = policy.check("INTRUDER", "QSMNODE", "127.0.0.1")
+    assert refusal is not None and refusal.diagnostic == CALLING_AE_NOT_RECOGNISED
+    refusal = policy.check("SCANNER7T", "PACS", "127.0.0.1")
+    assert refusal is not None and refusal.diagnostic == CALLED_AE_NOT_RECOGNISED
+    assert AccessPolicy("QSMNODE").check("ANYONE", "QSMNODE", "127.0.0.1") is None
+
+
+def test_store_records_instances_once_and_series(tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match="no store here"):
+        Store.in_state_dir(tmp_path, readonly=True)
+    with Store.in_state_dir(tmp_path) as store:
+        assert store.schema_version() == 1
+        assert store.path.name == "qsmnode.sqlite3"
+        journal = store._db.execute("PRAGMA journal_mode").fetchone()[0]
+        assert journal == "wal"
+
+        def record(sop: str, at: float) -> InstanceRecord:
+            return InstanceRecord(
+                sop_instance_uid=sop, sop_class_uid="1.2.840.10008.5.1.4.1.1.4", study_uid="1.2",
+                series_uid="1.2.3", transfer_syntax_uid="1.2.840.10008.1.2.1",
+                path=f"spool/1.2/1.2.3/{sop}.dcm", size=10, calling_ae=ALLOWED,
+                peer_address="127.0.0.1", received_at=at, series_number=5, modality="MR",
+            )
+
+        assert store.add_instance(record("1.2.3.1", 100.0))
+        assert store.add_instance(record("1.2.3.2", 101.0))
+        assert not store.add_instance(record("1.2.3.2", 102.0))  # duplicate: no change
+        [series] = store.series()
+        assert (series.received_count, series.first_received_at, series.last_received_at,
+                series.state) == (2, 100.0, 101.0, "open")
+        store.set_expected_count("1.2.3", 2)
+        assert store.mark_series_complete("1.2.3", at=103.0)
+        assert not store.mark_series_complete("1.2.3")
+        assert store.series("complete")[0].expected_count == 2
+        assert store.summary() == {"series": 1, "series_open": 0, "series_complete": 1,
+                                   "instances": 2, "bytes": 20}
+    with Store.in_state_dir(tmp_path, readonly=True) as reader:
+        assert [i.sop_instance_uid for i in reader.instances("1.2.3")] == ["1.2.3.1", "1.2.3.2"]
+
+
+def test_spool_paths_are_uids_only(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    with pytest.raises(ValueError, match="invalid study UID"):
+        spool.path_for("../../etc", "1.2", "1.2.3")
+    path = spool.path_for("1.2", "1.2.3", "1.2.3.4")
+    assert spool.write(path, (b"abc", b"def")) == 6
+    assert path.read_bytes() == b"abcdef" and list(spool.instance_files()) == [path]
+    (path.parent / ".1.2.3.5.0000.tmp").write_bytes(b"partial")
+    assert spool.remove_temp_files() == 1
+    assert not Spool(tmp_path / "spool", min_free_bytes=2**62).has_room(1)
+
+
+# ------------------------------------------------------------------------------------------------
+# Real peers
+
+
+def test_echo_and_association_refusals(nodes: list[Node], tmp_path: Path) -> None:
+    node = make_node(nodes, tmp_path / "node", max_associations=1,
+                     senders={ALLOWED: [], "REMOTE7T": ["192.0.2.10"]}).start()
+    assert node.echoscu().returncode == 0
+
+    unknown = node.echoscu(calling="INTRUDER")
+    assert unknown.returncode != 0
+    assert "Calling AE Title Not Recognized" in unknown.stdout + unknown.stderr
+    wrong_host = node.echoscu(calling="REMOTE7T")
+    assert wrong_host.returncode != 0
+    wrong_called = node.echoscu(called="PACS")
+    assert wrong_called.returncode != 0
+    assert "Called AE Title Not Recognized" in wrong_called.stdout + wrong_called.stderr
+
+    # one association at a time: a second is refused while the first is open
+    ae = AE(ae_title=ALLOWED)
+    ae.add_requested_context("1.2.840.10008.1.1")
+    held = ae.associate("127.0.0.1", node.port, ae_title="QSMNODE")
+    assert held.is_established
+    try:
+        assert node.echoscu().returncode != 0
+    finally:
+        held.release()
+    assert node.echoscu().returncode == 0
+    node.stop()
+
+    log = node.log()
+    assert "calling AE title 'INTRUDER' is not an allowed sender" in log
+    assert "calling AE title 'REMOTE7T' is not allowed from 127.0.0.1" in log
+    assert "called AE title 'PACS' is not ours ('QSMNODE')" in log
+    assert "Local limit exceeded" in log or "local-limit-exceeded" in log.lower()
+
+
+def test_study_is_stored_as_received_once(
+    nodes: list[Node], tmp_path: Path, study: list[Path]
+) -> None:
+    node = make_node(nodes, tmp_path / "node", store_other_sop_classes=True).start()
+    sent = node.storescu("+sd", "+r", study[0].parent.parent)
+    assert sent.returncode == 0, sent.stderr
+    assert node.count() == 320
+
+    sources = by_sop_uid(study)
+    with node.store() as store:
+        records = {r.sop_instance_uid: r for r in store.instances()}
+        series = store.series()
+    assert records.keys() == sources.keys()
+    assert {node.state_dir / r.path for r in records.values()} == node.spool_files()
+    assert sorted(s.received_count for s in series) == [160, 160]
+    for sop_uid, source in sources.items():
+        record = records[sop_uid]
+        stored = node.state_dir / record.path
+        assert dataset_bytes(stored) == dataset_bytes(source), stored  # byte for byte
+        assert record.size == stored.stat().st_size and record.calling_ae == ALLOWED
+        assert record.peer_address == "127.0.0.1"
+    stored = pydicom.dcmread(node.state_dir / records[next(iter(sources))].path)
+    original = pydicom.dcmread(next(iter(sources.values())))
+    assert stored == original and stored.PixelData == original.PixelData
+    assert stored.file_meta.MediaStorageSOPInstanceUID == original.SOPInstanceUID
+    assert stored.file_meta.SourceApplicationEntityTitle == ALLOWED
+
+    again = node.storescu("+sd", "+r", study[0].parent.parent)
+    assert again.returncode == 0, again.stderr
+    assert node.count() == 320 and len(node.spool_files()) == 320
+    assert "0 stored, 320 duplicates" in node.log()
+
+    # another SOP class of the same study is kept when store_other_sop_classes is true
+    capture = secondary_capture(study[0], tmp_path / "capture.dcm")
+    assert node.storescu(capture).returncode == 0
+    assert node.count() == 321
+
+    table = node.status()
+    assert table.returncode == 0, table.stderr
+    assert "series: 3 (3 open, 0 complete); instances: 321" in table.stdout
+    assert re.search(r"^5\s+open\s+160\s", table.stdout, re.MULTILINE), table.stdout
+    report = json.loads(node.status("--json").stdout)
+    assert report["summary"]["instances"] == 321 and report["schema_version"] == 1
+    assert sorted(s["received_count"] for s in report["series"]) == [1, 160, 160]
+    node.stop()
+    log = node.log()
+    patient = str(original.PatientName)
+    assert patient and patient not in log and str(original.PatientID) not in log
+
+
+def test_bad_payloads_fail_with_a_reason_and_the_node_goes_on(
+    nodes: list[Node], tmp_path: Path, study: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    node = make_node(nodes, tmp_path / "node").start()
+    source = study[7]
+    whole = source.read_bytes()
+    header_end = len(whole) - len(dataset_bytes(source))
+    no_series = pydicom.dcmread(source)
+    del no_series.SeriesInstanceUID
+    no_series.save_as(tmp_path / "no_series.dcm", enforce_file_format=True)
+    cases = {
+        "truncated": whole[:-100],
+        "cut_in_header": whole[:header_end + 300],
+        "garbage": whole[:header_end] + bytes(range(256)) * 8,
+        "not_dicom": whole[:header_end] + b"%PDF-1.4 this is not an image at all" * 20,
+    }
+    files = {}
+    for name, data in cases.items():
+        files[name] = tmp_path / f"{name}.dcm"
+        files[name].write_bytes(data)
+    files["no_series"] = tmp_path / "no_series.dcm"
+    statuses = send_raw(node.port, files, monkeypatch)
+    codes = {name: int(status.Status) for name, status in statuses.items()}
+    comments = {name: str(status.get("ErrorComment", "")) for name, status in statuses.items()}
+    assert codes == {"truncated": 0xC210, "cut_in_header": 0xC210, "garbage": 0xC210,
+                     "not_dicom": 0xC210, "no_series": 0xC220}
+    assert comments["truncated"] == "truncated: (7FE0,0010) needs 7616 bytes, 7516 left"
+    assert comments["cut_in_header"].startswith("truncated:")
+    assert comments["garbage"].startswith("corrupt:")
+    assert comments["no_series"] == "SeriesInstanceUID missing"
+
+    # a non-MR instance is accepted but not kept (store_other_sop_classes = false)
+    capture = secondary_capture(study[0], tmp_path / "capture.dcm")
+    assert node.storescu(capture).returncode == 0
+    assert node.echoscu().returncode == 0  # still serving
+    assert node.count() == 0 and not node.spool_files()
+    assert node.storescu(*study[:2]).returncode == 0
+    assert node.count() == 2
+    node.stop()
+    log = node.log()
+    assert "failed with 0xC210: truncated: (7FE0,0010) needs 7616 bytes" in log
+    assert "not MR and store_other_sop_classes is false" in log
+
+
+def test_disk_floor_answers_out_of_resources(
+    nodes: list[Node], tmp_path: Path, study: list[Path]
+) -> None:
+    node = make_node(nodes, tmp_path / "node", min_free_disk_mb=1 << 40).start()
+    sent = node.storescu("-v", "--no-halt", *study[:3])
+    output = sent.stdout + sent.stderr
+    assert output.count("Received Store Response (Refused: OutOfResources)") == 3, output
+    assert node.count() == 0 and not node.spool_files()
+    assert not list((node.state_dir / "spool").rglob("*.tmp"))
+    assert node.echoscu().returncode == 0
+    node.stop()
+    assert "failed with 0xA700: disk full" in node.log()
+
+
+def _acknowledged(storescu_output: str) -> list[Path]:
+    """Files that storescu -v reports as stored with status Success."""
+    done, current = [], None
+    for line in storescu_output.splitlines():
+        if line.startswith("I: Sending file: "):
+            current = Path(line.removeprefix("I: Sending file: ").strip())
+        elif "Received Store Response (Success)" in line and current is not None:
+            done.append(current)
+    return done
+
+
+def test_sigkill_mid_transfer_loses_nothing_acknowledged(
+    nodes: list[Node], tmp_path: Path, study: list[Path]
+) -> None:
+    node = make_node(nodes, tmp_path / "node").start()
+    env = {**os.environ, "TCP_NODELAY": "0"}  # ~25 instances/s: easy to kill mid-transfer
+    sender = subprocess.Popen(
+        [require_tool("storescu", "dcmtk"), "-v", "-aet", ALLOWED, "-aec", "QSMNODE",
+         "127.0.0.1", str(node.port), *map(str, study)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while node.count() < 30:
+            assert time.monotonic() < deadline and sender.poll() is None, node.log()
+            time.sleep(0.01)
+        node.kill()
+        output, _ = sender.communicate(timeout=60)
+    finally:
+        if sender.poll() is None:
+            sender.kill()
+            sender.wait()
+    acknowledged = _acknowledged(output)
+    # The node commits before it answers, so the last few stored may not have been
+    # acknowledged when it died; what matters is that every acknowledged one is stored.
+    assert 20 <= len(acknowledged) < 320, output[-2000:]
+    assert sender.returncode != 0  # the scanner saw the node go away
+
+    # a crash between rename and commit leaves a complete file the store does not know,
+    # and a crash mid-write leaves a temporary file
+    sop_uids = by_sop_uid(study)
+    last = study[-1]
+    assert last not in acknowledged
+    meta = pydicom.dcmread(last, stop_before_pixels=True)
+    orphan = (node.state_dir / "spool" / meta.StudyInstanceUID / meta.SeriesInstanceUID
+              / f"{meta.SOPInstanceUID}.dcm")
+    orphan.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(last, orphan)
+    temp = orphan.parent / f".{meta.SOPInstanceUID}.0badc0de.tmp"
+    temp.write_bytes(last.read_bytes()[:1000])
+
+    node.start()
+    assert "recovery: 1 temporary files removed" in node.log()
+    assert not temp.exists()
+    with node.store() as store:
+        records = {r.sop_instance_uid: r for r in store.instances()}
+    assert {node.state_dir / r.path for r in records.values()} == node.spool_files()
+    assert str(meta.SOPInstanceUID) in records  # the orphan was adopted
+    for path in acknowledged:
+        sop_uid = next(uid for uid, p in sop_uids.items() if p == path)
+        stored = node.state_dir / records[sop_uid].path
+        assert dataset_bytes(stored) == dataset_bytes(path)
+
+    resent = node.storescu(*study)  # the scanner retries the whole study
+    assert resent.returncode == 0, resent.stderr
+    assert node.count() == 320 and len(node.spool_files()) == 320
+    node.stop()
+
+
+def _openssl(*args: str | Path) -> None:
+    subprocess.run([require_tool("openssl", "openssl"), *map(str, args)], check=True,
+                   capture_output=True, timeout=60)
+
+
+def _certificates(folder: Path) -> dict[str, Path]:
+    """A CA, a server and a client certificate it signs, and a self-signed rogue client."""
+    folder.mkdir()
+    opts = ["-newkey", "rsa:2048", "-nodes"]
+    _openssl("req", "-x509", *opts, "-keyout", folder / "ca.key", "-out", folder / "ca.crt",
+             "-days", "2", "-subj", "/CN=qsmnode test CA")
+    for name, extra in (("server", "subjectAltName=IP:127.0.0.1,DNS:localhost"),
+                        ("client", "extendedKeyUsage=clientAuth")):
+        _openssl("req", *opts, "-keyout", folder / f"{name}.key", "-out", folder / f"{name}.csr",
+                 "-subj", f"/CN={name}")
+        (folder / f"{name}.ext").write_text(extra + "\n")
+        _openssl("x509", "-req", "-in", folder / f"{name}.csr", "-CA", folder / "ca.crt",
+                 "-CAkey", folder / "ca.key", "-CAcreateserial", "-days", "2",
+                 "-out", folder / f"{name}.crt", "-extfile", folder / f"{name}.ext")
+    _openssl("req", "-x509", *opts, "-keyout", folder / "rogue.key", "-out",
+             folder / "rogue.crt", "-days", "2", "-subj", "/CN=rogue")
+    return {p.stem + p.suffix.replace(".", "_"): p for p in folder.iterdir()}
+
+
+def test_tls_requires_a_trusted_client_certificate(nodes: list[Node], tmp_path: Path) -> None:
+    pem = _certificates(tmp_path / "pki")
+    node = make_node(nodes, tmp_path / "node", max_associations=1, tls={
+        "enabled": True, "cert_file": pem["server_crt"], "key_file": pem["server_key"],
+        "ca_file": pem["ca_crt"], "require_client_cert": True,
+    }).start()
+    trust = ["+cf", str(pem["ca_crt"])]
+    trusted = node.echoscu("+tls", str(pem["client_key"]), str(pem["client_crt"]), *trust)
+    assert trusted.returncode == 0, trusted.stdout + trusted.stderr
+    rogue = node.echoscu("+tls", str(pem["rogue_key"]), str(pem["rogue_crt"]), *trust)
+    assert rogue.returncode != 0
+    anonymous = node.echoscu("+tla", *trust)
+    assert anonymous.returncode != 0
+    assert node.echoscu().returncode != 0  # plain DICOM on the TLS port
+    again = node.echoscu("+tls", str(pem["client_key"]), str(pem["client_crt"]), *trust)
+    assert again.returncode == 0  # the refusals left the node serving, no association held
+    node.stop()
+    log = node.log()
+    assert log.count("refused TLS connection") == 3
+    assert "CERTIFICATE_VERIFY_FAILED" in log
+    assert "client certificate client" in log
