@@ -1,0 +1,88 @@
+"""What the M1 analysis returns, and what the derived-DICOM builders turn into SEG, SR and key
+images.
+
+Areas are Penfield's hand and foot areas of M1 in each hemisphere; layers are thirds of
+cortical depth, deep being next to white matter (Costagli et al. 2016, Cosottini et al. 2016).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final
+
+import numpy as np
+from numpy.typing import NDArray
+
+AREAS: Final = ("left_hand", "right_hand", "left_foot", "right_foot")
+LAYERS: Final = ("deep", "middle", "superficial")
+
+
+def segment_label(area: str, layer: str) -> int:
+    """The label value of an (area, layer) in ``M1Result.labels``: 1..12, area-major."""
+    return AREAS.index(area) * len(LAYERS) + LAYERS.index(layer) + 1
+
+
+def segment_of(label: int) -> tuple[str, str]:
+    """The (area, layer) of a label value 1..12."""
+    area, layer = divmod(int(label) - 1, len(LAYERS))
+    return AREAS[area], LAYERS[layer]
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One area and layer (``layer`` "all" for the whole cortical thickness of the area).
+
+    ``covered`` is False when the slab does not cover the area well enough to measure it;
+    the numbers are then NaN and ``voxel_count`` says how little there was.
+    """
+
+    area: str
+    layer: str
+    voxel_count: int
+    covered: bool
+    chi_mean_ppm: float
+    chi_sd_ppm: float
+    chi_median_ppm: float
+    t2star_signal_ratio: float
+    """T2*-weighted combined magnitude relative to the reference tissue (see the analysis)."""
+    r2star_mean_per_s: float
+    thickness_mean_mm: float
+    chi_z: float | None = None
+    """z-score against a configured normative table; None without one."""
+    t2star_signal_ratio_z: float | None = None
+
+
+@dataclass(frozen=True)
+class QualityFlag:
+    """A quality-control result for the report: a figure, whether it passed, and why."""
+
+    name: str
+    passed: bool
+    value: float | None
+    text: str
+
+
+@dataclass(frozen=True)
+class M1Result:
+    """The M1 analysis of one acquisition, on its voxel grid.
+
+    Attributes:
+        labels: uint8 ``[i, j, k]``, 0 outside, else ``segment_label(area, layer)``.
+        depth: float32 normalised cortical depth, 0 at the pial surface and 1 at white matter,
+            NaN outside cortex.
+        thickness_mm: float32 cortical thickness, NaN outside cortex.
+        measurements: per area and layer (and "all").
+        flags: registration quality, coverage per area, segmentation sanity.
+    """
+
+    labels: NDArray[np.uint8]
+    depth: NDArray[np.float32]
+    thickness_mm: NDArray[np.float32]
+    measurements: tuple[Measurement, ...]
+    flags: tuple[QualityFlag, ...]
+
+    def measurement(self, area: str, layer: str) -> Measurement:
+        for m in self.measurements:
+            if m.area == area and m.layer == layer:
+                return m
+        raise KeyError(f"no measurement for {area}/{layer}")
