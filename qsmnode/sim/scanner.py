@@ -358,42 +358,48 @@ def _receive_bias(points: tuple[F32, F32, F32], centre: tuple[float, ...], stren
     return ((1 - strength / 2) + strength * central) * tilt
 
 
-def simulate(scan: ScanParams, phantom: PhantomParams | None = None) -> Simulation:
-    """Simulate a multi-echo GRE acquisition of the head phantom, with its ground truth."""
-    phantom = phantom or PhantomParams()
+def local_field(chi_ppm: F32, brain_mask: NDArray[np.bool_], affine: NDArray[np.float64]) -> F32:
+    """The field (ppm) of the χ inside the brain mask, within the mask (0 outside)."""
+    source = np.where(brain_mask, chi_ppm, 0).astype(np.float32)
+    field_ppm = forward_field(source, voxel_size_mm(affine), b0_direction(affine))
+    return np.where(brain_mask, field_ppm, 0).astype(np.float32)
+
+
+def acquire(
+    scan: ScanParams,
+    total_field_ppm: F32,
+    r2star_per_s: F32,
+    proton_density: F32,
+    brain_mask: NDArray[np.bool_],
+    brain_tissue: NDArray[np.bool_],
+    bias_centre_mm: tuple[float, float, float],
+) -> tuple[MultiEchoGRE, F32, F32]:
+    """The scanner: shim, then per echo T2* decay, phase evolution, a smooth offset φ0,
+    receive bias and complex noise (σ from the echo-1 SNR in ``brain_tissue``).
+
+    Returns the acquisition, the shimmed total field and φ0 (rad).
+    """
     rng = np.random.default_rng(scan.seed)
-    total_field, chi, brain_mask = simulate_field(HeadSource(phantom), scan)
-    chi += np.float32(CHI_AIR_PPM)
-
     world = scan.affine
-    fov = _Lattice(scan.shape, np.eye(4))
-    points = fov.points(world, 0, scan.shape[2])
-    t = sample_tissue(phantom, *points)
-    _, r2star, pd = tissue_maps(phantom, t)
-
-    local_source = np.where(brain_mask, chi, 0).astype(np.float32)
-    local_field = forward_field(local_source, voxel_size_mm(world), b0_direction(world))
-    local_field = np.where(brain_mask, local_field, 0).astype(np.float32)
-    del local_source
-
-    total_field = shim(total_field, brain_mask, points, scan.shim_order)
+    points = _Lattice(scan.shape, np.eye(4)).points(world, 0, scan.shape[2])
+    total_field_ppm = shim(total_field_ppm, brain_mask, points, scan.shim_order)
     phase0 = _smooth_random_field(points, rng, scan.phase_offset_rad, wavelength_mm=220.0)
-    bias = _receive_bias(points, phantom.brain.centre_mm, scan.bias_strength)
-    m0 = (pd * bias).astype(np.float32)
-    del bias, points
+    m0 = (proton_density * _receive_bias(points, bias_centre_mm, scan.bias_strength)).astype(
+        np.float32
+    )
+    del points
 
     te = np.asarray(scan.echo_times_s, dtype=np.float32)
     omega = np.float32(2 * np.pi * GAMMA_BAR_HZ_PER_T * scan.field_strength_t * 1e-6)
-    brain = t.label >= Tissue.GM
     sigma = 0.0
     if scan.snr > 0:
-        s1 = m0[brain] * np.exp(-te[0] * r2star[brain])
+        s1 = m0[brain_tissue] * np.exp(-te[0] * r2star_per_s[brain_tissue])
         sigma = float(s1.mean()) / scan.snr
     mag = np.empty((*scan.shape, te.size), dtype=np.float32)
     phase = np.empty_like(mag)
     for e, te_e in enumerate(te):
-        s = (m0 * np.exp(-te_e * r2star)).astype(np.complex64)
-        s *= np.exp(1j * (omega * te_e * total_field + phase0)).astype(np.complex64)
+        s = (m0 * np.exp(-te_e * r2star_per_s)).astype(np.complex64)
+        s *= np.exp(1j * (omega * te_e * total_field_ppm + phase0)).astype(np.complex64)
         if sigma > 0:
             s += (rng.normal(0, sigma, scan.shape) + 1j * rng.normal(0, sigma, scan.shape)).astype(
                 np.complex64
@@ -403,7 +409,6 @@ def simulate(scan: ScanParams, phantom: PhantomParams | None = None) -> Simulati
         ph = np.angle(s).astype(np.float32)
         ph[ph >= np.pi] -= np.float32(2 * np.pi)
         phase[..., e] = ph
-
     gre = MultiEchoGRE(
         magnitude=mag,
         phase=phase,
@@ -411,10 +416,25 @@ def simulate(scan: ScanParams, phantom: PhantomParams | None = None) -> Simulati
         affine=world,
         field_strength_t=scan.field_strength_t,
     )
+    return gre, total_field_ppm, phase0
+
+
+def simulate(scan: ScanParams, phantom: PhantomParams | None = None) -> Simulation:
+    """Simulate a multi-echo GRE acquisition of the head phantom, with its ground truth."""
+    phantom = phantom or PhantomParams()
+    total_field, chi, brain_mask = simulate_field(HeadSource(phantom), scan)
+    chi += np.float32(CHI_AIR_PPM)
+    points = _Lattice(scan.shape, np.eye(4)).points(scan.affine, 0, scan.shape[2])
+    t = sample_tissue(phantom, *points)
+    del points
+    _, r2star, pd = tissue_maps(phantom, t)
+    gre, total_field, phase0 = acquire(
+        scan, total_field, r2star, pd, brain_mask, t.label >= Tissue.GM, phantom.brain.centre_mm
+    )
     truth = Truth(
         chi_ppm=chi,
         total_field_ppm=total_field,
-        local_field_ppm=local_field,
+        local_field_ppm=local_field(chi, brain_mask, scan.affine),
         brain_mask=brain_mask,
         labels=t.label,
         cortical_depth=t.depth,
