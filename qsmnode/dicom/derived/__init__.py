@@ -1,0 +1,138 @@
+"""The derived DICOM objects of one processed acquisition (DESIGN.md, "Derived objects").
+
+:func:`build_derived` turns the arrays of the numerical core into datasets that stay in the
+source study (same Patient, Study and Frame of Reference), reference their sources (echo 1 as
+the source, the other echoes as further sources) and carry deterministic UIDs:
+
+====================  =====================================================  ============
+object                what                                                   series no.
+====================  =====================================================  ============
+QSM Parametric Map    float32 ppm, Real World Value Mapping ``ppm``           100·s + 1
+QSM derived MR        int16, 1 unit = 1 ppb, one image per slice              100·s + 2
+R2* Parametric Map    float32 s⁻¹, Real World Value Mapping ``/s``            100·s + 3
+R2* derived MR        int16, 1 unit = 0.1 s⁻¹, one image per slice            100·s + 4
+Segmentation          BINARY, one segment per M1 area × depth bin present     100·s + 5
+Comprehensive 3D SR   TID 1500 measurements per region and layer, QC          100·s + 6
+Secondary Capture     RGB key images: QSM + outlines + table (hand, foot)     100·s + 7
+====================  =====================================================  ============
+
+(``s`` is the lowest source series number.) Each builder is usable on its own with a
+:class:`BuildContext`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+
+import highdicom as hd
+import numpy as np
+from numpy.typing import NDArray
+from pydicom.dataset import Dataset
+
+from qsmnode.dicom.derived.common import (
+    ALGORITHM_NAME,
+    BuildContext,
+    ReadSource,
+    SourceImages,
+    source_reader,
+)
+from qsmnode.dicom.derived.derived_mr import QSM_MR, R2STAR_MR, build_derived_mr
+from qsmnode.dicom.derived.key_images import build_key_images
+from qsmnode.dicom.derived.parametric_map import QSM, R2STAR, build_parametric_map
+from qsmnode.dicom.derived.segmentation import build_segmentation
+from qsmnode.dicom.derived.sr import build_report
+from qsmnode.dicom.derived.uids import DerivedUids
+from qsmnode.dicom.load import LoadedAcquisition
+from qsmnode.m1.result import M1Result
+
+__all__ = [
+    "ALGORITHM_NAME",
+    "BuildContext",
+    "DerivedObjects",
+    "DerivedUids",
+    "ReadSource",
+    "SourceImages",
+    "build_derived",
+    "build_derived_objects",
+    "source_reader",
+]
+
+
+@dataclass
+class DerivedObjects:
+    """Every derived object of one acquisition, by kind."""
+
+    qsm_map: hd.pm.ParametricMap
+    qsm_images: list[Dataset]
+    r2star_map: hd.pm.ParametricMap | None = None
+    r2star_images: list[Dataset] = field(default_factory=list)
+    segmentation: hd.seg.Segmentation | None = None
+    report: hd.sr.Comprehensive3DSR | None = None
+    key_images: list[Dataset] = field(default_factory=list)
+
+    @property
+    def datasets(self) -> list[Dataset]:
+        """All of them, maps first, then images, SEG, SR and key images."""
+        out: list[Dataset] = [self.qsm_map, *self.qsm_images]
+        if self.r2star_map is not None:
+            out += [self.r2star_map, *self.r2star_images]
+        if self.segmentation is not None:
+            out.append(self.segmentation)
+        if self.report is not None:
+            out.append(self.report)
+        return out + list(self.key_images)
+
+
+def build_derived_objects(
+    loaded: LoadedAcquisition,
+    chi_ppm: NDArray[np.floating],
+    r2star_per_s: NDArray[np.floating] | None,
+    m1: M1Result | None,
+    read_source: ReadSource,
+    algorithm_version: str,
+    created: dt.datetime | None = None,
+) -> DerivedObjects:
+    """Build every derived object of one acquisition.
+
+    Args:
+        loaded: the acquisition (its sources, UIDs, geometry and patient/study data).
+        chi_ppm: χ in ppm on the acquisition grid ``[i, j, k]`` (NaN outside the mask is
+            stored as 0).
+        r2star_per_s: R2* in s⁻¹ on the same grid, or None to skip the R2* objects.
+        m1: the M1 analysis, or None (no SEG and no SR; the key image says so).
+        read_source: SOP Instance UID → dataset of a source image (header suffices), e.g.
+            :func:`source_reader` over the source files.
+        algorithm_version: goes into every UID, the algorithm identification and the
+            software versions: a new version gives new UIDs.
+        created: series/content date and time (default: now).
+    """
+    ctx = BuildContext.create(loaded, read_source, algorithm_version, created)
+    out = DerivedObjects(
+        qsm_map=build_parametric_map(ctx, chi_ppm, QSM),
+        qsm_images=list(build_derived_mr(ctx, chi_ppm, QSM_MR)),
+    )
+    if r2star_per_s is not None:
+        out.r2star_map = build_parametric_map(ctx, r2star_per_s, R2STAR)
+        out.r2star_images = list(build_derived_mr(ctx, r2star_per_s, R2STAR_MR))
+    if m1 is not None:
+        out.segmentation = build_segmentation(ctx, m1)
+        maps = [m for m in (out.qsm_map, out.r2star_map) if m is not None]
+        out.report = build_report(ctx, m1, out.segmentation, evidence=maps)
+    out.key_images = list(build_key_images(ctx, chi_ppm, m1))
+    return out
+
+
+def build_derived(
+    loaded: LoadedAcquisition,
+    chi_ppm: NDArray[np.floating],
+    r2star_per_s: NDArray[np.floating] | None,
+    m1: M1Result | None,
+    read_source: ReadSource,
+    algorithm_version: str,
+    created: dt.datetime | None = None,
+) -> list[Dataset]:
+    """Every derived object as a list of datasets (see :func:`build_derived_objects`)."""
+    return build_derived_objects(
+        loaded, chi_ppm, r2star_per_s, m1, read_source, algorithm_version, created
+    ).datasets

@@ -1,0 +1,338 @@
+"""Summary key images: RGB Secondary Captures a radiologist can read at a glance.
+
+Each image shows one slice of the QSM map (grey, window −0.15..+0.15 ppm) with the M1 regions
+outlined in their SEG colours, next to the table of values (all areas and layers) and the quality
+flags. Two images: the slice with the most hand-area voxels (through the hand knob) and the one
+with the most foot-area voxels. Without any M1 region, one image of the middle slice says so.
+
+The slice is shown as a viewer shows the source: rows and columns of the DICOM pixel matrix,
+with the patient-orientation letters of its edges. Text uses Pillow's built-in font (ASCII and
+Latin-1 only: "chi", not the Greek letter).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import highdicom as hd
+import numpy as np
+from numpy.typing import NDArray
+from PIL import Image, ImageDraw, ImageFont
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian
+
+from qsmnode.dicom.derived.common import (
+    DEVICE_SERIAL_NUMBER,
+    MANUFACTURER,
+    MODEL_NAME,
+    BuildContext,
+)
+from qsmnode.dicom.derived.segmentation import AREA_TEXT, segment_rgb
+from qsmnode.dicom.geometry import slice_pixels
+from qsmnode.m1.result import AREAS, LAYERS, M1Result, Measurement, segment_label, segment_of
+
+WINDOW_PPM = (-0.15, 0.15)
+PANEL_PX = 512
+"""Longest edge of the image panel in pixels."""
+BACKGROUND = (16, 16, 16)
+TEXT = (235, 235, 235)
+MUTED = (150, 150, 150)
+WARN = (255, 110, 90)
+OK = (120, 220, 120)
+
+
+@dataclass(frozen=True)
+class KeySlice:
+    """Which slice a key image shows and why."""
+
+    k: int
+    purpose: str  # "hand knob", "foot area", "middle slice"
+
+
+def choose_slices(labels: NDArray[np.integer] | None, n_slices: int) -> list[KeySlice]:
+    """The slice with the most hand voxels and the one with the most foot voxels (ties: the
+    lower k); the middle slice when there is no M1 region at all."""
+    out: list[KeySlice] = []
+    if labels is not None:
+        for part, purpose in (("hand", "hand knob"), ("foot", "foot area")):
+            values = [
+                segment_label(area, layer)
+                for area in AREAS
+                if area.endswith(part)
+                for layer in LAYERS
+            ]
+            counts = np.isin(labels, values).sum(axis=(0, 1))
+            if counts.max() > 0:
+                out.append(KeySlice(int(np.argmax(counts)), purpose))
+    if not out:
+        out.append(KeySlice(n_slices // 2, "middle slice"))
+    return out
+
+
+def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError):  # Pillow without FreeType
+        return ImageFont.load_default()
+
+
+_LETTERS = (("L", "R"), ("P", "A"), ("H", "F"))
+"""Patient directions of the LPS axes: (positive, negative)."""
+
+
+def _orientation_letter(vector: NDArray[np.floating]) -> str:
+    """The patient direction a unit vector (LPS) points to most."""
+    axis = int(np.argmax(np.abs(vector)))
+    positive, negative = _LETTERS[axis]
+    return positive if vector[axis] > 0 else negative
+
+
+def patient_orientation(orientation: tuple[float, ...]) -> tuple[str, str]:
+    """Dominant letters of the row and column directions (PatientOrientation)."""
+    o = np.asarray(orientation, dtype=np.float64)
+    return _orientation_letter(o[:3]), _orientation_letter(o[3:])
+
+
+def _opposite(letter: str) -> str:
+    return {"L": "R", "R": "L", "A": "P", "P": "A", "H": "F", "F": "H"}[letter]
+
+
+def _grey(image: NDArray[np.floating], lo: float, hi: float) -> NDArray[np.uint8]:
+    scaled = (np.nan_to_num(image, nan=lo) - lo) / (hi - lo)
+    return (np.clip(scaled, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+def _outline(mask: NDArray[np.bool_]) -> NDArray[np.bool_]:
+    """The inner 2-pixel rim of a mask (4-neighbour erosion, twice)."""
+    inner = mask.copy()
+    for _ in range(2):
+        padded = np.pad(inner, 1, constant_values=False)
+        inner = (
+            padded[1:-1, 1:-1]
+            & padded[:-2, 1:-1]
+            & padded[2:, 1:-1]
+            & padded[1:-1, :-2]
+            & padded[1:-1, 2:]
+        )
+    return mask & ~inner
+
+
+def render_panel(
+    chi_slice: NDArray[np.floating],
+    label_slice: NDArray[np.integer],
+    pixel_spacing: tuple[float, float],
+) -> Image.Image:
+    """The QSM slice (``Rows × Columns``) in grey with coloured region outlines, resized to
+    :data:`PANEL_PX` on its longest physical edge."""
+    rows, cols = chi_slice.shape
+    height_mm, width_mm = rows * pixel_spacing[0], cols * pixel_spacing[1]
+    px_per_mm = PANEL_PX / max(height_mm, width_mm)
+    size = (max(1, round(width_mm * px_per_mm)), max(1, round(height_mm * px_per_mm)))
+    grey = Image.fromarray(_grey(chi_slice, *WINDOW_PPM)).resize(size, Image.Resampling.BILINEAR)
+    rgb = np.stack([np.asarray(grey)] * 3, axis=-1)
+    labels = np.asarray(
+        Image.fromarray(label_slice.astype(np.uint8)).resize(size, Image.Resampling.NEAREST)
+    )
+    for value in np.unique(labels):
+        if value == 0:
+            continue
+        rgb[_outline(labels == value)] = segment_rgb(*segment_of(int(value)))
+    return Image.fromarray(rgb, mode="RGB")
+
+
+def _fmt(value: float | None, digits: int) -> str:
+    if value is None or not math.isfinite(value):
+        return "-"
+    return f"{value:.{digits}f}"
+
+
+def table_lines(m1: M1Result) -> list[tuple[str, tuple[int, int, int], list[str]]]:
+    """``(swatch colour key, colour, cells)`` rows of the table of values."""
+    out = []
+    for area in AREAS:
+        for layer in (*LAYERS, "all"):
+            try:
+                m: Measurement = m1.measurement(area, layer)
+            except KeyError:
+                continue
+            colour = segment_rgb(area, layer if layer != "all" else "superficial")
+            name = AREA_TEXT[area] if layer == LAYERS[0] else ""
+            if not m.covered:
+                cells = [name, layer, f"not covered (n={m.voxel_count})"]
+            else:
+                cells = [
+                    name,
+                    layer,
+                    _fmt(m.chi_mean_ppm, 4),
+                    _fmt(m.chi_sd_ppm, 4),
+                    _fmt(m.chi_median_ppm, 4),
+                    _fmt(m.chi_z, 1),
+                    _fmt(m.t2star_signal_ratio, 2),
+                    _fmt(m.r2star_mean_per_s, 1),
+                    _fmt(m.thickness_mean_mm, 2),
+                    str(m.voxel_count),
+                ]
+            out.append((f"{area}/{layer}", colour, cells))
+    return out
+
+
+TABLE_HEADER = [
+    "area",
+    "layer",
+    "chi mean",
+    "chi SD",
+    "chi med",
+    "z",
+    "T2* ratio",
+    "R2* 1/s",
+    "thick mm",
+    "voxels",
+]
+_COLUMN_CHARS = [11, 12, 9, 8, 9, 6, 10, 9, 9, 7]
+
+
+def render_summary(
+    chi_slice: NDArray[np.floating],
+    label_slice: NDArray[np.integer],
+    pixel_spacing: tuple[float, float],
+    orientation: tuple[str, str],
+    title: str,
+    subtitle: str,
+    m1: M1Result | None,
+) -> NDArray[np.uint8]:
+    """The whole key image as ``Rows × Columns × 3`` uint8 RGB."""
+    panel = render_panel(chi_slice, label_slice, pixel_spacing)
+    big, normal, small = _font(22), _font(15), _font(13)
+    char_w = max(7, round(normal.getlength("0")))
+    line_h = 20
+    table_w = sum(_COLUMN_CHARS) * char_w + 40
+    rows = table_lines(m1) if m1 is not None else []
+    flags = list(m1.flags) if m1 is not None else []
+    table_h = (len(rows) + len(flags) + 6) * line_h
+    top = 70
+    margin = 24
+    width = margin + panel.width + margin + table_w + margin
+    height = top + max(panel.height + 60, table_h) + margin
+    image = Image.new("RGB", (width, height), BACKGROUND)
+    draw = ImageDraw.Draw(image)
+    draw.text((margin, 12), title, font=big, fill=TEXT)
+    draw.text((margin, 42), subtitle, font=normal, fill=MUTED)
+
+    # image panel with orientation letters and a grey bar
+    x0, y0 = margin, top
+    image.paste(panel, (x0, y0))
+    row_dir, col_dir = orientation
+    draw.text((x0 + panel.width // 2, y0 + 2), _opposite(col_dir), font=normal, fill=WARN)
+    draw.text((x0 + panel.width // 2, y0 + panel.height - 20), col_dir, font=normal, fill=WARN)
+    draw.text((x0 + 4, y0 + panel.height // 2), _opposite(row_dir), font=normal, fill=WARN)
+    draw.text((x0 + panel.width - 16, y0 + panel.height // 2), row_dir, font=normal, fill=WARN)
+    bar_y = y0 + panel.height + 12
+    bar = np.tile(np.linspace(0, 255, 256).astype(np.uint8), (12, 1))
+    image.paste(Image.fromarray(bar).convert("RGB"), (x0, bar_y))
+    lo, hi = WINDOW_PPM
+    draw.text((x0, bar_y + 16), f"{lo:+.2f}", font=small, fill=TEXT)
+    draw.text((x0 + 112, bar_y + 16), "0", font=small, fill=TEXT)
+    draw.text((x0 + 230, bar_y + 16), f"{hi:+.2f} ppm", font=small, fill=TEXT)
+
+    # table of values
+    tx = x0 + panel.width + margin
+    ty = top
+    if m1 is None:
+        draw.text((tx, ty), "M1 analysis not available", font=normal, fill=WARN)
+        return np.asarray(image, dtype=np.uint8).copy()
+    draw.text((tx, ty), "M1 (ppm unless stated)", font=normal, fill=TEXT)
+    ty += line_h + 4
+
+    def put_cells(cells: list[str], y: int, colour: tuple[int, int, int]) -> None:
+        x = tx + 16
+        for text, chars in zip(cells, _COLUMN_CHARS, strict=False):
+            draw.text((x, y), text, font=normal, fill=colour)
+            x += chars * char_w
+
+    put_cells(TABLE_HEADER, ty, MUTED)
+    ty += line_h
+    for _key, colour, cells in rows:
+        draw.rectangle((tx, ty + 4, tx + 10, ty + 14), fill=colour)
+        put_cells(cells, ty, WARN if "not covered" in cells[-1] else TEXT)
+        ty += line_h
+    ty += line_h // 2
+    for flag in flags:
+        status = "PASS" if flag.passed else "FAIL"
+        text = f"{status}  {flag.name}: {flag.text}"
+        draw.text((tx, ty), text, font=normal, fill=OK if flag.passed else WARN)
+        ty += line_h
+    return np.asarray(image, dtype=np.uint8).copy()
+
+
+def _reference(ctx: BuildContext, k: int) -> Dataset:
+    ref = ctx.sources.slice_source(k)
+    item = Dataset()
+    item.ReferencedSOPClassUID = ref.sop_class_uid
+    item.ReferencedSOPInstanceUID = ref.sop_instance_uid
+    if ref.frame_number is not None:
+        item.ReferencedFrameNumber = ref.frame_number
+    return item
+
+
+def build_key_images(
+    ctx: BuildContext, chi_ppm: NDArray[np.floating], m1: M1Result | None
+) -> list[hd.sc.SCImage]:
+    """The summary Secondary Captures (one per chosen slice)."""
+    labels = None if m1 is None else np.asarray(m1.labels)
+    if labels is not None and not labels.any():
+        labels = None
+    nk = ctx.shape[2]
+    orientation = patient_orientation(ctx.geometry.orientation)
+    source0 = ctx.sources.echo1()[0]
+    out = []
+    for index, choice in enumerate(choose_slices(labels, nk)):
+        k = choice.k
+        label_slice = (
+            slice_pixels(labels, k) if labels is not None else np.zeros(chi_ppm.shape[1::-1])
+        )
+        pixels = render_summary(
+            chi_slice=slice_pixels(chi_ppm, k),
+            label_slice=label_slice,
+            pixel_spacing=ctx.geometry.pixel_spacing,
+            orientation=orientation,
+            title=f"QSM through the {choice.purpose}",
+            subtitle=(
+                f"slice {k + 1}/{nk}, window {WINDOW_PPM[0]:+.2f}..{WINDOW_PPM[1]:+.2f} ppm; "
+                f"{ctx.software_versions}; not for diagnosis without review"
+            ),
+            m1=m1,
+        )
+        sc = hd.sc.SCImage.from_ref_dataset(
+            ref_dataset=source0,
+            pixel_array=pixels,
+            photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
+            bits_allocated=8,
+            coordinate_system=hd.CoordinateSystemNames.PATIENT,
+            patient_orientation=orientation,
+            transfer_syntax_uid=ExplicitVRLittleEndian,
+            series_description="QSM M1 summary (key images)",
+            manufacturer_model_name=MODEL_NAME,
+            software_versions=ctx.software_versions,
+            device_serial_number=DEVICE_SERIAL_NUMBER,
+            **{**ctx.highdicom_kwargs("sc", index), "manufacturer": MANUFACTURER},
+            **ctx.dates(),
+        )
+        sc.copy_patient_and_study_information(source0)  # from_ref_dataset copies only some
+        sc.BodyPartExamined = ctx.body_part
+        sc.ImageComments = f"QSM through the {choice.purpose}, slice {k + 1} of {nk}"
+        sc.DerivationDescription = (
+            f"QSM slice {k + 1} with M1 region outlines and the table of values, "
+            f"by {ctx.software_versions}"
+        )
+        sc.ReferencedImageSequence = [_reference(ctx, k)]
+        source = _reference(ctx, k)
+        purpose = Dataset()
+        purpose.CodeValue = "121322"
+        purpose.CodingSchemeDesignator = "DCM"
+        purpose.CodeMeaning = "Source image for image processing operation"
+        source.PurposeOfReferenceCodeSequence = [purpose]
+        sc.SourceImageSequence = [source]
+        sc.BurnedInAnnotation = "NO"
+        out.append(sc)
+    return out

@@ -1,0 +1,281 @@
+"""The M1 measurements as a TID 1500 Measurement Report in a Comprehensive 3D SR.
+
+Content tree (root: Imaging Measurement Report, observer = the qsmnode device):
+
+- one Volumetric ROI group (TID 1411) per SEG segment (area × layer present): the Referenced
+  Segment with its echo-1 source images, a finding site (primary motor cortex, laterality), the
+  algorithm (name, version), and the measurements: χ mean, SD and median (ppm), T2*-weighted
+  signal ratio ({ratio}), R2* (/s), cortical thickness (mm), voxel count ({voxels}) and volume
+  (mm³). z-scores, where present, are statistical properties (TID 310/311) of χ mean and of the
+  signal ratio;
+- one Measurements group (TID 1501) per area for the full cortical depth ("all") and for any
+  (area, layer) without a segment, referencing the echo-1 source images;
+- "not covered" (``Measurement.covered`` False) is a qualitative evaluation Finding = Anatomy
+  coverage incomplete, with the numbers left out (they are NaN);
+- one "Quality control" group (TID 1501) holding each quality flag as a qualitative evaluation
+  (meets / does not meet the quality control standard) and its value as a measurement.
+
+Flag names are coded in the private scheme ``99QSMNODE``, declared in the Coding Scheme
+Identification Sequence.
+
+``ReferencedSegment.from_segmentation`` fails on a single-segment SEG (DOMAIN.md), so the
+Referenced Segment is built directly.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import highdicom as hd
+import numpy as np
+from highdicom.coding_schemes import CodingSchemeIdentificationItem
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes as dicom_codes
+from pydicom.sr.coding import Code
+
+from qsmnode.dicom.derived import codes
+from qsmnode.dicom.derived.common import (
+    ALGORITHM_NAME,
+    DEVICE_SERIAL_NUMBER,
+    MANUFACTURER,
+    MODEL_NAME,
+    BuildContext,
+)
+from qsmnode.dicom.derived.segmentation import (
+    AREA_TEXT,
+    segment_name,
+    segment_numbers,
+    tracking_uid,
+)
+from qsmnode.m1.result import AREAS, LAYERS, M1Result, Measurement, QualityFlag, segment_label
+
+PRIVATE_SCHEME = "99QSMNODE"
+PRIVATE_SCHEME_ITEM = CodingSchemeIdentificationItem(
+    designator=PRIVATE_SCHEME,
+    name="qsmnode quality-control flags",
+    responsible_organization="qsmnode",
+)
+NORMATIVE_DESCRIPTION = "qsmnode normative table"
+
+
+def _side(area: str) -> Code:
+    return codes.LEFT if area.startswith("left") else codes.RIGHT
+
+
+def _finite(value: float | None) -> bool:
+    return value is not None and math.isfinite(value)
+
+
+def _z_properties(z: float | None) -> hd.sr.MeasurementProperties | None:
+    if not _finite(z):
+        return None
+    item = hd.sr.NumContentItem(
+        name=codes.Z_SCORE,
+        value=float(z),  # type: ignore[arg-type]
+        unit=codes.NO_UNITS,
+        relationship_type=hd.sr.RelationshipTypeValues.HAS_PROPERTIES,
+    )
+    return hd.sr.MeasurementProperties(
+        measurement_statistical_properties=hd.sr.MeasurementStatisticalProperties(
+            values=[item], description=NORMATIVE_DESCRIPTION
+        )
+    )
+
+
+def measurement_items(m: Measurement, voxel_volume_mm3: float) -> list[hd.sr.Measurement]:
+    """The NUM items of one row of the table, NaN values left out."""
+    rows: list[tuple[Code, float, Code, Code | None, float | None]] = [
+        (codes.MAGNETIC_SUSCEPTIBILITY, m.chi_mean_ppm, codes.PPM, codes.MEAN, m.chi_z),
+        (codes.MAGNETIC_SUSCEPTIBILITY, m.chi_sd_ppm, codes.PPM, codes.STANDARD_DEVIATION, None),
+        (codes.MAGNETIC_SUSCEPTIBILITY, m.chi_median_ppm, codes.PPM, codes.MEDIAN, None),
+        (
+            codes.T2STAR_WEIGHTED_SIGNAL,
+            m.t2star_signal_ratio,
+            codes.RATIO,
+            codes.MEAN,
+            m.t2star_signal_ratio_z,
+        ),
+        (codes.R2STAR, m.r2star_mean_per_s, codes.PER_SECOND, codes.MEAN, None),
+        (codes.THICKNESS, m.thickness_mean_mm, codes.MILLIMETER, codes.MEAN, None),
+        (codes.QUANTITY, float(m.voxel_count), codes.VOXELS, None, None),
+        (codes.VOLUME, m.voxel_count * voxel_volume_mm3, codes.CUBIC_MILLIMETER, None, None),
+    ]
+    out = []
+    for name, value, unit, derivation, z in rows:
+        if not _finite(value):
+            continue
+        out.append(
+            hd.sr.Measurement(
+                name=name,
+                value=float(value),
+                unit=unit,
+                derivation=derivation,
+                properties=_z_properties(z),
+            )
+        )
+    return out
+
+
+def _coverage(m: Measurement | None) -> list[hd.sr.QualitativeEvaluation]:
+    if m is not None and m.covered:
+        return []
+    return [hd.sr.QualitativeEvaluation(dicom_codes.DCM.Finding, codes.ANATOMY_COVERAGE_INCOMPLETE)]
+
+
+def _echo1_by_slice(ctx: BuildContext, slices: Sequence[int]) -> list[tuple[str, str, list[int]]]:
+    """``(sop_class, sop_instance, frame numbers)`` of the echo-1 images of some slices."""
+    grouped: dict[tuple[str, str], list[int]] = {}
+    for k in slices:
+        ref = ctx.sources.slice_source(k)
+        frames = grouped.setdefault((ref.sop_class_uid, ref.sop_instance_uid), [])
+        if ref.frame_number is not None:
+            frames.append(ref.frame_number)
+    return [(cls, uid, frames) for (cls, uid), frames in grouped.items()]
+
+
+def _segment_source_images(
+    ctx: BuildContext, labels: np.ndarray, label: int
+) -> list[hd.sr.SourceImageForSegmentation]:
+    slices = np.flatnonzero(np.any(labels == label, axis=(0, 1)))
+    return [
+        hd.sr.SourceImageForSegmentation(cls, uid, frames or None)
+        for cls, uid, frames in _echo1_by_slice(ctx, slices.tolist())
+    ]
+
+
+def _group_source_images(
+    ctx: BuildContext, labels: np.ndarray, values: Sequence[int]
+) -> list[hd.sr.SourceImageForMeasurementGroup] | None:
+    """The echo-1 images of the slices holding any of the label ``values`` (None if none)."""
+    slices = np.flatnonzero(np.any(np.isin(labels, values), axis=(0, 1)))
+    refs = [
+        hd.sr.SourceImageForMeasurementGroup(cls, uid, frames or None)
+        for cls, uid, frames in _echo1_by_slice(ctx, slices.tolist())
+    ]
+    return refs or None
+
+
+def _quality_group(ctx: BuildContext, flags: Sequence[QualityFlag]) -> hd.sr.Template | None:
+    if not flags:
+        return None
+    evaluations = []
+    measurements = []
+    for flag in flags:
+        meaning = f"{flag.name}: {flag.text}" if flag.text else flag.name
+        name = Code(flag.name[:16], PRIVATE_SCHEME, meaning[:64])
+        value = (
+            dicom_codes.DCM.UsableMeetsTheQualityControlStandard
+            if flag.passed
+            else dicom_codes.DCM.UsableDoesNotMeetTheQualityControlStandard
+        )
+        evaluations.append(hd.sr.QualitativeEvaluation(name, value))
+        if _finite(flag.value):
+            measurements.append(
+                hd.sr.Measurement(name=name, value=float(flag.value), unit=codes.NO_UNITS)  # type: ignore[arg-type]
+            )
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=ctx.uids.uid("sr/quality-control/tracking"), identifier="Quality control"
+        ),
+        finding_type=codes.QUALITY_CONTROL,
+        algorithm_id=_algorithm(ctx),
+        measurements=measurements or None,
+        qualitative_evaluations=evaluations,
+    )
+
+
+def _algorithm(ctx: BuildContext) -> hd.sr.AlgorithmIdentification:
+    return hd.sr.AlgorithmIdentification(name=ALGORITHM_NAME, version=ctx.algorithm_version)
+
+
+def build_report(
+    ctx: BuildContext,
+    m1: M1Result,
+    seg: hd.seg.Segmentation | None,
+    evidence: Sequence[Dataset] = (),
+) -> hd.sr.Comprehensive3DSR:
+    """The SR of an M1 analysis. ``seg`` is the SEG of the same result (None when it has no
+    region); ``evidence`` lists further derived objects (e.g. the Parametric Maps) to record."""
+    labels = np.asarray(m1.labels)
+    numbers = segment_numbers(seg) if seg is not None else {}
+    voxel_volume = float(np.prod(ctx.loaded.gre.voxel_size_mm))
+    groups: list[hd.sr.Template] = []
+    for area in AREAS:
+        site = hd.sr.FindingSite(codes.PRIMARY_MOTOR_CORTEX, laterality=_side(area))
+        for layer in (*LAYERS, "all"):
+            try:
+                m: Measurement | None = m1.measurement(area, layer)
+            except KeyError:
+                m = None
+            number = numbers.get((area, layer))
+            if m is None and number is None:
+                continue
+            items = measurement_items(m, voxel_volume) if m is not None and m.covered else []
+            tracking = hd.sr.TrackingIdentifier(
+                uid=tracking_uid(ctx, area, layer),
+                identifier=segment_name(area, layer)
+                if layer != "all"
+                else (f"M1 {AREA_TEXT[area]} all layers"),
+            )
+            common = {
+                "tracking_identifier": tracking,
+                "finding_type": codes.CEREBRAL_CORTEX,
+                "finding_category": codes.ANATOMICAL_STRUCTURE,
+                "finding_sites": [site],
+                "algorithm_id": _algorithm(ctx),
+                "measurements": items or None,
+                "qualitative_evaluations": _coverage(m) or None,
+            }
+            if number is not None and seg is not None:
+                referenced = hd.sr.ReferencedSegment(
+                    sop_class_uid=seg.SOPClassUID,
+                    sop_instance_uid=seg.SOPInstanceUID,
+                    segment_number=number,
+                    source_images=_segment_source_images(ctx, labels, segment_label(area, layer)),
+                )
+                groups.append(
+                    hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+                        referenced_segment=referenced, **common
+                    )
+                )
+            else:
+                values = [segment_label(area, x) for x in (LAYERS if layer == "all" else [layer])]
+                groups.append(
+                    hd.sr.MeasurementsAndQualitativeEvaluations(
+                        source_images=_group_source_images(ctx, labels, values), **common
+                    )
+                )
+    quality = _quality_group(ctx, m1.flags)
+    if quality is not None:
+        groups.append(quality)
+
+    observer = hd.sr.ObserverContext(
+        observer_type=dicom_codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=ctx.uids.uid("sr/device"),
+            name=f"{ALGORITHM_NAME} {ctx.algorithm_version}",
+            manufacturer_name=MANUFACTURER,
+            model_name=MODEL_NAME,
+            serial_number=DEVICE_SERIAL_NUMBER,
+        ),
+    )
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_device_context=observer),
+        procedure_reported=codes.IMAGING_PROCEDURE,
+        imaging_measurements=groups,
+    )
+    all_evidence = [*ctx.sources.echo1(), *([seg] if seg is not None else []), *evidence]
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=all_evidence,
+        content=report[0],
+        is_complete=True,
+        series_description="M1 QSM measurements (SR)",
+        coding_schemes=[codes.UBERON_SCHEME, PRIVATE_SCHEME_ITEM],
+        manufacturer_model_name=MODEL_NAME,
+        software_versions=ctx.software_versions,
+        device_serial_number=DEVICE_SERIAL_NUMBER,
+        **ctx.highdicom_kwargs("sr"),
+        **ctx.dates(),
+    )
+    return sr

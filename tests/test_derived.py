@@ -1,0 +1,533 @@
+"""The derived DICOM objects: validity (dciodvfy, dcentvfy, dsrdump), identity, deterministic
+UIDs, geometry and values, on a simulated study written as classic Siemens and as Enhanced MR."""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+
+from qsmnode.dicom.derived import (
+    BuildContext,
+    DerivedObjects,
+    DerivedUids,
+    build_derived,
+    build_derived_objects,
+    source_reader,
+)
+from qsmnode.dicom.derived.key_images import choose_slices
+from qsmnode.dicom.derived.segmentation import build_segmentation, segment_name, segment_rgb
+from qsmnode.dicom.derived.sr import build_report
+from qsmnode.dicom.derived.uids import uid_from_name
+from qsmnode.dicom.geometry import affine_from_slices, volume_from_frames
+from qsmnode.dicom.load import LoadedAcquisition, load_folder
+from qsmnode.m1.result import AREAS, LAYERS, M1Result, segment_label
+from qsmnode.sim.scanner import Simulation, preset, simulate
+from qsmnode.sim.vendor_dicom import SimStudyInfo, write_dicom
+from tests.conftest import require_tool
+from tests.derivedutil import dciodvfy_errors, m1_from_truth, run
+
+VERSION = "1.2.3"
+STYLES = ("siemens", "enhanced")
+
+
+@pytest.fixture(scope="module")
+def sim() -> Simulation:
+    """The tiny preset's head on a 4 mm grid (24 slices, 3 echoes): every M1 segment present."""
+    scan = preset(
+        "tiny",
+        shape=(42, 50, 24),
+        voxel_size_mm=(4.0, 4.0, 6.0),
+        echo_times_s=(0.005, 0.0105, 0.016),
+    )
+    return simulate(scan)
+
+
+@pytest.fixture(scope="module")
+def m1(sim: Simulation) -> M1Result:
+    return m1_from_truth(sim)
+
+
+@dataclass
+class Study:
+    style: str
+    sources: list[Path]
+    loaded: LoadedAcquisition
+    objects: DerivedObjects
+    out: Path
+    seconds: float
+
+    def read(self, ds: Dataset) -> Dataset:
+        return pydicom.dcmread(self.out / file_name(ds))
+
+
+def file_name(ds: Dataset) -> str:
+    return f"{ds.Modality}_{int(ds.SeriesNumber)}_{int(ds.InstanceNumber):04d}.dcm"
+
+
+def save_all(datasets: list[Dataset], out: Path) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for ds in datasets:
+        path = out / file_name(ds)
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture(scope="module", params=STYLES)
+def study(request, sim, m1, tmp_path_factory) -> Study:
+    style = request.param
+    root = tmp_path_factory.mktemp(f"derived-{style}")
+    sources = write_dicom(sim.gre, root / "source", style, SimStudyInfo(seed=7))
+    (loaded,) = load_folder(root / "source")
+    assert isinstance(loaded, LoadedAcquisition)
+    t0 = time.perf_counter()
+    objects = build_derived_objects(
+        loaded,
+        sim.truth.chi_ppm,
+        sim.truth.r2star_per_s,
+        m1,
+        source_reader(sources),
+        VERSION,
+    )
+    seconds = time.perf_counter() - t0
+    save_all(objects.datasets, root / "derived")
+    return Study(style, sources, loaded, objects, root / "derived", seconds)
+
+
+def _all_uids(ds: Dataset) -> list[tuple[str, str]]:
+    """Every UI element of a dataset, recursively, as (keyword path, value)."""
+    out = []
+
+    def walk(d: Dataset, prefix: str) -> None:
+        for elem in d:
+            if elem.VR == "SQ":
+                for i, item in enumerate(elem.value):
+                    walk(item, f"{prefix}{elem.keyword}[{i}].")
+            elif elem.VR == "UI" and elem.value:
+                values = elem.value if elem.VM > 1 else [elem.value]
+                out.extend((f"{prefix}{elem.keyword}", str(v)) for v in values)
+
+    walk(ds, "")
+    return out
+
+
+# --- validity --------------------------------------------------------------------------------
+
+
+def test_every_object_passes_dciodvfy(study: Study) -> None:
+    require_tool("dciodvfy", "dicom3tools")
+    failures = {}
+    for path in sorted(study.out.iterdir()):
+        errors = dciodvfy_errors(path)
+        if errors:
+            failures[path.name] = errors
+    assert not failures, "\n".join(f"{n}: {e}" for n, es in failures.items() for e in es)
+
+
+def test_dcentvfy_finds_source_and_derived_consistent(study: Study) -> None:
+    require_tool("dcentvfy", "dicom3tools")
+    files = [str(p) for p in study.sources] + [str(p) for p in sorted(study.out.iterdir())]
+    out = run(["dcentvfy", *files])
+    errors = [line for line in (out.stdout + out.stderr).splitlines() if "Error" in line]
+    assert not errors, "\n".join(errors)
+
+
+def test_objects_are_all_there(study: Study, sim: Simulation, m1: M1Result) -> None:
+    o = study.objects
+    nk = sim.gre.shape[2]
+    assert len(o.qsm_images) == nk and len(o.r2star_images) == nk
+    assert o.segmentation is not None and len(o.segmentation.SegmentSequence) == 12
+    assert o.report is not None
+    hand, foot = choose_slices(m1.labels, nk)
+    assert [ds.ImageComments for ds in o.key_images] == [
+        f"QSM through the hand knob, slice {hand.k + 1} of {nk}",
+        f"QSM through the foot area, slice {foot.k + 1} of {nk}",
+    ]
+    assert len({ds.SeriesInstanceUID for ds in o.datasets}) == 7
+    numbers = sorted({int(ds.SeriesNumber) for ds in o.datasets})
+    assert numbers == [501, 502, 503, 504, 505, 506, 507]
+    assert study.seconds < 30
+
+
+# --- identity and UIDs -----------------------------------------------------------------------
+
+
+def test_same_patient_study_and_frame_of_reference(study: Study) -> None:
+    source = pydicom.dcmread(study.sources[0], stop_before_pixels=True)
+    keywords = (
+        "PatientName",
+        "PatientID",
+        "PatientBirthDate",
+        "PatientSex",
+        "StudyInstanceUID",
+        "StudyID",
+        "StudyDate",
+        "StudyTime",
+        "AccessionNumber",
+        "StudyDescription",
+    )
+    with_for = 0
+    for ds in (study.read(d) for d in study.objects.datasets):
+        for keyword in keywords:
+            assert str(ds.get(keyword) or "") == str(source.get(keyword) or ""), (
+                file_name(ds),
+                keyword,
+            )
+        if "FrameOfReferenceUID" in ds:
+            assert ds.FrameOfReferenceUID == source.FrameOfReferenceUID
+            with_for += 1
+    assert with_for >= 2 + 2 * len(study.objects.qsm_images) + 1
+
+
+def test_uids_are_deterministic_and_versioned(study: Study, sim, m1) -> None:
+    """Loading and processing the same files again gives byte-identical UIDs (every UI element
+    of every object); another algorithm version gives new series and instance UIDs."""
+    if study.style != "enhanced":
+        pytest.skip("once is enough")
+    (reloaded,) = load_folder(study.out.parent / "source")
+    reader = source_reader(study.sources)
+    args = (reloaded, sim.truth.chi_ppm, sim.truth.r2star_per_s, m1, reader)
+    again = build_derived(*args, VERSION)
+    first = [_all_uids(ds) for ds in study.objects.datasets]
+    assert [_all_uids(ds) for ds in again] == first
+    other = build_derived(*args, VERSION + "-dev")
+    mine = {
+        uid for ds in study.objects.datasets for uid in (ds.SOPInstanceUID, ds.SeriesInstanceUID)
+    }
+    theirs = {uid for ds in other for uid in (ds.SOPInstanceUID, ds.SeriesInstanceUID)}
+    assert not mine & theirs
+    assert {ds.StudyInstanceUID for ds in other} == {study.loaded.study_uid}
+    for _, uid in (u for uids in first for u in uids):
+        assert len(uid) <= 64 and re.fullmatch(r"[0-9]+(\.[0-9]+)*", uid)
+    sops = [ds.SOPInstanceUID for ds in study.objects.datasets]
+    assert len(set(sops)) == len(sops)
+    assert all(uid.startswith("2.25.") for uid in sops)
+
+
+def test_uid_factory() -> None:
+    a = DerivedUids("f" * 64, "qsmnode", "1")
+    assert a.uid("x", 1) == DerivedUids("f" * 64, "qsmnode", "1").uid("x", 1)
+    assert a.uid("x", 1) != a.uid("x", 2) != a.uid("y", 1)
+    assert a.uid("x") != DerivedUids("f" * 64, "qsmnode", "2").uid("x")
+    assert uid_from_name("a").startswith("2.25.") and len(uid_from_name("a")) <= 44
+
+
+# --- parametric maps -------------------------------------------------------------------------
+
+
+def _frames_to_volume(ds: Dataset) -> tuple[np.ndarray, np.ndarray]:
+    """A multi-frame image back to ``(volume [i, j, k], affine)`` from its per-frame planes."""
+    shared = ds.SharedFunctionalGroupsSequence[0]
+    orientation = shared.PlaneOrientationSequence[0].ImageOrientationPatient
+    measures = shared.PixelMeasuresSequence[0]
+    positions = [
+        f.PlanePositionSequence[0].ImagePositionPatient for f in ds.PerFrameFunctionalGroupsSequence
+    ]
+    affine, order = affine_from_slices(
+        [orientation] * len(positions), positions, measures.PixelSpacing
+    )
+    frames = ds.pixel_array.reshape(len(positions), ds.Rows, ds.Columns)
+    return volume_from_frames([frames[i] for i in order]), affine
+
+
+@pytest.mark.parametrize("kind", ["qsm", "r2star"])
+def test_parametric_map_round_trips_geometry_and_values(study: Study, sim, kind) -> None:
+    pm = study.objects.qsm_map if kind == "qsm" else study.objects.r2star_map
+    assert pm is not None
+    path = study.out / file_name(pm)
+    read = hd.pm.ParametricMap.from_file(path)
+    assert read.SOPClassUID == "1.2.840.10008.5.1.4.1.1.30"
+    volume, affine = _frames_to_volume(pydicom.dcmread(path))
+    np.testing.assert_allclose(affine, study.loaded.gre.affine, atol=1e-3)
+    np.testing.assert_allclose(affine, sim.gre.affine, atol=1e-3)
+    truth = sim.truth.chi_ppm if kind == "qsm" else sim.truth.r2star_per_s
+    assert volume.dtype == np.float32
+    np.testing.assert_array_equal(volume, np.nan_to_num(truth.astype(np.float32)))
+
+    ds = pydicom.dcmread(path)
+    mapping = ds.SharedFunctionalGroupsSequence[0].RealWorldValueMappingSequence[0]
+    unit = mapping.MeasurementUnitsCodeSequence[0]
+    assert (unit.CodeValue, unit.CodingSchemeDesignator) == (
+        ("ppm", "UCUM") if kind == "qsm" else ("/s", "UCUM")
+    )
+    assert mapping.LUTLabel == ("CHI_PPM" if kind == "qsm" else "R2STAR_PER_S")
+    voi = ds.SharedFunctionalGroupsSequence[0].FrameVOILUTSequence[0]
+    if kind == "qsm":
+        assert float(voi.WindowWidth) < 1 and voi.VOILUTFunction == "LINEAR_EXACT"
+    assert ds.SeriesDescription == ("QSM (ppm)" if kind == "qsm" else "R2* (1/s)")
+    assert ds.BodyPartExamined == "HEAD"
+    assert ds.ContentLabel == ("QSM" if kind == "qsm" else "R2STAR")
+    # echo 1 is the source, the other echoes further sources
+    referenced = {
+        item.ReferencedSOPInstanceUID
+        for s in ds.ReferencedSeriesSequence
+        for item in s.ReferencedInstanceSequence
+    }
+    echo1 = {row[0].sop_instance_uid for row in study.loaded.magnitude_sources}
+    others = {ref.sop_instance_uid for row in study.loaded.magnitude_sources for ref in row}
+    assert echo1 <= referenced and others <= referenced
+    first = ds.PerFrameFunctionalGroupsSequence[0].DerivationImageSequence[0]
+    assert len(first.SourceImageSequence) >= study.loaded.gre.n_echoes
+
+
+# --- classic derived MR ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["qsm", "r2star"])
+def test_derived_mr_images_hold_scaled_integers(study: Study, sim, kind) -> None:
+    images = study.objects.qsm_images if kind == "qsm" else study.objects.r2star_images
+    read = [study.read(ds) for ds in images]
+    affine, order = affine_from_slices(
+        [ds.ImageOrientationPatient for ds in read],
+        [ds.ImagePositionPatient for ds in read],
+        read[0].PixelSpacing,
+    )
+    np.testing.assert_allclose(affine, sim.gre.affine, atol=1e-3)
+    volume = volume_from_frames([read[i].pixel_array for i in order])
+    assert volume.dtype == np.int16
+    truth = sim.truth.chi_ppm if kind == "qsm" else sim.truth.r2star_per_s
+    scale = 1000.0 if kind == "qsm" else 10.0
+    expected = np.clip(np.rint(truth.astype(np.float64) * scale), -32768, 32767)
+    np.testing.assert_array_equal(volume, expected.astype(np.int16))
+    for k, ds in enumerate(read):
+        assert list(ds.ImageType) == ["DERIVED", "SECONDARY", "QSM" if kind == "qsm" else "R2STAR"]
+        assert ds.SeriesDescription == ("QSM [ppb]" if kind == "qsm" else "R2* [0.1/s]")
+        source = study.loaded.magnitude_sources[order.tolist().index(k)][0]
+        ref = ds.ReferencedImageSequence[0]
+        assert ref.ReferencedSOPInstanceUID == source.sop_instance_uid
+        assert ref.get("ReferencedFrameNumber") == source.frame_number
+        assert VERSION in ds.DerivationDescription
+    assert float(read[0].WindowWidth) == (300.0 if kind == "qsm" else 1000.0)
+
+
+# --- segmentation ----------------------------------------------------------------------------
+
+
+def test_segmentation_matches_the_labels(study: Study, m1: M1Result) -> None:
+    seg_ds = study.objects.segmentation
+    assert seg_ds is not None
+    path = study.out / file_name(seg_ds)
+    seg = hd.seg.segread(path)
+    assert seg.SegmentationType == "BINARY"
+    ds = pydicom.dcmread(path)
+    geometry = BuildContext.create(study.loaded, source_reader(study.sources), VERSION).geometry
+    positions = np.asarray(geometry.positions)
+    masks: dict[int, np.ndarray] = {}
+    pixels = ds.pixel_array.reshape(-1, ds.Rows, ds.Columns)
+    for f, frame in enumerate(ds.PerFrameFunctionalGroupsSequence):
+        number = frame.SegmentIdentificationSequence[0].ReferencedSegmentNumber
+        ipp = np.asarray(frame.PlanePositionSequence[0].ImagePositionPatient, dtype=float)
+        k = int(np.argmin(np.linalg.norm(positions - ipp, axis=1)))
+        assert np.linalg.norm(positions[k] - ipp) < 1e-3
+        mask = masks.setdefault(number, np.zeros(m1.labels.shape, dtype=bool))
+        mask[:, :, k] = pixels[f].T.astype(bool)
+    segments = {int(s.SegmentNumber): s for s in ds.SegmentSequence}
+    assert sorted(masks) == sorted(segments) == list(range(1, 13))
+    for number, item in segments.items():
+        area, layer = AREAS[(number - 1) // 3], LAYERS[(number - 1) % 3]
+        assert item.SegmentLabel == segment_name(area, layer)
+        np.testing.assert_array_equal(masks[number], m1.labels == segment_label(area, layer))
+        prop = item.SegmentedPropertyTypeCodeSequence[0]
+        assert (prop.CodeValue, prop.CodingSchemeDesignator) == ("40146001", "SCT")
+        side = prop.SegmentedPropertyTypeModifierCodeSequence[0].CodeValue
+        assert side == ("7771000" if area.startswith("left") else "24028007")
+        assert item.SegmentedPropertyCategoryCodeSequence[0].CodeValue == "91723000"
+        assert item.PrimaryAnatomicStructureSequence[0].CodeValue == "UBERON:0001384"
+        algorithm = item.SegmentationAlgorithmIdentificationSequence[0]
+        assert (algorithm.AlgorithmName, algorithm.AlgorithmVersion) == ("qsmnode", VERSION)
+        assert item.SegmentAlgorithmType == "AUTOMATIC"
+
+
+# --- structured report -----------------------------------------------------------------------
+
+_NUM = re.compile(r'NUM:\(,,"(?P<name>[^"]+)"\)="(?P<value>[^"]+)" \((?P<unit>[^,]+),')
+_CODE = re.compile(
+    r'CODE:\(,,"(?P<name>[^"]+)"\)=\((?P<value>[^,]*),(?P<scheme>[^,]*),"(?P<meaning>[^"]*)"\)'
+)
+_TEXT = re.compile(r'TEXT:\(,,"(?P<name>[^"]+)"\)="(?P<value>[^"]*)"')
+
+
+def parse_dsrdump(text: str) -> dict[tuple[str, str, str], float]:
+    """``(tracking identifier, concept, derivation or "z") → value`` of every NUM item."""
+    values: dict[tuple[str, str, str], float] = {}
+    group = ""
+    last: tuple[str, float] | None = None  # the last NUM: its concept and value
+    last_depth = 0
+    for line in text.splitlines():
+        depth = len(line) - len(line.lstrip())
+        if (t := _TEXT.search(line)) and t["name"] == "Tracking Identifier":
+            group, last = t["value"], None
+            continue
+        if (n := _NUM.search(line)) is not None:
+            if n["name"] == "Z-Score of measurement" and last is not None:
+                values[(group, last[0], "z")] = float(n["value"])
+            else:
+                last = (n["name"], float(n["value"]))
+                values[(group, n["name"], "")] = float(n["value"])
+                last_depth = depth
+            continue
+        c = _CODE.search(line)
+        if c is not None and c["name"] == "Derivation" and last is not None and depth > last_depth:
+            name, value = last
+            values.pop((group, name, ""), None)
+            values[(group, name, c["meaning"])] = value
+    return values
+
+
+def expected_table(m1: M1Result, voxel_mm3: float) -> dict[tuple[str, str, str], float]:
+    out = {}
+    for m in m1.measurements:
+        group = (
+            segment_name(m.area, m.layer)
+            if m.layer != "all"
+            else (f"M1 {m.area.replace('_', ' ')} all layers")
+        )
+        if not m.covered:
+            continue
+        rows = {
+            ("Magnetic Susceptibility", "Mean"): m.chi_mean_ppm,
+            ("Magnetic Susceptibility", "Standard Deviation"): m.chi_sd_ppm,
+            ("Magnetic Susceptibility", "Median"): m.chi_median_ppm,
+            ("T2* Weighted MR Signal Intensity", "Mean"): m.t2star_signal_ratio,
+            ("R2*", "Mean"): m.r2star_mean_per_s,
+            ("Thickness", "Mean"): m.thickness_mean_mm,
+            ("Quantity", ""): m.voxel_count,
+            ("Volume", ""): m.voxel_count * voxel_mm3,
+        }
+        for (name, derivation), value in rows.items():
+            out[(group, name, derivation)] = float(value)
+        if m.chi_z is not None:
+            out[(group, "Magnetic Susceptibility", "z")] = m.chi_z
+        if m.t2star_signal_ratio_z is not None:
+            out[(group, "T2* Weighted MR Signal Intensity", "z")] = m.t2star_signal_ratio_z
+    return out
+
+
+def test_sr_renders_and_holds_the_table(study: Study, sim, m1: M1Result) -> None:
+    require_tool("dsrdump", "dcmtk")
+    sr = study.objects.report
+    assert sr is not None
+    out = run(["dsrdump", str(study.out / file_name(sr))])
+    assert out.returncode == 0, out.stderr
+    got = parse_dsrdump(out.stdout)
+    voxel_mm3 = float(np.prod(sim.gre.voxel_size_mm))
+    want = expected_table(m1, voxel_mm3)
+    assert want, "the test table is empty"
+    for key, value in want.items():
+        assert key in got, f"missing {key}"
+        assert math.isclose(got[key], value, rel_tol=1e-9, abs_tol=1e-12), (key, got[key], value)
+    assert 'Device Observer Name")="qsmnode ' + VERSION in out.stdout
+    assert '"Algorithm Version")="' + VERSION in out.stdout
+    assert "Referenced Segment" in out.stdout
+    assert "Usable - Meets the quality control standard" in out.stdout
+
+
+def test_sr_references_seg_segments_and_sources(study: Study) -> None:
+    sr = study.read(study.objects.report)
+    seg = study.objects.segmentation
+    tracking = {s.TrackingUID: int(s.SegmentNumber) for s in seg.SegmentSequence}
+    found = 0
+    for group in sr.ContentSequence:
+        if group.ConceptNameCodeSequence[0].CodeValue != "126010":  # Imaging Measurements
+            continue
+        for item in group.ContentSequence:
+            uid = next((c.UID for c in item.ContentSequence if c.ValueType == "UIDREF"), None)
+            refs = [c for c in item.ContentSequence if c.ValueType == "IMAGE"]
+            segment = [
+                r.ReferencedSOPSequence[0]
+                for r in refs
+                if r.ConceptNameCodeSequence[0].CodeMeaning == "Referenced Segment"
+            ]
+            if not segment:
+                continue
+            found += 1
+            ref = segment[0]
+            assert ref.ReferencedSOPInstanceUID == seg.SOPInstanceUID
+            assert int(ref.ReferencedSegmentNumber) == tracking[uid]
+            sources = [
+                r for r in refs if "Source Image" in r.ConceptNameCodeSequence[0].CodeMeaning
+            ]
+            assert sources
+    assert found == 12
+    evidence = {
+        item.ReferencedSOPInstanceUID
+        for study_item in sr.CurrentRequestedProcedureEvidenceSequence
+        for series in study_item.ReferencedSeriesSequence
+        for item in series.ReferencedSOPSequence
+    }
+    echo1 = {row[0].sop_instance_uid for row in study.loaded.magnitude_sources}
+    assert seg.SOPInstanceUID in evidence and echo1 <= evidence
+    assert study.objects.qsm_map.SOPInstanceUID in evidence
+
+
+# --- key images ------------------------------------------------------------------------------
+
+
+def test_key_images_are_rgb_with_outlines_and_table(study: Study, m1: M1Result) -> None:
+    nk = m1.labels.shape[2]
+    choices = choose_slices(m1.labels, nk)
+    assert [c.purpose for c in choices] == ["hand knob", "foot area"]
+    hand = np.isin(m1.labels, range(1, 7)).sum(axis=(0, 1))
+    assert choices[0].k == int(np.argmax(hand))
+    for sc, choice in zip(study.objects.key_images, choices, strict=True):
+        ds = study.read(sc)
+        assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7"
+        assert ds.PhotometricInterpretation == "RGB" and ds.SamplesPerPixel == 3
+        assert ds.BitsAllocated == 8
+        pixels = ds.pixel_array
+        assert pixels.shape[2] == 3 and pixels.shape[1] > pixels.shape[0]
+        colours = {tuple(c) for c in pixels.reshape(-1, 3)[::7]}
+        parts = ("hand",) if choice.purpose == "hand knob" else ("foot",)
+        outline = [segment_rgb(a, "deep") for a in AREAS if a.endswith(parts)]
+        assert any(c in colours for c in outline)
+        assert len(colours) > 50  # grey levels, outlines, text
+        assert ds.ReferencedImageSequence[0].ReferencedSOPInstanceUID == (
+            study.loaded.magnitude_sources[choice.k][0].sop_instance_uid
+        )
+
+
+# --- edge cases ------------------------------------------------------------------------------
+
+
+def test_single_segment_seg_and_sr(study: Study, sim, tmp_path) -> None:
+    """One region only: the SEG has one segment and the SR still references it (the highdicom
+    trap: ReferencedSegment.from_segmentation fails on a single-segment SEG)."""
+    if study.style != "enhanced":
+        pytest.skip("once is enough")
+    require_tool("dsrdump", "dcmtk")
+    m1 = m1_from_truth(sim, only=("right_foot", "middle"))
+    ctx = BuildContext.create(study.loaded, source_reader(study.sources), VERSION)
+    seg = build_segmentation(ctx, m1)
+    assert seg is not None and len(seg.SegmentSequence) == 1
+    sr = build_report(ctx, m1, seg)
+    paths = save_all([seg, sr], tmp_path)
+    for path in paths:
+        assert not dciodvfy_errors(path), dciodvfy_errors(path)
+    out = run(["dsrdump", str(paths[1])])
+    assert out.returncode == 0
+    assert out.stdout.count("Referenced Segment") == 1
+    assert "Anatomy coverage incomplete" in out.stdout  # the other areas: not covered
+
+
+def test_without_m1_or_r2star(study: Study, sim, tmp_path) -> None:
+    if study.style != "siemens":
+        pytest.skip("once is enough")
+    datasets = build_derived(
+        study.loaded, sim.truth.chi_ppm, None, None, source_reader(study.sources), VERSION
+    )
+    kinds = [ds.Modality for ds in datasets]
+    assert kinds.count("MR") == sim.gre.shape[2] and "SEG" not in kinds and "SR" not in kinds
+    key = [ds for ds in datasets if ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7"]
+    assert len(key) == 1 and "middle slice" in key[0].ImageComments
+    for path in save_all([datasets[0], key[0]], tmp_path):
+        assert not dciodvfy_errors(path), dciodvfy_errors(path)
