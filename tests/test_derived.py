@@ -192,8 +192,6 @@ def test_same_patient_study_and_frame_of_reference(study: Study) -> None:
 def test_uids_are_deterministic_and_versioned(study: Study, sim, m1) -> None:
     """Loading and processing the same files again gives byte-identical UIDs (every UI element
     of every object); another algorithm version gives new series and instance UIDs."""
-    if study.style != "enhanced":
-        pytest.skip("once is enough")
     (reloaded,) = load_folder(study.out.parent / "source")
     reader = source_reader(study.sources)
     args = (reloaded, sim.truth.chi_ppm, sim.truth.r2star_per_s, m1, reader)
@@ -502,8 +500,6 @@ def test_key_images_are_rgb_with_outlines_and_table(study: Study, m1: M1Result) 
 def test_single_segment_seg_and_sr(study: Study, sim, tmp_path) -> None:
     """One region only: the SEG has one segment and the SR still references it (the highdicom
     trap: ReferencedSegment.from_segmentation fails on a single-segment SEG)."""
-    if study.style != "enhanced":
-        pytest.skip("once is enough")
     require_tool("dsrdump", "dcmtk")
     m1 = m1_from_truth(sim, only=("right_foot", "middle"))
     ctx = BuildContext.create(study.loaded, source_reader(study.sources), VERSION)
@@ -520,8 +516,6 @@ def test_single_segment_seg_and_sr(study: Study, sim, tmp_path) -> None:
 
 
 def test_without_m1_or_r2star(study: Study, sim, tmp_path) -> None:
-    if study.style != "siemens":
-        pytest.skip("once is enough")
     datasets = build_derived(
         study.loaded, sim.truth.chi_ppm, None, None, source_reader(study.sources), VERSION
     )
