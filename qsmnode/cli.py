@@ -22,6 +22,12 @@ def _config_check(args: argparse.Namespace) -> int:
     return 0
 
 
+# The simulator's sizes and DICOM styles, named here so that every command starts without
+# importing the simulator (a test checks they match qsmnode.sim).
+SIM_SIZES = ("tiny", "small-slab", "slab", "brain")
+SIM_STYLES = ("siemens", "siemens-xa", "philips", "enhanced")
+
+
 def _als_setting(text: str) -> tuple[str, float]:
     from qsmnode.sim.phantom import M1_AREA_NAMES
 
@@ -56,38 +62,16 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import logging
-    import signal
-    import threading
+    from qsmnode.node.service import main
 
-    from qsmnode.node.config import ConfigError, load_settings
-    from qsmnode.node.receiver import serve
-    from qsmnode.node.store import StoreError
+    return main(args.config)
 
-    try:
-        settings = load_settings(args.config)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    logging.basicConfig(
-        stream=sys.stderr, level=settings.logging.level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    log = logging.getLogger("qsmnode")
-    stop = threading.Event()
 
-    def on_signal(number: int, _frame: object) -> None:
-        log.info("received %s: stopping", signal.Signals(number).name)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    log.info("qsmnode %s serving with %s", __version__, settings.source)
-    try:
-        return serve(settings, stop)
-    except (StoreError, OSError) as exc:
-        log.error("cannot serve: %s", exc)
-        return 1
+def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
+    for row in (header, *rows):
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+              .rstrip())
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -95,7 +79,7 @@ def _status(args: argparse.Namespace) -> int:
     import time
 
     from qsmnode.node.config import ConfigError, load_settings
-    from qsmnode.node.store import Store, StoreError
+    from qsmnode.node.store import Store, StoreError, describe_summary
 
     try:
         settings = load_settings(args.config)
@@ -103,13 +87,22 @@ def _status(args: argparse.Namespace) -> int:
             summary = store.summary()
             series = store.series()
             path, version = store.path, store.schema_version()
+            counts = store.counts()
+            new = version >= 2
+            acquisitions = store.acquisitions() if new else []
+            jobs = store.jobs() if new else []
+            problems = store.problems(include_resolved=True) if new else []
     except (ConfigError, StoreError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.json:
         report = {
             "store": str(path), "schema_version": version, "summary": summary,
+            "counts": counts,
             "series": [s.as_dict() for s in series],
+            "acquisitions": [a.as_dict() for a in acquisitions],
+            "jobs": [j.as_dict() for j in jobs],
+            "problems": [p.as_dict() for p in problems],
         }
         print(json.dumps(report, indent=2))
         return 0
@@ -117,28 +110,64 @@ def _status(args: argparse.Namespace) -> int:
     def when(t: float | None) -> str:
         return "-" if t is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
 
+    def tally(states: dict[str, int]) -> str:
+        return ", ".join(f"{n} {state}" for state, n in states.items() if n) or "none"
+
     print(f"store: {path} (schema {version})")
     print(f"series: {summary['series']} ({summary['series_open']} open, "
           f"{summary['series_complete']} complete); instances: {summary['instances']} "
           f"({summary['bytes'] / 2**20:.1f} MiB)")
-    if not series:
-        return 0
-    header = ("SERIES", "STATE", "INSTANCES", "EXPECTED", "MOD", "LAST RECEIVED",
-              "DESCRIPTION", "SERIES UID")
-    rows = [
-        (
-            "-" if s.series_number is None else str(s.series_number), s.state,
-            str(s.received_count), "-" if s.expected_count is None else str(s.expected_count),
-            s.modality or "-", when(s.last_received_at), s.series_description or "-",
-            s.series_uid,
+    open_problems = [p for p in problems if p.resolved_at is None]
+    if new:
+        print(f"acquisitions: {tally(counts['acquisitions'])}; jobs: {tally(counts['jobs'])}; "
+              f"problems: {len(open_problems)} open, "
+              f"{len(problems) - len(open_problems)} resolved")
+    if series:
+        print()
+        _table(
+            ("SERIES", "STATE", "INSTANCES", "EXPECTED", "MOD", "LAST RECEIVED", "DESCRIPTION",
+             "SERIES UID"),
+            [
+                (
+                    "-" if s.series_number is None else str(s.series_number), s.state,
+                    str(s.received_count),
+                    "-" if s.expected_count is None else str(s.expected_count),
+                    s.modality or "-", when(s.last_received_at), s.series_description or "-",
+                    s.series_uid,
+                )
+                for s in series
+            ],
         )
-        for s in series
-    ]
-    widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
-    print()
-    for row in (header, *rows):
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))
-              .rstrip())
+    job_of = {j.acquisition_id: j for j in jobs}
+    if acquisitions:
+        print()
+        _table(
+            ("ACQ", "STATE", "JOB", "RECEIVED", "ACQUISITION", "STUDY UID"),
+            [
+                (
+                    str(a.id), a.state if a.reason is None else f"{a.state}: {a.reason}",
+                    str(job_of[a.id].id) if a.id in job_of else "-", when(a.created_at),
+                    describe_summary(a.summary), a.study_uid,
+                )
+                for a in acquisitions
+            ],
+        )
+    if jobs:
+        print()
+        _table(
+            ("JOB", "ACQ", "STATE", "ATTEMPTS", "UPDATED", "LAST ERROR"),
+            [
+                (str(j.id), str(j.acquisition_id), j.state, str(j.attempts), when(j.updated_at),
+                 j.last_error or "-")
+                for j in jobs
+            ],
+        )
+    if open_problems:
+        print()
+        _table(
+            ("PROBLEM", "FOUND", "STUDY UID", "REASON"),
+            [(str(p.id), when(p.created_at), p.study_uid, p.reason) for p in open_problems],
+        )
     return 0
 
 
@@ -156,9 +185,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.set_defaults(run=_config_check)
 
-    from qsmnode.sim.scanner import PRESETS
-    from qsmnode.sim.vendor_dicom import STYLES
-
     sim = commands.add_parser(
         "simulate",
         help="simulate a 7T multi-echo GRE study with ground truth; write it or send it",
@@ -166,8 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
         "DICOM study, the ground truth (NIfTI) and BIDS MEGRE NIfTI, and can send the study "
         "by C-STORE.",
     )
-    sim.add_argument("--size", choices=list(PRESETS), default="tiny", help="default: tiny")
-    sim.add_argument("--style", choices=list(STYLES), default="siemens",
+    sim.add_argument("--size", choices=SIM_SIZES, default="tiny", help="default: tiny")
+    sim.add_argument("--style", choices=SIM_STYLES, default="siemens",
                      help="how the scanner writes DICOM (default: siemens)")
     sim.add_argument("--seed", type=int, default=0, help="noise, phase offset and UIDs")
     sim.add_argument("--snr", type=float, default=None, help="echo-1 SNR in brain")
@@ -181,15 +207,22 @@ def build_parser() -> argparse.ArgumentParser:
     sim.set_defaults(run=_simulate)
 
     serve = commands.add_parser(
-        "serve", help="run the node in the foreground (DICOM listener); logs to stderr",
-        description="Run the node: receive images by C-STORE into the spool and the store. "
+        "serve", help="run the node in the foreground (listener, tracker, workers); logs to "
+        "stderr",
+        description="Run the node: receive images by C-STORE into the spool and the store, "
+        "group complete studies into acquisitions and process each one in a worker process. "
         "Logs go to stderr. SIGTERM or SIGINT stops it cleanly.",
     )
     serve.add_argument("--config", type=Path, default=None, metavar="FILE",
                        help="TOML file (default: $QSMNODE_CONFIG, else config/qsmnode.toml)")
     serve.set_defaults(run=_serve)
 
-    status = commands.add_parser("status", help="show what the node has received")
+    status = commands.add_parser(
+        "status", help="show the node's series, acquisitions, jobs and problems",
+        description="Show what the node has received (series), the acquisitions found in it, "
+        "their jobs (state, attempts, last error) and the problems found (images that make "
+        "no acquisition, and why). Reads the store; works while the node runs.",
+    )
     status.add_argument("--config", type=Path, default=None, metavar="FILE",
                         help="TOML file (default: $QSMNODE_CONFIG, else config/qsmnode.toml)")
     status.add_argument("--json", action="store_true", help="print JSON instead of a table")

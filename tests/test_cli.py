@@ -29,6 +29,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def test_cli_lists_the_simulators_sizes_and_styles() -> None:
+    from qsmnode.cli import SIM_SIZES, SIM_STYLES
+    from qsmnode.sim.scanner import PRESETS
+    from qsmnode.sim.vendor_dicom import STYLES
+
+    assert set(SIM_SIZES) == set(PRESETS) and set(SIM_STYLES) == set(STYLES)
+
+
 def test_version_and_console_script() -> None:
     result = qsmnode("--version")
     assert result.returncode == 0 and result.stdout.startswith("qsmnode ")

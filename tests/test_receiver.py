@@ -45,7 +45,7 @@ from qsmnode.node.receiver import (
     inspect_dataset,
 )
 from qsmnode.node.spool import Spool
-from qsmnode.node.store import InstanceRecord, Store, StoreError
+from qsmnode.node.store import SCHEMA_VERSION, InstanceRecord, Store, StoreError
 from tests.conftest import REPO, require_tool
 
 ALLOWED = "SCANNER7T"
@@ -101,6 +101,8 @@ class Node:
         for ae_title, hosts in (senders or {ALLOWED: []}).items():
             lines += ["", "[[listener.allowed_senders]]", f"ae_title = {toml_value(ae_title)}",
                       f"hosts = {toml_value(hosts)}"]
+        # Reception only: the tracker must not close series while a test looks at them.
+        lines += ["", "[tracker]", "quiet_period_s = 600", "max_wait_s = 600"]
         lines += ["", "[http]", "port = 0", "", "[logging]", 'level = "INFO"', ""]
         self.config.write_text("\n".join(lines))
 
@@ -303,7 +305,7 @@ def test_store_records_instances_once_and_series(tmp_path: Path) -> None:
     with pytest.raises(StoreError, match="no store here"):
         Store.in_state_dir(tmp_path, readonly=True)
     with Store.in_state_dir(tmp_path) as store:
-        assert store.schema_version() == 1
+        assert store.schema_version() == SCHEMA_VERSION
         assert store.path.name == "qsmnode.sqlite3"
         journal = store._db.execute("PRAGMA journal_mode").fetchone()[0]
         assert journal == "wal"
@@ -423,7 +425,7 @@ def test_study_is_stored_as_received_once(
     assert "series: 3 (3 open, 0 complete); instances: 321" in table.stdout
     assert re.search(r"^5\s+open\s+160\s", table.stdout, re.MULTILINE), table.stdout
     report = json.loads(node.status("--json").stdout)
-    assert report["summary"]["instances"] == 321 and report["schema_version"] == 1
+    assert report["summary"]["instances"] == 321 and report["schema_version"] == SCHEMA_VERSION
     assert sorted(s["received_count"] for s in report["series"]) == [1, 160, 160]
     node.stop()
     log = node.log()

@@ -798,28 +798,3 @@ def quiet_library_loggers(level: int) -> None:
     """Keep pynetdicom and pydicom at WARNING or above: their chatter can quote datasets."""
     for name in _LOGGERS_KEPT_QUIET:
         logging.getLogger(name).setLevel(max(level, logging.WARNING))
-
-
-def serve(settings: Settings, stop: threading.Event, ready: threading.Event | None = None,
-          ) -> int:
-    """Run the node until ``stop`` is set: open the store, recover, listen. Returns 0."""
-    import pydicom.config
-
-    # values are only converted for the attributes read; never warn with their text
-    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
-    quiet_library_loggers(logging.getLogger().getEffectiveLevel())
-    state_dir = settings.paths.state_dir
-    state_dir.mkdir(parents=True, exist_ok=True)
-    with Store.in_state_dir(state_dir) as store:
-        spool = Spool(state_dir / SPOOL_DIRNAME, settings.listener.min_free_disk_mb * MIB)
-        recover(store, spool, state_dir)
-        receiver = Receiver(settings, store, spool)
-        receiver.start()
-        if ready is not None:
-            ready.set()
-        try:
-            stop.wait()
-        finally:
-            receiver.stop()
-    return 0
-

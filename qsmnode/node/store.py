@@ -3,18 +3,43 @@
 Every state change is one transaction, committed with ``synchronous=FULL`` before the call
 returns, so a change the caller was told about survives a crash or power loss.
 
-Schema (version 1, in ``PRAGMA user_version``)::
+Schema (version 2, in ``PRAGMA user_version``)::
 
     series(series_uid PK, study_uid, series_number, modality, sop_class_uid,
            series_description, expected_count, received_count,
-           first_received_at, last_received_at, state 'open'|'complete', completed_at)
+           first_received_at, last_received_at, state 'open'|'complete', completed_at,
+           opened_at, completed_count, completion 'count'|'quiet'|'max_wait', grouped_at)
     instances(sop_instance_uid PK, sop_class_uid, study_uid, series_uid -> series,
               series_number, instance_number, number_of_frames, images_in_acquisition,
               transfer_syntax_uid, path, size, calling_ae, peer_address, received_at)
+    acquisitions(id PK, study_uid, series_key UNIQUE, series_uids JSON,
+                 state 'accepted'|'ignored', reason, summary JSON, created_at, updated_at)
+    problems(id PK, study_uid, series_uids JSON, reason, created_at, resolved_at)
+    jobs(id PK, acquisition_id UNIQUE -> acquisitions, state 'queued'|'running'|'done'|'failed',
+         attempts, lease_owner, lease_expires_at, last_error, result JSON,
+         created_at, updated_at, started_at, finished_at)
 
 Times are Unix seconds (float). ``instances.path`` is relative to the state directory.
 ``received_count`` counts distinct instances; a late instance of a complete series updates
-``last_received_at`` (so ``last_received_at > completed_at``) but leaves the state to the tracker.
+``last_received_at`` and ``received_count`` (so ``received_count > completed_count``) but leaves
+the state to the tracker, which re-opens the series.
+
+Series (version 2 columns): ``opened_at`` is when the series (re)opened (NULL: its first
+instance), ``completed_count`` the instance count when it was closed, ``completion`` why it was
+closed, and ``grouped_at`` when its study was last grouped into acquisitions (NULL: not yet).
+
+Acquisitions: one row per distinct set of series (``series_key``: the sorted series UIDs joined
+by ``\\``), so the same acquisition is never recorded, nor processed, twice. ``summary`` holds
+the plan: series UIDs and numbers, echo count, echo times, shape, affine, vendor, field
+strength. ``state`` is ``accepted`` (it has a job) or ``ignored`` (a rule left it out;
+``reason`` says which). Problems are images that make no acquisition, with a plain-language
+reason; a later grouping of the same study that no longer finds one sets its ``resolved_at``.
+
+Jobs: one per accepted acquisition. A worker claims a queued job in one transaction (state
+``running``, ``attempts + 1``, ``lease_owner``, ``lease_expires_at``); the attempt ends in
+``done`` (with ``result``), back in ``queued`` (failed, attempts left) or ``failed`` (the last
+error kept in ``last_error``). :meth:`Store.requeue_orphaned_jobs` hands the running jobs of a
+dead owner back to the queue, once per crash.
 
 Later schema versions append to :data:`MIGRATIONS`; opening a store applies the missing ones,
 each in one transaction. The API is small and has no ORM: records in, records out.
@@ -22,12 +47,13 @@ each in one transaction. The API is small and has no ORM: records in, records ou
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +94,51 @@ MIGRATIONS: tuple[str, ...] = (
         received_at           REAL NOT NULL
     );
     CREATE INDEX instances_series ON instances (series_uid);
+    """,
+    """
+    ALTER TABLE series ADD COLUMN opened_at REAL;
+    ALTER TABLE series ADD COLUMN completed_count INTEGER;
+    ALTER TABLE series ADD COLUMN completion TEXT
+        CHECK (completion IN ('count', 'quiet', 'max_wait'));
+    ALTER TABLE series ADD COLUMN grouped_at REAL;
+    CREATE INDEX instances_study ON instances (study_uid);
+    CREATE TABLE acquisitions (
+        id           INTEGER PRIMARY KEY,
+        study_uid    TEXT NOT NULL,
+        series_key   TEXT NOT NULL UNIQUE,
+        series_uids  TEXT NOT NULL,
+        state        TEXT NOT NULL CHECK (state IN ('accepted', 'ignored')),
+        reason       TEXT,
+        summary      TEXT NOT NULL,
+        created_at   REAL NOT NULL,
+        updated_at   REAL NOT NULL
+    );
+    CREATE INDEX acquisitions_study ON acquisitions (study_uid);
+    CREATE TABLE problems (
+        id           INTEGER PRIMARY KEY,
+        study_uid    TEXT NOT NULL,
+        series_uids  TEXT NOT NULL,
+        reason       TEXT NOT NULL,
+        created_at   REAL NOT NULL,
+        resolved_at  REAL
+    );
+    CREATE INDEX problems_study ON problems (study_uid);
+    CREATE TABLE jobs (
+        id               INTEGER PRIMARY KEY,
+        acquisition_id   INTEGER NOT NULL UNIQUE REFERENCES acquisitions (id),
+        state            TEXT NOT NULL DEFAULT 'queued'
+                         CHECK (state IN ('queued', 'running', 'done', 'failed')),
+        attempts         INTEGER NOT NULL DEFAULT 0,
+        lease_owner      TEXT,
+        lease_expires_at REAL,
+        last_error       TEXT,
+        result           TEXT,
+        created_at       REAL NOT NULL,
+        updated_at       REAL NOT NULL,
+        started_at       REAL,
+        finished_at      REAL
+    );
+    CREATE INDEX jobs_state ON jobs (state);
     """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -115,15 +186,167 @@ class SeriesRecord:
     last_received_at: float
     state: str
     completed_at: float | None
+    opened_at: float | None = None
+    completed_count: int | None = None
+    completion: str | None = None
+    grouped_at: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class AcquisitionRecord:
+    """One recorded acquisition: its series, whether it is processed, and its plan summary."""
+
+    id: int
+    study_uid: str
+    series_uids: tuple[str, ...]
+    state: str
+    reason: str | None
+    summary: dict[str, Any]
+    created_at: float
+    updated_at: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "series_uids": list(self.series_uids)}
+
+
+@dataclass(frozen=True)
+class ProblemRecord:
+    """Images of a study that make no acquisition, and why (plain language)."""
+
+    id: int
+    study_uid: str
+    series_uids: tuple[str, ...]
+    reason: str
+    created_at: float
+    resolved_at: float | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "series_uids": list(self.series_uids)}
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """One job: the processing of one accepted acquisition."""
+
+    id: int
+    acquisition_id: int
+    state: str
+    attempts: int
+    lease_owner: str | None
+    lease_expires_at: float | None
+    last_error: str | None
+    result: dict[str, Any] | None
+    created_at: float
+    updated_at: float
+    started_at: float | None
+    finished_at: float | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class NewAcquisition:
+    """An acquisition found by the grouping, to record (``ignored_reason``: left out by a rule)."""
+
+    study_uid: str
+    series_uids: tuple[str, ...]
+    summary: dict[str, Any]
+    ignored_reason: str | None = None
+
+
+@dataclass(frozen=True)
+class NewProblem:
+    """A problem found by the grouping, to record."""
+
+    study_uid: str
+    series_uids: tuple[str, ...]
+    reason: str
+
+
+@dataclass
+class GroupingOutcome:
+    """What :meth:`Store.record_grouping` changed."""
+
+    created: list[AcquisitionRecord] = field(default_factory=list)
+    """Acquisitions recorded now (new, or an ignored one now accepted)."""
+    jobs: list[JobRecord] = field(default_factory=list)
+    """Jobs queued now, one per newly accepted acquisition."""
+    known: list[AcquisitionRecord] = field(default_factory=list)
+    """Acquisitions found again (same series): nothing changed, no second job."""
+    new_problems: list[ProblemRecord] = field(default_factory=list)
+    resolved_problems: list[ProblemRecord] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class StudyReady:
+    """A study whose series are all complete and some not grouped yet."""
+
+    study_uid: str
+    instance_count: int
+    last_received_at: float
+    opened_at: float
+    """The latest time a series of the study (re)opened."""
+
+
+ACQUISITION_STATES = ("accepted", "ignored")
+JOB_STATES = ("queued", "running", "done", "failed")
+
 _INSTANCE_COLUMNS = tuple(
     f.name for f in fields(InstanceRecord) if f.name not in ("modality", "series_description")
 )
 _SERIES_COLUMNS = tuple(f.name for f in fields(SeriesRecord))
+_SERIES_COLUMNS_V1 = _SERIES_COLUMNS[:12]
+_JOB_COLUMNS = tuple(f.name for f in fields(JobRecord))
+
+
+def series_key(series_uids: tuple[str, ...] | list[str]) -> str:
+    """The identity of an acquisition: its sorted, distinct series UIDs joined by a backslash."""
+    return "\\".join(sorted(set(series_uids)))
+
+
+def series_numbers_text(numbers: Any) -> str:
+    """``5, 6`` (``?`` for a series without a number)."""
+    return ", ".join("?" if n is None else str(n) for n in numbers)
+
+
+def describe_summary(summary: dict[str, Any]) -> str:
+    """An acquisition's plan summary in one line (logs and status): series, echoes, TEs,
+    shape, vendor and field strength."""
+    tes = ", ".join(f"{t * 1000:g}" for t in summary.get("echo_times_s", ()))
+    shape = "×".join(str(n) for n in summary.get("shape", ()))
+    b0 = summary.get("field_strength_t")
+    field_text = "" if b0 is None else f" {b0:g} T"
+    description = summary.get("series_description") or ""
+    return (f"series {series_numbers_text(summary.get('series_numbers', ()))}"
+            f"{f' {description!r}' if description else ''}, {summary.get('n_echoes')} echoes "
+            f"(TE {tes} ms), {shape}, {summary.get('vendor')}{field_text}")
+
+
+def _acquisition(row: sqlite3.Row) -> AcquisitionRecord:
+    return AcquisitionRecord(
+        id=int(row["id"]), study_uid=row["study_uid"],
+        series_uids=tuple(json.loads(row["series_uids"])), state=row["state"],
+        reason=row["reason"], summary=json.loads(row["summary"]),
+        created_at=row["created_at"], updated_at=row["updated_at"],
+    )
+
+
+def _problem(row: sqlite3.Row) -> ProblemRecord:
+    return ProblemRecord(
+        id=int(row["id"]), study_uid=row["study_uid"],
+        series_uids=tuple(json.loads(row["series_uids"])), reason=row["reason"],
+        created_at=row["created_at"], resolved_at=row["resolved_at"],
+    )
+
+
+def _job(row: sqlite3.Row) -> JobRecord:
+    values = dict(row)
+    values["result"] = None if values["result"] is None else json.loads(values["result"])
+    return JobRecord(**values)
 
 
 class Store:
@@ -162,6 +385,9 @@ class Store:
                 )
             if not readonly:
                 self._migrate(version)
+                version = SCHEMA_VERSION
+            self._version = version
+            self._series_columns = _SERIES_COLUMNS if version >= 2 else _SERIES_COLUMNS_V1
         except sqlite3.Error as exc:
             raise StoreError(f"{self.path}: {exc}") from exc
 
@@ -266,7 +492,7 @@ class Store:
 
     def series(self, state: str | None = None) -> list[SeriesRecord]:
         """Recorded series (all, or those in ``state``), oldest first."""
-        sql = f"SELECT {', '.join(_SERIES_COLUMNS)} FROM series"
+        sql = f"SELECT {', '.join(self._series_columns)} FROM series"
         args: tuple[str, ...] = ()
         if state is not None:
             sql += " WHERE state = ?"
@@ -278,7 +504,7 @@ class Store:
     def get_series(self, series_uid: str) -> SeriesRecord | None:
         with self._lock:
             row = self._db.execute(
-                f"SELECT {', '.join(_SERIES_COLUMNS)} FROM series WHERE series_uid = ?",
+                f"SELECT {', '.join(self._series_columns)} FROM series WHERE series_uid = ?",
                 (series_uid,),
             ).fetchone()
         return None if row is None else SeriesRecord(**dict(row))
@@ -293,8 +519,8 @@ class Store:
         """Mark an open series complete; False when it was not open."""
         with self.transaction() as db:
             cursor = db.execute(
-                "UPDATE series SET state = 'complete', completed_at = ? "
-                "WHERE series_uid = ? AND state = 'open'",
+                "UPDATE series SET state = 'complete', completed_at = ?, "
+                "completed_count = received_count WHERE series_uid = ? AND state = 'open'",
                 (time.time() if at is None else at, series_uid),
             )
             return cursor.rowcount == 1
@@ -312,4 +538,336 @@ class Store:
         return {
             "series": int(total), "series_open": int(open_), "series_complete": int(complete),
             "instances": int(instances), "bytes": int(size),
+        }
+
+    # ------------------------------------------------------------------- series: the tracker's view
+
+    def open_series(self) -> list[tuple[SeriesRecord, int | None]]:
+        """The open series, oldest first, each with the largest ImagesInAcquisition its
+        instances report (None when none does)."""
+        columns = ", ".join(f"s.{c}" for c in _SERIES_COLUMNS)
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {columns}, (SELECT max(i.images_in_acquisition) FROM instances i "
+                "WHERE i.series_uid = s.series_uid) AS iia FROM series s WHERE s.state = 'open' "
+                "ORDER BY s.first_received_at, s.rowid"
+            ).fetchall()
+        out = []
+        for row in rows:
+            values = dict(row)
+            iia = values.pop("iia")
+            out.append((SeriesRecord(**values), None if iia is None else int(iia)))
+        return out
+
+    def complete_series(self, series_uid: str, seen_count: int, completion: str,
+                        expected_count: int | None, at: float) -> bool:
+        """Close an open series that still holds ``seen_count`` instances; False when it is not
+        open any more or an instance arrived since (then nothing changes)."""
+        with self.transaction() as db:
+            cursor = db.execute(
+                "UPDATE series SET state = 'complete', completed_at = ?, "
+                "completed_count = received_count, completion = ?, "
+                "expected_count = coalesce(?, expected_count) "
+                "WHERE series_uid = ? AND state = 'open' AND received_count = ?",
+                (at, completion, expected_count, series_uid, seen_count),
+            )
+            return cursor.rowcount == 1
+
+    def reopen_late_series(self, at: float) -> list[SeriesRecord]:
+        """Re-open every complete series that received instances after it was closed; return
+        them (as they were before re-opening). Their study will be grouped again."""
+        columns = ", ".join(_SERIES_COLUMNS)
+        with self.transaction() as db:
+            rows = db.execute(
+                f"SELECT {columns} FROM series WHERE state = 'complete' "
+                "AND completed_count IS NOT NULL AND received_count > completed_count"
+            ).fetchall()
+            for row in rows:
+                db.execute(
+                    "UPDATE series SET state = 'open', opened_at = ?, completed_at = NULL, "
+                    "completed_count = NULL, completion = NULL, grouped_at = NULL "
+                    "WHERE series_uid = ?",
+                    (at, row["series_uid"]),
+                )
+        return [SeriesRecord(**dict(row)) for row in rows]
+
+    def studies_ready(self) -> list[StudyReady]:
+        """Studies with no open series and at least one complete series not grouped yet."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT study_uid, sum(received_count), max(last_received_at), "
+                "max(coalesce(opened_at, first_received_at)) FROM series GROUP BY study_uid "
+                "HAVING sum(state = 'open') = 0 "
+                "AND sum(state = 'complete' AND grouped_at IS NULL) > 0 "
+                "ORDER BY min(first_received_at)"
+            ).fetchall()
+        return [StudyReady(r[0], int(r[1]), float(r[2]), float(r[3])) for r in rows]
+
+    def study_instances(self, study_uid: str) -> list[InstanceRecord]:
+        """The recorded instances of one study, in order of arrival."""
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {', '.join(_INSTANCE_COLUMNS)} FROM instances WHERE study_uid = ? "
+                "ORDER BY received_at, rowid",
+                (study_uid,),
+            ).fetchall()
+        return [InstanceRecord(**dict(row)) for row in rows]
+
+    # ------------------------------------------------------------------ acquisitions and problems
+
+    def record_grouping(self, study_uid: str, instance_count: int,
+                        acquisitions: list[NewAcquisition], problems: list[NewProblem],
+                        at: float) -> GroupingOutcome | None:
+        """Record the grouping of one study in one transaction; None (nothing changed) when the
+        study changed since it was read: a series (re)opened or the instance count differs.
+
+        - An acquisition whose series are already recorded is left as it is (no second job),
+          unless it was ignored and is now accepted: then it is accepted and gets its job.
+        - A new accepted acquisition gets a queued job.
+        - Problems already recorded (same series, same reason) stay; unresolved problems of the
+          study not found again get ``resolved_at``.
+        - Every complete series of the study is marked grouped.
+        """
+        outcome = GroupingOutcome()
+        with self.transaction() as db:
+            open_, count = db.execute(
+                "SELECT coalesce(sum(state = 'open'), 0), coalesce(sum(received_count), 0) "
+                "FROM series WHERE study_uid = ?",
+                (study_uid,),
+            ).fetchone()
+            if open_ or count != instance_count:
+                return None
+            for new in acquisitions:
+                self._record_acquisition(db, new, at, outcome)
+            unresolved = [
+                _problem(row) for row in db.execute(
+                    "SELECT * FROM problems WHERE study_uid = ? AND resolved_at IS NULL "
+                    "ORDER BY id", (study_uid,))
+            ]
+            found = {(tuple(p.series_uids), p.reason) for p in problems}
+            for old in unresolved:
+                if (old.series_uids, old.reason) not in found:
+                    db.execute("UPDATE problems SET resolved_at = ? WHERE id = ?", (at, old.id))
+                    outcome.resolved_problems.append(old)
+            known = {(p.series_uids, p.reason) for p in unresolved}
+            for problem in problems:
+                if (tuple(problem.series_uids), problem.reason) in known:
+                    continue
+                cursor = db.execute(
+                    "INSERT INTO problems (study_uid, series_uids, reason, created_at) "
+                    "VALUES (?, ?, ?, ?)",
+                    (problem.study_uid, json.dumps(list(problem.series_uids)), problem.reason,
+                     at),
+                )
+                known.add((tuple(problem.series_uids), problem.reason))
+                outcome.new_problems.append(ProblemRecord(
+                    int(cursor.lastrowid or 0), problem.study_uid, tuple(problem.series_uids),
+                    problem.reason, at, None))
+            db.execute(
+                "UPDATE series SET grouped_at = ? WHERE study_uid = ? AND state = 'complete'",
+                (at, study_uid),
+            )
+        return outcome
+
+    def _record_acquisition(self, db: sqlite3.Connection, new: NewAcquisition, at: float,
+                            outcome: GroupingOutcome) -> None:
+        key = series_key(new.series_uids)
+        state = "accepted" if new.ignored_reason is None else "ignored"
+        row = db.execute("SELECT * FROM acquisitions WHERE series_key = ?", (key,)).fetchone()
+        if row is not None and not (row["state"] == "ignored" and state == "accepted"):
+            outcome.known.append(_acquisition(row))
+            return
+        summary = json.dumps(new.summary)
+        if row is None:
+            cursor = db.execute(
+                "INSERT INTO acquisitions (study_uid, series_key, series_uids, state, reason, "
+                "summary, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (new.study_uid, key, json.dumps(list(new.series_uids)), state,
+                 new.ignored_reason, summary, at, at),
+            )
+            acquisition_id = int(cursor.lastrowid or 0)
+        else:
+            acquisition_id = int(row["id"])
+            db.execute(
+                "UPDATE acquisitions SET state = 'accepted', reason = NULL, summary = ?, "
+                "updated_at = ? WHERE id = ?",
+                (summary, at, acquisition_id),
+            )
+        record = _acquisition(
+            db.execute("SELECT * FROM acquisitions WHERE id = ?", (acquisition_id,)).fetchone()
+        )
+        outcome.created.append(record)
+        if state == "accepted":
+            cursor = db.execute(
+                "INSERT OR IGNORE INTO jobs (acquisition_id, created_at, updated_at) "
+                "VALUES (?, ?, ?)",
+                (acquisition_id, at, at),
+            )
+            if cursor.rowcount:
+                outcome.jobs.append(_job(db.execute(
+                    f"SELECT {', '.join(_JOB_COLUMNS)} FROM jobs WHERE acquisition_id = ?",
+                    (acquisition_id,)).fetchone()))
+
+    def acquisitions(self, study_uid: str | None = None) -> list[AcquisitionRecord]:
+        """Recorded acquisitions (of one study, or all), in order of recording."""
+        sql, args = "SELECT * FROM acquisitions", ()
+        if study_uid is not None:
+            sql, args = sql + " WHERE study_uid = ?", (study_uid,)
+        with self._lock:
+            rows = self._db.execute(sql + " ORDER BY id", args).fetchall()
+        return [_acquisition(row) for row in rows]
+
+    def acquisition(self, acquisition_id: int) -> AcquisitionRecord | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM acquisitions WHERE id = ?",
+                                   (acquisition_id,)).fetchone()
+        return None if row is None else _acquisition(row)
+
+    def problems(self, *, include_resolved: bool = False) -> list[ProblemRecord]:
+        """Recorded problems, oldest first (by default only those not resolved since)."""
+        sql = "SELECT * FROM problems"
+        if not include_resolved:
+            sql += " WHERE resolved_at IS NULL"
+        with self._lock:
+            rows = self._db.execute(sql + " ORDER BY id").fetchall()
+        return [_problem(row) for row in rows]
+
+    # --------------------------------------------------------------------------------------- jobs
+
+    def jobs(self, state: str | None = None) -> list[JobRecord]:
+        """Jobs (all, or those in ``state``), oldest first."""
+        sql, args = f"SELECT {', '.join(_JOB_COLUMNS)} FROM jobs", ()
+        if state is not None:
+            sql, args = sql + " WHERE state = ?", (state,)
+        with self._lock:
+            rows = self._db.execute(sql + " ORDER BY id", args).fetchall()
+        return [_job(row) for row in rows]
+
+    def job(self, job_id: int) -> JobRecord | None:
+        with self._lock:
+            row = self._db.execute(f"SELECT {', '.join(_JOB_COLUMNS)} FROM jobs WHERE id = ?",
+                                   (job_id,)).fetchone()
+        return None if row is None else _job(row)
+
+    def claim_job(self, owner: str, lease_s: float, now: float) -> JobRecord | None:
+        """Claim the oldest queued job for ``owner``: running, one more attempt, leased until
+        ``now + lease_s``. None when no job is queued."""
+        with self.transaction() as db:
+            row = db.execute(
+                "SELECT id FROM jobs WHERE state = 'queued' ORDER BY id LIMIT 1"
+            ).fetchone()
+            if row is None:
+                return None
+            db.execute(
+                "UPDATE jobs SET state = 'running', attempts = attempts + 1, lease_owner = ?, "
+                "lease_expires_at = ?, started_at = ?, finished_at = NULL, updated_at = ? "
+                "WHERE id = ?",
+                (owner, now + lease_s, now, now, row["id"]),
+            )
+            return _job(db.execute(f"SELECT {', '.join(_JOB_COLUMNS)} FROM jobs WHERE id = ?",
+                                   (row["id"],)).fetchone())
+
+    def finish_job(self, job_id: int, owner: str, result: dict[str, Any], now: float) -> bool:
+        """Mark a running job of ``owner`` done with its result; False when the job is not
+        running under that lease any more (nothing changes then)."""
+        with self.transaction() as db:
+            cursor = db.execute(
+                "UPDATE jobs SET state = 'done', result = ?, last_error = NULL, "
+                "lease_owner = NULL, lease_expires_at = NULL, finished_at = ?, updated_at = ? "
+                "WHERE id = ? AND state = 'running' AND lease_owner = ?",
+                (json.dumps(result), now, now, job_id, owner),
+            )
+            return cursor.rowcount == 1
+
+    def fail_job_attempt(self, job_id: int, owner: str, error: str, max_attempts: int,
+                         now: float) -> JobRecord | None:
+        """End a failed attempt of a running job of ``owner``: queued again while attempts are
+        left, else failed. ``error`` becomes ``last_error``. None when the job is not running
+        under that lease."""
+        with self.transaction() as db:
+            cursor = db.execute(
+                "UPDATE jobs SET state = CASE WHEN attempts >= ? THEN 'failed' ELSE 'queued' END, "
+                "last_error = ?, lease_owner = NULL, lease_expires_at = NULL, "
+                "finished_at = CASE WHEN attempts >= ? THEN ? ELSE NULL END, updated_at = ? "
+                "WHERE id = ? AND state = 'running' AND lease_owner = ?",
+                (max_attempts, error, max_attempts, now, now, job_id, owner),
+            )
+            if cursor.rowcount != 1:
+                return None
+            return _job(db.execute(f"SELECT {', '.join(_JOB_COLUMNS)} FROM jobs WHERE id = ?",
+                                   (job_id,)).fetchone())
+
+    def release_job(self, job_id: int, owner: str, note: str, now: float) -> bool:
+        """Hand a running job of ``owner`` back to the queue without counting the attempt
+        (the node is stopping: not the job's fault)."""
+        with self.transaction() as db:
+            cursor = db.execute(
+                "UPDATE jobs SET state = 'queued', attempts = max(attempts - 1, 0), "
+                "last_error = ?, lease_owner = NULL, lease_expires_at = NULL, updated_at = ? "
+                "WHERE id = ? AND state = 'running' AND lease_owner = ?",
+                (note, now, job_id, owner),
+            )
+            return cursor.rowcount == 1
+
+    def requeue_orphaned_jobs(self, live_owner: str, max_attempts: int,
+                              now: float) -> list[JobRecord]:
+        """Running jobs whose lease owner is not ``live_owner`` (the caller knows those owners
+        are dead) go back to the queue, or to failed when their attempts are used up. The
+        interrupted attempt counts. Each crash re-queues a job once: afterwards it is queued,
+        not running. Returns the jobs as they are now."""
+        with self.transaction() as db:
+            rows = db.execute(
+                "SELECT id, attempts, lease_owner FROM jobs WHERE state = 'running' "
+                "AND (lease_owner IS NULL OR lease_owner != ?)",
+                (live_owner,),
+            ).fetchall()
+            for row in rows:
+                attempts = int(row["attempts"])
+                error = (f"interrupted: the node stopped while attempt {attempts} was running "
+                         f"(lease owner {row['lease_owner']})")
+                exhausted = attempts >= max_attempts
+                db.execute(
+                    "UPDATE jobs SET state = ?, last_error = ?, lease_owner = NULL, "
+                    "lease_expires_at = NULL, finished_at = ?, updated_at = ? WHERE id = ?",
+                    ("failed" if exhausted else "queued", error, now if exhausted else None,
+                     now, row["id"]),
+                )
+            ids = [row["id"] for row in rows]
+            return [
+                _job(db.execute(f"SELECT {', '.join(_JOB_COLUMNS)} FROM jobs WHERE id = ?",
+                                (job_id,)).fetchone())
+                for job_id in ids
+            ]
+
+    def job_instances(self, job_id: int) -> list[InstanceRecord]:
+        """The instances of the series of a job's acquisition, in order of arrival."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT a.series_uids FROM jobs j JOIN acquisitions a ON a.id = j.acquisition_id "
+                "WHERE j.id = ?", (job_id,)).fetchone()
+            if row is None:
+                return []
+            uids = json.loads(row[0])
+            marks = ", ".join("?" for _ in uids)
+            rows = self._db.execute(
+                f"SELECT {', '.join(_INSTANCE_COLUMNS)} FROM instances "
+                f"WHERE series_uid IN ({marks}) ORDER BY received_at, rowid", uids).fetchall()
+        return [InstanceRecord(**dict(r)) for r in rows]
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """Acquisitions, jobs and problems by state, for status displays (empty before v2)."""
+        if self._version < 2:
+            return {"acquisitions": {}, "jobs": {}, "problems": {}}
+        with self._lock:
+            acquisitions = dict(self._db.execute(
+                "SELECT state, count(*) FROM acquisitions GROUP BY state").fetchall())
+            jobs = dict(self._db.execute(
+                "SELECT state, count(*) FROM jobs GROUP BY state").fetchall())
+            open_, resolved = self._db.execute(
+                "SELECT coalesce(sum(resolved_at IS NULL), 0), "
+                "coalesce(sum(resolved_at IS NOT NULL), 0) FROM problems").fetchone()
+        return {
+            "acquisitions": {s: int(acquisitions.get(s, 0)) for s in ACQUISITION_STATES},
+            "jobs": {s: int(jobs.get(s, 0)) for s in JOB_STATES},
+            "problems": {"open": int(open_), "resolved": int(resolved)},
         }

@@ -136,11 +136,14 @@ class Sulcus:
         ax = np.abs(x)
         if self.kind == "coronal":
             y_sheet = self.position_mm + self.slope * ax
+            slope = np.full(ax.shape, self.slope, dtype=np.float32)
             if self.knob_mm:
-                y_sheet = y_sheet - self.knob_mm * np.exp(
-                    -(((ax - self.knob_x_mm) / self.knob_width_mm) ** 2)
-                )
-            g = (y - y_sheet) / np.float32(np.hypot(1.0, self.slope))
+                u = (ax - self.knob_x_mm) / self.knob_width_mm
+                bump = self.knob_mm * np.exp(-(u**2))
+                y_sheet = y_sheet - bump
+                slope = slope + 2 * u / self.knob_width_mm * bump
+            # Distance to the sheet by its local slope dy/d|x|, the knob's bend included.
+            g = (y - y_sheet) / np.sqrt(1 + slope * slope)
             beyond = np.maximum(np.maximum(self.extent_mm[0] - ax, ax - self.extent_mm[1]), 0)
         else:
             g = ax - self.position_mm

@@ -1,0 +1,153 @@
+"""Jobs: what a worker child is given, and what it runs.
+
+A job processes one accepted acquisition. The node (parent side) turns a claimed job into a
+:class:`JobSpec` with :func:`job_spec`: plain data (JSON), the acquisition's series and the
+absolute paths of their spool files, the grouping rules, and the attempt's output folder. The
+worker child (:mod:`qsmnode.node.worker`) runs a *job function* on it, by default
+:func:`execute_job`:
+
+1. summarize the files and group them again with the same rules;
+2. take the plan made of exactly the job's series (the same acquisition the tracker found);
+3. :func:`~qsmnode.dicom.load.load_acquisition` it from the spool files;
+4. :func:`qsmnode.pipeline.run_pipeline` it, and return the result as JSON.
+
+A job function takes a :class:`JobSpec` and returns a JSON-ready dictionary; it raises
+:class:`JobError` (or any exception) to fail the attempt with a message. It never touches the
+store: the parent records the outcome. The job function is the seam for other executors (a
+distributed engine would submit the same function with the same spec).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from qsmnode.node.config import Settings
+from qsmnode.node.store import JobRecord, Store
+
+DEFAULT_JOB_FUNCTION = "qsmnode.node.jobs:execute_job"
+JOBS_DIRNAME = "jobs"
+
+
+class JobError(RuntimeError):
+    """A job cannot be done; the message says why in plain words (it becomes last_error)."""
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """Everything a job function needs, as plain data.
+
+    Attributes:
+        job_id, acquisition_id, attempt: which job and which try (1-based).
+        study_uid, series_uids: the acquisition.
+        files: absolute paths of every spool file of those series.
+        min_echoes, require_phase: the grouping rules.
+        work_dir: this attempt's folder (spec, result, ``out/``).
+    """
+
+    job_id: int
+    acquisition_id: int
+    attempt: int
+    study_uid: str
+    series_uids: tuple[str, ...]
+    files: tuple[str, ...]
+    min_echoes: int
+    require_phase: bool
+    work_dir: str
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.work_dir) / "out"
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> JobSpec:
+        data = json.loads(text)
+        data["series_uids"] = tuple(data["series_uids"])
+        data["files"] = tuple(data["files"])
+        return cls(**data)
+
+
+def attempt_dir(state_dir: Path, job_id: int, attempt: int) -> Path:
+    """The folder of one attempt of a job, under the state directory."""
+    return Path(state_dir) / JOBS_DIRNAME / str(job_id) / f"attempt-{attempt}"
+
+
+def job_spec(store: Store, job: JobRecord, settings: Settings) -> JobSpec:
+    """The spec of a claimed job, from the store.
+
+    Raises:
+        JobError: the acquisition is gone or its files are not all in the spool.
+    """
+    acquisition = store.acquisition(job.acquisition_id)
+    if acquisition is None:
+        raise JobError(f"acquisition {job.acquisition_id} is not in the store")
+    state_dir = settings.paths.state_dir
+    instances = store.job_instances(job.id)
+    files = tuple(str(state_dir / record.path) for record in instances)
+    missing = [f for f in files if not Path(f).is_file()]
+    if not files or missing:
+        raise JobError(
+            f"{len(missing)} of {len(files)} spool files of acquisition {acquisition.id} are "
+            f"missing (first: {missing[0] if missing else 'none recorded'})"
+        )
+    return JobSpec(
+        job_id=job.id,
+        acquisition_id=acquisition.id,
+        attempt=job.attempts,
+        study_uid=acquisition.study_uid,
+        series_uids=acquisition.series_uids,
+        files=files,
+        min_echoes=settings.rules.min_echoes,
+        require_phase=settings.rules.require_phase,
+        work_dir=str(attempt_dir(state_dir, job.id, job.attempts)),
+    )
+
+
+def load_job_acquisition(spec: JobSpec) -> Any:
+    """Group the spec's files again and load the acquisition made of exactly its series.
+
+    Raises:
+        JobError: the files no longer make that acquisition (the reason is given).
+    """
+    from qsmnode.dicom.load import (
+        AcquisitionPlan,
+        LoadError,
+        group_acquisitions,
+        load_acquisition,
+        summarize_files,
+    )
+
+    infos = summarize_files(spec.files)
+    if len(infos) != len(spec.files):
+        raise JobError(f"only {len(infos)} of {len(spec.files)} spool files could be read")
+    wanted = set(spec.series_uids)
+    results = group_acquisitions(infos, min_echoes=spec.min_echoes,
+                                 require_phase=spec.require_phase)
+    for item in results:
+        if isinstance(item, AcquisitionPlan) and set(item.series_uids) == wanted:
+            try:
+                return load_acquisition(item)
+            except LoadError as exc:
+                raise JobError(f"cannot load the acquisition: {exc}") from None
+    reasons = "; ".join(getattr(item, "reason", "") for item in results if
+                        not isinstance(item, AcquisitionPlan))
+    raise JobError(
+        "the spool files no longer make this acquisition" + (f": {reasons}" if reasons else "")
+    )
+
+
+def execute_job(spec: JobSpec) -> dict[str, Any]:
+    """The default job function: load the acquisition from the spool and run the pipeline."""
+    from qsmnode.pipeline import PipelineError, PipelineParams, run_pipeline
+
+    loaded = load_job_acquisition(spec)
+    try:
+        result = run_pipeline(loaded, PipelineParams(out_dir=spec.out_dir))
+    except PipelineError as exc:
+        raise JobError(str(exc)) from None
+    return result.to_json()

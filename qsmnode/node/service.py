@@ -1,0 +1,157 @@
+"""The node: what ``qsmnode serve`` runs.
+
+:func:`serve` holds the state directory's lock, opens the store, makes the spool and the store
+agree (:func:`~qsmnode.node.receiver.recover`), hands the jobs that a previous run left running
+back to the queue, then runs three parts until told to stop:
+
+- the **receiver** (:class:`~qsmnode.node.receiver.Receiver`): the DICOM listener, in
+  pynetdicom's threads;
+- the **tracker** (:class:`~qsmnode.node.tracker.Tracker`): a thread that completes series and
+  turns complete studies into acquisitions, problems and jobs;
+- the **worker pool** (:class:`~qsmnode.node.worker.WorkerPool`): a thread that runs the jobs
+  in child processes.
+
+At a stop, the listener closes first (running associations get a grace period), then the
+tracker, then the pool (running jobs are handed back to the queue).
+
+**One node per state directory.** ``<state_dir>/node.lock`` is held (``flock``) while the node
+runs, and a second node on the same directory refuses to start. So, at start, every job the
+store shows as running belongs to a node that is gone (its lease owner is dead): it is queued
+again, once, or failed when its attempts are used up. Lease owners are ``<node id>:<pid>``,
+the node id being new at every start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+from qsmnode import __version__
+from qsmnode.node.config import ConfigError, Settings, load_settings
+from qsmnode.node.jobs import DEFAULT_JOB_FUNCTION
+from qsmnode.node.receiver import SPOOL_DIRNAME, Receiver, quiet_library_loggers, recover
+from qsmnode.node.spool import MIB, Spool
+from qsmnode.node.store import Store, StoreError
+from qsmnode.node.tracker import Tracker
+from qsmnode.node.worker import WorkerPool
+
+log = logging.getLogger(__name__)
+
+LOCK_FILENAME = "node.lock"
+
+
+class NodeBusyError(RuntimeError):
+    """Another node runs with the same state directory."""
+
+
+@contextlib.contextmanager
+def state_dir_lock(state_dir: Path) -> Iterator[None]:
+    """Hold ``<state_dir>/node.lock`` (exclusive ``flock``) for the node's lifetime.
+
+    Raises:
+        NodeBusyError: another process holds it (the message gives its pid).
+    """
+    path = Path(state_dir) / LOCK_FILENAME
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            raise NodeBusyError(
+                f"{state_dir}: another qsmnode serve (pid {holder}) runs with this state "
+                "directory"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def serve(settings: Settings, stop: threading.Event, ready: threading.Event | None = None,
+          *, job_function: str = DEFAULT_JOB_FUNCTION) -> int:
+    """Run the node until ``stop`` is set (see the module docstring). Returns 0.
+
+    ``job_function`` (``module:function``) is what the worker children run for each job.
+
+    Raises:
+        NodeBusyError, StoreError, OSError: the node cannot start.
+    """
+    import pydicom.config
+
+    # values are only converted for the attributes read; never warn with their text
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+    quiet_library_loggers(logging.getLogger().getEffectiveLevel())
+    state_dir = settings.paths.state_dir
+    state_dir.mkdir(parents=True, exist_ok=True)
+    with state_dir_lock(state_dir), Store.in_state_dir(state_dir) as store:
+        spool = Spool(state_dir / SPOOL_DIRNAME, settings.listener.min_free_disk_mb * MIB)
+        recover(store, spool, state_dir)
+        owner = f"{uuid.uuid4().hex[:12]}:{os.getpid()}"
+        for job in store.requeue_orphaned_jobs(owner, settings.workers.job_attempts,
+                                               time.time()):
+            if job.state == "failed":
+                log.error("job %d failed: %s; its %d attempts are used up", job.id,
+                          job.last_error, job.attempts)
+            else:
+                log.warning("job %d queued again: %s", job.id, job.last_error)
+        pool = WorkerPool(settings, store, owner, job_function=job_function)
+        tracker = Tracker(settings, store, on_jobs=pool.wake)
+        receiver = Receiver(settings, store, spool)
+        tracker_stop = threading.Event()
+        tracker_thread = threading.Thread(target=tracker.run, args=(tracker_stop,),
+                                          name="tracker", daemon=True)
+        pool.start()
+        tracker_thread.start()
+        try:
+            receiver.start()
+            log.info("node %s ready (tracker: quiet period %g s, maximum wait %g s)", owner,
+                     settings.tracker.quiet_period_s, settings.tracker.max_wait_s)
+            if ready is not None:
+                ready.set()
+            stop.wait()
+        finally:
+            receiver.stop()
+            tracker_stop.set()
+            tracker_thread.join(timeout=30)
+            pool.stop()
+    return 0
+
+
+def main(config: Path | None = None, job_function: str = DEFAULT_JOB_FUNCTION) -> int:
+    """The ``qsmnode serve`` command: read the configuration, log to stderr, serve until
+    SIGTERM or SIGINT. Returns the exit status (0, 1 cannot serve, 2 bad configuration)."""
+    try:
+        settings = load_settings(config)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        stream=sys.stderr, level=settings.logging.level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    root = logging.getLogger("qsmnode")
+    stop = threading.Event()
+
+    def on_signal(number: int, _frame: object) -> None:
+        root.info("received %s: stopping", signal.Signals(number).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    root.info("qsmnode %s serving with %s", __version__, settings.source)
+    try:
+        return serve(settings, stop, job_function=job_function)
+    except (NodeBusyError, StoreError, OSError) as exc:
+        root.error("cannot serve: %s", exc)
+        return 1

@@ -1,0 +1,372 @@
+"""The tracker: decides when received series are complete, then groups their study into
+acquisitions and problems, and queues one job per acquisition.
+
+It runs as a thread in the node (:meth:`Tracker.run`), one :meth:`Tracker.poll` every 0.5 s,
+and works only from the store and the spool, so it picks up after a restart where it left off.
+
+**When a series is complete** (no DICOM peer can say so; DOMAIN.md), the first rule that holds:
+
+1. *Expected count reached*, where the headers tell it: an Enhanced MR series holds one
+   instance with every frame (NumberOfFrames), so its first instance completes it; a classic
+   series whose instances carry ImagesInAcquisition ``N`` is complete with ``N`` instances.
+   When the series of one acquisition are split up (Siemens XA, one series per echo and part)
+   and each carries the acquisition's ``N``, the open series of the study sharing that ``N``
+   (each below it) complete together when their counts add up to ``N`` (slices × echoes ×
+   parts).
+2. *Quiet period*: no new instance of the series for ``tracker.quiet_period_s``.
+3. *Maximum wait*: ``tracker.max_wait_s`` since the series (re)opened, even if instances still
+   trickle in.
+
+The store records why (``series.completion``: count, quiet or max_wait).
+
+**Grouping a study.** When none of a study's series is open and some are not grouped yet, and
+its last instance is at least ``min(quiet_period_s, 1 s)`` old (a short settle time, so that
+the next series of a sender that completes series by count has started arriving), the tracker
+summarizes the study's spool files (headers only, cached), leaves out non-MR instances (log
+line), and groups them with :func:`~qsmnode.dicom.load.group_acquisitions` under
+``rules.min_echoes`` and ``rules.require_phase``. Then the field-strength rule
+(``rules.field_strengths_t``; empty = any; a match is within 0.1 T; an unknown field strength
+passes): an acquisition outside it is recorded as ``ignored`` with the reason (no job), and a
+problem whose series all have another field strength is dropped with a log line. If the
+grouping finds a problem while the study is younger than the quiet period (a series completed
+by count while the next is still on its way), the tracker waits for the quiet period (or the
+maximum wait) before recording anything. Acquisitions, problems (logged, with their
+plain-language reason) and jobs are recorded in one transaction (:meth:`Store.record_grouping`),
+which does nothing if the study changed meanwhile; the tracker then tries again.
+
+**Idempotent.** An acquisition is identified by its set of series UIDs: grouping a study again
+never records it twice nor queues a second job. A problem found again is not recorded again; a
+problem not found again is marked resolved.
+
+**Late instances.** An instance that arrives for a series already complete re-opens the series
+(its maximum wait counts from then), and so its study: when the series completes again, the
+study is grouped again. An acquisition whose series were already recorded is not processed
+again (its job ran, or runs, on what was there); an acquisition that is new (e.g. the missing
+slice of a reported problem arrived, or a late series made a different set) gets its job, and
+the problems no longer found are marked resolved.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydicom.errors import InvalidDicomError
+
+from qsmnode.dicom.headers import ENHANCED_SOP_CLASSES, InstanceInfo, summarize
+from qsmnode.dicom.load import AcquisitionPlan, Problem, group_acquisitions
+from qsmnode.node.config import Settings
+from qsmnode.node.receiver import MR_SOP_CLASSES
+from qsmnode.node.store import (
+    GroupingOutcome,
+    InstanceRecord,
+    NewAcquisition,
+    NewProblem,
+    SeriesRecord,
+    Store,
+    StudyReady,
+    describe_summary,
+    series_numbers_text,
+)
+
+log = logging.getLogger(__name__)
+
+POLL_INTERVAL_S = 0.5
+SETTLE_S = 1.0
+"""Longest settle time between a study's last instance and its grouping (capped by the quiet
+period)."""
+FIELD_STRENGTH_TOLERANCE_T = 0.1
+
+
+def expected_instances(sop_class_uid: str, images_in_acquisition: int | None) -> int | None:
+    """How many instances a series is expected to hold, when its headers tell (else None)."""
+    if sop_class_uid in ENHANCED_SOP_CLASSES:
+        return 1
+    if images_in_acquisition is not None and images_in_acquisition > 0:
+        return images_in_acquisition
+    return None
+
+
+def plan_summary(plan: AcquisitionPlan) -> dict[str, Any]:
+    """The JSON summary of a plan recorded with its acquisition."""
+    affine = np.asarray(plan.affine, dtype=np.float64)
+    return {
+        "series_uids": list(plan.series_uids),
+        "series_numbers": list(plan.series_numbers),
+        "series_description": plan.series_description,
+        "vendor": str(plan.vendor),
+        "field_strength_t": plan.field_strength_t,
+        "n_echoes": plan.n_echoes,
+        "echo_times_s": list(plan.echo_times_s),
+        "shape": [plan.columns, plan.rows, plan.n_slices],
+        "voxel_size_mm": [float(v) for v in np.linalg.norm(affine[:3, :3], axis=0)],
+        "affine": affine.tolist(),
+        "has_phase": plan.phase is not None,
+        "frame_of_reference_uid": plan.frame_of_reference_uid,
+        "instances": len(plan.sop_instance_uids),
+    }
+
+
+@dataclass
+class TrackerPass:
+    """What one :meth:`Tracker.poll` did (for tests and logs)."""
+
+    reopened: list[str] = field(default_factory=list)
+    completed: dict[str, str] = field(default_factory=dict)
+    """Series UID -> completion (count, quiet, max_wait)."""
+    grouped: dict[str, GroupingOutcome] = field(default_factory=dict)
+    """Study UID -> what was recorded."""
+    waiting: list[str] = field(default_factory=list)
+    """Studies ready but not grouped yet (settling, or problems within the quiet period)."""
+
+
+class Tracker:
+    """Series completion and acquisition grouping (see the module docstring).
+
+    ``on_jobs`` is called after jobs were queued (the node wakes its worker pool).
+    ``clock`` gives the time (Unix seconds); tests pass their own.
+    """
+
+    def __init__(self, settings: Settings, store: Store, *,
+                 on_jobs: Callable[[], None] | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.settings = settings
+        self.store = store
+        self.state_dir = Path(settings.paths.state_dir)
+        self.on_jobs = on_jobs
+        self.clock = clock
+        self._summaries: dict[str, InstanceInfo | str] = {}  # path -> summary, or why not
+        self._waiting_logged: set[tuple[str, int]] = set()
+
+    # ----------------------------------------------------------------------------------- the loop
+
+    def run(self, stop: threading.Event, interval_s: float = POLL_INTERVAL_S) -> None:
+        """Poll until ``stop`` is set. Errors are logged and the loop goes on."""
+        while not stop.is_set():
+            try:
+                self.poll()
+            except Exception:
+                log.exception("tracker: unexpected error (retrying)")
+            stop.wait(interval_s)
+
+    def poll(self) -> TrackerPass:
+        """One pass: re-open late series, complete series, group the studies that are ready."""
+        now = self.clock()
+        result = TrackerPass()
+        for series in self.store.reopen_late_series(now):
+            late = series.received_count - (series.completed_count or 0)
+            log.info(
+                "series %s (number %s) of study %s: %d instance%s arrived after it was "
+                "complete; re-opened, and its study will be grouped again (an acquisition "
+                "already recorded is not processed twice)", series.series_uid,
+                series.series_number, series.study_uid, late, "" if late == 1 else "s")
+            result.reopened.append(series.series_uid)
+        self.update_series(now, result)
+        self.group_ready_studies(now, result)
+        return result
+
+    # -------------------------------------------------------------------------- series completion
+
+    def update_series(self, now: float, result: TrackerPass | None = None) -> TrackerPass:
+        """Complete the open series whose time has come (see the module docstring)."""
+        result = result if result is not None else TrackerPass()
+        tracker = self.settings.tracker
+        open_series = self.store.open_series()
+        groups: dict[tuple[str, int], list[SeriesRecord]] = defaultdict(list)
+        for series, iia in open_series:
+            if (iia is not None and iia > 0 and series.sop_class_uid not in ENHANCED_SOP_CLASSES
+                    and series.received_count < iia):
+                groups[(series.study_uid, iia)].append(series)
+        group_done = {
+            s.series_uid
+            for (_, iia), members in groups.items()
+            if len(members) > 1 and sum(m.received_count for m in members) == iia
+            for s in members
+        }
+        for series, iia in open_series:
+            expected = expected_instances(series.sop_class_uid, iia)
+            opened = series.opened_at if series.opened_at is not None else (
+                series.first_received_at)
+            if expected is not None and series.received_count >= expected:
+                completion, why = "count", f"expected count {expected} reached"
+            elif series.series_uid in group_done:
+                completion, why = "count", (f"with the other series of its acquisition, the "
+                                            f"expected count {iia} reached")
+            elif now - series.last_received_at >= tracker.quiet_period_s:
+                completion, why = "quiet", (f"nothing new for {tracker.quiet_period_s:g} s "
+                                            "(quiet period)")
+            elif now - opened >= tracker.max_wait_s:
+                completion, why = "max_wait", (f"open for {tracker.max_wait_s:g} s "
+                                               "(maximum wait)")
+            else:
+                if expected is not None and expected != series.expected_count:
+                    self.store.set_expected_count(series.series_uid, expected)
+                continue
+            if self.store.complete_series(series.series_uid, series.received_count, completion,
+                                          expected, now):
+                log.info("series %s (number %s) of study %s complete with %d instance%s: %s",
+                         series.series_uid, series.series_number, series.study_uid,
+                         series.received_count, "" if series.received_count == 1 else "s",
+                         why)
+                result.completed[series.series_uid] = completion
+        return result
+
+    # ----------------------------------------------------------------------------------- grouping
+
+    def group_ready_studies(self, now: float, result: TrackerPass | None = None) -> TrackerPass:
+        """Group every study whose series are all complete (and not grouped yet)."""
+        result = result if result is not None else TrackerPass()
+        for ready in self.store.studies_ready():
+            outcome = self.group_study(ready, now)
+            if outcome is None:
+                result.waiting.append(ready.study_uid)
+            else:
+                result.grouped[ready.study_uid] = outcome
+        return result
+
+    def group_study(self, ready: StudyReady, now: float) -> GroupingOutcome | None:
+        """Group one ready study and record the outcome; None when it must wait (settling,
+        problems within the quiet period, or it changed while being read)."""
+        tracker = self.settings.tracker
+        if now - ready.last_received_at < min(tracker.quiet_period_s, SETTLE_S):
+            return None
+        instances = self.store.study_instances(ready.study_uid)
+        if len(instances) != ready.instance_count:
+            return None  # an instance arrived meanwhile: next pass
+        infos, unreadable = self._summarize(instances)
+        rules = self.settings.rules
+        results = group_acquisitions(infos, min_echoes=rules.min_echoes,
+                                     require_phase=rules.require_phase)
+        acquisitions: list[NewAcquisition] = []
+        problems: list[NewProblem] = []
+        for series_uid, reasons in unreadable.items():
+            problems.append(NewProblem(
+                ready.study_uid, (series_uid,),
+                f"series UID {series_uid}: {len(reasons)} spool file"
+                f"{'' if len(reasons) == 1 else 's'} could not be read ({reasons[0]})"))
+        strengths = self._field_strengths(infos)
+        for item in results:
+            if isinstance(item, AcquisitionPlan):
+                summary = plan_summary(item)
+                refusal = self._field_strength_refusal(item.field_strength_t)
+                if refusal is not None:
+                    log.info("study %s: ignored acquisition (%s): %s", ready.study_uid,
+                             describe_summary(summary), refusal)
+                acquisitions.append(NewAcquisition(item.study_uid or ready.study_uid,
+                                                   tuple(item.series_uids), summary, refusal))
+            else:
+                self._add_problem(item, ready.study_uid, strengths, problems)
+        if problems and (now - ready.last_received_at < tracker.quiet_period_s
+                         and now - ready.opened_at < tracker.max_wait_s):
+            key = (ready.study_uid, ready.instance_count)
+            if key not in self._waiting_logged:
+                self._waiting_logged.add(key)
+                log.info("study %s: grouping finds %d problem%s; waiting for the quiet period "
+                         "in case more images are on their way", ready.study_uid, len(problems),
+                         "" if len(problems) == 1 else "s")
+            return None
+        outcome = self.store.record_grouping(ready.study_uid, ready.instance_count,
+                                             acquisitions, problems, now)
+        if outcome is None:
+            return None
+        self._forget(instances)
+        self._log_outcome(ready.study_uid, outcome, len(instances))
+        if outcome.jobs and self.on_jobs is not None:
+            self.on_jobs()
+        return outcome
+
+    def _add_problem(self, problem: Problem, study_uid: str,
+                     strengths: dict[str, float | None], problems: list[NewProblem]) -> None:
+        values = [strengths.get(uid) for uid in problem.series_uids]
+        known = [v for v in values if v is not None]
+        refused = [v for v in known if self._field_strength_refusal(v) is not None]
+        if values and len(refused) == len(values):
+            listed = ", ".join(f"{v:g}" for v in sorted(set(refused)))
+            log.info("study %s: ignored series %s: field strength %s T is not among "
+                     "rules.field_strengths_t (not processed: %s)", study_uid,
+                     series_numbers_text(problem.series_numbers), listed, problem.reason)
+            return
+        problems.append(NewProblem(problem.study_uid or study_uid, tuple(problem.series_uids),
+                                   problem.reason))
+
+    def _field_strength_refusal(self, value: float | None) -> str | None:
+        """Why the field-strength rule leaves an acquisition out (None: it does not)."""
+        accepted = self.settings.rules.field_strengths_t
+        if not accepted or value is None:
+            return None
+        if any(abs(value - b0) <= FIELD_STRENGTH_TOLERANCE_T for b0 in accepted):
+            return None
+        listed = ", ".join(f"{b0:g}" for b0 in accepted)
+        return f"field strength {value:g} T is not among rules.field_strengths_t ({listed} T)"
+
+    @staticmethod
+    def _field_strengths(infos: list[InstanceInfo]) -> dict[str, float | None]:
+        strengths: dict[str, float | None] = {}
+        for info in infos:
+            if strengths.get(info.series_uid) is None:
+                strengths[info.series_uid] = info.field_strength_t
+        return strengths
+
+    def _summarize(self, instances: list[InstanceRecord],
+                   ) -> tuple[list[InstanceInfo], dict[str, list[str]]]:
+        """Header summaries of the MR instances (cached by path), and the series whose files
+        could not be read, with the reasons."""
+        infos: list[InstanceInfo] = []
+        unreadable: dict[str, list[str]] = defaultdict(list)
+        skipped: dict[tuple[str, str], int] = defaultdict(int)
+        for record in instances:
+            if record.sop_class_uid not in MR_SOP_CLASSES:
+                skipped[(record.series_uid, record.sop_class_uid)] += 1
+                continue
+            path = str(self.state_dir / record.path)
+            summary = self._summaries.get(path)
+            if summary is None:
+                try:
+                    summary = summarize(path)
+                except (InvalidDicomError, OSError, EOFError, ValueError) as exc:
+                    summary = f"{type(exc).__name__}: {exc}"
+                self._summaries[path] = summary
+            if isinstance(summary, str):
+                unreadable[record.series_uid].append(summary)
+            else:
+                infos.append(summary)
+        for (series_uid, sop_class), count in skipped.items():
+            log.info("series %s: %d instance%s of SOP class %s left out of the grouping "
+                     "(not MR images)", series_uid, count, "" if count == 1 else "s", sop_class)
+        return infos, dict(unreadable)
+
+    def _forget(self, instances: list[InstanceRecord]) -> None:
+        for record in instances:
+            self._summaries.pop(str(self.state_dir / record.path), None)
+        studies = {record.study_uid for record in instances}
+        self._waiting_logged = {k for k in self._waiting_logged if k[0] not in studies}
+
+    def _log_outcome(self, study_uid: str, outcome: GroupingOutcome, n_instances: int) -> None:
+        jobs = {job.acquisition_id: job.id for job in outcome.jobs}
+        for acquisition in outcome.created:
+            what = describe_summary(acquisition.summary)
+            if acquisition.state == "accepted":
+                log.info("study %s: acquisition %d: %s; job %s queued", study_uid,
+                         acquisition.id, what, jobs.get(acquisition.id, "?"))
+            else:
+                log.info("study %s: acquisition %d recorded as ignored: %s (%s)", study_uid,
+                         acquisition.id, what, acquisition.reason)
+        for acquisition in outcome.known:
+            log.info("study %s grouped again: acquisition %d (series %s) is already recorded; "
+                     "it is not processed again", study_uid, acquisition.id,
+                     series_numbers_text(acquisition.summary.get("series_numbers", ())))
+        for problem in outcome.new_problems:
+            log.warning("study %s: problem %d: %s", study_uid, problem.id, problem.reason)
+        for problem in outcome.resolved_problems:
+            log.info("study %s: problem %d resolved (not found when the study was grouped "
+                     "again)", study_uid, problem.id)
+        if not (outcome.created or outcome.known or outcome.new_problems):
+            log.info("study %s: %d instance%s grouped, no acquisition and no new problem",
+                     study_uid, n_instances, "" if n_instances == 1 else "s")

@@ -1,0 +1,407 @@
+"""The worker pool: jobs run in child processes, one process per job attempt.
+
+Parent side (:class:`WorkerPool`, a thread in the node): claims queued jobs from the store while
+fewer than ``workers.processes`` children run, writes each attempt's :class:`JobSpec` to its
+folder (``<state_dir>/jobs/<job>/attempt-<n>/spec.json``) and starts
+``python -m qsmnode.node.worker`` on it. It polls its children, and when one exits it reads
+``result.json`` and records the outcome in the store: done with the result, or a failed attempt
+with a clear ``last_error`` (queued again while ``workers.job_attempts`` allow, else failed).
+A child that dies without a result (a crash, a signal, the kernel's OOM killer) fails the
+attempt with its exit status or signal. A child still running when its lease
+(``workers.lease_s``) runs out is killed and its attempt failed. When the node stops, running
+children are terminated and their jobs handed back to the queue without counting the attempt.
+
+Child side (:func:`main`): a fresh interpreter, so a crash or out-of-memory in numerical code
+can never take the listener down. It
+
+- sets ``RLIMIT_AS`` to the address space it already uses (interpreter and libraries) plus
+  ``workers.memory_budget_mb``, so a job that needs more gets a ``MemoryError`` (reported as
+  "out of memory") instead of pushing the machine into swap or the OOM killer;
+- exits at once if the node dies (it watches its parent), so an orphan never keeps running a
+  job that the restarted node will run again;
+- runs the job function (``module:function``, default
+  :data:`~qsmnode.node.jobs.DEFAULT_JOB_FUNCTION`) and writes ``{"ok": true, "result": ...}``
+  or ``{"ok": false, "error": ...}`` to ``result.json`` (temporary name, then rename).
+
+The child never opens the store. Its log lines go to the node's stderr, tagged with the job.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import json
+import logging
+import os
+import resource
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from qsmnode.node.config import Settings
+from qsmnode.node.jobs import DEFAULT_JOB_FUNCTION, JobError, JobSpec, attempt_dir, job_spec
+from qsmnode.node.store import JobRecord, Store
+
+log = logging.getLogger("qsmnode.node.worker")  # also when run as __main__
+
+SPEC_FILENAME = "spec.json"
+RESULT_FILENAME = "result.json"
+EXIT_FAILED = 2
+EXIT_OUT_OF_MEMORY = 3
+EXIT_ORPHANED = 70
+_TERMINATE_GRACE_S = 3.0
+_POLL_S = 0.2
+MIB = 1024 * 1024
+
+
+# ------------------------------------------------------------------------------------------------
+# Parent side
+
+
+@dataclass
+class _Running:
+    job: JobRecord
+    spec: JobSpec
+    process: subprocess.Popen[bytes]
+    result_path: Path
+    started: float
+
+
+def _child_env() -> dict[str, str]:
+    """The child's environment: ours, with our module search path (as multiprocessing's spawn
+    passes it), so the child imports the same code, job functions included."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    return env
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+class WorkerPool:
+    """Runs the store's queued jobs in child processes (see the module docstring).
+
+    ``owner`` names this node in job leases (``<node id>:<pid>``). ``job_function`` is the
+    ``module:function`` the children run.
+    """
+
+    def __init__(self, settings: Settings, store: Store, owner: str,
+                 job_function: str = DEFAULT_JOB_FUNCTION,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.settings = settings
+        self.store = store
+        self.owner = owner
+        self.job_function = job_function
+        self.clock = clock
+        self._running: dict[int, _Running] = {}
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -------------------------------------------------------------------------------- lifecycle
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="worker-pool", daemon=True)
+        self._thread.start()
+        workers = self.settings.workers
+        log.info("worker pool: %d process%s, memory budget %d MiB each, %d attempts per job, "
+                 "lease %g s", workers.processes, "" if workers.processes == 1 else "es",
+                 workers.memory_budget_mb, workers.job_attempts, workers.lease_s)
+
+    def wake(self) -> None:
+        """Look for queued jobs now (the tracker calls this after queueing one)."""
+        self._wake.set()
+
+    def stop(self, timeout_s: float = 15.0) -> None:
+        """Stop: terminate running children and hand their jobs back to the queue."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=timeout_s)
+            self._thread = None
+
+    @property
+    def running_jobs(self) -> list[int]:
+        return list(self._running)
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                try:
+                    self.step()
+                except Exception:  # keep the pool alive: the store may be busy, a disk full
+                    log.exception("worker pool: unexpected error (retrying)")
+                    self._stop.wait(1.0)
+                self._wake.wait(_POLL_S)
+                self._wake.clear()
+        finally:
+            self._shutdown()
+
+    def step(self) -> None:
+        """One pass: reap finished children, enforce leases, start queued jobs."""
+        for job_id in list(self._running):
+            self._check(self._running[job_id])
+        while len(self._running) < self.settings.workers.processes and not self._stop.is_set():
+            job = self.store.claim_job(self.owner, self.settings.workers.lease_s, self.clock())
+            if job is None:
+                break
+            self._launch(job)
+
+    # ------------------------------------------------------------------------------------ starting
+
+    def _launch(self, job: JobRecord) -> None:
+        workers = self.settings.workers
+        try:
+            spec = job_spec(self.store, job, self.settings)
+            work = attempt_dir(self.settings.paths.state_dir, job.id, job.attempts)
+            work.mkdir(parents=True, exist_ok=True)
+            spec_path, result_path = work / SPEC_FILENAME, work / RESULT_FILENAME
+            result_path.unlink(missing_ok=True)
+            spec_path.write_text(spec.to_json())
+        except JobError as exc:
+            self._fail(job, str(exc))
+            return
+        except Exception as exc:  # e.g. the disk is full: fail the attempt, not the pool
+            log.exception("job %d: cannot prepare the attempt", job.id)
+            self._fail(job, f"cannot prepare the attempt: {type(exc).__name__}: {exc}")
+            return
+        command = [
+            sys.executable, "-m", "qsmnode.node.worker", "--spec", str(spec_path),
+            "--result", str(result_path), "--job-function", self.job_function,
+            "--memory-budget-mb", str(workers.memory_budget_mb),
+            "--parent-pid", str(os.getpid()),
+            "--log-level", logging.getLevelName(logging.getLogger().getEffectiveLevel()),
+        ]
+        try:
+            process = subprocess.Popen(command, stdin=subprocess.DEVNULL,
+                                       stdout=subprocess.DEVNULL, env=_child_env(),
+                                       start_new_session=True)
+        except OSError as exc:
+            self._fail(job, f"cannot start a worker process: {exc}")
+            return
+        self._running[job.id] = _Running(job, spec, process, result_path, time.monotonic())
+        acquisition = self.store.acquisition(job.acquisition_id)
+        series = acquisition.summary.get("series_numbers") if acquisition else None
+        log.info("job %d (acquisition %d, series %s): attempt %d of %d started in worker "
+                 "process %d", job.id, job.acquisition_id,
+                 ", ".join("?" if n is None else str(n) for n in series or ()), job.attempts,
+                 workers.job_attempts, process.pid)
+
+    # ------------------------------------------------------------------------------------ results
+
+    def _check(self, run: _Running) -> None:
+        code = run.process.poll()
+        if code is None:
+            expires = run.job.lease_expires_at
+            if expires is not None and self.clock() > expires:
+                self._kill(run.process)
+                del self._running[run.job.id]
+                self._fail(run.job, f"timed out: still running after workers.lease_s "
+                                    f"({self.settings.workers.lease_s:g} s); the worker was "
+                                    "killed")
+            return
+        del self._running[run.job.id]
+        seconds = time.monotonic() - run.started
+        outcome = _read_result(run.result_path)
+        if outcome is not None and outcome.get("ok") is True and code == 0:
+            if self.store.finish_job(run.job.id, self.owner, outcome.get("result") or {},
+                                     self.clock()):
+                log.info("job %d done in %.1f s (attempt %d)", run.job.id, seconds,
+                         run.job.attempts)
+            else:
+                log.warning("job %d finished but its lease was gone; result dropped",
+                            run.job.id)
+            return
+        if outcome is not None and outcome.get("ok") is False:
+            error = str(outcome.get("error") or "failed without a message")
+        elif code < 0:
+            error = f"the worker process was killed by {_signal_name(-code)}"
+            if -code == signal.SIGKILL:
+                error += (" (the system may have run out of memory; the memory budget is "
+                          f"{self.settings.workers.memory_budget_mb} MiB)")
+        else:
+            error = f"the worker process exited with status {code} without a result"
+        self._fail(run.job, error)
+
+    def _fail(self, job: JobRecord, error: str) -> None:
+        attempts = self.settings.workers.job_attempts
+        after = self.store.fail_job_attempt(job.id, self.owner, error, attempts, self.clock())
+        if after is None:
+            log.warning("job %d: attempt failed (%s) but its lease was gone", job.id, error)
+        elif after.state == "failed":
+            log.error("job %d failed after %d attempt%s: %s", job.id, after.attempts,
+                      "" if after.attempts == 1 else "s", error)
+        else:
+            log.warning("job %d: attempt %d of %d failed, queued again: %s", job.id,
+                        after.attempts, attempts, error)
+            self._wake.set()
+
+    # ----------------------------------------------------------------------------------- stopping
+
+    @staticmethod
+    def _kill(process: subprocess.Popen[bytes], grace_s: float = 0.0) -> None:
+        """End a child and its process group: SIGTERM, ``grace_s``, then SIGKILL."""
+        if process.poll() is None and grace_s > 0:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=grace_s)
+            except subprocess.TimeoutExpired:
+                pass
+        if process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+    def _shutdown(self) -> None:
+        for run in list(self._running.values()):
+            self._kill(run.process, _TERMINATE_GRACE_S)
+            if self.store.release_job(run.job.id, self.owner,
+                                      "interrupted by a node shutdown; queued again",
+                                      self.clock()):
+                log.info("job %d: interrupted by the shutdown, queued again", run.job.id)
+        self._running.clear()
+
+
+def _read_result(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+# ------------------------------------------------------------------------------------------------
+# Child side
+
+
+def _watch_parent(parent_pid: int) -> None:
+    """Exit at once when the node that started us is gone (we were re-parented)."""
+    while True:
+        if os.getppid() != parent_pid:
+            os._exit(EXIT_ORPHANED)
+        time.sleep(_POLL_S)
+
+
+def _address_space_bytes() -> int | None:
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmSize:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def limit_memory(budget_mb: int) -> int | None:
+    """Cap this process's address space at what it uses now plus ``budget_mb``; return the
+    limit in bytes (None when it cannot be set)."""
+    current = _address_space_bytes() or 0
+    limit = current + budget_mb * MIB
+    _, hard = resource.getrlimit(resource.RLIMIT_AS)
+    if hard != resource.RLIM_INFINITY:
+        limit = min(limit, hard)
+    try:
+        resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+    except (ValueError, OSError):
+        return None
+    return limit
+
+
+def resolve_job_function(name: str) -> Callable[[JobSpec], dict[str, Any]]:
+    """The function named ``module:function``."""
+    module_name, sep, attribute = name.partition(":")
+    if not sep or not module_name or not attribute:
+        raise ValueError(f"job function {name!r}: expected module:function")
+    function = getattr(importlib.import_module(module_name), attribute)
+    if not callable(function):
+        raise ValueError(f"job function {name!r} is not callable")
+    return function  # type: ignore[no-any-return]
+
+
+def _write_text(path: Path, text: str) -> None:
+    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temp.write_text(text)
+    os.replace(temp, path)
+
+
+def _write_result(path: Path, outcome: dict[str, Any]) -> None:
+    _write_text(path, json.dumps(outcome))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The child: run one job attempt (see the module docstring)."""
+    parser = argparse.ArgumentParser(prog="python -m qsmnode.node.worker",
+                                     description="Run one job attempt (started by the node).")
+    parser.add_argument("--spec", type=Path, required=True)
+    parser.add_argument("--result", type=Path, required=True)
+    parser.add_argument("--job-function", default=DEFAULT_JOB_FUNCTION)
+    parser.add_argument("--memory-budget-mb", type=int, default=8192)
+    parser.add_argument("--parent-pid", type=int, default=None)
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+
+    spec = JobSpec.from_json(args.spec.read_text())
+    logging.basicConfig(
+        stream=sys.stderr, level=args.log_level,
+        format=f"%(asctime)s %(levelname)s worker[job {spec.job_id}.{spec.attempt} "
+               f"pid {os.getpid()}] %(name)s: %(message)s",
+    )
+    for name in ("pydicom", "pynetdicom"):  # their chatter can quote datasets
+        logging.getLogger(name).setLevel(max(logging.getLogger().level, logging.WARNING))
+    if args.parent_pid is not None:
+        threading.Thread(target=_watch_parent, args=(args.parent_pid,), name="watch-parent",
+                         daemon=True).start()
+    try:
+        function = resolve_job_function(args.job_function)
+        import pydicom.config
+
+        import qsmnode.dicom.load
+        import qsmnode.pipeline  # noqa: F401  (loaded before the memory limit applies)
+
+        pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+    except Exception as exc:
+        log.exception("cannot start the job")
+        _write_result(args.result, {"ok": False, "error": f"cannot start the job: {exc}"})
+        return EXIT_FAILED
+    limit = limit_memory(args.memory_budget_mb)
+    if limit is None:
+        log.warning("could not set the memory limit (budget %d MiB)", args.memory_budget_mb)
+    started = time.perf_counter()
+    try:
+        result = function(spec)
+        text = json.dumps({"ok": True, "result": result})
+    except MemoryError as exc:
+        detail = f" ({exc})" if str(exc) else ""
+        error = (f"out of memory: the job needed more than the memory budget of "
+                 f"{args.memory_budget_mb} MiB (workers.memory_budget_mb){detail}")
+        log.error("%s", error)
+        _write_result(args.result, {"ok": False, "error": error})
+        return EXIT_OUT_OF_MEMORY
+    except JobError as exc:
+        log.error("job failed: %s", exc)
+        _write_result(args.result, {"ok": False, "error": str(exc)})
+        return EXIT_FAILED
+    except Exception as exc:
+        log.exception("job failed")
+        _write_result(args.result, {"ok": False, "error": f"{type(exc).__name__}: {exc}"})
+        return EXIT_FAILED
+    _write_text(args.result, text)
+    log.info("job done in %.2f s", time.perf_counter() - started)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,292 @@
+"""Helpers for tests that run the node as a real peer: a ``qsmnode serve`` subprocess with its own
+configuration and state in ``tmp_path``, dcmtk ``storescu`` as the scanner, deadline-based
+waits, simulated studies, and a job function with test hooks.
+
+Test hooks never live in the product: :func:`hooked_job` is a job function of this module, and
+a node that should use it is started with ``python -m tests.nodeutil --config FILE
+--job-function tests.nodeutil:hooked_job`` (the same :func:`qsmnode.node.service.main` as
+``qsmnode serve``, with another job function). What it does per study comes from the
+``QSMNODE_TEST_HOOKS`` environment variable of the node (JSON, see :func:`hooked_job`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from qsmnode.node.store import Store, StoreError
+from tests.conftest import REPO, require_tool
+
+ALLOWED = "SCANNER7T"
+HOOKS_ENV = "QSMNODE_TEST_HOOKS"
+T = TypeVar("T")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, str | Path):
+        return json.dumps(str(value))
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    return str(value)
+
+
+def wait_for(check: Callable[[], T], what: str, timeout_s: float = 60.0,
+             interval_s: float = 0.1, log: Callable[[], str] | None = None) -> T:
+    """Poll ``check`` until it returns something truthy; fail after ``timeout_s`` naming
+    ``what`` (and the tail of ``log()``)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            tail = log()[-4000:] if log is not None else ""
+            pytest.fail(f"timed out after {timeout_s:g} s waiting for {what}\n{tail}")
+        time.sleep(interval_s)
+
+
+class Node:
+    """A node in a subprocess, with its own config and state under ``root``.
+
+    ``sections`` adds TOML tables (``{"tracker": {"quiet_period_s": 1}}``); ``job_function``
+    starts it through this module with that job function; ``env`` adds environment variables.
+    """
+
+    def __init__(self, root: Path, *, sections: dict[str, dict[str, object]] | None = None,
+                 job_function: str | None = None, env: dict[str, str] | None = None,
+                 **listener: object) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.state_dir = root / "state"
+        self.config = root / "qsmnode.toml"
+        self.log_path = root / "node.log"
+        self.job_function = job_function
+        self.env = env or {}
+        self.process: subprocess.Popen[bytes] | None = None
+        settings = {"host": "127.0.0.1", "port": self.port, "min_free_disk_mb": 1,
+                    "acse_timeout_s": 5, **listener}
+        lines = ["[paths]", f"state_dir = {toml_value(self.state_dir)}", "", "[listener]"]
+        lines += [f"{key} = {toml_value(value)}" for key, value in settings.items()]
+        lines += ["", "[[listener.allowed_senders]]", f"ae_title = {toml_value(ALLOWED)}",
+                  "hosts = []"]
+        tables: dict[str, dict[str, object]] = {"http": {"port": 0},
+                                                "logging": {"level": "INFO"}}
+        for name, values in (sections or {}).items():
+            tables[name] = {**tables.get(name, {}), **values}
+        for name, values in tables.items():
+            lines += ["", f"[{name}]"]
+            lines += [f"{key} = {toml_value(value)}" for key, value in values.items()]
+        self.config.write_text("\n".join(lines) + "\n")
+
+    # ---------------------------------------------------------------------------- the process
+
+    def start(self) -> Node:
+        """Start the node and wait until it listens (a restart appends to the same log)."""
+        offset = len(self.log())
+        if self.job_function is None:
+            command = [sys.executable, "-m", "qsmnode", "serve", "--config", str(self.config)]
+        else:
+            command = [sys.executable, "-m", "tests.nodeutil", "--config", str(self.config),
+                       "--job-function", self.job_function]
+        self.process = subprocess.Popen(
+            command, stdout=subprocess.DEVNULL, stderr=self.log_path.open("ab"), cwd=REPO,
+            env={**os.environ, **self.env},
+        )
+        process = self.process
+        wait_for(lambda: "listening as" in self.log()[offset:] or process.poll() is not None,
+                 "the node to start", 60, 0.05, self.log)
+        if process.poll() is not None:
+            pytest.fail(f"the node did not start:\n{self.log()}")
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self) -> None:
+        """SIGTERM: the node must exit cleanly, with status 0."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+        assert self.process.wait(timeout=30) == 0, self.log()[-4000:]
+        self.process = None
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(timeout=10)
+        self.process = None
+
+    def close(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+
+    # ------------------------------------------------------------------------------- the store
+
+    def store(self) -> Store:
+        return Store.in_state_dir(self.state_dir, readonly=True)
+
+    def read(self, reader: Callable[[Store], T], default: T) -> T:
+        """``reader(store)``, or ``default`` while the store cannot be read yet."""
+        try:
+            with self.store() as store:
+                return reader(store)
+        except (StoreError, sqlite3.Error):
+            return default
+
+    def count(self) -> int:
+        return self.read(lambda s: s.count_instances(), 0)
+
+    def jobs_in(self, *states: str) -> list[Any]:
+        return self.read(lambda s: [j for j in s.jobs() if j.state in states], [])
+
+    def wait_jobs(self, n: int, states: tuple[str, ...] = ("done", "failed"),
+                  timeout_s: float = 90.0) -> list[Any]:
+        """Wait until ``n`` jobs exist and all are in ``states``; return them."""
+        def settled() -> list[Any] | None:
+            jobs = self.read(lambda s: s.jobs(), [])
+            return jobs if len(jobs) == n and all(j.state in states for j in jobs) else None
+
+        return wait_for(settled, f"{n} jobs in {states}", timeout_s, 0.2, self.log)
+
+    def status(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "qsmnode", "status", "--config", str(self.config), *args],
+            capture_output=True, text=True, timeout=60, cwd=REPO,
+        )
+
+    def status_json(self) -> dict[str, Any]:
+        done = self.status("--json")
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)  # type: ignore[no-any-return]
+
+    # ------------------------------------------------------------------------------ the sender
+
+    def storescu_command(self, *args: str | Path) -> list[str]:
+        return [require_tool("storescu", "dcmtk"), "-aet", ALLOWED, "-aec", "QSMNODE",
+                "127.0.0.1", str(self.port), *map(str, args)]
+
+    def storescu(self, *args: str | Path, nodelay: bool = True,
+                 ) -> subprocess.CompletedProcess[str]:
+        # dcmtk leaves Nagle's algorithm on unless TCP_NODELAY=1 (a delayed ACK per instance)
+        env = {**os.environ, "TCP_NODELAY": "1" if nodelay else "0"}
+        return subprocess.run(self.storescu_command(*args), capture_output=True, text=True,
+                              timeout=180, env=env)
+
+    def echoscu(self) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [require_tool("echoscu", "dcmtk"), "-aet", ALLOWED, "-aec", "QSMNODE", "127.0.0.1",
+             str(self.port)],
+            capture_output=True, text=True, timeout=60,
+        )
+
+
+@pytest.fixture
+def nodes() -> Iterator[list[Node]]:
+    """Nodes made by a test are killed at its end, whatever happened."""
+    made: list[Node] = []
+    yield made
+    for node in made:
+        node.close()
+
+
+def make_node(nodes: list[Node], root: Path, **kwargs: Any) -> Node:
+    node = Node(root, **kwargs)
+    nodes.append(node)
+    return node
+
+
+# ------------------------------------------------------------------------------------------------
+# Simulated studies
+
+
+SMALL_SCAN = {"shape": (24, 28, 12), "voxel_size_mm": (7.0, 7.0, 12.0),
+              "echo_times_s": (0.005, 0.0105, 0.016)}
+"""The tiny preset's field of view on a coarse grid: 12 slices, 3 echoes (72 classic files)."""
+
+
+@functools.cache
+def small_simulation() -> Any:
+    from qsmnode.sim.scanner import preset, simulate
+
+    return simulate(preset("tiny", **SMALL_SCAN))  # type: ignore[arg-type]
+
+
+def write_study(out: Path, style: str, seed: int) -> list[Path]:
+    """The small simulated acquisition written as ``style`` with study seed ``seed``."""
+    from qsmnode.sim.vendor_dicom import SimStudyInfo, write_dicom
+
+    return write_dicom(small_simulation().gre, out, style, SimStudyInfo(seed=seed))
+
+
+def study_uid(seed: int) -> str:
+    from qsmnode.sim.vendor_dicom import SimStudyInfo
+
+    return SimStudyInfo(seed=seed).study_instance_uid
+
+
+# ------------------------------------------------------------------------------------------------
+# A job function with test hooks
+
+
+def hooked_job(spec: Any) -> dict[str, Any]:
+    """The default job function, after the hooks set for the spec's study.
+
+    ``$QSMNODE_TEST_HOOKS`` maps a study UID to hooks, applied in this order:
+    ``{"marker": PATH}`` appends ``<pid> <job id> <attempt>`` to PATH at the start;
+    ``{"exit": N}`` ends the process at once with status N (a crash);
+    ``{"allocate_mb": N}`` allocates and touches N MiB (to exceed the memory budget);
+    ``{"delay_s": S}`` sleeps S seconds before the real work (only in attempts up to
+    ``"slow_attempts"`` when that is given).
+    """
+    import numpy as np
+
+    from qsmnode.node.jobs import execute_job
+
+    hooks = json.loads(os.environ.get(HOOKS_ENV, "{}")).get(spec.study_uid, {})
+    if "marker" in hooks:
+        with open(hooks["marker"], "a") as marker:
+            marker.write(f"{os.getpid()} {spec.job_id} {spec.attempt}\n")
+    if "exit" in hooks:
+        os._exit(int(hooks["exit"]))
+    if "allocate_mb" in hooks:
+        block = np.ones(int(hooks["allocate_mb"]) * 1024 * 1024 // 8)
+        del block
+    if "delay_s" in hooks and spec.attempt <= int(hooks.get("slow_attempts", spec.attempt)):
+        time.sleep(float(hooks["delay_s"]))
+    return execute_job(spec)
+
+
+def _main() -> int:
+    from qsmnode.node.service import main
+
+    parser = argparse.ArgumentParser(description="qsmnode serve with another job function")
+    parser.add_argument("--config", type=Path, required=True)
+    parser.add_argument("--job-function", required=True)
+    args = parser.parse_args()
+    return main(args.config, job_function=args.job_function)
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main())

@@ -1,0 +1,292 @@
+"""Jobs: the store's lease life cycle, the job function on spool files, and the worker pool's
+child processes (success, crash, out of memory, lease timeout, shutdown)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from qsmnode.node.config import WorkersConfig
+from qsmnode.node.jobs import JobError, execute_job, job_spec
+from qsmnode.node.store import JobRecord, NewAcquisition, NewProblem, Store
+from qsmnode.node.tracker import Tracker
+from qsmnode.node.worker import WorkerPool, limit_memory, resolve_job_function
+from qsmnode.pipeline import PipelineParams, run_pipeline
+from tests.nodeutil import HOOKS_ENV, study_uid, wait_for, write_study
+from tests.test_tracker import Clock, add, ingest, settings_for
+
+
+def _queue(store: Store, study: str, series: str, at: float = 1.0) -> int:
+    """Record an acquisition of one series (with one instance) and return its job id."""
+    add(store, f"{series}.1", series, at, study=study)
+    store.complete_series(series, 1, "quiet", None, at)
+    outcome = store.record_grouping(
+        study, 1, [NewAcquisition(study, (series,), {"series_numbers": [1]})], [], at)
+    assert outcome is not None and len(outcome.jobs) == 1
+    return outcome.jobs[0].id
+
+
+def test_job_leases_attempts_and_recovery(tmp_path: Path) -> None:
+    with Store.in_state_dir(tmp_path) as store:
+        assert store.schema_version() == 2
+        job_id = _queue(store, "1.2.1", "9.1")
+        other = _queue(store, "1.2.2", "9.2")
+
+        claimed = store.claim_job("node-a:1", 60.0, 100.0)
+        assert claimed is not None and claimed.id == job_id
+        assert (claimed.state, claimed.attempts, claimed.lease_owner,
+                claimed.lease_expires_at) == ("running", 1, "node-a:1", 160.0)
+        assert not store.finish_job(job_id, "node-b:2", {}, 101.0)  # not the lease owner
+        after = store.fail_job_attempt(job_id, "node-a:1", "boom", 3, 102.0)
+        assert after is not None and (after.state, after.attempts, after.last_error) == (
+            "queued", 1, "boom")
+
+        # a crash of node a while attempt 2 runs: re-queued once by the next node
+        assert store.claim_job("node-a:1", 60.0, 103.0).attempts == 2  # type: ignore[union-attr]
+        [requeued] = store.requeue_orphaned_jobs("node-c:3", 3, 110.0)
+        assert (requeued.state, requeued.attempts, requeued.lease_owner) == ("queued", 2, None)
+        assert requeued.last_error == ("interrupted: the node stopped while attempt 2 was "
+                                       "running (lease owner node-a:1)")
+        assert store.requeue_orphaned_jobs("node-c:3", 3, 111.0) == []  # exactly once
+
+        # a clean shutdown hands the job back without counting the attempt
+        assert store.claim_job("node-c:3", 60.0, 112.0).id == job_id  # type: ignore[union-attr]
+        assert store.release_job(job_id, "node-c:3", "interrupted by a node shutdown", 113.0)
+        assert store.job(job_id).attempts == 2  # type: ignore[union-attr]
+
+        # the last attempt fails: failed, with the last error
+        assert store.claim_job("node-c:3", 60.0, 114.0).attempts == 3  # type: ignore[union-attr]
+        final = store.fail_job_attempt(job_id, "node-c:3", "still broken", 3, 115.0)
+        assert final is not None and (final.state, final.finished_at) == ("failed", 115.0)
+        assert store.claim_job("node-c:3", 60.0, 116.0).id == other  # type: ignore[union-attr]
+        assert store.finish_job(other, "node-c:3", {"answer": 42}, 117.0)
+        done = store.job(other)
+        assert done is not None and done.state == "done" and done.result == {"answer": 42}
+        assert store.claim_job("node-c:3", 60.0, 118.0) is None
+        # a crash during the last attempt fails the job instead of re-queueing it
+        third = _queue(store, "1.2.3", "9.3")
+        for attempt in range(3):
+            store.claim_job("node-d:4", 60.0, 120.0 + attempt)
+            if attempt < 2:
+                store.fail_job_attempt(third, "node-d:4", "flaky", 3, 120.5 + attempt)
+        [gone] = store.requeue_orphaned_jobs("node-e:5", 3, 130.0)
+        assert gone.state == "failed" and gone.attempts == 3
+        assert store.counts()["jobs"] == {"queued": 0, "running": 0, "done": 1, "failed": 2}
+
+
+def test_recorded_problems_are_kept_once(tmp_path: Path) -> None:
+    with Store.in_state_dir(tmp_path) as store:
+        add(store, "1.1", "9.1", 1.0, study="1.2.1")
+        store.complete_series("9.1", 1, "quiet", None, 1.0)
+        problem = NewProblem("1.2.1", ("9.1",), "series 1: no phase")
+        first = store.record_grouping("1.2.1", 1, [], [problem], 2.0)
+        assert first is not None and len(first.new_problems) == 1
+        again = store.record_grouping("1.2.1", 1, [], [problem], 3.0)
+        assert again is not None and not again.new_problems and not again.resolved_problems
+        assert store.record_grouping("1.2.1", 2, [], [], 4.0) is None  # stale count
+        add(store, "1.2", "9.2", 5.0, study="1.2.1")  # a new open series of the study
+        assert store.record_grouping("1.2.1", 2, [], [], 5.0) is None
+        assert len(store.problems()) == 1
+
+
+@pytest.fixture(scope="module")
+def queued(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    """Four simulated studies in a spool, grouped: four queued jobs (one per study)."""
+    root = tmp_path_factory.mktemp("queued")
+    files = {seed: write_study(root / "in" / str(seed), style, seed)
+             for seed, style in ((61, "siemens"), (62, "philips"), (63, "enhanced"),
+                                 (64, "siemens-xa"))}
+    return {"root": root, "files": files}
+
+
+def _state(tmp_path: Path, queued: dict[str, object],
+           seeds: tuple[int, ...] = (61, 62, 63, 64)) -> Path:
+    """A state directory with the studies of ``seeds`` received and grouped: a queued job
+    each, in the order of ``seeds``."""
+    state = tmp_path / "state"
+    files: dict[int, list[Path]] = queued["files"]  # type: ignore[assignment]
+    with Store.in_state_dir(state) as store:
+        for n, seed in enumerate(seeds):
+            ingest(state, store, files[seed], 1_000.0 + n)
+        Tracker(settings_for(state), store, clock=Clock(2_000.0)).poll()
+        assert len(store.jobs("queued")) == len(seeds)
+    return state
+
+
+def test_the_job_function_loads_the_acquisition_from_the_spool(
+    tmp_path: Path, queued: dict[str, object]
+) -> None:
+    state = _state(tmp_path, queued)
+    settings = settings_for(state)
+    with Store.in_state_dir(state) as store:
+        job = store.claim_job("test:1", 60.0, 2_001.0)
+        assert job is not None
+        spec = job_spec(store, job, settings)
+        acquisition = store.acquisition(job.acquisition_id)
+    assert spec.attempt == 1 and len(spec.files) == 72
+    assert spec.work_dir == str(state / "jobs" / str(job.id) / "attempt-1")
+    result = execute_job(spec)
+    summary = result["acquisition"]
+    assert acquisition is not None
+    assert summary["shape"] == acquisition.summary["shape"] == [24, 28, 12]
+    assert summary["echo_times_s"] == pytest.approx(acquisition.summary["echo_times_s"])
+    assert np.allclose(summary["affine"], acquisition.summary["affine"])
+    assert summary["has_phase"] and np.float32(-np.pi) <= summary["phase_range"][0] < 0
+    assert [stage["name"] for stage in result["stages"]] == ["check"]
+    assert json.loads(json.dumps(result)) == result
+
+    # files that no longer make the acquisition: a plain-language error
+    broken = dataclasses.replace(spec, files=spec.files[1:])
+    with pytest.raises(JobError, match=r"no longer make this acquisition: .*missing"):
+        execute_job(broken)
+
+
+def test_run_pipeline_checks_what_it_is_given(queued: dict[str, object]) -> None:
+    from qsmnode.dicom.load import load_folder
+
+    files: dict[int, list[Path]] = queued["files"]  # type: ignore[assignment]
+    [loaded] = load_folder(files[63][0])
+    result = run_pipeline(loaded, PipelineParams())  # type: ignore[arg-type]
+    assert result.acquisition.vendor == "philips" and result.acquisition.n_echoes == 3
+    assert result.acquisition.b0_direction == pytest.approx(
+        tuple(loaded.gre.b0_direction))  # type: ignore[union-attr]
+
+
+def test_resolve_job_function() -> None:
+    assert resolve_job_function("qsmnode.node.jobs:execute_job") is execute_job
+    with pytest.raises(ValueError, match="expected module:function"):
+        resolve_job_function("qsmnode.node.jobs")
+
+
+def _pool(state: Path, **workers: object) -> tuple[Store, WorkerPool]:
+    settings = dataclasses.replace(settings_for(state),
+                                   workers=WorkersConfig(**workers))  # type: ignore[arg-type]
+    store = Store.in_state_dir(state)
+    return store, WorkerPool(settings, store, "test-node:1",
+                             job_function="tests.nodeutil:hooked_job")
+
+
+def _run_until_settled(store: Store, pool: WorkerPool) -> dict[str, JobRecord]:
+    """Run the pool until every job is done or failed; the jobs by study UID."""
+    try:
+        pool.start()
+        jobs = wait_for(
+            lambda: (lambda js: js if all(j.state in ("done", "failed") for j in js) else None)(
+                store.jobs()),
+            "every job to end", 120)
+    finally:
+        pool.stop()
+    return {store.acquisition(j.acquisition_id).study_uid: j  # type: ignore[union-attr]
+            for j in jobs}
+
+
+def test_worker_children_succeed_crash_and_run_out_of_memory(
+    tmp_path: Path, queued: dict[str, object], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    state = _state(tmp_path, queued, (61, 62, 63))
+    marker = tmp_path / "marker"
+    monkeypatch.setenv(HOOKS_ENV, json.dumps({
+        study_uid(62): {"exit": 9, "marker": str(marker)},
+        study_uid(63): {"allocate_mb": 1024},
+    }))
+    store, pool = _pool(state, processes=2, memory_budget_mb=256, job_attempts=2)
+    with store:
+        by_study = _run_until_settled(store, pool)
+    ok, crash, memory = (by_study[study_uid(seed)] for seed in (61, 62, 63))
+    assert (ok.state, ok.attempts, ok.last_error) == ("done", 1, None)
+    assert ok.result is not None and ok.result["acquisition"]["n_echoes"] == 3
+    assert (crash.state, crash.attempts) == ("failed", 2)
+    assert crash.last_error == "the worker process exited with status 9 without a result"
+    assert len(marker.read_text().splitlines()) == 2  # one line per attempt
+    assert (memory.state, memory.attempts) == ("failed", 2)
+    assert memory.last_error is not None and memory.last_error.startswith(
+        "out of memory: the job needed more than the memory budget of 256 MiB")
+    assert (state / "jobs" / str(ok.id) / "attempt-1" / "result.json").is_file()
+
+
+def test_a_job_past_its_lease_is_killed(
+    tmp_path: Path, queued: dict[str, object], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    state = _state(tmp_path, queued, (64,))
+    monkeypatch.setenv(HOOKS_ENV, json.dumps({study_uid(64): {"delay_s": 60}}))
+    store, pool = _pool(state, job_attempts=1, lease_s=2.0)
+    with store:
+        [slow] = _run_until_settled(store, pool).values()
+    assert (slow.state, slow.attempts) == ("failed", 1)
+    assert slow.last_error == ("timed out: still running after workers.lease_s (2 s); the "
+                               "worker was killed")
+
+
+def test_a_stopping_pool_hands_its_running_job_back(
+    tmp_path: Path, queued: dict[str, object], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    state = _state(tmp_path, queued, (61,))
+    marker = tmp_path / "marker"
+    monkeypatch.setenv(HOOKS_ENV, json.dumps({
+        study_uid(61): {"delay_s": 60, "marker": str(marker)},
+    }))
+    store, pool = _pool(state, processes=1)
+    try:
+        pool.start()
+        wait_for(marker.exists, "the first job to start", 60)
+        pid = int(marker.read_text().split()[0])
+        started = time.monotonic()
+        pool.stop()
+        assert time.monotonic() - started < 10
+        first = store.jobs()[0]
+        assert (first.state, first.attempts, first.lease_owner) == ("queued", 0, None)
+        assert first.last_error == "interrupted by a node shutdown; queued again"
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    finally:
+        store.close()
+
+
+def test_limit_memory_caps_the_address_space() -> None:
+    import resource
+    import subprocess
+    import sys
+
+    code = (
+        "import numpy as np, resource\n"
+        "from qsmnode.node.worker import limit_memory\n"
+        "limit = limit_memory(64)\n"
+        "assert resource.getrlimit(resource.RLIMIT_AS)[0] == limit\n"
+        "try:\n"
+        "    np.ones(512 * 2**20 // 8)\n"
+        "except MemoryError:\n"
+        "    print('MemoryError')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60)
+    assert done.stdout.strip() == "MemoryError", done.stderr
+    assert resource.getrlimit(resource.RLIMIT_AS)[0] == resource.RLIM_INFINITY  # not us
+    assert limit_memory  # imported for the child above
+
+
+def test_a_version_1_store_is_migrated_and_still_readable(tmp_path: Path) -> None:
+    import sqlite3
+
+    from qsmnode.node.store import MIGRATIONS, STORE_FILENAME
+
+    db = sqlite3.connect(tmp_path / STORE_FILENAME)
+    db.executescript(MIGRATIONS[0] + "; PRAGMA user_version = 1;")
+    db.execute("INSERT INTO series (series_uid, study_uid, sop_class_uid, first_received_at, "
+               "last_received_at) VALUES ('9.1', '1.2.1', '1.2.840.10008.5.1.4.1.1.4', 1, 2)")
+    db.commit()
+    db.close()
+    with Store.in_state_dir(tmp_path, readonly=True) as old:  # a status beside an old node
+        assert old.schema_version() == 1
+        assert [s.series_uid for s in old.series()] == ["9.1"]
+        assert old.counts()["jobs"] == {}
+    with Store.in_state_dir(tmp_path) as store:
+        assert store.schema_version() == 2
+        [series] = store.series()
+        assert (series.state, series.opened_at, series.completion) == ("open", None, None)
+        assert store.acquisitions() == [] and store.jobs() == [] and store.problems() == []

@@ -1,0 +1,312 @@
+"""The tracker in-process: series completion (count, group count, quiet period, maximum wait,
+late instances) from store records with a controlled clock, and grouping of simulated studies
+ingested into a real spool (acquisitions, jobs, problems, rules, idempotence)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from qsmnode.node.config import PathsConfig, RulesConfig, Settings, TrackerConfig
+from qsmnode.node.receiver import SPOOL_DIRNAME, recover
+from qsmnode.node.spool import Spool
+from qsmnode.node.store import InstanceRecord, NewAcquisition, Store
+from qsmnode.node.tracker import Tracker, expected_instances
+from tests.nodeutil import study_uid, write_study
+
+MR = "1.2.840.10008.5.1.4.1.1.4"
+ENHANCED_MR = "1.2.840.10008.5.1.4.1.1.4.1"
+
+
+def settings_for(state_dir: Path, quiet: float = 1.0, max_wait: float = 10.0,
+                 **rules: object) -> Settings:
+    return dataclasses.replace(
+        Settings(), paths=PathsConfig(state_dir=state_dir),
+        tracker=TrackerConfig(quiet_period_s=quiet, max_wait_s=max_wait),
+        rules=RulesConfig(**rules),  # type: ignore[arg-type]
+    )
+
+
+class Clock:
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def add(store: Store, sop: str, series: str, at: float, *, study: str = "1.2.1",
+        sop_class: str = MR, iia: int | None = None) -> None:
+    store.add_instance(InstanceRecord(
+        sop_instance_uid=sop, sop_class_uid=sop_class, study_uid=study, series_uid=series,
+        transfer_syntax_uid="1.2.840.10008.1.2.1", path=f"spool/{study}/{series}/{sop}.dcm",
+        size=1, calling_ae="SCANNER7T", peer_address="127.0.0.1", received_at=at,
+        images_in_acquisition=iia,
+    ))
+
+
+def test_expected_instances() -> None:
+    assert expected_instances(ENHANCED_MR, None) == 1
+    assert expected_instances(ENHANCED_MR, 40) == 1
+    assert expected_instances(MR, 40) == 40
+    assert expected_instances(MR, None) is None and expected_instances(MR, 0) is None
+
+
+def test_series_complete_by_count_group_count_quiet_and_max_wait(tmp_path: Path) -> None:
+    clock = Clock(100.0)
+    with Store.in_state_dir(tmp_path) as store:
+        tracker = Tracker(settings_for(tmp_path, quiet=1.0, max_wait=3.0), store, clock=clock)
+        for n in range(3):  # no header count: quiet period
+            add(store, f"1.1.{n}", "9.1", 100.0, study="1.2.1")
+        add(store, "1.2.1", "9.2", 100.0, study="1.2.2", sop_class=ENHANCED_MR)  # one file
+        for n in range(4):  # ImagesInAcquisition reached
+            add(store, f"1.3.{n}", "9.3", 100.0, study="1.2.3", iia=4)
+        for series in ("9.41", "9.42"):  # XA-like: two series add up to the count
+            for n in range(3):
+                add(store, f"1.4.{series}.{n}", series, 100.0, study="1.2.4", iia=6)
+        for n in range(2):  # count not reached: quiet period, expected count recorded
+            add(store, f"1.5.{n}", "9.5", 100.0, study="1.2.5", iia=10)
+
+        clock.now = 100.5
+        done = tracker.update_series(clock.now).completed
+        assert done == {"9.2": "count", "9.3": "count", "9.41": "count", "9.42": "count"}
+        assert store.get_series("9.5").expected_count == 10  # type: ignore[union-attr]
+        assert store.get_series("9.3").completed_count == 4  # type: ignore[union-attr]
+
+        clock.now = 101.0
+        assert tracker.update_series(clock.now).completed == {"9.1": "quiet", "9.5": "quiet"}
+        assert {s.series_uid for s in store.series("open")} == set()
+
+        # an instance every 0.5 s never leaves a quiet second: the maximum wait closes it
+        clock.now, n = 200.0, 0
+        while not store.get_series("9.6") or store.get_series("9.6").state == "open":  # type: ignore[union-attr]
+            add(store, f"1.6.{n}", "9.6", clock.now, study="1.2.6")
+            tracker.update_series(clock.now)
+            clock.now += 0.5
+            n += 1
+            assert n < 20
+        series = store.get_series("9.6")
+        assert series is not None and series.completion == "max_wait"
+        assert series.completed_at is not None and series.completed_at >= 203.0
+
+        # a late instance re-opens a complete series; its maximum wait counts from then
+        add(store, "1.3.late", "9.3", 300.0, study="1.2.3", iia=4)
+        clock.now = 300.2
+        outcome = tracker.poll()
+        assert outcome.reopened == ["9.3"]
+        assert outcome.completed == {"9.3": "count"}  # 5 >= 4 at once
+        again = store.get_series("9.3")
+        assert again is not None and again.opened_at == 300.2 and again.completed_count == 5
+
+        # completion is conditional: an instance that arrived since the count was read wins
+        add(store, "1.7.0", "9.7", 400.0, study="1.2.7")
+        add(store, "1.7.1", "9.7", 400.0, study="1.2.7")
+        assert not store.complete_series("9.7", 1, "quiet", None, 401.0)
+        assert store.complete_series("9.7", 2, "quiet", None, 401.0)
+
+
+# ------------------------------------------------------------------------------------------------
+# Grouping simulated studies from a real spool
+
+
+def ingest(state_dir: Path, store: Store, files: list[Path], at: float) -> None:
+    """Put files in the spool as the receiver would, and record them (received ``at``)."""
+    spool = Spool(state_dir / SPOOL_DIRNAME)
+    for path in files:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        target = spool.path_for(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, target)
+        os.utime(target, (at, at))
+    recover(store, spool, state_dir)
+
+
+def by_instance_number(files: list[Path], *numbers: int) -> list[Path]:
+    return [f for f in files if int(f.stem) in numbers]
+
+
+@pytest.fixture(scope="module")
+def studies(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[Path]]:
+    out = tmp_path_factory.mktemp("studies")
+    return {
+        "siemens-xa": write_study(out / "xa", "siemens-xa", 21),
+        "philips": write_study(out / "philips", "philips", 22),
+        "siemens": write_study(out / "siemens", "siemens", 23),
+        "enhanced": write_study(out / "enhanced", "enhanced", 24),
+    }
+
+
+def test_complete_studies_become_one_acquisition_and_one_job_each(
+    tmp_path: Path, studies: dict[str, list[Path]]
+) -> None:
+    clock = Clock(10_000.0)
+    woken = []
+    with Store.in_state_dir(tmp_path) as store:
+        tracker = Tracker(settings_for(tmp_path), store, clock=clock,
+                          on_jobs=lambda: woken.append(True))
+        for style in ("siemens-xa", "philips"):
+            ingest(tmp_path, store, studies[style], 9_000.0)
+        result = tracker.poll()
+        assert set(result.completed.values()) == {"quiet"} and len(result.completed) == 7
+        assert len(result.grouped) == 2 and woken
+        acquisitions = store.acquisitions()
+        assert [a.state for a in acquisitions] == ["accepted", "accepted"]
+        assert {a.study_uid for a in acquisitions} == {study_uid(21), study_uid(22)}
+        for acquisition in acquisitions:
+            summary = acquisition.summary
+            assert summary["n_echoes"] == 3 and summary["shape"] == [24, 28, 12]
+            assert summary["echo_times_s"] == pytest.approx([0.005, 0.0105, 0.016])
+            assert summary["field_strength_t"] == pytest.approx(7.0)
+            assert summary["voxel_size_mm"] == pytest.approx([7.0, 7.0, 12.0])
+            assert summary["instances"] == 72
+        xa = next(a for a in acquisitions if a.study_uid == study_uid(21))
+        assert len(xa.series_uids) == 6  # one series per echo and part
+        jobs = store.jobs()
+        assert [(j.state, j.attempts) for j in jobs] == [("queued", 0), ("queued", 0)]
+        assert {j.acquisition_id for j in jobs} == {a.id for a in acquisitions}
+        assert len(store.job_instances(jobs[0].id)) == 72
+        assert not store.problems()
+
+        # nothing happens twice
+        clock.now += 5
+        again = tracker.poll()
+        assert not again.completed and not again.grouped
+        assert len(store.acquisitions()) == 2 and len(store.jobs()) == 2
+
+        # a late instance re-opens the study; the same acquisition gets no second job
+        late = studies["philips"][0]
+        ds = pydicom.dcmread(late)
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = f"{ds.SOPInstanceUID}.9"
+        capture = tmp_path / "capture.dcm"
+        ds.save_as(capture, enforce_file_format=True)
+        ingest(tmp_path, store, [capture], clock.now)
+        assert tracker.poll().reopened
+        clock.now += 2
+        regrouped = tracker.poll()
+        assert len(regrouped.grouped) == 1
+        outcome = regrouped.grouped[study_uid(22)]
+        assert not outcome.created and not outcome.jobs and len(outcome.known) == 1
+        assert len(store.jobs()) == 2
+
+
+def test_problems_wait_for_the_quiet_period_and_resolve_when_the_images_arrive(
+    tmp_path: Path, studies: dict[str, list[Path]]
+) -> None:
+    """Series complete by count; the phase series is not there yet: the "no phase" problem
+    waits for the quiet period, is recorded, then resolved when the phase arrives."""
+    files = {}
+    for path in studies["siemens"]:
+        ds = pydicom.dcmread(path)
+        ds.ImagesInAcquisition = 36
+        files[path] = tmp_path / "in" / path.parent.name / path.name
+        files[path].parent.mkdir(parents=True, exist_ok=True)
+        ds.save_as(files[path])
+    magnitude = [files[p] for p in studies["siemens"] if p.parent.name.endswith("_M")]
+    phase = [files[p] for p in studies["siemens"] if p.parent.name.endswith("_P")]
+    clock = Clock(5_000.0)
+    state = tmp_path / "state"
+    with Store.in_state_dir(state) as store:
+        tracker = Tracker(settings_for(state, quiet=5.0, max_wait=60.0), store, clock=clock)
+        ingest(state, store, magnitude, 5_000.0)
+        clock.now = 5_001.5
+        first = tracker.poll()
+        assert list(first.completed.values()) == ["count"]
+        assert first.waiting == [study_uid(23)] and not store.problems()
+        clock.now = 5_005.0
+        tracker.poll()
+        [problem] = store.problems()
+        assert "no phase: only magnitude images (3 echoes) were found" in problem.reason
+        assert not store.acquisitions() and not store.jobs()
+
+        ingest(state, store, phase, 5_010.0)
+        clock.now = 5_011.5
+        second = tracker.poll()
+        assert list(second.completed.values()) == ["count"]
+        outcome = second.grouped[study_uid(23)]
+        assert len(outcome.created) == 1 and len(outcome.jobs) == 1
+        assert [p.id for p in outcome.resolved_problems] == [problem.id]
+        assert not store.problems()
+        assert store.problems(include_resolved=True)[0].resolved_at == 5_011.5
+
+
+def test_missing_slice_is_a_problem_until_the_slice_arrives(
+    tmp_path: Path, studies: dict[str, list[Path]]
+) -> None:
+    files = studies["siemens"]
+    missing = by_instance_number([f for f in files if f.parent.name.endswith("_M")], 18)
+    clock = Clock(10_000.0)
+    with Store.in_state_dir(tmp_path) as store:
+        tracker = Tracker(settings_for(tmp_path), store, clock=clock)
+        ingest(tmp_path, store, [f for f in files if f not in missing], 9_000.0)
+        tracker.poll()
+        [problem] = store.problems()
+        assert problem.study_uid == study_uid(23)
+        assert "missing slices: magnitude echo 2 (TE 10.5 ms, series 5) has 11 of 12 slices, " \
+               "1 slice missing" in problem.reason
+        assert not store.jobs()
+
+        ingest(tmp_path, store, missing, clock.now)  # the scanner sends it again
+        tracker.poll()
+        clock.now += 1.5
+        outcome = tracker.poll().grouped[study_uid(23)]
+        assert len(outcome.jobs) == 1 and outcome.resolved_problems
+        assert not store.problems()
+
+
+def test_rules_field_strength_and_echo_count(tmp_path: Path,
+                                             studies: dict[str, list[Path]]) -> None:
+    clock = Clock(10_000.0)
+    with Store.in_state_dir(tmp_path) as store:
+        tracker = Tracker(settings_for(tmp_path, field_strengths_t=(3.0,)), store, clock=clock)
+        ingest(tmp_path, store, studies["enhanced"], 9_000.0)
+        tracker.poll()
+        [acquisition] = store.acquisitions()
+        assert acquisition.state == "ignored"
+        assert acquisition.reason == ("field strength 7 T is not among rules.field_strengths_t "
+                                      "(3 T)")
+        assert not store.jobs()
+        # a later grouping under rules that accept it (config changed) queues its job
+        record = store.record_grouping(
+            acquisition.study_uid, 1,
+            [NewAcquisition(acquisition.study_uid, acquisition.series_uids, acquisition.summary)],
+            [], clock.now)
+        assert record is not None and len(record.jobs) == 1
+        assert store.acquisitions()[0].state == "accepted"
+
+    # a problem of series at another field strength is not recorded either (log line only)
+    state = tmp_path / "three"
+    with Store.in_state_dir(state) as store:
+        tracker = Tracker(settings_for(state, field_strengths_t=(3.0,)), store, clock=clock)
+        ingest(state, store, studies["siemens"][1:], 9_000.0)
+        tracker.poll()
+        assert not store.problems() and not store.acquisitions()
+        assert store.studies_ready() == []  # grouped: nothing left to do
+
+    state = tmp_path / "seven"
+    with Store.in_state_dir(state) as store:
+        tracker = Tracker(settings_for(state, field_strengths_t=(6.95,), min_echoes=4), store,
+                          clock=clock)
+        ingest(state, store, studies["enhanced"], 9_000.0)
+        tracker.poll()
+        [problem] = store.problems()
+        assert "3 echoes, the rule needs at least 4" in problem.reason
+        assert not store.acquisitions()
+
+
+def test_an_unreadable_spool_file_is_a_problem(tmp_path: Path,
+                                               studies: dict[str, list[Path]]) -> None:
+    clock = Clock(10_000.0)
+    with Store.in_state_dir(tmp_path) as store:
+        ingest(tmp_path, store, studies["enhanced"], 9_000.0)
+        [record] = store.instances()
+        (tmp_path / record.path).write_bytes(b"not DICOM any more")
+        Tracker(settings_for(tmp_path), store, clock=clock).poll()
+        [problem] = store.problems()
+        assert "1 spool file could not be read" in problem.reason
+        assert not store.acquisitions()
