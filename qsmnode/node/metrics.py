@@ -1,0 +1,458 @@
+"""What the HTTP endpoint reports, read from the store at request time.
+
+The node's state is in the store (:mod:`qsmnode.node.store`), so the metrics are not counted in
+memory: every scrape, health check and status page opens the store **read-only** with its own
+SQLite connection (``file:...?mode=ro``), reads one consistent snapshot (one read transaction)
+and closes it. A reader never blocks the node (WAL mode), never writes, and sees what a restart
+would see.
+
+The SQL here is written against the schema documented in :mod:`qsmnode.node.store` and only
+reads. Tables added by later schema versions (``acquisitions``, ``problems`` and ``jobs`` in
+version 2; ``outbox`` and ``sends`` in version 3) may be missing: what they would report is then
+left out (metrics) or shown as unavailable (status page), never an error.
+
+:class:`NodeCollector` is a ``prometheus_client`` custom collector; :func:`make_registry` puts
+it into a private registry. The metrics:
+
+- ``qsmnode_up`` (gauge): 1 when the store could be read, else 0 (then only the disk
+  metrics and the version follow);
+- ``qsmnode_build_info{version}`` (info): the qsmnode version;
+- ``qsmnode_store_schema_version`` (gauge): ``PRAGMA user_version`` of the store;
+- ``qsmnode_instances_received_total`` (counter): instances recorded in the store;
+- ``qsmnode_last_instance_received_timestamp_seconds`` (gauge): when the latest one arrived;
+- ``qsmnode_series{state}`` (gauge): series by state, ``open`` and ``complete``;
+- ``qsmnode_series_completed_total`` (counter): series closed as complete;
+- ``qsmnode_acquisitions{state}`` (gauge): ``accepted`` and ``ignored``;
+- ``qsmnode_problems_open`` (gauge): unresolved problems;
+- ``qsmnode_jobs{state}`` (gauge): ``queued``, ``running``, ``done``, ``failed``;
+- ``qsmnode_job_processing_seconds`` (histogram: ``_bucket{le}``, ``_count``, ``_sum``): run
+  time of the done jobs, ``finished_at - started_at`` of their successful attempt;
+- ``qsmnode_job_last_processing_seconds`` (gauge): that of the job that finished last;
+- ``qsmnode_sends{destination,state}`` (gauge): ``pending``, ``sent``, ``failed`` (only with
+  a ``sends`` table);
+- ``qsmnode_free_disk_bytes`` (gauge): free space on the state directory's file system;
+- ``qsmnode_min_free_disk_bytes`` (gauge): the floor, ``listener.min_free_disk_mb``.
+
+The ``_total`` counters are counts of store rows: they only go down if rows are deleted (or a
+late instance re-opens a complete series), which Prometheus treats as a counter reset.
+
+:func:`read_status` gathers what the status page shows. The store holds no patient names or
+IDs, and nothing here reads any.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    InfoMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from qsmnode import __version__
+from qsmnode.node.store import SCHEMA_VERSION, STORE_FILENAME
+
+MIB = 1024 * 1024
+
+SERIES_STATES = ("open", "complete")
+ACQUISITION_STATES = ("accepted", "ignored")
+JOB_STATES = ("queued", "running", "done", "failed")
+SEND_STATES = ("pending", "sent", "failed")
+
+PROCESSING_BUCKETS_S = (15.0, 30.0, 60.0, 90.0, 120.0, 180.0, 300.0, 600.0, 1800.0, 3600.0)
+"""Upper bounds of the job run-time histogram, in seconds (the latency target is 2 minutes)."""
+
+READ_TIMEOUT_S = 2.0
+"""Longest wait for a lock on the store (a reader rarely waits in WAL mode)."""
+
+
+class StoreUnavailable(Exception):
+    """The store cannot be read (the message names the file and the problem)."""
+
+
+def store_path(state_dir: Path | str) -> Path:
+    return Path(state_dir) / STORE_FILENAME
+
+
+@contextmanager
+def read_store(state_dir: Path | str) -> Iterator[sqlite3.Connection]:
+    """A read-only connection to the store of ``state_dir``, inside one read transaction (one
+    consistent snapshot), closed afterwards. Raises :class:`StoreUnavailable` when the store is
+    missing, unreadable, or newer than this qsmnode understands; SQLite errors while reading
+    become :class:`StoreUnavailable` too."""
+    path = store_path(state_dir)
+    if not path.is_file():
+        raise StoreUnavailable(f"{path}: no store here (has the node run yet?)")
+    uri = f"{path.absolute().as_uri()}?mode=ro"
+    try:
+        db = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=READ_TIMEOUT_S,
+                             check_same_thread=False)
+    except sqlite3.Error as exc:
+        raise StoreUnavailable(f"{path}: {exc}") from exc
+    try:
+        db.row_factory = sqlite3.Row
+        db.execute("PRAGMA query_only = ON")
+        db.execute("BEGIN")
+        version = int(db.execute("PRAGMA user_version").fetchone()[0])
+        if version > SCHEMA_VERSION:
+            raise StoreUnavailable(
+                f"{path}: schema version {version} is newer than this qsmnode understands "
+                f"({SCHEMA_VERSION})")
+        yield db
+    except sqlite3.Error as exc:
+        raise StoreUnavailable(f"{path}: {exc}") from exc
+    finally:
+        db.close()  # ends the read transaction
+
+
+def schema_version(db: sqlite3.Connection) -> int:
+    return int(db.execute("PRAGMA user_version").fetchone()[0])
+
+
+def table_names(db: sqlite3.Connection) -> frozenset[str]:
+    """The tables the store has (older schema versions lack some)."""
+    return frozenset(row[0] for row in db.execute(
+        "SELECT name FROM sqlite_master WHERE type = 'table'"))
+
+
+def column_names(db: sqlite3.Connection, table: str) -> frozenset[str]:
+    """The columns of ``table`` (empty when it is missing)."""
+    return frozenset(row[1] for row in db.execute(f"PRAGMA table_info({table})"))
+
+
+def free_disk_bytes(state_dir: Path | str) -> int:
+    """Free space, in bytes, on the file system of ``state_dir`` (raises OSError)."""
+    return int(shutil.disk_usage(state_dir).free)
+
+
+# --------------------------------------------------------------------------------------------
+# Counts (metrics and the status page's summary)
+
+
+@dataclass(frozen=True)
+class Processing:
+    """Run times of the done jobs (their last attempt: ``finished_at - started_at``)."""
+
+    count: int = 0
+    sum_s: float = 0.0
+    buckets: tuple[tuple[float, int], ...] = ()
+    """(upper bound in seconds, jobs at most that long), cumulative, without +Inf."""
+    last_s: float | None = None
+    """The run time of the done job that finished last."""
+
+
+@dataclass(frozen=True)
+class Counts:
+    """One snapshot of the store's counts. A dict is empty when its table is missing."""
+
+    schema_version: int
+    instances: int
+    last_received_at: float | None
+    series: dict[str, int]
+    series_completed: int
+    acquisitions: dict[str, int] = field(default_factory=dict)
+    problems_open: int | None = None
+    jobs: dict[str, int] = field(default_factory=dict)
+    processing: Processing | None = None
+    sends: dict[str, dict[str, int]] = field(default_factory=dict)
+    """destination -> state -> count."""
+    has_sends: bool = False
+
+
+def _by_state(db: sqlite3.Connection, sql: str, states: tuple[str, ...]) -> dict[str, int]:
+    found = {row[0]: int(row[1]) for row in db.execute(sql)}
+    return {state: found.get(state, 0) for state in states}
+
+
+def _processing(db: sqlite3.Connection) -> Processing:
+    durations = [
+        max(float(row[0]), 0.0) for row in db.execute(
+            "SELECT finished_at - started_at FROM jobs WHERE state = 'done' "
+            "AND started_at IS NOT NULL AND finished_at IS NOT NULL")
+    ]
+    last = db.execute(
+        "SELECT finished_at - started_at FROM jobs WHERE state = 'done' "
+        "AND started_at IS NOT NULL AND finished_at IS NOT NULL "
+        "ORDER BY finished_at DESC, id DESC LIMIT 1").fetchone()
+    buckets = tuple((bound, sum(1 for d in durations if d <= bound))
+                    for bound in PROCESSING_BUCKETS_S)
+    return Processing(len(durations), float(sum(durations)), buckets,
+                      None if last is None else max(float(last[0]), 0.0))
+
+
+def read_counts(db: sqlite3.Connection) -> Counts:
+    """The counts of one snapshot (``db`` from :func:`read_store`)."""
+    tables = table_names(db)
+    instances = int(db.execute("SELECT count(*) FROM instances").fetchone()[0])
+    series = _by_state(db, "SELECT state, count(*) FROM series GROUP BY state", SERIES_STATES)
+    last = db.execute("SELECT max(last_received_at) FROM series").fetchone()[0]
+    completed = int(db.execute(
+        "SELECT count(*) FROM series WHERE state = 'complete'").fetchone()[0])
+    counts: dict[str, Any] = {}
+    if "acquisitions" in tables:
+        counts["acquisitions"] = _by_state(
+            db, "SELECT state, count(*) FROM acquisitions GROUP BY state", ACQUISITION_STATES)
+    if "problems" in tables:
+        counts["problems_open"] = int(db.execute(
+            "SELECT count(*) FROM problems WHERE resolved_at IS NULL").fetchone()[0])
+    if "jobs" in tables:
+        counts["jobs"] = _by_state(db, "SELECT state, count(*) FROM jobs GROUP BY state",
+                                   JOB_STATES)
+        counts["processing"] = _processing(db)
+    if "sends" in tables:
+        sends: dict[str, dict[str, int]] = {}
+        for row in db.execute("SELECT destination, state, count(*) FROM sends "
+                              "GROUP BY destination, state ORDER BY destination"):
+            sends.setdefault(row[0], dict.fromkeys(SEND_STATES, 0))[row[1]] = int(row[2])
+        counts["sends"] = sends
+        counts["has_sends"] = True
+    return Counts(
+        schema_version=schema_version(db), instances=instances,
+        last_received_at=None if last is None else float(last), series=series,
+        series_completed=completed, **counts,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Prometheus
+
+
+class NodeCollector(Collector):
+    """Reads the store of ``state_dir`` at every scrape and reports it as metrics.
+
+    A store that cannot be read gives ``qsmnode_up 0`` (and the disk metrics), not an error.
+    """
+
+    def __init__(self, state_dir: Path | str, min_free_disk_bytes: int = 0) -> None:
+        self.state_dir = Path(state_dir)
+        self.min_free_disk_bytes = int(min_free_disk_bytes)
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            with read_store(self.state_dir) as db:
+                counts: Counts | None = read_counts(db)
+        except StoreUnavailable:
+            counts = None
+        yield GaugeMetricFamily("qsmnode_up", "1 when the node's store could be read, else 0",
+                                value=0 if counts is None else 1)
+        yield InfoMetricFamily("qsmnode_build", "The qsmnode version",
+                               value={"version": __version__})
+        yield from self._disk()
+        if counts is not None:
+            yield from self._store(counts)
+
+    def _disk(self) -> Iterator[Metric]:
+        try:
+            free = free_disk_bytes(self.state_dir)
+        except OSError:
+            free = None
+        if free is not None:
+            yield GaugeMetricFamily(
+                "qsmnode_free_disk_bytes",
+                "Free space on the file system of the state directory (spool, outbox, store)",
+                value=free)
+        yield GaugeMetricFamily(
+            "qsmnode_min_free_disk_bytes",
+            "Free-space floor (listener.min_free_disk_mb): below it reception answers 0xA700",
+            value=self.min_free_disk_bytes)
+
+    def _store(self, counts: Counts) -> Iterator[Metric]:
+        yield GaugeMetricFamily("qsmnode_store_schema_version", "Schema version of the store",
+                                value=counts.schema_version)
+        yield CounterMetricFamily("qsmnode_instances_received",
+                                  "DICOM instances received and recorded in the store",
+                                  value=counts.instances)
+        if counts.last_received_at is not None:
+            yield GaugeMetricFamily("qsmnode_last_instance_received_timestamp_seconds",
+                                    "Unix time the latest instance was received",
+                                    value=counts.last_received_at)
+        yield _labelled(GaugeMetricFamily("qsmnode_series", "Series by state",
+                                          labels=["state"]), counts.series)
+        yield CounterMetricFamily("qsmnode_series_completed",
+                                  "Series closed as complete (expected count or quiet period)",
+                                  value=counts.series_completed)
+        if counts.acquisitions:
+            yield _labelled(GaugeMetricFamily("qsmnode_acquisitions", "Acquisitions by state",
+                                              labels=["state"]), counts.acquisitions)
+        if counts.problems_open is not None:
+            yield GaugeMetricFamily("qsmnode_problems_open",
+                                    "Images that make no acquisition, unresolved",
+                                    value=counts.problems_open)
+        if counts.jobs:
+            yield _labelled(GaugeMetricFamily("qsmnode_jobs", "Processing jobs by state",
+                                              labels=["state"]), counts.jobs)
+        processing = counts.processing
+        if processing is not None:
+            buckets: list[tuple[str, float]] = [(repr(b), n) for b, n in processing.buckets]
+            buckets.append(("+Inf", processing.count))
+            yield HistogramMetricFamily(
+                "qsmnode_job_processing_seconds",
+                "Run time of the done jobs (their successful attempt), from the jobs table",
+                buckets=buckets, sum_value=processing.sum_s)
+            if processing.last_s is not None:
+                yield GaugeMetricFamily("qsmnode_job_last_processing_seconds",
+                                        "Run time of the job that finished last",
+                                        value=processing.last_s)
+        if counts.has_sends:
+            sends = GaugeMetricFamily("qsmnode_sends",
+                                      "Deliveries of derived instances by destination and state",
+                                      labels=["destination", "state"])
+            for destination, states in counts.sends.items():
+                for state, number in states.items():
+                    sends.add_metric([destination, state], number)
+            yield sends
+
+
+def _labelled(family: GaugeMetricFamily, values: dict[str, int]) -> GaugeMetricFamily:
+    for label, value in values.items():
+        family.add_metric([label], value)
+    return family
+
+
+def make_registry(state_dir: Path | str, min_free_disk_bytes: int = 0) -> CollectorRegistry:
+    """A private registry (not prometheus_client's global one) holding a :class:`NodeCollector`
+    for ``state_dir``. Nothing is read until it is collected."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(NodeCollector(state_dir, min_free_disk_bytes))
+    return registry
+
+
+# --------------------------------------------------------------------------------------------
+# The status page's rows
+
+
+@dataclass(frozen=True)
+class StudyRow:
+    study_uid: str
+    first_received_at: float
+    last_received_at: float
+    instances: int
+    series: int
+    series_open: int
+
+
+@dataclass(frozen=True)
+class JobRow:
+    """An acquisition and its job (``job_*`` None: it has none, e.g. ignored)."""
+
+    acquisition_id: int
+    study_uid: str
+    series_numbers: tuple[int | None, ...]
+    echoes: int | None
+    acquisition_state: str
+    reason: str | None
+    created_at: float
+    job_id: int | None
+    job_state: str | None
+    attempts: int | None
+    started_at: float | None
+    finished_at: float | None
+    last_error: str | None
+
+
+@dataclass(frozen=True)
+class ProblemRow:
+    id: int
+    study_uid: str
+    reason: str
+    created_at: float
+
+
+@dataclass(frozen=True)
+class DeliveryRow:
+    destination: str
+    pending: int
+    sent: int
+    failed: int
+    last_sent_at: float | None
+    next_try_at: float | None
+    last_error: str | None
+    last_error_at: float | None
+
+
+@dataclass(frozen=True)
+class Status:
+    """What the status page shows. A list is None when its table is missing (older store)."""
+
+    counts: Counts
+    studies: list[StudyRow]
+    jobs: list[JobRow] | None
+    problems: list[ProblemRow] | None
+    deliveries: list[DeliveryRow] | None
+
+
+def _plan(summary_text: str | None) -> tuple[tuple[int | None, ...], int | None]:
+    """Series numbers and echo count from an acquisition's summary JSON (tolerant)."""
+    try:
+        summary = json.loads(summary_text or "{}")
+    except ValueError:
+        return (), None
+    if not isinstance(summary, dict):
+        return (), None
+    numbers = summary.get("series_numbers") or ()
+    echoes = summary.get("n_echoes")
+    return (tuple(n if isinstance(n, int) else None for n in numbers)
+            if isinstance(numbers, list) else (),
+            echoes if isinstance(echoes, int) else None)
+
+
+def read_status(db: sqlite3.Connection, limit: int = 25) -> Status:
+    """The status page's rows from one snapshot: the ``limit`` most recent studies,
+    acquisitions with their jobs, and open problems, newest first; and per-destination
+    delivery."""
+    tables = table_names(db)
+    studies = [
+        StudyRow(row[0], float(row[1]), float(row[2]), int(row[3]), int(row[4]), int(row[5]))
+        for row in db.execute(
+            "SELECT study_uid, min(first_received_at), max(last_received_at), "
+            "sum(received_count), count(*), sum(state = 'open') FROM series "
+            "GROUP BY study_uid ORDER BY max(last_received_at) DESC LIMIT ?", (limit,))
+    ]
+    jobs = None
+    if {"acquisitions", "jobs"} <= tables:
+        jobs = []
+        for row in db.execute(
+                "SELECT a.id, a.study_uid, a.summary, a.state, a.reason, a.created_at, "
+                "j.id, j.state, j.attempts, j.started_at, j.finished_at, j.last_error "
+                "FROM acquisitions a LEFT JOIN jobs j ON j.acquisition_id = a.id "
+                "ORDER BY a.id DESC LIMIT ?", (limit,)):
+            numbers, echoes = _plan(row[2])
+            jobs.append(JobRow(int(row[0]), row[1], numbers, echoes, row[3], row[4],
+                               float(row[5]), row[6], row[7], row[8], row[9], row[10], row[11]))
+    problems = None
+    if "problems" in tables:
+        problems = [
+            ProblemRow(int(row[0]), row[1], row[2], float(row[3]))
+            for row in db.execute(
+                "SELECT id, study_uid, reason, created_at FROM problems "
+                "WHERE resolved_at IS NULL ORDER BY created_at DESC, id DESC LIMIT ?", (limit,))
+        ]
+    deliveries = None
+    if "sends" in tables:
+        deliveries = []
+        tried = "last_try_at" if "last_try_at" in column_names(db, "sends") else "updated_at"
+        for row in db.execute(
+                "SELECT destination, sum(state = 'pending'), sum(state = 'sent'), "
+                "sum(state = 'failed'), max(sent_at), "
+                "min(CASE WHEN state = 'pending' THEN next_try_at END) "
+                "FROM sends GROUP BY destination ORDER BY destination"):
+            error = db.execute(
+                f"SELECT last_error, {tried} FROM sends WHERE destination = ? "
+                "AND state != 'sent' AND last_error IS NOT NULL "
+                f"ORDER BY {tried} DESC LIMIT 1", (row[0],)).fetchone()
+            deliveries.append(DeliveryRow(
+                row[0], int(row[1]), int(row[2]), int(row[3]), row[4], row[5],
+                None if error is None else error[0], None if error is None else error[1]))
+    return Status(read_counts(db), studies, jobs, problems, deliveries)
