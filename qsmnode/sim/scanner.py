@@ -217,6 +217,11 @@ class HeadSource:
         return chi_rel_air, t.in_brain_mask, t.label >= Tissue.GM
 
 
+def grid_points(scan: ScanParams) -> tuple[F32, F32, F32]:
+    """RAS coordinates (mm) of every voxel centre of the acquisition grid."""
+    return _Lattice(scan.shape, np.eye(4)).points(scan.affine, 0, scan.shape[2])
+
+
 def _sample_source(
     source: ChiSource,
     world: NDArray[np.float64],
@@ -381,7 +386,7 @@ def acquire(
     """
     rng = np.random.default_rng(scan.seed)
     world = scan.affine
-    points = _Lattice(scan.shape, np.eye(4)).points(world, 0, scan.shape[2])
+    points = grid_points(scan)
     total_field_ppm = shim(total_field_ppm, brain_mask, points, scan.shim_order)
     phase0 = _smooth_random_field(points, rng, scan.phase_offset_rad, wavelength_mm=220.0)
     m0 = (proton_density * _receive_bias(points, bias_centre_mm, scan.bias_strength)).astype(
@@ -424,7 +429,7 @@ def simulate(scan: ScanParams, phantom: PhantomParams | None = None) -> Simulati
     phantom = phantom or PhantomParams()
     total_field, chi, brain_mask = simulate_field(HeadSource(phantom), scan)
     chi += np.float32(CHI_AIR_PPM)
-    points = _Lattice(scan.shape, np.eye(4)).points(scan.affine, 0, scan.shape[2])
+    points = grid_points(scan)
     t = sample_tissue(phantom, *points)
     del points
     _, r2star, pd = tissue_maps(phantom, t)
