@@ -6,8 +6,13 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from qsmnode import __version__
+
+if TYPE_CHECKING:
+    from qsmnode.node.config import Settings
+    from qsmnode.node.store import Store
 
 
 def _config_check(args: argparse.Namespace) -> int:
@@ -92,6 +97,7 @@ def _status(args: argparse.Namespace) -> int:
             acquisitions = store.acquisitions() if new else []
             jobs = store.jobs() if new else []
             problems = store.problems(include_resolved=True) if new else []
+            delivery = _delivery(store, settings)
     except (ConfigError, StoreError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -103,6 +109,7 @@ def _status(args: argparse.Namespace) -> int:
             "acquisitions": [a.as_dict() for a in acquisitions],
             "jobs": [j.as_dict() for j in jobs],
             "problems": [p.as_dict() for p in problems],
+            "delivery": delivery,
         }
         print(json.dumps(report, indent=2))
         return 0
@@ -168,7 +175,168 @@ def _status(args: argparse.Namespace) -> int:
             ("PROBLEM", "FOUND", "STUDY UID", "REASON"),
             [(str(p.id), when(p.created_at), p.study_uid, p.reason) for p in open_problems],
         )
+    outbox = delivery["outbox"]
+    if outbox["instances"] or delivery["destinations"]:
+        print()
+        print(f"outbox: {outbox['instances']} derived instances "
+              f"({outbox['bytes'] / 2**20:.1f} MiB)")
+    if delivery["destinations"]:
+        print()
+        _table(
+            ("DESTINATION", "PEER", "PENDING", "SENT", "FAILED", "ATTEMPTS", "RETRIES",
+             "NEXT TRY", "LAST SENT", "LAST ERROR"),
+            [
+                (d["destination"], d["peer"] or "(not configured)", str(d["pending"]),
+                 str(d["sent"]), str(d["failed"]), str(d["attempts"]), str(d["retries"]),
+                 when(d["next_try_at"]), when(d["last_sent_at"]), d["last_error"] or "-")
+                for d in delivery["destinations"]
+            ],
+        )
     return 0
+
+
+UNDELIVERED_SHOWN = 500
+
+
+def _delivery(store: Store, settings: Settings) -> dict[str, Any]:
+    """The delivery part of ``qsmnode status``: the outbox, and per destination (configured
+    or with sends) the sends by state, attempts, retries, next try and last error; the sends
+    not delivered yet (the first :data:`UNDELIVERED_SHOWN`)."""
+    from qsmnode.node.store import DestinationSummary
+
+    summaries = {d.destination: d for d in store.delivery()}
+    configured = {d.name: f"{d.ae_title}@{d.host}:{d.port}{' TLS' if d.tls.enabled else ''}"
+                  for d in settings.destinations}
+    destinations = []
+    for name in [*configured, *(n for n in summaries if n not in configured)]:
+        summary = summaries.get(name, DestinationSummary(name))
+        destinations.append({**summary.as_dict(), "peer": configured.get(name)})
+    outbox = store.outbox_summary()
+    undelivered = [s for s in store.sends() if s.state != "sent"]
+    return {"outbox": outbox, "destinations": destinations,
+            "undelivered_count": len(undelivered),
+            "undelivered": [s.as_dict() for s in undelivered[:UNDELIVERED_SHOWN]]}
+
+
+def _resend(args: argparse.Namespace) -> int:
+    import time
+
+    from qsmnode.node.config import ConfigError, load_settings
+    from qsmnode.node.store import Store, StoreError
+
+    try:
+        settings = load_settings(args.config)
+        if not (settings.paths.state_dir / "qsmnode.sqlite3").is_file():
+            raise StoreError(f"{settings.paths.state_dir}: no store here (has the node run yet?)")
+        with Store.in_state_dir(settings.paths.state_dir) as store:
+            if args.study is not None and not store.outbox(study_uid=args.study):
+                print(f"error: no derived instances of study {args.study} in the outbox",
+                      file=sys.stderr)
+                return 1
+            count = store.requeue_sends(
+                time.time(), study_uid=args.study, failed_only=args.all_failed,
+                destinations=[d.name for d in settings.destinations])
+    except (ConfigError, StoreError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    what = f"study {args.study}" if args.study is not None else "failed sends"
+    print(f"{count} send{'' if count == 1 else 's'} queued again ({what}); a running node "
+          "sends them within a second")
+    return 0
+
+
+def run_process(folder: Path, out: Path, send: str | None = None, config: Path | None = None,
+                processor: str = "qsmnode.node.jobs:process_acquisition",
+                calling_ae: str | None = None) -> int:
+    """``qsmnode process``: load every acquisition under ``folder``, run the pipeline
+    (``processor``, ``module:function`` like :func:`qsmnode.node.jobs.process_acquisition`)
+    and write the derived objects under ``out`` (``<study>/<series>/<sop>.dcm``); with
+    ``send``, C-STORE them to that destination (a configured name, or HOST:PORT:AE). Returns
+    the exit status: 0 done, 1 an acquisition or the send failed, 2 bad arguments or
+    configuration."""
+    import time
+
+    from qsmnode.dicom.load import LoadedAcquisition, load_folder
+    from qsmnode.node.config import ConfigError, load_settings
+    from qsmnode.node.jobs import JobError
+    from qsmnode.node.outbox import write_datasets
+    from qsmnode.node.sender import AssociationFailed, OutgoingFile, Peer, send_files
+    from qsmnode.node.worker import resolve_job_function
+
+    settings = None
+    # a destination name needs the configuration; HOST:PORT:AE (names have no colon) does not
+    if config is not None or (send is not None and ":" not in send):
+        try:
+            settings = load_settings(config)
+        except ConfigError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    peer = None
+    if send is not None:
+        try:
+            peer = Peer.parse(send, settings.destinations if settings else (),
+                              calling_ae or "QSMNODE")
+        except ValueError as exc:
+            print(f"error: --send {exc}", file=sys.stderr)
+            return 2
+    if not folder.is_dir():
+        print(f"error: {folder}: not a folder", file=sys.stderr)
+        return 2
+    function = resolve_job_function(processor)
+    started = time.perf_counter()
+    rules = settings.rules if settings is not None else None
+    found = load_folder(folder, min_echoes=rules.min_echoes if rules else 2,
+                        require_phase=rules.require_phase if rules else True)
+    for item in found:
+        if not isinstance(item, LoadedAcquisition):
+            print(f"skipped: {item.reason}", file=sys.stderr)
+    acquisitions = [item for item in found if isinstance(item, LoadedAcquisition)]
+    if not acquisitions:
+        print(f"error: {folder}: no acquisition to process", file=sys.stderr)
+        return 1
+    sources = [str(p) for p in sorted(folder.rglob("*")) if p.is_file()]
+    status = 0
+    written: list[tuple[Path, Any]] = []
+    for loaded in acquisitions:
+        numbers = ", ".join("?" if n is None else str(n) for n in loaded.series_numbers)
+        work = out / "pipeline" / loaded.study_uid / f"series-{numbers.replace(', ', '-')}"
+        try:
+            _, datasets = function(loaded, sources, work)  # type: ignore[call-arg]
+        except JobError as exc:
+            print(f"series {numbers}: failed: {exc}", file=sys.stderr)
+            status = 1
+            continue
+        finally:
+            for empty in (work, work.parent, work.parent.parent):
+                if empty.is_dir() and not any(empty.iterdir()):
+                    empty.rmdir()
+        paths = write_datasets(datasets, out)
+        written += list(zip(paths, datasets, strict=True))
+        print(f"series {numbers}: {len(paths)} derived objects written under {out} "
+              f"(study {loaded.study_uid})")
+    print(f"processed {len(acquisitions)} acquisition(s) in {time.perf_counter() - started:.1f} s")
+    if peer is None or not written:
+        return status
+    outgoing = [OutgoingFile(path, path, str(ds.SOPClassUID),
+                             str(ds.file_meta.TransferSyntaxUID), str(ds.SOPInstanceUID))
+                for path, ds in written]
+    started = time.perf_counter()
+    try:
+        results = send_files(peer, outgoing)
+    except AssociationFailed as exc:
+        print(f"error: not sent to {peer}: {exc}", file=sys.stderr)
+        return 1
+    failed = {key: r for key, r in results.items() if not r.ok}
+    print(f"sent {len(results) - len(failed)} of {len(outgoing)} to {peer} in "
+          f"{time.perf_counter() - started:.1f} s")
+    for path, result in list(failed.items())[:10]:
+        print(f"not sent: {Path(path).name}: {result.error}", file=sys.stderr)
+    return 1 if failed else status
+
+
+def _process(args: argparse.Namespace) -> int:
+    return run_process(args.folder, args.out, args.send, args.config,
+                       calling_ae=args.calling_ae)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -218,15 +386,48 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(run=_serve)
 
     status = commands.add_parser(
-        "status", help="show the node's series, acquisitions, jobs and problems",
+        "status", help="show the node's series, acquisitions, jobs, problems and deliveries",
         description="Show what the node has received (series), the acquisitions found in it, "
-        "their jobs (state, attempts, last error) and the problems found (images that make "
-        "no acquisition, and why). Reads the store; works while the node runs.",
+        "their jobs (state, attempts, last error), the problems found (images that make "
+        "no acquisition, and why) and the delivery of the derived objects per destination "
+        "(pending, sent, failed, attempts, last error). Reads the store; works while the "
+        "node runs.",
     )
     status.add_argument("--config", type=Path, default=None, metavar="FILE",
                         help="TOML file (default: $QSMNODE_CONFIG, else config/qsmnode.toml)")
     status.add_argument("--json", action="store_true", help="print JSON instead of a table")
     status.set_defaults(run=_status)
+
+    resend = commands.add_parser(
+        "resend", help="queue derived objects for sending again",
+        description="Queue sends again, due now, with their attempts reset: every send of "
+        "one study's derived objects (sent ones too, and to destinations added since), or "
+        "every failed send. Works while the node runs.",
+    )
+    which = resend.add_mutually_exclusive_group(required=True)
+    which.add_argument("--study", metavar="UID", help="the study's derived objects")
+    which.add_argument("--all-failed", action="store_true", help="every failed send")
+    resend.add_argument("--config", type=Path, default=None, metavar="FILE",
+                        help="TOML file (default: $QSMNODE_CONFIG, else config/qsmnode.toml)")
+    resend.set_defaults(run=_resend)
+
+    process = commands.add_parser(
+        "process", help="process a folder of DICOM files offline; write (and send) the "
+        "derived objects",
+        description="Run the node's pipeline on every acquisition in a folder of DICOM files "
+        "and write the derived objects under --out (<study>/<series>/<sop>.dcm). With --send, "
+        "C-STORE them to a configured destination or HOST:PORT:AE (one try).",
+    )
+    process.add_argument("folder", type=Path, metavar="DIR", help="folder of DICOM files")
+    process.add_argument("--out", type=Path, required=True, metavar="DIR",
+                         help="output folder")
+    process.add_argument("--send", metavar="DEST",
+                         help="a destination name from the configuration, or HOST:PORT:AE")
+    process.add_argument("--calling-ae", default=None, metavar="AE",
+                         help="our AE title when sending to HOST:PORT:AE (default QSMNODE)")
+    process.add_argument("--config", type=Path, default=None, metavar="FILE",
+                         help="TOML file for destinations and rules (needed for --send NAME)")
+    process.set_defaults(run=_process)
 
     demo = commands.add_parser("demo", help="run the demonstration")
     demo.add_argument("--out", type=Path, default=Path("demo-output"), help="output folder")

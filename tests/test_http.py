@@ -297,3 +297,18 @@ def test_a_busy_port_is_reported(state: Path) -> None:
         port = busy.getsockname()[1]
         with pytest.raises(OSError, match=f"HTTP endpoint 127.0.0.1:{port}"):
             start_http(settings(), state, port=port)
+
+
+def test_the_running_node_serves_health_and_metrics(tmp_path: Path) -> None:
+    from tests.nodeutil import Node, free_port
+
+    http_port = free_port()
+    node = Node(tmp_path / "node", sections={"http": {"host": "127.0.0.1", "port": http_port}})
+    node.start()
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/health", timeout=10) as r:
+            assert r.status == 200 and json.loads(r.read())["store"] == "ok"
+        with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=10) as r:
+            assert b"qsmnode_instances_received_total 0.0" in r.read()
+    finally:
+        node.stop()

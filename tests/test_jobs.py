@@ -14,7 +14,7 @@ import pytest
 
 from qsmnode.node.config import WorkersConfig
 from qsmnode.node.jobs import JobError, execute_job, job_spec
-from qsmnode.node.store import JobRecord, NewAcquisition, NewProblem, Store
+from qsmnode.node.store import SCHEMA_VERSION, JobRecord, NewAcquisition, NewProblem, Store
 from qsmnode.node.tracker import Tracker
 from qsmnode.node.worker import WorkerPool, limit_memory, resolve_job_function
 from qsmnode.pipeline import PipelineParams, run_pipeline
@@ -34,7 +34,7 @@ def _queue(store: Store, study: str, series: str, at: float = 1.0) -> int:
 
 def test_job_leases_attempts_and_recovery(tmp_path: Path) -> None:
     with Store.in_state_dir(tmp_path) as store:
-        assert store.schema_version() == 2
+        assert store.schema_version() == SCHEMA_VERSION
         job_id = _queue(store, "1.2.1", "9.1")
         other = _queue(store, "1.2.2", "9.2")
 
@@ -286,7 +286,7 @@ def test_a_version_1_store_is_migrated_and_still_readable(tmp_path: Path) -> Non
         assert [s.series_uid for s in old.series()] == ["9.1"]
         assert old.counts()["jobs"] == {}
     with Store.in_state_dir(tmp_path) as store:
-        assert store.schema_version() == 2
+        assert store.schema_version() == SCHEMA_VERSION
         [series] = store.series()
         assert (series.state, series.opened_at, series.completion) == ("open", None, None)
         assert store.acquisitions() == [] and store.jobs() == [] and store.problems() == []

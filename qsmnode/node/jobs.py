@@ -9,7 +9,13 @@ worker child (:mod:`qsmnode.node.worker`) runs a *job function* on it, by defaul
 1. summarize the files and group them again with the same rules;
 2. take the plan made of exactly the job's series (the same acquisition the tracker found);
 3. :func:`~qsmnode.dicom.load.load_acquisition` it from the spool files;
-4. :func:`qsmnode.pipeline.run_pipeline` it, and return the result as JSON.
+4. :func:`qsmnode.pipeline.run_pipeline` it (:func:`process_acquisition`, which ``qsmnode
+   process`` calls too), write the derived datasets it returns into the attempt's ``derived``
+   folder (:func:`write_job_outputs`), and return the result as JSON.
+
+The parent, which owns the store, moves the derived files into the outbox and records them
+with their sends in the transaction that marks the job done (:func:`job_outputs` lists them;
+see :mod:`qsmnode.node.outbox`).
 
 A job function takes a :class:`JobSpec` and returns a JSON-ready dictionary; it raises
 :class:`JobError` (or any exception) to fail the attempt with a message. It never touches the
@@ -20,15 +26,22 @@ distributed engine would submit the same function with the same spec).
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qsmnode.node.config import Settings
 from qsmnode.node.store import JobRecord, Store
 
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
+
 DEFAULT_JOB_FUNCTION = "qsmnode.node.jobs:execute_job"
 JOBS_DIRNAME = "jobs"
+DERIVED_DIRNAME = "derived"
+MANIFEST_FILENAME = "manifest.json"
 
 
 class JobError(RuntimeError):
@@ -60,6 +73,11 @@ class JobSpec:
     @property
     def out_dir(self) -> Path:
         return Path(self.work_dir) / "out"
+
+    @property
+    def derived_dir(self) -> Path:
+        """Where the attempt's derived datasets go as files (see :func:`write_job_outputs`)."""
+        return Path(self.work_dir) / DERIVED_DIRNAME
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -141,13 +159,64 @@ def load_job_acquisition(spec: JobSpec) -> Any:
     )
 
 
-def execute_job(spec: JobSpec) -> dict[str, Any]:
-    """The default job function: load the acquisition from the spool and run the pipeline."""
+def write_job_outputs(spec: JobSpec, datasets: Sequence[Dataset]) -> list[Path]:
+    """Write a job's derived datasets as files under :attr:`JobSpec.derived_dir`, then a
+    manifest naming them in order (written last: without it the parent takes no files)."""
+    from qsmnode.node.outbox import write_datasets
+
+    folder = spec.derived_dir
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = write_datasets(datasets, folder)
+    manifest = folder / MANIFEST_FILENAME
+    temp = folder / f".{MANIFEST_FILENAME}.{os.getpid()}.tmp"
+    temp.write_text(json.dumps([p.relative_to(folder).as_posix() for p in paths]))
+    os.replace(temp, manifest)
+    return paths
+
+
+def job_outputs(work_dir: Path) -> list[Path]:
+    """The derived files a finished attempt left (none without a manifest), in order.
+
+    Raises:
+        JobError: the manifest names a file that is not there.
+    """
+    folder = Path(work_dir) / DERIVED_DIRNAME
+    try:
+        names = json.loads((folder / MANIFEST_FILENAME).read_text())
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError) as exc:
+        raise JobError(f"cannot read the list of derived files: {exc}") from None
+    paths = [folder / name for name in names]
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        raise JobError(f"{len(missing)} of {len(paths)} derived files are missing "
+                       f"(first: {missing[0].name})")
+    return paths
+
+
+def process_acquisition(loaded: Any, files: Sequence[str], out_dir: Path | None
+                        ) -> tuple[dict[str, Any], list[Dataset]]:
+    """Run the pipeline on a loaded acquisition: its result as JSON and the derived datasets
+    it made. ``files`` are the acquisition's source files. The node's jobs and ``qsmnode
+    process`` both call this, so both make the same datasets.
+
+    Raises:
+        JobError: the pipeline found the acquisition unfit.
+    """
     from qsmnode.pipeline import PipelineError, PipelineParams, run_pipeline
 
-    loaded = load_job_acquisition(spec)
     try:
-        result = run_pipeline(loaded, PipelineParams(out_dir=spec.out_dir))
+        result = run_pipeline(loaded, PipelineParams(out_dir=out_dir))
     except PipelineError as exc:
         raise JobError(str(exc)) from None
-    return result.to_json()
+    return result.to_json(), list(getattr(result, "datasets", None) or ())
+
+
+def execute_job(spec: JobSpec) -> dict[str, Any]:
+    """The default job function: load the acquisition from the spool, run the pipeline and
+    leave its derived datasets for the outbox."""
+    loaded = load_job_acquisition(spec)
+    result, datasets = process_acquisition(loaded, spec.files, spec.out_dir)
+    write_job_outputs(spec, datasets)
+    return result

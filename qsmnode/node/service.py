@@ -2,17 +2,21 @@
 
 :func:`serve` holds the state directory's lock, opens the store, makes the spool and the store
 agree (:func:`~qsmnode.node.receiver.recover`), hands the jobs that a previous run left running
-back to the queue, then runs three parts until told to stop:
+back to the queue, then runs four parts until told to stop:
 
 - the **receiver** (:class:`~qsmnode.node.receiver.Receiver`): the DICOM listener, in
   pynetdicom's threads;
 - the **tracker** (:class:`~qsmnode.node.tracker.Tracker`): a thread that completes series and
   turns complete studies into acquisitions, problems and jobs;
 - the **worker pool** (:class:`~qsmnode.node.worker.WorkerPool`): a thread that runs the jobs
-  in child processes.
+  in child processes and puts their derived objects into the outbox
+  (:class:`~qsmnode.node.outbox.Outbox`), queued for every destination;
+- the **sender** (:class:`~qsmnode.node.sender.Sender`): a thread that C-STOREs the outbox to
+  the destinations, with retries. Pending sends are in the store, so a restart resumes them.
 
 At a stop, the listener closes first (running associations get a grace period), then the
-tracker, then the pool (running jobs are handed back to the queue).
+tracker, then the pool (running jobs are handed back to the queue), then the sender (the
+association in progress is aborted after the file being sent).
 
 **One node per state directory.** ``<state_dir>/node.lock`` is held (``flock``) while the node
 runs, and a second node on the same directory refuses to start. So, at start, every job the
@@ -37,8 +41,11 @@ from pathlib import Path
 
 from qsmnode import __version__
 from qsmnode.node.config import ConfigError, Settings, load_settings
+from qsmnode.node.http import start_http
 from qsmnode.node.jobs import DEFAULT_JOB_FUNCTION
+from qsmnode.node.outbox import Outbox
 from qsmnode.node.receiver import SPOOL_DIRNAME, Receiver, quiet_library_loggers, recover
+from qsmnode.node.sender import Sender
 from qsmnode.node.spool import MIB, Spool
 from qsmnode.node.store import Store, StoreError
 from qsmnode.node.tracker import Tracker
@@ -105,15 +112,24 @@ def serve(settings: Settings, stop: threading.Event, ready: threading.Event | No
                           job.last_error, job.attempts)
             else:
                 log.warning("job %d queued again: %s", job.id, job.last_error)
-        pool = WorkerPool(settings, store, owner, job_function=job_function)
+        outbox = Outbox(state_dir)
+        outbox.recover(store)
+        sender = Sender(settings, store)
+        pool = WorkerPool(settings, store, owner, job_function=job_function, outbox=outbox,
+                          on_results=sender.wake)
         tracker = Tracker(settings, store, on_jobs=pool.wake)
         receiver = Receiver(settings, store, spool)
         tracker_stop = threading.Event()
         tracker_thread = threading.Thread(target=tracker.run, args=(tracker_stop,),
                                           name="tracker", daemon=True)
+        sender.start()
         pool.start()
         tracker_thread.start()
+        http = None
         try:
+            http = start_http(settings, state_dir)
+            if http is not None:
+                log.info("HTTP status, health and metrics on %s", http.url)
             receiver.start()
             log.info("node %s ready (tracker: quiet period %g s, maximum wait %g s)", owner,
                      settings.tracker.quiet_period_s, settings.tracker.max_wait_s)
@@ -122,9 +138,12 @@ def serve(settings: Settings, stop: threading.Event, ready: threading.Event | No
             stop.wait()
         finally:
             receiver.stop()
+            if http is not None:
+                http.stop()
             tracker_stop.set()
             tracker_thread.join(timeout=30)
             pool.stop()
+            sender.stop()
     return 0
 
 

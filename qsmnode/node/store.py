@@ -3,7 +3,7 @@
 Every state change is one transaction, committed with ``synchronous=FULL`` before the call
 returns, so a change the caller was told about survives a crash or power loss.
 
-Schema (version 2, in ``PRAGMA user_version``)::
+Schema (version 3, in ``PRAGMA user_version``)::
 
     series(series_uid PK, study_uid, series_number, modality, sop_class_uid,
            series_description, expected_count, received_count,
@@ -18,6 +18,11 @@ Schema (version 2, in ``PRAGMA user_version``)::
     jobs(id PK, acquisition_id UNIQUE -> acquisitions, state 'queued'|'running'|'done'|'failed',
          attempts, lease_owner, lease_expires_at, last_error, result JSON,
          created_at, updated_at, started_at, finished_at)
+    outbox(sop_instance_uid PK, sop_class_uid, study_uid, series_uid, transfer_syntax_uid,
+           series_number, modality, job_id -> jobs, path UNIQUE, size, created_at)
+    sends(sop_instance_uid -> outbox, destination, state 'pending'|'sent'|'failed', attempts,
+          next_try_at, last_status, last_error, last_try_at, sent_at, created_at, updated_at;
+          PK (sop_instance_uid, destination))
 
 Times are Unix seconds (float). ``instances.path`` is relative to the state directory.
 ``received_count`` counts distinct instances; a late instance of a complete series updates
@@ -41,6 +46,18 @@ Jobs: one per accepted acquisition. A worker claims a queued job in one transact
 error kept in ``last_error``). :meth:`Store.requeue_orphaned_jobs` hands the running jobs of a
 dead owner back to the queue, once per crash.
 
+Outbox and sends (version 3): one ``outbox`` row per derived instance written to
+``<state_dir>/outbox`` (``path`` relative to the state directory; ``job_id`` the job that made
+it), and one ``sends`` row per instance and configured destination. The rows of a job's outbox
+and their sends are recorded in the transaction that marks the job done
+(:meth:`Store.finish_job`), so a job is never done without its results queued. A send is
+``pending`` until the destination confirms it (``sent``, with ``sent_at`` and the DIMSE
+``last_status``) or its attempts run out (``failed``); ``attempts`` counts the tries made,
+``next_try_at`` is when the sender may try again, ``last_error`` says why the last try failed.
+An instance recorded again (the job ran again: deterministic UIDs give the same instance) keeps
+its sends, except that ``failed`` ones are queued again. :meth:`Store.requeue_sends` is what
+``qsmnode resend`` changes.
+
 Later schema versions append to :data:`MIGRATIONS`; opening a store applies the missing ones,
 each in one transaction. The API is small and has no ORM: records in, records out.
 """
@@ -51,7 +68,7 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -139,6 +156,40 @@ MIGRATIONS: tuple[str, ...] = (
         finished_at      REAL
     );
     CREATE INDEX jobs_state ON jobs (state);
+    """,
+    """
+    CREATE TABLE outbox (
+        sop_instance_uid    TEXT PRIMARY KEY,
+        sop_class_uid       TEXT NOT NULL,
+        study_uid           TEXT NOT NULL,
+        series_uid          TEXT NOT NULL,
+        transfer_syntax_uid TEXT NOT NULL,
+        series_number       INTEGER,
+        modality            TEXT,
+        job_id              INTEGER REFERENCES jobs (id),
+        path                TEXT NOT NULL UNIQUE,
+        size                INTEGER NOT NULL,
+        created_at          REAL NOT NULL
+    );
+    CREATE INDEX outbox_study ON outbox (study_uid);
+    CREATE INDEX outbox_job ON outbox (job_id);
+    CREATE TABLE sends (
+        sop_instance_uid TEXT NOT NULL REFERENCES outbox (sop_instance_uid),
+        destination      TEXT NOT NULL,
+        state            TEXT NOT NULL DEFAULT 'pending'
+                         CHECK (state IN ('pending', 'sent', 'failed')),
+        attempts         INTEGER NOT NULL DEFAULT 0,
+        next_try_at      REAL NOT NULL,
+        last_status      INTEGER,
+        last_error       TEXT,
+        last_try_at      REAL,
+        sent_at          REAL,
+        created_at       REAL NOT NULL,
+        updated_at       REAL NOT NULL,
+        PRIMARY KEY (sop_instance_uid, destination)
+    );
+    CREATE INDEX sends_due ON sends (state, next_try_at);
+    CREATE INDEX sends_destination ON sends (destination, state);
     """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -292,8 +343,107 @@ class StudyReady:
     """The latest time a series of the study (re)opened."""
 
 
+@dataclass(frozen=True)
+class OutboxRecord:
+    """One derived instance in the outbox. ``path`` is relative to the state directory."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    study_uid: str
+    series_uid: str
+    transfer_syntax_uid: str
+    path: str
+    size: int
+    created_at: float
+    series_number: int | None = None
+    modality: str | None = None
+    job_id: int | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class SendRecord:
+    """The delivery of one outbox instance to one destination."""
+
+    sop_instance_uid: str
+    destination: str
+    state: str
+    attempts: int
+    next_try_at: float
+    last_status: int | None
+    last_error: str | None
+    last_try_at: float | None
+    sent_at: float | None
+    created_at: float
+    updated_at: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class DueSend:
+    """A pending send whose time has come, with what the sender needs from the outbox."""
+
+    sop_instance_uid: str
+    destination: str
+    attempts: int
+    """Tries made so far."""
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    study_uid: str
+    series_uid: str
+    path: str
+
+
+@dataclass(frozen=True)
+class SendOutcome:
+    """The result of one try of a send, to record.
+
+    ``sent``: the destination confirmed it (``status`` success or warning). Otherwise
+    ``error`` says why, and the send waits until ``next_try_at``, or is ``failed`` when
+    ``give_up`` (its attempts are used up).
+    """
+
+    sop_instance_uid: str
+    destination: str
+    sent: bool
+    status: int | None = None
+    error: str | None = None
+    next_try_at: float | None = None
+    give_up: bool = False
+
+
+@dataclass(frozen=True)
+class DestinationSummary:
+    """The delivery state of one destination, for status displays."""
+
+    destination: str
+    pending: int = 0
+    sent: int = 0
+    failed: int = 0
+    attempts: int = 0
+    """Tries made, all sends together."""
+    retries: int = 0
+    """Tries beyond the first, all sends together."""
+    max_attempts: int = 0
+    """The most tries one send has needed so far."""
+    next_try_at: float | None = None
+    """The earliest retry of a pending send."""
+    last_sent_at: float | None = None
+    last_error: str | None = None
+    """The error of the latest failed try of a send not delivered yet."""
+    last_error_at: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
 ACQUISITION_STATES = ("accepted", "ignored")
 JOB_STATES = ("queued", "running", "done", "failed")
+SEND_STATES = ("pending", "sent", "failed")
 
 _INSTANCE_COLUMNS = tuple(
     f.name for f in fields(InstanceRecord) if f.name not in ("modality", "series_description")
@@ -301,6 +451,8 @@ _INSTANCE_COLUMNS = tuple(
 _SERIES_COLUMNS = tuple(f.name for f in fields(SeriesRecord))
 _SERIES_COLUMNS_V1 = _SERIES_COLUMNS[:12]
 _JOB_COLUMNS = tuple(f.name for f in fields(JobRecord))
+_OUTBOX_COLUMNS = tuple(f.name for f in fields(OutboxRecord))
+_SEND_COLUMNS = tuple(f.name for f in fields(SendRecord))
 
 
 def series_key(series_uids: tuple[str, ...] | list[str]) -> str:
@@ -767,9 +919,12 @@ class Store:
             return _job(db.execute(f"SELECT {', '.join(_JOB_COLUMNS)} FROM jobs WHERE id = ?",
                                    (row["id"],)).fetchone())
 
-    def finish_job(self, job_id: int, owner: str, result: dict[str, Any], now: float) -> bool:
-        """Mark a running job of ``owner`` done with its result; False when the job is not
-        running under that lease any more (nothing changes then)."""
+    def finish_job(self, job_id: int, owner: str, result: dict[str, Any], now: float,
+                   outbox: Sequence[OutboxRecord] = (), destinations: Sequence[str] = ()
+                   ) -> bool:
+        """Mark a running job of ``owner`` done with its result, and record its ``outbox``
+        instances with a pending send to each of ``destinations``, in one transaction. False
+        when the job is not running under that lease any more (nothing changes then)."""
         with self.transaction() as db:
             cursor = db.execute(
                 "UPDATE jobs SET state = 'done', result = ?, last_error = NULL, "
@@ -777,7 +932,10 @@ class Store:
                 "WHERE id = ? AND state = 'running' AND lease_owner = ?",
                 (json.dumps(result), now, now, job_id, owner),
             )
-            return cursor.rowcount == 1
+            if cursor.rowcount != 1:
+                return False
+            self._record_outbox(db, outbox, destinations, now)
+            return True
 
     def fail_job_attempt(self, job_id: int, owner: str, error: str, max_attempts: int,
                          now: float) -> JobRecord | None:
@@ -854,10 +1012,215 @@ class Store:
                 f"WHERE series_uid IN ({marks}) ORDER BY received_at, rowid", uids).fetchall()
         return [InstanceRecord(**dict(r)) for r in rows]
 
+    # ------------------------------------------------------------------------- outbox and sends
+
+    def _record_outbox(self, db: sqlite3.Connection, records: Sequence[OutboxRecord],
+                       destinations: Sequence[str], now: float) -> int:
+        """Insert or refresh outbox rows and their sends; return how many sends were queued
+        (new ones, and failed ones queued again)."""
+        columns = ", ".join(_OUTBOX_COLUMNS)
+        marks = ", ".join("?" for _ in _OUTBOX_COLUMNS)
+        refresh = ", ".join(f"{c} = excluded.{c}" for c in _OUTBOX_COLUMNS
+                            if c not in ("sop_instance_uid", "created_at"))
+        queued = 0
+        for record in records:
+            db.execute(
+                f"INSERT INTO outbox ({columns}) VALUES ({marks}) "
+                f"ON CONFLICT (sop_instance_uid) DO UPDATE SET {refresh}",
+                tuple(getattr(record, c) for c in _OUTBOX_COLUMNS),
+            )
+            for destination in destinations:
+                cursor = db.execute(
+                    "INSERT INTO sends (sop_instance_uid, destination, next_try_at, created_at, "
+                    "updated_at) VALUES (?, ?, ?, ?, ?) "
+                    "ON CONFLICT (sop_instance_uid, destination) DO UPDATE SET "
+                    "state = 'pending', attempts = 0, next_try_at = excluded.next_try_at, "
+                    "updated_at = excluded.updated_at WHERE sends.state = 'failed'",
+                    (record.sop_instance_uid, destination, now, now, now),
+                )
+                queued += cursor.rowcount
+        return queued
+
+    def record_outbox(self, records: Sequence[OutboxRecord], destinations: Sequence[str],
+                      now: float) -> int:
+        """Record outbox instances, each with a pending send to every one of
+        ``destinations``, in one transaction; return how many sends were queued."""
+        with self.transaction() as db:
+            return self._record_outbox(db, records, destinations, now)
+
+    def outbox(self, study_uid: str | None = None, job_id: int | None = None
+               ) -> list[OutboxRecord]:
+        """Outbox instances (all, of a study, or of a job), in order of recording."""
+        sql, clauses, args = f"SELECT {', '.join(_OUTBOX_COLUMNS)} FROM outbox", [], []
+        if study_uid is not None:
+            clauses.append("study_uid = ?")
+            args.append(study_uid)
+        if job_id is not None:
+            clauses.append("job_id = ?")
+            args.append(job_id)
+        if clauses:
+            sql += " WHERE " + " AND ".join(clauses)
+        with self._lock:
+            rows = self._db.execute(sql + " ORDER BY rowid", args).fetchall()
+        return [OutboxRecord(**dict(row)) for row in rows]
+
+    def outbox_paths(self) -> set[str]:
+        """The ``path`` of every outbox instance (relative to the state directory)."""
+        if self._version < 3:
+            return set()
+        with self._lock:
+            return {row[0] for row in self._db.execute("SELECT path FROM outbox")}
+
+    def outbox_summary(self) -> dict[str, int]:
+        """The outbox's instance count and bytes (zero before version 3)."""
+        if self._version < 3:
+            return {"instances": 0, "bytes": 0}
+        with self._lock:
+            count, size = self._db.execute(
+                "SELECT count(*), coalesce(sum(size), 0) FROM outbox").fetchone()
+        return {"instances": int(count), "bytes": int(size)}
+
+    def sends(self, state: str | None = None, destination: str | None = None,
+              study_uid: str | None = None) -> list[SendRecord]:
+        """Sends, filtered by state, destination and study, in order of their instances."""
+        if self._version < 3:
+            return []
+        columns = ", ".join(f"s.{c}" for c in _SEND_COLUMNS)
+        sql = f"SELECT {columns} FROM sends s JOIN outbox o USING (sop_instance_uid)"
+        clauses, args = [], []
+        for clause, value in (("s.state = ?", state), ("s.destination = ?", destination),
+                              ("o.study_uid = ?", study_uid)):
+            if value is not None:
+                clauses.append(clause)
+                args.append(value)
+        if clauses:
+            sql += " WHERE " + " AND ".join(clauses)
+        with self._lock:
+            rows = self._db.execute(sql + " ORDER BY o.rowid, s.destination", args).fetchall()
+        return [SendRecord(**dict(row)) for row in rows]
+
+    def due_sends(self, now: float, destinations: Sequence[str], limit: int = 1000
+                  ) -> list[DueSend]:
+        """Pending sends to ``destinations`` whose ``next_try_at`` has come, at most
+        ``limit``, in the order their instances were recorded."""
+        if not destinations:
+            return []
+        marks = ", ".join("?" for _ in destinations)
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT s.sop_instance_uid, s.destination, s.attempts, o.sop_class_uid, "
+                "o.transfer_syntax_uid, o.study_uid, o.series_uid, o.path "
+                "FROM sends s JOIN outbox o USING (sop_instance_uid) "
+                f"WHERE s.state = 'pending' AND s.next_try_at <= ? AND s.destination IN ({marks}) "
+                "ORDER BY o.rowid, s.destination LIMIT ?",
+                (now, *destinations, limit),
+            ).fetchall()
+        return [DueSend(**dict(row)) for row in rows]
+
+    def next_send_at(self, destinations: Sequence[str]) -> float | None:
+        """The earliest ``next_try_at`` of a pending send to ``destinations`` (None: none)."""
+        if not destinations:
+            return None
+        marks = ", ".join("?" for _ in destinations)
+        with self._lock:
+            row = self._db.execute(
+                f"SELECT min(next_try_at) FROM sends WHERE state = 'pending' "
+                f"AND destination IN ({marks})", tuple(destinations)).fetchone()
+        return None if row[0] is None else float(row[0])
+
+    def record_send_outcomes(self, outcomes: Sequence[SendOutcome], now: float) -> int:
+        """Record the tries of a batch in one transaction: each counts one attempt. Only
+        pending sends change (a send queued again meanwhile by ``resend`` keeps its new
+        state). Returns how many changed."""
+        changed = 0
+        with self.transaction() as db:
+            for outcome in outcomes:
+                if outcome.sent:
+                    cursor = db.execute(
+                        "UPDATE sends SET state = 'sent', attempts = attempts + 1, "
+                        "last_status = ?, last_error = NULL, last_try_at = ?, sent_at = ?, "
+                        "updated_at = ? "
+                        "WHERE sop_instance_uid = ? AND destination = ? AND state = 'pending'",
+                        (outcome.status, now, now, now, outcome.sop_instance_uid,
+                         outcome.destination),
+                    )
+                else:
+                    cursor = db.execute(
+                        "UPDATE sends SET state = ?, attempts = attempts + 1, last_status = ?, "
+                        "last_error = ?, last_try_at = ?, next_try_at = ?, updated_at = ? "
+                        "WHERE sop_instance_uid = ? AND destination = ? AND state = 'pending'",
+                        ("failed" if outcome.give_up else "pending", outcome.status,
+                         outcome.error, now,
+                         now if outcome.next_try_at is None else outcome.next_try_at, now,
+                         outcome.sop_instance_uid, outcome.destination),
+                    )
+                changed += cursor.rowcount
+        return changed
+
+    def requeue_sends(self, now: float, *, study_uid: str | None = None,
+                      failed_only: bool = False, destinations: Sequence[str] = ()) -> int:
+        """Queue sends again, due now, with their attempts reset (``qsmnode resend``).
+
+        ``study_uid``: every send of the study's outbox instances, sent ones included, and a
+        new send for each of ``destinations`` an instance has none for yet (a destination
+        added since). ``failed_only``: only failed sends (of the study, or all). Returns how
+        many sends are queued by it.
+        """
+        with self.transaction() as db:
+            clauses = ["1"]
+            args: list[Any] = [now, now]
+            if failed_only:
+                clauses.append("state = 'failed'")
+            if study_uid is not None:
+                clauses.append("sop_instance_uid IN "
+                               "(SELECT sop_instance_uid FROM outbox WHERE study_uid = ?)")
+                args.append(study_uid)
+            queued = db.execute(
+                "UPDATE sends SET state = 'pending', attempts = 0, next_try_at = ?, "
+                "last_status = NULL, last_error = NULL, sent_at = NULL, updated_at = ? "
+                f"WHERE {' AND '.join(clauses)}", args,
+            ).rowcount
+            if study_uid is not None and not failed_only:
+                for row in db.execute("SELECT sop_instance_uid FROM outbox WHERE study_uid = ?",
+                                      (study_uid,)).fetchall():
+                    for destination in destinations:
+                        queued += db.execute(
+                            "INSERT OR IGNORE INTO sends (sop_instance_uid, destination, "
+                            "next_try_at, created_at, updated_at) VALUES (?, ?, ?, ?, ?)",
+                            (row[0], destination, now, now, now),
+                        ).rowcount
+        return queued
+
+    def delivery(self) -> list[DestinationSummary]:
+        """Per destination with sends: counts by state, attempts, the next retry and the last
+        error of a send not delivered yet. Empty before version 3."""
+        if self._version < 3:
+            return []
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT destination, sum(state = 'pending'), sum(state = 'sent'), "
+                "sum(state = 'failed'), sum(attempts), sum(max(attempts - 1, 0)), "
+                "max(attempts), min(CASE WHEN state = 'pending' THEN next_try_at END), "
+                "max(sent_at) FROM sends GROUP BY destination ORDER BY destination"
+            ).fetchall()
+            out = []
+            for row in rows:
+                error = self._db.execute(
+                    "SELECT last_error, last_try_at FROM sends WHERE destination = ? "
+                    "AND state != 'sent' AND last_error IS NOT NULL "
+                    "ORDER BY last_try_at DESC LIMIT 1", (row[0],)).fetchone()
+                out.append(DestinationSummary(
+                    row[0], int(row[1]), int(row[2]), int(row[3]), int(row[4]), int(row[5]),
+                    int(row[6]), row[7], row[8],
+                    None if error is None else error[0], None if error is None else error[1],
+                ))
+        return out
+
     def counts(self) -> dict[str, dict[str, int]]:
-        """Acquisitions, jobs and problems by state, for status displays (empty before v2)."""
+        """Acquisitions, jobs, problems and sends by state, for status displays (empty
+        before the schema version that adds them)."""
         if self._version < 2:
-            return {"acquisitions": {}, "jobs": {}, "problems": {}}
+            return {"acquisitions": {}, "jobs": {}, "problems": {}, "sends": {}}
         with self._lock:
             acquisitions = dict(self._db.execute(
                 "SELECT state, count(*) FROM acquisitions GROUP BY state").fetchall())
@@ -866,8 +1229,12 @@ class Store:
             open_, resolved = self._db.execute(
                 "SELECT coalesce(sum(resolved_at IS NULL), 0), "
                 "coalesce(sum(resolved_at IS NOT NULL), 0) FROM problems").fetchone()
+            sends = {} if self._version < 3 else dict(self._db.execute(
+                "SELECT state, count(*) FROM sends GROUP BY state").fetchall())
         return {
             "acquisitions": {s: int(acquisitions.get(s, 0)) for s in ACQUISITION_STATES},
             "jobs": {s: int(jobs.get(s, 0)) for s in JOB_STATES},
             "problems": {"open": int(open_), "resolved": int(resolved)},
+            "sends": {} if self._version < 3 else {s: int(sends.get(s, 0))
+                                                    for s in SEND_STATES},
         }

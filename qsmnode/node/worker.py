@@ -6,6 +6,9 @@ folder (``<state_dir>/jobs/<job>/attempt-<n>/spec.json``) and starts
 ``python -m qsmnode.node.worker`` on it. It polls its children, and when one exits it reads
 ``result.json`` and records the outcome in the store: done with the result, or a failed attempt
 with a clear ``last_error`` (queued again while ``workers.job_attempts`` allow, else failed).
+A successful attempt's derived files (``derived/``, see :func:`~qsmnode.node.jobs.job_outputs`)
+are first written into the outbox, then recorded with a pending send per configured destination
+in the transaction that marks the job done; the copies in the attempt folder are then deleted.
 A child that dies without a result (a crash, a signal, the kernel's OOM killer) fails the
 attempt with its exit status or signal. A child still running when its lease
 (``workers.lease_s``) runs out is killed and its attempt failed. When the node stops, running
@@ -35,6 +38,7 @@ import json
 import logging
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -46,8 +50,16 @@ from pathlib import Path
 from typing import Any
 
 from qsmnode.node.config import Settings
-from qsmnode.node.jobs import DEFAULT_JOB_FUNCTION, JobError, JobSpec, attempt_dir, job_spec
-from qsmnode.node.store import JobRecord, Store
+from qsmnode.node.jobs import (
+    DEFAULT_JOB_FUNCTION,
+    JobError,
+    JobSpec,
+    attempt_dir,
+    job_outputs,
+    job_spec,
+)
+from qsmnode.node.outbox import Outbox
+from qsmnode.node.store import JobRecord, OutboxRecord, Store
 
 log = logging.getLogger("qsmnode.node.worker")  # also when run as __main__
 
@@ -93,17 +105,21 @@ class WorkerPool:
     """Runs the store's queued jobs in child processes (see the module docstring).
 
     ``owner`` names this node in job leases (``<node id>:<pid>``). ``job_function`` is the
-    ``module:function`` the children run.
+    ``module:function`` the children run. Results go into ``outbox`` (default: the state
+    directory's); ``on_results`` is called after a job queued derived instances.
     """
 
     def __init__(self, settings: Settings, store: Store, owner: str,
                  job_function: str = DEFAULT_JOB_FUNCTION,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, outbox: Outbox | None = None,
+                 on_results: Callable[[], None] | None = None) -> None:
         self.settings = settings
         self.store = store
         self.owner = owner
         self.job_function = job_function
         self.clock = clock
+        self.outbox = outbox if outbox is not None else Outbox(settings.paths.state_dir)
+        self.on_results = on_results
         self._running: dict[int, _Running] = {}
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -215,10 +231,23 @@ class WorkerPool:
         seconds = time.monotonic() - run.started
         outcome = _read_result(run.result_path)
         if outcome is not None and outcome.get("ok") is True and code == 0:
+            try:
+                records = self._outputs(run)
+            except Exception as exc:  # e.g. the disk is full: fail the attempt, not the pool
+                log.exception("job %d: cannot move the results into the outbox", run.job.id)
+                self._fail(run.job, f"cannot move the results into the outbox: "
+                                    f"{type(exc).__name__}: {exc}")
+                return
+            destinations = [d.name for d in self.settings.destinations]
             if self.store.finish_job(run.job.id, self.owner, outcome.get("result") or {},
-                                     self.clock()):
-                log.info("job %d done in %.1f s (attempt %d)", run.job.id, seconds,
-                         run.job.attempts)
+                                     self.clock(), outbox=records, destinations=destinations):
+                log.info("job %d done in %.1f s (attempt %d)%s", run.job.id, seconds,
+                         run.job.attempts,
+                         f"; {len(records)} derived instances in the outbox, queued for "
+                         f"{len(destinations)} destination(s)" if records else "")
+                shutil.rmtree(Path(run.spec.derived_dir), ignore_errors=True)
+                if records and self.on_results is not None:
+                    self.on_results()
             else:
                 log.warning("job %d finished but its lease was gone; result dropped",
                             run.job.id)
@@ -233,6 +262,11 @@ class WorkerPool:
         else:
             error = f"the worker process exited with status {code} without a result"
         self._fail(run.job, error)
+
+    def _outputs(self, run: _Running) -> list[OutboxRecord]:
+        """Write the attempt's derived files into the outbox (durably); their records."""
+        paths = job_outputs(Path(run.spec.work_dir))
+        return self.outbox.import_files(paths, job_id=run.job.id, now=self.clock())
 
     def _fail(self, job: JobRecord, error: str) -> None:
         attempts = self.settings.workers.job_attempts
@@ -359,7 +393,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         format=f"%(asctime)s %(levelname)s worker[job {spec.job_id}.{spec.attempt} "
                f"pid {os.getpid()}] %(name)s: %(message)s",
     )
-    for name in ("pydicom", "pynetdicom"):  # their chatter can quote datasets
+    for name in ("pydicom", "pynetdicom", "highdicom"):  # their chatter can quote datasets
         logging.getLogger(name).setLevel(max(logging.getLogger().level, logging.WARNING))
     if args.parent_pid is not None:
         threading.Thread(target=_watch_parent, args=(args.parent_pid,), name="watch-parent",

@@ -1,0 +1,457 @@
+"""The sender: C-STORE of the outbox to every configured destination, with retries.
+
+:class:`Sender` is a thread in the node. Each pass takes the store's due sends (pending, their
+``next_try_at`` reached), per destination, and sends them over one association per batch
+(:func:`send_files`): one presentation context per SOP class in the batch, with the transfer
+syntax of its files (pynetdicom's default storage contexts lack Parametric Map), optionally
+over TLS. The outcome is recorded per instance, in one transaction per batch:
+
+- success, or a warning status (0xB000, 0xB006, 0xB007): ``sent``;
+- a failure status, no response, an aborted or refused association, a connection that cannot
+  be made: the send stays ``pending`` and is tried again after an exponential backoff,
+  ``sender.retry_initial_s`` doubling per attempt up to ``sender.retry_max_s`` (plus up to
+  10 % jitter so that sends do not retry in step). With ``sender.max_attempts`` > 0 it ends
+  ``failed`` when the attempts are used up (``qsmnode resend`` queues it again);
+- an A-ASSOCIATE-RJ: ``last_error`` gives the rejection in words (e.g. "calling AE title not
+  recognised", permanent, from the service user) and the sends stay queued whatever
+  ``max_attempts`` says: a refusal is a configuration problem at one end, not a fault of the
+  objects, and they are delivered once it is fixed;
+- an outbox file that is gone: ``failed`` at once (retrying cannot bring it back).
+
+Pending sends live in the store, so a restarted node resumes them. Log lines name UIDs, AE
+titles and addresses, never patient data. ``qsmnode process --send`` uses
+:func:`send_files` directly (one try, no store).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import socket
+import ssl
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qsmnode.node.config import ClientTLSConfig, DestinationConfig, Settings
+from qsmnode.node.store import DueSend, SendOutcome, Store
+
+log = logging.getLogger(__name__)
+
+BATCH_SIZE = 500
+"""Instances sent over one association at most."""
+MAX_CONTEXTS = 128
+"""Presentation contexts one association can propose (odd context IDs 1-255)."""
+JITTER = 0.1
+_IDLE_POLL_S = 1.0  # ``qsmnode resend`` from another process is noticed within this
+_WARNING_STATUSES = frozenset({0xB000, 0xB006, 0xB007})
+
+
+@dataclass(frozen=True)
+class Peer:
+    """Where to send: a configured destination, or one given as ``HOST:PORT:AE``."""
+
+    name: str
+    ae_title: str
+    host: str
+    port: int
+    calling_ae_title: str = "QSMNODE"
+    tls: ClientTLSConfig = field(default_factory=ClientTLSConfig)
+
+    @classmethod
+    def from_config(cls, destination: DestinationConfig) -> Peer:
+        return cls(destination.name, destination.ae_title, destination.host, destination.port,
+                   destination.calling_ae_title, destination.tls)
+
+    @classmethod
+    def parse(cls, text: str, destinations: Sequence[DestinationConfig] = (),
+              calling_ae_title: str = "QSMNODE") -> Peer:
+        """A configured destination by name, else ``HOST:PORT:AE``.
+
+        Raises:
+            ValueError: neither (the message lists the configured names).
+        """
+        for destination in destinations:
+            if destination.name == text:
+                return cls.from_config(destination)
+        host, _, rest = text.rpartition(":")
+        host, _, port = host.rpartition(":")
+        ae = rest
+        if host and port.isdigit() and 0 < int(port) < 65536 and 0 < len(ae.strip()) <= 16:
+            return cls(text, ae, host.strip("[]"), int(port), calling_ae_title)
+        names = ", ".join(d.name for d in destinations) or "none configured"
+        raise ValueError(f"{text!r}: not a configured destination ({names}) nor HOST:PORT:AE")
+
+    def __str__(self) -> str:
+        return (f"{self.name} ({self.ae_title}@{self.host}:{self.port}"
+                f"{', TLS' if self.tls.enabled else ''})")
+
+
+def client_ssl_context(tls: ClientTLSConfig) -> ssl.SSLContext | None:
+    """The TLS context towards a destination (None when TLS is off): the server is verified
+    against ``ca_file`` (else the system's CAs) and its host name; ``cert_file`` and
+    ``key_file`` give the node a client certificate."""
+    if not tls.enabled:
+        return None
+    context = ssl.create_default_context(
+        ssl.Purpose.SERVER_AUTH, cafile=None if tls.ca_file is None else str(tls.ca_file))
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if tls.cert_file is not None and tls.key_file is not None:
+        context.load_cert_chain(tls.cert_file, tls.key_file)
+    return context
+
+
+def backoff_s(attempts: int, initial_s: float, max_s: float, jitter: float = 0.0,
+              rng: Callable[[], float] = random.random) -> float:
+    """The wait before the next try after ``attempts`` tries failed: ``initial_s`` doubling
+    per attempt, at most ``max_s``; ``jitter`` adds up to that fraction (still at most
+    ``max_s``)."""
+    delay = initial_s * 2.0 ** min(max(attempts - 1, 0), 60)
+    delay = min(delay, max_s)
+    if jitter > 0:
+        delay = min(delay * (1.0 + jitter * rng()), max_s)
+    return delay
+
+
+def describe_status(status: int) -> str:
+    """``0xA700 (Refused: Out of Resources)``."""
+    from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS
+
+    meaning = STORAGE_SERVICE_CLASS_STATUS.get(status, ("", "unknown status"))[1]
+    return f"0x{status:04X} ({meaning})"
+
+
+def is_success(status: int) -> bool:
+    return status == 0 or status in _WARNING_STATUSES
+
+
+_RESULTS = {1: "permanent", 2: "transient"}
+_SOURCES = {1: "service user", 2: "service provider (ACSE)",
+            3: "service provider (presentation)"}
+
+
+def describe_rejection(primitive: Any) -> str:
+    """An A-ASSOCIATE-RJ in words: the reason, then whether it is permanent and who said so,
+    then the raw result/source/diagnostic values."""
+    result, source, diagnostic = (getattr(primitive, name, None)
+                                  for name in ("result", "result_source", "diagnostic"))
+    try:
+        reason = str(primitive.reason_str)
+    except Exception:  # an invalid source/diagnostic pair
+        reason = "(no reason available)"
+    if reason and reason[0].isupper() and not reason[:2].isupper():
+        reason = reason[0].lower() + reason[1:]
+    return (f"{reason} ({_RESULTS.get(result, '?')} rejection by the "
+            f"{_SOURCES.get(source, '?')}; result {result}, source {source}, "
+            f"diagnostic {diagnostic})")
+
+
+class AssociationFailed(RuntimeError):
+    """No association: refused (``rejected`` set), aborted, or no connection. The message
+    names the peer and says why."""
+
+    def __init__(self, message: str, rejected: bool = False) -> None:
+        super().__init__(message)
+        self.rejected = rejected
+
+
+@dataclass(frozen=True)
+class OutgoingFile:
+    """One file to send, with what its presentation context needs."""
+
+    key: Any
+    path: Path
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    sop_instance_uid: str = ""
+
+
+@dataclass(frozen=True)
+class FileOutcome:
+    """What became of one file: a DIMSE ``status`` (success or not), or an ``error`` and
+    no status. ``lost`` says the file is gone (retrying cannot help)."""
+
+    status: int | None = None
+    error: str | None = None
+    lost: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.status is not None and is_success(self.status)
+
+
+class _ConnectErrors(logging.Handler):
+    """Keeps pynetdicom's "TCP Initialisation Error" text (the OS error of a failed connect)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if message.startswith("TCP Initialisation Error"):
+            self.messages.append(message.partition(":")[2].strip())
+
+
+@contextmanager
+def _capture_connect_errors() -> Iterator[_ConnectErrors]:
+    handler = _ConnectErrors()
+    logger = logging.getLogger("pynetdicom.transport")
+    logger.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+
+
+def _uid_name(uid: str) -> str:
+    from pydicom.uid import UID
+
+    name = UID(uid).name
+    return uid if name == uid else f"{name} ({uid})"
+
+
+def send_files(peer: Peer, files: Sequence[OutgoingFile], timeout_s: float = 30.0,
+               stop: threading.Event | None = None) -> dict[Any, FileOutcome]:
+    """Send files over one association with one presentation context per SOP class (with the
+    transfer syntaxes of its files). Returns an outcome per key; keys without one were not
+    tried (``stop`` was set). At most :data:`MAX_CONTEXTS` SOP classes.
+
+    Raises:
+        AssociationFailed: no association (rejected, aborted, no connection).
+    """
+    from pynetdicom import AE, evt
+    from pynetdicom.presentation import build_context
+
+    syntaxes: dict[str, set[str]] = defaultdict(set)
+    for item in files:
+        syntaxes[item.sop_class_uid].add(item.transfer_syntax_uid)
+    if len(syntaxes) > MAX_CONTEXTS:
+        raise ValueError(f"{len(syntaxes)} SOP classes: more than one association can carry")
+    outcomes: dict[Any, FileOutcome] = {}
+    if not files:
+        return outcomes
+    ae = AE(ae_title=peer.calling_ae_title)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
+    ae.connection_timeout = timeout_s
+    contexts = [build_context(uid, sorted(ts)) for uid, ts in syntaxes.items()]
+    context = client_ssl_context(peer.tls)
+    tls_args = None if context is None else (context, peer.host)
+    connected = threading.Event()
+
+    def on_open(event: Any) -> None:
+        connected.set()
+        # one PDU per C-STORE: without TCP_NODELAY each waits for the peer's delayed ACK
+        with contextlib.suppress(AttributeError, OSError):
+            event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def on_transition(event: Any) -> None:
+        # The connection closed (Evt17: the peer died or aborted). pynetdicom would notice
+        # it only after the DIMSE timeout when it happens while a C-STORE awaits its response;
+        # an empty message wakes that wait now (it reads as "no response").
+        if event.fsm_event == "Evt17":
+            with contextlib.suppress(AttributeError):
+                event.assoc.dimse.msg_queue.put((None, None))
+
+    handlers = [(evt.EVT_CONN_OPEN, on_open), (evt.EVT_FSM_TRANSITION, on_transition)]
+    with _capture_connect_errors() as errors:
+        assoc = ae.associate(peer.host, peer.port, contexts=contexts, ae_title=peer.ae_title,
+                             tls_args=tls_args, evt_handlers=handlers)
+    if not assoc.is_established:
+        where = f"{peer.ae_title}@{peer.host}:{peer.port}"
+        if assoc.is_rejected:
+            raise AssociationFailed(f"association rejected by {where}: "
+                                    f"{describe_rejection(assoc.acceptor.primitive)}",
+                                    rejected=True)
+        if not connected.is_set():
+            why = errors.messages[-1] if errors.messages else "no connection"
+            raise AssociationFailed(f"cannot connect to {where}: {why}")
+        if assoc.is_aborted and assoc.accepted_contexts == [] and assoc.rejected_contexts:
+            classes = ", ".join(_uid_name(cx.abstract_syntax) for cx in assoc.rejected_contexts)
+            raise AssociationFailed(f"{where} accepted none of the presentation contexts "
+                                    f"({classes})")
+        raise AssociationFailed(f"association with {where} aborted or timed out during "
+                                "negotiation")
+    accepted = {(cx.abstract_syntax, cx.transfer_syntax[0]) for cx in assoc.accepted_contexts}
+    lost = "the association was lost (aborted by the peer or the network)"
+    try:
+        for item in files:
+            if stop is not None and stop.is_set():
+                break
+            if not assoc.is_established:
+                outcomes[item.key] = FileOutcome(error=lost)
+                continue
+            if not item.path.is_file():
+                outcomes[item.key] = FileOutcome(error=f"outbox file missing: {item.path}",
+                                                 lost=True)
+                continue
+            if (item.sop_class_uid, item.transfer_syntax_uid) not in accepted:
+                outcomes[item.key] = FileOutcome(
+                    error=f"{peer.ae_title} accepted no presentation context for "
+                          f"{_uid_name(item.sop_class_uid)} in "
+                          f"{_uid_name(item.transfer_syntax_uid)}")
+                continue
+            try:
+                status = assoc.send_c_store(item.path)
+            except RuntimeError:  # the association ended since the check above
+                outcomes[item.key] = FileOutcome(error=lost)
+                continue
+            except (OSError, ValueError, AttributeError) as exc:
+                outcomes[item.key] = FileOutcome(error=f"cannot send: {exc}")
+                continue
+            if "Status" not in status:
+                outcomes[item.key] = FileOutcome(
+                    error="no response (the association was aborted or timed out)")
+                if assoc.is_established:  # a peer that does not answer: do not wait on it again
+                    assoc.abort()
+                continue
+            code = int(status.Status)
+            outcomes[item.key] = FileOutcome(
+                status=code, error=None if is_success(code) else describe_status(code))
+    finally:
+        if assoc.is_established:
+            if stop is not None and stop.is_set():
+                assoc.abort()
+            else:
+                assoc.release()
+    return outcomes
+
+
+class Sender:
+    """The node's sender thread (see the module docstring)."""
+
+    def __init__(self, settings: Settings, store: Store,
+                 clock: Callable[[], float] = time.time, batch_size: int = BATCH_SIZE,
+                 timeout_s: float = 30.0, jitter: float = JITTER) -> None:
+        self.settings = settings
+        self.store = store
+        self.clock = clock
+        self.batch_size = batch_size
+        self.timeout_s = timeout_s
+        self.jitter = jitter
+        self.peers = {d.name: Peer.from_config(d) for d in settings.destinations}
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self.peers:
+            names = ", ".join(str(p) for p in self.peers.values())
+            log.info("sender: %d destination%s: %s; retries from %g s doubling to %g s, %s",
+                     len(self.peers), "" if len(self.peers) == 1 else "s", names,
+                     self.settings.sender.retry_initial_s, self.settings.sender.retry_max_s,
+                     "forever" if not self.settings.sender.max_attempts
+                     else f"{self.settings.sender.max_attempts} attempts")
+        else:
+            log.info("sender: no destinations configured; derived objects stay in the outbox")
+        self._thread = threading.Thread(target=self._run, name="sender", daemon=True)
+        self._thread.start()
+
+    def wake(self) -> None:
+        """Look for due sends now (new results were queued)."""
+        self._wake.set()
+
+    def stop(self, timeout_s: float | None = None) -> None:
+        """Stop after the file being sent (its association is aborted)."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=self.timeout_s + 5 if timeout_s is None else timeout_s)
+            self._thread = None
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                sent_any = self.step()
+            except Exception:  # keep the sender alive: the store may be busy, a disk full
+                log.exception("sender: unexpected error (retrying)")
+                sent_any = False
+                self._stop.wait(1.0)
+            if sent_any:
+                continue
+            wait = _IDLE_POLL_S
+            due = self.store.next_send_at(list(self.peers)) if self.peers else None
+            if due is not None:
+                wait = min(wait, max(due - self.clock(), 0.0))
+            self._wake.wait(wait)
+            self._wake.clear()
+
+    def step(self) -> bool:
+        """One pass: one batch per destination with due sends. True when a batch was tried."""
+        tried = False
+        for name, peer in self.peers.items():
+            if self._stop.is_set():
+                break
+            due = self.store.due_sends(self.clock(), [name], self.batch_size)
+            if due:
+                self.deliver(peer, due)
+                tried = True
+        return tried
+
+    def deliver(self, peer: Peer, due: Sequence[DueSend]) -> list[SendOutcome]:
+        """Send one batch to ``peer`` and record the outcome of every send tried."""
+        state_dir = self.settings.paths.state_dir
+        classes: list[str] = []
+        batch = []
+        for item in due:
+            if item.sop_class_uid not in classes:
+                if len(classes) == MAX_CONTEXTS:
+                    continue  # the next batch takes it
+                classes.append(item.sop_class_uid)
+            batch.append(item)
+        files = [OutgoingFile(item, state_dir / item.path, item.sop_class_uid,
+                              item.transfer_syntax_uid, item.sop_instance_uid)
+                 for item in batch]
+        started = time.monotonic()
+        try:
+            results = send_files(peer, files, self.timeout_s, self._stop)
+        except AssociationFailed as exc:
+            outcomes = [self._failed(item, str(exc), None, rejected=exc.rejected)
+                        for item in batch]
+            self.store.record_send_outcomes(outcomes, self.clock())
+            nxt = min(o.next_try_at or 0.0 for o in outcomes) - self.clock()
+            log.warning("sender: %s: %s; %d send%s stay queued (next try in %.0f s, attempt "
+                        "%d)", peer.name, exc, len(batch), "" if len(batch) == 1 else "s",
+                        max(nxt, 0.0), max(item.attempts for item in batch) + 1)
+            return outcomes
+        outcomes = []
+        for item in batch:
+            result = results.get(item)
+            if result is None:
+                continue  # not tried: stopping
+            if result.ok:
+                outcomes.append(SendOutcome(item.sop_instance_uid, item.destination, True,
+                                            result.status))
+            else:
+                outcomes.append(self._failed(item, result.error or "failed", result.status,
+                                             lost=result.lost))
+        self.store.record_send_outcomes(outcomes, self.clock())
+        sent = [o for o in outcomes if o.sent]
+        failed = [o for o in outcomes if not o.sent]
+        studies = sorted({item.study_uid for item in batch})
+        log.info("sender: %s: %d of %d instance%s sent in %.2f s (study %s)", peer.name,
+                 len(sent), len(batch), "" if len(batch) == 1 else "s",
+                 time.monotonic() - started, ", ".join(studies))
+        for outcome in failed[:5]:
+            log.warning("sender: %s: instance %s not sent: %s%s", peer.name,
+                        outcome.sop_instance_uid, outcome.error,
+                        "; given up" if outcome.give_up else "")
+        if len(failed) > 5:
+            log.warning("sender: %s: %d more instances not sent", peer.name, len(failed) - 5)
+        return outcomes
+
+    def _failed(self, item: DueSend, error: str, status: int | None, *,
+                rejected: bool = False, lost: bool = False) -> SendOutcome:
+        sender = self.settings.sender
+        attempts = item.attempts + 1
+        delay = backoff_s(attempts, sender.retry_initial_s, sender.retry_max_s, self.jitter)
+        give_up = lost or (not rejected and sender.max_attempts > 0
+                           and attempts >= sender.max_attempts)
+        return SendOutcome(item.sop_instance_uid, item.destination, False, status, error,
+                           self.clock() + delay, give_up)
