@@ -22,7 +22,8 @@ import nibabel as nib
 import numpy as np
 from numpy.typing import NDArray
 
-from qsmnode.m1.atlas import M1LabelSpec
+from qsmnode.m1.analysis import M1Atlas
+from qsmnode.m1.atlas import AreaSplit, M1LabelSpec, m1_hemispheres, split_areas
 
 ICBM2009_LICENCE: Final = (
     "ICBM 2009 template licence (McConnell Brain Imaging Centre, MNI, McGill University): "
@@ -235,3 +236,13 @@ def load_atlas(name: str = DEFAULT_ATLAS) -> tuple[Volume, AtlasInfo]:
         raise KeyError(f"unknown M1 atlas {name!r}: known are {', '.join(ATLASES)}")
     info = ATLASES[name]
     return load_volume(info.file.key), info
+
+
+def load_m1_atlas(
+    template: str = DEFAULT_TEMPLATE, atlas: str = DEFAULT_ATLAS, split: AreaSplit | None = None
+) -> M1Atlas:
+    """The registration target and the atlas's hand and foot areas, for the M1 analysis."""
+    target = load_template(template)
+    volume, info = load_atlas(atlas)
+    areas = split_areas(m1_hemispheres(volume.data, volume.affine, info.m1), volume.affine, split)
+    return M1Atlas(target.data, target.affine, areas, volume.affine)
