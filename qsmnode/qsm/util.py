@@ -1,0 +1,208 @@
+"""Shared numerical helpers for the QSM steps: counted real FFTs, cropping, spheres, CG.
+
+Every FFT a step makes goes through :class:`FftGrid`, so a benchmark can report a step's wall
+time in units of "one FFT on this grid" (``n_fft`` in the steps' info dicts).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import scipy.fft as sfft
+from numpy.typing import ArrayLike, NDArray
+
+from qsmnode.qsm.dipole import FFT_WORKERS
+
+Slices = tuple[slice, slice, slice]
+
+
+@dataclass
+class FftGrid:
+    """Real FFTs (``rfftn``/``irfftn``) on one padded grid shape, with a call counter.
+
+    Arrays smaller than ``shape`` are zero-padded at the high end of each axis, so a convolution
+    with a kernel centred at index 0 wraps only into zeros when the pad is at least the kernel
+    radius.
+    """
+
+    shape: tuple[int, int, int]
+    n_fft: int = field(default=0)
+
+    @property
+    def half_shape(self) -> tuple[int, int, int]:
+        """Shape of the half spectrum that ``rfftn`` returns."""
+        return (self.shape[0], self.shape[1], self.shape[2] // 2 + 1)
+
+    def forward(self, x: NDArray[np.float32]) -> NDArray[np.complex64]:
+        """``rfftn`` of a real float32 array (zero-padded to ``shape``), complex64."""
+        self.n_fft += 1
+        return sfft.rfftn(x, s=self.shape, workers=FFT_WORKERS)
+
+    def inverse(
+        self, spectrum: NDArray[np.complex64], overwrite: bool = True
+    ) -> NDArray[np.float32]:
+        """``irfftn`` back to the full real grid, float32 (the input may be destroyed)."""
+        self.n_fft += 1
+        return sfft.irfftn(spectrum, s=self.shape, workers=FFT_WORKERS, overwrite_x=overwrite)
+
+    def embed(self, x: NDArray[np.floating], dtype: type = np.float32) -> NDArray[np.float32]:
+        """``x`` copied into the low corner of a zero array of the grid shape."""
+        out = np.zeros(self.shape, dtype=dtype)
+        out[: x.shape[0], : x.shape[1], : x.shape[2]] = x
+        return out
+
+
+def time_one_fft(shape: tuple[int, int, int], repeats: int = 3) -> float:
+    """Median wall time (s) of one rfftn + irfftn pair on ``shape``, divided by two."""
+    import time
+
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        s = sfft.rfftn(x, workers=FFT_WORKERS)
+        sfft.irfftn(s, s=shape, workers=FFT_WORKERS, overwrite_x=True)
+        times.append((time.perf_counter() - t0) / 2)
+    return float(np.median(times))
+
+
+def fast_shape(shape: tuple[int, ...], pad_voxels: ArrayLike) -> tuple[int, int, int]:
+    """A fast real-FFT size at least ``shape + pad_voxels`` along each axis."""
+    pad = np.broadcast_to(np.asarray(pad_voxels, dtype=int), (3,))
+    return tuple(sfft.next_fast_len(int(n + p), real=True) for n, p in zip(shape, pad, strict=True))
+
+
+def bounding_box(mask: NDArray[np.bool_], margin: ArrayLike = 0) -> Slices:
+    """Slices of the smallest box holding every True voxel, grown by ``margin`` voxels per axis."""
+    marg = np.broadcast_to(np.asarray(margin, dtype=int), (3,))
+    if not mask.any():
+        return tuple(slice(0, n) for n in mask.shape)
+    out = []
+    for axis in range(3):
+        other = tuple(a for a in range(3) if a != axis)
+        idx = np.flatnonzero(mask.any(axis=other))
+        lo = max(int(idx[0]) - int(marg[axis]), 0)
+        hi = min(int(idx[-1]) + 1 + int(marg[axis]), mask.shape[axis])
+        out.append(slice(lo, hi))
+    return tuple(out)
+
+
+def block_mean(x: NDArray[np.generic], factors: tuple[int, int, int]) -> NDArray[np.generic]:
+    """Mean over non-overlapping blocks (edge-padded to a multiple of the block size)."""
+    if factors == (1, 1, 1):
+        return x
+    pad = [(0, (-n) % f) for n, f in zip(x.shape, factors, strict=True)]
+    xp = np.pad(x, pad, mode="edge")
+    n = [m // f for m, f in zip(xp.shape, factors, strict=True)]
+    f = factors
+    return xp.reshape(n[0], f[0], n[1], f[1], n[2], f[2]).mean(axis=(1, 3, 5))
+
+
+def upsample_linear(
+    x: NDArray[np.float32], factors: tuple[int, int, int], shape: tuple[int, ...]
+) -> NDArray[np.float32]:
+    """Linear interpolation from block centres back to the full grid (separable, per axis)."""
+    out = x
+    for axis, (f, n) in enumerate(zip(factors, shape, strict=True)):
+        if f == 1:
+            continue
+        pos = (np.arange(n, dtype=np.float64) + 0.5) / f - 0.5
+        pos = np.clip(pos, 0, out.shape[axis] - 1)
+        lo = np.floor(pos).astype(int)
+        hi = np.minimum(lo + 1, out.shape[axis] - 1)
+        w = (pos - lo).astype(np.float32)
+        view = [1, 1, 1]
+        view[axis] = n
+        w = w.reshape(view)
+        out = np.take(out, lo, axis=axis) * (1 - w) + np.take(out, hi, axis=axis) * w
+    return out.astype(np.float32, copy=False)
+
+
+def sphere_kernel(grid: FftGrid, voxel_size_mm: ArrayLike, radius_mm: float) -> NDArray[np.float32]:
+    """Half spectrum of the normalised spherical mean value (SMV) kernel of ``radius_mm``.
+
+    The sphere is drawn in millimetres, so anisotropic voxels give an ellipsoid in index space;
+    voxels whose centre lies within the radius count (a radius of one voxel is the 7-point
+    stencil). The kernel is centred at index 0, so its spectrum is real.
+    """
+    vs = np.asarray(voxel_size_mm, dtype=np.float64)
+    reach = np.floor(radius_mm / vs + 1e-6).astype(int)
+    offsets = [np.arange(-r, r + 1) for r in reach]
+    di, dj, dk = np.meshgrid(*offsets, indexing="ij")
+    inside = (di * vs[0]) ** 2 + (dj * vs[1]) ** 2 + (dk * vs[2]) ** 2 <= radius_mm**2 * (1 + 1e-9)
+    n = int(inside.sum())
+    kernel = np.zeros(grid.shape, dtype=np.float32)
+    kernel[di[inside] % grid.shape[0], dj[inside] % grid.shape[1], dk[inside] % grid.shape[2]] = (
+        1.0 / n
+    )
+    grid.n_fft += 1
+    return np.ascontiguousarray(sfft.rfftn(kernel, workers=FFT_WORKERS).real, dtype=np.float32)
+
+
+def convolve(
+    grid: FftGrid, x: NDArray[np.float32], kernel: NDArray[np.float32]
+) -> NDArray[np.float32]:
+    """Circular convolution of ``x`` (embedded in the grid) with a real half-spectrum kernel."""
+    spec = grid.forward(x)
+    spec *= kernel
+    return grid.inverse(spec)
+
+
+def erode_sphere(
+    grid: FftGrid, mask: NDArray[np.bool_], kernel: NDArray[np.float32], tol: float = 1e-3
+) -> NDArray[np.bool_]:
+    """Voxels whose whole SMV sphere lies inside ``mask`` (erosion by a sphere, via the FFT)."""
+    smooth = convolve(grid, mask.astype(np.float32), kernel)
+    return smooth > 1.0 - tol
+
+
+def cg(
+    apply: Callable[[NDArray[np.float32]], NDArray[np.float32]],
+    rhs: NDArray[np.float32],
+    x0: NDArray[np.float32] | None = None,
+    *,
+    tol: float = 1e-3,
+    max_iter: int = 100,
+    precond: Callable[[NDArray[np.float32]], NDArray[np.float32]] | None = None,
+) -> tuple[NDArray[np.float32], int, float]:
+    """(Preconditioned) conjugate gradients for a symmetric positive (semi)definite operator.
+
+    Hestenes & Stiefel 1952. Returns the solution, the number of iterations and the final
+    relative residual ``|b − Ax| / |b|`` (of the recursively updated residual). float32.
+    """
+
+    def dot(a: NDArray[np.float32], b: NDArray[np.float32]) -> float:
+        return float(np.dot(a.ravel(), b.ravel()))
+
+    b_norm = np.sqrt(dot(rhs, rhs))
+    if b_norm == 0.0:
+        return np.zeros_like(rhs), 0, 0.0
+    if x0 is None:
+        x = np.zeros_like(rhs)
+        r = rhs.copy()
+    else:
+        x = x0.astype(np.float32, copy=True)
+        r = rhs - apply(x)
+    z = r if precond is None else precond(r)
+    p = z.copy()
+    rz = dot(r, z)
+    rr = dot(r, r)
+    it = 0
+    while it < max_iter and np.sqrt(rr) > tol * b_norm:
+        ap = apply(p)
+        pap = dot(p, ap)
+        if pap <= 0.0:
+            break
+        alpha = np.float32(rz / pap)
+        x += alpha * p
+        r -= alpha * ap
+        rr = dot(r, r)
+        z = r if precond is None else precond(r)
+        rz_new = dot(r, z)
+        p *= np.float32(rz_new / rz)
+        p += z
+        rz = rz_new
+        it += 1
+    return x, it, float(np.sqrt(rr) / b_norm)
