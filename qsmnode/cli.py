@@ -257,7 +257,7 @@ def run_process(folder: Path, out: Path, send: str | None = None, config: Path |
     import time
 
     from qsmnode.dicom.load import LoadedAcquisition, load_folder
-    from qsmnode.node.config import ConfigError, load_settings
+    from qsmnode.node.config import ConfigError, PipelineConfig, load_settings
     from qsmnode.node.jobs import JobError
     from qsmnode.node.outbox import write_datasets
     from qsmnode.node.sender import AssociationFailed, OutgoingFile, Peer, send_files
@@ -301,7 +301,9 @@ def run_process(folder: Path, out: Path, send: str | None = None, config: Path |
         numbers = ", ".join("?" if n is None else str(n) for n in loaded.series_numbers)
         work = out / "pipeline" / loaded.study_uid / f"series-{numbers.replace(', ', '-')}"
         try:
-            _, datasets = function(loaded, sources, work)  # type: ignore[call-arg]
+            pipeline = settings.pipeline if settings is not None else PipelineConfig()
+            _, datasets = function(loaded, sources, work,  # type: ignore[call-arg]
+                                   pipeline.qsm, pipeline.m1, pipeline.atlas)
         except JobError as exc:
             print(f"series {numbers}: failed: {exc}", file=sys.stderr)
             status = 1

@@ -6,7 +6,10 @@ in order, each a small function that reads what earlier stages produced from a
 
 1. ``check``: the loaded arrays are sane (finite magnitude, phase in [-π, π) when present,
    echo times ascending) and summarized (:class:`AcquisitionSummary`).
-2. QSM, M1 analysis and derived datasets slot in after it (later issues).
+2. ``qsm``: susceptibility and R2* (:func:`qsmnode.qsm.pipeline.run_qsm`).
+3. ``m1``: the M1 analysis (:func:`qsmnode.m1.analysis.analyse_m1`) when an atlas is given.
+   A failure here is recorded in the result (``m1_error``) and the maps still go out.
+4. ``derived``: every derived DICOM object (:func:`qsmnode.dicom.derived.build_derived`).
 
 The node's worker calls it in a child process (``qsmnode.node.jobs``), and the offline
 ``qsmnode process DIR`` is to call it too, so both give the same result. It knows nothing of
@@ -26,11 +29,22 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydicom import Dataset
 
+from qsmnode import __version__
+from qsmnode.dicom.derived import build_derived
+from qsmnode.dicom.derived.common import source_reader
 from qsmnode.dicom.load import LoadedAcquisition
+from qsmnode.m1.analysis import M1Atlas, M1Params, analyse_m1
+from qsmnode.m1.measure import NormativeTable
+from qsmnode.m1.result import M1Result
+from qsmnode.qsm.pipeline import QSMParams, QSMResult, run_qsm
 
 PIPELINE_VERSION = "0.1"
-"""Version of the processing: part of the result (and, later, of derived UIDs)."""
+"""Version of the processing: part of the result and of the derived objects' UIDs."""
+
+MIN_SLICES_FOR_QSM = 8
+"""Fewer slices than this cannot hold a 3-D field for background removal and inversion."""
 
 
 class PipelineError(RuntimeError):
@@ -44,9 +58,19 @@ class PipelineParams:
     Attributes:
         out_dir: folder for files the stages write (None: the stages write no files). Created
             when needed.
+        source_files: the acquisition's source files (the derived objects reference them);
+            empty: no derived objects.
+        qsm: run QSM (and so the M1 analysis and the derived objects).
+        m1_atlas: template and M1 areas for the M1 analysis; None: no M1 analysis.
     """
 
     out_dir: Path | None = None
+    source_files: tuple[Path, ...] = ()
+    qsm: bool = True
+    qsm_params: QSMParams = field(default_factory=QSMParams)
+    m1_atlas: M1Atlas | None = None
+    m1_params: M1Params = field(default_factory=M1Params)
+    normative: NormativeTable | None = None
 
 
 @dataclass(frozen=True)
@@ -83,15 +107,38 @@ class StageRecord:
 
 @dataclass(frozen=True)
 class PipelineResult:
-    """The outcome of :func:`run_pipeline`."""
+    """The outcome of :func:`run_pipeline`.
+
+    ``qsm_quality`` and ``m1`` hold numbers and text for the job record; ``datasets`` (the
+    derived DICOM objects) stay out of :meth:`to_json`.
+    """
 
     acquisition: AcquisitionSummary
     stages: tuple[StageRecord, ...]
     version: str = PIPELINE_VERSION
+    qsm_quality: dict[str, Any] = field(default_factory=dict)
+    m1: dict[str, Any] = field(default_factory=dict)
+    datasets: tuple[Dataset, ...] = field(default=(), compare=False, repr=False)
 
     def to_json(self) -> dict[str, Any]:
-        """A JSON-ready dictionary (tuples become lists)."""
-        return json.loads(json.dumps(asdict(self)))  # type: ignore[no-any-return]
+        """A JSON-ready dictionary (tuples become lists), without the datasets."""
+        plain = {
+            "acquisition": asdict(self.acquisition),
+            "stages": [asdict(stage) for stage in self.stages],
+            "version": self.version,
+            "qsm_quality": self.qsm_quality,
+            "m1": self.m1,
+            "derived_objects": len(self.datasets),
+        }
+        return json.loads(json.dumps(plain, default=_json_default))  # type: ignore[no-any-return]
+
+
+def _json_default(value: object) -> object:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return str(value)
 
 
 @dataclass
@@ -102,6 +149,10 @@ class _Context:
     params: PipelineParams
     summary: AcquisitionSummary | None = None
     stages: list[StageRecord] = field(default_factory=list)
+    qsm: QSMResult | None = None
+    m1: M1Result | None = None
+    m1_record: dict[str, Any] = field(default_factory=dict)
+    datasets: tuple[Dataset, ...] = ()
 
 
 Stage = Callable[[_Context], None]
@@ -148,9 +199,58 @@ def _check(ctx: _Context) -> None:
     )
 
 
+def _qsm(ctx: _Context) -> None:
+    """Susceptibility (ppm) and R2* (s⁻¹) from the multi-echo magnitude and phase."""
+    if not ctx.params.qsm:
+        return
+    loaded, gre = ctx.loaded, ctx.loaded.gre
+    if not loaded.has_phase:
+        raise PipelineError("QSM needs the phase images, and this acquisition has none")
+    if min(gre.shape) < MIN_SLICES_FOR_QSM:
+        raise PipelineError(
+            f"QSM needs a 3-D volume: this acquisition is {gre.shape[0]}×{gre.shape[1]}×"
+            f"{gre.shape[2]} voxels (at least {MIN_SLICES_FOR_QSM} along every axis)"
+        )
+    ctx.qsm = run_qsm(gre.magnitude, gre.phase, gre.echo_times_s, gre.voxel_size_mm,
+                      gre.b0_direction, gre.field_strength_t, ctx.params.qsm_params)
+
+
+def _m1(ctx: _Context) -> None:
+    """The M1 analysis. Its failure (for example a registration that cannot start on a slab
+    without cortex) is recorded, and the maps are still delivered."""
+    if ctx.qsm is None or ctx.params.m1_atlas is None:
+        return
+    q = ctx.qsm
+    try:
+        result, seconds = analyse_m1(q.chi_ppm, q.r2star_per_s, q.magnitude, q.qsm_mask,
+                                     ctx.loaded.gre.affine, ctx.params.m1_atlas,
+                                     ctx.params.m1_params, ctx.params.normative)
+    except (ValueError, RuntimeError) as exc:
+        ctx.m1_record = {"error": f"the M1 analysis could not run: {exc}"}
+        return
+    ctx.m1 = result
+    ctx.m1_record = {
+        "seconds": seconds,
+        "measurements": [asdict(m) for m in result.measurements],
+        "flags": [asdict(f) for f in result.flags],
+    }
+
+
+def _derived(ctx: _Context) -> None:
+    """The derived DICOM objects: maps, segmentation, report and key images."""
+    if ctx.qsm is None or not ctx.params.source_files:
+        return
+    ctx.datasets = tuple(build_derived(
+        ctx.loaded, ctx.qsm.chi_ppm, ctx.qsm.r2star_per_s, ctx.m1,
+        source_reader(ctx.params.source_files), f"{__version__}/{PIPELINE_VERSION}",
+    ))
+
+
 STAGES: tuple[tuple[str, Stage], ...] = (
     ("check", _check),
-    # ("qsm", _qsm), ("m1", _m1), ("derived", _derived): later issues
+    ("qsm", _qsm),
+    ("m1", _m1),
+    ("derived", _derived),
 )
 """The stages, in order."""
 
@@ -170,4 +270,7 @@ def run_pipeline(loaded: LoadedAcquisition, params: PipelineParams | None = None
         stage(ctx)
         ctx.stages.append(StageRecord(name, round(time.perf_counter() - started, 6)))
     assert ctx.summary is not None
-    return PipelineResult(acquisition=ctx.summary, stages=tuple(ctx.stages))
+    quality = dict(ctx.qsm.quality) if ctx.qsm is not None else {}
+    quality.pop("params", None)
+    return PipelineResult(acquisition=ctx.summary, stages=tuple(ctx.stages),
+                          qsm_quality=quality, m1=ctx.m1_record, datasets=ctx.datasets)

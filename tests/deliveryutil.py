@@ -20,8 +20,8 @@ ALGORITHM_VERSION = "0.1-test"
 CREATED = dt.datetime(2024, 5, 17, 12, 0, 0)
 
 
-def truth_process(loaded: Any, files: Sequence[str], out_dir: Path | None
-                  ) -> tuple[dict[str, Any], list[Any]]:
+def truth_process(loaded: Any, files: Sequence[str], out_dir: Path | None,
+                  *pipeline: object) -> tuple[dict[str, Any], list[Any]]:
     """The derived objects of the small simulated study, from its truth."""
     from qsmnode.dicom.derived import build_derived, source_reader
     from qsmnode.node.jobs import JobError

@@ -478,3 +478,10 @@ def test_cli_config_check_bad_file(tmp_path: Path) -> None:
         f"error: {path}: listener.port: expected an integer 1-65535, got 70000"
     )
     assert "Traceback" not in done.stderr
+
+
+def test_config_knows_every_m1_atlas() -> None:
+    from qsmnode.dicom.templates import ATLASES
+    from qsmnode.node.config import M1_ATLASES
+
+    assert set(M1_ATLASES) == set(ATLASES)

@@ -54,6 +54,11 @@ from tests.nodeutil import (
 )
 from tests.orthanc import Orthanc
 
+PARAMETRIC_MAP = "1.2.840.10008.5.1.4.1.1.30"
+MR_IMAGE = "1.2.840.10008.5.1.4.1.1.4"
+COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
+SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+
 SEED = 71
 JOB = "tests.deliveryutil:truth_job"
 QUICK = {"tracker": {"quiet_period_s": 1, "max_wait_s": 120},
@@ -495,15 +500,21 @@ def test_process_writes_valid_files_and_sends_them_without_duplicates(
     assert unknown.returncode == 2 and "not a configured destination (pacs)" in unknown.stderr
 
 
+@pytest.mark.slow
 def test_process_command_runs_the_pipeline(tmp_path: Path, source: Path) -> None:
-    """``qsmnode process`` itself: the pipeline makes no derived objects yet (the QSM, M1 and
-    derived stages are to come), so it writes none, and says so."""
+    """``qsmnode process`` itself, with the real pipeline: QSM, the M1 analysis and every
+    derived object, written as files; sending to nobody is a clear error."""
     done = cli("process", source, "--out", tmp_path / "out")
     assert done.returncode == 0, done.stderr
-    assert "series 5, 6: 0 derived objects written" in done.stdout
-    unsent = cli("process", source, "--out", tmp_path / "out", "--send",
+    written = [p for p in (tmp_path / "out").rglob("*.dcm")]
+    assert f"series 5, 6: {len(written)} derived objects written" in done.stdout
+    classes = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPClassUID) for p in written}
+    # This small study holds no M1 area, so there is no SEG; the SR says "not covered".
+    assert {PARAMETRIC_MAP, MR_IMAGE, COMPREHENSIVE_3D_SR, SECONDARY_CAPTURE} <= classes
+    unsent = cli("process", source, "--out", tmp_path / "out2", "--send",
                  f"127.0.0.1:{free_port()}:PACS")
-    assert unsent.returncode == 0  # nothing to send
+    assert unsent.returncode == 1 and "not sent to" in unsent.stderr
+    assert "Traceback" not in unsent.stderr
 
 
 def test_resend_needs_a_store_and_a_known_study(tmp_path: Path) -> None:

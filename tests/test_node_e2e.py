@@ -36,7 +36,10 @@ from tests.test_dicom_load import PHASE_STEP, angle_error, voxel_map
 
 pytestmark = pytest.mark.slow
 
-QUICK = {"tracker": {"quiet_period_s": 1, "max_wait_s": 120}}
+# These tests are about reception, grouping, loading and jobs: the pipeline only checks and
+# summarizes what it loaded (QSM and after have tests of their own).
+CHECK_ONLY = {"pipeline": {"qsm": False}}
+QUICK = {"tracker": {"quiet_period_s": 1, "max_wait_s": 120}, **CHECK_ONLY}
 HOOKED = "tests.nodeutil:hooked_job"
 STYLES = {31: "siemens", 32: "siemens-xa", 33: "philips", 34: "enhanced"}
 
@@ -76,6 +79,7 @@ def test_four_senders_at_once_make_four_acquisitions_with_the_true_phase(
     # a 2 s quiet period: four senders on a busy machine may pause for a second
     node = make_node(nodes, tmp_path / "node", sections={
         "tracker": {"quiet_period_s": 2, "max_wait_s": 120}, "workers": {"processes": 2},
+        **CHECK_ONLY,
     }).start()
     env = {**os.environ, "TCP_NODELAY": "1"}
     senders = [subprocess.Popen(node.storescu_command("+sd", "+r", folder), env=env,

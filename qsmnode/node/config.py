@@ -262,6 +262,19 @@ class RulesConfig:
     )
 
 
+M1_ATLASES: tuple[str, ...] = ("hcpex", "juelich-ba4", "harvard-oxford-precentral")
+"""The M1 atlases qsmnode knows (qsmnode.dicom.templates.ATLASES; a test keeps them equal)."""
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """``[pipeline]``: what each job computes."""
+
+    qsm: bool = True
+    m1: bool = True
+    atlas: str = field(default="hcpex", metadata=_rule(choices=M1_ATLASES))
+
+
 @dataclass(frozen=True)
 class WorkersConfig:
     """``[workers]``: the process pool that runs QSM jobs."""
@@ -341,6 +354,7 @@ class Settings:
     listener: ListenerConfig = field(default_factory=ListenerConfig)
     tracker: TrackerConfig = field(default_factory=TrackerConfig)
     rules: RulesConfig = field(default_factory=RulesConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     workers: WorkersConfig = field(default_factory=WorkersConfig)
     destinations: tuple[DestinationConfig, ...] = ()
     sender: SenderConfig = field(default_factory=SenderConfig)

@@ -25,6 +25,7 @@ distributed engine would submit the same function with the same spec).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Sequence
@@ -57,6 +58,7 @@ class JobSpec:
         study_uid, series_uids: the acquisition.
         files: absolute paths of every spool file of those series.
         min_echoes, require_phase: the grouping rules.
+        qsm, m1, atlas: what the pipeline computes (``[pipeline]`` in the configuration).
         work_dir: this attempt's folder (spec, result, ``out/``).
     """
 
@@ -69,6 +71,9 @@ class JobSpec:
     min_echoes: int
     require_phase: bool
     work_dir: str
+    qsm: bool = True
+    m1: bool = True
+    atlas: str = "hcpex"
 
     @property
     def out_dir(self) -> Path:
@@ -123,6 +128,9 @@ def job_spec(store: Store, job: JobRecord, settings: Settings) -> JobSpec:
         min_echoes=settings.rules.min_echoes,
         require_phase=settings.rules.require_phase,
         work_dir=str(attempt_dir(state_dir, job.id, job.attempts)),
+        qsm=settings.pipeline.qsm,
+        m1=settings.pipeline.m1,
+        atlas=settings.pipeline.atlas,
     )
 
 
@@ -195,28 +203,45 @@ def job_outputs(work_dir: Path) -> list[Path]:
     return paths
 
 
-def process_acquisition(loaded: Any, files: Sequence[str], out_dir: Path | None
+@functools.cache
+def _m1_atlas(name: str) -> Any:
+    """The registration target and M1 areas of an atlas, read once per process."""
+    from qsmnode.dicom.templates import load_m1_atlas
+
+    return load_m1_atlas(atlas=name)
+
+
+def process_acquisition(loaded: Any, files: Sequence[str], out_dir: Path | None,
+                        qsm: bool = True, m1: bool = True, atlas: str = "hcpex"
                         ) -> tuple[dict[str, Any], list[Dataset]]:
     """Run the pipeline on a loaded acquisition: its result as JSON and the derived datasets
-    it made. ``files`` are the acquisition's source files. The node's jobs and ``qsmnode
-    process`` both call this, so both make the same datasets.
+    it made. ``files`` are the acquisition's source files; ``qsm``, ``m1`` and ``atlas`` are
+    the ``[pipeline]`` settings. The node's jobs and ``qsmnode process`` both call this, so
+    both make the same datasets.
 
     Raises:
         JobError: the pipeline found the acquisition unfit.
     """
     from qsmnode.pipeline import PipelineError, PipelineParams, run_pipeline
 
+    params = PipelineParams(
+        out_dir=out_dir,
+        source_files=tuple(Path(f) for f in files),
+        qsm=qsm,
+        m1_atlas=_m1_atlas(atlas) if (qsm and m1) else None,
+    )
     try:
-        result = run_pipeline(loaded, PipelineParams(out_dir=out_dir))
+        result = run_pipeline(loaded, params)
     except PipelineError as exc:
         raise JobError(str(exc)) from None
-    return result.to_json(), list(getattr(result, "datasets", None) or ())
+    return result.to_json(), list(result.datasets)
 
 
 def execute_job(spec: JobSpec) -> dict[str, Any]:
     """The default job function: load the acquisition from the spool, run the pipeline and
     leave its derived datasets for the outbox."""
     loaded = load_job_acquisition(spec)
-    result, datasets = process_acquisition(loaded, spec.files, spec.out_dir)
+    result, datasets = process_acquisition(loaded, spec.files, spec.out_dir, spec.qsm, spec.m1,
+                                           spec.atlas)
     write_job_outputs(spec, datasets)
     return result
