@@ -12,7 +12,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from qsmnode.node.config import PathsConfig, RulesConfig, Settings, TrackerConfig
+from qsmnode.node.config import PathsConfig, PipelineConfig, RulesConfig, Settings, TrackerConfig
 from qsmnode.node.receiver import SPOOL_DIRNAME, recover
 from qsmnode.node.spool import Spool
 from qsmnode.node.store import InstanceRecord, NewAcquisition, Store
@@ -25,10 +25,12 @@ ENHANCED_MR = "1.2.840.10008.5.1.4.1.1.4.1"
 
 def settings_for(state_dir: Path, quiet: float = 1.0, max_wait: float = 10.0,
                  **rules: object) -> Settings:
+    """Settings for the tracker and job tests: their jobs only load and check (no QSM)."""
     return dataclasses.replace(
         Settings(), paths=PathsConfig(state_dir=state_dir),
         tracker=TrackerConfig(quiet_period_s=quiet, max_wait_s=max_wait),
         rules=RulesConfig(**rules),  # type: ignore[arg-type]
+        pipeline=PipelineConfig(qsm=False),
     )
 
 
