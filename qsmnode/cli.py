@@ -302,8 +302,8 @@ def run_process(folder: Path, out: Path, send: str | None = None, config: Path |
         work = out / "pipeline" / loaded.study_uid / f"series-{numbers.replace(', ', '-')}"
         try:
             pipeline = settings.pipeline if settings is not None else PipelineConfig()
-            _, datasets = function(loaded, sources, work,  # type: ignore[call-arg]
-                                   pipeline.qsm, pipeline.m1, pipeline.atlas)
+            record, datasets = function(loaded, sources, work,  # type: ignore[call-arg]
+                                        pipeline.qsm, pipeline.m1, pipeline.atlas)
         except JobError as exc:
             print(f"series {numbers}: failed: {exc}", file=sys.stderr)
             status = 1
@@ -312,6 +312,10 @@ def run_process(folder: Path, out: Path, send: str | None = None, config: Path |
             for empty in (work, work.parent, work.parent.parent):
                 if empty.is_dir() and not any(empty.iterdir()):
                     empty.rmdir()
+        m1_error = (record.get("m1") or {}).get("error")
+        if m1_error:
+            print(f"series {numbers}: {m1_error}; the maps are written without it",
+                  file=sys.stderr)
         paths = write_datasets(datasets, out)
         written += list(zip(paths, datasets, strict=True))
         print(f"series {numbers}: {len(paths)} derived objects written under {out} "
