@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -39,6 +40,8 @@ from qsmnode.m1.analysis import M1Atlas, M1Params, analyse_m1
 from qsmnode.m1.measure import NormativeTable
 from qsmnode.m1.result import M1Result
 from qsmnode.qsm.pipeline import QSMParams, QSMResult, run_qsm
+
+log = logging.getLogger(__name__)
 
 PIPELINE_VERSION = "0.1"
 """Version of the processing: part of the result and of the derived objects' UIDs."""
@@ -227,6 +230,8 @@ def _m1(ctx: _Context) -> None:
                                      ctx.params.m1_params, ctx.params.normative)
     except (ValueError, RuntimeError) as exc:
         ctx.m1_record = {"error": f"the M1 analysis could not run: {exc}"}
+        log.warning("study %s: %s; the maps go out without it", ctx.loaded.study_uid,
+                    ctx.m1_record["error"])
         return
     ctx.m1 = result
     ctx.m1_record = {
