@@ -54,6 +54,35 @@ def _peer(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def _qsm(args: argparse.Namespace) -> int:
+    """``qsmnode qsm``: the QSM engine on BIDS MEGRE NIfTI, outputs as NIfTI (same affine)."""
+    import json
+
+    from qsmnode.dicom.nifti import BidsError, read_megre, write_nifti
+    from qsmnode.qsm.pipeline import run_qsm
+
+    try:
+        gre = read_megre(args.input)
+    except (BidsError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    result = run_qsm(gre.magnitude, gre.phase, gre.echo_times_s, gre.voxel_size_mm,
+                     gre.b0_direction, gre.field_strength_t)
+    outputs = {
+        "chi_ppm": result.chi_ppm, "r2star_per_s": result.r2star_per_s,
+        "t2star_s": result.t2star_s, "magnitude": result.magnitude,
+        "brain_mask": result.mask.astype("uint8"), "qsm_mask": result.qsm_mask.astype("uint8"),
+        "total_field_ppm": result.total_field_ppm, "local_field_ppm": result.local_field_ppm,
+    }
+    for name, volume in outputs.items():
+        write_nifti(volume, gre.affine, args.out / f"{name}.nii.gz")
+    quality = {k: v for k, v in result.quality.items() if k != "params"}
+    (args.out / "quality.json").write_text(json.dumps(quality, indent=2, default=str) + "\n")
+    print(f"{len(outputs)} maps written to {args.out} "
+          f"({gre.n_echoes} echoes, {gre.field_strength_t:g} T, shape {gre.shape})")
+    return 0
+
+
 def _simulate(args: argparse.Namespace) -> int:
     from qsmnode.sim.run import run_simulation
 
@@ -358,6 +387,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="TOML file (default: $QSMNODE_CONFIG, else config/qsmnode.toml)",
     )
     check.set_defaults(run=_config_check)
+
+    qsm = commands.add_parser(
+        "qsm", help="run the QSM engine on BIDS MEGRE NIfTI (researchers)",
+        description="Reads <prefix>_echo-<n>_part-<mag|phase>_MEGRE.nii[.gz] with JSON "
+        "sidecars (EchoTime, MagneticFieldStrength), as dcm2niix or qsm-forward write them, "
+        "and writes χ (ppm), R2* (1/s), T2* (s), the combined magnitude, the masks and the "
+        "fields as NIfTI with the input's affine, plus quality.json.",
+    )
+    qsm.add_argument("input", type=Path, help="folder holding one BIDS MEGRE acquisition")
+    qsm.add_argument("--out", type=Path, required=True, help="output folder")
+    qsm.set_defaults(run=_qsm)
 
     sim = commands.add_parser(
         "simulate",
