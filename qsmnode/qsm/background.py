@@ -44,7 +44,15 @@ from numpy.typing import ArrayLike, NDArray
 from scipy import ndimage
 
 from qsmnode.qsm.dipole import dipole_kernel
-from qsmnode.qsm.util import FftGrid, bounding_box, cg, erode_sphere, fast_shape, sphere_kernel
+from qsmnode.qsm.util import (
+    FftGrid,
+    bounding_box,
+    cg,
+    erode_sphere,
+    fast_shape,
+    laplacian_7pt,
+    sphere_kernel,
+)
 
 Info = dict[str, Any]
 
@@ -267,21 +275,6 @@ def pdf(
     return out, mask_out, info
 
 
-def _laplacian(x: NDArray[np.float32], vs: NDArray[np.float64]) -> NDArray[np.float32]:
-    """7-point Laplacian (1/mm²) with zero values beyond the array border."""
-    out = np.zeros_like(x)
-    for axis, h in enumerate(vs):
-        lo = [slice(None)] * 3
-        hi = [slice(None)] * 3
-        lo[axis] = slice(None, -1)
-        hi[axis] = slice(1, None)
-        d = x[tuple(hi)] - x[tuple(lo)]
-        d *= np.float32(1.0 / (h * h))
-        out[tuple(lo)] += d
-        out[tuple(hi)] -= d
-    return out
-
-
 def _interior(mask: NDArray[np.bool_]) -> NDArray[np.bool_]:
     """Mask voxels whose six face neighbours are all in the mask."""
     return ndimage.binary_erosion(mask, structure=ndimage.generate_binary_structure(3, 1))
@@ -301,11 +294,11 @@ def _lbv_solve(
     """
     inner = _interior(m)
     boundary = f * (m & ~inner)
-    rhs = _laplacian(boundary, vs)
+    rhs = laplacian_7pt(boundary, vs)
     rhs *= inner
 
     def apply(x: NDArray[np.float32]) -> NDArray[np.float32]:
-        y = _laplacian(x, vs)
+        y = laplacian_7pt(x, vs)
         y *= np.float32(-1.0)
         y *= inner
         return y

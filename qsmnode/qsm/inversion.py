@@ -25,7 +25,7 @@ from numpy.typing import ArrayLike, NDArray
 from scipy import ndimage
 
 from qsmnode.qsm.dipole import dipole_kernel
-from qsmnode.qsm.util import FftGrid, bounding_box, fast_shape
+from qsmnode.qsm.util import FftGrid, bounding_box, fast_shape, laplacian_7pt
 
 Info = dict[str, Any]
 
@@ -207,21 +207,6 @@ def _laplacian_eigenvalues(grid: FftGrid, vs: NDArray[np.float64]) -> NDArray[np
     return out
 
 
-def _laplacian_7pt(x: NDArray[np.float32], vs: NDArray[np.float64]) -> NDArray[np.float32]:
-    """7-point Laplacian (1/mm²), zero beyond the array border."""
-    out = np.zeros_like(x)
-    for axis, h in enumerate(vs):
-        lo = [slice(None)] * 3
-        hi = [slice(None)] * 3
-        lo[axis] = slice(None, -1)
-        hi[axis] = slice(1, None)
-        d = x[tuple(hi)] - x[tuple(lo)]
-        d *= np.float32(1.0 / (h * h))
-        out[tuple(lo)] += d
-        out[tuple(hi)] -= d
-    return out
-
-
 def single_step_tv(
     total_field_ppm: NDArray[np.floating],
     mask: NDArray[np.bool_],
@@ -262,7 +247,7 @@ def single_step_tv(
     m_full = grid.embed(m, bool).astype(bool)
     inner = ndimage.binary_erosion(m_full, structure=ndimage.generate_binary_structure(3, 1))
     f_full = grid.embed(np.asarray(total_field_ppm[box], np.float32) * m)
-    g = _laplacian_7pt(f_full, vs)
+    g = laplacian_7pt(f_full, vs)
     g *= inner
     del f_full
     a = _laplacian_eigenvalues(grid, vs)

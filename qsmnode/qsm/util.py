@@ -206,3 +206,18 @@ def cg(
         rz = rz_new
         it += 1
     return x, it, float(np.sqrt(rr) / b_norm)
+
+
+def laplacian_7pt(x: NDArray[np.float32], vs: NDArray[np.float64]) -> NDArray[np.float32]:
+    """7-point Laplacian (1/mm²), zero beyond the array border."""
+    out = np.zeros_like(x)
+    for axis, h in enumerate(vs):
+        lo = [slice(None)] * 3
+        hi = [slice(None)] * 3
+        lo[axis] = slice(None, -1)
+        hi[axis] = slice(1, None)
+        d = x[tuple(hi)] - x[tuple(lo)]
+        d *= np.float32(1.0 / (h * h))
+        out[tuple(lo)] += d
+        out[tuple(hi)] -= d
+    return out
