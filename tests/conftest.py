@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 from pathlib import Path
 
 import pytest
@@ -26,3 +27,10 @@ def require_tool(program: str, package: str) -> str:
     if path is None:
         pytest.fail(f"{program} is not installed: run `sudo apt-get install {package}`")
     return path
+
+
+def free_port() -> int:
+    """A free TCP port on loopback."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

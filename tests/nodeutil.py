@@ -16,7 +16,6 @@ import functools
 import json
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -28,17 +27,12 @@ from typing import Any, TypeVar
 import pytest
 
 from qsmnode.node.store import Store, StoreError
-from tests.conftest import REPO, require_tool
+from tests.conftest import REPO, free_port, require_tool
 
 ALLOWED = "SCANNER7T"
 HOOKS_ENV = "QSMNODE_TEST_HOOKS"
 T = TypeVar("T")
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def toml_value(value: object) -> str:

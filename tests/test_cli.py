@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import time
@@ -13,7 +12,7 @@ import numpy as np
 import pytest
 
 from qsmnode.dicom.nifti import BidsError, read_megre
-from tests.conftest import REPO, require_tool
+from tests.conftest import REPO, free_port, require_tool
 
 
 def qsmnode(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
@@ -22,11 +21,6 @@ def qsmnode(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str
         capture_output=True, text=True, timeout=timeout, cwd=REPO,
     )
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_cli_lists_the_simulators_sizes_and_styles() -> None:

@@ -13,7 +13,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import sqlite3
 import struct
 import subprocess
@@ -46,7 +45,8 @@ from qsmnode.node.receiver import (
 )
 from qsmnode.node.spool import Spool
 from qsmnode.node.store import SCHEMA_VERSION, InstanceRecord, Store, StoreError
-from tests.conftest import REPO, require_tool
+from tests.conftest import REPO, free_port, require_tool
+from tests.nodeutil import toml_value
 
 ALLOWED = "SCANNER7T"
 
@@ -55,11 +55,6 @@ ALLOWED = "SCANNER7T"
 # Helpers
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
 
 def dataset_bytes(path: Path) -> bytes:
     """The dataset part of a Part 10 file (everything after the file meta), as stored."""
@@ -67,16 +62,6 @@ def dataset_bytes(path: Path) -> bytes:
     assert data[128:132] == b"DICM" and data[132:136] == b"\x02\x00\x00\x00"
     (group_length,) = struct.unpack("<I", data[140:144])
     return data[144 + group_length:]
-
-
-def toml_value(value: object) -> str:
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, str | Path):
-        return json.dumps(str(value))
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    return str(value)
 
 
 class Node:
