@@ -352,7 +352,12 @@ def test_echo_and_association_refusals(nodes: list[Node], tmp_path: Path) -> Non
     # one association at a time: a second is refused while the first is open
     ae = AE(ae_title=ALLOWED)
     ae.add_requested_context("1.2.840.10008.1.1")
+    # The refused associations above count against the limit until their threads end.
+    deadline = time.monotonic() + 10
     held = ae.associate("127.0.0.1", node.port, ae_title="QSMNODE")
+    while not held.is_established and time.monotonic() < deadline:
+        time.sleep(0.1)
+        held = ae.associate("127.0.0.1", node.port, ae_title="QSMNODE")
     assert held.is_established
     try:
         assert node.echoscu().returncode != 0
