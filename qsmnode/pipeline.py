@@ -260,9 +260,10 @@ STAGES: tuple[tuple[str, Stage], ...] = (
 """The stages, in order."""
 
 
-def run_pipeline(loaded: LoadedAcquisition, params: PipelineParams | None = None
-                 ) -> PipelineResult:
-    """Process one loaded acquisition through every stage.
+def run_pipeline(loaded: LoadedAcquisition, params: PipelineParams | None = None,
+                 progress: Callable[[str], None] | None = None) -> PipelineResult:
+    """Process one loaded acquisition through every stage; ``progress`` is told the name of
+    each stage as it starts.
 
     Raises:
         PipelineError: a stage found the acquisition unfit; the message says why.
@@ -271,6 +272,8 @@ def run_pipeline(loaded: LoadedAcquisition, params: PipelineParams | None = None
     if ctx.params.out_dir is not None:
         ctx.params.out_dir.mkdir(parents=True, exist_ok=True)
     for name, stage in STAGES:
+        if progress is not None:
+            progress(name)
         started = time.perf_counter()
         stage(ctx)
         ctx.stages.append(StageRecord(name, round(time.perf_counter() - started, 6)))

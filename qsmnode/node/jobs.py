@@ -26,9 +26,12 @@ distributed engine would submit the same function with the same spec).
 from __future__ import annotations
 
 import functools
+import itertools
 import json
+import logging
 import os
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -42,7 +45,10 @@ if TYPE_CHECKING:
 DEFAULT_JOB_FUNCTION = "qsmnode.node.jobs:execute_job"
 JOBS_DIRNAME = "jobs"
 DERIVED_DIRNAME = "derived"
+log = logging.getLogger(__name__)
+
 MANIFEST_FILENAME = "manifest.json"
+PROGRESS_FILENAME = "progress.json"
 
 
 class JobError(RuntimeError):
@@ -78,6 +84,11 @@ class JobSpec:
     @property
     def out_dir(self) -> Path:
         return Path(self.work_dir) / "out"
+
+    @property
+    def progress_path(self) -> Path:
+        """Where the attempt writes the pipeline stage it is in (see :func:`execute_job`)."""
+        return Path(self.work_dir) / PROGRESS_FILENAME
 
     @property
     def derived_dir(self) -> Path:
@@ -212,7 +223,8 @@ def _m1_atlas(name: str) -> Any:
 
 
 def process_acquisition(loaded: Any, files: Sequence[str], out_dir: Path | None,
-                        qsm: bool = True, m1: bool = True, atlas: str = "hcpex"
+                        qsm: bool = True, m1: bool = True, atlas: str = "hcpex",
+                        progress: Callable[[str], None] | None = None,
                         ) -> tuple[dict[str, Any], list[Dataset]]:
     """Run the pipeline on a loaded acquisition: its result as JSON and the derived datasets
     it made. ``files`` are the acquisition's source files; ``qsm``, ``m1`` and ``atlas`` are
@@ -231,7 +243,7 @@ def process_acquisition(loaded: Any, files: Sequence[str], out_dir: Path | None,
         m1_atlas=_m1_atlas(atlas) if (qsm and m1) else None,
     )
     try:
-        result = run_pipeline(loaded, params)
+        result = run_pipeline(loaded, params, progress)
     except PipelineError as exc:
         raise JobError(str(exc)) from None
     return result.to_json(), list(result.datasets)
@@ -240,8 +252,29 @@ def process_acquisition(loaded: Any, files: Sequence[str], out_dir: Path | None,
 def execute_job(spec: JobSpec) -> dict[str, Any]:
     """The default job function: load the acquisition from the spool, run the pipeline and
     leave its derived datasets for the outbox."""
+    started = time.time()
+    timeline: list[tuple[str, float]] = []
+
+    def progress(stage: str) -> None:
+        """Write ``{"stage", "since", "started", "done": {stage: seconds}}`` to the attempt's
+        progress file, replaced atomically (read by ``qsmnode demo``)."""
+        now = time.time()
+        timeline.append((stage, now))
+        done = {name: round(end - start, 3)
+                for (name, start), (_, end) in itertools.pairwise(timeline)}
+        temp = spec.progress_path.with_suffix(".tmp")
+        try:  # progress is for display: failing to show it must not fail the job
+            temp.parent.mkdir(parents=True, exist_ok=True)
+            temp.write_text(json.dumps({"stage": stage, "since": now, "started": started,
+                                        "done": done}))
+            os.replace(temp, spec.progress_path)
+        except OSError as exc:
+            log.warning("job %d: cannot write its progress: %s", spec.job_id, exc)
+
+    progress("load")
     loaded = load_job_acquisition(spec)
     result, datasets = process_acquisition(loaded, spec.files, spec.out_dir, spec.qsm, spec.m1,
-                                           spec.atlas)
+                                           spec.atlas, progress)
+    progress("write")
     write_job_outputs(spec, datasets)
     return result
