@@ -7,7 +7,7 @@ setup:
 	@bash scripts/setup.sh
 
 demo: setup
-	$(PY) -m qsmnode demo
+	$(PY) -m qsmnode demo $(DEMO_ARGS)
 
 test: setup
 	$(PY) -m ruff check qsmnode tests benchmarks

@@ -90,9 +90,9 @@ def _simulate(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from qsmnode.sim.run import run_demo
+    from qsmnode.demo.run import run_demo
 
-    return run_demo(args.out)
+    return run_demo(args.out, args.size, args.pacs, args.report_json)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -475,8 +475,22 @@ def build_parser() -> argparse.ArgumentParser:
                          help="TOML file for destinations and rules (needed for --send NAME)")
     process.set_defaults(run=_process)
 
-    demo = commands.add_parser("demo", help="run the demonstration")
-    demo.add_argument("--out", type=Path, default=Path("demo-output"), help="output folder")
+    demo = commands.add_parser(
+        "demo", help="the whole product on this machine: scanner → node → PACS",
+        description="Start a receiving PACS (Orthanc when installed, else a built-in "
+        "receiver) and a node with a temporary state folder, simulate a 7T scanner sending a "
+        "multi-echo GRE slab over the motor cortex, and follow it through reception, QSM, the "
+        "M1 analysis and delivery. Ends with the M1 measurements, the key images as PNG and "
+        "the latency per stage.",
+    )
+    demo.add_argument("--out", type=Path, default=Path("demo-output"),
+                      help="output folder (replaced if an earlier demo wrote it)")
+    demo.add_argument("--size", choices=("slab", "small-slab"), default="slab",
+                      help="the realistic 0.4 mm slab (default) or a quicker 0.8 mm one")
+    demo.add_argument("--pacs", choices=("auto", "orthanc", "builtin"), default="auto",
+                      help="the receiving PACS (default: Orthanc when installed)")
+    demo.add_argument("--report-json", type=Path, default=None, metavar="FILE",
+                      help="also write the timings and the result as JSON")
     demo.set_defaults(run=_demo)
     return parser
 

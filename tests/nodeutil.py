@@ -26,8 +26,9 @@ from typing import Any, TypeVar
 
 import pytest
 
+from qsmnode.demo.pacs import free_port
 from qsmnode.node.store import Store, StoreError
-from tests.conftest import REPO, free_port, require_tool
+from tests.conftest import REPO, require_tool
 
 ALLOWED = "SCANNER7T"
 HOOKS_ENV = "QSMNODE_TEST_HOOKS"

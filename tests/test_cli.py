@@ -11,8 +11,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from qsmnode.demo.pacs import free_port
 from qsmnode.dicom.nifti import BidsError, read_megre
-from tests.conftest import REPO, free_port, require_tool
+from tests.conftest import REPO, require_tool
 
 
 def qsmnode(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:

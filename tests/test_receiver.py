@@ -36,6 +36,7 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, _config
 
+from qsmnode.demo.pacs import free_port
 from qsmnode.node.receiver import (
     CALLED_AE_NOT_RECOGNISED,
     CALLING_AE_NOT_RECOGNISED,
@@ -45,7 +46,7 @@ from qsmnode.node.receiver import (
 )
 from qsmnode.node.spool import Spool
 from qsmnode.node.store import SCHEMA_VERSION, InstanceRecord, Store, StoreError
-from tests.conftest import REPO, free_port, require_tool
+from tests.conftest import REPO, require_tool
 from tests.nodeutil import toml_value
 
 ALLOWED = "SCANNER7T"

@@ -255,11 +255,11 @@ def execute_job(spec: JobSpec) -> dict[str, Any]:
     started = time.time()
     timeline: list[tuple[str, float]] = []
 
-    def progress(stage: str) -> None:
+    def progress(stage: str | None) -> None:
         """Write ``{"stage", "since", "started", "done": {stage: seconds}}`` to the attempt's
-        progress file, replaced atomically (read by ``qsmnode demo``)."""
+        progress file, replaced atomically (read by ``qsmnode demo``); None: all done."""
         now = time.time()
-        timeline.append((stage, now))
+        timeline.append((stage or "", now))
         done = {name: round(end - start, 3)
                 for (name, start), (_, end) in itertools.pairwise(timeline)}
         temp = spec.progress_path.with_suffix(".tmp")
@@ -277,4 +277,5 @@ def execute_job(spec: JobSpec) -> dict[str, Any]:
                                            spec.atlas, progress)
     progress("write")
     write_job_outputs(spec, datasets)
+    progress(None)
     return result

@@ -5,15 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import time
-from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
-
 from qsmnode.dicom.nifti import write_megre
-from qsmnode.sim.phantom import M1_AREA_NAMES, DepthBin, PhantomParams
-from qsmnode.sim.preview import write_preview
+from qsmnode.sim.phantom import PhantomParams
 from qsmnode.sim.scanner import Simulation, preset, simulate
 from qsmnode.sim.truth import write_truth
 from qsmnode.sim.vendor_dicom import SimStudyInfo, write_dicom
@@ -63,33 +58,3 @@ def run_simulation(args: argparse.Namespace) -> int:
         return 0 if report.ok else 1
     return 0
 
-
-def run_demo(out: Path) -> int:
-    """Until the node exists: simulate the realistic 7T M1 slab with a left-hand ALS-like
-    change, write everything, and show what was written."""
-    als = {"left_hand": 0.03}
-    scan = replace(preset("slab"), seed=7)
-    print("qsmnode demo: simulating a 7T multi-echo GRE slab over the motor cortex")
-    print(f"  grid {scan.shape} at {scan.voxel_size_mm} mm, {len(scan.echo_times_s)} echoes, "
-          f"{scan.field_strength_t:g} T, oblique {scan.rotation_deg[0]:g} deg, "
-          f"ALS-like change {als}")
-    t0 = time.perf_counter()
-    sim = simulate(scan, PhantomParams(als_delta_chi_ppm=als))
-    t1 = time.perf_counter()
-    print(f"  simulated in {t1 - t0:.1f} s")
-    written = write_study(sim, out, "siemens", seed=7)
-    preview = write_preview(sim, out / "preview.png")
-    print(f"  written in {time.perf_counter() - t1:.1f} s")
-    print()
-    for kind, paths in written.items():
-        size = sum(p.stat().st_size for p in paths) / 2**20
-        print(f"  {kind:6s} {len(paths):5d} files  {size:8.1f} MiB  {out / kind}")
-    print(f"  preview                          {preview}")
-    print()
-    t = sim.truth
-    print("  ground truth, deep-layer χ per M1 area (ppm):")
-    for name, label in M1_AREA_NAMES.items():
-        where = (t.m1_areas == label) & (t.depth_bins == DepthBin.DEEP)
-        chi = float(np.mean(t.chi_ppm[where])) if where.any() else float("nan")
-        print(f"    {name:11s} {chi:+.4f}  ({int(where.sum())} voxels)")
-    return 0

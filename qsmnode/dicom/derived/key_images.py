@@ -78,6 +78,9 @@ def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
 
 
 _LETTERS = (("L", "R"), ("P", "A"), ("H", "F"))
+_PLAIN = str.maketrans({"³": "3", "²": "2", "–": "-", "—": "-", "−": "-", "χ": "chi",
+                        "≥": ">=", "≤": "<=", "±": "+/-", "×": "x", "…": "..."})
+"""Characters the built-in font lacks (in quality-flag texts), in ASCII."""
 """Patient directions of the LPS axes: (positive, negative)."""
 
 
@@ -259,7 +262,7 @@ def render_summary(
     ty += line_h // 2
     for flag in flags:
         status = "PASS" if flag.passed else "FAIL"
-        text = f"{status}  {flag.name}: {flag.text}"
+        text = f"{status}  {flag.name}: {flag.text.translate(_PLAIN)}"
         draw.text((tx, ty), text, font=normal, fill=OK if flag.passed else WARN)
         ty += line_h
     return np.asarray(image, dtype=np.uint8).copy()
