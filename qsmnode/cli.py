@@ -127,6 +127,7 @@ def _status(args: argparse.Namespace) -> int:
             jobs = store.jobs() if new else []
             problems = store.problems(include_resolved=True) if new else []
             delivery = _delivery(store, settings)
+            retention = _retention(store, settings)
     except (ConfigError, StoreError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -139,6 +140,7 @@ def _status(args: argparse.Namespace) -> int:
             "jobs": [j.as_dict() for j in jobs],
             "problems": [p.as_dict() for p in problems],
             "delivery": delivery,
+            "retention": retention,
         }
         print(json.dumps(report, indent=2))
         return 0
@@ -221,7 +223,52 @@ def _status(args: argparse.Namespace) -> int:
                 for d in delivery["destinations"]
             ],
         )
+    print()
+    _print_retention(retention, when)
     return 0
+
+
+def _retention(store: Store, settings: Settings) -> dict[str, Any]:
+    """The retention part of ``qsmnode status`` (:func:`qsmnode.node.retention
+    .retention_status`), with the free disk of the state directory."""
+    import shutil
+
+    from qsmnode.node.retention import retention_status
+
+    try:
+        free: int | None = shutil.disk_usage(settings.paths.state_dir).free
+    except OSError:
+        free = None
+    return retention_status(settings, store, free)
+
+
+def _print_retention(retention: dict[str, Any], when: Any) -> None:
+    kept = retention["kept"]
+
+    def part(kind: str) -> str:
+        k = kept[kind]
+        return (f"{kind} keeps {k['instances']} instances ({k['bytes'] / 2**20:.1f} MiB), "
+                f"{k['pruned_instances']} pruned ({k['pruned_bytes'] / 2**20:.1f} MiB)")
+
+    age = (f"by age after {retention['spool_days']:g} days (spool), "
+           f"{retention['outbox_days']:g} days (outbox)" if retention["enabled"]
+           else "no removal by age")
+    threshold = retention["emergency_threshold_mb"]
+    emergency = "off" if threshold is None else f"below {threshold} MiB free"
+    free = retention["free_disk_mb"]
+    print(f"retention: {age}; emergency clean {emergency}; "
+          f"{'?' if free is None else free} MiB free now")
+    print(f"retention: {part('spool')}; {part('outbox')}")
+    oldest = retention["oldest_finished_at"]
+    print(f"retention: {retention['finished_studies']} finished, delivered studies may be "
+          f"removed{'' if oldest is None else f' (oldest settled {when(oldest)})'}")
+    if retention["prunings"]:
+        print()
+        _table(
+            ("PRUNED", "REASON", "KIND", "INSTANCES", "MIB", "STUDY UID"),
+            [(when(p["at"]), p["reason"], p["kind"], str(p["instances"]),
+              f"{p['bytes'] / 2**20:.1f}", p["study_uid"]) for p in retention["prunings"]],
+        )
 
 
 UNDELIVERED_SHOWN = 500
@@ -332,7 +379,8 @@ def run_process(folder: Path, out: Path, send: str | None = None, config: Path |
         try:
             pipeline = settings.pipeline if settings is not None else PipelineConfig()
             record, datasets = function(loaded, sources, work,  # type: ignore[call-arg]
-                                        pipeline.qsm, pipeline.m1, pipeline.atlas)
+                                        pipeline.qsm, pipeline.m1, pipeline.atlas, None,
+                                        pipeline.m1_normative_table)
         except JobError as exc:
             print(f"series {numbers}: failed: {exc}", file=sys.stderr)
             status = 1

@@ -12,12 +12,69 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+from tests.conftest import require_tool
+from tests.nodeutil import Node, toml_value, wait_for
+from tests.orthanc import Orthanc
+
 ALGORITHM_VERSION = "0.1-test"
 CREATED = dt.datetime(2024, 5, 17, 12, 0, 0)
+
+
+@pytest.fixture
+def orthanc(tmp_path: Path) -> Iterator[Orthanc]:
+    """Debian's Orthanc, made but not started (a test starts it when the PACS should be up)."""
+    require_tool("Orthanc", "orthanc")
+    server = Orthanc(tmp_path / "orthanc")
+    yield server
+    kill(server)
+
+
+def kill(server: Orthanc) -> None:
+    """Stop Orthanc at once (a clean stop takes seconds; the tests need no clean stop)."""
+    if server.process is not None and server.process.poll() is None:
+        server.process.kill()
+        server.process.wait()
+    server.stop()
+
+
+def orthanc_series(server: Orthanc) -> dict[int, int]:
+    """Series number → instance count, as Orthanc stores them."""
+    return {int(s["MainDicomTags"]["SeriesNumber"]): len(s["Instances"])
+            for s in server.series()}
+
+
+def orthanc_study_uids(server: Orthanc) -> set[str]:
+    return {s["MainDicomTags"]["StudyInstanceUID"] for s in server.studies()}
+
+
+def add_destination(node: Node, server: Orthanc, name: str = "pacs") -> None:
+    """Append a ``[[destinations]]`` table for ``server`` to the node's configuration."""
+    table = {"name": name, "ae_title": server.ae_title, "host": "127.0.0.1",
+             "port": server.dicom_port, "calling_ae_title": "QSMNODE"}
+    lines = ["", "[[destinations]]", *(f"{k} = {toml_value(v)}" for k, v in table.items())]
+    node.config.write_text(node.config.read_text() + "\n".join(lines) + "\n")
+
+
+def delivery(node: Node) -> dict[str, Any]:
+    report = node.status_json()
+    (destination,) = report["delivery"]["destinations"]
+    return destination  # type: ignore[no-any-return]
+
+
+def wait_delivered(node: Node, n: int, timeout_s: float = 90.0) -> dict[str, Any]:
+    def done() -> dict[str, Any] | None:
+        counts = node.read(lambda s: s.counts().get("sends", {}), {})
+        if counts.get("sent") == n and not counts.get("pending") and not counts.get("failed"):
+            return delivery(node)
+        return None
+
+    return wait_for(done, f"{n} sends delivered", timeout_s, 0.25, node.log)
 
 
 def truth_process(loaded: Any, files: Sequence[str], out_dir: Path | None,

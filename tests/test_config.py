@@ -111,7 +111,9 @@ def test_shipped_file_lists_every_environment_override() -> None:
         "QSMNODE_LISTENER_TLS_CERT_FILE": "listener.tls.cert_file",
         "QSMNODE_LISTENER_TLS_KEY_FILE": "listener.tls.key_file",
         "QSMNODE_LISTENER_TLS_CA_FILE": "listener.tls.ca_file",
+        "QSMNODE_PIPELINE_M1_NORMATIVE_TABLE": "pipeline.m1_normative_table",
         "QSMNODE_HTTP_PORT": "http.port",
+        "QSMNODE_AUDIT_LOG_FILE": "audit.log_file",
     }
     for variable, key in ENV_OVERRIDES.items():
         assert re.search(rf"^#\s+{variable}\s+{re.escape(key)}$", text, re.MULTILINE), variable
@@ -302,6 +304,27 @@ BAD = {
         "[rules]\nfield_strengths_t = [7, 7000]\n",
         "rules.field_strengths_t[1]: expected a number (tesla) > 0 and <= 20, got 7000",
     ),
+    "negative retention age": (
+        "[retention]\nspool_days = -1\n",
+        "retention.spool_days: expected a number (days) >= 0, got -1",
+    ),
+    "retention check interval zero": (
+        "[retention]\ncheck_interval_s = 0\n",
+        "retention.check_interval_s: expected a number (seconds) > 0, got 0",
+    ),
+    "emergency margin not an integer": (
+        "[retention]\nemergency_margin_mb = 1.5\n",
+        "retention.emergency_margin_mb: expected an integer >= 0 (MiB; 0 = no emergency "
+        "clean), got 1.5",
+    ),
+    "audit enabled not a boolean": (
+        '[audit]\nenabled = "yes"\n',
+        'audit.enabled: expected true or false, got string "yes"',
+    ),
+    "missing normative table": (
+        '[pipeline]\nm1_normative_table = "no-such-table.toml"\n',
+        "pipeline.m1_normative_table: ",
+    ),
 }
 
 
@@ -312,6 +335,32 @@ def test_bad_file_gives_its_specific_message(tmp_path: Path, case: str) -> None:
     message = error_of(path)
     assert message.startswith(f"{path}: "), message
     assert expected in message, message
+
+
+def test_retention_and_audit_keys_are_read(tmp_path: Path) -> None:
+    path = write(tmp_path, """
+[paths]
+state_dir = "state"
+
+[retention]
+enabled = false
+spool_days = 0.5
+outbox_days = 0
+check_interval_s = 60
+emergency_margin_mb = 0
+
+[audit]
+log_file = "logs/audit.log"
+""")
+    settings = load_settings(path, env={})
+    retention = settings.retention
+    assert (retention.enabled, retention.spool_days, retention.outbox_days) == (False, 0.5, 0.0)
+    assert (retention.check_interval_s, retention.emergency_margin_mb) == (60.0, 0)
+    assert settings.audit.path(settings.paths.state_dir) == tmp_path / "logs" / "audit.log"
+    default = load_settings(write(tmp_path, "[paths]\nstate_dir = \"s\"\n", "b.toml"), env={})
+    assert default.audit.path(default.paths.state_dir) == tmp_path / "s" / "audit.log"
+    off = load_settings(write(tmp_path, "[audit]\nenabled = false\n", "c.toml"), env={})
+    assert off.audit.path(off.paths.state_dir) is None
 
 
 def test_missing_tls_certificate_names_the_key_and_path(tmp_path: Path) -> None:

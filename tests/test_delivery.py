@@ -16,7 +16,6 @@ import ssl
 import subprocess
 import sys
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -38,9 +37,18 @@ from qsmnode.node.sender import (
     describe_rejection,
     send_files,
 )
-from qsmnode.node.store import OutboxRecord, SendOutcome, Store
+from qsmnode.node.store import SCHEMA_VERSION, OutboxRecord, SendOutcome, Store
 from tests.conftest import REPO, require_tool
-from tests.deliveryutil import truth_process
+from tests.deliveryutil import (
+    add_destination,
+    delivery,
+    kill,
+    orthanc,  # noqa: F401  (the fixture)
+    orthanc_series,
+    orthanc_study_uids,
+    truth_process,
+    wait_delivered,
+)
 from tests.derivedutil import dciodvfy_errors
 from tests.nodeutil import (
     Node,
@@ -48,7 +56,6 @@ from tests.nodeutil import (
     make_node,
     nodes,  # noqa: F401  (the fixture)
     study_uid,
-    toml_value,
     wait_for,
     write_study,
 )
@@ -88,20 +95,7 @@ def derived(source: Path) -> list[Dataset]:
     return datasets
 
 
-@pytest.fixture
-def orthanc(tmp_path: Path) -> Iterator[Orthanc]:
-    require_tool("Orthanc", "orthanc")
-    server = Orthanc(tmp_path / "orthanc")
-    yield server
-    kill(server)
 
-
-def kill(server: Orthanc) -> None:
-    """Stop Orthanc at once (a clean stop takes seconds; the tests need no clean stop)."""
-    if server.process is not None and server.process.poll() is None:
-        server.process.kill()
-        server.process.wait()
-    server.stop()
 
 
 def settings_for(state_dir: Path, *peers: Peer, **sender: float) -> Any:
@@ -115,38 +109,14 @@ def settings_for(state_dir: Path, *peers: Peer, **sender: float) -> Any:
     )
 
 
-def orthanc_series(server: Orthanc) -> dict[int, int]:
-    """Series number → instance count, as Orthanc stores them."""
-    return {int(s["MainDicomTags"]["SeriesNumber"]): len(s["Instances"])
-            for s in server.series()}
 
 
-def orthanc_study_uids(server: Orthanc) -> set[str]:
-    return {s["MainDicomTags"]["StudyInstanceUID"] for s in server.studies()}
 
 
-def add_destination(node: Node, server: Orthanc, name: str = "pacs") -> None:
-    """Append a ``[[destinations]]`` table for ``server`` to the node's configuration."""
-    table = {"name": name, "ae_title": server.ae_title, "host": "127.0.0.1",
-             "port": server.dicom_port, "calling_ae_title": "QSMNODE"}
-    lines = ["", "[[destinations]]", *(f"{k} = {toml_value(v)}" for k, v in table.items())]
-    node.config.write_text(node.config.read_text() + "\n".join(lines) + "\n")
 
 
-def delivery(node: Node) -> dict[str, Any]:
-    report = node.status_json()
-    (destination,) = report["delivery"]["destinations"]
-    return destination  # type: ignore[no-any-return]
 
 
-def wait_delivered(node: Node, n: int, timeout_s: float = 90.0) -> dict[str, Any]:
-    def done() -> dict[str, Any] | None:
-        counts = node.read(lambda s: s.counts().get("sends", {}), {})
-        if counts.get("sent") == n and not counts.get("pending") and not counts.get("failed"):
-            return delivery(node)
-        return None
-
-    return wait_for(done, f"{n} sends delivered", timeout_s, 0.25, node.log)
 
 
 def cli(*args: str | Path, module: str = "qsmnode") -> subprocess.CompletedProcess[str]:
@@ -207,7 +177,7 @@ def test_store_sends_outcomes_backoff_and_requeue(tmp_path: Path) -> None:
                             "1.2.840.10008.1.2.1", f"outbox/{study}/1.2.3.9/{sop}.dcm", 10, 1.0)
 
     with Store.in_state_dir(tmp_path) as store:
-        assert store.schema_version() == 3
+        assert store.schema_version() == SCHEMA_VERSION
         assert store.record_outbox([record("9.1"), record("9.2"), record("9.3", "1.2.4")],
                                    ["a", "b"], 10.0) == 6
         assert len(store.due_sends(10.0, ["a"])) == 3 and store.due_sends(9.0, ["a"]) == []
@@ -309,7 +279,7 @@ def test_connection_refused_and_tls(tmp_path: Path, derived: list[Dataset]) -> N
 
 @pytest.mark.slow
 def test_orthanc_killed_mid_association_gets_everything_exactly_once(
-    tmp_path: Path, derived: list[Dataset], orthanc: Orthanc, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, derived: list[Dataset], orthanc: Orthanc, monkeypatch: pytest.MonkeyPatch  # noqa: F811
 ) -> None:
     from pynetdicom.association import Association
 
@@ -461,7 +431,7 @@ def test_refused_ae_title_stays_queued_and_is_delivered_after_the_fix_and_a_rest
 
 @pytest.mark.slow
 def test_process_writes_valid_files_and_sends_them_without_duplicates(
-    tmp_path: Path, source: Path, orthanc: Orthanc
+    tmp_path: Path, source: Path, orthanc: Orthanc  # noqa: F811
 ) -> None:
     orthanc.start()
     target = f"127.0.0.1:{orthanc.dicom_port}:{orthanc.ae_title}"

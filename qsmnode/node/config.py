@@ -268,11 +268,29 @@ M1_ATLASES: tuple[str, ...] = ("hcpex", "juelich-ba4", "harvard-oxford-precentra
 
 @dataclass(frozen=True)
 class PipelineConfig:
-    """``[pipeline]``: what each job computes."""
+    """``[pipeline]``: what each job computes.
+
+    ``m1_normative_table``: a TOML file of normative values for the M1 measurements' z-scores
+    (None: no z-scores). It is read and checked with the configuration
+    (:func:`qsmnode.node.normative.read_normative_table`), so a bad table stops the node at
+    start with the file, the key and the problem named.
+    """
 
     qsm: bool = True
     m1: bool = True
     atlas: str = field(default="hcpex", metadata=_rule(choices=M1_ATLASES))
+    m1_normative_table: Path | None = field(default=None,
+                                            metadata=_rule(expect="a TOML file path"))
+
+    def _cross_check(self, at: str) -> Iterator[tuple[str, str]]:
+        if self.m1_normative_table is None:
+            return
+        from qsmnode.node.normative import NormativeTableError, read_normative_table
+
+        try:
+            read_normative_table(self.m1_normative_table)
+        except NormativeTableError as exc:
+            yield f"{at}m1_normative_table", str(exc)
 
 
 @dataclass(frozen=True)
@@ -335,6 +353,43 @@ class HTTPConfig:
 
 
 @dataclass(frozen=True)
+class RetentionConfig:
+    """``[retention]``: removal of the files of finished, delivered studies.
+
+    By age (``enabled``): a study's received images after ``spool_days`` and its derived
+    objects after ``outbox_days``, counted from its last event. In an emergency
+    (``emergency_margin_mb`` > 0): when free disk falls below ``listener.min_free_disk_mb``
+    plus this margin (so always before reception is refused), finished and delivered studies
+    go, oldest first, whatever their age, until it is back above. Never anything undelivered or
+    not yet processed (:mod:`qsmnode.node.retention`).
+    """
+
+    enabled: bool = True
+    spool_days: float = field(default=30.0, metadata=_rule(unit="days", ge=0))
+    outbox_days: float = field(default=30.0, metadata=_rule(unit="days", ge=0))
+    check_interval_s: float = field(default=3600.0, metadata=_rule(unit="seconds", gt=0))
+    emergency_margin_mb: int = field(
+        default=1024, metadata=_rule(expect="an integer >= 0 (MiB; 0 = no emergency clean)",
+                                     ge=0))
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    """``[audit]``: the audit log (:mod:`qsmnode.node.audit`)."""
+
+    enabled: bool = True
+    log_file: Path | None = field(default=None, metadata=_rule(expect="a file path"))
+
+    def path(self, state_dir: Path) -> Path | None:
+        """The audit log's file (None when disabled): ``log_file``, else in ``state_dir``."""
+        if not self.enabled:
+            return None
+        from qsmnode.node.audit import AUDIT_FILENAME
+
+        return self.log_file if self.log_file is not None else Path(state_dir) / AUDIT_FILENAME
+
+
+@dataclass(frozen=True)
 class LoggingConfig:
     """``[logging]``."""
 
@@ -359,6 +414,8 @@ class Settings:
     destinations: tuple[DestinationConfig, ...] = ()
     sender: SenderConfig = field(default_factory=SenderConfig)
     http: HTTPConfig = field(default_factory=HTTPConfig)
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     source: Path = field(default=DEFAULT_CONFIG, metadata=_INTERNAL)
     env_overrides: tuple[str, ...] = field(default=(), metadata=_INTERNAL)

@@ -65,6 +65,7 @@ class JobSpec:
         files: absolute paths of every spool file of those series.
         min_echoes, require_phase: the grouping rules.
         qsm, m1, atlas: what the pipeline computes (``[pipeline]`` in the configuration).
+        m1_normative_table: the normative table file for z-scores (None: no z-scores).
         work_dir: this attempt's folder (spec, result, ``out/``).
     """
 
@@ -80,6 +81,7 @@ class JobSpec:
     qsm: bool = True
     m1: bool = True
     atlas: str = "hcpex"
+    m1_normative_table: str | None = None
 
     @property
     def out_dir(self) -> Path:
@@ -142,6 +144,8 @@ def job_spec(store: Store, job: JobRecord, settings: Settings) -> JobSpec:
         qsm=settings.pipeline.qsm,
         m1=settings.pipeline.m1,
         atlas=settings.pipeline.atlas,
+        m1_normative_table=(None if settings.pipeline.m1_normative_table is None
+                            else str(settings.pipeline.m1_normative_table)),
     )
 
 
@@ -225,22 +229,32 @@ def _m1_atlas(name: str) -> Any:
 def process_acquisition(loaded: Any, files: Sequence[str], out_dir: Path | None,
                         qsm: bool = True, m1: bool = True, atlas: str = "hcpex",
                         progress: Callable[[str], None] | None = None,
+                        m1_normative_table: str | Path | None = None,
                         ) -> tuple[dict[str, Any], list[Dataset]]:
     """Run the pipeline on a loaded acquisition: its result as JSON and the derived datasets
-    it made. ``files`` are the acquisition's source files; ``qsm``, ``m1`` and ``atlas`` are
-    the ``[pipeline]`` settings. The node's jobs and ``qsmnode process`` both call this, so
-    both make the same datasets.
+    it made. ``files`` are the acquisition's source files; ``qsm``, ``m1``, ``atlas`` and
+    ``m1_normative_table`` (a file, for z-scores) are the ``[pipeline]`` settings. The node's
+    jobs and ``qsmnode process`` both call this, so both make the same datasets.
 
     Raises:
-        JobError: the pipeline found the acquisition unfit.
+        JobError: the pipeline found the acquisition unfit, or the normative table is bad.
     """
+    from qsmnode.node.normative import NormativeTableError, load_normative_table
     from qsmnode.pipeline import PipelineError, PipelineParams, run_pipeline
 
+    with_m1 = qsm and m1
+    normative = None
+    if with_m1 and m1_normative_table is not None:
+        try:
+            normative = load_normative_table(str(m1_normative_table))
+        except NormativeTableError as exc:
+            raise JobError(f"pipeline.m1_normative_table: {exc}") from None
     params = PipelineParams(
         out_dir=out_dir,
         source_files=tuple(Path(f) for f in files),
         qsm=qsm,
-        m1_atlas=_m1_atlas(atlas) if (qsm and m1) else None,
+        m1_atlas=_m1_atlas(atlas) if with_m1 else None,
+        normative=normative,
     )
     try:
         result = run_pipeline(loaded, params, progress)
@@ -274,7 +288,7 @@ def execute_job(spec: JobSpec) -> dict[str, Any]:
     progress("load")
     loaded = load_job_acquisition(spec)
     result, datasets = process_acquisition(loaded, spec.files, spec.out_dir, spec.qsm, spec.m1,
-                                           spec.atlas, progress)
+                                           spec.atlas, progress, spec.m1_normative_table)
     progress("write")
     write_job_outputs(spec, datasets)
     progress(None)

@@ -30,6 +30,9 @@ it into a private registry. The metrics:
 - ``qsmnode_job_last_processing_seconds`` (gauge): that of the job that finished last;
 - ``qsmnode_sends{destination,state}`` (gauge): ``pending``, ``sent``, ``failed`` (only with
   a ``sends`` table);
+- ``qsmnode_retained_bytes{kind}`` (gauge): bytes of the files kept, ``spool`` and ``outbox``,
+  and ``qsmnode_pruned_bytes_total{kind,reason}`` (counter): bytes removed by retention, by
+  ``age`` or ``emergency`` (both only with a ``prunings`` table, version 4);
 - ``qsmnode_free_disk_bytes`` (gauge): free space on the state directory's file system;
 - ``qsmnode_min_free_disk_bytes`` (gauge): the floor, ``listener.min_free_disk_mb``.
 
@@ -169,6 +172,10 @@ class Counts:
     sends: dict[str, dict[str, int]] = field(default_factory=dict)
     """destination -> state -> count."""
     has_sends: bool = False
+    retained_bytes: dict[str, int] = field(default_factory=dict)
+    """kind (spool, outbox) -> bytes of the files kept; empty before version 4."""
+    pruned_bytes: dict[tuple[str, str], int] = field(default_factory=dict)
+    """(kind, reason) -> bytes removed by retention."""
 
 
 def _by_state(db: sqlite3.Connection, sql: str, states: tuple[str, ...]) -> dict[str, int]:
@@ -218,6 +225,16 @@ def read_counts(db: sqlite3.Connection) -> Counts:
             sends.setdefault(row[0], dict.fromkeys(SEND_STATES, 0))[row[1]] = int(row[2])
         counts["sends"] = sends
         counts["has_sends"] = True
+    if "prunings" in tables:
+        counts["retained_bytes"] = {
+            kind: int(db.execute(f"SELECT coalesce(sum(size), 0) FROM {table} "
+                                 "WHERE pruned_at IS NULL").fetchone()[0])
+            for kind, table in (("spool", "instances"), ("outbox", "outbox"))}
+        pruned = {(row[0], row[1]): int(row[2]) for row in db.execute(
+            "SELECT kind, reason, sum(bytes) FROM prunings GROUP BY kind, reason")}
+        counts["pruned_bytes"] = {(kind, reason): pruned.get((kind, reason), 0)
+                                  for kind in ("spool", "outbox")
+                                  for reason in ("age", "emergency")}
     return Counts(
         schema_version=schema_version(db), instances=instances,
         last_received_at=None if last is None else float(last), series=series,
@@ -313,6 +330,16 @@ class NodeCollector(Collector):
                 for state, number in states.items():
                     sends.add_metric([destination, state], number)
             yield sends
+        if counts.retained_bytes:
+            yield _labelled(GaugeMetricFamily("qsmnode_retained_bytes",
+                                              "Bytes of the files kept in the spool and outbox",
+                                              labels=["kind"]), counts.retained_bytes)
+            pruned = CounterMetricFamily("qsmnode_pruned_bytes",
+                                         "Bytes of files removed by retention (age or emergency)",
+                                         labels=["kind", "reason"])
+            for (kind, reason), number in counts.pruned_bytes.items():
+                pruned.add_metric([kind, reason], number)
+            yield pruned
 
 
 def _labelled(family: GaugeMetricFamily, values: dict[str, int]) -> GaugeMetricFamily:

@@ -13,6 +13,11 @@ UIDs: the same names).
 :func:`write_datasets` writes datasets to any folder in the same layout. The worker child uses
 it for its job folder (the parent, which owns the store, then moves them into the outbox), and
 ``qsmnode process --out`` for its output folder.
+
+Delivered files do not stay forever: retention (:mod:`qsmnode.node.retention`) removes a
+study's outbox files once every destination has them and they are ``[retention] outbox_days``
+old (or sooner, in an emergency clean), keeping the rows marked as pruned; :meth:`Outbox.recover`
+deletes any file whose row is pruned.
 """
 
 from __future__ import annotations

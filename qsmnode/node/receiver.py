@@ -705,6 +705,7 @@ class Receiver:
         log.warning("rejected association from %s (calling %s, called %s): %s",
                     _address_of(assoc), str(request.calling_ae_title).strip(),
                     str(request.called_ae_title).strip(), refusal.reason)
+        self.store.audit.association(assoc, "rejected", refusal.reason)
         assoc.acse.send_reject(_REJECT_PERMANENT, _SOURCE_USER, refusal.diagnostic)
         assoc.kill()
 
@@ -714,12 +715,14 @@ class Receiver:
         log.warning("rejected association from %s: result %s, source %s, diagnostic %s",
                     _peer_of(event.assoc), getattr(reply, "result_str", "?"),
                     getattr(reply, "source_str", "?"), getattr(reply, "reason_str", "?"))
+        self.store.audit.association(event.assoc, "rejected", getattr(reply, "reason_str", "?"))
 
     def _on_accepted(self, event: evt.Event) -> None:
         peer = _peer_of(event.assoc)
         with self._lock:
             self._tallies[id(event.assoc)] = _Tally(peer)
         log.info("association accepted from %s", peer)
+        self.store.audit.association(event.assoc, "accepted")
 
     def _on_conn_close(self, event: evt.Event) -> None:
         with self._lock:

@@ -415,6 +415,7 @@ class Sender:
             outcomes = [self._failed(item, str(exc), None, rejected=exc.rejected)
                         for item in batch]
             self.store.record_send_outcomes(outcomes, self.clock())
+            self._audit(peer, batch, outcomes)
             nxt = min(o.next_try_at or 0.0 for o in outcomes) - self.clock()
             log.warning("sender: %s: %s; %d send%s stay queued (next try in %.0f s, attempt "
                         "%d)", peer.name, exc, len(batch), "" if len(batch) == 1 else "s",
@@ -432,6 +433,7 @@ class Sender:
                 outcomes.append(self._failed(item, result.error or "failed", result.status,
                                              lost=result.lost))
         self.store.record_send_outcomes(outcomes, self.clock())
+        self._audit(peer, batch, outcomes)
         sent = [o for o in outcomes if o.sent]
         failed = [o for o in outcomes if not o.sent]
         studies = sorted({item.study_uid for item in batch})
@@ -445,6 +447,28 @@ class Sender:
         if len(failed) > 5:
             log.warning("sender: %s: %d more instances not sent", peer.name, len(failed) - 5)
         return outcomes
+
+    def _audit(self, peer: Peer, batch: Sequence[DueSend],
+               outcomes: Sequence[SendOutcome]) -> None:
+        """One audit event per send tried: ``instance_sent`` or ``send_failed``."""
+        audit = self.store.audit
+        if not audit.enabled:
+            return
+        items = {item.sop_instance_uid: item for item in batch}
+        for outcome in outcomes:
+            item = items[outcome.sop_instance_uid]
+            fields: dict[str, Any] = {
+                "destination": peer.name, "ae_title": peer.ae_title,
+                "peer": f"{peer.host}:{peer.port}", "tls": peer.tls.enabled,
+                "study_uid": item.study_uid, "series_uid": item.series_uid,
+                "sop_instance_uid": item.sop_instance_uid, "sop_class_uid": item.sop_class_uid,
+                "attempt": item.attempts + 1, "status": outcome.status,
+            }
+            if outcome.sent:
+                audit.record("instance_sent", **fields)
+            else:
+                audit.record("send_failed", **fields, error=outcome.error,
+                             given_up=outcome.give_up)
 
     def _failed(self, item: DueSend, error: str, status: int | None, *,
                 rejected: bool = False, lost: bool = False) -> SendOutcome:

@@ -12,7 +12,12 @@ back to the queue, then runs four parts until told to stop:
   in child processes and puts their derived objects into the outbox
   (:class:`~qsmnode.node.outbox.Outbox`), queued for every destination;
 - the **sender** (:class:`~qsmnode.node.sender.Sender`): a thread that C-STOREs the outbox to
-  the destinations, with retries. Pending sends are in the store, so a restart resumes them.
+  the destinations, with retries. Pending sends are in the store, so a restart resumes them;
+- **retention** (:class:`~qsmnode.node.retention.Retention`): a thread that removes the files
+  of finished, delivered studies by age, and sooner when the disk runs low.
+
+The store writes its state changes to the audit log (:mod:`qsmnode.node.audit`, ``[audit]``),
+and so do the receiver (associations), the sender (sends) and retention (removals).
 
 At a stop, the listener closes first (running associations get a grace period), then the
 tracker, then the pool (running jobs are handed back to the queue), then the sender (the
@@ -40,11 +45,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from qsmnode import __version__
+from qsmnode.node.audit import NULL_AUDIT, AuditLog
 from qsmnode.node.config import ConfigError, Settings, load_settings
 from qsmnode.node.http import start_http
 from qsmnode.node.jobs import DEFAULT_JOB_FUNCTION
+from qsmnode.node.normative import NormativeTableError, load_normative_table
 from qsmnode.node.outbox import Outbox
 from qsmnode.node.receiver import SPOOL_DIRNAME, Receiver, quiet_library_loggers, recover
+from qsmnode.node.retention import Retention
 from qsmnode.node.sender import Sender
 from qsmnode.node.spool import MIB, Spool
 from qsmnode.node.store import Store, StoreError
@@ -101,7 +109,10 @@ def serve(settings: Settings, stop: threading.Event, ready: threading.Event | No
     quiet_library_loggers(logging.getLogger().getEffectiveLevel())
     state_dir = settings.paths.state_dir
     state_dir.mkdir(parents=True, exist_ok=True)
-    with state_dir_lock(state_dir), Store.in_state_dir(state_dir) as store:
+    with state_dir_lock(state_dir), _audit_log(settings) as audit, \
+            Store.in_state_dir(state_dir, audit=audit) as store:
+        audit.record("node_started", version=__version__, ae_title=settings.listener.ae_title)
+        _warn_placeholder_table(settings)
         spool = Spool(state_dir / SPOOL_DIRNAME, settings.listener.min_free_disk_mb * MIB)
         recover(store, spool, state_dir)
         owner = f"{uuid.uuid4().hex[:12]}:{os.getpid()}"
@@ -119,10 +130,12 @@ def serve(settings: Settings, stop: threading.Event, ready: threading.Event | No
                           on_results=sender.wake)
         tracker = Tracker(settings, store, on_jobs=pool.wake)
         receiver = Receiver(settings, store, spool)
+        retention = Retention(settings, store)
         tracker_stop = threading.Event()
         tracker_thread = threading.Thread(target=tracker.run, args=(tracker_stop,),
                                           name="tracker", daemon=True)
         sender.start()
+        retention.start()
         pool.start()
         tracker_thread.start()
         http = None
@@ -144,7 +157,35 @@ def serve(settings: Settings, stop: threading.Event, ready: threading.Event | No
             tracker_thread.join(timeout=30)
             pool.stop()
             sender.stop()
+            retention.stop()
+            audit.record("node_stopped", version=__version__, ae_title=settings.listener.ae_title)
     return 0
+
+
+@contextlib.contextmanager
+def _audit_log(settings: Settings) -> Iterator[AuditLog]:
+    """The node's audit log (``[audit]``), closed at the end; a silent one when disabled."""
+    path = settings.audit.path(settings.paths.state_dir)
+    if path is None:
+        yield NULL_AUDIT
+        return
+    audit = AuditLog(path)
+    log.info("audit log: %s", path)
+    try:
+        yield audit
+    finally:
+        audit.close()
+
+
+def _warn_placeholder_table(settings: Settings) -> None:
+    """Say so when the normative table is marked as placeholder numbers (the example)."""
+    path = settings.pipeline.m1_normative_table
+    if path is None:
+        return
+    table = load_normative_table(str(path))
+    if table.placeholder:
+        log.warning("pipeline.m1_normative_table %s is marked placeholder = true: its numbers "
+                    "are not clinical, and neither are the z-scores in the reports", path)
 
 
 def main(config: Path | None = None, job_function: str = DEFAULT_JOB_FUNCTION) -> int:
@@ -171,6 +212,6 @@ def main(config: Path | None = None, job_function: str = DEFAULT_JOB_FUNCTION) -
     root.info("qsmnode %s serving with %s", __version__, settings.source)
     try:
         return serve(settings, stop, job_function=job_function)
-    except (NodeBusyError, StoreError, OSError) as exc:
+    except (NodeBusyError, StoreError, OSError, NormativeTableError) as exc:
         root.error("cannot serve: %s", exc)
         return 1

@@ -3,7 +3,7 @@
 Every state change is one transaction, committed with ``synchronous=FULL`` before the call
 returns, so a change the caller was told about survives a crash or power loss.
 
-Schema (version 3, in ``PRAGMA user_version``)::
+Schema (version 4, in ``PRAGMA user_version``)::
 
     series(series_uid PK, study_uid, series_number, modality, sop_class_uid,
            series_description, expected_count, received_count,
@@ -11,7 +11,8 @@ Schema (version 3, in ``PRAGMA user_version``)::
            opened_at, completed_count, completion 'count'|'quiet'|'max_wait', grouped_at)
     instances(sop_instance_uid PK, sop_class_uid, study_uid, series_uid -> series,
               series_number, instance_number, number_of_frames, images_in_acquisition,
-              transfer_syntax_uid, path, size, calling_ae, peer_address, received_at)
+              transfer_syntax_uid, path, size, calling_ae, peer_address, received_at,
+              pruned_at)
     acquisitions(id PK, study_uid, series_key UNIQUE, series_uids JSON,
                  state 'accepted'|'ignored', reason, summary JSON, created_at, updated_at)
     problems(id PK, study_uid, series_uids JSON, reason, created_at, resolved_at)
@@ -19,10 +20,12 @@ Schema (version 3, in ``PRAGMA user_version``)::
          attempts, lease_owner, lease_expires_at, last_error, result JSON,
          created_at, updated_at, started_at, finished_at)
     outbox(sop_instance_uid PK, sop_class_uid, study_uid, series_uid, transfer_syntax_uid,
-           series_number, modality, job_id -> jobs, path UNIQUE, size, created_at)
+           series_number, modality, job_id -> jobs, path UNIQUE, size, created_at, pruned_at)
     sends(sop_instance_uid -> outbox, destination, state 'pending'|'sent'|'failed', attempts,
           next_try_at, last_status, last_error, last_try_at, sent_at, created_at, updated_at;
           PK (sop_instance_uid, destination))
+    prunings(id PK, study_uid, kind 'spool'|'outbox', reason 'age'|'emergency', instances,
+             bytes, at)
 
 Times are Unix seconds (float). ``instances.path`` is relative to the state directory.
 ``received_count`` counts distinct instances; a late instance of a complete series updates
@@ -58,6 +61,17 @@ An instance recorded again (the job ran again: deterministic UIDs give the same 
 its sends, except that ``failed`` ones are queued again. :meth:`Store.requeue_sends` is what
 ``qsmnode resend`` changes.
 
+Retention (version 4): when the files of a finished, delivered study are removed
+(:mod:`qsmnode.node.retention`), its ``instances`` or ``outbox`` rows are kept with
+``pruned_at`` set, and a ``prunings`` row records what went, why and when
+(:meth:`Store.prune_study`). Pruned rows are left out of :meth:`Store.instance_paths` and
+:meth:`Store.outbox_paths` (what the recoveries at start compare with the files) and of
+``qsmnode resend``; an instance received again after its file was pruned is recorded again.
+
+Audit: with an :class:`~qsmnode.node.audit.AuditLog`, the store writes an event after each
+commit of a received instance, a series completed, a grouping (acquisitions, problems), and a
+job started, done, failed or queued again.
+
 Later schema versions append to :data:`MIGRATIONS`; opening a store applies the missing ones,
 each in one transaction. The API is small and has no ORM: records in, records out.
 """
@@ -73,6 +87,8 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+from qsmnode.node.audit import NULL_AUDIT, AuditLog
 
 STORE_FILENAME = "qsmnode.sqlite3"
 
@@ -191,6 +207,21 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX sends_due ON sends (state, next_try_at);
     CREATE INDEX sends_destination ON sends (destination, state);
     """,
+    """
+    ALTER TABLE instances ADD COLUMN pruned_at REAL;
+    ALTER TABLE outbox ADD COLUMN pruned_at REAL;
+    CREATE TABLE prunings (
+        id         INTEGER PRIMARY KEY,
+        study_uid  TEXT NOT NULL,
+        kind       TEXT NOT NULL CHECK (kind IN ('spool', 'outbox')),
+        reason     TEXT NOT NULL CHECK (reason IN ('age', 'emergency')),
+        instances  INTEGER NOT NULL,
+        bytes      INTEGER NOT NULL,
+        at         REAL NOT NULL
+    );
+    CREATE INDEX prunings_study ON prunings (study_uid);
+    CREATE INDEX outbox_pruned ON outbox (pruned_at);
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -199,8 +230,17 @@ class StoreError(Exception):
     """The store cannot be opened or used (the message names the file and the problem)."""
 
 
+class _Record:
+    """Mixin of the record dataclasses: :meth:`as_dict` gives JSON-ready fields."""
+
+    def as_dict(self) -> dict[str, Any]:
+        """The fields as a dictionary (tuples as lists), for JSON and status displays."""
+        return {key: list(value) if isinstance(value, tuple) else value
+                for key, value in asdict(self).items()}
+
+
 @dataclass(frozen=True)
-class InstanceRecord:
+class InstanceRecord(_Record):
     """One received instance, as recorded. ``path`` is relative to the state directory."""
 
     sop_instance_uid: str
@@ -222,7 +262,7 @@ class InstanceRecord:
 
 
 @dataclass(frozen=True)
-class SeriesRecord:
+class SeriesRecord(_Record):
     """One series as recorded."""
 
     series_uid: str
@@ -242,12 +282,9 @@ class SeriesRecord:
     completion: str | None = None
     grouped_at: float | None = None
 
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
 
 @dataclass(frozen=True)
-class AcquisitionRecord:
+class AcquisitionRecord(_Record):
     """One recorded acquisition: its series, whether it is processed, and its plan summary."""
 
     id: int
@@ -259,12 +296,9 @@ class AcquisitionRecord:
     created_at: float
     updated_at: float
 
-    def as_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "series_uids": list(self.series_uids)}
-
 
 @dataclass(frozen=True)
-class ProblemRecord:
+class ProblemRecord(_Record):
     """Images of a study that make no acquisition, and why (plain language)."""
 
     id: int
@@ -274,12 +308,9 @@ class ProblemRecord:
     created_at: float
     resolved_at: float | None
 
-    def as_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "series_uids": list(self.series_uids)}
-
 
 @dataclass(frozen=True)
-class JobRecord:
+class JobRecord(_Record):
     """One job: the processing of one accepted acquisition."""
 
     id: int
@@ -294,9 +325,6 @@ class JobRecord:
     updated_at: float
     started_at: float | None
     finished_at: float | None
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -344,7 +372,7 @@ class StudyReady:
 
 
 @dataclass(frozen=True)
-class OutboxRecord:
+class OutboxRecord(_Record):
     """One derived instance in the outbox. ``path`` is relative to the state directory."""
 
     sop_instance_uid: str
@@ -359,12 +387,9 @@ class OutboxRecord:
     modality: str | None = None
     job_id: int | None = None
 
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
 
 @dataclass(frozen=True)
-class SendRecord:
+class SendRecord(_Record):
     """The delivery of one outbox instance to one destination."""
 
     sop_instance_uid: str
@@ -378,9 +403,6 @@ class SendRecord:
     sent_at: float | None
     created_at: float
     updated_at: float
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -417,7 +439,7 @@ class SendOutcome:
 
 
 @dataclass(frozen=True)
-class DestinationSummary:
+class DestinationSummary(_Record):
     """The delivery state of one destination, for status displays."""
 
     destination: str
@@ -437,10 +459,40 @@ class DestinationSummary:
     """The error of the latest failed try of a send not delivered yet."""
     last_error_at: float | None = None
 
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+
+@dataclass(frozen=True)
+class StudyRetention(_Record):
+    """A study whose work is finished, so that retention may remove its files (see
+    :meth:`Store.finished_studies`), with what it still keeps on disk."""
+
+    study_uid: str
+    settled_at: float
+    """Its latest event: an instance received, grouping, a job's end, a send."""
+    spool_instances: int
+    spool_bytes: int
+    outbox_instances: int
+    outbox_bytes: int
 
 
+@dataclass(frozen=True)
+class Pruning(_Record):
+    """Files of one study removed by retention (``kind`` spool or outbox, ``reason`` age or
+    emergency). ``paths`` (relative to the state directory) and ``job_ids`` (whose work
+    folders go with the spool) are given by :meth:`Store.prune_study`, not kept."""
+
+    id: int
+    study_uid: str
+    kind: str
+    reason: str
+    instances: int
+    bytes: int
+    at: float
+    paths: tuple[str, ...] = ()
+    job_ids: tuple[int, ...] = ()
+
+
+PRUNE_KINDS = ("spool", "outbox")
+PRUNE_REASONS = ("age", "emergency")
 ACQUISITION_STATES = ("accepted", "ignored")
 JOB_STATES = ("queued", "running", "done", "failed")
 SEND_STATES = ("pending", "sent", "failed")
@@ -505,11 +557,14 @@ class Store:
     """The SQLite store. Thread-safe: one connection, serialised by a lock.
 
     ``readonly=True`` opens an existing store without writing (no migrations), for status
-    readers running beside the node.
+    readers running beside the node. ``audit``: where the state changes are also written as
+    events, after their commit (:mod:`qsmnode.node.audit`; by default nowhere).
     """
 
-    def __init__(self, path: Path, *, readonly: bool = False) -> None:
+    def __init__(self, path: Path, *, readonly: bool = False,
+                 audit: AuditLog = NULL_AUDIT) -> None:
         self.path = Path(path)
+        self.audit = audit
         self._lock = threading.RLock()
         try:
             if readonly:
@@ -544,9 +599,10 @@ class Store:
             raise StoreError(f"{self.path}: {exc}") from exc
 
     @classmethod
-    def in_state_dir(cls, state_dir: Path, *, readonly: bool = False) -> Store:
+    def in_state_dir(cls, state_dir: Path, *, readonly: bool = False,
+                     audit: AuditLog = NULL_AUDIT) -> Store:
         """The store of a node whose state directory is ``state_dir``."""
-        return cls(Path(state_dir) / STORE_FILENAME, readonly=readonly)
+        return cls(Path(state_dir) / STORE_FILENAME, readonly=readonly, audit=audit)
 
     def close(self) -> None:
         with self._lock:
@@ -586,8 +642,19 @@ class Store:
     def add_instance(self, record: InstanceRecord) -> bool:
         """Record a received instance (and its series) in one transaction.
 
-        Returns False, changing nothing, when the SOP Instance UID is already recorded.
+        Returns False, changing nothing, when the SOP Instance UID is already recorded (an
+        instance whose file was pruned is recorded again: its row gets the new file).
         """
+        if self._add_instance(record):
+            self.audit.record(
+                "instance_stored", calling_ae=record.calling_ae, address=record.peer_address,
+                study_uid=record.study_uid, series_uid=record.series_uid,
+                sop_instance_uid=record.sop_instance_uid, sop_class_uid=record.sop_class_uid,
+                bytes=record.size)
+            return True
+        return False
+
+    def _add_instance(self, record: InstanceRecord) -> bool:
         with self.transaction() as db:
             db.execute(
                 "INSERT OR IGNORE INTO series (series_uid, study_uid, series_number, modality, "
@@ -603,7 +670,16 @@ class Store:
                 tuple(getattr(record, name) for name in _INSTANCE_COLUMNS),
             )
             if cursor.rowcount == 0:
-                return False
+                if self._version < 4:
+                    return False
+                revived = db.execute(
+                    "UPDATE instances SET pruned_at = NULL, path = ?, size = ?, "
+                    "transfer_syntax_uid = ?, calling_ae = ?, peer_address = ?, received_at = ? "
+                    "WHERE sop_instance_uid = ? AND pruned_at IS NOT NULL",
+                    (record.path, record.size, record.transfer_syntax_uid, record.calling_ae,
+                     record.peer_address, record.received_at, record.sop_instance_uid),
+                )
+                return revived.rowcount == 1
             db.execute(
                 "UPDATE series SET received_count = received_count + 1, "
                 "last_received_at = max(last_received_at, ?) WHERE series_uid = ?",
@@ -632,9 +708,11 @@ class Store:
         return [InstanceRecord(**dict(row)) for row in rows]
 
     def instance_paths(self) -> set[str]:
-        """The ``path`` of every recorded instance (relative to the state directory)."""
+        """The ``path`` of every recorded instance whose file was not pruned (relative to the
+        state directory)."""
+        where = " WHERE pruned_at IS NULL" if self._version >= 4 else ""
         with self._lock:
-            return {row[0] for row in self._db.execute("SELECT path FROM instances")}
+            return {row[0] for row in self._db.execute(f"SELECT path FROM instances{where}")}
 
     def count_instances(self) -> int:
         with self._lock:
@@ -675,7 +753,19 @@ class Store:
                 "completed_count = received_count WHERE series_uid = ? AND state = 'open'",
                 (time.time() if at is None else at, series_uid),
             )
-            return cursor.rowcount == 1
+            done = cursor.rowcount == 1
+        if done:
+            self._audit_series(series_uid, None)
+        return done
+
+    def _audit_series(self, series_uid: str, completion: str | None) -> None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT study_uid, completed_count FROM series WHERE series_uid = ?",
+                (series_uid,)).fetchone()
+        if row is not None:
+            self.audit.record("series_complete", study_uid=row[0], series_uid=series_uid,
+                              instances=row[1], completion=completion)
 
     def summary(self) -> dict[str, int]:
         """Counts for status displays: series (total, open, complete) and instances."""
@@ -723,7 +813,10 @@ class Store:
                 "WHERE series_uid = ? AND state = 'open' AND received_count = ?",
                 (at, completion, expected_count, series_uid, seen_count),
             )
-            return cursor.rowcount == 1
+            done = cursor.rowcount == 1
+        if done and self.audit.enabled:
+            self._audit_series(series_uid, completion)
+        return done
 
     def reopen_late_series(self, at: float) -> list[SeriesRecord]:
         """Re-open every complete series that received instances after it was closed; return
@@ -819,7 +912,22 @@ class Store:
                 "UPDATE series SET grouped_at = ? WHERE study_uid = ? AND state = 'complete'",
                 (at, study_uid),
             )
+        self._audit_grouping(outcome)
         return outcome
+
+    def _audit_grouping(self, outcome: GroupingOutcome) -> None:
+        jobs = {job.acquisition_id: job.id for job in outcome.jobs}
+        for acquisition in outcome.created:
+            self.audit.record(
+                "acquisition_grouped", study_uid=acquisition.study_uid,
+                acquisition_id=acquisition.id, series_uids=list(acquisition.series_uids),
+                state=acquisition.state, reason=acquisition.reason,
+                job_id=jobs.get(acquisition.id))
+        for event, problems in (("problem_recorded", outcome.new_problems),
+                                ("problem_resolved", outcome.resolved_problems)):
+            for problem in problems:
+                self.audit.record(event, study_uid=problem.study_uid, problem_id=problem.id,
+                                  series_uids=list(problem.series_uids), reason=problem.reason)
 
     def _record_acquisition(self, db: sqlite3.Connection, new: NewAcquisition, at: float,
                             outcome: GroupingOutcome) -> None:
@@ -916,8 +1024,11 @@ class Store:
                 "WHERE id = ?",
                 (owner, now + lease_s, now, now, row["id"]),
             )
-            return _job(db.execute(f"SELECT {', '.join(_JOB_COLUMNS)} FROM jobs WHERE id = ?",
-                                   (row["id"],)).fetchone())
+            job = _job(db.execute(f"SELECT {', '.join(_JOB_COLUMNS)} FROM jobs WHERE id = ?",
+                                  (row["id"],)).fetchone())
+        self.audit.record("job_started", job_id=job.id, acquisition_id=job.acquisition_id,
+                          attempt=job.attempts, owner=owner)
+        return job
 
     def finish_job(self, job_id: int, owner: str, result: dict[str, Any], now: float,
                    outbox: Sequence[OutboxRecord] = (), destinations: Sequence[str] = ()
@@ -935,7 +1046,11 @@ class Store:
             if cursor.rowcount != 1:
                 return False
             self._record_outbox(db, outbox, destinations, now)
-            return True
+            row = db.execute("SELECT acquisition_id, attempts FROM jobs WHERE id = ?",
+                             (job_id,)).fetchone()
+        self.audit.record("job_done", job_id=job_id, acquisition_id=row[0], attempt=row[1],
+                          derived_instances=len(outbox))
+        return True
 
     def fail_job_attempt(self, job_id: int, owner: str, error: str, max_attempts: int,
                          now: float) -> JobRecord | None:
@@ -952,8 +1067,16 @@ class Store:
             )
             if cursor.rowcount != 1:
                 return None
-            return _job(db.execute(f"SELECT {', '.join(_JOB_COLUMNS)} FROM jobs WHERE id = ?",
-                                   (job_id,)).fetchone())
+            job = _job(db.execute(f"SELECT {', '.join(_JOB_COLUMNS)} FROM jobs WHERE id = ?",
+                                  (job_id,)).fetchone())
+        self._audit_job_failed(job)
+        return job
+
+    def _audit_job_failed(self, job: JobRecord) -> None:
+        self.audit.record("job_failed" if job.state == "failed" else "job_requeued",
+                          job_id=job.id, acquisition_id=job.acquisition_id,
+                          attempt=job.attempts, error=job.last_error,
+                          final=job.state == "failed")
 
     def release_job(self, job_id: int, owner: str, note: str, now: float) -> bool:
         """Hand a running job of ``owner`` back to the queue without counting the attempt
@@ -965,7 +1088,10 @@ class Store:
                 "WHERE id = ? AND state = 'running' AND lease_owner = ?",
                 (note, now, job_id, owner),
             )
-            return cursor.rowcount == 1
+            released = cursor.rowcount == 1
+        if released:
+            self.audit.record("job_requeued", job_id=job_id, error=note, final=False)
+        return released
 
     def requeue_orphaned_jobs(self, live_owner: str, max_attempts: int,
                               now: float) -> list[JobRecord]:
@@ -991,11 +1117,14 @@ class Store:
                      now, row["id"]),
                 )
             ids = [row["id"] for row in rows]
-            return [
+            jobs = [
                 _job(db.execute(f"SELECT {', '.join(_JOB_COLUMNS)} FROM jobs WHERE id = ?",
                                 (job_id,)).fetchone())
                 for job_id in ids
             ]
+        for job in jobs:
+            self._audit_job_failed(job)
+        return jobs
 
     def job_instances(self, job_id: int) -> list[InstanceRecord]:
         """The instances of the series of a job's acquisition, in order of arrival."""
@@ -1020,8 +1149,9 @@ class Store:
         (new ones, and failed ones queued again)."""
         columns = ", ".join(_OUTBOX_COLUMNS)
         marks = ", ".join("?" for _ in _OUTBOX_COLUMNS)
-        refresh = ", ".join(f"{c} = excluded.{c}" for c in _OUTBOX_COLUMNS
-                            if c not in ("sop_instance_uid", "created_at"))
+        refresh = ", ".join([*(f"{c} = excluded.{c}" for c in _OUTBOX_COLUMNS
+                               if c not in ("sop_instance_uid", "created_at")),
+                             "pruned_at = NULL"])
         queued = 0
         for record in records:
             db.execute(
@@ -1065,19 +1195,22 @@ class Store:
         return [OutboxRecord(**dict(row)) for row in rows]
 
     def outbox_paths(self) -> set[str]:
-        """The ``path`` of every outbox instance (relative to the state directory)."""
+        """The ``path`` of every outbox instance whose file was not pruned (relative to the
+        state directory)."""
         if self._version < 3:
             return set()
+        where = " WHERE pruned_at IS NULL" if self._version >= 4 else ""
         with self._lock:
-            return {row[0] for row in self._db.execute("SELECT path FROM outbox")}
+            return {row[0] for row in self._db.execute(f"SELECT path FROM outbox{where}")}
 
     def outbox_summary(self) -> dict[str, int]:
-        """The outbox's instance count and bytes (zero before version 3)."""
+        """The outbox's instance count and bytes, files not pruned (zero before version 3)."""
         if self._version < 3:
             return {"instances": 0, "bytes": 0}
+        where = " WHERE pruned_at IS NULL" if self._version >= 4 else ""
         with self._lock:
             count, size = self._db.execute(
-                "SELECT count(*), coalesce(sum(size), 0) FROM outbox").fetchone()
+                f"SELECT count(*), coalesce(sum(size), 0) FROM outbox{where}").fetchone()
         return {"instances": int(count), "bytes": int(size)}
 
     def sends(self, state: str | None = None, destination: str | None = None,
@@ -1175,14 +1308,17 @@ class Store:
                 clauses.append("sop_instance_uid IN "
                                "(SELECT sop_instance_uid FROM outbox WHERE study_uid = ?)")
                 args.append(study_uid)
+            # files pruned by retention cannot be sent again
+            clauses.append("sop_instance_uid NOT IN "
+                           "(SELECT sop_instance_uid FROM outbox WHERE pruned_at IS NOT NULL)")
             queued = db.execute(
                 "UPDATE sends SET state = 'pending', attempts = 0, next_try_at = ?, "
                 "last_status = NULL, last_error = NULL, sent_at = NULL, updated_at = ? "
                 f"WHERE {' AND '.join(clauses)}", args,
             ).rowcount
             if study_uid is not None and not failed_only:
-                for row in db.execute("SELECT sop_instance_uid FROM outbox WHERE study_uid = ?",
-                                      (study_uid,)).fetchall():
+                for row in db.execute("SELECT sop_instance_uid FROM outbox WHERE study_uid = ? "
+                                      "AND pruned_at IS NULL", (study_uid,)).fetchall():
                     for destination in destinations:
                         queued += db.execute(
                             "INSERT OR IGNORE INTO sends (sop_instance_uid, destination, "
@@ -1238,3 +1374,136 @@ class Store:
             "sends": {} if self._version < 3 else {s: int(sends.get(s, 0))
                                                     for s in SEND_STATES},
         }
+
+    # ---------------------------------------------------------------------------------- retention
+
+    def _settled_at(self, db: sqlite3.Connection, study_uid: str,
+                    destinations: Sequence[str]) -> float | None:
+        """When a study's work ended, or None while any is left: a series open or not grouped,
+        a job queued or running, or a derived instance (whose file is kept) not yet ``sent``
+        to every one of ``destinations`` (with none configured, nothing is delivered)."""
+        busy = db.execute(
+            "SELECT count(*) FROM series WHERE study_uid = ? "
+            "AND (state = 'open' OR grouped_at IS NULL)", (study_uid,)).fetchone()[0]
+        busy += db.execute(
+            "SELECT count(*) FROM jobs j JOIN acquisitions a ON a.id = j.acquisition_id "
+            "WHERE a.study_uid = ? AND j.state IN ('queued', 'running')",
+            (study_uid,)).fetchone()[0]
+        if busy:
+            return None
+        live = db.execute("SELECT count(*) FROM outbox WHERE study_uid = ? AND pruned_at IS NULL",
+                          (study_uid,)).fetchone()[0]
+        if live:
+            if not destinations:
+                return None
+            marks = ", ".join("?" for _ in destinations)
+            undelivered = db.execute(
+                "SELECT count(*) FROM outbox o WHERE o.study_uid = ? AND o.pruned_at IS NULL "
+                "AND (EXISTS (SELECT 1 FROM sends s WHERE s.sop_instance_uid = o.sop_instance_uid "
+                "AND s.state != 'sent') OR (SELECT count(DISTINCT s.destination) FROM sends s "
+                "WHERE s.sop_instance_uid = o.sop_instance_uid AND s.state = 'sent' "
+                f"AND s.destination IN ({marks})) < ?)",
+                (study_uid, *destinations, len(set(destinations)))).fetchone()[0]
+            if undelivered:
+                return None
+        row = db.execute(
+            "SELECT max(t) FROM ("
+            "SELECT max(max(last_received_at, coalesce(grouped_at, 0))) AS t FROM series "
+            "WHERE study_uid = ? "
+            "UNION ALL SELECT max(j.updated_at) FROM jobs j "
+            "JOIN acquisitions a ON a.id = j.acquisition_id WHERE a.study_uid = ? "
+            "UNION ALL SELECT max(s.updated_at) FROM sends s JOIN outbox o "
+            "USING (sop_instance_uid) WHERE o.study_uid = ? "
+            "UNION ALL SELECT max(created_at) FROM problems WHERE study_uid = ? "
+            "UNION ALL SELECT max(created_at) FROM outbox WHERE study_uid = ?)",
+            (study_uid,) * 5).fetchone()
+        return None if row[0] is None else float(row[0])
+
+    def finished_studies(self, destinations: Sequence[str]) -> list[StudyRetention]:
+        """The studies that keep files (spool or outbox) and whose work is finished: every
+        series grouped, no job queued or running, every derived instance delivered to all of
+        ``destinations``. Oldest (by ``settled_at``) first. Empty before version 4."""
+        if self._version < 4:
+            return []
+        out = []
+        with self._lock:
+            studies = [row[0] for row in self._db.execute(
+                "SELECT study_uid FROM instances WHERE pruned_at IS NULL UNION "
+                "SELECT study_uid FROM outbox WHERE pruned_at IS NULL")]
+            for study_uid in studies:
+                settled = self._settled_at(self._db, study_uid, destinations)
+                if settled is None:
+                    continue
+                spool = self._db.execute(
+                    "SELECT count(*), coalesce(sum(size), 0) FROM instances "
+                    "WHERE study_uid = ? AND pruned_at IS NULL", (study_uid,)).fetchone()
+                outbox = self._db.execute(
+                    "SELECT count(*), coalesce(sum(size), 0) FROM outbox "
+                    "WHERE study_uid = ? AND pruned_at IS NULL", (study_uid,)).fetchone()
+                out.append(StudyRetention(study_uid, settled, int(spool[0]), int(spool[1]),
+                                          int(outbox[0]), int(outbox[1])))
+        out.sort(key=lambda study: (study.settled_at, study.study_uid))
+        return out
+
+    def prune_study(self, study_uid: str, kind: str, reason: str, destinations: Sequence[str],
+                    now: float, settled_before: float | None = None) -> Pruning | None:
+        """Mark the files of one study as pruned, in one transaction, if its work is finished
+        (see :meth:`finished_studies`) and, with ``settled_before``, it settled before then.
+        ``kind``: the ``spool`` (received instances) or the ``outbox`` (derived instances).
+        Records a ``prunings`` row and returns it with the paths to delete (the caller deletes
+        them after this commit); None when nothing is pruned."""
+        if kind not in PRUNE_KINDS or reason not in PRUNE_REASONS:
+            raise ValueError(f"prune_study: kind {kind!r}, reason {reason!r}")
+        table = "instances" if kind == "spool" else "outbox"
+        with self.transaction() as db:
+            settled = self._settled_at(db, study_uid, destinations)
+            if settled is None or (settled_before is not None and settled > settled_before):
+                return None
+            rows = db.execute(f"SELECT path, size FROM {table} WHERE study_uid = ? "
+                              "AND pruned_at IS NULL ORDER BY rowid", (study_uid,)).fetchall()
+            if not rows:
+                return None
+            db.execute(f"UPDATE {table} SET pruned_at = ? WHERE study_uid = ? "
+                       "AND pruned_at IS NULL", (now, study_uid))
+            size = sum(int(row[1]) for row in rows)
+            cursor = db.execute(
+                "INSERT INTO prunings (study_uid, kind, reason, instances, bytes, at) "
+                "VALUES (?, ?, ?, ?, ?, ?)", (study_uid, kind, reason, len(rows), size, now))
+            job_ids: tuple[int, ...] = ()
+            if kind == "spool":
+                job_ids = tuple(int(row[0]) for row in db.execute(
+                    "SELECT j.id FROM jobs j JOIN acquisitions a ON a.id = j.acquisition_id "
+                    "WHERE a.study_uid = ? ORDER BY j.id", (study_uid,)))
+        return Pruning(int(cursor.lastrowid or 0), study_uid, kind, reason, len(rows), size, now,
+                       tuple(row[0] for row in rows), job_ids)
+
+    def prunings(self, limit: int = 20) -> list[Pruning]:
+        """The latest prunings, newest first (empty before version 4)."""
+        if self._version < 4:
+            return []
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id, study_uid, kind, reason, instances, bytes, at FROM prunings "
+                "ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
+        return [Pruning(**dict(row)) for row in rows]
+
+    def retention_summary(self) -> dict[str, dict[str, int]]:
+        """Per kind (spool, outbox): instances and bytes kept, and pruned (zero before
+        version 4, where nothing is pruned)."""
+        out = {}
+        for kind, table in (("spool", "instances"), ("outbox", "outbox")):
+            if kind == "outbox" and self._version < 3:
+                out[kind] = {"instances": 0, "bytes": 0, "pruned_instances": 0,
+                             "pruned_bytes": 0}
+                continue
+            pruned = "pruned_at IS NOT NULL" if self._version >= 4 else "0"
+            with self._lock:
+                row = self._db.execute(
+                    f"SELECT coalesce(sum(NOT ({pruned})), 0), "
+                    f"coalesce(sum(CASE WHEN {pruned} THEN 0 ELSE size END), 0), "
+                    f"coalesce(sum({pruned}), 0), "
+                    f"coalesce(sum(CASE WHEN {pruned} THEN size ELSE 0 END), 0) FROM {table}"
+                ).fetchone()
+            out[kind] = {"instances": int(row[0]), "bytes": int(row[1]),
+                         "pruned_instances": int(row[2]), "pruned_bytes": int(row[3])}
+        return out
