@@ -525,3 +525,25 @@ def test_without_m1_or_r2star(study: Study, sim, tmp_path) -> None:
     assert len(key) == 1 and "middle slice" in key[0].ImageComments
     for path in save_all([datasets[0], key[0]], tmp_path):
         assert not dciodvfy_errors(path), dciodvfy_errors(path)
+
+
+def test_the_memoised_iod_lookup_answers_as_highdicom_does() -> None:
+    import highdicom._standard_utils as standard_utils
+    import highdicom.base
+
+    from qsmnode.dicom.derived import iod_cache
+
+    assert standard_utils.is_attribute_in_iod is iod_cache.is_attribute_in_iod
+    assert highdicom.base.is_attribute_in_iod is iod_cache.is_attribute_in_iod
+    classes = ["1.2.840.10008.5.1.4.1.1.4", "1.2.840.10008.5.1.4.1.1.4.1",
+               "1.2.840.10008.5.1.4.1.1.30", "1.2.840.10008.5.1.4.1.1.66.4",
+               "1.2.840.10008.5.1.4.1.1.88.34", "1.2.840.10008.5.1.4.1.1.7"]
+    attributes = ["PixelData", "FloatPixelData", "NumberOfFrames", "ContentDate",
+                  "ContentTime", "EchoTime", "SegmentSequence", "NotAnAttribute"]
+    for sop_class in classes:
+        for attribute in attributes:
+            for exclude in (None, ["IconImageSequence"]):
+                want = iod_cache._ORIGINAL(attribute, sop_class, exclude)
+                assert iod_cache.is_attribute_in_iod(attribute, sop_class, exclude) is want
+    with pytest.raises(KeyError, match="No IOD found"):
+        iod_cache.is_attribute_in_iod("PixelData", "1.2.3.4")

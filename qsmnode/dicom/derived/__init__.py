@@ -38,6 +38,7 @@ from qsmnode.dicom.derived.common import (
     source_reader,
 )
 from qsmnode.dicom.derived.derived_mr import QSM_MR, R2STAR_MR, build_derived_mr
+from qsmnode.dicom.derived.iod_cache import install as _install_iod_cache
 from qsmnode.dicom.derived.key_images import build_key_images
 from qsmnode.dicom.derived.parametric_map import QSM, R2STAR, build_parametric_map
 from qsmnode.dicom.derived.segmentation import build_segmentation
@@ -45,6 +46,8 @@ from qsmnode.dicom.derived.sr import build_report
 from qsmnode.dicom.derived.uids import DerivedUids
 from qsmnode.dicom.load import LoadedAcquisition
 from qsmnode.m1.result import M1Result
+
+_install_iod_cache()
 
 __all__ = [
     "ALGORITHM_NAME",
