@@ -17,6 +17,7 @@ import json
 import os
 import signal
 import sqlite3
+import struct
 import subprocess
 import sys
 import time
@@ -24,7 +25,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
+import pydicom
 import pytest
+from pynetdicom import AE, _config
 
 from qsmnode.demo.pacs import free_port
 from qsmnode.node.store import Store, StoreError
@@ -210,6 +213,34 @@ def make_node(nodes: list[Node], root: Path, **kwargs: Any) -> Node:
     node = Node(root, **kwargs)
     nodes.append(node)
     return node
+
+
+# ------------------------------------------------------------------------------------------------
+# Raw sends
+
+
+def dataset_bytes(path: Path) -> bytes:
+    """The dataset part of a Part 10 file (everything after the file meta), as stored."""
+    data = path.read_bytes()
+    assert data[128:132] == b"DICM" and data[132:136] == b"\x02\x00\x00\x00"
+    (group_length,) = struct.unpack("<I", data[140:144])
+    return data[144 + group_length:]
+
+
+def send_raw(port: int, files: dict[str, Path], monkeypatch: pytest.MonkeyPatch,
+             ) -> dict[str, pydicom.Dataset]:
+    """C-STORE each file's dataset bytes unparsed (pynetdicom's chunked send); name -> status."""
+    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)
+    first = next(iter(files.values()))
+    meta = pydicom.dcmread(first, stop_before_pixels=True).file_meta
+    ae = AE(ae_title=ALLOWED)
+    ae.add_requested_context(meta.MediaStorageSOPClassUID, meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", port, ae_title="QSMNODE")
+    assert assoc.is_established
+    try:
+        return {name: assoc.send_c_store(path) for name, path in files.items()}
+    finally:
+        assoc.release()
 
 
 # ------------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import pydicom
 import pytest
 
 from qsmnode.acquisition import MultiEchoGRE
-from qsmnode.dicom.headers import Part, Vendor, summarize, vendor_of
+from qsmnode.dicom.headers import HeaderError, Part, Vendor, summarize, vendor_of
 from qsmnode.dicom.load import (
     AcquisitionPlan,
     LoadedAcquisition,
@@ -241,6 +241,16 @@ def test_vendor_from_manufacturer_and_enhanced_from_the_sop_class(sim: Simulatio
     info = summarize(ds)
     assert not info.enhanced and info.path == str(path)
     assert info.frames[0].part is Part.MAGNITUDE and info.frames[0].echo_number == 1
+
+
+def test_an_undecodable_header_is_a_header_error_naming_the_element(sim: Simulation, tmp_path):
+    path = write_dicom(sim.gre, tmp_path, "siemens")[0]
+    data = bytearray(path.read_bytes())
+    at = data.index(b"\x20\x00\x37\x00DS")  # (0020,0037) Image Orientation (Patient)
+    data[at + 4:at + 6] = b"ZZ"
+    path.write_bytes(bytes(data))
+    with pytest.raises(HeaderError, match=r"Representation 'ZZ' in tag \(0020,0037\)"):
+        summarize(path)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,7 +14,6 @@ import re
 import shutil
 import signal
 import sqlite3
-import struct
 import subprocess
 import sys
 import time
@@ -34,7 +33,7 @@ from pydicom.uid import (
     SecondaryCaptureImageStorage,
     generate_uid,
 )
-from pynetdicom import AE, _config
+from pynetdicom import AE
 
 from qsmnode.demo.pacs import free_port
 from qsmnode.node.receiver import (
@@ -47,7 +46,7 @@ from qsmnode.node.receiver import (
 from qsmnode.node.spool import Spool
 from qsmnode.node.store import SCHEMA_VERSION, InstanceRecord, Store, StoreError
 from tests.conftest import REPO, require_tool
-from tests.nodeutil import toml_value
+from tests.nodeutil import dataset_bytes, send_raw, toml_value
 
 ALLOWED = "SCANNER7T"
 
@@ -57,12 +56,6 @@ ALLOWED = "SCANNER7T"
 
 
 
-def dataset_bytes(path: Path) -> bytes:
-    """The dataset part of a Part 10 file (everything after the file meta), as stored."""
-    data = path.read_bytes()
-    assert data[128:132] == b"DICM" and data[132:136] == b"\x02\x00\x00\x00"
-    (group_length,) = struct.unpack("<I", data[140:144])
-    return data[144 + group_length:]
 
 
 class Node:
@@ -211,20 +204,6 @@ def secondary_capture(source: Path, out: Path) -> Path:
     return out
 
 
-def send_raw(port: int, files: dict[str, Path], monkeypatch: pytest.MonkeyPatch,
-             ) -> dict[str, pydicom.Dataset]:
-    """C-STORE each file's dataset bytes unparsed (pynetdicom's chunked send); name -> status."""
-    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)
-    first = next(iter(files.values()))
-    meta = pydicom.dcmread(first, stop_before_pixels=True).file_meta
-    ae = AE(ae_title=ALLOWED)
-    ae.add_requested_context(meta.MediaStorageSOPClassUID, meta.TransferSyntaxUID)
-    assoc = ae.associate("127.0.0.1", port, ae_title="QSMNODE")
-    assert assoc.is_established
-    try:
-        return {name: assoc.send_c_store(path) for name, path in files.items()}
-    finally:
-        assoc.release()
 
 
 # ------------------------------------------------------------------------------------------------

@@ -365,13 +365,27 @@ def _field_strength(value: Any) -> float | None:
     return b0 / 10000.0 if b0 > 100 else b0  # some old exports write gauss
 
 
+class HeaderError(ValueError):
+    """A DICOM header that cannot be decoded; the message names the element and the fault."""
+
+
 def summarize(ds_or_path: Dataset | str | os.PathLike[str]) -> InstanceInfo:
     """Summarize one instance. A path is read with ``stop_before_pixels``; a dataset is used as
     it is (its ``filename`` becomes :attr:`InstanceInfo.path` when it has one).
 
     Raises:
         pydicom.errors.InvalidDicomError: the file is not DICOM.
+        HeaderError: its header cannot be decoded (a corrupt element, an unknown VR, …).
     """
+    try:
+        return _summarize(ds_or_path)
+    except (InvalidDicomError, OSError, EOFError):
+        raise
+    except Exception as exc:  # pydicom reports corrupt elements with many exception types
+        raise HeaderError(f"unreadable header: {type(exc).__name__}: {exc}") from exc
+
+
+def _summarize(ds_or_path: Dataset | str | os.PathLike[str]) -> InstanceInfo:
     if isinstance(ds_or_path, Dataset):
         ds = ds_or_path
         filename = getattr(ds, "filename", None)
