@@ -45,7 +45,7 @@ def test_progress_bar_and_lines_on_a_pipe() -> None:
     line.update("running 1.0 s")
     line.finish("8.3 s")
     lines = stream.getvalue().splitlines()
-    assert lines == ["  QSM          running 1.0 s …", "  QSM          ✓ 8.3 s"]
+    assert lines == ["  QSM            running 1.0 s …", "  QSM            ✓ 8.3 s"]
 
 
 def test_report_helpers() -> None:

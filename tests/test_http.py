@@ -19,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from qsmnode import __version__
 from qsmnode.node.config import HTTPConfig, ListenerConfig, Settings
 from qsmnode.node.http import HttpServer, short_uid, start_http
+from qsmnode.node.jobs import PROGRESS_FILENAME, attempt_dir
 from qsmnode.node.metrics import MIB, free_disk_bytes
 from qsmnode.node.store import (
     MIGRATIONS,
@@ -312,3 +313,16 @@ def test_the_running_node_serves_health_and_metrics(tmp_path: Path) -> None:
             assert b"qsmnode_instances_received_total 0.0" in r.read()
     finally:
         node.stop()
+
+
+def test_status_page_shows_the_stage_a_running_job_is_in(server: HttpServer, state: Path
+                                                         ) -> None:
+    with Store.in_state_dir(state, readonly=True) as store:
+        (running,) = store.jobs("running")
+    progress = attempt_dir(state, running.id, running.attempts) / PROGRESS_FILENAME
+    _, _, page = fetch(server.url + "/")
+    assert "now: " not in page  # no progress file yet: nothing is claimed
+    progress.parent.mkdir(parents=True)
+    progress.write_text(json.dumps({"stage": "qsm", "since": T0, "started": T0, "done": {}}))
+    _, _, page = fetch(server.url + "/")
+    assert page.count("now: QSM") == 1

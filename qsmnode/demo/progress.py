@@ -45,7 +45,7 @@ class Line:
         return time.monotonic() - self.started
 
     def _render(self, text: str) -> str:
-        return f"  {self.label:<12} {text}"
+        return f"  {self.label:<14} {text}"
 
     def update(self, text: str) -> None:
         with self._lock:

@@ -26,6 +26,7 @@ import numpy as np
 
 from qsmnode.demo.pacs import Pacs, free_port, start_pacs
 from qsmnode.demo.progress import Console, Line, bar, seconds
+from qsmnode.node.jobs import STAGE_NAMES, read_progress
 from qsmnode.node.store import JobRecord, Store, StoreError
 
 SCANNER_AE = "DEMO7T"
@@ -56,7 +57,8 @@ class Timeline:
 # the node
 
 
-def node_config(state_dir: Path, port: int, http_port: int, pacs: Pacs) -> str:
+def node_config(state_dir: Path, port: int, http_port: int, pacs: Pacs, workers: int = 1
+                ) -> str:
     """A complete configuration for the demo's node (TOML)."""
     return f"""# written by `qsmnode demo`
 [paths]
@@ -77,7 +79,7 @@ quiet_period_s = 2
 max_wait_s = 300
 
 [workers]
-processes = 1
+processes = {workers}
 
 [sender]
 retry_initial_s = 1
@@ -102,13 +104,14 @@ calling_ae_title = "{NODE_AE}"
 class NodeProcess:
     """``qsmnode serve`` in a subprocess, its log in ``<root>/node.log``."""
 
-    def __init__(self, root: Path, pacs: Pacs) -> None:
+    def __init__(self, root: Path, pacs: Pacs, workers: int = 1) -> None:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
         self.state_dir = root / "state"
         self.port, self.http_port = free_port(), free_port()
         self.config = root / "qsmnode.toml"
-        self.config.write_text(node_config(self.state_dir, self.port, self.http_port, pacs))
+        self.config.write_text(node_config(self.state_dir, self.port, self.http_port, pacs,
+                                           workers))
         self.log_path = root / "node.log"
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -250,16 +253,7 @@ def wait_for_job(console: Console, node: NodeProcess, timeline: Timeline) -> Job
 
 
 def _progress(node: NodeProcess, job: JobRecord) -> dict[str, Any] | None:
-    path = node.state_dir / "jobs" / str(job.id) / f"attempt-{max(job.attempts, 1)}" / \
-        "progress.json"
-    try:
-        return json.loads(path.read_text())  # type: ignore[no-any-return]
-    except (OSError, ValueError):
-        return None
-
-
-STAGE_NAMES = {"load": "loading", "check": "checking", "qsm": "QSM", "m1": "M1 analysis",
-               "derived": "building DICOM", "write": "writing results"}
+    return read_progress(node.state_dir, job.id, max(job.attempts, 1))
 
 
 def follow_job(console: Console, node: NodeProcess, job_id: int, timeline: Timeline

@@ -37,6 +37,7 @@ from waitress.server import BaseWSGIServer, create_server
 
 from qsmnode import __version__
 from qsmnode.node.config import Settings
+from qsmnode.node.jobs import STAGE_NAMES, read_progress
 from qsmnode.node.metrics import (
     MIB,
     JobRow,
@@ -158,7 +159,9 @@ class StatusApp:
             error = None
         except StoreUnavailable as exc:
             status, error = None, str(exc)
-        data = render_page(status, error, free, self.min_free_disk_mb, time.time()).encode()
+        stages = {} if status is None else running_stages(self.state_dir, status.jobs)
+        data = render_page(status, error, free, self.min_free_disk_mb, time.time(),
+                           stages).encode()
         start_response(_status_line(HTTPStatus.OK if status else HTTPStatus.SERVICE_UNAVAILABLE),
                        [("Content-Type", "text/html; charset=utf-8"),
                         ("Content-Length", str(len(data))), *_PAGE_HEADERS])
@@ -233,7 +236,20 @@ def _table(headers: Iterable[str], rows: list[str], empty: str) -> str:
     return f"<table>\n<tr>{head}</tr>\n" + "\n".join(rows) + "\n</table>"
 
 
-def _job_row(job: JobRow, now: float) -> str:
+def running_stages(state_dir: Path, jobs: Iterable[JobRow]) -> dict[int, str]:
+    """Job id → the stage a running job is in, from its attempt's progress file."""
+    stages = {}
+    for job in jobs:
+        if job.job_id is None or job.job_state != "running" or not job.attempts:
+            continue
+        progress = read_progress(state_dir, job.job_id, job.attempts) or {}
+        stage = progress.get("stage")
+        if isinstance(stage, str):
+            stages[job.job_id] = STAGE_NAMES.get(stage, stage)
+    return stages
+
+
+def _job_row(job: JobRow, now: float, stage: str | None = None) -> str:
     series = ", ".join("?" if n is None else str(n) for n in job.series_numbers)
     run = None
     if job.started_at is not None and job.finished_at is not None:
@@ -242,6 +258,8 @@ def _job_row(job: JobRow, now: float) -> str:
         run = now - job.started_at  # so far
     state = job.job_state if job.job_id is not None else job.acquisition_state
     note = job.last_error if job.job_id is not None else job.reason
+    if stage is not None:
+        note = f"now: {stage}" + (f" (last error: {note})" if note else "")
     return (f"<tr><td>{job.acquisition_id}</td>{_uid_cell(job.study_uid)}"
             f"<td>{_e(series)}</td><td>{_e(job.echoes)}</td>{_state(state)}"
             f"<td>{_e(job.attempts)}</td><td>{_e(_when(job.started_at))}</td>"
@@ -269,8 +287,9 @@ td.text { max-width: 40em; }
 
 
 def render_page(status: Status | None, error: str | None, free: int | None,
-                min_free_disk_mb: int, now: float) -> str:
-    """The status page. ``status`` None: the store could not be read (``error`` says why)."""
+                min_free_disk_mb: int, now: float, stages: dict[int, str] | None = None) -> str:
+    """The status page. ``status`` None: the store could not be read (``error`` says why);
+    ``stages``: job id → the stage a running job is in."""
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
@@ -290,12 +309,12 @@ def render_page(status: Status | None, error: str | None, free: int | None,
                      f"{min_free_disk_mb:,} MiB. New images are refused until space is freed.</p>")
     parts.append(f'<p class="meta">Free disk: {_e(disk)} (floor {min_free_disk_mb:,} MiB)</p>')
     if status is not None:
-        parts.extend(_sections(status, now))
+        parts.extend(_sections(status, now, stages or {}))
     parts.append("</body></html>\n")
     return "\n".join(parts)
 
 
-def _sections(status: Status, now: float) -> list[str]:
+def _sections(status: Status, now: float, stages: dict[int, str]) -> list[str]:
     counts = status.counts
     summary = [
         f"{counts.instances:,} images received",
@@ -321,7 +340,8 @@ def _sections(status: Status, now: float) -> list[str]:
         out.append(_table(
             ("Acq.", "Study", "Series", "Echoes", "State", "Attempts", "Started", "Run time",
              "Last error / reason"),
-            [_job_row(job, now) for job in status.jobs], "No acquisitions yet."))
+            [_job_row(job, now, stages.get(job.job_id or 0)) for job in status.jobs],
+            "No acquisitions yet."))
     out.append("<h2>Problems</h2>")
     if status.problems is None:
         out.append('<p class="none">Not available (older store).</p>')

@@ -49,6 +49,9 @@ log = logging.getLogger(__name__)
 
 MANIFEST_FILENAME = "manifest.json"
 PROGRESS_FILENAME = "progress.json"
+STAGE_NAMES = {"load": "loading", "check": "checking", "qsm": "QSM", "m1": "M1 analysis",
+               "derived": "derived DICOM", "write": "writing results"}
+"""What an attempt's progress stages (:func:`execute_job`) are called on screens."""
 
 
 class JobError(RuntimeError):
@@ -261,6 +264,17 @@ def process_acquisition(loaded: Any, files: Sequence[str], out_dir: Path | None,
     except PipelineError as exc:
         raise JobError(str(exc)) from None
     return result.to_json(), list(result.datasets)
+
+
+def read_progress(state_dir: Path, job_id: int, attempt: int) -> dict[str, Any] | None:
+    """What an attempt's progress file says (see :func:`execute_job`); None when it has none
+    yet or it cannot be read."""
+    try:
+        data = json.loads((attempt_dir(state_dir, job_id, attempt) / PROGRESS_FILENAME)
+                          .read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def execute_job(spec: JobSpec) -> dict[str, Any]:
