@@ -218,10 +218,12 @@ def _uid_name(uid: str) -> str:
 
 
 def send_files(peer: Peer, files: Sequence[OutgoingFile], timeout_s: float = 30.0,
-               stop: threading.Event | None = None) -> dict[Any, FileOutcome]:
+               stop: threading.Event | None = None,
+               on_sent: Callable[[int, int], None] | None = None) -> dict[Any, FileOutcome]:
     """Send files over one association with one presentation context per SOP class (with the
     transfer syntaxes of its files). Returns an outcome per key; keys without one were not
-    tried (``stop`` was set). At most :data:`MAX_CONTEXTS` SOP classes.
+    tried (``stop`` was set). At most :data:`MAX_CONTEXTS` SOP classes. ``on_sent(done,
+    total)`` is called after each file the peer answered.
 
     Raises:
         AssociationFailed: no association (rejected, aborted, no connection).
@@ -314,6 +316,8 @@ def send_files(peer: Peer, files: Sequence[OutgoingFile], timeout_s: float = 30.
             code = int(status.Status)
             outcomes[item.key] = FileOutcome(
                 status=code, error=None if is_success(code) else describe_status(code))
+            if on_sent is not None:
+                on_sent(len(outcomes), len(files))
     finally:
         if assoc.is_established:
             if stop is not None and stop.is_set():

@@ -1,21 +1,18 @@
-"""A C-STORE SCU: send DICOM files to a peer over one association, as a scanner does."""
+"""A C-STORE SCU for files on disk, as a scanner sends them (the simulator and the demo use it):
+:func:`qsmnode.node.sender.send_files` with each file's SOP class and transfer syntax read from
+its file meta."""
 
 from __future__ import annotations
 
-import contextlib
-import logging
-import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
-from pynetdicom import AE, evt
-from pynetdicom.presentation import build_context
+from pydicom.filereader import read_file_meta_info
 
-log = logging.getLogger(__name__)
+from qsmnode.node.sender import AssociationFailed, OutgoingFile, Peer
+from qsmnode.node.sender import send_files as send_outgoing
 
 
 class StoreError(RuntimeError):
@@ -34,12 +31,6 @@ class StoreReport:
         return not self.errors and all(s == 0 for s in self.statuses.values())
 
 
-def _no_delay(event: Any) -> None:
-    """One PDU per C-STORE: without TCP_NODELAY each waits for the peer's delayed ACK."""
-    with contextlib.suppress(AttributeError, OSError):
-        event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
 def send_files(
     paths: Sequence[Path],
     host: str,
@@ -49,45 +40,32 @@ def send_files(
     timeout_s: float = 30.0,
     on_sent: Callable[[int, int], None] | None = None,
 ) -> StoreReport:
-    """Send files over one association, with a presentation context per SOP class sent.
+    """Send files over one association, with a presentation context per SOP class sent; the
+    datasets go out as they are stored. ``on_sent(done, total)`` is called after each one.
 
-    The files are read only for their SOP Class and transfer syntax; the datasets go out as
-    they are stored. ``on_sent(done, total)`` is called after each instance.
+    Raises:
+        StoreError: no association (the peer is unreachable or refused it).
     """
     report = StoreReport()
-    contexts: dict[str, set[str]] = {}
-    datasets = []
+    outgoing = []
     for path in paths:
         try:
-            ds = dcmread(path, stop_before_pixels=False)
-            sop_class = str(ds.SOPClassUID)
-            syntax = str(ds.file_meta.TransferSyntaxUID)
+            meta = read_file_meta_info(path)
+            outgoing.append(OutgoingFile(path, Path(path), str(meta.MediaStorageSOPClassUID),
+                                         str(meta.TransferSyntaxUID)))
         except (InvalidDicomError, AttributeError, OSError) as exc:
-            report.errors[path] = f"not a DICOM file: {exc}"
-            continue
-        contexts.setdefault(sop_class, set()).add(syntax)
-        datasets.append((path, ds))
-    if not datasets:
+            report.errors[Path(path)] = f"not a DICOM file: {exc}"
+    if not outgoing:
         return report
-    if len(contexts) > 128:
-        raise StoreError(f"{len(contexts)} SOP classes: more than one association can carry")
-    ae = AE(ae_title=calling_ae)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
-    ae.requested_contexts = [build_context(c, sorted(s)) for c, s in contexts.items()]
-    assoc = ae.associate(host, port, ae_title=called_ae,
-                         evt_handlers=[(evt.EVT_CONN_OPEN, _no_delay)])
-    if not assoc.is_established:
-        reason = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "failed"
-        raise StoreError(f"association with {called_ae}@{host}:{port} {reason}")
+    peer = Peer(called_ae, called_ae, host, port, calling_ae)
     try:
-        for done, (path, ds) in enumerate(datasets, start=1):
-            status = assoc.send_c_store(ds)
-            if on_sent is not None:
-                on_sent(done, len(datasets))
-            if "Status" in status:
-                report.statuses[path] = int(status.Status)
-            else:
-                report.errors[path] = "no response (connection lost or timed out)"
-    finally:
-        assoc.release()
+        outcomes = send_outgoing(peer, outgoing, timeout_s, on_sent=on_sent)
+    except AssociationFailed as exc:
+        raise StoreError(str(exc)) from None
+    for item in outgoing:
+        outcome = outcomes.get(item.key)
+        if outcome is not None and outcome.status is not None:
+            report.statuses[item.path] = outcome.status
+        else:
+            report.errors[item.path] = outcome.error if outcome else "not sent"
     return report
