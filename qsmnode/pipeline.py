@@ -245,9 +245,13 @@ def _derived(ctx: _Context) -> None:
     """The derived DICOM objects: maps, segmentation, report and key images."""
     if ctx.qsm is None or not ctx.params.source_files:
         return
+    note = ctx.m1_record.get("error")
+    if ctx.m1 is None and ctx.params.m1_atlas is None:
+        note = "the M1 analysis is turned off in this node's configuration (pipeline.m1)"
     ctx.datasets = tuple(build_derived(
         ctx.loaded, ctx.qsm.chi_ppm, ctx.qsm.r2star_per_s, ctx.m1,
         source_reader(ctx.params.source_files), f"{__version__}/{PIPELINE_VERSION}",
+        m1_note=note,
     ))
 
 

@@ -547,3 +547,18 @@ def test_the_memoised_iod_lookup_answers_as_highdicom_does() -> None:
                 assert iod_cache.is_attribute_in_iod(attribute, sop_class, exclude) is want
     with pytest.raises(KeyError, match="No IOD found"):
         iod_cache.is_attribute_in_iod("PixelData", "1.2.3.4")
+
+
+def test_a_key_image_without_m1_says_why() -> None:
+    from qsmnode.dicom.derived.key_images import BACKGROUND, render_summary
+
+    chi = np.zeros((40, 30), dtype=np.float32)
+    labels = np.zeros((40, 30), dtype=np.uint8)
+    args = (chi, labels, (1.0, 1.0), ("R", "P"), "QSM", "slice 1/1")
+    plain = render_summary(*args, m1=None)
+    noted = render_summary(*args, m1=None, m1_note="registration to the MNI template failed: "
+                           "the slab holds no cortex – nothing to register")
+    assert plain.shape == noted.shape
+    ink = [int((np.abs(img.astype(int) - BACKGROUND).sum(axis=-1) > 0).sum())
+           for img in (plain, noted)]
+    assert ink[1] > ink[0] + 500  # the reason is written below "M1 analysis not available"

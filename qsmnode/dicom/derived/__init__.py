@@ -95,6 +95,7 @@ def build_derived_objects(
     read_source: ReadSource,
     algorithm_version: str,
     created: dt.datetime | None = None,
+    m1_note: str | None = None,
 ) -> DerivedObjects:
     """Build every derived object of one acquisition.
 
@@ -109,6 +110,7 @@ def build_derived_objects(
         algorithm_version: goes into every UID, the algorithm identification and the
             software versions: a new version gives new UIDs.
         created: series/content date and time (default: now).
+        m1_note: without ``m1``, why there is no M1 analysis (shown on the key images).
     """
     ctx = BuildContext.create(loaded, read_source, algorithm_version, created)
     out = DerivedObjects(
@@ -122,7 +124,7 @@ def build_derived_objects(
         out.segmentation = build_segmentation(ctx, m1)
         maps = [m for m in (out.qsm_map, out.r2star_map) if m is not None]
         out.report = build_report(ctx, m1, out.segmentation, evidence=maps)
-    out.key_images = list(build_key_images(ctx, chi_ppm, m1))
+    out.key_images = list(build_key_images(ctx, chi_ppm, m1, m1_note))
     return out
 
 
@@ -134,8 +136,9 @@ def build_derived(
     read_source: ReadSource,
     algorithm_version: str,
     created: dt.datetime | None = None,
+    m1_note: str | None = None,
 ) -> list[Dataset]:
     """Every derived object as a list of datasets (see :func:`build_derived_objects`)."""
     return build_derived_objects(
-        loaded, chi_ppm, r2star_per_s, m1, read_source, algorithm_version, created
+        loaded, chi_ppm, r2star_per_s, m1, read_source, algorithm_version, created, m1_note
     ).datasets

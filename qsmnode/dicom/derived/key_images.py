@@ -13,6 +13,7 @@ Latin-1 only: "chi", not the Greek letter).
 from __future__ import annotations
 
 import math
+import textwrap
 from dataclasses import dataclass
 
 import highdicom as hd
@@ -203,6 +204,7 @@ def render_summary(
     title: str,
     subtitle: str,
     m1: M1Result | None,
+    m1_note: str | None = None,
 ) -> NDArray[np.uint8]:
     """The whole key image as ``Rows × Columns × 3`` uint8 RGB."""
     panel = render_panel(chi_slice, label_slice, pixel_spacing)
@@ -243,6 +245,9 @@ def render_summary(
     ty = top
     if m1 is None:
         draw.text((tx, ty), "M1 analysis not available", font=normal, fill=WARN)
+        for line in textwrap.wrap((m1_note or "").translate(_PLAIN), width=60)[:12]:
+            ty += line_h
+            draw.text((tx, ty), line, font=normal, fill=TEXT)
         return np.asarray(image, dtype=np.uint8).copy()
     draw.text((tx, ty), "M1 (ppm unless stated)", font=normal, fill=TEXT)
     ty += line_h + 4
@@ -279,9 +284,11 @@ def _reference(ctx: BuildContext, k: int) -> Dataset:
 
 
 def build_key_images(
-    ctx: BuildContext, chi_ppm: NDArray[np.floating], m1: M1Result | None
+    ctx: BuildContext, chi_ppm: NDArray[np.floating], m1: M1Result | None,
+    m1_note: str | None = None,
 ) -> list[hd.sc.SCImage]:
-    """The summary Secondary Captures (one per chosen slice)."""
+    """The summary Secondary Captures (one per chosen slice); ``m1_note`` says why there is
+    no M1 analysis when ``m1`` is None."""
     labels = None if m1 is None else np.asarray(m1.labels)
     if labels is not None and not labels.any():
         labels = None
@@ -305,6 +312,7 @@ def build_key_images(
                 f"{ctx.software_versions}; not for diagnosis without review"
             ),
             m1=m1,
+            m1_note=m1_note,
         )
         sc = hd.sc.SCImage.from_ref_dataset(
             ref_dataset=source0,
