@@ -99,7 +99,9 @@ class QSMParams:
     tkd_threshold: float = 0.15
     tv_lambda: float = 1e-4
     tv_rho: float | None = None
-    tv_max_iter: int = 100
+    tv_rho_data: float = 0.1
+    tv_data_term: Literal["masked", "unmasked"] = "masked"
+    tv_max_iter: int = 50
     tv_tol: float = 3e-3
     inversion_pad_mm: float = 24.0
     sstv_lambda: float = 1e-4
@@ -335,6 +337,8 @@ def run_qsm(
                 b0,
                 lam=p.tv_lambda,
                 rho=p.tv_rho,
+                rho_data=p.tv_rho_data,
+                data_term=p.tv_data_term,
                 max_iter=p.tv_max_iter,
                 tol=p.tv_tol,
                 pad_mm=p.inversion_pad_mm,
