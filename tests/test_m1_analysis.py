@@ -1,4 +1,9 @@
-"""The whole M1 analysis on the anatomy phantom: areas, layers, measurements and flags."""
+"""The whole M1 analysis against the anatomy phantom's truth (issue 6, "How it is checked").
+
+Three random poses, each with a deep-layer χ increase in a different area. The analysis gets
+the true χ and R2* with noise and the simulated magnitude (the QSM engine is tested on its
+own), on the 0.8 × 0.8 × 1.2 mm oblique small slab.
+"""
 
 from __future__ import annotations
 
@@ -7,68 +12,128 @@ import pytest
 
 from qsmnode.dicom.templates import load_m1_atlas
 from qsmnode.m1.analysis import analyse_m1
-from qsmnode.m1.layers import cortical_layers
 from qsmnode.m1.result import AREAS, segment_of
 from qsmnode.sim.anatomy import simulate_anatomy
-from qsmnode.sim.phantom import Tissue
-from qsmnode.sim.scanner import preset
+from qsmnode.sim.phantom import DEFAULT_PROPERTIES, Tissue
+from qsmnode.sim.scanner import ScanParams, preset
 
 pytestmark = pytest.mark.slow
 
+HAND_DICE, FOOT_DICE = 0.7, 0.6
+THICKNESS_MAE_MM = 0.3
+CHI_TOL_PPM = 0.01
+ALS_PPM = 0.04
+ALS_AREA = {1: "left_hand", 2: "right_foot", 3: "right_hand"}
+"""Pose seed → the area that gets the deep-layer χ increase."""
 
-@pytest.fixture(scope="module")
-def analysed():
-    sim = simulate_anatomy(preset("small-slab"), pose_seed=3, als={"left_hand": 0.04},
-                           with_field=False)
-    rng = np.random.default_rng(0)
+
+def _analyse(sim, seed: int = 0):
+    rng = np.random.default_rng(seed)
     t = sim.truth
     chi = (t.chi_ppm + rng.normal(0, 0.01, t.chi_ppm.shape)).astype(np.float32)
     r2star = (t.r2star_per_s + rng.normal(0, 2.0, t.chi_ppm.shape)).astype(np.float32)
-    magnitude = np.sqrt((sim.gre.magnitude**2).mean(axis=-1)).astype(np.float32)
+    magnitude = np.sqrt((sim.gre.magnitude.astype(np.float32) ** 2).mean(axis=-1))
     mask = t.brain_mask & (t.labels != Tissue.BONE)
-    result, seconds = analyse_m1(chi, r2star, magnitude, mask, sim.gre.affine, load_m1_atlas())
-    return sim, result, seconds
+    return analyse_m1(chi, r2star, magnitude, mask, sim.gre.affine, _atlas())
+
+
+_ATLAS = []
+
+
+def _atlas():
+    if not _ATLAS:
+        _ATLAS.append(load_m1_atlas())
+    return _ATLAS[0]
+
+
+@pytest.fixture(scope="module", params=sorted(ALS_AREA))
+def analysed(request):
+    seed = request.param
+    sim = simulate_anatomy(preset("small-slab"), pose_seed=seed,
+                           als={ALS_AREA[seed]: ALS_PPM}, with_field=False)
+    result, seconds = _analyse(sim, seed)
+    return seed, sim, result, seconds
+
+
+def _found_areas(result) -> np.ndarray:
+    found = np.zeros(result.labels.shape, dtype=np.uint8)
+    for label in np.unique(result.labels[result.labels > 0]):
+        found[result.labels == label] = AREAS.index(segment_of(label)[0]) + 1
+    return found
 
 
 def test_areas_land_on_the_true_areas(analysed) -> None:
-    sim, result, _ = analysed
-    found = np.zeros(result.labels.shape, dtype=np.uint8)
-    for label in np.unique(result.labels[result.labels > 0]):
-        area, _ = segment_of(label)
-        found[result.labels == label] = AREAS.index(area) + 1
+    seed, sim, result, _ = analysed
+    found = _found_areas(result)
     gm = sim.truth.labels == Tissue.GM
+    dice = {}
     for i, area in enumerate(AREAS, start=1):
         true = gm & (sim.truth.m1_areas == i)
         mine = found == i
-        dice = 2 * (true & mine).sum() / max(true.sum() + mine.sum(), 1)
-        assert dice > 0.5, f"{area}: Dice {dice:.2f}"
+        dice[area] = 2 * (true & mine).sum() / max(true.sum() + mine.sum(), 1)
+    print(f"pose {seed}: Dice " + ", ".join(f"{a} {d:.3f}" for a, d in dice.items()))
+    for area, d in dice.items():
+        assert d >= (HAND_DICE if "hand" in area else FOOT_DICE), (seed, area, d)
 
 
-def test_deep_layer_change_is_found_in_the_left_hand_only(analysed) -> None:
-    _, result, _ = analysed
-    deep = {a: result.measurement(a, "deep") for a in AREAS}
-    assert all(m.covered for m in deep.values())
-    others = [deep[a].chi_mean_ppm for a in AREAS if a != "left_hand"]
-    assert deep["left_hand"].chi_mean_ppm - max(others) > 0.02
-
-
-def test_thickness_from_the_segmentation_agrees_with_the_true_labels(analysed) -> None:
-    """Own segmentation and registration against Laplace thickness on the phantom's true
-    labels, per area. (The anatomy phantom's distance-based thickness truth disagrees with
-    the Laplace thickness of its own labels by 1-2 mm: an open issue of the phantom.)"""
-    sim, result, _ = analysed
+def test_thickness_in_m1_matches_the_truth(analysed) -> None:
+    """MAE ≤ 0.3 mm over true M1 grey matter that the analysis also calls cortex; the truth
+    is the phantom's (Yezzi–Prince on its continuous ribbon at 0.5 mm, before pose)."""
+    seed, sim, result, _ = analysed
     t = sim.truth
-    gm, wm = t.labels == Tissue.GM, t.labels == Tissue.WM
-    reference = cortical_layers(gm, wm, sim.gre.voxel_size_mm).thickness_mm
+    m1 = (t.labels == Tissue.GM) & (t.m1_areas > 0)
+    both = m1 & np.isfinite(result.thickness_mm)
+    assert both.sum() > 0.9 * m1.sum()
+    err = result.thickness_mm[both] - t.thickness_mm[both]
+    print(f"pose {seed}: thickness MAE {np.mean(np.abs(err)):.3f} mm, bias {np.mean(err):+.3f}")
+    assert float(np.mean(np.abs(err))) <= THICKNESS_MAE_MM
+    for area in AREAS:
+        m = result.measurement(area, "all")
+        assert 1.5 < m.thickness_mean_mm < 4.5, (area, m.thickness_mean_mm)
+
+
+def test_deep_layer_chi_matches_the_truth_and_the_change_is_where_it_was_put(analysed) -> None:
+    seed, sim, result, _ = analysed
+    t = sim.truth
+    gm = t.labels == Tissue.GM
+    normal = DEFAULT_PROPERTIES[Tissue.GM].chi_ppm
+    errors = {}
     for i, area in enumerate(AREAS, start=1):
-        expected = float(np.nanmean(reference[gm & (t.m1_areas == i)]))
-        measured = result.measurement(area, "all").thickness_mean_mm
-        assert abs(measured - expected) < 0.5, f"{area}: {measured:.2f} vs {expected:.2f} mm"
+        m = result.measurement(area, "deep")
+        assert m.covered, area
+        truth = float(t.chi_ppm[gm & (t.m1_areas == i) & (t.cortical_depth >= 2 / 3)].mean())
+        expected = normal + (ALS_PPM if area == ALS_AREA[seed] else 0.0)
+        assert truth == pytest.approx(expected, abs=1e-6)
+        errors[area] = m.chi_mean_ppm - truth
+    print(f"pose {seed}: deep χ error (ppm) " + ", ".join(f"{a} {e:+.4f}"
+                                                         for a, e in errors.items()))
+    for area, err in errors.items():
+        assert abs(err) <= CHI_TOL_PPM, (seed, area, err)
+    # Raised in the chosen area and hemisphere only.
+    deep = {a: result.measurement(a, "deep").chi_mean_ppm for a in AREAS}
+    raised = {a for a, v in deep.items() if v - normal > ALS_PPM / 2}
+    assert raised == {ALS_AREA[seed]}, (seed, deep)
 
 
 def test_flags_and_timings(analysed) -> None:
-    _, result, seconds = analysed
+    _, _, result, seconds = analysed
     names = {f.name for f in result.flags}
     assert "registration_nmi" in names and {f"coverage_{a}" for a in AREAS} <= names
-    assert next(f for f in result.flags if f.name == "registration_nmi").passed
+    assert all(f.passed for f in result.flags), [f for f in result.flags if not f.passed]
     assert set(seconds) == {"segmentation", "registration", "layers", "measurements"}
+
+
+def test_slab_that_misses_the_foot_area_reports_foot_not_covered() -> None:
+    """A narrow oblique slab over the left lateral convexity: the hand knob, no midline."""
+    scan = ScanParams(shape=(60, 160, 48), voxel_size_mm=(0.8, 0.8, 1.2),
+                      centre_mm=(-48.0, -20.0, 45.0), rotation_deg=(18.0, 0.0, 0.0))
+    sim = simulate_anatomy(scan, pose_seed=7, with_field=False)
+    result, _ = _analyse(sim)
+    flags = {f.name: f for f in result.flags}
+    for area in ("left_foot", "right_foot", "right_hand"):
+        assert not flags[f"coverage_{area}"].passed, flags[f"coverage_{area}"]
+        for layer in ("deep", "middle", "superficial", "all"):
+            m = result.measurement(area, layer)
+            assert not m.covered and np.isnan(m.chi_mean_ppm), (area, layer)
+    assert flags["coverage_left_hand"].passed
+    assert result.measurement("left_hand", "deep").covered

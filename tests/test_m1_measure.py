@@ -15,6 +15,7 @@ from qsmnode.m1.measure import (
     SIGNAL_RATIO_REFERENCE,
     AreaCoverage,
     NormativeTable,
+    area_core,
     area_coverage,
     measure_m1,
     quality_flags,
@@ -288,3 +289,49 @@ def test_quality_flags():
     all_gm = {f.name: f for f in quality_flags(cov, gm | wm, wm & False, thick)}
     assert not all_gm["segmentation_gm_wm_ratio"].passed
     assert all_gm["segmentation_gm_wm_ratio"].value is None
+
+
+def test_area_core_leaves_out_the_edges_along_the_cortex_not_across_a_sulcus():
+    """Two parallel cortical sheets (two banks of a sulcus, 1 mm apart); the area is one half
+    of the lower sheet. The core drops the 1.5 mm next to the rest of its own sheet, and
+    nothing next to the other bank, which is only reached through cortex far away."""
+    h = (0.5, 0.5, 1.0)
+    cortex = np.zeros((40, 20, 10), dtype=bool)
+    cortex[:, :, 2:4] = True  # lower bank
+    cortex[:, :, 5:7] = True  # upper bank, across a 1 mm sheet
+    area = cortex.copy()
+    area[20:] = False
+    area[:, :, 5:] = False
+    core = area_core(area, cortex, h, 1.5)
+    assert not (core & ~area).any()
+    assert np.array_equal(core[:17], area[:17])
+    assert not core[17:20].any()  # within 1.5 mm of x index 20
+    assert np.array_equal(area_core(area, cortex, h, 0.0), area)
+    # A thin strip of an area (2 voxels wide) has no core; measure_m1 then uses it whole.
+    strip = np.zeros_like(area)
+    strip[10:12, :, 2:4] = True
+    assert not area_core(strip, cortex, h, 1.5).any()
+
+
+def test_statistics_come_from_the_core_when_an_edge_band_is_different():
+    """A band of another value at the area's edge (a misplaced edge) stays out of the mean."""
+    h = (0.5, 0.5, 1.0)
+    shape = (60, 40, 10)
+    cortex = np.zeros(shape, dtype=bool)
+    cortex[:, :, 2:6] = True
+    areas = np.zeros(shape, dtype=np.uint8)
+    areas[:30][cortex[:30]] = 1
+    chi = np.where(cortex, 0.05, 0.0).astype(np.float32)
+    chi[27:30] = 0.0  # the area's last 1.5 mm is the neighbour's cortex
+    depth = np.where(cortex, 0.5, np.nan).astype(np.float32)
+    ones = np.ones(shape, dtype=np.float32)
+    kw = {"min_volume_mm3": 5.0, "min_fov_fraction": 0.0}
+    whole = measure_m1(areas, cortex, depth, ones, chi, ones, ones, h,
+                       boundary_margin_mm=0.0, **kw)
+    cored = measure_m1(areas, cortex, depth, ones, chi, ones, ones, h, **kw)
+    m0 = next(m for m in whole if m.area == "left_hand" and m.layer == "all")
+    m1 = next(m for m in cored if m.area == "left_hand" and m.layer == "all")
+    assert m0.chi_mean_ppm == pytest.approx(0.05 * 27 / 30, abs=1e-6)
+    assert m1.chi_mean_ppm == pytest.approx(0.05, abs=1e-6)
+    assert m1.voxel_count == m0.voxel_count == 30 * 40 * 4
+    assert m1.core_voxel_count == 27 * 40 * 4 and m0.core_voxel_count == m0.voxel_count

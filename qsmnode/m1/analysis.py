@@ -2,7 +2,10 @@
 
 1. Tissue segmentation of the slab from magnitude, R2* and χ (``segment``).
 2. Registration of the subject to the MNI template, with a masked metric, and the atlas's
-   hand and foot areas warped onto the subject (``register``, ``atlas``).
+   hand and foot areas warped onto the subject (``register``, ``atlas``). With a same-session
+   T1w (``SameSessionT1w``) the T1w is registered instead: it shares the GRE's Frame of
+   Reference, so both affines map to the same scanner RAS and GRE → T1w is the identity
+   given by the geometry; the T1w → template transform is then the GRE's too.
 3. Cortical depth and thickness in the segmented grey matter (``layers``).
 4. Measurements per area and layer, coverage and quality flags (``measure``).
 
@@ -19,6 +22,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from qsmnode.acquisition import voxel_size_mm
+from qsmnode.m1.atlas import resample_labels
 from qsmnode.m1.layers import DepthMethod, cortical_layers
 from qsmnode.m1.measure import (
     NormativeTable,
@@ -49,12 +53,28 @@ class M1Atlas:
 
 
 @dataclass(frozen=True)
+class SameSessionT1w:
+    """A T1-weighted volume of the same session (same Frame of Reference as the GRE).
+
+    ``affine`` maps its voxels to the same scanner RAS as the GRE's affine (the DICOM
+    geometry of both series gives it). ``brain_mask`` is the registration's metric mask on
+    the T1w grid; without one, the GRE's brain mask resampled onto the T1w grid is used
+    (then only the covered brain drives the registration, but with T1 contrast)."""
+
+    image: F32
+    affine: NDArray[np.float64]
+    brain_mask: NDArray[np.bool_] | None = None
+
+
+@dataclass(frozen=True)
 class M1Params:
     segment: SegmentParams = field(default_factory=SegmentParams)
     registration: RegistrationParams = field(default_factory=RegistrationParams)
     depth_method: DepthMethod = "equivolume"
     min_volume_mm3: float = 20.0
     min_fov_fraction: float = 0.5
+    boundary_margin_mm: float = 1.5
+    """Width of the area edges left out of the statistics (``measure.area_core``)."""
     coverage_margin_mm: float = 60.0
     """How far beyond the slab the areas are warped to know how much of each lies outside."""
     coverage_grid_mm: float = 2.0
@@ -90,6 +110,35 @@ def expected_area_volumes(
     return {area: float(counts[i]) * step_mm**3 for i, area in enumerate(AREAS, start=1)}
 
 
+def register_subject(
+    magnitude: F32,
+    affine: NDArray[np.float64],
+    brain_mask: NDArray[np.bool_],
+    atlas: M1Atlas,
+    params: RegistrationParams | None = None,
+    t1w: SameSessionT1w | None = None,
+) -> Registration:
+    """The subject-RAS → template transform, from the GRE magnitude or a same-session T1w.
+
+    With a T1w, the transform found for the T1w serves the GRE unchanged: the two series
+    share the scanner's RAS (same Frame of Reference), so GRE → T1w is the identity and the
+    composition GRE → T1w → template is the T1w's transform."""
+    if t1w is None:
+        return register(magnitude, affine, brain_mask, atlas.template, atlas.template_affine,
+                        params)
+    image = np.asarray(t1w.image, dtype=np.float32)
+    if image.ndim != 3 or np.shape(t1w.affine) != (4, 4):
+        raise ValueError("the T1w must be a 3-D volume with a 4×4 affine")
+    if t1w.brain_mask is not None:
+        mask = np.asarray(t1w.brain_mask, dtype=bool)
+        if mask.shape != image.shape:
+            raise ValueError("the T1w brain mask must have the T1w's shape")
+    else:
+        mask = resample_labels(np.asarray(brain_mask, dtype=np.uint8), affine,
+                               image.shape, t1w.affine) > 0
+    return register(image, t1w.affine, mask, atlas.template, atlas.template_affine, params)
+
+
 def analyse_m1(
     chi_ppm: F32,
     r2star_per_s: F32,
@@ -99,6 +148,7 @@ def analyse_m1(
     atlas: M1Atlas,
     params: M1Params | None = None,
     normative: NormativeTable | None = None,
+    t1w: SameSessionT1w | None = None,
 ) -> tuple[M1Result, dict[str, float]]:
     """Run the M1 analysis; returns the result and the time of each step (s).
 
@@ -107,6 +157,7 @@ def analyse_m1(
         magnitude: the echo-combined magnitude.
         brain_mask: the QSM brain mask (also the registration's metric mask).
         affine: voxel-to-RAS affine of the acquisition.
+        t1w: a same-session T1w to register to the template instead of the magnitude.
     """
     p = params or M1Params()
     vs = voxel_size_mm(affine)
@@ -118,8 +169,7 @@ def analyse_m1(
     seconds["segmentation"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    reg = register(magnitude, affine, brain_mask, atlas.template, atlas.template_affine,
-                   p.registration)
+    reg = register_subject(magnitude, affine, brain_mask, atlas, p.registration, t1w)
     warped = warp_labels(reg, atlas.areas, atlas.areas_affine, shape, affine)
     areas = np.where((warped >= 1) & (warped <= len(AREAS)), warped, 0).astype(np.uint8)
     expected = expected_area_volumes(reg, atlas, shape, affine, p.coverage_margin_mm,
@@ -135,12 +185,14 @@ def analyse_m1(
             "min_fov_fraction": p.min_fov_fraction}
     measurements = measure_m1(
         areas, seg.gm, layers.depth, layers.thickness_mm, chi_ppm, r2star_per_s,
-        seg.corrected_magnitude, vs, normative=normative, depth_method=p.depth_method, **rule,
+        seg.corrected_magnitude, vs, normative=normative, depth_method=p.depth_method,
+        boundary_margin_mm=p.boundary_margin_mm, **rule,
     )
     coverage = area_coverage(areas, seg.gm, layers.depth, vs, **rule)
     registration_flag = QualityFlag(
         "registration_nmi", bool(reg.acceptable), float(reg.quality_nmi),
-        f"normalised mutual information {reg.quality_nmi:.3f} with the MNI template "
+        f"normalised mutual information {reg.quality_nmi:.3f} of the "
+        f"{'same-session T1w' if t1w is not None else 'GRE magnitude'} with the MNI template "
         f"({'acceptable' if reg.acceptable else 'below the acceptable level'})",
     )
     flags = (registration_flag, *quality_flags(coverage, seg.gm, seg.wm, layers.thickness_mm))

@@ -17,6 +17,17 @@ A normal area reads about 1 and a hypointense deep layer below 1. Local alternat
 set aside: the same area's superficial layer is itself partial-volumed with CSF and pial
 veins and would always read 1, and subjacent white matter changes in ALS too.
 
+**Area cores.** The statistics (χ, signal ratio, R2*, thickness) of an area use its *core*:
+the region minus the cortex within ``boundary_margin_mm`` (geodesic, through cortex) of
+cortex outside the area: ROI erosion against the registration's error at the area's edges.
+An edge misplaced by δ puts a band of neighbouring cortex about δ wide into the area, and in
+a disease-affected area that band dilutes the change (measured on the anatomy phantom: the
+registration places the areas to about 1.2 mm, and the whole-area deep-layer mean lost
+20-30% of a +0.04 ppm change; the core lost 10-20%). Distances run through cortex, so the
+other bank of a sulcus (across a thin CSF sheet) is far, unlike a Euclidean erosion. The
+voxel count (and the SEG) stay those of the whole region; where the core is smaller than
+the coverage minimum, the whole region is used.
+
 **Coverage.** An area is "not covered" (``covered=False``, numbers NaN) when its measured
 cortex volume inside the field of view is below ``min_volume_mm3`` (default 20 mm³), or when
 the slab clips it: the fraction of the area's expected volume inside the field of view is
@@ -283,6 +294,7 @@ def measure_m1(
     depth_method: str = "equivolume",
     min_volume_mm3: float = 20.0,
     min_fov_fraction: float = 0.5,
+    boundary_margin_mm: float = 1.5,
 ) -> tuple[Measurement, ...]:
     """Measure every area and layer (see the module docstring for the definitions).
 
@@ -300,6 +312,7 @@ def measure_m1(
         expected_volume_mm3, min_volume_mm3, min_fov_fraction: the coverage rule.
         normative: the normative table for z-scores (None: no z-scores).
         depth_method: the depth method used, checked against the normative table's.
+        boundary_margin_mm: width of the area edge left out of the statistics (0: none).
 
     Returns:
         ``Measurement`` per area and layer, areas in ``AREAS`` order, layers in ``LAYERS``
@@ -335,17 +348,62 @@ def measure_m1(
     out = []
     for i, area in enumerate(AREAS, start=1):
         in_area = measured & (areas == i)
+        core = area_core(in_area, measured, voxel_size_mm, boundary_margin_mm)
         for layer in ALL_LAYERS:
-            region = in_area if layer == "all" else in_area & (bins == _BIN_OF_LAYER[layer])
+            in_layer = True if layer == "all" else bins == _BIN_OF_LAYER[layer]
+            region = in_area & in_layer
             count = int(region.sum())
             need = min_volume_mm3 if layer == "all" else min_volume_mm3 / len(LAYERS)
             covered = coverage[area].covered and count * vox >= need and count >= 2
-            out.append(_measure_region(
+            inner = core & in_layer
+            n_inner = int(inner.sum())
+            if n_inner * vox >= need and n_inner >= 2:
+                region = inner
+            else:
+                n_inner = count
+            out.append(replace(_measure_region(
                 area, layer, region, count, covered, chi_ppm, r2star_per_s, mag,
                 thickness_mm, ref_level[layer],
                 None if normative is None else normative.get(area, layer),
-            ))
+            ), core_voxel_count=n_inner))
     return tuple(out)
+
+
+def area_core(
+    area: Mask,
+    cortex: Mask,
+    voxel_size_mm: Sequence[float] | NDArray[np.floating],
+    margin_mm: float,
+) -> Mask:
+    """The area minus its cortex within ``margin_mm`` of cortex outside it, the distance
+    measured through cortex (a geodesic dilation: 6-neighbour steps, each axis stepping as
+    often as its voxel size allows, a chamfer approximation of the distance)."""
+    area = np.asarray(area, dtype=bool)
+    if margin_mm <= 0 or not area.any():
+        return area.copy()
+    h = np.asarray(voxel_size_mm, dtype=np.float64)
+    step = float(h.min())
+    n = int(np.ceil(margin_mm / step - 1e-9))
+    box = []
+    for a in range(3):
+        hit = np.flatnonzero(area.any(axis=tuple(b for b in range(3) if b != a)))
+        box.append(slice(max(0, int(hit[0]) - n - 1), int(hit[-1]) + n + 2))
+    box = tuple(box)
+    sub_area, sub_cortex = area[box], np.asarray(cortex, dtype=bool)[box] | area[box]
+    band = sub_cortex & ~sub_area
+    for t in range(1, n + 1):
+        grown = band.copy()
+        for a in range(3):
+            if np.floor(t * step / h[a] + 1e-6) > np.floor((t - 1) * step / h[a] + 1e-6):
+                lo = [slice(None)] * 3
+                hi = [slice(None)] * 3
+                lo[a], hi[a] = slice(0, -1), slice(1, None)
+                grown[tuple(lo)] |= band[tuple(hi)]
+                grown[tuple(hi)] |= band[tuple(lo)]
+        band = grown & sub_cortex
+    core = area.copy()
+    core[box] &= ~band
+    return core
 
 
 def _median_or_nan(values: NDArray[np.floating]) -> float:

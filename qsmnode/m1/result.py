@@ -49,6 +49,9 @@ class Measurement:
     thickness_mean_mm: float
     chi_z: float | None = None
     """z-score against a configured normative table; None without one."""
+    core_voxel_count: int | None = None
+    """Voxels the statistics come from: the region's core, away from the area's edges
+    (``qsmnode.m1.measure``); ``voxel_count`` is the whole region's."""
     t2star_signal_ratio_z: float | None = None
 
 
