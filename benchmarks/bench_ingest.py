@@ -12,10 +12,13 @@ release). The receivers take turns run by run, so a machine whose load changes t
 alike; the best run of each is reported: instances/s, MB/s (file bytes), the ratio
 qsmnode/storescp, and the peak resident memory of the listener process while it received
 (``/proc/<pid>/status`` VmRSS sampled every 10 ms; VmHWM, the peak over the process's life,
-is also given).
+is also given), and the CPU time the receiver process used per instance (user + system, from
+``/proc/<pid>/stat``): on a shared machine the CPU per instance moves much less with the load
+than the wall time does.
 
 ``qsmnode serve`` keeps its durability: each instance is fsynced, renamed, its folder fsynced
-and its SQLite row committed before 0x0000 is returned. ``storescp`` does not fsync. Two
+and its SQLite row committed before 0x0000 is returned (the row without fsync: the spool file
+is the durable record, see :mod:`qsmnode.node.store`). ``storescp`` does not fsync. Two
 references help read the ratio:
 
 - ``--reference``: a pynetdicom Storage SCP whose handler does nothing (pynetdicom's defaults,
@@ -29,6 +32,8 @@ job runs and only reception is measured; ``--process`` keeps the default rules (
 grouped and loaded by a worker after it arrived; reception is timed the same way).
 
 Run: ``.venv/bin/python benchmarks/bench_ingest.py [--runs 5] [--reference] [--study DIR]``.
+``--pdu 131072`` lets both receivers take dcmtk's largest PDUs (the node's own default is
+256 KiB); ``--work /dev/shm`` leaves the disk out (what remains is the CPU side).
 """
 
 from __future__ import annotations
@@ -183,6 +188,17 @@ class Run:
     peak_rss_kib: int
     hwm_kib: int
     idle_rss_kib: int
+    cpu_s: float
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (0 if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def send(port: int, files: list[Path]) -> float:
@@ -199,12 +215,14 @@ def send(port: int, files: list[Path]) -> float:
 
 
 def measure(process: subprocess.Popen[bytes], port: int,
-            files: list[Path]) -> tuple[float, int, int, int]:
-    """(seconds, peak RSS while receiving, VmHWM, RSS before) in KiB."""
+            files: list[Path]) -> tuple[float, int, int, int, float]:
+    """(seconds, peak RSS while receiving, VmHWM, RSS before (KiB), CPU seconds used)."""
     idle = proc_status_kib(process.pid, "VmRSS")
+    cpu_before = cpu_seconds(process.pid)
     with RssSampler(process.pid) as sampler:
         seconds = send(port, files)
-    return seconds, sampler.peak_kib, proc_status_kib(process.pid, "VmHWM"), idle
+    cpu = cpu_seconds(process.pid) - cpu_before
+    return seconds, sampler.peak_kib, proc_status_kib(process.pid, "VmHWM"), idle, cpu
 
 
 def stop(process: subprocess.Popen[bytes]) -> None:
@@ -228,11 +246,11 @@ def run_storescp(files: list[Path], work: Path, pdu: int) -> Run:
     )
     try:
         wait_port(port, process)
-        seconds, peak, hwm, idle = measure(process, port, files)
+        seconds, peak, hwm, idle, cpu = measure(process, port, files)
         received = sum(1 for p in out.iterdir() if p.is_file())
     finally:
         stop(process)
-    return Run(seconds, received, peak, hwm, idle)
+    return Run(seconds, received, peak, hwm, idle, cpu)
 
 
 def run_reference(files: list[Path], work: Path, pdu: int) -> Run:
@@ -245,10 +263,10 @@ def run_reference(files: list[Path], work: Path, pdu: int) -> Run:
     )
     try:
         wait_port(port, process)
-        seconds, peak, hwm, idle = measure(process, port, files)
+        seconds, peak, hwm, idle, cpu = measure(process, port, files)
     finally:
         stop(process)
-    return Run(seconds, len(files), peak, hwm, idle)
+    return Run(seconds, len(files), peak, hwm, idle, cpu)
 
 
 def node_config(work: Path, port: int, pdu: int, process_jobs: bool) -> Path:
@@ -291,13 +309,14 @@ def run_qsmnode(files: list[Path], work: Path, pdu: int, process_jobs: bool) -> 
             if process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"the node did not start:\n{log_path.read_text()[-3000:]}")
             time.sleep(0.05)
-        seconds, peak, hwm, idle = measure(process, port, files)
+        seconds, peak, hwm, idle, cpu = measure(process, port, files)
         received = stored_instances(work / "state")
     finally:
         stop(process)
     if process.returncode not in (0, None):
-        print(f"warning: the node exited with {process.returncode}; log in {log_path}")
-    return Run(seconds, received, peak, hwm, idle)
+        print(f"warning: the node exited with {process.returncode}:\n"
+              f"{log_path.read_text(errors='replace')[-3000:]}")
+    return Run(seconds, received, peak, hwm, idle, cpu)
 
 
 def durable_write_floor(files: list[Path], work: Path) -> float:
@@ -343,7 +362,7 @@ def durable_write_floor(files: list[Path], work: Path) -> float:
                 number_of_frames=header.number_of_frames,
                 images_in_acquisition=header.images_in_acquisition,
                 modality=header.modality, series_description=header.series_description,
-            ))
+            ), file_is_durable=True)  # as the receiver records it
         return time.perf_counter() - started
 
 
@@ -403,14 +422,15 @@ def main() -> None:
             status = "" if run.received == len(files) else f"  (ONLY {run.received} received)"
             print(f"  run {n + 1} {name:10s} {run.seconds:6.2f} s "
                   f"{len(files) / run.seconds:6.0f} inst/s  "
-                  f"peak RSS {run.peak_rss_kib / 1024:6.1f} MiB{status}", flush=True)
+                  f"peak RSS {run.peak_rss_kib / 1024:6.1f} MiB  "
+                  f"CPU {1e3 * run.cpu_s / len(files):5.2f} ms/instance{status}", flush=True)
             runs[name].append(run)
     with tempfile.TemporaryDirectory(dir=args.work, prefix="bench-floor-") as tmp:
         floor = min(durable_write_floor(files, Path(tmp)) for _ in range(2))
 
     print(f"\nload average at end {os.getloadavg()[0]:.1f}\n")
     print(f"{'receiver':12s} {'best':>7s} {'median':>7s} {'inst/s':>7s} {'MB/s':>6s} "
-          f"{'RSS idle':>9s} {'RSS peak':>9s} {'VmHWM':>8s}")
+          f"{'RSS idle':>9s} {'RSS peak':>9s} {'VmHWM':>8s} {'CPU ms/inst':>12s}")
     best: dict[str, Run] = {}
     for name, done in runs.items():
         complete = sorted((r for r in done if r.received == len(files)), key=lambda r: r.seconds)
@@ -422,7 +442,8 @@ def main() -> None:
         print(f"{name:12s} {run.seconds:6.2f}s {median:6.2f}s {len(files) / run.seconds:7.0f} "
               f"{total_bytes / 1e6 / run.seconds:6.1f} {run.idle_rss_kib / 1024:8.1f}M "
               f"{max(r.peak_rss_kib for r in complete) / 1024:8.1f}M "
-              f"{max(r.hwm_kib for r in complete) / 1024:7.1f}M")
+              f"{max(r.hwm_kib for r in complete) / 1024:7.1f}M "
+              f"{1e3 * min(r.cpu_s for r in complete) / len(files):12.2f}")
     print(f"{'durable write':12s} {floor:6.2f}s {'':7s} {len(files) / floor:7.0f} "
           f"{total_bytes / 1e6 / floor:6.1f}   (spool fsyncs + store commit alone, "
           f"{1e3 * floor / len(files):.2f} ms per instance)")

@@ -299,6 +299,21 @@ def test_store_records_instances_once_and_series(tmp_path: Path) -> None:
         assert [i.sop_instance_uid for i in reader.instances("1.2.3")] == ["1.2.3.1", "1.2.3.2"]
 
 
+def test_instance_commit_relaxed_only_when_the_file_is_durable(tmp_path: Path) -> None:
+    """The receiver's commit skips the WAL fsync (synchronous=NORMAL) for that one transaction;
+    every other state change keeps synchronous=FULL."""
+    with Store.in_state_dir(tmp_path) as store:
+        record = InstanceRecord(
+            sop_instance_uid="1.2.3.1", sop_class_uid="1.2.840.10008.5.1.4.1.1.4",
+            study_uid="1.2", series_uid="1.2.3", transfer_syntax_uid="1.2.840.10008.1.2.1",
+            path="spool/1.2/1.2.3/1.2.3.1.dcm", size=10, calling_ae=ALLOWED,
+            peer_address="127.0.0.1", received_at=100.0)
+        assert store.add_instance(record, file_is_durable=True)
+        assert not store.add_instance(record, file_is_durable=True)
+        assert store._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL again
+        assert store.count_instances() == 1
+
+
 def test_spool_paths_are_uids_only(tmp_path: Path) -> None:
     spool = Spool(tmp_path / "spool")
     with pytest.raises(ValueError, match="invalid study UID"):
@@ -527,6 +542,48 @@ def test_sigkill_mid_transfer_loses_nothing_acknowledged(
     resent = node.storescu(*study)  # the scanner retries the whole study
     assert resent.returncode == 0, resent.stderr
     assert node.count() == 320 and len(node.spool_files()) == 320
+    node.stop()
+
+
+def test_rows_lost_with_the_relaxed_commit_are_redone_from_the_spool(
+    nodes: list[Node], tmp_path: Path, study: list[Path]
+) -> None:
+    """The instance rows are committed without fsync (the spool file is the durable record):
+    a power loss may take the last of them. Simulate exactly that after a SIGKILL (delete the
+    last rows, as an unsynced WAL tail would lose them): at restart every acknowledged instance
+    is back in the store, from its spool file, with the bytes as received."""
+    node = make_node(nodes, tmp_path / "node").start()
+    env = {**os.environ, "TCP_NODELAY": "1"}
+    sent = subprocess.run(
+        [require_tool("storescu", "dcmtk"), "-v", "-aet", ALLOWED, "-aec", "QSMNODE",
+         "127.0.0.1", str(node.port), *map(str, study)],
+        capture_output=True, text=True, env=env, timeout=120,
+    )
+    assert sent.returncode == 0, sent.stderr
+    acknowledged = _acknowledged(sent.stdout + sent.stderr)
+    assert len(acknowledged) == len(study)
+    node.kill()
+
+    lost = 57
+    db = sqlite3.connect(node.state_dir / "qsmnode.sqlite3")
+    with db:
+        rows = db.execute("SELECT sop_instance_uid, series_uid FROM instances "
+                          "ORDER BY received_at DESC, rowid DESC LIMIT ?", (lost,)).fetchall()
+        db.executemany("DELETE FROM instances WHERE sop_instance_uid = ?",
+                       [(uid,) for uid, _ in rows])
+        db.execute("UPDATE series SET received_count = (SELECT count(*) FROM instances "
+                   "WHERE instances.series_uid = series.series_uid)")
+    db.close()
+    assert node.count() == len(study) - lost
+
+    node.start()
+    assert f"{lost} spool files added to the store" in node.log()
+    with node.store() as store:
+        records = {r.sop_instance_uid: r for r in store.instances()}
+        assert sum(s.received_count for s in store.series()) == len(study)
+    assert len(records) == len(study)
+    for sop_uid, path in by_sop_uid(study).items():
+        assert dataset_bytes(node.state_dir / records[sop_uid].path) == dataset_bytes(path)
     node.stop()
 
 

@@ -5,6 +5,15 @@ meta, then the dataset bytes exactly as they came off the wire) to the :class:`S
 and renamed, then recorded in the :class:`Store`; only then is 0x0000 returned. The dataset is
 parsed only to check its structure and read its UIDs; it is never decoded and re-encoded.
 
+Durability: the spool file is the durable record of an acknowledged instance. Before 0x0000
+goes out the file is fsynced under a temporary name, renamed, and its folder fsynced (two
+fsyncs). Its store row is then committed with ``synchronous=NORMAL`` (no fsync of its own:
+:meth:`Store.add_instance` with ``file_is_durable``), which survives a crash of the process;
+after a power loss the last rows may be gone, and :func:`recover`, run at every start, adds
+every spool file the store does not know. So a crash at any point loses no acknowledged
+instance: before the rename nothing was acknowledged (a leftover temporary file is deleted);
+after it the file is complete and durable, and the row is either there or redone from it.
+
 Statuses:
 
 - 0x0000: stored; or already stored (same SOP Instance UID: nothing is written again); or a
@@ -836,7 +845,7 @@ class Receiver:
                          path.relative_to(self.state_dir).as_posix(), size, calling_ae,
                          _address_of(event.assoc), time.time())
         try:
-            new = self.store.add_instance(record)
+            new = self.store.add_instance(record, file_is_durable=True)
         except (sqlite3.Error, StoreError) as exc:
             return self._fail(event, STORE_COMMIT_FAILED, sop_uid, "store commit failed",
                               f" ({exc})")
@@ -905,8 +914,10 @@ def recover(store: Store, spool: Spool, state_dir: Path) -> Recovery:
     """Make the spool and the store agree after a crash.
 
     A crash between a file's rename and its commit leaves a complete, fsynced file that the
-    store does not know (and that the scanner was not told about): it is added to the store.
-    Temporary files are deleted. A stored instance whose file is missing is reported.
+    store does not know (and that the scanner was not told about); so does a power loss that
+    takes the last instance rows, committed without fsync (acknowledged: see the module
+    docstring). Either way the file is added to the store. Temporary files are deleted. A
+    stored instance whose file is missing is reported.
     """
     removed = spool.remove_temp_files()
     known = store.instance_paths()

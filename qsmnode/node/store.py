@@ -1,7 +1,10 @@
 """The store: the node's durable state in one SQLite file (WAL mode) under the state directory.
 
 Every state change is one transaction, committed with ``synchronous=FULL`` before the call
-returns, so a change the caller was told about survives a crash or power loss.
+returns, so a change the caller was told about survives a crash or power loss. One exception:
+a received instance whose spool file is already durable is recorded with ``synchronous=NORMAL``
+(see :meth:`Store.add_instance`): the file is the durable record, and the node re-adds spool
+files missing from the store when it starts.
 
 Schema (version 4, in ``PRAGMA user_version``)::
 
@@ -639,13 +642,22 @@ class Store:
 
     # ---------------------------------------------------------------------------------- instances
 
-    def add_instance(self, record: InstanceRecord) -> bool:
+    def add_instance(self, record: InstanceRecord, *, file_is_durable: bool = False) -> bool:
         """Record a received instance (and its series) in one transaction.
 
         Returns False, changing nothing, when the SOP Instance UID is already recorded (an
         instance whose file was pruned is recorded again: its row gets the new file).
+
+        ``file_is_durable``: the caller has made the instance's file durable (fsynced, renamed
+        into the spool, folder fsynced) and the node adds spool files missing from the store at
+        start (:func:`qsmnode.node.receiver.recover`). Then this commit is made with
+        ``synchronous=NORMAL``: durable when the process dies (the WAL is in the OS's cache),
+        and after a power loss either still there or redone from the file at the next start.
+        It skips one fsync per instance. Any later ``synchronous=FULL`` commit (every other
+        state change) syncs the WAL, and with it every row before it, so nothing committed
+        after such a row (a series completed, a job) can survive the row itself.
         """
-        if self._add_instance(record):
+        if self._add_instance(record, relaxed=file_is_durable):
             self.audit.record(
                 "instance_stored", calling_ae=record.calling_ae, address=record.peer_address,
                 study_uid=record.study_uid, series_uid=record.series_uid,
@@ -654,7 +666,17 @@ class Store:
             return True
         return False
 
-    def _add_instance(self, record: InstanceRecord) -> bool:
+    def _add_instance(self, record: InstanceRecord, relaxed: bool) -> bool:
+        if not relaxed:
+            return self._insert_instance(record)
+        with self._lock:  # no other transaction of this connection runs meanwhile
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            try:
+                return self._insert_instance(record)
+            finally:
+                self._db.execute("PRAGMA synchronous=FULL")
+
+    def _insert_instance(self, record: InstanceRecord) -> bool:
         with self.transaction() as db:
             db.execute(
                 "INSERT OR IGNORE INTO series (series_uid, study_uid, series_number, modality, "
