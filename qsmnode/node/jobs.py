@@ -50,7 +50,7 @@ log = logging.getLogger(__name__)
 MANIFEST_FILENAME = "manifest.json"
 PROGRESS_FILENAME = "progress.json"
 STAGE_NAMES = {"load": "loading", "check": "checking", "qsm": "QSM", "m1": "M1 analysis",
-               "derived": "derived DICOM", "write": "writing results"}
+               "derived": "derived DICOM", "write": "writing files"}
 """What an attempt's progress stages (:func:`execute_job`) are called on screens."""
 
 
