@@ -92,5 +92,6 @@ def test_send_to_nobody_is_a_clear_error(tmp_path: Path) -> None:
     result = qsmnode("simulate", "--size", "tiny", "--send", f"127.0.0.1:{free_port()}",
                      "--out", str(tmp_path))
     assert result.returncode == 1
-    assert "association with QSMNODE@127.0.0.1" in result.stderr
+    assert "cannot connect to QSMNODE@127.0.0.1" in result.stderr
+    assert "Connection refused" in result.stderr
     assert "Traceback" not in result.stderr
