@@ -375,6 +375,11 @@ def run_process(folder: Path, out: Path, send: str | None = None, config: Path |
     written: list[tuple[Path, Any]] = []
     for loaded in acquisitions:
         numbers = ", ".join("?" if n is None else str(n) for n in loaded.series_numbers)
+        if loaded.t1w_note:
+            print(f"series {numbers}: {loaded.t1w_note}")
+        if loaded.t1w_error:
+            print(f"series {numbers}: {loaded.t1w_error}; the GRE is registered instead",
+                  file=sys.stderr)
         work = out / "pipeline" / loaded.study_uid / f"series-{numbers.replace(', ', '-')}"
         try:
             pipeline = settings.pipeline if settings is not None else PipelineConfig()

@@ -8,7 +8,11 @@ in order, each a small function that reads what earlier stages produced from a
    echo times ascending) and summarized (:class:`AcquisitionSummary`).
 2. ``qsm``: susceptibility and R2* (:func:`qsmnode.qsm.pipeline.run_qsm`).
 3. ``m1``: the M1 analysis (:func:`qsmnode.m1.analysis.analyse_m1`) when an atlas is given.
-   A failure here is recorded in the result (``m1_error``) and the maps still go out.
+   A failure here is recorded in the result (``m1_error``) and the maps still go out. With a
+   same-session T1w (:attr:`PipelineParams.t1w`) the T1w is registered to the template; when
+   that raises or its quality is below the acceptable level, or the T1w could not be loaded
+   (:attr:`PipelineParams.t1w_error`), the GRE magnitude is registered instead. Either way the
+   flag ``t1w_reference`` says which, and why, and ``m1["t1w"]`` in the record.
 4. ``derived``: every derived DICOM object (:func:`qsmnode.dicom.derived.build_derived`).
 
 The node's worker calls it in a child process (``qsmnode.node.jobs``), and the offline
@@ -25,7 +29,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,10 +39,10 @@ from pydicom import Dataset
 from qsmnode import __version__
 from qsmnode.dicom.derived import build_derived
 from qsmnode.dicom.derived.common import source_reader
-from qsmnode.dicom.load import LoadedAcquisition
-from qsmnode.m1.analysis import M1Atlas, M1Params, analyse_m1
+from qsmnode.dicom.load import LoadedAcquisition, LoadedT1w
+from qsmnode.m1.analysis import M1Atlas, M1Params, SameSessionT1w, analyse_m1
 from qsmnode.m1.measure import NormativeTable
-from qsmnode.m1.result import M1Result
+from qsmnode.m1.result import M1Result, QualityFlag
 from qsmnode.qsm.pipeline import QSMParams, QSMResult, run_qsm
 
 log = logging.getLogger(__name__)
@@ -65,6 +69,9 @@ class PipelineParams:
             empty: no derived objects.
         qsm: run QSM (and so the M1 analysis and the derived objects).
         m1_atlas: template and M1 areas for the M1 analysis; None: no M1 analysis.
+        t1w: the same-session T1w to register to the template (None: the GRE magnitude).
+        t1w_note: the grouping's note on the study's T1w series (for the record).
+        t1w_error: why the chosen T1w could not be loaded (the GRE is registered instead).
     """
 
     out_dir: Path | None = None
@@ -74,6 +81,9 @@ class PipelineParams:
     m1_atlas: M1Atlas | None = None
     m1_params: M1Params = field(default_factory=M1Params)
     normative: NormativeTable | None = None
+    t1w: LoadedT1w | None = None
+    t1w_note: str = ""
+    t1w_error: str = ""
 
 
 @dataclass(frozen=True)
@@ -218,27 +228,80 @@ def _qsm(ctx: _Context) -> None:
                       gre.b0_direction, gre.field_strength_t, ctx.params.qsm_params)
 
 
-def _m1(ctx: _Context) -> None:
-    """The M1 analysis. Its failure (for example a registration that cannot start on a slab
-    without cortex) is recorded, and the maps are still delivered."""
-    if ctx.qsm is None or ctx.params.m1_atlas is None:
-        return
-    q = ctx.qsm
+T1W_FLAG = "t1w_reference"
+"""Name of the quality flag that says whether the registration went through a T1w."""
+
+
+def _t1w_attempt(ctx: _Context, t1w: LoadedT1w) -> tuple[M1Result | None, dict[str, float],
+                                                          str]:
+    """The M1 analysis registered through the T1w: its result and times, or None and why the
+    T1w could not serve (then the caller registers the GRE)."""
+    q, params = ctx.qsm, ctx.params
+    assert q is not None and params.m1_atlas is not None
     try:
         result, seconds = analyse_m1(q.chi_ppm, q.r2star_per_s, q.magnitude, q.qsm_mask,
-                                     ctx.loaded.gre.affine, ctx.params.m1_atlas,
-                                     ctx.params.m1_params, ctx.params.normative)
+                                     ctx.loaded.gre.affine, params.m1_atlas, params.m1_params,
+                                     params.normative, t1w=SameSessionT1w(t1w.image, t1w.affine))
     except (ValueError, RuntimeError) as exc:
-        ctx.m1_record = {"error": f"the M1 analysis could not run: {exc}"}
-        log.warning("study %s: %s; the maps go out without it", ctx.loaded.study_uid,
-                    ctx.m1_record["error"])
+        return None, {}, f"the analysis registered through it failed ({exc})"
+    flag = next((f for f in result.flags if f.name == "registration_nmi"), None)
+    if flag is not None and not flag.passed:
+        value = "" if flag.value is None else f" (normalised mutual information {flag.value:.3f})"
+        return None, {}, f"its registration to the template is below the acceptable level{value}"
+    return result, seconds, ""
+
+
+def _m1(ctx: _Context) -> None:
+    """The M1 analysis. Its failure (for example a registration that cannot start on a slab
+    without cortex) is recorded, and the maps are still delivered. A T1w that cannot serve
+    falls back to the GRE (see the module docstring)."""
+    if ctx.qsm is None or ctx.params.m1_atlas is None:
         return
+    q, params = ctx.qsm, ctx.params
+    t1w_record: dict[str, Any] = {"note": params.t1w_note} if params.t1w_note else {}
+    flag: QualityFlag | None = None
+    result: M1Result | None = None
+    seconds: dict[str, float] = {}
+    why_not = params.t1w_error
+    if params.t1w is not None:
+        t1w_record.update(params.t1w.to_json())
+        result, seconds, why_not = _t1w_attempt(ctx, params.t1w)
+        if result is not None:
+            flag = QualityFlag(T1W_FLAG, True, None,
+                               "registered through the same-session T1w "
+                               f"{params.t1w.reference.brief()}")
+    if why_not:
+        what = (f"the same-session T1w {params.t1w.reference.brief()}" if params.t1w is not None
+                else "the same-session T1w")
+        text = f"{what} was not used: {why_not}; the GRE magnitude was registered instead"
+        flag = QualityFlag(T1W_FLAG, False, None, text)
+        log.warning("study %s: %s", ctx.loaded.study_uid, text)
+    if t1w_record or flag is not None:
+        t1w_record["used"] = result is not None  # only a T1w attempt has made a result so far
+        if why_not:
+            t1w_record["why_not"] = why_not
+    if result is None:
+        try:
+            result, seconds = analyse_m1(q.chi_ppm, q.r2star_per_s, q.magnitude, q.qsm_mask,
+                                         ctx.loaded.gre.affine, params.m1_atlas,
+                                         params.m1_params, params.normative)
+        except (ValueError, RuntimeError) as exc:
+            ctx.m1_record = {"error": f"the M1 analysis could not run: {exc}"}
+            if t1w_record:
+                ctx.m1_record["t1w"] = t1w_record
+            log.warning("study %s: %s; the maps go out without it", ctx.loaded.study_uid,
+                        ctx.m1_record["error"])
+            return
+    if flag is not None:
+        result = replace(result, flags=(*result.flags, flag))
     ctx.m1 = result
     ctx.m1_record = {
         "seconds": seconds,
         "measurements": [asdict(m) for m in result.measurements],
         "flags": [asdict(f) for f in result.flags],
     }
+    if t1w_record:
+        ctx.m1_record["t1w"] = t1w_record
 
 
 def _derived(ctx: _Context) -> None:

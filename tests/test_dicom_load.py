@@ -429,3 +429,24 @@ def test_real_philips_enhanced_part_from_the_private_frame_item(shared_data: Pat
     private = [f.part for f in summarize(ds).frames]
     assert private == standard
     assert standard.count(Part.MAGNITUDE) == standard.count(Part.PHASE) == 106
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_gre_series_are_not_t1_weighted(style: str, sim: Simulation, tmp_path: Path):
+    write_dicom(sim.gre, tmp_path, style)
+    assert not any(info.t1_evidence for info in summarize_files(_files(tmp_path)))
+    loaded = _only(load_folder(tmp_path))
+    assert loaded.t1w is None and loaded.t1w_note == "" and loaded.t1w_error == ""
+
+
+def test_a_t1_weighted_magnitude_series_is_not_a_problem(sim: Simulation, tmp_path: Path):
+    one = replace(sim.gre, magnitude=sim.gre.magnitude[..., :1], phase=sim.gre.phase[..., :1],
+                  echo_times_s=sim.gre.echo_times_s[:1])
+    for name, description in (("plain", "gre_single"), ("t1", "t1_fl3d_tra")):
+        folder = tmp_path / name
+        write_dicom(one, folder, "siemens", SimStudyInfo(series_description=description))
+        shutil.rmtree(next(folder.glob("*_P")))
+    reason = _only_problem(group_acquisitions(summarize_files(_files(tmp_path / "plain"))))
+    assert "no phase" in reason
+    # named T1: a reference candidate (too coarse here, and no GRE to serve), never a problem
+    assert group_acquisitions(summarize_files(_files(tmp_path / "t1"))) == []

@@ -312,3 +312,45 @@ def test_an_unreadable_spool_file_is_a_problem(tmp_path: Path,
         [problem] = store.problems()
         assert "1 spool file could not be read" in problem.reason
         assert not store.acquisitions()
+
+
+def test_a_t1w_in_the_study_is_the_acquisitions_reference_not_a_problem(
+    tmp_path: Path, studies: dict[str, list[Path]]
+) -> None:
+    from qsmnode.node.jobs import job_spec, load_job_acquisition
+    from tests.test_t1w_edge import T1W_SCAN, write_t1w
+
+    t1w = write_t1w(tmp_path / "t1w", seed=23)  # series 2 of the Siemens study (seed 23)
+    clock = Clock(10_000.0)
+    settings = settings_for(tmp_path)
+    with Store.in_state_dir(tmp_path) as store:
+        tracker = Tracker(settings, store, clock=clock)
+        ingest(tmp_path, store, t1w + studies["siemens"], 9_000.0)
+        result = tracker.poll()
+        assert len(result.grouped) == 1 and not store.problems()
+        [acquisition] = store.acquisitions()
+        t1w_uid = pydicom.dcmread(t1w[0], stop_before_pixels=True).SeriesInstanceUID
+        assert t1w_uid not in acquisition.series_uids and len(acquisition.series_uids) == 2
+        summary = acquisition.summary
+        assert summary["t1w"]["series_uid"] == t1w_uid
+        assert summary["t1w"]["series_number"] == 2
+        assert summary["t1w"]["shape"] == list(T1W_SCAN.shape)
+        assert summary["t1w"]["instances"] == len(t1w)
+        assert summary["t1w_note"].startswith("T1w reference: series 2 't1_mprage_sag'")
+
+        [job] = store.jobs()
+        spec = job_spec(store, job, settings)
+        assert spec.t1w_series_uid == t1w_uid and len(spec.t1w_files) == len(t1w)
+        assert not set(spec.t1w_files) & set(spec.files) and not spec.t1w_error
+        assert spec.from_json(spec.to_json()) == spec
+        loaded = load_job_acquisition(spec)
+        assert loaded.t1w is not None and loaded.t1w.series_uid == t1w_uid
+        assert loaded.t1w.image.shape == T1W_SCAN.shape
+
+        # a pruned T1w file: the job still runs, on the GRE alone, and says why
+        os.unlink(spec.t1w_files[0])
+        spec = job_spec(store, job, settings)
+        assert spec.t1w_files == () and spec.t1w_error.startswith(
+            "1 of 20 spool files of the T1w series 2")
+        loaded = load_job_acquisition(spec)
+        assert loaded.t1w is None and loaded.t1w_error == spec.t1w_error

@@ -22,6 +22,19 @@ The rules:
    echo times, at least ``min_echoes`` echoes, every slice for every echo and part, exactly
    one image per slice, echo and part, and evenly spaced slices. Otherwise it is a Problem.
 
+6. T1w reference. A candidate whose every instance looks T1-weighted
+   (:attr:`~qsmnode.dicom.headers.InstanceInfo.t1_evidence`: inversion-prepared gradient echo,
+   an MPRAGE-family sequence name, or a T1 series description; the rule is in
+   :mod:`qsmnode.dicom.headers`) and that holds only magnitude (or unstated-part) images is
+   never a Problem: T1-weighted series join no GRE candidate, and a T1-weighted candidate is
+   an anatomical reference when it is one series, one echo, at least ``T1W_MIN_SLICES``
+   evenly spaced slices with one image each, and voxels no coarser than ``T1W_MAX_VOXEL_MM``.
+   Each plan takes the reference of its study with the plan's Frame of Reference UID (the
+   DICOM geometry then relates the two); with several, the finest voxels (smallest voxel
+   volume) win, then the latest series number, then the series UID. The plan says which in
+   :attr:`AcquisitionPlan.t1w_note`, and why any other T1-weighted series of the study is
+   not used (another Frame of Reference, unusable, not chosen).
+
 Limitation: a different protocol with the same geometry and different echo times, in series
 that do not repeat any echo time, would join an acquisition and be reported as mismatched echo
 times rather than kept apart.
@@ -30,7 +43,7 @@ times rather than kept apart.
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from numpy.typing import NDArray
@@ -42,6 +55,9 @@ ORIENTATION_TOL = 1e-4
 SPACING_TOL_MM = 1e-4
 POSITION_DECIMALS = 2
 """Slice positions are compared after rounding to 0.01 mm."""
+T1W_MAX_VOXEL_MM = 2.0
+"""Coarsest voxel edge of a T1w reference (a thick-slice 2-D T1 does not register well)."""
+T1W_MIN_SLICES = 16
 
 
 @dataclass(frozen=True)
@@ -65,6 +81,59 @@ class FrameRef:
 
 
 @dataclass(frozen=True, eq=False)
+class T1wReference:
+    """A same-session T1-weighted volume: which frame is slice ``k`` (in the affine's order).
+
+    Attributes:
+        evidence: why it is taken for T1-weighted (:func:`~qsmnode.dicom.headers.t1_evidence`).
+        frames: one frame per slice, in slice order.
+    """
+
+    study_uid: str
+    frame_of_reference_uid: str
+    series_uid: str
+    series_number: int | None
+    series_description: str
+    evidence: str
+    rows: int
+    columns: int
+    affine: NDArray[np.float64] = field(repr=False)
+    frames: tuple[FrameRef, ...] = field(repr=False)
+
+    @property
+    def n_slices(self) -> int:
+        return len(self.frames)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.columns, self.rows, self.n_slices)
+
+    @property
+    def voxel_size_mm(self) -> tuple[float, float, float]:
+        """Voxel edges (mm), rounded to 1 µm."""
+        sizes = np.linalg.norm(np.asarray(self.affine)[:3, :3], axis=0)
+        return (round(float(sizes[0]), 6), round(float(sizes[1]), 6), round(float(sizes[2]), 6))
+
+    def label(self) -> str:
+        number = "?" if self.series_number is None else str(self.series_number)
+        desc = f" '{self.series_description}'" if self.series_description else ""
+        return f"series {number}{desc} (series UID {self.series_uid})"
+
+    def brief(self) -> str:
+        """Series number, description and voxel size (for reports: no UID)."""
+        number = "?" if self.series_number is None else str(self.series_number)
+        desc = f" '{self.series_description}'" if self.series_description else ""
+        vs = "×".join(f"{v:.3g}" for v in self.voxel_size_mm)
+        return f"series {number}{desc} ({vs} mm)"
+
+    def describe(self) -> str:
+        """The series, its grid and why it is T1-weighted, in one line."""
+        vs = "×".join(f"{v:.3g}" for v in self.voxel_size_mm)
+        shape = "×".join(str(n) for n in self.shape)
+        return f"{self.label()}, {shape} voxels of {vs} mm, {self.evidence}"
+
+
+@dataclass(frozen=True, eq=False)
 class AcquisitionPlan:
     """A complete multi-echo GRE acquisition: which frame is slice ``k``, echo ``e`` and part.
 
@@ -73,6 +142,9 @@ class AcquisitionPlan:
         phase: ``[k][e]`` frames, or None when phase was not required and is absent.
         affine: voxel-to-RAS affine from :func:`~qsmnode.dicom.geometry.affine_from_slices`.
         vendor: from the first magnitude instance.
+        t1w: the same-session T1w reference chosen for it (not one of its series), or None.
+        t1w_note: which T1w was chosen, and why other T1-weighted series of the study are not
+            used; empty when the study has none.
     """
 
     study_uid: str
@@ -88,6 +160,8 @@ class AcquisitionPlan:
     magnitude: tuple[tuple[FrameRef, ...], ...] = field(repr=False)
     phase: tuple[tuple[FrameRef, ...], ...] | None = field(repr=False)
     field_strength_t: float | None
+    t1w: T1wReference | None = field(default=None, repr=False)
+    t1w_note: str = ""
 
     @property
     def n_slices(self) -> int:
@@ -177,11 +251,14 @@ class _Unit:
     refs: list[FrameRef] = field(default_factory=list)
     keys: set[tuple[Part, _EchoKey | None]] = field(default_factory=set)
     positions: set[_PosKey] = field(default_factory=set)
+    t1: bool = True
+    """Every instance looks T1-weighted (such units join only each other)."""
 
 
 @dataclass
 class _Candidate:
     cluster: int
+    t1: bool = False
     units: list[_Unit] = field(default_factory=list)
     keys: set[tuple[Part, _EchoKey | None]] = field(default_factory=set)
     positions: set[_PosKey] = field(default_factory=set)
@@ -373,27 +450,15 @@ def _evaluate(cand: _Candidate, min_echoes: int, require_phase: bool) -> Acquisi
         return cand.problem("; ".join(reasons))
 
     # geometry
-    keys = list(expected)
-    positions = [actual_position[k] for k in keys]
     first_mag = mag[mag_tes[0]]
     some = next(iter(first_mag.values()))[0]
-    orientation = some.frame.orientation
-    assert orientation is not None and some.frame.pixel_spacing is not None
     try:
-        affine, order = affine_from_slices(
-            [orientation] * len(positions),
-            positions,
-            some.frame.pixel_spacing,
-            slice_spacing=some.frame.slice_spacing,
-        )
+        affine, ordered = _stack_affine({k: actual_position[k] for k in expected}, some.frame)
     except ValueError as exc:
         reason = str(exc)
         if "not evenly spaced" in reason:
             reason += " (a slice may be missing from every echo and part)"
-        if "single slice" in reason:
-            reason = "one slice only, and neither SpacingBetweenSlices nor SliceThickness"
         return cand.problem(f"cannot build the slice geometry: {reason}")
-    ordered = [keys[i] for i in order]
 
     def grid(part_table: dict[_EchoKey, dict[_PosKey, list[FrameRef]]]) -> tuple:
         return tuple(tuple(part_table[te][pk][0] for te in mag_tes) for pk in ordered)
@@ -416,6 +481,145 @@ def _evaluate(cand: _Candidate, min_echoes: int, require_phase: bool) -> Acquisi
         phase=grid(pha) if pha else None,
         field_strength_t=strengths[0] if strengths else None,
     )
+
+
+def _stack_affine(
+    positions: dict[_PosKey, tuple[float, float, float]], frame: FrameInfo
+) -> tuple[NDArray[np.float64], list[_PosKey]]:
+    """The affine of a stack with one slice per position key (plane geometry from ``frame``),
+    and the keys in slice order.
+
+    Raises:
+        ValueError: the slices are not a regular stack (the message says why).
+    """
+    keys = list(positions)
+    assert frame.orientation is not None and frame.pixel_spacing is not None
+    try:
+        affine, order = affine_from_slices(
+            [frame.orientation] * len(keys),
+            [positions[k] for k in keys],
+            frame.pixel_spacing,
+            slice_spacing=frame.slice_spacing,
+        )
+    except ValueError as exc:
+        if "single slice" in str(exc):
+            raise ValueError(
+                "one slice only, and neither SpacingBetweenSlices nor SliceThickness"
+            ) from None
+        raise
+    return affine, [keys[i] for i in order]
+
+
+# ---------------------------------------------------------------------------------------------
+# T1w references
+
+
+def _is_t1w_candidate(cand: _Candidate) -> bool:
+    """T1-weighted, magnitude (or unstated part) only, and no parametric map."""
+    refs = cand.refs
+    return (
+        cand.t1
+        and all(r.frame.part in (Part.MAGNITUDE, Part.UNKNOWN) for r in refs)
+        and not any("MAP" in token for r in refs for token in r.instance.image_type)
+    )
+
+
+def _evaluate_t1w(cand: _Candidate) -> T1wReference | str:
+    """The candidate as a T1w reference, or why it cannot be one."""
+    uids, numbers = cand.series()
+    if len(uids) > 1:
+        return "its images come from several series"
+    refs = cand.refs
+    tes = {None if r.frame.echo_time_s is None else echo_key(r.frame.echo_time_s) for r in refs}
+    if len(tes) > 1:
+        return f"it has {len(tes)} echoes (a single-echo or echo-combined series is needed)"
+    by_position: dict[_PosKey, list[FrameRef]] = defaultdict(list)
+    for r in refs:
+        assert r.frame.position is not None
+        by_position[_pos_key(r.frame.position)].append(r)
+    repeated = sum(len(rs) > 1 for rs in by_position.values())
+    if repeated:
+        return f"more than one image at {_plural(repeated, 'slice position')}"
+    if len(by_position) < T1W_MIN_SLICES:
+        return (
+            f"{_plural(len(by_position), 'slice')}; a reference volume needs at least "
+            f"{T1W_MIN_SLICES}"
+        )
+    first = refs[0]
+    positions = {k: rs[0].frame.position for k, rs in by_position.items()}
+    try:
+        affine, ordered = _stack_affine(positions, first.frame)  # type: ignore[arg-type]
+    except ValueError as exc:
+        return f"cannot build the slice geometry: {exc}"
+    sizes = np.linalg.norm(affine[:3, :3], axis=0)
+    if sizes.max() > T1W_MAX_VOXEL_MM + 1e-6:
+        return (
+            f"its voxels ({'×'.join(f'{v:.3g}' for v in sizes)} mm) are coarser than "
+            f"{T1W_MAX_VOXEL_MM:g} mm"
+        )
+    info = first.instance
+    return T1wReference(
+        study_uid=info.study_uid,
+        frame_of_reference_uid=info.frame_of_reference_uid,
+        series_uid=uids[0],
+        series_number=numbers[0],
+        series_description=info.series_description,
+        evidence=info.t1_evidence,
+        rows=int(info.rows or 0),
+        columns=int(info.columns or 0),
+        affine=affine,
+        frames=tuple(by_position[k][0] for k in ordered),
+    )
+
+
+def _voxel_volume(ref: T1wReference) -> float:
+    return round(float(np.prod(ref.voxel_size_mm)), 3)
+
+
+def _t1w_rank(ref: T1wReference) -> tuple:
+    """Sort key: finest voxels first, then the latest series, then the series UID."""
+    number = -1 if ref.series_number is None else ref.series_number
+    return (_voxel_volume(ref), -number, ref.series_uid)
+
+
+def _with_t1w(
+    plan: AcquisitionPlan,
+    references: list[T1wReference],
+    unusable: list[tuple[str, str, str]],
+) -> AcquisitionPlan:
+    """The plan with its T1w reference chosen, and a note on every T1w of its study."""
+    in_study = [r for r in references if r.study_uid == plan.study_uid]
+    for_uid = plan.frame_of_reference_uid
+    eligible = sorted(
+        (r for r in in_study if for_uid and r.frame_of_reference_uid == for_uid), key=_t1w_rank
+    )
+    notes: list[str] = []
+    chosen = eligible[0] if eligible else None
+    if chosen is not None:
+        notes.append(f"T1w reference: {chosen.describe()}")
+        for other in eligible[1:]:
+            if _voxel_volume(other) > _voxel_volume(chosen):
+                why = "coarser voxels"
+            elif other.series_number != chosen.series_number:
+                why = "an earlier series"
+            else:
+                why = "the same resolution and series number; the series UID decides"
+            notes.append(f"{other.label()}: also T1-weighted, not chosen ({why})")
+    for r in in_study:
+        if r in eligible:
+            continue
+        if not for_uid or not r.frame_of_reference_uid:
+            why = "a Frame of Reference UID is missing, so the geometry cannot relate the two"
+        else:
+            why = (
+                "it has another Frame of Reference than this acquisition, so the DICOM "
+                "geometry does not relate the two"
+            )
+        notes.append(f"{r.label()}: T1-weighted but not used ({why})")
+    for label, study_uid, reason in unusable:
+        if study_uid == plan.study_uid:
+            notes.append(f"{label}: T1-weighted but not usable as a reference: {reason}")
+    return replace(plan, t1w=chosen, t1w_note="; ".join(notes))
 
 
 def _geometry_difference(a: _Candidate, b: _Candidate, clusters: list[_Cluster]) -> str:
@@ -507,6 +711,7 @@ def group_acquisitions(
             if unit is None:
                 unit = units[ukey] = _Unit(cid, info.series_uid, info.series_number)
             unit.refs.append(FrameRef(info, frame))
+            unit.t1 = unit.t1 and bool(info.t1_evidence)
             te = None if frame.echo_time_s is None else echo_key(frame.echo_time_s)
             unit.keys.add((frame.part, te))
             unit.positions.add(_pos_key(frame.position))
@@ -523,19 +728,34 @@ def group_acquisitions(
                 c
                 for c in candidates
                 if c.cluster == unit.cluster
+                and c.t1 == unit.t1
                 and c.positions & unit.positions
                 and not c.keys & unit.keys
             ),
             None,
         )
         if target is None:
-            target = _Candidate(unit.cluster)
+            target = _Candidate(unit.cluster, unit.t1)
             candidates.append(target)
         target.add(unit)
 
+    # T1-weighted magnitude-only candidates: references for the plans, never problems
+    references: list[T1wReference] = []
+    unusable: list[tuple[str, str, str]] = []
+    paired: set[int] = set()
+    for i, cand in enumerate(candidates):
+        if not _is_t1w_candidate(cand):
+            continue
+        paired.add(i)
+        evaluated = _evaluate_t1w(cand)
+        if isinstance(evaluated, T1wReference):
+            references.append(evaluated)
+        else:
+            first = cand.units[0].refs[0].instance
+            unusable.append((cand.label(), first.study_uid, evaluated))
+
     # magnitude-only and phase-only candidates of one series description: mixed geometry
     results: list[tuple[tuple, AcquisitionPlan | Problem]] = []
-    paired: set[int] = set()
     for i, a in enumerate(candidates):
         if a.parts() & {Part.MAGNITUDE, Part.PHASE} != {Part.MAGNITUDE} or i in paired:
             continue
@@ -592,7 +812,10 @@ def group_acquisitions(
             )
         )
     results.sort(key=lambda item: item[0])
-    return [r for _, r in results]
+    return [
+        _with_t1w(r, references, unusable) if isinstance(r, AcquisitionPlan) else r
+        for _, r in results
+    ]
 
 
 def _sort_key(cand: _Candidate) -> tuple:

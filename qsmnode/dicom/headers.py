@@ -24,6 +24,21 @@ its ImageType/FrameType carries a token naming a difference or field map (``DIFF
 ``PHASE_DIFF``, ``FM``, ``FIELD_MAP``, ``FIELDMAP``). The SeriesDescription is never used: the
 real Philips sample is called "fcMRI Field Mapping" and holds ordinary per-echo phase. The
 grouping adds a pattern check (Siemens: two magnitude echoes, phase only at the second TE).
+
+T1-weighting (:attr:`InstanceInfo.t1_evidence`, the header half of the T1w-reference rule; the
+grouping adds the volume half: single echo, magnitude only, same Frame of Reference). The
+first that answers, giving the reason as text:
+
+0. Not T1: SeriesDescription or ProtocolName names another contrast (``t2…``, ``flair``,
+   ``pd…``, ``dir``, ``swi``, ``tof``, ``dwi``, ``bold``, ``qsm``) and no T1 name (rule 3).
+1. An inversion-prepared gradient echo: InversionTime > 0 or ScanningSequence ``IR`` (Enhanced:
+   MR Modifier InversionRecovery ``YES``), unless ScanningSequence has ``SE`` or ``EP`` (or
+   EchoPulseSequence is ``SPIN``/``BOTH``): a spin-echo IR is a FLAIR, not a T1w.
+2. SequenceName or PulseSequenceName of an MPRAGE family: Siemens ``tfl`` (``*tfl3d1_16ns``),
+   Philips ``T1TFE``/``TFE``, or a name with ``mprage``/``mp2rage``.
+3. SeriesDescription or ProtocolName with ``mprage``, ``mp2rage``, ``mp_rage``, or a word
+   ``t1``, ``t1w``, ``t1tfe``, ``tfl``, ``tfe`` or ``bravo`` (words split at anything but
+   letters and digits: ``t1_mprage_sag``, ``T1W_3D_TFE``, ``Sag 3D BRAVO``).
 """
 
 from __future__ import annotations
@@ -130,6 +145,10 @@ class InstanceInfo:
     field_strength_t: float | None
     phase_difference: bool
     frames: tuple[FrameInfo, ...]
+    inversion_time_s: float | None = None
+    """InversionTime (classic) or the MR Modifier's first InversionTimes (Enhanced), seconds."""
+    t1_evidence: str = ""
+    """Why the instance looks T1-weighted (see the module docstring); empty: it does not."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -365,6 +384,63 @@ def _field_strength(value: Any) -> float | None:
     return b0 / 10000.0 if b0 > 100 else b0  # some old exports write gauss
 
 
+_T1_NAME = re.compile(
+    r"mp[-_ ]?2?[-_ ]?rage|(?<![a-z0-9])(t1w?|t1tfe|tfl|tfe|bravo)(?![a-z0-9])"
+)
+_OTHER_CONTRAST_NAME = re.compile(
+    r"(?<![a-z0-9])(t2\w*|flair|pdw?|pd_\w*|dir|swi|tof|dwi|bold|qsm)(?![a-z0-9])"
+)
+_T1_SEQUENCE = re.compile(r"^\*?tfl|t1tfe|^tfe|mp-?2?-?rage", re.IGNORECASE)
+
+
+def _modifier(ds: Dataset) -> Dataset | None:
+    """The MR Modifier item of an Enhanced file (shared, else the first frame's)."""
+    item = _first_item(_first_item(ds, "SharedFunctionalGroupsSequence"), "MRModifierSequence")
+    if item is None:
+        frames = ds.get("PerFrameFunctionalGroupsSequence") or []
+        item = _first_item(frames[0], "MRModifierSequence") if frames else None
+    return item
+
+
+def _inversion_time_s(ds: Dataset, enhanced: bool) -> float | None:
+    ms = _float(ds.get("InversionTime"))
+    if ms is None and enhanced:
+        item = _modifier(ds)
+        times = item.get("InversionTimes") if item is not None else None
+        if times is not None and not isinstance(times, str | bytes | float | int):
+            times = times[0] if len(times) else None
+        ms = _float(times)
+    return None if ms is None or ms <= 0 else ms / 1000.0
+
+
+def t1_evidence(ds: Dataset, enhanced: bool, inversion_time_s: float | None) -> str:
+    """Why ``ds`` looks like a T1-weighted image, or "" (the rule is in the module docstring)."""
+    names = " ".join(_text(ds.get(k)) for k in ("SeriesDescription", "ProtocolName")).lower()
+    named_t1 = _T1_NAME.search(names)
+    if _OTHER_CONTRAST_NAME.search(names) and not named_t1:
+        return ""
+    scanning = set(_tokens(ds.get("ScanningSequence")))
+    echo_pulse = _text(ds.get("EchoPulseSequence")).upper()
+    recovery = False
+    if enhanced:
+        item = _modifier(ds)
+        recovery = item is not None and _text(item.get("InversionRecovery")).upper() == "YES"
+    spin_echo = bool(scanning & {"SE", "EP"}) or echo_pulse in ("SPIN", "BOTH")
+    if (inversion_time_s is not None or "IR" in scanning or recovery) and not spin_echo:
+        ti = "" if inversion_time_s is None else f", TI {inversion_time_s * 1000:g} ms"
+        return f"inversion-prepared gradient echo{ti}"
+    for keyword in ("SequenceName", "PulseSequenceName"):
+        name = _text(ds.get(keyword))
+        if name and _T1_SEQUENCE.search(name):
+            return f"{keyword} {name}"
+    if named_t1:
+        for keyword in ("SeriesDescription", "ProtocolName"):
+            value = _text(ds.get(keyword))
+            if _T1_NAME.search(value.lower()):
+                return f"{keyword} '{value}'"
+    return ""
+
+
 class HeaderError(ValueError):
     """A DICOM header that cannot be decoded; the message names the element and the fault."""
 
@@ -407,6 +483,7 @@ def _summarize(ds_or_path: Dataset | str | os.PathLike[str]) -> InstanceInfo:
     has_phase = any(f.part is Part.PHASE for f in frames)
     names = (_text(ds.get("SequenceName")), _text(ds.get("PulseSequenceName")))
     fm_sequence = any(_SIEMENS_FIELD_MAP_SEQUENCE.match(n) for n in names if n)
+    inversion_time_s = _inversion_time_s(ds, enhanced)
     return InstanceInfo(
         path=path,
         sop_class_uid=sop_class,
@@ -428,6 +505,8 @@ def _summarize(ds_or_path: Dataset | str | os.PathLike[str]) -> InstanceInfo:
         field_strength_t=_field_strength(ds.get("MagneticFieldStrength")),
         phase_difference=has_phase and (fm_sequence or field_map_token),
         frames=tuple(frames),
+        inversion_time_s=inversion_time_s,
+        t1_evidence=t1_evidence(ds, enhanced, inversion_time_s),
     )
 
 

@@ -9,6 +9,11 @@ The three steps (each usable on its own; the tracker runs the first two as files
 
 :func:`load_folder` does all three for a folder.
 
+A plan's same-session T1w reference (:attr:`AcquisitionPlan.t1w`) is loaded with it by
+:func:`load_t1w` into :attr:`LoadedAcquisition.t1w`: a float32 ``[i, j, k]`` volume (the Modality
+LUT applied) with its RAS affine, on the slice order the grouping found. A T1w that cannot be
+loaded never fails the acquisition: :attr:`LoadedAcquisition.t1w_error` says why.
+
 Phase to radians. ``v`` is the stored value after the Modality LUT (RescaleSlope/Intercept,
 defaults 1 and 0). The first rule that applies wins:
 
@@ -43,7 +48,13 @@ from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from qsmnode.acquisition import GAMMA_BAR_HZ_PER_T, MultiEchoGRE
-from qsmnode.dicom.grouping import AcquisitionPlan, FrameRef, Problem, group_acquisitions
+from qsmnode.dicom.grouping import (
+    AcquisitionPlan,
+    FrameRef,
+    Problem,
+    T1wReference,
+    group_acquisitions,
+)
 from qsmnode.dicom.headers import (
     FrameInfo,
     InstanceInfo,
@@ -61,13 +72,16 @@ __all__ = [
     "InstanceInfo",
     "LoadError",
     "LoadedAcquisition",
+    "LoadedT1w",
     "Part",
     "Problem",
     "SourceRef",
+    "T1wReference",
     "Vendor",
     "group_acquisitions",
     "load_acquisition",
     "load_folder",
+    "load_t1w",
     "phase_scaling",
     "phase_scaling_from_range",
     "summarize",
@@ -124,6 +138,35 @@ class SourceRef(NamedTuple):
 
 
 @dataclass(frozen=True, eq=False)
+class LoadedT1w:
+    """A loaded same-session T1w: float32 ``[i, j, k]`` and its voxel-to-RAS affine."""
+
+    image: NDArray[np.float32] = field(repr=False)
+    affine: NDArray[np.float64] = field(repr=False)
+    reference: T1wReference = field(repr=False)
+
+    @property
+    def series_uid(self) -> str:
+        return self.reference.series_uid
+
+    def describe(self) -> str:
+        """Series, grid and why it is T1-weighted, in one line."""
+        return self.reference.describe()
+
+    def to_json(self) -> dict[str, Any]:
+        """What a result record says about it."""
+        ref = self.reference
+        return {
+            "series_uid": ref.series_uid,
+            "series_number": ref.series_number,
+            "series_description": ref.series_description,
+            "shape": list(ref.shape),
+            "voxel_size_mm": list(ref.voxel_size_mm),
+            "evidence": ref.evidence,
+        }
+
+
+@dataclass(frozen=True, eq=False)
 class LoadedAcquisition:
     """A loaded acquisition, with what the derived objects need to reference their sources.
 
@@ -135,6 +178,9 @@ class LoadedAcquisition:
         header: that file's dataset without its pixel data.
         phase_scaling: how the phase was converted to radians (for logs and reports).
         phase_sign: the sign that was applied.
+        t1w: the plan's same-session T1w reference, loaded (None: none, or not loadable).
+        t1w_note: the grouping's note on the study's T1w series (:attr:`AcquisitionPlan.t1w_note`).
+        t1w_error: why the chosen T1w could not be loaded (empty when it was, or there is none).
     """
 
     gre: MultiEchoGRE
@@ -149,6 +195,9 @@ class LoadedAcquisition:
     header: Dataset = field(repr=False)
     phase_scaling: str
     phase_sign: int
+    t1w: LoadedT1w | None = None
+    t1w_note: str = ""
+    t1w_error: str = ""
 
     @property
     def has_phase(self) -> bool:
@@ -307,6 +356,43 @@ def _header_copy(ds: Dataset) -> Dataset:
     return copy
 
 
+def load_t1w(reference: T1wReference,
+             read: Callable[[str], Dataset] = pydicom.dcmread) -> LoadedT1w:
+    """Read the pixels of a T1w reference (each file once) into a :class:`LoadedT1w`.
+
+    Raises:
+        LoadError: a file is missing, unreadable or does not match its summary.
+    """
+    ni, nj = reference.columns, reference.rows
+    image = np.empty((ni, nj, reference.n_slices), dtype=np.float32)
+    by_path: dict[str, list[tuple[int, FrameRef]]] = defaultdict(list)
+    for k, ref in enumerate(reference.frames):
+        if ref.path is None:
+            raise LoadError(f"instance {ref.sop_instance_uid} of the T1w has no file path")
+        by_path[ref.path].append((k, ref))
+    for path, slices in by_path.items():
+        try:
+            pixels = _pixel_frames(read(path))
+        except LoadError:
+            raise
+        except Exception as exc:  # pydicom and OSError report unreadable files in many ways
+            raise LoadError(f"{path}: cannot be read ({type(exc).__name__}: {exc})") from None
+        if pixels.shape[1:] != (nj, ni):
+            raise LoadError(
+                f"{path}: {pixels.shape[1]}×{pixels.shape[2]} pixels, the T1w has {nj}×{ni}"
+            )
+        for k, ref in slices:
+            f = ref.frame
+            index = (f.frame_number or 1) - 1
+            if index >= len(pixels):
+                raise LoadError(f"{path}: frame {index + 1} requested, {len(pixels)} present")
+            slope = 1.0 if f.rescale_slope is None else f.rescale_slope
+            intercept = 0.0 if f.rescale_intercept is None else f.rescale_intercept
+            image[:, :, k] = pixels[index].T * np.float32(slope) + np.float32(intercept)
+    return LoadedT1w(image=image, affine=np.asarray(reference.affine, dtype=np.float64),
+                     reference=reference)
+
+
 def _sign_for(vendor: Vendor, phase_sign: int | Mapping[str, int] | None) -> int:
     if isinstance(phase_sign, int):
         sign = phase_sign
@@ -323,6 +409,7 @@ def load_acquisition(
     plan: AcquisitionPlan,
     read: Callable[[str], Dataset] = pydicom.dcmread,
     phase_sign: int | Mapping[str, int] | None = None,
+    with_t1w: bool = True,
 ) -> LoadedAcquisition:
     """Read the pixels of a plan into a :class:`LoadedAcquisition`.
 
@@ -331,6 +418,7 @@ def load_acquisition(
         read: reads one file path into a dataset with its pixel data; each file is read once.
         phase_sign: +1 or -1 for this acquisition, or a per-vendor mapping that overrides
             :data:`VENDOR_PHASE_SIGN` entries; None uses the table.
+        with_t1w: load the plan's T1w reference too (its failure is recorded, not raised).
 
     Raises:
         LoadError: a file does not match its summary, or the phase units cannot be told.
@@ -416,6 +504,12 @@ def load_acquisition(
     patient_study = MappingProxyType(
         {kw: header[kw].value for kw in PATIENT_STUDY_KEYWORDS if kw in header}
     )
+    t1w, t1w_error = None, ""
+    if with_t1w and plan.t1w is not None:
+        try:
+            t1w = load_t1w(plan.t1w, read)
+        except LoadError as exc:
+            t1w_error = f"the T1w {plan.t1w.label()} could not be loaded: {exc}"
     return LoadedAcquisition(
         gre=gre,
         vendor=plan.vendor,
@@ -429,6 +523,9 @@ def load_acquisition(
         header=header,
         phase_scaling="; ".join(sorted(scalings)) if scalings else "none (no phase)",
         phase_sign=sign,
+        t1w=t1w,
+        t1w_note=plan.t1w_note,
+        t1w_error=t1w_error,
     )
 
 

@@ -6,9 +6,10 @@ absolute paths of their spool files, the grouping rules, and the attempt's outpu
 worker child (:mod:`qsmnode.node.worker`) runs a *job function* on it, by default
 :func:`execute_job`:
 
-1. summarize the files and group them again with the same rules;
+1. summarize the files (and those of the acquisition's T1w reference, if it has one) and group
+   them again with the same rules;
 2. take the plan made of exactly the job's series (the same acquisition the tracker found);
-3. :func:`~qsmnode.dicom.load.load_acquisition` it from the spool files;
+3. :func:`~qsmnode.dicom.load.load_acquisition` it from the spool files, with its T1w;
 4. :func:`qsmnode.pipeline.run_pipeline` it (:func:`process_acquisition`, which ``qsmnode
    process`` calls too), write the derived datasets it returns into the attempt's ``derived``
    folder (:func:`write_job_outputs`), and return the result as JSON.
@@ -21,10 +22,15 @@ A job function takes a :class:`JobSpec` and returns a JSON-ready dictionary; it 
 :class:`JobError` (or any exception) to fail the attempt with a message. It never touches the
 store: the parent records the outcome. The job function is the seam for other executors (a
 distributed engine would submit the same function with the same spec).
+
+The T1w is a help, never a condition: when its files are gone, unreadable, or no longer make a
+T1w reference, the job runs on the GRE alone and the M1 record says why
+(:attr:`~qsmnode.dicom.load.LoadedAcquisition.t1w_error`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import json
@@ -66,6 +72,9 @@ class JobSpec:
         job_id, acquisition_id, attempt: which job and which try (1-based).
         study_uid, series_uids: the acquisition.
         files: absolute paths of every spool file of those series.
+        t1w_series_uid, t1w_files: the acquisition's same-session T1w reference (its summary's
+            ``t1w``) and the absolute paths of its spool files; None and empty without one.
+        t1w_error: why the T1w named in the summary cannot be given (files missing).
         min_echoes, require_phase: the grouping rules.
         qsm, m1, atlas: what the pipeline computes (``[pipeline]`` in the configuration).
         m1_normative_table: the normative table file for z-scores (None: no z-scores).
@@ -85,6 +94,9 @@ class JobSpec:
     m1: bool = True
     atlas: str = "hcpex"
     m1_normative_table: str | None = None
+    t1w_series_uid: str | None = None
+    t1w_files: tuple[str, ...] = ()
+    t1w_error: str = ""
 
     @property
     def out_dir(self) -> Path:
@@ -108,6 +120,7 @@ class JobSpec:
         data = json.loads(text)
         data["series_uids"] = tuple(data["series_uids"])
         data["files"] = tuple(data["files"])
+        data["t1w_files"] = tuple(data.get("t1w_files", ()))
         return cls(**data)
 
 
@@ -134,6 +147,7 @@ def job_spec(store: Store, job: JobRecord, settings: Settings) -> JobSpec:
             f"{len(missing)} of {len(files)} spool files of acquisition {acquisition.id} are "
             f"missing (first: {missing[0] if missing else 'none recorded'})"
         )
+    t1w_uid, t1w_files, t1w_error = _t1w_files(store, acquisition.summary, state_dir)
     return JobSpec(
         job_id=job.id,
         acquisition_id=acquisition.id,
@@ -149,7 +163,27 @@ def job_spec(store: Store, job: JobRecord, settings: Settings) -> JobSpec:
         atlas=settings.pipeline.atlas,
         m1_normative_table=(None if settings.pipeline.m1_normative_table is None
                             else str(settings.pipeline.m1_normative_table)),
+        t1w_series_uid=t1w_uid,
+        t1w_files=t1w_files,
+        t1w_error=t1w_error,
     )
+
+
+def _t1w_files(store: Store, summary: dict[str, Any], state_dir: Path,
+               ) -> tuple[str | None, tuple[str, ...], str]:
+    """The T1w series UID of an acquisition summary, its spool files, and why they cannot be
+    given (then no files: the job runs without the T1w)."""
+    t1w = summary.get("t1w")
+    if not isinstance(t1w, dict) or not t1w.get("series_uid"):
+        return None, (), ""
+    uid = str(t1w["series_uid"])
+    files = tuple(str(state_dir / record.path) for record in store.instances(uid))
+    missing = [f for f in files if not Path(f).is_file()]
+    if not files or missing:
+        number = t1w.get("series_number")
+        return uid, (), (f"{len(missing)} of {len(files)} spool files of the T1w series "
+                         f"{'?' if number is None else number} (series UID {uid}) are missing")
+    return uid, files, ""
 
 
 def load_job_acquisition(spec: JobSpec) -> Any:
@@ -169,15 +203,27 @@ def load_job_acquisition(spec: JobSpec) -> Any:
     infos = summarize_files(spec.files)
     if len(infos) != len(spec.files):
         raise JobError(f"only {len(infos)} of {len(spec.files)} spool files could be read")
+    t1w_infos = summarize_files(spec.t1w_files)
+    t1w_error = spec.t1w_error
+    if len(t1w_infos) != len(spec.t1w_files):
+        t1w_error = (f"only {len(t1w_infos)} of {len(spec.t1w_files)} spool files of the T1w "
+                     f"series (series UID {spec.t1w_series_uid}) could be read")
+        t1w_infos = []
     wanted = set(spec.series_uids)
-    results = group_acquisitions(infos, min_echoes=spec.min_echoes,
+    results = group_acquisitions(infos + t1w_infos, min_echoes=spec.min_echoes,
                                  require_phase=spec.require_phase)
     for item in results:
         if isinstance(item, AcquisitionPlan) and set(item.series_uids) == wanted:
             try:
-                return load_acquisition(item)
+                loaded = load_acquisition(item)
             except LoadError as exc:
                 raise JobError(f"cannot load the acquisition: {exc}") from None
+            if spec.t1w_series_uid is not None and loaded.t1w is None and not loaded.t1w_error:
+                t1w_error = t1w_error or (
+                    f"the T1w series (series UID {spec.t1w_series_uid}) no longer makes a T1w "
+                    f"reference for this acquisition ({loaded.t1w_note or 'not found'})")
+                loaded = dataclasses.replace(loaded, t1w_error=t1w_error)
+            return loaded
     reasons = "; ".join(getattr(item, "reason", "") for item in results if
                         not isinstance(item, AcquisitionPlan))
     raise JobError(
@@ -236,7 +282,8 @@ def process_acquisition(loaded: Any, files: Sequence[str], out_dir: Path | None,
                         ) -> tuple[dict[str, Any], list[Dataset]]:
     """Run the pipeline on a loaded acquisition: its result as JSON and the derived datasets
     it made. ``files`` are the acquisition's source files; ``qsm``, ``m1``, ``atlas`` and
-    ``m1_normative_table`` (a file, for z-scores) are the ``[pipeline]`` settings. The node's
+    ``m1_normative_table`` (a file, for z-scores) are the ``[pipeline]`` settings. The
+    acquisition's T1w (``loaded.t1w``, its note and error) goes to the M1 analysis. The node's
     jobs and ``qsmnode process`` both call this, so both make the same datasets.
 
     Raises:
@@ -258,6 +305,9 @@ def process_acquisition(loaded: Any, files: Sequence[str], out_dir: Path | None,
         qsm=qsm,
         m1_atlas=_m1_atlas(atlas) if with_m1 else None,
         normative=normative,
+        t1w=getattr(loaded, "t1w", None),
+        t1w_note=getattr(loaded, "t1w_note", ""),
+        t1w_error=getattr(loaded, "t1w_error", ""),
     )
     try:
         result = run_pipeline(loaded, params, progress)

@@ -34,6 +34,13 @@ maximum wait) before recording anything. Acquisitions, problems (logged, with th
 plain-language reason) and jobs are recorded in one transaction (:meth:`Store.record_grouping`),
 which does nothing if the study changed meanwhile; the tracker then tries again.
 
+**Same-session T1w.** A T1-weighted single-echo magnitude series (the rule is in
+:mod:`qsmnode.dicom.grouping`) is not a problem: it becomes the anatomical reference of the
+acquisition with its Frame of Reference, named in the acquisition's summary (``t1w``, and
+``t1w_note`` with the choice among several or why one is not used). It is not one of the
+acquisition's series. Limitation: a T1w that arrives after its study's acquisition was
+recorded is not used for it (the acquisition is not processed twice).
+
 **Idempotent.** An acquisition is identified by its set of series UIDs: grouping a study again
 never records it twice nor queues a second job. A problem found again is not recorded again; a
 problem not found again is marked resolved.
@@ -95,8 +102,25 @@ def expected_instances(sop_class_uid: str, images_in_acquisition: int | None) ->
 
 
 def plan_summary(plan: AcquisitionPlan) -> dict[str, Any]:
-    """The JSON summary of a plan recorded with its acquisition."""
+    """The JSON summary of a plan recorded with its acquisition.
+
+    ``t1w`` names the same-session T1w reference (its series is not one of the acquisition's,
+    so the acquisition's identity stays its GRE series; the job takes the T1w's files from
+    here), or is None; ``t1w_note`` says which T1w was chosen and why others are not used.
+    """
     affine = np.asarray(plan.affine, dtype=np.float64)
+    t1w = None
+    if plan.t1w is not None:
+        ref = plan.t1w
+        t1w = {
+            "series_uid": ref.series_uid,
+            "series_number": ref.series_number,
+            "series_description": ref.series_description,
+            "shape": list(ref.shape),
+            "voxel_size_mm": list(ref.voxel_size_mm),
+            "evidence": ref.evidence,
+            "instances": len({r.sop_instance_uid for r in ref.frames}),
+        }
     return {
         "series_uids": list(plan.series_uids),
         "series_numbers": list(plan.series_numbers),
@@ -111,6 +135,8 @@ def plan_summary(plan: AcquisitionPlan) -> dict[str, Any]:
         "has_phase": plan.phase is not None,
         "frame_of_reference_uid": plan.frame_of_reference_uid,
         "instances": len(plan.sop_instance_uids),
+        "t1w": t1w,
+        "t1w_note": plan.t1w_note,
     }
 
 
@@ -355,6 +381,9 @@ class Tracker:
             if acquisition.state == "accepted":
                 log.info("study %s: acquisition %d: %s; job %s queued", study_uid,
                          acquisition.id, what, jobs.get(acquisition.id, "?"))
+                if acquisition.summary.get("t1w_note"):
+                    log.info("study %s: acquisition %d: %s", study_uid, acquisition.id,
+                             acquisition.summary["t1w_note"])
             else:
                 log.info("study %s: acquisition %d recorded as ignored: %s (%s)", study_uid,
                          acquisition.id, what, acquisition.reason)

@@ -22,6 +22,10 @@ so that the receiver, the grouping and the loader are tested against the pitfall
     fastest) like the real Philips sample. Per frame: FrameType ``...\\M``/``...\\P``,
     ComplexImageComponent MAGNITUDE/PHASE, EffectiveEchoTime, rescale and plane position.
 
+``write_t1w_dicom(image, affine, out_dir, study)`` adds a same-session 3D MPRAGE-like T1w
+(Siemens-like classic files, single-echo magnitude, ``GR\\IR`` with an InversionTime) to the
+study, for the T1w route of the M1 analysis.
+
 Pixel encodings (all uint16, 12 bits stored):
 
 - Magnitude: ``stored = round(magnitude * s)`` with ``s = 4095 / max(magnitude)`` over all
@@ -40,6 +44,7 @@ UIDs are deterministic: study, frame of reference, series and instances derive f
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import uuid
 from collections.abc import Callable, Iterable
@@ -841,3 +846,112 @@ def write_dicom(
     if style == "enhanced":
         return _write_enhanced(gre, out_dir, style, study)
     return _write_classic(gre, out_dir, style, study)
+
+
+# ---------------------------------------------------------------------------------------------
+# same-session T1w (MPRAGE-like)
+
+
+@dataclass(frozen=True)
+class T1wProtocol:
+    """What a 3D MPRAGE-like T1w series says about itself (Siemens-like classic files).
+
+    ``series_number`` must differ from the GRE's: the series and instance UIDs derive from the
+    study seed, a "t1w" role and the series number, so the two never collide.
+    """
+
+    series_number: int = 2
+    series_description: str = "t1_mprage_sag"
+    inversion_time_s: float = 1.05
+    echo_time_s: float = 0.00226
+    repetition_time_s: float = 2.3
+    flip_angle_deg: float = 9.0
+    sequence_name: str = "*tfl3d1_16ns"
+
+
+def write_t1w_dicom(
+    image: NDArray[np.floating],
+    affine: NDArray[np.float64],
+    out_dir: Path,
+    study: SimStudyInfo | None = None,
+    protocol: T1wProtocol | None = None,
+    field_strength_t: float = 7.0,
+) -> list[Path]:
+    """Write a T1w volume (e.g. from :func:`qsmnode.sim.anatomy.simulate_t1w`) as a classic
+    single-echo magnitude MR series of the study ``study``: same Study and Frame of Reference
+    UIDs as the GRE written with it, ScanningSequence ``GR\\IR``, InversionTime, SequenceName
+    ``*tfl3d1_16ns``, one file per slice (Siemens-like, no rescale). Returns the files in order.
+
+    Args:
+        image: ``[i, j, k]`` intensities (any non-negative scale; stored as 12 bits).
+        affine: its voxel-to-RAS affine (any orientation with orthogonal i and j).
+    """
+    volume = np.asarray(image, dtype=np.float32)
+    if volume.ndim != 3:
+        raise ValueError(f"the T1w image must be 3-D [i, j, k], not of shape {volume.shape}")
+    protocol = protocol or T1wProtocol()
+    study = study or SimStudyInfo()
+    series = dataclasses.replace(
+        study,
+        series_number=protocol.series_number,
+        series_description=protocol.series_description,
+        protocol_name=protocol.series_description,
+        flip_angle_deg=protocol.flip_angle_deg,
+        repetition_time_ms=protocol.repetition_time_s * 1000.0,
+    )
+    # The shared writers take an acquisition: a single echo without phase stands in for it.
+    t1w = MultiEchoGRE(
+        magnitude=volume[..., None],
+        phase=np.broadcast_to(np.float32(0), (*volume.shape, 1)),  # never read
+        echo_times_s=(protocol.echo_time_s,),
+        affine=np.asarray(affine, dtype=np.float64),
+        field_strength_t=field_strength_t,
+    )
+    _, _, nk = volume.shape
+    geo = plane_geometry(t1w.affine, nk)
+    style, role = "siemens", "t1w-siemens"
+    n = protocol.series_number
+    base = _common(t1w, series, style, n)
+    base.SeriesInstanceUID = study.series_instance_uid(role, n)
+    base.SOPClassUID = MR_IMAGE_STORAGE
+    for keyword, value in _classic_mr(t1w, series, geo, philips=False).items():
+        _put(base, keyword, value)
+    scale = magnitude_scale(t1w)
+    for keyword, value in {
+        "ImageType": ["ORIGINAL", "PRIMARY", "M", "ND", "NORM"],
+        "ScanningSequence": ["GR", "IR"],
+        "SequenceVariant": ["SK", "SP", "MP"],
+        "ScanOptions": "IR",
+        "SequenceName": protocol.sequence_name,
+        "InversionTime": _ms(protocol.inversion_time_s),
+        "EchoTrainLength": 1,
+        "WindowCenter": _ds(STORED_MAX / 2),
+        "WindowWidth": _ds(STORED_MAX),
+    }.items():
+        _put(base, keyword, value)
+    shared = _encode_dataset(base)
+    stored = frame_stack(encode_magnitude(volume, scale))
+    normal = geo.normal
+    echo_time = _ms(protocol.echo_time_s)
+    folder = out_dir / f"{n:04d}_{_folder_name(series)}"
+    folder.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    for k in range(nk):
+        number = k + 1
+        uid = study.sop_instance_uid(role, n, number)
+        elements = dict(shared)
+        for keyword, value in (
+            ("SOPInstanceUID", uid),
+            ("InstanceNumber", number),
+            ("EchoTime", echo_time),
+            ("EchoNumbers", "1"),
+            ("ImagePositionPatient", _ds_list(geo.positions[k])),
+            ("SliceLocation", _ds(float(geo.positions[k] @ normal))),
+        ):
+            tag, vr = _tag_vr(keyword)
+            elements[tag] = _encode_element(DataElement(tag, vr, value))
+        elements[0x7FE00010] = _encode_element(DataElement(0x7FE00010, "OW", stored[k].tobytes()))
+        path = folder / f"{number:05d}.dcm"
+        _write_encoded(path, elements, MR_IMAGE_STORAGE, uid)
+        written.append(path)
+    return written
