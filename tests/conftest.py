@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+
+from qsmnode.demo.pacs import Orthanc
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("QSMNODE_SHARED", REPO.parent / "shared")) / "data"
@@ -27,4 +31,22 @@ def require_tool(program: str, package: str) -> str:
         pytest.fail(f"{program} is not installed: run `sudo apt-get install {package}`")
     return path
 
+
+@pytest.fixture
+def nodes() -> Iterator[list[Any]]:
+    """Nodes (``tests.nodeutil.Node``) made by a test are killed at its end, whatever
+    happened."""
+    made: list[Any] = []
+    yield made
+    for node in made:
+        node.close()
+
+
+@pytest.fixture
+def orthanc(tmp_path: Path) -> Iterator[Orthanc]:
+    """Debian's Orthanc, made but not started (a test starts it when the PACS should be up)."""
+    require_tool("Orthanc", "orthanc")
+    server = Orthanc(tmp_path / "orthanc")
+    yield server
+    server.kill()
 

@@ -12,13 +12,10 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import pytest
-
-from tests.conftest import require_tool
 from tests.nodeutil import Node, toml_value, wait_for
 from tests.orthanc import Orthanc
 
@@ -26,21 +23,11 @@ ALGORITHM_VERSION = "0.1-test"
 CREATED = dt.datetime(2024, 5, 17, 12, 0, 0)
 
 
-@pytest.fixture
-def orthanc(tmp_path: Path) -> Iterator[Orthanc]:
-    """Debian's Orthanc, made but not started (a test starts it when the PACS should be up)."""
-    require_tool("Orthanc", "orthanc")
-    server = Orthanc(tmp_path / "orthanc")
-    yield server
-    kill(server)
 
 
 def kill(server: Orthanc) -> None:
     """Stop Orthanc at once (a clean stop takes seconds; the tests need no clean stop)."""
-    if server.process is not None and server.process.poll() is None:
-        server.process.kill()
-        server.process.wait()
-    server.stop()
+    server.kill()
 
 
 def orthanc_series(server: Orthanc) -> dict[int, int]:

@@ -21,7 +21,7 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -67,13 +67,14 @@ def wait_for(check: Callable[[], T], what: str, timeout_s: float = 60.0,
 class Node:
     """A node in a subprocess, with its own config and state under ``root``.
 
-    ``sections`` adds TOML tables (``{"tracker": {"quiet_period_s": 1}}``); ``job_function``
-    starts it through this module with that job function; ``env`` adds environment variables.
+    ``sections`` adds TOML tables (``{"tracker": {"quiet_period_s": 1}}``, ``{"listener.tls":
+    {...}}``); ``job_function`` starts it through this module with that job function; ``env``
+    adds environment variables; ``senders`` maps allowed calling AE titles to their hosts.
     """
 
     def __init__(self, root: Path, *, sections: dict[str, dict[str, object]] | None = None,
                  job_function: str | None = None, env: dict[str, str] | None = None,
-                 **listener: object) -> None:
+                 senders: dict[str, list[str]] | None = None, **listener: object) -> None:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
@@ -87,8 +88,9 @@ class Node:
                     "acse_timeout_s": 5, **listener}
         lines = ["[paths]", f"state_dir = {toml_value(self.state_dir)}", "", "[listener]"]
         lines += [f"{key} = {toml_value(value)}" for key, value in settings.items()]
-        lines += ["", "[[listener.allowed_senders]]", f"ae_title = {toml_value(ALLOWED)}",
-                  "hosts = []"]
+        for ae_title, hosts in (senders or {ALLOWED: []}).items():
+            lines += ["", "[[listener.allowed_senders]]", f"ae_title = {toml_value(ae_title)}",
+                      f"hosts = {toml_value(hosts)}"]
         tables: dict[str, dict[str, object]] = {"http": {"port": 0},
                                                 "logging": {"level": "INFO"}}
         for name, values in (sections or {}).items():
@@ -181,32 +183,29 @@ class Node:
 
     # ------------------------------------------------------------------------------ the sender
 
-    def storescu_command(self, *args: str | Path) -> list[str]:
-        return [require_tool("storescu", "dcmtk"), "-aet", ALLOWED, "-aec", "QSMNODE",
+    def spool_files(self) -> set[Path]:
+        return set((self.state_dir / "spool").glob("*/*/*.dcm"))
+
+    def storescu_command(self, *args: str | Path, calling: str = ALLOWED) -> list[str]:
+        return [require_tool("storescu", "dcmtk"), "-aet", calling, "-aec", "QSMNODE",
                 "127.0.0.1", str(self.port), *map(str, args)]
 
-    def storescu(self, *args: str | Path, nodelay: bool = True,
+    def storescu(self, *args: str | Path, calling: str = ALLOWED, nodelay: bool = True,
                  ) -> subprocess.CompletedProcess[str]:
         # dcmtk leaves Nagle's algorithm on unless TCP_NODELAY=1 (a delayed ACK per instance)
         env = {**os.environ, "TCP_NODELAY": "1" if nodelay else "0"}
-        return subprocess.run(self.storescu_command(*args), capture_output=True, text=True,
-                              timeout=180, env=env)
+        return subprocess.run(self.storescu_command(*args, calling=calling), capture_output=True,
+                              text=True, timeout=180, env=env)
 
-    def echoscu(self) -> subprocess.CompletedProcess[str]:
+    def echoscu(self, *args: str, calling: str = ALLOWED, called: str = "QSMNODE",
+                ) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [require_tool("echoscu", "dcmtk"), "-aet", ALLOWED, "-aec", "QSMNODE", "127.0.0.1",
-             str(self.port)],
+            [require_tool("echoscu", "dcmtk"), "-aet", calling, "-aec", called, *args,
+             "127.0.0.1", str(self.port)],
             capture_output=True, text=True, timeout=60,
         )
 
 
-@pytest.fixture
-def nodes() -> Iterator[list[Node]]:
-    """Nodes made by a test are killed at its end, whatever happened."""
-    made: list[Node] = []
-    yield made
-    for node in made:
-        node.close()
 
 
 def make_node(nodes: list[Node], root: Path, **kwargs: Any) -> Node:

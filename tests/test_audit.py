@@ -19,7 +19,6 @@ from tests.nodeutil import (
     Node,
     free_port,
     make_node,
-    nodes,  # noqa: F401  (the fixture)
     small_simulation,
     wait_for,
 )
@@ -103,7 +102,7 @@ def pacs() -> Iterator[StorageSCP]:
 
 @pytest.mark.slow
 def test_node_audits_who_sent_what_and_where_without_patient_data(
-        tmp_path: Path, nodes: list[Node], pacs: StorageSCP) -> None:  # noqa: F811
+        tmp_path: Path, nodes: list[Node], pacs: StorageSCP) -> None:
     from qsmnode.sim.vendor_dicom import SimStudyInfo, write_dicom
 
     info = SimStudyInfo(seed=SEED, patient_name=PATIENT_NAME, patient_id=PATIENT_ID)

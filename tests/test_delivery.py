@@ -43,7 +43,6 @@ from tests.deliveryutil import (
     add_destination,
     delivery,
     kill,
-    orthanc,  # noqa: F401  (the fixture)
     orthanc_series,
     orthanc_study_uids,
     truth_process,
@@ -54,7 +53,6 @@ from tests.nodeutil import (
     Node,
     free_port,
     make_node,
-    nodes,  # noqa: F401  (the fixture)
     study_uid,
     wait_for,
     write_study,
@@ -279,7 +277,7 @@ def test_connection_refused_and_tls(tmp_path: Path, derived: list[Dataset]) -> N
 
 @pytest.mark.slow
 def test_orthanc_killed_mid_association_gets_everything_exactly_once(
-    tmp_path: Path, derived: list[Dataset], orthanc: Orthanc, monkeypatch: pytest.MonkeyPatch  # noqa: F811
+    tmp_path: Path, derived: list[Dataset], orthanc: Orthanc, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from pynetdicom.association import Association
 
@@ -334,7 +332,7 @@ def test_orthanc_killed_mid_association_gets_everything_exactly_once(
 
 @pytest.mark.slow
 def test_node_delivers_everything_once_into_the_source_study_when_the_pacs_is_back(
-    nodes: list[Node], tmp_path: Path, source: Path, orthanc: Orthanc  # noqa: F811
+    nodes: list[Node], tmp_path: Path, source: Path, orthanc: Orthanc
 ) -> None:
     node = make_node(nodes, tmp_path / "node", sections=QUICK, job_function=JOB)
     add_destination(node, orthanc)  # Orthanc is not started yet: the PACS is down
@@ -384,7 +382,7 @@ def test_node_delivers_everything_once_into_the_source_study_when_the_pacs_is_ba
 
 @pytest.mark.slow
 def test_refused_ae_title_stays_queued_and_is_delivered_after_the_fix_and_a_restart(
-    nodes: list[Node], tmp_path: Path, source: Path  # noqa: F811
+    nodes: list[Node], tmp_path: Path, source: Path
 ) -> None:
     require_tool("Orthanc", "orthanc")
     strict = Orthanc(tmp_path / "orthanc", accept_unknown=False).start()
@@ -431,7 +429,7 @@ def test_refused_ae_title_stays_queued_and_is_delivered_after_the_fix_and_a_rest
 
 @pytest.mark.slow
 def test_process_writes_valid_files_and_sends_them_without_duplicates(
-    tmp_path: Path, source: Path, orthanc: Orthanc  # noqa: F811
+    tmp_path: Path, source: Path, orthanc: Orthanc
 ) -> None:
     orthanc.start()
     target = f"127.0.0.1:{orthanc.dicom_port}:{orthanc.ae_title}"

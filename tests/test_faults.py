@@ -31,7 +31,6 @@ from tests.conftest import require_tool
 from tests.deliveryutil import (
     add_destination,
     delivery,
-    orthanc,  # noqa: F401  (the fixture)
     orthanc_series,
     wait_delivered,
 )
@@ -39,7 +38,6 @@ from tests.nodeutil import (
     Node,
     dataset_bytes,
     make_node,
-    nodes,  # noqa: F401  (the fixture)
     send_raw,
     study_uid,
     wait_for,
@@ -89,7 +87,7 @@ def orthanc_sop_instances(server: Orthanc) -> list[str]:
 
 
 def test_kill_during_qsm_and_a_pacs_outage_deliver_each_object_once(
-    nodes: list[Node], tmp_path: Path, anatomy_study: Path, orthanc: Orthanc  # noqa: F811
+    nodes: list[Node], tmp_path: Path, anatomy_study: Path, orthanc: Orthanc
 ) -> None:
     node = make_node(nodes, tmp_path / "node", sections=QUICK)
     add_destination(node, orthanc)  # not started: the PACS is down
@@ -145,7 +143,7 @@ FOUR = {81: "siemens", 82: "philips", 83: "enhanced", 84: "siemens-xa"}
 
 
 def test_four_scanners_at_once_are_processed_and_delivered_without_mixing(
-    nodes: list[Node], tmp_path: Path, orthanc: Orthanc  # noqa: F811
+    nodes: list[Node], tmp_path: Path, orthanc: Orthanc
 ) -> None:
     studies = {seed: tmp_path / "studies" / str(seed) for seed in FOUR}
     for seed, style in FOUR.items():
@@ -218,7 +216,7 @@ def small_disk(tmp_path: Path) -> Path:
 
 
 def test_a_full_disk_refuses_with_out_of_resources_and_recovers_when_space_is_freed(
-    nodes: list[Node], small_disk: Path, tmp_path: Path  # noqa: F811
+    nodes: list[Node], small_disk: Path, tmp_path: Path
 ) -> None:
     files = write_study(tmp_path / "study", "siemens", 85)
     node = make_node(nodes, small_disk / "node", min_free_disk_mb=16,
@@ -316,7 +314,7 @@ def sop_uid(path: Path) -> str:
 
 
 def test_fuzzed_instances_are_each_answered_and_the_node_keeps_serving(
-    nodes: list[Node], tmp_path: Path, monkeypatch: pytest.MonkeyPatch  # noqa: F811
+    nodes: list[Node], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     require_tool("storescu", "dcmtk")
     files = write_study(tmp_path / "study", "siemens", 86)

@@ -26,7 +26,6 @@ from tests.nodeutil import (
     HOOKS_ENV,
     Node,
     make_node,
-    nodes,  # noqa: F401  (the fixture)
     small_simulation,
     study_uid,
     wait_for,
@@ -74,7 +73,7 @@ def four_studies(tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
 
 
 def test_four_senders_at_once_make_four_acquisitions_with_the_true_phase(
-    nodes: list[Node], tmp_path: Path, four_studies: dict[int, Path]  # noqa: F811
+    nodes: list[Node], tmp_path: Path, four_studies: dict[int, Path]
 ) -> None:
     # a 2 s quiet period: four senders on a busy machine may pause for a second
     node = make_node(nodes, tmp_path / "node", sections={
@@ -140,7 +139,7 @@ def test_four_senders_at_once_make_four_acquisitions_with_the_true_phase(
 
 
 def test_real_scanner_files_become_one_acquisition_each(
-    nodes: list[Node], tmp_path: Path, shared_data: Path  # noqa: F811
+    nodes: list[Node], tmp_path: Path, shared_data: Path
 ) -> None:
     # the classic and the Enhanced Philips files share their series UID: two nodes
     classic = make_node(nodes, tmp_path / "classic", sections=QUICK).start()
@@ -182,7 +181,7 @@ def test_real_scanner_files_become_one_acquisition_each(
 
 
 def test_sigkill_mid_transfer_then_the_rest_completes_the_acquisition(
-    nodes: list[Node], tmp_path: Path  # noqa: F811
+    nodes: list[Node], tmp_path: Path
 ) -> None:
     folder = tmp_path / "study"
     files = write_study(folder, "siemens", 71)
@@ -212,7 +211,7 @@ def test_sigkill_mid_transfer_then_the_rest_completes_the_acquisition(
 
 
 def test_sigkill_while_a_job_runs_reruns_it_exactly_once(
-    nodes: list[Node], tmp_path: Path  # noqa: F811
+    nodes: list[Node], tmp_path: Path
 ) -> None:
     marker = tmp_path / "marker"
     hooks = {study_uid(72): {"marker": str(marker), "delay_s": 60, "slow_attempts": 1}}
@@ -244,7 +243,7 @@ def test_sigkill_while_a_job_runs_reruns_it_exactly_once(
 
 
 def test_worker_crash_and_out_of_memory_fail_the_attempt_and_the_node_serves(
-    nodes: list[Node], tmp_path: Path  # noqa: F811
+    nodes: list[Node], tmp_path: Path
 ) -> None:
     hooks = {study_uid(73): {"exit": 9}, study_uid(74): {"allocate_mb": 1024}}
     node = make_node(nodes, tmp_path / "node", job_function=HOOKED,
@@ -276,7 +275,7 @@ def test_worker_crash_and_out_of_memory_fail_the_attempt_and_the_node_serves(
 
 
 def test_incomplete_studies_are_problems_without_jobs(
-    nodes: list[Node], tmp_path: Path  # noqa: F811
+    nodes: list[Node], tmp_path: Path
 ) -> None:
     node = make_node(nodes, tmp_path / "node", sections=QUICK).start()
     a = write_study(tmp_path / "a", "siemens", 81)

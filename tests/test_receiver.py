@@ -12,14 +12,13 @@ import json
 import os
 import re
 import shutil
-import signal
 import sqlite3
 import subprocess
 import sys
 import time
 import zlib
-from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
@@ -35,7 +34,6 @@ from pydicom.uid import (
 )
 from pynetdicom import AE
 
-from qsmnode.demo.pacs import free_port
 from qsmnode.node.receiver import (
     CALLED_AE_NOT_RECOGNISED,
     CALLING_AE_NOT_RECOGNISED,
@@ -45,8 +43,13 @@ from qsmnode.node.receiver import (
 )
 from qsmnode.node.spool import Spool
 from qsmnode.node.store import SCHEMA_VERSION, InstanceRecord, Store, StoreError
+from tests import nodeutil
 from tests.conftest import REPO, require_tool
-from tests.nodeutil import dataset_bytes, send_raw, toml_value
+from tests.nodeutil import (
+    Node,
+    dataset_bytes,
+    send_raw,
+)
 
 ALLOWED = "SCANNER7T"
 
@@ -58,120 +61,16 @@ ALLOWED = "SCANNER7T"
 
 
 
-class Node:
-    """``qsmnode serve`` in a subprocess, with its own config and state under ``root``."""
-
-    def __init__(self, root: Path, *, senders: dict[str, list[str]] | None = None,
-                 tls: dict[str, object] | None = None, **listener: object) -> None:
-        self.root = root
-        root.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
-        self.state_dir = root / "state"
-        self.config = root / "qsmnode.toml"
-        self.log_path = root / "node.log"
-        self.process: subprocess.Popen[bytes] | None = None
-        settings = {"host": "127.0.0.1", "port": self.port, "min_free_disk_mb": 1,
-                    "acse_timeout_s": 5, **listener}
-        lines = ["[paths]", f"state_dir = {toml_value(self.state_dir)}", "", "[listener]"]
-        lines += [f"{key} = {toml_value(value)}" for key, value in settings.items()]
-        if tls is not None:
-            lines += ["", "[listener.tls]"]
-            lines += [f"{key} = {toml_value(value)}" for key, value in tls.items()]
-        for ae_title, hosts in (senders or {ALLOWED: []}).items():
-            lines += ["", "[[listener.allowed_senders]]", f"ae_title = {toml_value(ae_title)}",
-                      f"hosts = {toml_value(hosts)}"]
-        # Reception only: the tracker must not close series while a test looks at them.
-        lines += ["", "[tracker]", "quiet_period_s = 600", "max_wait_s = 600"]
-        lines += ["", "[http]", "port = 0", "", "[logging]", 'level = "INFO"', ""]
-        self.config.write_text("\n".join(lines))
-
-    def start(self) -> Node:
-        """Start the node and wait until it listens (a restart appends to the same log)."""
-        offset = len(self.log())
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "qsmnode", "serve", "--config", str(self.config)],
-            stdout=subprocess.DEVNULL, stderr=self.log_path.open("ab"), cwd=REPO,
-        )
-        deadline = time.monotonic() + 30
-        while "listening as" not in self.log()[offset:]:
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"the node did not start:\n{self.log()}")
-            time.sleep(0.05)
-        return self
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def stop(self) -> None:
-        """SIGTERM: the node must exit cleanly, with status 0."""
-        assert self.process is not None
-        self.process.send_signal(signal.SIGTERM)
-        assert self.process.wait(timeout=15) == 0, self.log()
-        self.process = None
-
-    def kill(self) -> None:
-        assert self.process is not None
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait(timeout=10)
-        self.process = None
-
-    def close(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(timeout=10)
-
-    def store(self) -> Store:
-        return Store.in_state_dir(self.state_dir, readonly=True)
-
-    def count(self) -> int:
-        try:
-            with self.store() as store:
-                return store.count_instances()
-        except (StoreError, sqlite3.Error):
-            return 0
-
-    def spool_files(self) -> set[Path]:
-        return set((self.state_dir / "spool").glob("*/*/*.dcm"))
-
-    def status(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "qsmnode", "status", "--config", str(self.config), *args],
-            capture_output=True, text=True, timeout=60, cwd=REPO,
-        )
-
-    def storescu(self, *args: str | Path, calling: str = ALLOWED, nodelay: bool = True,
-                 ) -> subprocess.CompletedProcess[str]:
-        # dcmtk leaves Nagle's algorithm on unless TCP_NODELAY=1: each instance then waits for
-        # a delayed ACK (~40 ms) whatever the receiver
-        env = {**os.environ, "TCP_NODELAY": "1" if nodelay else "0"}
-        return subprocess.run(
-            [require_tool("storescu", "dcmtk"), "-aet", calling, "-aec", "QSMNODE",
-             "127.0.0.1", str(self.port), *map(str, args)],
-            capture_output=True, text=True, timeout=120, env=env,
-        )
-
-    def echoscu(self, *args: str, calling: str = ALLOWED, called: str = "QSMNODE",
-                ) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [require_tool("echoscu", "dcmtk"), "-aet", calling, "-aec", called, *args,
-             "127.0.0.1", str(self.port)],
-            capture_output=True, text=True, timeout=60,
-        )
+RECEPTION_ONLY = {"tracker": {"quiet_period_s": 600, "max_wait_s": 600}}
+"""Reception only: the tracker must not close series while a test looks at them."""
 
 
-@pytest.fixture
-def nodes() -> Iterator[list[Node]]:
-    """Nodes made by a test are killed at its end, whatever happened."""
-    made: list[Node] = []
-    yield made
-    for node in made:
-        node.close()
-
-
-def make_node(nodes: list[Node], root: Path, **kwargs: object) -> Node:
-    node = Node(root, **kwargs)  # type: ignore[arg-type]
-    nodes.append(node)
-    return node
+def make_node(nodes: list[Node], root: Path, *, tls: dict[str, object] | None = None,
+              **kwargs: Any) -> Node:
+    sections: dict[str, dict[str, object]] = dict(RECEPTION_ONLY)
+    if tls is not None:
+        sections["listener.tls"] = tls
+    return nodeutil.make_node(nodes, root, sections=sections, **kwargs)
 
 
 @pytest.fixture(scope="module")

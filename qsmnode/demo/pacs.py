@@ -135,6 +135,13 @@ class Orthanc:
                 self.process.wait()
         self.process = None
 
+    def kill(self) -> None:
+        """Stop at once (SIGKILL), as a crash would."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self.process = None
+
     def get(self, path: str) -> Any:
         with urllib.request.urlopen(self.url + path, timeout=10) as response:
             return json.loads(response.read())
