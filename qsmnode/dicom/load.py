@@ -356,6 +356,27 @@ def _header_copy(ds: Dataset) -> Dataset:
     return copy
 
 
+def _matrix_checked(path: str, pixels: NDArray[Any], ni: int, nj: int, what: str
+                    ) -> NDArray[Any]:
+    """The file's frames, after checking they have the ``nj`` rows × ``ni`` columns of ``what``."""
+    if pixels.shape[1:] != (nj, ni):
+        raise LoadError(
+            f"{path}: {pixels.shape[1]}×{pixels.shape[2]} pixels, {what} has {nj}×{ni}"
+        )
+    return pixels
+
+
+def _stored_frame(path: str, pixels: NDArray[Any], frame: FrameInfo
+                  ) -> tuple[NDArray[Any], float, float]:
+    """One frame's stored values as ``[i, j]``, with its Modality LUT slope and intercept."""
+    index = (frame.frame_number or 1) - 1
+    if index >= len(pixels):
+        raise LoadError(f"{path}: frame {index + 1} requested, {len(pixels)} present")
+    slope = 1.0 if frame.rescale_slope is None else frame.rescale_slope
+    intercept = 0.0 if frame.rescale_intercept is None else frame.rescale_intercept
+    return pixels[index].T, slope, intercept
+
+
 def load_t1w(reference: T1wReference,
              read: Callable[[str], Dataset] = pydicom.dcmread) -> LoadedT1w:
     """Read the pixels of a T1w reference (each file once) into a :class:`LoadedT1w`.
@@ -377,18 +398,10 @@ def load_t1w(reference: T1wReference,
             raise
         except Exception as exc:  # pydicom and OSError report unreadable files in many ways
             raise LoadError(f"{path}: cannot be read ({type(exc).__name__}: {exc})") from None
-        if pixels.shape[1:] != (nj, ni):
-            raise LoadError(
-                f"{path}: {pixels.shape[1]}×{pixels.shape[2]} pixels, the T1w has {nj}×{ni}"
-            )
+        _matrix_checked(path, pixels, ni, nj, "the T1w")
         for k, ref in slices:
-            f = ref.frame
-            index = (f.frame_number or 1) - 1
-            if index >= len(pixels):
-                raise LoadError(f"{path}: frame {index + 1} requested, {len(pixels)} present")
-            slope = 1.0 if f.rescale_slope is None else f.rescale_slope
-            intercept = 0.0 if f.rescale_intercept is None else f.rescale_intercept
-            image[:, :, k] = pixels[index].T * np.float32(slope) + np.float32(intercept)
+            stored, slope, intercept = _stored_frame(path, pixels, ref.frame)
+            image[:, :, k] = stored * np.float32(slope) + np.float32(intercept)
     return LoadedT1w(image=image, affine=np.asarray(reference.affine, dtype=np.float64),
                      reference=reference)
 
@@ -434,21 +447,12 @@ def load_acquisition(
 
     for path, jobs in _jobs_by_path(plan).items():
         ds = read(path)
-        pixels = _pixel_frames(ds)
-        if pixels.shape[1:] != (nj, ni):
-            raise LoadError(
-                f"{path}: {pixels.shape[1]}×{pixels.shape[2]} pixels, the acquisition has {nj}×{ni}"
-            )
+        pixels = _matrix_checked(path, _pixel_frames(ds), ni, nj, "the acquisition")
         if path == first_path:
             header = _header_copy(ds)
         for job in jobs:
             f = job.ref.frame
-            index = (f.frame_number or 1) - 1
-            if index >= len(pixels):
-                raise LoadError(f"{path}: frame {index + 1} requested, {len(pixels)} present")
-            slope = 1.0 if f.rescale_slope is None else f.rescale_slope
-            intercept = 0.0 if f.rescale_intercept is None else f.rescale_intercept
-            stored = pixels[index].T
+            stored, slope, intercept = _stored_frame(path, pixels, f)
             if job.part is Part.MAGNITUDE:
                 if slope == 1.0 and intercept == 0.0:
                     magnitude[:, :, job.k, job.e] = stored
