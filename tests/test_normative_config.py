@@ -1,6 +1,7 @@
 """The M1 normative table at the edge: ``[pipeline] m1_normative_table`` is read and checked with
-the configuration, carried by the job spec, and given to the pipeline, so that the report
-carries z-scores."""
+the configuration, carried by the job spec, and given to the pipeline. That the report then
+carries z-scores is checked on the anatomy phantom, where the M1 areas are found
+(``test_t1w_edge.test_process_acquisition_registers_through_the_t1w``)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,6 @@ from qsmnode.node.normative import NormativeTableError, read_normative_table
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "config" / "m1_normative.example.toml"
-DICOM_Z_SCORE = b"121416"  # DCM code of "Z-score of measurement"
 
 
 def config_with(tmp_path: Path, table: str) -> Path:
@@ -150,22 +150,3 @@ def test_process_acquisition_gives_the_table_to_the_pipeline(monkeypatch: Any) -
         process_acquisition(object(), [], None, True, True, "hcpex", None, "/nowhere/absent.toml")
     with pytest.raises(NormativeTableError):
         read_normative_table("/nowhere/absent.toml")
-
-
-@pytest.mark.slow
-def test_the_report_carries_z_scores_with_the_example_table(tmp_path: Path) -> None:
-    from qsmnode.dicom.load import LoadedAcquisition, load_folder
-    from qsmnode.node.outbox import encode
-    from qsmnode.sim.scanner import preset, simulate
-    from qsmnode.sim.vendor_dicom import SimStudyInfo, write_dicom
-
-    sim = simulate(preset("tiny", seed=2))
-    files = write_dicom(sim.gre, tmp_path / "in", "enhanced", SimStudyInfo(seed=2))
-    [loaded] = load_folder(tmp_path / "in")
-    assert isinstance(loaded, LoadedAcquisition)
-    sources = [str(f) for f in files]
-    record, datasets = process_acquisition(loaded, sources, None, True, True, "hcpex", None,
-                                           str(EXAMPLE))
-    assert "error" not in (record.get("m1") or {}), record.get("m1")
-    [report] = [ds for ds in datasets if ds.Modality == "SR"]
-    assert DICOM_Z_SCORE in encode(report)

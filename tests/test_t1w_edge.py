@@ -33,6 +33,8 @@ from qsmnode.sim.vendor_dicom import SimStudyInfo, T1wProtocol, write_t1w_dicom
 from tests.nodeutil import write_study
 
 SEED = 31
+NORMATIVE_EXAMPLE = Path(__file__).resolve().parents[1] / "config" / "m1_normative.example.toml"
+DICOM_Z_SCORE = b"121416"  # DCM code of "Z-score of measurement"
 T1W_SCAN = ScanParams(shape=(32, 36, 20), voxel_size_mm=(1.5, 1.5, 1.5),
                       rotation_deg=(-6.0, 4.0, 0.0), centre_mm=(0.0, -18.0, 30.0))
 """A small axial T1w grid with its own tilt (the grouping and loading tests need no anatomy)."""
@@ -284,6 +286,8 @@ def test_the_m1_stage_falls_back_to_the_gre_and_says_why(
 @pytest.mark.slow
 def test_process_acquisition_registers_through_the_t1w(tmp_path: Path) -> None:
     from qsmnode.node.jobs import process_acquisition
+    from qsmnode.node.normative import read_normative_table
+    from qsmnode.node.outbox import encode
     from qsmnode.sim.anatomy import simulate_anatomy, simulate_t1w
     from qsmnode.sim.scanner import preset
     from qsmnode.sim.vendor_dicom import write_dicom
@@ -301,7 +305,9 @@ def test_process_acquisition_registers_through_the_t1w(tmp_path: Path) -> None:
     assert isinstance(loaded, LoadedAcquisition) and loaded.t1w is not None
     np.testing.assert_allclose(loaded.t1w.affine, affine, atol=1e-4)
 
-    record, datasets = process_acquisition(loaded, [str(f) for f in files], None)
+    # With the example normative table (``[pipeline] m1_normative_table``): z-scores too.
+    record, datasets = process_acquisition(loaded, [str(f) for f in files], None,
+                                           m1_normative_table=NORMATIVE_EXAMPLE)
     m1 = record["m1"]
     assert "error" not in m1, m1
     flags = {f["name"]: f for f in m1["flags"]}
@@ -313,4 +319,10 @@ def test_process_acquisition_registers_through_the_t1w(tmp_path: Path) -> None:
     assert m1["t1w"]["note"].startswith("T1w reference: series 2")
     [report] = [ds for ds in datasets if ds.Modality == "SR"]
     assert "t1w_reference" in str(report.ContentSequence)
+    table = read_normative_table(NORMATIVE_EXAMPLE)  # partial: some rows have no norm
+    covered = [m for m in m1["measurements"] if m["covered"]]
+    normed = [m for m in covered if table.get(m["area"], m["layer"]) is not None]
+    assert normed and all(m["chi_z"] is not None for m in normed)
+    assert all(m["chi_z"] is None for m in m1["measurements"] if m not in normed)
+    assert DICOM_Z_SCORE in encode(report)
     print(f"GRE + T1w through process_acquisition in {time.perf_counter() - started:.1f} s")
