@@ -22,7 +22,9 @@ is the durable record, see :mod:`qsmnode.node.store`). ``storescp`` does not fsy
 references help read the ratio:
 
 - ``--reference``: a pynetdicom Storage SCP whose handler does nothing (pynetdicom's defaults,
-  the same PDU size), i.e. the ceiling of any receiver built on pynetdicom here;
+  the same PDU size), i.e. the ceiling of any receiver built on pynetdicom here; and the same
+  with pynetdicom's polling sleeps shortened (``pnd-nopoll``, by swapping a module's ``time``:
+  an experiment, not something the node does), i.e. the ceiling without them;
 - the *durable-write floor* (always): the spool write (temporary file, fsync, rename, folder
   fsync) and store commit of each instance of the study, without the network, i.e. what
   durability alone costs on this disk.
@@ -58,16 +60,34 @@ CALLED_AE = "QSMNODE"
 DEFAULT_CACHE = Path(tempfile.gettempdir()) / "qsmnode-bench"
 DCMTK_MAX_PDU = 131072  # storescp accepts at most this
 
-# A pynetdicom Storage SCP that accepts everything and does nothing with it: argv port, PDU.
+# A pynetdicom Storage SCP that accepts everything and does nothing with it: argv port, PDU,
+# AE title, and "nopoll" to shorten pynetdicom's polling sleeps (an experiment for this
+# benchmark only: the acceptor's reactor sleeps 1 ms per turn, in module code no setting
+# reaches, so its module's ``time`` is swapped for one whose sleeps last at most 50 µs; the
+# DUL's turn is shortened to 0.2 ms as the node does).
 _EMPTY_SCP = """
-import sys
+import sys, time
+import pynetdicom.association
 from pynetdicom import AE, StoragePresentationContexts, evt
+nopoll = sys.argv[4] == "nopoll"
+if nopoll:
+    class ShortSleeps:
+        def __getattr__(self, name):
+            return getattr(time, name)
+        @staticmethod
+        def sleep(seconds):
+            time.sleep(min(seconds, 0.00005))
+    pynetdicom.association.time = ShortSleeps()
+def opened(event):
+    if nopoll:
+        event.assoc.dul._run_loop_delay = 0.0002
 ae = AE(ae_title=sys.argv[3])
 ae.maximum_pdu_size = int(sys.argv[2])
 for context in StoragePresentationContexts:
     ae.add_supported_context(context.abstract_syntax, context.transfer_syntax)
 ae.start_server(("127.0.0.1", int(sys.argv[1])), block=True,
-                evt_handlers=[(evt.EVT_C_STORE, lambda event: 0x0000)])
+                evt_handlers=[(evt.EVT_C_STORE, lambda event: 0x0000),
+                              (evt.EVT_CONN_OPEN, opened)])
 """
 
 
@@ -253,12 +273,13 @@ def run_storescp(files: list[Path], work: Path, pdu: int) -> Run:
     return Run(seconds, received, peak, hwm, idle, cpu)
 
 
-def run_reference(files: list[Path], work: Path, pdu: int) -> Run:
+def run_reference(files: list[Path], work: Path, pdu: int, nopoll: bool = False) -> Run:
     """pynetdicom with a handler that does nothing (counts as received when storescu
-    succeeded: each C-STORE got its Success)."""
+    succeeded: each C-STORE got its Success); ``nopoll``: with its polling sleeps shortened."""
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, "-c", _EMPTY_SCP, str(port), str(pdu), CALLED_AE], cwd=work,
+        [sys.executable, "-c", _EMPTY_SCP, str(port), str(pdu), CALLED_AE,
+         "nopoll" if nopoll else "stock"], cwd=work,
         stdout=subprocess.DEVNULL, stderr=(work / "reference.log").open("wb"),
     )
     try:
@@ -382,7 +403,8 @@ def main() -> None:
                         f"at most {DCMTK_MAX_PDU})")
     parser.add_argument("--only", choices=("storescp", "qsmnode"), help="run one receiver")
     parser.add_argument("--reference", action="store_true",
-                        help="also run a pynetdicom SCP whose handler does nothing")
+                        help="also run a pynetdicom SCP whose handler does nothing, as is "
+                        "and with its polling sleeps shortened")
     parser.add_argument("--process", action="store_true",
                         help="let the node group and load the study after it arrived")
     parser.add_argument("--work", type=Path, help="where receivers write (default: a temp dir;"
@@ -407,7 +429,7 @@ def main() -> None:
 
     receivers = [r for r in ("storescp", "qsmnode") if args.only in (None, r)]
     if args.reference:
-        receivers.append("pynetdicom")
+        receivers += ["pynetdicom", "pnd-nopoll"]
     runs: dict[str, list[Run]] = {name: [] for name in receivers}
     for n in range(args.runs):
         for name in receivers:
@@ -415,8 +437,8 @@ def main() -> None:
                 work = Path(tmp)
                 if name == "storescp":
                     run = run_storescp(files, work, args.pdu)
-                elif name == "pynetdicom":
-                    run = run_reference(files, work, args.pdu)
+                elif name in ("pynetdicom", "pnd-nopoll"):
+                    run = run_reference(files, work, args.pdu, nopoll=name == "pnd-nopoll")
                 else:
                     run = run_qsmnode(files, work, args.pdu, args.process)
             status = "" if run.received == len(files) else f"  (ONLY {run.received} received)"
@@ -448,7 +470,7 @@ def main() -> None:
           f"{total_bytes / 1e6 / floor:6.1f}   (spool fsyncs + store commit alone, "
           f"{1e3 * floor / len(files):.2f} ms per instance)")
     if "storescp" in best:
-        for name in ("qsmnode", "pynetdicom"):
+        for name in ("qsmnode", "pynetdicom", "pnd-nopoll"):
             if name in best:
                 ratio = best["storescp"].seconds / best[name].seconds
                 goal = " (goal: at least 0.5)" if name == "qsmnode" else ""
