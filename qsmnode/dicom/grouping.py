@@ -44,6 +44,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -114,17 +115,29 @@ class T1wReference:
         sizes = np.linalg.norm(np.asarray(self.affine)[:3, :3], axis=0)
         return (round(float(sizes[0]), 6), round(float(sizes[1]), 6), round(float(sizes[2]), 6))
 
-    def label(self) -> str:
+    def _named(self) -> str:
         number = "?" if self.series_number is None else str(self.series_number)
         desc = f" '{self.series_description}'" if self.series_description else ""
-        return f"series {number}{desc} (series UID {self.series_uid})"
+        return f"series {number}{desc}"
+
+    def label(self) -> str:
+        return f"{self._named()} (series UID {self.series_uid})"
+
+    def to_json(self) -> dict[str, Any]:
+        """The series and its grid, for records and summaries."""
+        return {
+            "series_uid": self.series_uid,
+            "series_number": self.series_number,
+            "series_description": self.series_description,
+            "shape": list(self.shape),
+            "voxel_size_mm": list(self.voxel_size_mm),
+            "evidence": self.evidence,
+        }
 
     def brief(self) -> str:
         """Series number, description and voxel size (for reports: no UID)."""
-        number = "?" if self.series_number is None else str(self.series_number)
-        desc = f" '{self.series_description}'" if self.series_description else ""
         vs = "×".join(f"{v:.3g}" for v in self.voxel_size_mm)
-        return f"series {number}{desc} ({vs} mm)"
+        return f"{self._named()} ({vs} mm)"
 
     def describe(self) -> str:
         """The series, its grid and why it is T1-weighted, in one line."""

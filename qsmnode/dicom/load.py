@@ -155,15 +155,7 @@ class LoadedT1w:
 
     def to_json(self) -> dict[str, Any]:
         """What a result record says about it."""
-        ref = self.reference
-        return {
-            "series_uid": ref.series_uid,
-            "series_number": ref.series_number,
-            "series_description": ref.series_description,
-            "shape": list(ref.shape),
-            "voxel_size_mm": list(ref.voxel_size_mm),
-            "evidence": ref.evidence,
-        }
+        return self.reference.to_json()
 
 
 @dataclass(frozen=True, eq=False)

@@ -186,6 +186,21 @@ def _method(params: RegistrationParams, fixed_mask: sitk.Image, n_mask: int,
     return reg
 
 
+def _linear_stage(params: RegistrationParams, fixed_mask: sitk.Image, n_mask: int,
+                  fixed: sitk.Image, moving: sitk.Image, transform: sitk.Transform,
+                  learning_rate: float) -> float:
+    """One rigid or affine stage on the pyramid (regular-step gradient descent, scales from
+    physical shifts); optimises ``transform`` in place and returns the final metric."""
+    reg = _method(params, fixed_mask, n_mask)
+    reg.SetOptimizerAsRegularStepGradientDescent(
+        learningRate=learning_rate, minStep=1e-3, numberOfIterations=params.iterations,
+        relaxationFactor=0.6, gradientMagnitudeTolerance=1e-6)
+    reg.SetOptimizerScalesFromPhysicalShift()
+    reg.SetInitialTransform(transform, inPlace=True)
+    reg.Execute(fixed, moving)
+    return float(reg.GetMetricValue())
+
+
 def register(
     subject: F32,
     subject_affine: NDArray[np.float64],
@@ -225,14 +240,7 @@ def register(
     centre = subj_aff[:3, :3] @ np.argwhere(mask).mean(axis=0) + subj_aff[:3, 3]
     rigid = sitk.Euler3DTransform()
     rigid.SetCenter(tuple(float(c) for c in centre))
-    reg = _method(params, fixed_mask, n_mask)
-    reg.SetOptimizerAsRegularStepGradientDescent(
-        learningRate=2.0, minStep=1e-3, numberOfIterations=params.iterations,
-        relaxationFactor=0.6, gradientMagnitudeTolerance=1e-6)
-    reg.SetOptimizerScalesFromPhysicalShift()
-    reg.SetInitialTransform(rigid, inPlace=True)
-    reg.Execute(fixed, moving)
-    metric = reg.GetMetricValue()
+    metric = _linear_stage(params, fixed_mask, n_mask, fixed, moving, rigid, learning_rate=2.0)
     transform: sitk.Transform = rigid
 
     stages.append(("rigid", time.perf_counter() - t0 - sum(v for _, v in stages)))
@@ -241,14 +249,8 @@ def register(
         affine.SetCenter(rigid.GetCenter())
         affine.SetMatrix(rigid.GetMatrix())
         affine.SetTranslation(rigid.GetTranslation())
-        reg = _method(params, fixed_mask, n_mask)
-        reg.SetOptimizerAsRegularStepGradientDescent(
-            learningRate=1.0, minStep=1e-3, numberOfIterations=params.iterations,
-            relaxationFactor=0.6, gradientMagnitudeTolerance=1e-6)
-        reg.SetOptimizerScalesFromPhysicalShift()
-        reg.SetInitialTransform(affine, inPlace=True)
-        reg.Execute(fixed, moving)
-        metric = reg.GetMetricValue()
+        metric = _linear_stage(params, fixed_mask, n_mask, fixed, moving, affine,
+                               learning_rate=1.0)
         transform = affine
 
     stages.append(("affine", time.perf_counter() - t0 - sum(v for _, v in stages)))

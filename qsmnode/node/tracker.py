@@ -111,16 +111,8 @@ def plan_summary(plan: AcquisitionPlan) -> dict[str, Any]:
     affine = np.asarray(plan.affine, dtype=np.float64)
     t1w = None
     if plan.t1w is not None:
-        ref = plan.t1w
-        t1w = {
-            "series_uid": ref.series_uid,
-            "series_number": ref.series_number,
-            "series_description": ref.series_description,
-            "shape": list(ref.shape),
-            "voxel_size_mm": list(ref.voxel_size_mm),
-            "evidence": ref.evidence,
-            "instances": len({r.sop_instance_uid for r in ref.frames}),
-        }
+        t1w = {**plan.t1w.to_json(),
+               "instances": len({r.sop_instance_uid for r in plan.t1w.frames})}
     return {
         "series_uids": list(plan.series_uids),
         "series_numbers": list(plan.series_numbers),
