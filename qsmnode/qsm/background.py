@@ -45,11 +45,10 @@ from scipy import ndimage
 
 from qsmnode.qsm.dipole import dipole_kernel
 from qsmnode.qsm.util import (
-    FftGrid,
     bounding_box,
     cg,
+    crop_to_mask,
     erode_sphere,
-    fast_shape,
     laplacian_7pt,
     sphere_kernel,
 )
@@ -62,18 +61,6 @@ def default_vsharp_radii(voxel_size_mm: ArrayLike, largest_mm: float = 12.0) -> 
     vmax = float(np.max(np.asarray(voxel_size_mm, dtype=np.float64)))
     radii = [r for r in (12.0, 10.0, 8.0, 6.0, 5.0, 4.0, 3.0, 2.0) if vmax < r <= largest_mm]
     return (*radii, vmax)
-
-
-def _setup(
-    field: NDArray[np.floating], mask: NDArray[np.bool_], voxel_size_mm: ArrayLike, pad_mm: float
-) -> tuple[tuple[slice, slice, slice], FftGrid, NDArray[np.float32], NDArray[np.bool_]]:
-    """Crop to the mask's box; return the box, an FFT grid padded by ``pad_mm``, field and mask."""
-    vs = np.asarray(voxel_size_mm, dtype=np.float64)
-    box = bounding_box(mask)
-    m = np.ascontiguousarray(mask[box], dtype=bool)
-    f = np.asarray(field[box], dtype=np.float32) * m
-    grid = FftGrid(fast_shape(m.shape, np.ceil(pad_mm / vs).astype(int) + 1))
-    return box, grid, f, m
 
 
 def _uncrop(
@@ -106,7 +93,7 @@ def vsharp(
     """
     vs = np.asarray(voxel_size_mm, dtype=np.float64)
     radii = sorted(set(radii_mm or default_vsharp_radii(vs)), reverse=True)
-    box, grid, f, m = _setup(field_ppm, mask, vs, radii[0])
+    box, grid, f, m = crop_to_mask(field_ppm, mask, vs, radii[0], extra_voxels=1)
     f_spec = grid.forward(f)
     m_spec = grid.forward(m.astype(np.float32))
     filtered = np.zeros(grid.shape, np.float32)
@@ -150,7 +137,7 @@ def resharp(
     (dimensionless: ``C`` has eigenvalues in [0, ~1.1]).
     """
     vs = np.asarray(voxel_size_mm, dtype=np.float64)
-    box, grid, f, m = _setup(field_ppm, mask, vs, radius_mm)
+    box, grid, f, m = crop_to_mask(field_ppm, mask, vs, radius_mm, extra_voxels=1)
     hp = np.float32(1.0) - sphere_kernel(grid, vs, radius_mm)
     m_ero = erode_sphere(grid, grid.embed(m, bool).astype(bool), np.float32(1.0) - hp)
     lam = np.float32(tikhonov)
@@ -195,7 +182,7 @@ def ismv(
     """
     vs = np.asarray(voxel_size_mm, dtype=np.float64)
     r = float(2.0 * vs.max()) if radius_mm is None else float(radius_mm)
-    box, grid, f, m = _setup(field_ppm, mask, vs, r)
+    box, grid, f, m = crop_to_mask(field_ppm, mask, vs, r, extra_voxels=1)
     s = sphere_kernel(grid, vs, r)
     m_full = grid.embed(m, bool).astype(bool)
     inner = erode_sphere(grid, m_full, s)
@@ -242,7 +229,7 @@ def pdf(
     returns ``M (f − D χ_out)``. ``weight`` W (e.g. inverse noise) defaults to 1.
     """
     vs = np.asarray(voxel_size_mm, dtype=np.float64)
-    box, grid, f, m = _setup(field_ppm, mask, vs, pad_mm)
+    box, grid, f, m = crop_to_mask(field_ppm, mask, vs, pad_mm, extra_voxels=1)
     d = dipole_kernel(grid.shape, vs, b0_direction)
     m_full = grid.embed(m, bool).astype(bool)
     outside = ~m_full

@@ -37,7 +37,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from qsmnode.qsm.dipole import FFT_WORKERS, dipole_kernel
-from qsmnode.qsm.util import FftGrid, bounding_box, fast_shape, laplacian_7pt
+from qsmnode.qsm.util import FftGrid, crop_to_mask, laplacian_7pt
 
 Info = dict[str, Any]
 F32 = NDArray[np.float32]
@@ -47,17 +47,6 @@ _BLOCK_BYTES = 1 << 19
 """Bytes per array per block of the fused element-wise passes (fits a core's L2 cache)."""
 
 _POOL: ThreadPoolExecutor | None = None
-
-
-def _setup(
-    field: NDArray[np.floating], mask: NDArray[np.bool_], voxel_size_mm: ArrayLike, pad_mm: float
-) -> tuple[tuple[slice, slice, slice], FftGrid, NDArray[np.float32], NDArray[np.bool_]]:
-    vs = np.asarray(voxel_size_mm, dtype=np.float64)
-    box = bounding_box(mask)
-    m = np.ascontiguousarray(mask[box], dtype=bool)
-    f = np.asarray(field[box], dtype=np.float32) * m
-    grid = FftGrid(fast_shape(m.shape, np.ceil(pad_mm / vs).astype(int)))
-    return box, grid, f, m
 
 
 def _paste(
@@ -83,7 +72,7 @@ def tkd(
 ) -> tuple[NDArray[np.float32], Info]:
     """TKD (Shmueli 2009, Wharton 2010): ``1/D`` with ``|D| < threshold`` set to ``±threshold``."""
     vs = np.asarray(voxel_size_mm, dtype=np.float64)
-    box, grid, f, m = _setup(local_field_ppm, mask, vs, pad_mm)
+    box, grid, f, m = crop_to_mask(local_field_ppm, mask, vs, pad_mm)
     d = dipole_kernel(grid.shape, vs, b0_direction)
     t = np.float32(threshold)
     clamped = np.where(np.abs(d) < t, np.where(d < 0, -t, t), d)
@@ -394,7 +383,7 @@ def tv_admm(
     """
     vs = np.asarray(voxel_size_mm, dtype=np.float64)
     rho_tv = 100.0 * lam if rho is None else rho
-    box, grid, f, m = _setup(local_field_ppm, mask, vs, pad_mm)
+    box, grid, f, m = crop_to_mask(local_field_ppm, mask, vs, pad_mm)
     d = dipole_kernel(grid.shape, vs, b0_direction)
     fe = grid.embed(f)
     w = None
@@ -474,12 +463,11 @@ def single_step_tv(
     """
     vs = np.asarray(voxel_size_mm, dtype=np.float64)
     rho2 = 100.0 * lam if rho_tv is None else rho_tv
-    box = bounding_box(mask)
-    m = np.ascontiguousarray(mask[box], dtype=bool)
-    grid = FftGrid(fast_shape(m.shape, np.ceil(pad_mm / vs).astype(int) + 1))
+    box, grid, f, m = crop_to_mask(total_field_ppm, mask, vs, pad_mm, extra_voxels=1)
     inner_box = _erode_faces(m)
     inner = grid.embed(inner_box, np.float32)
-    f_full = grid.embed(np.asarray(total_field_ppm[box], np.float32) * m)
+    f_full = grid.embed(f)
+    del f
     g = laplacian_7pt(f_full, vs)
     g *= inner
     del f_full

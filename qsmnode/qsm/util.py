@@ -89,6 +89,21 @@ def bounding_box(mask: NDArray[np.bool_], margin: ArrayLike = 0) -> Slices:
     return tuple(out)
 
 
+def crop_to_mask(
+    field: NDArray[np.floating], mask: NDArray[np.bool_], voxel_size_mm: ArrayLike,
+    pad_mm: float, extra_voxels: int = 0,
+) -> tuple[Slices, FftGrid, NDArray[np.float32], NDArray[np.bool_]]:
+    """The mask's bounding box, an FFT grid over it padded by ``pad_mm`` (plus
+    ``extra_voxels``) per axis, and the field (float32, 0 outside the mask) and mask cropped
+    to the box."""
+    vs = np.asarray(voxel_size_mm, dtype=np.float64)
+    box = bounding_box(mask)
+    m = np.ascontiguousarray(mask[box], dtype=bool)
+    f = np.asarray(field[box], dtype=np.float32) * m
+    grid = FftGrid(fast_shape(m.shape, np.ceil(pad_mm / vs).astype(int) + extra_voxels))
+    return box, grid, f, m
+
+
 def block_mean(x: NDArray[np.generic], factors: tuple[int, int, int]) -> NDArray[np.generic]:
     """Mean over non-overlapping blocks (edge-padded to a multiple of the block size)."""
     if factors == (1, 1, 1):
