@@ -33,12 +33,13 @@ import json
 import math
 import os
 import re
-import tomllib
 import types
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn, get_args, get_origin, get_type_hints
+
+from qsmnode.node.tomlfile import TomlFileError, read_toml
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "config" / "qsmnode.toml"
 """The documented default configuration file shipped with the repository."""
@@ -659,18 +660,9 @@ def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> dict[str, str]:
 
 def _read_toml(path: Path, label: str) -> dict[str, Any]:
     try:
-        with path.open("rb") as stream:
-            return tomllib.load(stream)
-    except FileNotFoundError:
-        raise ConfigError(f"{label}: file not found") from None
-    except IsADirectoryError:
-        raise ConfigError(f"{label}: is a directory, expected a TOML file") from None
-    except OSError as exc:
-        raise ConfigError(f"{label}: cannot read: {exc.strerror or exc}") from None
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{label}: not UTF-8 text (bad byte at offset {exc.start})") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{label}: TOML syntax error: {exc}") from None
+        return read_toml(path)
+    except TomlFileError as exc:
+        raise ConfigError(f"{label}: {exc}") from None
 
 
 def load_settings(

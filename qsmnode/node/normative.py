@@ -12,9 +12,10 @@ it again with :func:`load_normative_table` (cached per process).
 from __future__ import annotations
 
 import functools
-import tomllib
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from qsmnode.node.tomlfile import TomlFileError, read_toml
 
 if TYPE_CHECKING:
     from qsmnode.m1.measure import NormativeTable
@@ -34,19 +35,9 @@ def read_normative_table(path: Path | str) -> NormativeTable:
 
     path = Path(path)
     try:
-        with path.open("rb") as stream:
-            data = tomllib.load(stream)
-    except FileNotFoundError:
-        raise NormativeTableError(f"{path}: file not found") from None
-    except IsADirectoryError:
-        raise NormativeTableError(f"{path}: is a directory, expected a TOML file") from None
-    except OSError as exc:
-        raise NormativeTableError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    except UnicodeDecodeError as exc:
-        raise NormativeTableError(
-            f"{path}: not UTF-8 text (bad byte at offset {exc.start})") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise NormativeTableError(f"{path}: TOML syntax error: {exc}") from None
+        data = read_toml(path)
+    except TomlFileError as exc:
+        raise NormativeTableError(f"{path}: {exc}") from None
     try:
         return NormativeTable.from_mapping(data)
     except ValueError as exc:
