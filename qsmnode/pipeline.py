@@ -232,68 +232,45 @@ T1W_FLAG = "t1w_reference"
 """Name of the quality flag that says whether the registration went through a T1w."""
 
 
-def _t1w_attempt(ctx: _Context, t1w: LoadedT1w) -> tuple[M1Result | None, dict[str, float],
-                                                          str]:
-    """The M1 analysis registered through the T1w: its result and times, or None and why the
-    T1w could not serve (then the caller registers the GRE)."""
-    q, params = ctx.qsm, ctx.params
-    assert q is not None and params.m1_atlas is not None
-    try:
-        result, seconds = analyse_m1(q.chi_ppm, q.r2star_per_s, q.magnitude, q.qsm_mask,
-                                     ctx.loaded.gre.affine, params.m1_atlas, params.m1_params,
-                                     params.normative, t1w=SameSessionT1w(t1w.image, t1w.affine))
-    except (ValueError, RuntimeError) as exc:
-        return None, {}, f"the analysis registered through it failed ({exc})"
-    flag = next((f for f in result.flags if f.name == "registration_nmi"), None)
-    if flag is not None and not flag.passed:
-        value = "" if flag.value is None else f" (normalised mutual information {flag.value:.3f})"
-        return None, {}, f"its registration to the template is below the acceptable level{value}"
-    return result, seconds, ""
-
-
 def _m1(ctx: _Context) -> None:
     """The M1 analysis. Its failure (for example a registration that cannot start on a slab
     without cortex) is recorded, and the maps are still delivered. A T1w that cannot serve
     falls back to the GRE (see the module docstring)."""
     if ctx.qsm is None or ctx.params.m1_atlas is None:
         return
-    q, params = ctx.qsm, ctx.params
+    q, params, t1w = ctx.qsm, ctx.params, ctx.params.t1w
     t1w_record: dict[str, Any] = {"note": params.t1w_note} if params.t1w_note else {}
+    if t1w is not None:
+        t1w_record.update(t1w.to_json())
+    try:
+        result, seconds = analyse_m1(
+            q.chi_ppm, q.r2star_per_s, q.magnitude, q.qsm_mask, ctx.loaded.gre.affine,
+            params.m1_atlas, params.m1_params, params.normative,
+            t1w=None if t1w is None else SameSessionT1w(t1w.image, t1w.affine))
+    except (ValueError, RuntimeError) as exc:
+        ctx.m1_record = {"error": f"the M1 analysis could not run: {exc}"}
+        if t1w_record:
+            ctx.m1_record["t1w"] = t1w_record
+        log.warning("study %s: %s; the maps go out without it", ctx.loaded.study_uid,
+                    ctx.m1_record["error"])
+        return
+    why_not = params.t1w_error or result.t1w_not_used
     flag: QualityFlag | None = None
-    result: M1Result | None = None
-    seconds: dict[str, float] = {}
-    why_not = params.t1w_error
-    if params.t1w is not None:
-        t1w_record.update(params.t1w.to_json())
-        result, seconds, why_not = _t1w_attempt(ctx, params.t1w)
-        if result is not None:
-            flag = QualityFlag(T1W_FLAG, True, None,
-                               "registered through the same-session T1w "
-                               f"{params.t1w.reference.brief()}")
     if why_not:
-        what = (f"the same-session T1w {params.t1w.reference.brief()}" if params.t1w is not None
+        what = (f"the same-session T1w {t1w.reference.brief()}" if t1w is not None
                 else "the same-session T1w")
         text = f"{what} was not used: {why_not}; the GRE magnitude was registered instead"
         flag = QualityFlag(T1W_FLAG, False, None, text)
         log.warning("study %s: %s", ctx.loaded.study_uid, text)
-    if t1w_record or flag is not None:
-        t1w_record["used"] = result is not None  # only a T1w attempt has made a result so far
-        if why_not:
-            t1w_record["why_not"] = why_not
-    if result is None:
-        try:
-            result, seconds = analyse_m1(q.chi_ppm, q.r2star_per_s, q.magnitude, q.qsm_mask,
-                                         ctx.loaded.gre.affine, params.m1_atlas,
-                                         params.m1_params, params.normative)
-        except (ValueError, RuntimeError) as exc:
-            ctx.m1_record = {"error": f"the M1 analysis could not run: {exc}"}
-            if t1w_record:
-                ctx.m1_record["t1w"] = t1w_record
-            log.warning("study %s: %s; the maps go out without it", ctx.loaded.study_uid,
-                        ctx.m1_record["error"])
-            return
+    elif t1w is not None:
+        flag = QualityFlag(T1W_FLAG, True, None,
+                           f"registered through the same-session T1w {t1w.reference.brief()}")
     if flag is not None:
         result = replace(result, flags=(*result.flags, flag))
+    if t1w_record or flag is not None:
+        t1w_record["used"] = flag is not None and flag.passed
+        if why_not:
+            t1w_record["why_not"] = why_not
     ctx.m1 = result
     ctx.m1_record = {
         "seconds": seconds,

@@ -228,16 +228,47 @@ def test_a_t1w_that_cannot_be_loaded_leaves_the_acquisition_loaded(
 # the pipeline's fallback to the GRE
 
 
-def _fake_result(name: str) -> M1Result:
-    empty = np.zeros((2, 2, 2), np.float32)
-    flag = QualityFlag("registration_nmi", name != "poor", 0.2 if name == "poor" else 1.1,
-                       f"registered the {name}")
-    return M1Result(empty.astype(np.uint8), empty, empty, (), (flag,))
+@pytest.mark.parametrize("outcome", ["raises", "poor", "good"])
+def test_the_gre_is_registered_when_the_t1w_cannot_serve(
+    outcome: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import SimpleITK as sitk
+
+    import qsmnode.m1.analysis as analysis
+    from qsmnode.m1.register import Registration
+
+    def registration(nmi: float) -> Registration:
+        return Registration(sitk.Euler3DTransform(), nmi, 1.0, -0.5, 0.0)
+
+    gre_registration, t1w_registration = registration(1.2), registration(
+        0.2 if outcome == "poor" else 1.2)
+
+    def fake_register(*args: Any, t1w: Any = None, **kwargs: Any) -> Registration:
+        if t1w is None:
+            return gre_registration
+        if outcome == "raises":
+            raise ValueError("the subject mask has 3 voxels at 2.0 mm: nothing to register")
+        return t1w_registration
+
+    monkeypatch.setattr(analysis, "register_subject",
+                        lambda m, a, b, atlas, params=None, t1w=None: fake_register(t1w=t1w))
+    volume = np.ones((4, 4, 4), np.float32)
+    reg, why_not = analysis.register_t1w_or_gre(
+        volume, np.eye(4), volume > 0, None,  # type: ignore[arg-type]
+        t1w=analysis.SameSessionT1w(volume, np.eye(4)))
+    expected = {
+        "raises": "its registration to the template failed (the subject mask has 3 voxels",
+        "poor": "its registration to the template is below the acceptable level "
+                "(normalised mutual information 0.200)",
+        "good": "",
+    }[outcome]
+    assert why_not.startswith(expected) and bool(why_not) == bool(expected)
+    assert reg is (t1w_registration if outcome == "good" else gre_registration)
 
 
-@pytest.mark.parametrize("failure", ["raises", "poor", "not loaded"])
-def test_the_m1_stage_falls_back_to_the_gre_and_says_why(
-    failure: str, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("case", ["not registered", "not loaded", "used"])
+def test_the_m1_stage_says_whether_the_t1w_was_used_and_why_not(
+    case: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import qsmnode.pipeline as pipeline
 
@@ -245,9 +276,11 @@ def test_the_m1_stage_falls_back_to_the_gre_and_says_why(
 
     def fake_analyse(*args: Any, t1w: Any = None, **kwargs: Any) -> tuple[M1Result, dict]:
         calls.append(t1w is not None)
-        if t1w is not None and failure == "raises":
-            raise ValueError("the T1w has no brain")
-        return _fake_result("poor" if t1w is not None else "GRE"), {"registration": 1.0}
+        empty = np.zeros((2, 2, 2), np.float32)
+        flag = QualityFlag("registration_nmi", True, 1.1, "registered")
+        why = ("its registration to the template is below the acceptable level "
+               "(normalised mutual information 0.200)") if case == "not registered" else ""
+        return M1Result(empty.astype(np.uint8), empty, empty, (), (flag,), why), {}
 
     monkeypatch.setattr(pipeline, "analyse_m1", fake_analyse)
     reference = T1wReference("1.2.3", "1.2.4", "1.2.5", 2, "t1_mprage_sag", "TI 900 ms", 4, 4,
@@ -255,9 +288,9 @@ def test_the_m1_stage_falls_back_to_the_gre_and_says_why(
     t1w = LoadedT1w(np.ones((4, 4, 4), np.float32), np.eye(4), reference)
     params = pipeline.PipelineParams(
         m1_atlas=object(),  # type: ignore[arg-type]
-        t1w=None if failure == "not loaded" else t1w,
+        t1w=None if case == "not loaded" else t1w,
         t1w_error="the T1w series 2 could not be loaded: disk error"
-        if failure == "not loaded" else "",
+        if case == "not loaded" else "",
     )
     loaded = SimpleNamespace(gre=SimpleNamespace(affine=np.eye(4)), study_uid="1.2.3")
     ctx = pipeline._Context(loaded, params)  # type: ignore[arg-type]
@@ -265,17 +298,18 @@ def test_the_m1_stage_falls_back_to_the_gre_and_says_why(
                               qsm_mask=None)
     pipeline._m1(ctx)
 
-    assert calls == ([False] if failure == "not loaded" else [True, False])
+    assert calls == [case != "not loaded"]  # one analysis: the fallback is inside it
     assert ctx.m1 is not None
     flag = next(f for f in ctx.m1.flags if f.name == "t1w_reference")
-    assert not flag.passed and "the GRE magnitude was registered instead" in flag.text
-    assert next(f for f in ctx.m1.flags if f.name == "registration_nmi").text == (
-        "registered the GRE")
-    why = {"raises": "the analysis registered through it failed (the T1w has no brain)",
-           "poor": "below the acceptable level (normalised mutual information 0.200)",
-           "not loaded": "could not be loaded: disk error"}[failure]
-    assert why in flag.text
     record = ctx.m1_record["t1w"]
+    if case == "used":
+        assert flag.passed and "series 2 't1_mprage_sag'" in flag.text
+        assert record["used"] is True and "why_not" not in record
+        return
+    assert not flag.passed and "the GRE magnitude was registered instead" in flag.text
+    why = {"not registered": "below the acceptable level (normalised mutual information 0.200)",
+           "not loaded": "could not be loaded: disk error"}[case]
+    assert why in flag.text
     assert record["used"] is False and why in record["why_not"]
 
 

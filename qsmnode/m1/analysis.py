@@ -5,7 +5,9 @@
    hand and foot areas warped onto the subject (``register``, ``atlas``). With a same-session
    T1w (``SameSessionT1w``) the T1w is registered instead: it shares the GRE's Frame of
    Reference, so both affines map to the same scanner RAS and GRE → T1w is the identity
-   given by the geometry; the T1w → template transform is then the GRE's too.
+   given by the geometry; the T1w → template transform is then the GRE's too. When that
+   registration fails or its quality is below the acceptable level, the GRE magnitude is
+   registered instead, and the result says why (``M1Result.t1w_not_used``).
 3. Cortical depth and thickness in the segmented grey matter (``layers``).
 4. Measurements per area and layer, coverage and quality flags (``measure``).
 
@@ -140,6 +142,31 @@ def register_subject(
     return register(image, t1w.affine, mask, atlas.template, atlas.template_affine, params)
 
 
+def register_t1w_or_gre(
+    magnitude: F32,
+    affine: NDArray[np.float64],
+    brain_mask: NDArray[np.bool_],
+    atlas: M1Atlas,
+    params: RegistrationParams | None = None,
+    t1w: SameSessionT1w | None = None,
+) -> tuple[Registration, str]:
+    """The transform through the T1w when one is given and it registers acceptably
+    (``Registration.acceptable``), else through the GRE magnitude; and why a given T1w was
+    not used ("" when it was, or when none was given)."""
+    why_not = ""
+    if t1w is not None:
+        try:
+            reg = register_subject(magnitude, affine, brain_mask, atlas, params, t1w)
+        except (ValueError, RuntimeError) as exc:
+            why_not = f"its registration to the template failed ({exc})"
+        else:
+            if reg.acceptable:
+                return reg, ""
+            why_not = ("its registration to the template is below the acceptable level "
+                       f"(normalised mutual information {reg.quality_nmi:.3f})")
+    return register_subject(magnitude, affine, brain_mask, atlas, params), why_not
+
+
 def analyse_m1(
     chi_ppm: F32,
     r2star_per_s: F32,
@@ -161,21 +188,23 @@ def analyse_m1(
         magnitude: the echo-combined magnitude.
         brain_mask: the QSM brain mask (also the registration's metric mask).
         affine: voxel-to-RAS affine of the acquisition.
-        t1w: a same-session T1w to register to the template instead of the magnitude.
+        t1w: a same-session T1w to register to the template instead of the magnitude
+            (:func:`register_t1w_or_gre`).
     """
     p = params or M1Params()
     vs = voxel_size_mm(affine)
     shape = tuple(int(n) for n in chi_ppm.shape)
     seconds: dict[str, float] = {}
 
-    def locate() -> tuple[Registration, NDArray[np.uint8], dict[str, float], float]:
+    def locate() -> tuple[Registration, str, NDArray[np.uint8], dict[str, float], float]:
         t = time.perf_counter()
-        reg = register_subject(magnitude, affine, brain_mask, atlas, p.registration, t1w)
+        reg, t1w_not_used = register_t1w_or_gre(magnitude, affine, brain_mask, atlas,
+                                                p.registration, t1w)
         warped = warp_labels(reg, atlas.areas, atlas.areas_affine, shape, affine)
         areas = np.where((warped >= 1) & (warped <= len(AREAS)), warped, 0).astype(np.uint8)
         expected = expected_area_volumes(reg, atlas, shape, affine, p.coverage_margin_mm,
                                          p.coverage_grid_mm)
-        return reg, areas, expected, time.perf_counter() - t
+        return reg, t1w_not_used, areas, expected, time.perf_counter() - t
 
     # The registration (single-threaded, for reproducibility; SimpleITK releases the GIL)
     # runs beside the segmentation and the layers, which do not depend on it.
@@ -187,7 +216,7 @@ def analyse_m1(
         t = time.perf_counter()
         layers = cortical_layers(seg.gm, seg.wm, vs, method=p.depth_method)
         seconds["layers"] = time.perf_counter() - t
-        reg, areas, expected, seconds["registration"] = located.result()
+        reg, t1w_not_used, areas, expected, seconds["registration"] = located.result()
 
     t = time.perf_counter()
     rule = {"expected_volume_mm3": expected, "min_volume_mm3": p.min_volume_mm3,
@@ -201,7 +230,8 @@ def analyse_m1(
     registration_flag = QualityFlag(
         "registration_nmi", bool(reg.acceptable), float(reg.quality_nmi),
         f"normalised mutual information {reg.quality_nmi:.3f} of the "
-        f"{'same-session T1w' if t1w is not None else 'GRE magnitude'} with the MNI template "
+        f"{'same-session T1w' if t1w is not None and not t1w_not_used else 'GRE magnitude'} "
+        "with the MNI template "
         f"({'acceptable' if reg.acceptable else 'below the acceptable level'})",
     )
     flags = (registration_flag, *quality_flags(coverage, seg.gm, seg.wm, layers.thickness_mm))
@@ -213,5 +243,6 @@ def analyse_m1(
         thickness_mm=layers.thickness_mm.astype(np.float32),
         measurements=measurements,
         flags=flags,
+        t1w_not_used=t1w_not_used,
     )
     return result, seconds

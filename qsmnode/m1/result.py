@@ -76,6 +76,8 @@ class M1Result:
         thickness_mm: float32 cortical thickness, NaN outside cortex.
         measurements: per area and layer (and "all").
         flags: registration quality, coverage per area, segmentation sanity.
+        t1w_not_used: why a same-session T1w given to the analysis was not what it registered
+            ("" when it was, or when none was given).
     """
 
     labels: NDArray[np.uint8]
@@ -83,6 +85,7 @@ class M1Result:
     thickness_mm: NDArray[np.float32]
     measurements: tuple[Measurement, ...]
     flags: tuple[QualityFlag, ...]
+    t1w_not_used: str = ""
 
     def measurement(self, area: str, layer: str) -> Measurement:
         for m in self.measurements:
