@@ -8,16 +8,23 @@ file's dataset bytes as they are.
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
 import re
 import shutil
 import sqlite3
+import struct
 import subprocess
 import sys
 import time
+import tracemalloc
 import zlib
+from collections.abc import Iterator
+from io import BytesIO
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pydicom
@@ -34,14 +41,25 @@ from pydicom.uid import (
 )
 from pynetdicom import AE
 
+from qsmnode.node import receiver as receiver_module
+from qsmnode.node import spool as spool_module
+from qsmnode.node.config import PathsConfig, Settings
 from qsmnode.node.receiver import (
     CALLED_AE_NOT_RECOGNISED,
     CALLING_AE_NOT_RECOGNISED,
+    MR_IMAGE_STORAGE,
+    SPOOL_DIRNAME,
+    SPOOL_WRITE_FAILED,
+    STORE_COMMIT_FAILED,
+    SUCCESS,
     AccessPolicy,
     DatasetError,
+    Receiver,
+    file_prefix,
     inspect_dataset,
+    recover,
 )
-from qsmnode.node.spool import Spool
+from qsmnode.node.spool import Spool, SpoolError
 from qsmnode.node.store import SCHEMA_VERSION, InstanceRecord, Store, StoreError
 from tests import nodeutil
 from tests.conftest import REPO, require_tool
@@ -223,6 +241,233 @@ def test_spool_paths_are_uids_only(tmp_path: Path) -> None:
     (path.parent / ".1.2.3.5.0000.tmp").write_bytes(b"partial")
     assert spool.remove_temp_files() == 1
     assert not Spool(tmp_path / "spool", min_free_bytes=2**62).has_room(1)
+
+
+# ------------------------------------------------------------------------------------------------
+# Units: the C-STORE handler, the spool's failure paths and recovery, without a network
+
+
+def _element(tag: int, vr: bytes, value: bytes) -> bytes:
+    """One explicit VR little endian element (value padded to even length)."""
+    if len(value) % 2:
+        value += b"\0" if vr in (b"UI", b"OB") else b" "
+    if vr in (b"OB", b"OW", b"SQ", b"UN", b"UT"):
+        return struct.pack("<HH2s2xL", tag >> 16, tag & 0xFFFF, vr, len(value)) + value
+    return struct.pack("<HH2sH", tag >> 16, tag & 0xFFFF, vr, len(value)) + value
+
+
+def _mr_dataset(sop_uid: str, *, series_uid: str = "1.2.3.1", pixels: bytes = b"\0" * 64,
+                extra: bytes = b"") -> bytes:
+    """A minimal MR instance in explicit VR little endian: the UIDs, ``extra``, pixel data."""
+    return b"".join((
+        _element(0x00080016, b"UI", MR_IMAGE_STORAGE.encode()),
+        _element(0x00080018, b"UI", sop_uid.encode()),
+        _element(0x00080060, b"CS", b"MR"),
+        extra,
+        _element(0x0020000D, b"UI", b"1.2.3"),
+        _element(0x0020000E, b"UI", series_uid.encode()),
+        _element(0x7FE00010, b"OW", pixels),
+    ))
+
+
+EXPLICIT_LE = str(ExplicitVRLittleEndian)
+
+
+@pytest.fixture
+def receiver(tmp_path: Path) -> Iterator[Receiver]:
+    """A Receiver that is not listening, with its own store and spool (no disk floor)."""
+    state_dir = tmp_path / "state"
+    settings = Settings(paths=PathsConfig(state_dir=state_dir))
+    with Store.in_state_dir(state_dir) as store:
+        yield Receiver(settings, store, Spool(state_dir / SPOOL_DIRNAME))
+
+
+def _c_store(receiver: Receiver, data: bytes, sop_uid: str,
+             syntax: str = EXPLICIT_LE) -> tuple[int, str]:
+    """Hand ``data`` to the receiver's C-STORE handler as pynetdicom would; (status, comment)."""
+    event = SimpleNamespace(
+        request=SimpleNamespace(AffectedSOPClassUID=MR_IMAGE_STORAGE,
+                                AffectedSOPInstanceUID=sop_uid, DataSet=BytesIO(data)),
+        context=SimpleNamespace(transfer_syntax=syntax),
+        assoc=SimpleNamespace(requestor=SimpleNamespace(ae_title=ALLOWED, address="127.0.0.1",
+                                                        port=11112)),
+    )
+    status = receiver.handle_store(event)  # type: ignore[arg-type]
+    if isinstance(status, int):
+        return status, ""
+    return int(status.Status), str(status.get("ErrorComment", ""))
+
+
+def test_deflate_bombs_are_refused_before_they_take_the_memory(
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A deflated dataset may inflate to at most max(256 MiB, 64 x its size): a bomb (zeros
+    deflate about 1000:1) is refused with a reason, having taken no more memory than that."""
+    pixels = 64 * 2**20
+    deflater = zlib.compressobj(wbits=-zlib.MAX_WBITS)
+    head = _mr_dataset("1.2.3.1.1", pixels=b"")[:-4]  # the pixel data element, length to come
+    parts = [deflater.compress(head + struct.pack("<L", pixels))]
+    zeros = bytes(2**20)
+    parts += [deflater.compress(zeros) for _ in range(pixels // len(zeros))]
+    bomb = b"".join(parts) + deflater.flush()
+    syntax = str(DeflatedExplicitVRLittleEndian)
+    assert len(bomb) < pixels // 500  # so 64 x its size is < 64 MiB / 8
+    # the floor of 256 MiB made small, for a test that needs not take 256 MiB
+    monkeypatch.setattr(receiver_module, "_INFLATE_FLOOR", 2**20, raising=False)
+    tracemalloc.start()
+    try:
+        with pytest.raises(DatasetError, match=r"^too large: deflated data inflates beyond"):
+            inspect_dataset(bomb, syntax)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 24 * 2**20, peak  # not the 64 MiB it inflates to
+    small = _mr_dataset("1.2.3.1.2")
+    deflater = zlib.compressobj(wbits=-zlib.MAX_WBITS)
+    assert inspect_dataset(deflater.compress(small) + deflater.flush(), syntax).series_uid \
+        == "1.2.3.1"
+
+
+def test_a_resend_with_other_content_keeps_the_first_and_says_so(
+    receiver: Receiver, caplog: pytest.LogCaptureFixture
+) -> None:
+    first = _mr_dataset("1.2.3.1.1", pixels=b"\1" * 64)
+    assert _c_store(receiver, first, "1.2.3.1.1") == (SUCCESS, "")
+    [record] = receiver.store.instances()
+    stored = receiver.state_dir / record.path
+    assert stored.read_bytes().endswith(first)
+    with caplog.at_level(logging.DEBUG, logger="qsmnode.node.receiver"):
+        assert _c_store(receiver, first, "1.2.3.1.1") == (SUCCESS, "")  # the same: quiet
+        assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+        other = _mr_dataset("1.2.3.1.1", pixels=b"\2" * 64)  # same size, other pixels
+        assert _c_store(receiver, other, "1.2.3.1.1") == (SUCCESS, "")
+    [warning] = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert "duplicate 1.2.3.1.1 from SCANNER7T@127.0.0.1:11112 differs from the stored copy" \
+        in warning.getMessage()
+    assert "the stored copy is kept" in warning.getMessage()
+    assert stored.read_bytes().endswith(first) and receiver.store.count_instances() == 1
+
+
+def test_spool_write_failures_leave_no_temp_file_and_name_the_cause(
+    receiver: Receiver, tmp_path: Path
+) -> None:
+    spool = receiver.spool
+    # a study folder that is not a folder: even the clean-up of the temp file fails
+    (spool.root / "1.2.9").write_bytes(b"")
+    path = spool.path_for("1.2.9", "1.2.9.1", "1.2.9.1.1")
+    with pytest.raises(SpoolError) as failed:
+        spool.write(path, (b"abc",))
+    assert failed.value.errno == errno.ENOTDIR
+    # through the handler: 0xA701 naming the cause, not an internal error
+    data = _mr_dataset("1.2.9.1.1", series_uid="1.2.9.1").replace(b"1.2.3\0", b"1.2.9\0")
+    assert _c_store(receiver, data, "1.2.9.1.1") == (
+        SPOOL_WRITE_FAILED, "spool write failed: Not a directory")
+
+    def chunks() -> Iterator[bytes]:  # a failure that is not an OSError, mid-write
+        yield b"abc"
+        raise RuntimeError("the payload went away")
+
+    path = spool.path_for("1.2", "1.2.3", "1.2.3.4")
+    with pytest.raises(RuntimeError):
+        spool.write(path, chunks())
+    assert not path.exists() and not list(spool.root.rglob("*.tmp"))
+
+
+def test_spool_folders_are_durable_before_an_instance_in_them_is(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A folder another association made (and has not fsynced into its parent yet), or that
+    an earlier run made and died before syncing: the first write into it syncs its entry and
+    its parents' up to the spool before the instance counts as durable."""
+    spool = Spool(tmp_path / "spool")
+    synced: list[Path] = []
+    real = spool_module._fsync_dir
+    monkeypatch.setattr(spool_module, "_fsync_dir", lambda p: (synced.append(p), real(p)))
+    series = spool.root / "1.2" / "1.2.3"
+    series.mkdir(parents=True)  # made, not synced, by someone else
+    spool.write(spool.path_for("1.2", "1.2.3", "1.2.3.4"), (b"abc",))
+    assert {spool.root, spool.root / "1.2", series} <= set(synced)
+    synced.clear()
+    spool.write(spool.path_for("1.2", "1.2.3", "1.2.3.5"), (b"abc",))
+    assert synced == [series]  # known durable now: only the file's own folder
+    synced.clear()
+    spool.write(spool.path_for("1.2", "1.2.4", "1.2.4.1"), (b"abc",))  # a new series folder
+    assert synced == [spool.root / "1.2", spool.root / "1.2" / "1.2.4"]
+
+
+def test_recovery_adopts_what_the_receiver_acknowledged(receiver: Receiver) -> None:
+    """A crash (or power loss) took the rows: recovery reads each spool file as the receiver
+    read it, so an instance that was acknowledged is adopted, never quarantined; a damaged file
+    meta is quarantined and the node still starts."""
+    # an undefined-length sequence whose defined-length item pydicom cannot parse: the receiver
+    # walks past it (not the header) and stores it
+    odd_item = b"\xff" * 16
+    sequence = (struct.pack("<HH2s2xL", 0x0008, 0x1140, b"SQ", 0xFFFFFFFF)
+                + struct.pack("<HHL", 0xFFFE, 0xE000, len(odd_item)) + odd_item
+                + struct.pack("<HHL", 0xFFFE, 0xE0DD, 0))
+    odd = _mr_dataset("1.2.3.1.1", extra=sequence)
+    assert _c_store(receiver, odd, "1.2.3.1.1") == (SUCCESS, "")
+    plain = _mr_dataset("1.2.3.1.2")
+    assert _c_store(receiver, plain, "1.2.3.1.2") == (SUCCESS, "")
+    store, spool, state_dir = receiver.store, receiver.spool, receiver.state_dir
+    paths = {r.sop_instance_uid: r.path for r in store.instances()}
+    # a damaged file meta (the transfer syntax's VR garbled), as bit rot would leave it
+    damaged = spool.path_for("1.2.3", "1.2.3.1", "1.2.3.1.3")
+    prefix = file_prefix(MR_IMAGE_STORAGE, "1.2.3.1.3", EXPLICIT_LE, ALLOWED)
+    at = prefix.index(b"\x02\x00\x10\x00UI") + 4
+    spool.write(damaged, (prefix[:at] + b"\x55\x9a" + prefix[at + 2:],
+                          _mr_dataset("1.2.3.1.3")))
+    with store.transaction() as db:  # the rows a power loss took
+        db.execute("DELETE FROM instances")
+        db.execute("DELETE FROM series")
+
+    result = recover(store, spool, state_dir)
+    assert (result.adopted, result.quarantined, result.missing) == (2, 1, ())
+    records = {r.sop_instance_uid: r for r in store.instances()}
+    assert {uid: r.path for uid, r in records.items()} == paths
+    assert records["1.2.3.1.1"].series_uid == "1.2.3.1"
+    assert records["1.2.3.1.1"].calling_ae == ALLOWED
+    assert records["1.2.3.1.1"].size == (state_dir / paths["1.2.3.1.1"]).stat().st_size
+    assert (state_dir / "quarantine" / damaged.name).is_file() and not damaged.exists()
+    # damaged again (written again, damaged again): the first quarantined copy stays too
+    spool.write(damaged, (prefix[:at] + b"\x55\x9a" + prefix[at + 2:],
+                          _mr_dataset("1.2.3.1.3")))
+    assert recover(store, spool, state_dir).quarantined == 1
+    assert {p.name for p in (state_dir / "quarantine").iterdir()} == {
+        damaged.name, f"{damaged.stem}.1.dcm"}
+
+
+def test_a_failed_commit_leaves_a_file_that_recovery_or_a_resend_completes(
+    receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """0xA702: the file is complete in the spool but has no row. A resend stores it again;
+    a restart adopts it. Either way no temporary file, and one row."""
+    data = _mr_dataset("1.2.3.1.1")
+
+    def fail(*args: object, **kwargs: object) -> bool:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(receiver.store, "add_instance", fail)
+        status, comment = _c_store(receiver, data, "1.2.3.1.1")
+    assert (status, comment) == (STORE_COMMIT_FAILED, "store commit failed")
+    path = receiver.spool.path_for("1.2.3", "1.2.3.1", "1.2.3.1.1")
+    assert path.read_bytes().endswith(data) and not list(receiver.spool.root.rglob("*.tmp"))
+    assert receiver.store.count_instances() == 0
+    result = recover(receiver.store, receiver.spool, receiver.state_dir)
+    assert (result.adopted, result.quarantined) == (1, 0)
+    assert _c_store(receiver, data, "1.2.3.1.1") == (SUCCESS, "")  # the resend: a duplicate
+    assert receiver.store.count_instances() == 1
+
+
+def test_a_row_whose_file_is_gone_gets_the_file_again(receiver: Receiver) -> None:
+    data = _mr_dataset("1.2.3.1.1")
+    assert _c_store(receiver, data, "1.2.3.1.1") == (SUCCESS, "")
+    [record] = receiver.store.instances()
+    (receiver.state_dir / record.path).unlink()
+    assert _c_store(receiver, data, "1.2.3.1.1") == (SUCCESS, "")
+    assert (receiver.state_dir / record.path).read_bytes().endswith(data)
+    assert receiver.store.count_instances() == 1
 
 
 # ------------------------------------------------------------------------------------------------

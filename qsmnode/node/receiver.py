@@ -16,12 +16,14 @@ after it the file is complete and durable, and the row is either there or redone
 
 Statuses:
 
-- 0x0000: stored; or already stored (same SOP Instance UID: nothing is written again); or a
+- 0x0000: stored; or already stored (same SOP Instance UID: nothing is written again; if the
+  dataset differs from the stored one, the stored one is kept and a warning logged); or a
   non-MR instance accepted and dropped because ``store_other_sop_classes`` is false.
 - 0xA700: free disk would fall below ``min_free_disk_mb``; nothing written.
 - 0xA701 / 0xA702: the spool write / the store commit failed (the scanner may retry).
 - 0xA900: the dataset's SOP Class UID differs from the request's.
-- 0xC210: the dataset cannot be parsed (truncated, corrupt, not DICOM).
+- 0xC210: the dataset cannot be parsed (truncated, corrupt, not DICOM; deflated data that
+  would inflate beyond 256 MiB and 64 times its size).
 - 0xC220: a UID is missing or invalid, or the dataset's SOP Instance UID differs from the
   request's.
 
@@ -55,10 +57,8 @@ from io import BytesIO
 from pathlib import Path
 from typing import Any
 
-from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
-from pydicom.filereader import read_dataset
+from pydicom.filereader import read_dataset, read_file_meta_info
 from pydicom.tag import BaseTag
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
@@ -251,12 +251,26 @@ def _encoding(transfer_syntax: str) -> tuple[bool, bool]:
     return False, True
 
 
-def _inflate(payload: bytes) -> bytes:
+_INFLATE_FLOOR = 256 * MIB
+_INFLATE_RATIO = 64
+
+
+def _inflate_limit(deflated_size: int) -> int:
+    """The most a deflated dataset of ``deflated_size`` bytes may inflate to: 256 MiB, or 64
+    times its size when that is more. Real datasets stay far below (a blank image is all the
+    64x room is for); a deflate bomb (about 1000:1) is refused before it takes the memory."""
+    return max(_INFLATE_FLOOR, _INFLATE_RATIO * deflated_size)
+
+
+def _inflate(payload: bytes | memoryview) -> bytes:
+    limit = _inflate_limit(len(payload))
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
     try:
-        data = inflater.decompress(payload) + inflater.flush()
+        data = inflater.decompress(payload, limit + 1)
     except zlib.error as exc:
         raise DatasetError(f"corrupt: deflated data does not inflate ({exc})") from None
+    if len(data) > limit:
+        raise DatasetError(f"too large: deflated data inflates beyond {limit // MIB} MiB")
     if not inflater.eof:
         raise DatasetError("truncated: deflated data cut short")
     return data
@@ -815,8 +829,15 @@ class Receiver:
 
         existing = self.store.instance(sop_uid)
         if existing is not None and (self.state_dir / existing.path).is_file():
-            log.debug("duplicate %s from %s: already stored", sop_uid, _peer_of(event.assoc))
             self._count(event, "duplicates")
+            if _stored_dataset_is(self.state_dir / existing.path, payload):
+                log.debug("duplicate %s from %s: already stored", sop_uid, _peer_of(event.assoc))
+            else:  # the same SOP Instance UID for other content: keep the first, say so
+                log.warning("duplicate %s from %s differs from the stored copy (series %s, "
+                            "%d bytes in %s; stored: series %s, transfer syntax %s): the "
+                            "stored copy is kept, the new one dropped", sop_uid,
+                            _peer_of(event.assoc), header.series_uid, len(payload),
+                            transfer_syntax, existing.series_uid, existing.transfer_syntax_uid)
             return SUCCESS
 
         calling_ae = str(event.assoc.requestor.ae_title).strip()
@@ -928,9 +949,14 @@ def recover(store: Store, spool: Spool, state_dir: Path) -> Recovery:
             continue
         try:
             record = _record_of_file(path, relative)
-        except (OSError, InvalidDicomError, DatasetError, ValueError) as exc:
-            target = state_dir / QUARANTINE_DIRNAME / path.name
-            target.parent.mkdir(parents=True, exist_ok=True)
+        except Exception as exc:  # pydicom raises many types on a damaged file meta
+            folder = state_dir / QUARANTINE_DIRNAME
+            folder.mkdir(parents=True, exist_ok=True)
+            target = folder / path.name
+            n = 1
+            while target.exists():  # an earlier file of the same name stays too
+                target = folder / f"{path.stem}.{n}{path.suffix}"
+                n += 1
             os.replace(path, target)
             log.error("moved unreadable spool file %s to %s: %s", relative, target, exc)
             quarantined += 1
@@ -948,16 +974,52 @@ def recover(store: Store, spool: Spool, state_dir: Path) -> Recovery:
 
 
 def _record_of_file(path: Path, relative: str) -> InstanceRecord:
-    ds = dcmread(path, stop_before_pixels=True, specific_tags=list(_HEADER_TAGS))
-    meta = ds.file_meta
-    header = header_of(ds)
-    sop_uid = header.sop_instance_uid or str(meta.MediaStorageSOPInstanceUID)
-    if header.study_uid is None or header.series_uid is None or path.stem != sop_uid:
+    """The record of a spool file. Its dataset is read as the receiver read it when it came in
+    (:func:`inspect_dataset`, not pydicom's reader, which refuses some datasets the receiver
+    accepts), so that whatever was acknowledged is adopted again."""
+    data = path.read_bytes()
+    start = _dataset_offset(data)
+    meta = read_file_meta_info(path)
+    transfer_syntax = _text(meta, "TransferSyntaxUID")
+    if transfer_syntax is None:
+        raise DatasetError("file meta without a transfer syntax")
+    header = inspect_dataset(memoryview(data)[start:], transfer_syntax)
+    sop_uid = header.sop_instance_uid or _text(meta, "MediaStorageSOPInstanceUID")
+    sop_class = _text(meta, "MediaStorageSOPClassUID") or header.sop_class_uid
+    if (header.study_uid is None or header.series_uid is None or sop_uid is None
+            or sop_class is None or path.stem != sop_uid):
         raise DatasetError("identifying UIDs missing or not matching the file name")
-    calling_ae = str(meta.get("SourceApplicationEntityTitle", "") or "").strip()
-    return _record(header, str(meta.MediaStorageSOPClassUID), sop_uid,
-                   str(meta.TransferSyntaxUID), relative, path.stat().st_size, calling_ae,
-                   "", path.stat().st_mtime)
+    calling_ae = _text(meta, "SourceApplicationEntityTitle") or ""
+    return _record(header, sop_class, sop_uid, transfer_syntax, relative, len(data),
+                   calling_ae, "", path.stat().st_mtime)
+
+
+_META_GROUP_LENGTH = b"DICM\x02\x00\x00\x00UL\x04\x00"  # after the preamble
+
+
+def _dataset_offset(head: bytes) -> int:
+    """Where the dataset starts in a spool file that begins with ``head`` (at least its first
+    144 bytes): after the preamble and the file meta, whose group length comes first."""
+    if len(head) < 144 or head[128:140] != _META_GROUP_LENGTH:
+        raise DatasetError("file meta without its group length")
+    return 144 + int(struct.unpack_from("<L", head, 140)[0])
+
+
+def _stored_dataset_is(path: Path, payload: bytes | memoryview) -> bool:
+    """Whether the spool file at ``path`` holds exactly ``payload`` as its dataset (False too
+    when it cannot be read)."""
+    view = memoryview(payload).cast("B")
+    try:
+        with path.open("rb") as file:
+            file.seek(_dataset_offset(file.read(144)))
+            done = 0
+            while chunk := file.read(MIB):
+                if view[done:done + len(chunk)] != chunk:
+                    return False
+                done += len(chunk)
+        return done == len(view)
+    except (OSError, DatasetError):
+        return False
 
 
 # ------------------------------------------------------------------------------------------------

@@ -2,8 +2,9 @@
 
 Layout: ``<root>/<study_uid>/<series_uid>/<sop_instance_uid>.dcm``. A file is first written to a
 temporary name in its final folder (``.<sop_uid>.<random>.tmp``), fsynced, renamed into place,
-and the folder is fsynced; new folders are fsynced into their parents. So after a crash a
-``.dcm`` file in the spool is always complete, and a leftover ``.tmp`` file is garbage.
+and the folder is fsynced; the folder's entry and its parents' are fsynced too, once per
+process (whoever made them). So after a crash a ``.dcm`` file in the spool is always complete,
+and a leftover ``.tmp`` file is garbage.
 
 Only UIDs made of digits and dots (at most 64 characters) name files, so a peer cannot steer a
 path out of the spool.
@@ -11,6 +12,7 @@ path out of the spool.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import secrets
@@ -43,6 +45,7 @@ def _fsync_dir(path: Path) -> None:
 
 
 _IOV_MAX = 1024  # buffers per writev call (the Linux limit)
+_DURABLE_FOLDERS_KEPT = 4096  # folders remembered as fsynced into their parents
 
 
 def _write_all(fd: int, chunks: Iterable[bytes | memoryview]) -> int:
@@ -69,6 +72,7 @@ class Spool:
     def __init__(self, root: Path, min_free_bytes: int = 0) -> None:
         self.root = Path(root)
         self.min_free_bytes = min_free_bytes
+        self._durable: set[Path] = set()  # folders whose entries this process has fsynced
         self._ensure_dir(self.root)
 
     def path_for(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
@@ -104,9 +108,15 @@ class Spool:
                 os.close(fd)
             os.replace(temp, path)
             _fsync_dir(folder)
-        except OSError as exc:
-            temp.unlink(missing_ok=True)
-            raise SpoolError(exc.errno, f"cannot write {path}: {exc.strerror or exc}") from exc
+        except BaseException as exc:
+            # whatever failed, leave no temporary file; a failing clean-up (the folder itself
+            # unreachable) must not replace the error that names the cause
+            with contextlib.suppress(OSError):
+                temp.unlink(missing_ok=True)
+            if isinstance(exc, OSError):
+                raise SpoolError(exc.errno,
+                                 f"cannot write {path}: {exc.strerror or exc}") from exc
+            raise
         return size
 
     def instance_files(self) -> Iterator[Path]:
@@ -122,8 +132,15 @@ class Spool:
         return count
 
     def _ensure_dir(self, folder: Path) -> None:
-        """Create ``folder`` and missing parents, fsyncing each new entry into its parent."""
-        if folder.is_dir():
+        """Create ``folder`` and missing parents, and make sure that its entry and its parents'
+        entries, up to the spool itself, are durable: fsynced into their parents.
+
+        A folder that already exists is not durable for that: another association may have
+        just made it and not yet fsynced its parent, or an earlier run may have died in
+        between. So each entry is fsynced once by this process before a file in it is
+        acknowledged (remembered in ``_durable``; forgetting only costs fsyncs again).
+        """
+        if folder in self._durable and folder.is_dir():
             return
         missing = []
         current = folder
@@ -131,8 +148,17 @@ class Spool:
             missing.append(current)
             current = current.parent
         for new in reversed(missing):
-            try:
+            with contextlib.suppress(FileExistsError):  # made concurrently by another association
                 new.mkdir()
-            except FileExistsError:
-                continue  # made concurrently by another association
-            _fsync_dir(new.parent)
+        chain = []  # the folder and its ancestors up to the spool, not yet known durable
+        current = folder
+        while current in missing or current not in self._durable:
+            chain.append(current)
+            if current == self.root or current == current.parent:
+                break
+            current = current.parent
+        if len(self._durable) > _DURABLE_FOLDERS_KEPT:
+            self._durable.clear()
+        for entry in reversed(chain):  # from the top: an entry is durable once its parent is
+            _fsync_dir(entry.parent)
+            self._durable.add(entry)
