@@ -305,10 +305,22 @@ def _resend(args: argparse.Namespace) -> int:
         if not (settings.paths.state_dir / "qsmnode.sqlite3").is_file():
             raise StoreError(f"{settings.paths.state_dir}: no store here (has the node run yet?)")
         with Store.in_state_dir(settings.paths.state_dir) as store:
-            if args.study is not None and not store.outbox(study_uid=args.study):
-                print(f"error: no derived instances of study {args.study} in the outbox",
-                      file=sys.stderr)
-                return 1
+            if args.study is not None:
+                derived = {record.path for record in store.outbox(study_uid=args.study)}
+                if not derived:
+                    print(f"error: no derived instances of study {args.study} in the outbox",
+                          file=sys.stderr)
+                    return 1
+                if not derived & store.outbox_paths():
+                    [removed, *_] = [p for p in store.prunings(1000, args.study)
+                                     if p.kind == "outbox"] or [None]
+                    when = "" if removed is None else (
+                        f" on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(removed.at))} "
+                        f"({removed.reason} clean, pruning {removed.id})")
+                    print(f"error: the derived instances of study {args.study} were removed by "
+                          f"retention{when}: there is nothing left to send again",
+                          file=sys.stderr)
+                    return 1
             count = store.requeue_sends(
                 time.time(), study_uid=args.study, failed_only=args.all_failed,
                 destinations=[d.name for d in settings.destinations])

@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sqlite3
+import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -21,7 +24,7 @@ from qsmnode.node.config import (
     Settings,
 )
 from qsmnode.node.metrics import read_counts, read_store
-from qsmnode.node.retention import DAY_S, Retention
+from qsmnode.node.retention import DAY_S, Retention, retention_status
 from qsmnode.node.spool import MIB
 from qsmnode.node.store import (
     MIGRATIONS,
@@ -127,6 +130,17 @@ def lab(tmp_path: Path) -> Lab:
     return Lab(tmp_path / "state")
 
 
+def late_instance(lab: Lab, study: str, n: int, at: float) -> str:
+    """An instance received for a series of ``study`` already complete and grouped, which the
+    tracker has not seen yet (it re-opens the series at its next poll)."""
+    series = f"{study}.1"
+    sop = f"{series}.{n}"
+    path = lab.file("spool", study, series, sop)
+    assert lab.store.add_instance(InstanceRecord(sop, MR, study, series, EXPLICIT, path, SIZE,
+                                                 "S", "h", at))
+    return path
+
+
 def test_delivered_study_goes_at_age_zero_and_undelivered_stays(lab: Lab) -> None:
     delivered = lab.delivered_study(1, T0)
     pending = lab.receive(2, T0)  # processed, sends still pending
@@ -188,12 +202,20 @@ def test_age_counts_from_the_last_event_with_back_dated_rows(lab: Lab) -> None:
     assert [p.kind for p in retention.prune_by_age(T0 + 21 * DAY_S).pruned] == ["spool"]
 
 
-def test_failed_jobs_and_problems_are_final_but_failed_sends_are_not(lab: Lab) -> None:
-    failed_job = lab.receive(1, T0)
-    lab.group(failed_job, T0)
-    lab.process(T0, fail=True)
-    problem = lab.receive(2, T0)
-    lab.group(problem, T0, problem=True)
+def test_ignored_acquisitions_and_resolved_problems_are_final_but_failed_sends_are_not(
+        lab: Lab) -> None:
+    ignored = lab.receive(1, T0)  # a rule leaves it out: never processed, by design
+    series = f"{ignored}.1"
+    assert lab.store.record_grouping(ignored, 3, [NewAcquisition(
+        ignored, (series,), {"series_numbers": [5]}, "field strength 3 T")], [], T0)
+    resolved = lab.receive(2, T0)  # a slice was missing; it came, and all was processed
+    lab.group(resolved, T0, problem=True)
+    late_instance(lab, resolved, 4, T0)
+    assert lab.store.reopen_late_series(T0)
+    assert lab.store.complete_series(f"{resolved}.1", 4, "quiet", None, T0)
+    lab.group(resolved, T0)
+    assert not lab.store.problems()
+    lab.deliver(lab.process(T0), T0)
     failed_send = lab.receive(3, T0)
     lab.group(failed_send, T0)
     sops = lab.process(T0)
@@ -203,7 +225,7 @@ def test_failed_jobs_and_problems_are_final_but_failed_sends_are_not(lab: Lab) -
     retention = Retention(settings(lab.state_dir, spool_days=0, outbox_days=0), lab.store,
                           clock=lambda: T0 + 1)
     pruned = {(p.study_uid, p.kind) for p in retention.prune_by_age().pruned}
-    assert pruned == {(failed_job, "spool"), (problem, "spool")}
+    assert pruned == {(ignored, "spool"), (resolved, "spool"), (resolved, "outbox")}
     assert len(lab.files("outbox", failed_send)) == 2 and lab.files("spool", failed_send)
 
 
@@ -245,7 +267,9 @@ def test_a_pruned_instance_sent_again_is_recorded_again(lab: Lab) -> None:
     assert lab.store.add_instance(InstanceRecord(sop, MR, study, f"{study}.1", EXPLICIT, path,
                                                  SIZE, "S", "h", T0 + 100))
     assert lab.store.instance_paths() == {path}
-    assert lab.store.get_series(f"{study}.1").received_count == 3  # not a late instance
+    series = lab.store.get_series(f"{study}.1")
+    assert series.received_count == 3  # not a late instance
+    assert series.last_received_at == T0 + 100  # retention's age counts from it again
     # the resend of a study's pruned derived objects queues nothing
     assert lab.store.requeue_sends(T0 + 101, study_uid=study, destinations=["pacs"]) == 0
 
@@ -335,3 +359,137 @@ def test_status_shows_retention(lab: Lab, tmp_path: Path,
     report = json.loads(capsys.readouterr().out)["retention"]
     assert report["kept"]["spool"]["pruned_instances"] == 3
     assert {p["kind"] for p in report["prunings"]} == {"spool", "outbox"}
+
+
+def test_resend_of_a_pruned_study_says_its_results_were_removed(
+        lab: Lab, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    study = lab.delivered_study(1, T0)
+    Retention(settings(lab.state_dir, spool_days=0, outbox_days=0), lab.store,
+              clock=lambda: T0 + 1).prune_by_age()
+    config = tmp_path / "node.toml"
+    config.write_text(f'[paths]\nstate_dir = "{lab.state_dir}"\n')
+    assert cli_main(["resend", "--study", study, "--config", str(config)]) == 1
+    error = capsys.readouterr().err
+    assert f"the derived instances of study {study} were removed by retention on " in error
+    assert "(age clean, pruning" in error and "nothing left to send again" in error
+
+
+@pytest.mark.parametrize("how", ["age", "emergency"])
+def test_a_late_image_not_yet_seen_by_the_tracker_is_kept(lab: Lab, how: str) -> None:
+    study = lab.delivered_study(1, T0)
+    path = late_instance(lab, study, 9, T0 + 5)  # the tracker re-opens the series in 0.5 s
+    if how == "age":
+        config = settings(lab.state_dir, spool_days=0, outbox_days=0)
+        free = 10**15
+    else:
+        config = settings(lab.state_dir, enabled=False, emergency_margin_mb=1)
+        free = 0
+    retention = Retention(config, lab.store, clock=lambda: T0 + 10, free_bytes=lambda: free)
+    pruned = retention.step().pruned
+    assert (lab.state_dir / path).is_file()
+    assert len(lab.files("spool", study)) == 4
+    assert "spool" not in {p.kind for p in pruned}
+    assert lab.store.instance_paths() >= {path}
+    # once the tracker has re-opened the series, the store itself says busy
+    lab.store.reopen_late_series(T0 + 11)
+    assert not retention.step().pruned
+
+
+@pytest.mark.parametrize("how", ["age", "emergency"])
+def test_images_of_an_unresolved_problem_or_a_failed_job_are_kept(lab: Lab, how: str) -> None:
+    failed_job = lab.receive(1, T0)
+    lab.group(failed_job, T0)
+    lab.process(T0, fail=True)
+    problem = lab.receive(2, T0)  # e.g. a slice missing: it may still come
+    lab.group(problem, T0, problem=True)
+    delivered = lab.delivered_study(3, T0)
+    if how == "age":
+        config = settings(lab.state_dir, spool_days=0, outbox_days=0)
+        free = 10**15
+    else:
+        config = settings(lab.state_dir, enabled=False, emergency_margin_mb=1)
+        free = 0
+    retention = Retention(config, lab.store, clock=lambda: T0 + 1, free_bytes=lambda: free)
+    pruned = {(p.study_uid, p.kind) for p in retention.step().pruned}
+    assert pruned == {(delivered, "spool"), (delivered, "outbox")}
+    assert len(lab.files("spool", failed_job)) == 3 and len(lab.files("spool", problem)) == 3
+    assert not retention.step().pruned
+    # and the status does not count them as removable
+    assert retention_status(config, lab.store, free)["finished_studies"] == 0
+
+
+def test_a_late_image_arriving_while_a_study_is_checked_waits_for_the_removal(
+        lab: Lab, monkeypatch: pytest.MonkeyPatch) -> None:
+    study = lab.delivered_study(1, T0)
+    prune_study = lab.store.prune_study
+    arrivals: list[threading.Thread] = []
+
+    def racing_prune_study(*args: Any, **kwargs: Any) -> Any:
+        # the receiver stores a late image after retention has checked the study
+        if args[1] == "spool" and not arrivals:
+            arrivals.append(threading.Thread(
+                target=late_instance, args=(lab, study, 9, T0 + 5), daemon=True))
+            arrivals[0].start()
+            arrivals[0].join(0.3)
+        return prune_study(*args, **kwargs)
+
+    monkeypatch.setattr(lab.store, "prune_study", racing_prune_study)
+    config = settings(lab.state_dir, enabled=False, emergency_margin_mb=1)
+    retention = Retention(config, lab.store, clock=lambda: T0 + 10, free_bytes=lambda: 0)
+    retention.step()
+    arrivals[0].join(10)
+    late = f"spool/{study}/{study}.1/{study}.1.9.dcm"
+    assert (lab.state_dir / late).is_file()
+    assert late in lab.store.instance_paths()
+
+
+@pytest.mark.parametrize("killed_in", ["outbox", "spool"])
+def test_killed_between_recording_and_deleting_nothing_is_lost_at_restart(
+        lab: Lab, killed_in: str) -> None:
+    import pydicom
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    from qsmnode.node.outbox import Outbox
+    from qsmnode.node.receiver import recover
+    from qsmnode.node.spool import Spool
+
+    study = lab.delivered_study(1, T0)
+    for path in lab.files("spool", study):  # real DICOM, so the spool's recovery reads them
+        ds = Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.MediaStorageSOPClassUID = MR
+        ds.file_meta.MediaStorageSOPInstanceUID = path.stem
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.SOPClassUID, ds.SOPInstanceUID = MR, path.stem
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = study, f"{study}.1", "MR"
+        pydicom.dcmwrite(path, ds, enforce_file_format=True)
+        os.utime(path, (T0, T0))  # written when received
+    config = settings(lab.state_dir, spool_days=0, outbox_days=0)
+    retention = Retention(config, lab.store, clock=lambda: T0 + 1)
+    delete = retention._delete
+
+    def killed(pruning: Any) -> int:
+        if pruning.kind == killed_in:
+            raise KeyboardInterrupt("killed")
+        return delete(pruning)
+
+    retention._delete = killed  # type: ignore[method-assign]
+    with pytest.raises(KeyboardInterrupt):
+        retention.prune_by_age()
+    lab.store.close()
+
+    with Store.in_state_dir(lab.state_dir) as store:  # the next start
+        recovery = recover(store, Spool(lab.state_dir / "spool"), lab.state_dir)
+        Outbox(lab.state_dir).recover(store)
+        assert not recovery.missing and not recovery.quarantined
+        # the outbox's marked files are deleted; the spool's are recorded again
+        assert not lab.files("outbox", study)
+        assert len(lab.files("spool", study)) == 3
+        assert store.instance_paths() == {p.relative_to(lab.state_dir).as_posix()
+                                          for p in lab.files("spool", study)}
+        # and the next pass removes what is left, consistently
+        again = Retention(config, store, clock=lambda: T0 + 2).prune_by_age().pruned
+        assert [p.kind for p in again] == ["spool"]
+        assert not lab.files("spool", study) and not store.instance_paths()
+        assert store.retention_summary()["spool"]["instances"] == 0

@@ -2,11 +2,18 @@
 disk runs low.
 
 What may go is decided by the store (:meth:`~qsmnode.node.store.Store.finished_studies`), per
-study: every series complete and grouped, no job queued or running (jobs done, or failed with
-their attempts used up; problems and ignored acquisitions are final too), and every derived
+study: every series complete and grouped, no job queued or running, and every derived
 instance still in the outbox ``sent`` to every configured destination. With no destination
 configured nothing is delivered, so derived objects stay. A study that receives a late image
-is busy again until it is grouped again.
+is busy again (from the image's arrival, before the tracker re-opens its series) until it is
+grouped again.
+
+Received images go only once processed: a study with an unresolved problem (the missing
+slice or series may still come, and then its acquisition is processed) or a failed job keeps
+them (``StudyRetention.spool_held``, checked again inside the store's pruning transaction),
+said once in the log, until an administrator acts; its delivered results may still go.
+Ignored acquisitions (a rule leaves them out) and images that are no acquisition's by design
+(a T1w reference, non-MR instances) are final.
 
 - **By age** (``[retention] enabled``): every ``check_interval_s``, a finished study's received
   images (the spool, and the work folders of its jobs) go once its last event is
@@ -81,6 +88,7 @@ class Retention:
         self.destinations = [d.name for d in settings.destinations]
         self._next_age_pass = 0.0
         self._short_logged = False
+        self._held_logged: dict[str, str] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -143,7 +151,7 @@ class Retention:
         ages = (("outbox", self.config.outbox_days), ("spool", self.config.spool_days))
         for study in self.store.finished_studies(self.destinations):
             for kind, days in ages:
-                if not _keeps(study, kind):
+                if not self._may_prune(study, kind):
                     continue
                 before = now - days * DAY_S
                 if study.settled_at <= before:
@@ -168,7 +176,7 @@ class Retention:
         freed_before = result.bytes
         for study in self.store.finished_studies(self.destinations):
             for kind in ("outbox", "spool"):
-                if _keeps(study, kind):
+                if self._may_prune(study, kind):
                     self._prune(study.study_uid, kind, "emergency", self.clock(), result,
                                 free_before=free)
             free = self.free_bytes()
@@ -187,6 +195,19 @@ class Retention:
         return result
 
     # ------------------------------------------------------------------------------- removing
+
+    def _may_prune(self, study: StudyRetention, kind: str) -> bool:
+        """Whether the study keeps files of ``kind`` that may go; says once per study and
+        reason why its received images are held."""
+        if not _keeps(study, kind):
+            return False
+        if kind == "spool" and study.spool_held:
+            if self._held_logged.get(study.study_uid) != study.spool_held:
+                self._held_logged[study.study_uid] = study.spool_held
+                log.info("retention: the received images of study %s are kept: %s",
+                         study.study_uid, study.spool_held)
+            return False
+        return True
 
     def _prune(self, study_uid: str, kind: str, reason: str, now: float,
                result: RetentionPass, *, settled_before: float | None = None,
@@ -248,9 +269,11 @@ def _remove_empty(folder: Path, state_dir: Path) -> None:
 def retention_status(settings: Settings, store: Store,
                      free_bytes: int | None) -> dict[str, object]:
     """What ``qsmnode status`` shows about retention: the settings, what is kept and pruned
-    per kind, the studies finished (removable), free disk and the latest prunings."""
+    per kind, the studies finished (removable: a study whose received images are held, with
+    nothing delivered to remove, is not counted), free disk and the latest prunings."""
     config = settings.retention
-    finished = store.finished_studies([d.name for d in settings.destinations])
+    finished = [study for study in store.finished_studies([d.name for d in settings.destinations])
+                if _keeps(study, "outbox") or not study.spool_held]
     margin = config.emergency_margin_mb
     return {
         "enabled": config.enabled,

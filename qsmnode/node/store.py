@@ -86,7 +86,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -475,6 +475,9 @@ class StudyRetention(_Record):
     spool_bytes: int
     outbox_instances: int
     outbox_bytes: int
+    spool_held: str = ""
+    """Why its received images must stay although its work is finished ("" when they may go):
+    an unresolved problem or a failed job (see :meth:`Store.prune_study`)."""
 
 
 @dataclass(frozen=True)
@@ -627,10 +630,14 @@ class Store:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._db
+                self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                # a failed COMMIT (disk full, I/O error, busy) may leave the transaction open,
+                # and every later BEGIN would then fail: end it here, whatever happened
+                if self._db.in_transaction:
+                    with suppress(sqlite3.Error):
+                        self._db.execute("ROLLBACK")
                 raise
-            self._db.execute("COMMIT")
 
     def _migrate(self, version: int) -> None:
         for number in range(version, SCHEMA_VERSION):
@@ -701,7 +708,12 @@ class Store:
                     (record.path, record.size, record.transfer_syntax_uid, record.calling_ae,
                      record.peer_address, record.received_at, record.sop_instance_uid),
                 )
-                return revived.rowcount == 1
+                if revived.rowcount != 1:
+                    return False
+                # its study's age for retention counts from this reception again
+                db.execute("UPDATE series SET last_received_at = max(last_received_at, ?) "
+                           "WHERE series_uid = ?", (record.received_at, record.series_uid))
+                return True
             db.execute(
                 "UPDATE series SET received_count = received_count + 1, "
                 "last_received_at = max(last_received_at, ?) WHERE series_uid = ?",
@@ -1402,11 +1414,15 @@ class Store:
     def _settled_at(self, db: sqlite3.Connection, study_uid: str,
                     destinations: Sequence[str]) -> float | None:
         """When a study's work ended, or None while any is left: a series open or not grouped,
-        a job queued or running, or a derived instance (whose file is kept) not yet ``sent``
-        to every one of ``destinations`` (with none configured, nothing is delivered)."""
+        or with an instance received since it completed (the tracker re-opens it at its next
+        pass), a job queued or running, or a derived instance (whose file is kept) not yet
+        ``sent`` to every one of ``destinations`` (with none configured, nothing is
+        delivered)."""
         busy = db.execute(
             "SELECT count(*) FROM series WHERE study_uid = ? "
-            "AND (state = 'open' OR grouped_at IS NULL)", (study_uid,)).fetchone()[0]
+            "AND (state = 'open' OR grouped_at IS NULL "
+            "OR received_count > coalesce(completed_count, received_count))",
+            (study_uid,)).fetchone()[0]
         busy += db.execute(
             "SELECT count(*) FROM jobs j JOIN acquisitions a ON a.id = j.acquisition_id "
             "WHERE a.study_uid = ? AND j.state IN ('queued', 'running')",
@@ -1441,6 +1457,24 @@ class Store:
             (study_uid,) * 5).fetchone()
         return None if row[0] is None else float(row[0])
 
+    def _spool_held(self, db: sqlite3.Connection, study_uid: str) -> str:
+        """Why a study's received images must stay although its work is finished, or "":
+        an unresolved problem (the missing slice or series may still come, and then its
+        acquisition is processed) or a failed job (nothing has processed its images). Ignored
+        acquisitions and images that are no acquisition's by design (a T1w reference,
+        non-MR) do not hold them."""
+        problem = db.execute(
+            "SELECT id, reason FROM problems WHERE study_uid = ? AND resolved_at IS NULL "
+            "ORDER BY id LIMIT 1", (study_uid,)).fetchone()
+        if problem is not None:
+            return (f"problem {problem[0]} is unresolved ({problem[1]}); its images are not "
+                    "processed yet")
+        job = db.execute(
+            "SELECT j.id FROM jobs j JOIN acquisitions a ON a.id = j.acquisition_id "
+            "WHERE a.study_uid = ? AND j.state = 'failed' ORDER BY j.id LIMIT 1",
+            (study_uid,)).fetchone()
+        return "" if job is None else f"job {job[0]} failed: nothing has processed its images"
+
     def finished_studies(self, destinations: Sequence[str]) -> list[StudyRetention]:
         """The studies that keep files (spool or outbox) and whose work is finished: every
         series grouped, no job queued or running, every derived instance delivered to all of
@@ -1463,14 +1497,16 @@ class Store:
                     "SELECT count(*), coalesce(sum(size), 0) FROM outbox "
                     "WHERE study_uid = ? AND pruned_at IS NULL", (study_uid,)).fetchone()
                 out.append(StudyRetention(study_uid, settled, int(spool[0]), int(spool[1]),
-                                          int(outbox[0]), int(outbox[1])))
+                                          int(outbox[0]), int(outbox[1]),
+                                          self._spool_held(self._db, study_uid)))
         out.sort(key=lambda study: (study.settled_at, study.study_uid))
         return out
 
     def prune_study(self, study_uid: str, kind: str, reason: str, destinations: Sequence[str],
                     now: float, settled_before: float | None = None) -> Pruning | None:
         """Mark the files of one study as pruned, in one transaction, if its work is finished
-        (see :meth:`finished_studies`) and, with ``settled_before``, it settled before then.
+        (see :meth:`finished_studies`) and, with ``settled_before``, it settled before then;
+        received images (``spool``) only if nothing holds them (:meth:`_spool_held`).
         ``kind``: the ``spool`` (received instances) or the ``outbox`` (derived instances).
         Records a ``prunings`` row and returns it with the paths to delete (the caller deletes
         them after this commit); None when nothing is pruned."""
@@ -1480,6 +1516,8 @@ class Store:
         with self.transaction() as db:
             settled = self._settled_at(db, study_uid, destinations)
             if settled is None or (settled_before is not None and settled > settled_before):
+                return None
+            if kind == "spool" and self._spool_held(db, study_uid):
                 return None
             rows = db.execute(f"SELECT path, size FROM {table} WHERE study_uid = ? "
                               "AND pruned_at IS NULL ORDER BY rowid", (study_uid,)).fetchall()
@@ -1499,14 +1537,15 @@ class Store:
         return Pruning(int(cursor.lastrowid or 0), study_uid, kind, reason, len(rows), size, now,
                        tuple(row[0] for row in rows), job_ids)
 
-    def prunings(self, limit: int = 20) -> list[Pruning]:
-        """The latest prunings, newest first (empty before version 4)."""
+    def prunings(self, limit: int = 20, study_uid: str | None = None) -> list[Pruning]:
+        """The latest prunings (of one study), newest first (empty before version 4)."""
         if self._version < 4:
             return []
+        where, args = ("WHERE study_uid = ? ", (study_uid, limit)) if study_uid else ("", (limit,))
         with self._lock:
             rows = self._db.execute(
                 "SELECT id, study_uid, kind, reason, instances, bytes, at FROM prunings "
-                "ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
+                f"{where}ORDER BY id DESC LIMIT ?", args).fetchall()
         return [Pruning(**dict(row)) for row in rows]
 
     def retention_summary(self) -> dict[str, dict[str, int]]:
