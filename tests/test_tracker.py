@@ -314,6 +314,34 @@ def test_an_unreadable_spool_file_is_a_problem(tmp_path: Path,
         assert not store.acquisitions()
 
 
+def test_a_late_image_of_a_study_whose_images_retention_removed_says_so(
+        tmp_path: Path, studies: dict[str, list[Path]]) -> None:
+    clock = Clock(10_000.0)
+    with Store.in_state_dir(tmp_path) as store:
+        tracker = Tracker(settings_for(tmp_path), store, clock=clock)
+        files = studies["siemens"]
+        ingest(tmp_path, store, files, 9_000.0)
+        tracker.poll()
+        [acquisition] = store.acquisitions()
+        with store.transaction() as db:  # retention removed the study's images
+            db.execute("UPDATE instances SET pruned_at = 9500")
+        for record in store.instances():
+            (tmp_path / record.path).unlink()
+        ds = pydicom.dcmread(files[0])  # one image comes late (sent again, as a new instance)
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = f"{ds.SOPInstanceUID}.9"
+        late = tmp_path / "late.dcm"
+        ds.save_as(late, enforce_file_format=True)
+        ingest(tmp_path, store, [late], clock.now)
+        tracker.poll()
+        clock.now += 5
+        tracker.poll()
+        reasons = [p.reason for p in store.problems()]
+        assert any("earlier images were removed by retention after the study was finished"
+                   in r for r in reasons), reasons
+        assert not any("could not be read" in r for r in reasons), reasons
+        assert [a.id for a in store.acquisitions()] == [acquisition.id]  # nothing new to run
+
+
 def test_a_t1w_in_the_study_is_the_acquisitions_reference_not_a_problem(
     tmp_path: Path, studies: dict[str, list[Path]]
 ) -> None:

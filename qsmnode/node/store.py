@@ -892,6 +892,16 @@ class Store:
             ).fetchall()
         return [InstanceRecord(**dict(row)) for row in rows]
 
+    def pruned_instances(self, study_uid: str) -> set[str]:
+        """The SOP Instance UIDs of a study's instances whose files retention removed (empty
+        before the schema version that adds retention)."""
+        if self._version < 4:
+            return set()
+        with self._lock:
+            return {row[0] for row in self._db.execute(
+                "SELECT sop_instance_uid FROM instances WHERE study_uid = ? "
+                "AND pruned_at IS NOT NULL", (study_uid,))}
+
     # ------------------------------------------------------------------ acquisitions and problems
 
     def record_grouping(self, study_uid: str, instance_count: int,

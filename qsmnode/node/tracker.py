@@ -50,7 +50,9 @@ problem not found again is marked resolved.
 study is grouped again. An acquisition whose series were already recorded is not processed
 again (its job ran, or runs, on what was there); an acquisition that is new (e.g. the missing
 slice of a reported problem arrived, or a late series made a different set) gets its job, and
-the problems no longer found are marked resolved.
+the problems no longer found are marked resolved. Instances whose files retention removed
+(the study was finished and delivered) are not read again: a late image of such a study is
+grouped without them, and a problem says that they were removed.
 """
 
 from __future__ import annotations
@@ -258,12 +260,25 @@ class Tracker:
         instances = self.store.study_instances(ready.study_uid)
         if len(instances) != ready.instance_count:
             return None  # an instance arrived meanwhile: next pass
-        infos, unreadable = self._summarize(instances)
+        pruned = self.store.pruned_instances(ready.study_uid)
+        infos, unreadable = self._summarize([r for r in instances
+                                             if r.sop_instance_uid not in pruned])
         rules = self.settings.rules
         results = group_acquisitions(infos, min_echoes=rules.min_echoes,
                                      require_phase=rules.require_phase)
         acquisitions: list[NewAcquisition] = []
         problems: list[NewProblem] = []
+        removed: dict[str, int] = defaultdict(int)
+        for record in instances:
+            if record.sop_instance_uid in pruned:
+                removed[record.series_uid] += 1
+        for series_uid, count in removed.items():
+            problems.append(NewProblem(
+                ready.study_uid, (series_uid,),
+                f"series UID {series_uid}: {count} earlier image{'' if count == 1 else 's'} "
+                f"{'was' if count == 1 else 'were'} removed by retention after the study was "
+                "finished; the images that came since are grouped without "
+                f"{'it' if count == 1 else 'them'}"))
         for series_uid, reasons in unreadable.items():
             problems.append(NewProblem(
                 ready.study_uid, (series_uid,),
