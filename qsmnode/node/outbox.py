@@ -90,14 +90,20 @@ class Outbox:
         ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
         sop_uid, study_uid = _text(ds, "SOPInstanceUID"), _text(ds, "StudyInstanceUID")
         series_uid = _text(ds, "SeriesInstanceUID")
+        # everything the record needs is read before the file is written: a result that
+        # cannot be recorded leaves no file behind
+        sop_class_uid = _text(ds, "SOPClassUID")
+        transfer_syntax_uid = ds.file_meta.get("TransferSyntaxUID")
+        if not transfer_syntax_uid:
+            raise ValueError("derived dataset without file meta TransferSyntaxUID")
         path = self._files.path_for(study_uid, series_uid, sop_uid)
         size = self._files.write(path, [data])
         return OutboxRecord(
             sop_instance_uid=sop_uid,
-            sop_class_uid=_text(ds, "SOPClassUID"),
+            sop_class_uid=sop_class_uid,
             study_uid=study_uid,
             series_uid=series_uid,
-            transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
+            transfer_syntax_uid=str(transfer_syntax_uid),
             path=path.relative_to(self.state_dir).as_posix(),
             size=size,
             created_at=now,

@@ -4,19 +4,28 @@
 ``next_try_at`` reached), per destination, and sends them over one association per batch
 (:func:`send_files`): one presentation context per SOP class in the batch, with the transfer
 syntax of its files (pynetdicom's default storage contexts lack Parametric Map), optionally
-over TLS. The outcome is recorded per instance, in one transaction per batch:
+over TLS. The outcome is recorded per instance as the batch goes (at least every second, so a
+node killed mid-batch resends little):
 
-- success, or a warning status (0xB000, 0xB006, 0xB007): ``sent``;
+- success, or a warning status (PS3.7 Annex C: 0x0001, 0x0107, 0x0116, 0xBxxx, e.g. the
+  storage warnings 0xB000, 0xB006, 0xB007): ``sent`` (the peer stored the object);
 - a failure status, no response, an aborted or refused association, a connection that cannot
-  be made: the send stays ``pending`` and is tried again after an exponential backoff,
-  ``sender.retry_initial_s`` doubling per attempt up to ``sender.retry_max_s`` (plus up to
-  10 % jitter so that sends do not retry in step). With ``sender.max_attempts`` > 0 it ends
+  be made, a file that cannot be read: the send stays ``pending`` and is tried again after an
+  exponential backoff, ``sender.retry_initial_s`` doubling per attempt up to
+  ``sender.retry_max_s`` (plus up to 10 % jitter, drawn once per batch so that a batch stays
+  one batch and destinations do not retry in step). With ``sender.max_attempts`` > 0 it ends
   ``failed`` when the attempts are used up (``qsmnode resend`` queues it again);
 - an A-ASSOCIATE-RJ: ``last_error`` gives the rejection in words (e.g. "calling AE title not
   recognised", permanent, from the service user) and the sends stay queued whatever
   ``max_attempts`` says: a refusal is a configuration problem at one end, not a fault of the
   objects, and they are delivered once it is fixed;
 - an outbox file that is gone: ``failed`` at once (retrying cannot bring it back).
+
+A destination whose association fails is held until the next try of that batch: its other
+sends wait for it too (one association per retry, not one per send), except sends never tried
+(new results, ``qsmnode resend``). An object that was out, unanswered, when an association
+ended goes last in the next batch, so that an object the peer chokes on blocks no other.
+Outcomes the store cannot record are kept and recorded before anything is sent again.
 
 Pending sends live in the store, so a restarted node resumes them. Log lines name UIDs, AE
 titles and addresses, never patient data. ``qsmnode process --send`` uses
@@ -50,7 +59,10 @@ MAX_CONTEXTS = 128
 """Presentation contexts one association can propose (odd context IDs 1-255)."""
 JITTER = 0.1
 _IDLE_POLL_S = 1.0  # ``qsmnode resend`` from another process is noticed within this
-_WARNING_STATUSES = frozenset({0xB000, 0xB006, 0xB007})
+_ERROR_WAIT_MAX_S = 60.0  # the longest wait after an unexpected error (the store failing)
+_SUSPECTS_KEPT = 10_000
+_WARNING_STATUSES = frozenset({0x0001, 0x0107, 0x0116})
+"""PS3.7 Annex C warnings besides 0xBxxx (0xB000, 0xB006, 0xB007 for storage): stored."""
 
 
 @dataclass(frozen=True)
@@ -128,7 +140,9 @@ def describe_status(status: int) -> str:
 
 
 def is_success(status: int) -> bool:
-    return status == 0 or status in _WARNING_STATUSES
+    """Success or a warning (PS3.7 Annex C: 0x0001, 0x0107, 0x0116, 0xBxxx): the peer
+    stored the object."""
+    return status == 0 or status in _WARNING_STATUSES or 0xB000 <= status <= 0xBFFF
 
 
 _RESULTS = {1: "permanent", 2: "transient"}
@@ -175,11 +189,13 @@ class OutgoingFile:
 @dataclass(frozen=True)
 class FileOutcome:
     """What became of one file: a DIMSE ``status`` (success or not), or an ``error`` and
-    no status. ``lost`` says the file is gone (retrying cannot help)."""
+    no status. ``lost`` says the file is gone (retrying cannot help); ``suspect`` that the
+    association ended while the file was out, unanswered (the peer may choke on it)."""
 
     status: int | None = None
     error: str | None = None
     lost: bool = False
+    suspect: bool = False
 
     @property
     def ok(self) -> bool:
@@ -199,14 +215,22 @@ class _ConnectErrors(logging.Handler):
             self.messages.append(message.partition(":")[2].strip())
 
 
+def _no_traceback(record: logging.LogRecord) -> bool:
+    """pynetdicom logs a failed TLS handshake a second time with its traceback
+    (``LOGGER.exception``): the "TCP Initialisation Error" line already says it all."""
+    return not record.exc_info
+
+
 @contextmanager
 def _capture_connect_errors() -> Iterator[_ConnectErrors]:
     handler = _ConnectErrors()
     logger = logging.getLogger("pynetdicom.transport")
     logger.addHandler(handler)
+    logger.addFilter(_no_traceback)
     try:
         yield handler
     finally:
+        logger.removeFilter(_no_traceback)
         logger.removeHandler(handler)
 
 
@@ -219,11 +243,14 @@ def _uid_name(uid: str) -> str:
 
 def send_files(peer: Peer, files: Sequence[OutgoingFile], timeout_s: float = 30.0,
                stop: threading.Event | None = None,
-               on_sent: Callable[[int, int], None] | None = None) -> dict[Any, FileOutcome]:
+               on_sent: Callable[[int, int], None] | None = None,
+               on_outcome: Callable[[Any, FileOutcome], None] | None = None
+               ) -> dict[Any, FileOutcome]:
     """Send files over one association with one presentation context per SOP class (with the
     transfer syntaxes of its files). Returns an outcome per key; keys without one were not
     tried (``stop`` was set). At most :data:`MAX_CONTEXTS` SOP classes. ``on_sent(done,
-    total)`` is called after each file the peer answered.
+    total)`` is called after each file the peer answered, ``on_outcome(key, outcome)`` as
+    each outcome is known (what it raises ends the association and propagates).
 
     Raises:
         AssociationFailed: no association (rejected, aborted, no connection).
@@ -282,40 +309,48 @@ def send_files(peer: Peer, files: Sequence[OutgoingFile], timeout_s: float = 30.
                                 "negotiation")
     accepted = {(cx.abstract_syntax, cx.transfer_syntax[0]) for cx in assoc.accepted_contexts}
     lost = "the association was lost (aborted by the peer or the network)"
+
+    def done(key: Any, outcome: FileOutcome) -> None:
+        outcomes[key] = outcome
+        if on_outcome is not None:
+            on_outcome(key, outcome)
+
     try:
         for item in files:
             if stop is not None and stop.is_set():
                 break
             if not assoc.is_established:
-                outcomes[item.key] = FileOutcome(error=lost)
+                done(item.key, FileOutcome(error=lost))
                 continue
             if not item.path.is_file():
-                outcomes[item.key] = FileOutcome(error=f"outbox file missing: {item.path}",
-                                                 lost=True)
+                done(item.key, FileOutcome(error=f"outbox file missing: {item.path}",
+                                           lost=True))
                 continue
             if (item.sop_class_uid, item.transfer_syntax_uid) not in accepted:
-                outcomes[item.key] = FileOutcome(
+                done(item.key, FileOutcome(
                     error=f"{peer.ae_title} accepted no presentation context for "
                           f"{_uid_name(item.sop_class_uid)} in "
-                          f"{_uid_name(item.transfer_syntax_uid)}")
+                          f"{_uid_name(item.transfer_syntax_uid)}"))
                 continue
             try:
                 status = assoc.send_c_store(item.path)
             except RuntimeError:  # the association ended since the check above
-                outcomes[item.key] = FileOutcome(error=lost)
+                done(item.key, FileOutcome(error=lost))
                 continue
-            except (OSError, ValueError, AttributeError) as exc:
-                outcomes[item.key] = FileOutcome(error=f"cannot send: {exc}")
+            except Exception as exc:  # an unreadable file (InvalidDicomError, EOFError...)
+                done(item.key, FileOutcome(
+                    error=f"cannot send {item.path}: {type(exc).__name__}: {exc}"))
                 continue
             if "Status" not in status:
-                outcomes[item.key] = FileOutcome(
-                    error="no response (the association was aborted or timed out)")
                 if assoc.is_established:  # a peer that does not answer: do not wait on it again
                     assoc.abort()
+                done(item.key, FileOutcome(
+                    error="no response (the association was aborted or timed out)",
+                    suspect=True))
                 continue
             code = int(status.Status)
-            outcomes[item.key] = FileOutcome(
-                status=code, error=None if is_success(code) else describe_status(code))
+            done(item.key, FileOutcome(
+                status=code, error=None if is_success(code) else describe_status(code)))
             if on_sent is not None:
                 on_sent(len(outcomes), len(files))
     finally:
@@ -332,17 +367,29 @@ class Sender:
 
     def __init__(self, settings: Settings, store: Store,
                  clock: Callable[[], float] = time.time, batch_size: int = BATCH_SIZE,
-                 timeout_s: float = 30.0, jitter: float = JITTER) -> None:
+                 timeout_s: float = 30.0, jitter: float = JITTER,
+                 record_every_s: float = 1.0) -> None:
         self.settings = settings
         self.store = store
         self.clock = clock
         self.batch_size = batch_size
         self.timeout_s = timeout_s
         self.jitter = jitter
+        self.record_every_s = record_every_s
         self.peers = {d.name: Peer.from_config(d) for d in settings.destinations}
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # destination -> (not tried before, may sends never tried yet pass): after a failed
+        # association the destination's other sends wait for the next try, whatever their
+        # own next_try_at, so that a destination that is down gets one association per retry
+        self._holds: dict[str, tuple[float, bool]] = {}
+        # destination -> SOP instance UIDs out when an association ended unanswered: they go
+        # last in the next batch, so that an object the peer chokes on blocks no other
+        self._suspects: dict[str, set[str]] = defaultdict(set)
+        # tries made whose outcomes the store could not record: recorded before anything is
+        # sent again (else each retry would send them again)
+        self._unrecorded: list[tuple[Peer, list[DueSend], list[SendOutcome], float]] = []
 
     def start(self) -> None:
         if self.peers:
@@ -370,40 +417,113 @@ class Sender:
             self._thread = None
 
     def _run(self) -> None:
+        errors = 0
         while not self._stop.is_set():
             try:
-                sent_any = self.step()
-            except Exception:  # keep the sender alive: the store may be busy, a disk full
-                log.exception("sender: unexpected error (retrying)")
-                sent_any = False
-                self._stop.wait(1.0)
-            if sent_any:
-                continue
-            wait = _IDLE_POLL_S
-            due = self.store.next_send_at(list(self.peers)) if self.peers else None
-            if due is not None:
-                wait = min(wait, max(due - self.clock(), 0.0))
+                if self.step():
+                    errors = 0
+                    continue
+                wait = self._idle_wait()
+                errors = 0
+            except Exception as exc:  # keep the sender alive: the store may be busy, a disk full
+                errors += 1
+                wait = min(2.0 ** (errors - 1), _ERROR_WAIT_MAX_S)
+                log.error("sender: %s: %s (trying again in %g s)", type(exc).__name__, exc,
+                          wait)
+                log.debug("sender: the error in detail", exc_info=True)
             self._wake.wait(wait)
             self._wake.clear()
 
+    def _idle_wait(self) -> float:
+        """Seconds until a send is due (a held destination's at the end of its hold), at
+        most :data:`_IDLE_POLL_S`."""
+        wait = _IDLE_POLL_S
+        now = self.clock()
+        for name in self.peers:
+            due = self.store.next_send_at([name])
+            if due is None:
+                continue
+            hold = self._holds.get(name)
+            if hold is not None:
+                due = max(due, hold[0])
+            wait = min(wait, max(due - now, 0.0))
+        return wait
+
+    def _held(self, name: str, due: Sequence[DueSend], now: float) -> bool:
+        """True when ``name`` waits for the next try after a failure; sends never tried yet
+        (new results, ``qsmnode resend``) pass unless the failure left them untried."""
+        hold = self._holds.get(name)
+        if hold is None:
+            return False
+        until, fresh_pass = hold
+        if now >= until:
+            del self._holds[name]
+            return False
+        return not (fresh_pass and any(item.attempts == 0 for item in due))
+
     def step(self) -> bool:
-        """One pass: one batch per destination with due sends. True when a batch was tried."""
+        """One pass: one batch per destination with due sends. True when a batch was tried.
+
+        Raises:
+            Exception: the store fails (outcomes of earlier tries cannot be recorded, or due
+                sends cannot be read); nothing is sent then.
+        """
+        self._record_unrecorded()
         tried = False
         for name, peer in self.peers.items():
             if self._stop.is_set():
                 break
-            due = self.store.due_sends(self.clock(), [name], self.batch_size)
-            if due:
+            now = self.clock()
+            due = self.store.due_sends(now, [name], self.batch_size)
+            if not due or self._held(name, due, now):
+                continue
+            tried = True
+            try:
                 self.deliver(peer, due)
-                tried = True
+            except Exception as exc:
+                if self._unrecorded:  # the store fails: send nothing more
+                    raise
+                sender = self.settings.sender
+                delay = backoff_s(max(item.attempts for item in due) + 1,
+                                  sender.retry_initial_s, sender.retry_max_s)
+                self._holds[name] = (self.clock() + delay, False)
+                log.error("sender: %s: %s: %s; its %d due send%s stay queued (next try in "
+                          "%.0f s)", name, type(exc).__name__, exc, len(due),
+                          "" if len(due) == 1 else "s", delay)
+                log.debug("sender: the error in detail", exc_info=True)
         return tried
 
+    def _record(self, peer: Peer, batch: list[DueSend], outcomes: list[SendOutcome]) -> None:
+        """Record tries (and audit them); when the store fails, keep them for
+        :meth:`_record_unrecorded` and raise."""
+        if not outcomes:
+            return
+        at = self.clock()
+        try:
+            self.store.record_send_outcomes(outcomes, at)
+        except Exception:
+            self._unrecorded.append((peer, batch, outcomes, at))
+            raise
+        self._audit(peer, batch, outcomes)
+
+    def _record_unrecorded(self) -> None:
+        while self._unrecorded:
+            peer, batch, outcomes, at = self._unrecorded[0]
+            self.store.record_send_outcomes(outcomes, at)
+            self._unrecorded.pop(0)
+            self._audit(peer, batch, outcomes)
+            log.warning("sender: %s: %d outcome%s recorded after a store error", peer.name,
+                        len(outcomes), "" if len(outcomes) == 1 else "s")
+
     def deliver(self, peer: Peer, due: Sequence[DueSend]) -> list[SendOutcome]:
-        """Send one batch to ``peer`` and record the outcome of every send tried."""
+        """Send one batch to ``peer`` and record the outcome of every send tried (as the
+        batch goes, at least every ``record_every_s``)."""
         state_dir = self.settings.paths.state_dir
+        suspects = self._suspects[peer.name]
         classes: list[str] = []
         batch = []
-        for item in due:
+        # stable: the recorded order, with what the peer last choked on at the end
+        for item in sorted(due, key=lambda d: d.sop_instance_uid in suspects):
             if item.sop_class_uid not in classes:
                 if len(classes) == MAX_CONTEXTS:
                     continue  # the next batch takes it
@@ -412,32 +532,54 @@ class Sender:
         files = [OutgoingFile(item, state_dir / item.path, item.sop_class_uid,
                               item.transfer_syntax_uid, item.sop_instance_uid)
                  for item in batch]
+        draw = random.random()  # one jitter per batch: its sends stay one batch
         started = time.monotonic()
+        outcomes: list[SendOutcome] = []
+        unsaved: list[SendOutcome] = []
+        saved_at = [time.monotonic()]
+
+        def save() -> None:
+            chunk = unsaved[:]
+            unsaved.clear()
+            saved_at[0] = time.monotonic()
+            self._record(peer, batch, chunk)
+
+        def on_outcome(item: DueSend, result: FileOutcome) -> None:
+            if result.ok:
+                outcome = SendOutcome(item.sop_instance_uid, item.destination, True,
+                                      result.status)
+                suspects.discard(item.sop_instance_uid)
+            else:
+                outcome = self._failed(item, result.error or "failed", result.status, draw,
+                                       lost=result.lost)
+                if result.suspect:
+                    if len(suspects) >= _SUSPECTS_KEPT:
+                        suspects.clear()
+                    suspects.add(item.sop_instance_uid)
+            outcomes.append(outcome)
+            unsaved.append(outcome)
+            if time.monotonic() - saved_at[0] >= self.record_every_s:
+                save()
+
         try:
-            results = send_files(peer, files, self.timeout_s, self._stop)
+            send_files(peer, files, self.timeout_s, self._stop, on_outcome=on_outcome)
         except AssociationFailed as exc:
-            outcomes = [self._failed(item, str(exc), None, rejected=exc.rejected)
+            outcomes = [self._failed(item, str(exc), None, draw, rejected=exc.rejected)
                         for item in batch]
-            self.store.record_send_outcomes(outcomes, self.clock())
-            self._audit(peer, batch, outcomes)
-            nxt = min(o.next_try_at or 0.0 for o in outcomes) - self.clock()
+            self._record(peer, batch, outcomes)
+            nxt = min(o.next_try_at or 0.0 for o in outcomes)
+            self._holds[peer.name] = (nxt, True)
             log.warning("sender: %s: %s; %d send%s stay queued (next try in %.0f s, attempt "
                         "%d)", peer.name, exc, len(batch), "" if len(batch) == 1 else "s",
-                        max(nxt, 0.0), max(item.attempts for item in batch) + 1)
+                        max(nxt - self.clock(), 0.0), max(item.attempts for item in batch) + 1)
             return outcomes
-        outcomes = []
-        for item in batch:
-            result = results.get(item)
-            if result is None:
-                continue  # not tried: stopping
-            if result.ok:
-                outcomes.append(SendOutcome(item.sop_instance_uid, item.destination, True,
-                                            result.status))
-            else:
-                outcomes.append(self._failed(item, result.error or "failed", result.status,
-                                             lost=result.lost))
-        self.store.record_send_outcomes(outcomes, self.clock())
-        self._audit(peer, batch, outcomes)
+        except BaseException:
+            if unsaved:  # keep what was tried: it is not sent again
+                with contextlib.suppress(Exception):
+                    save()
+            raise
+        save()
+        self._holds.pop(peer.name, None)
         sent = [o for o in outcomes if o.sent]
         failed = [o for o in outcomes if not o.sent]
         studies = sorted({item.study_uid for item in batch})
@@ -474,11 +616,12 @@ class Sender:
                 audit.record("send_failed", **fields, error=outcome.error,
                              given_up=outcome.give_up)
 
-    def _failed(self, item: DueSend, error: str, status: int | None, *,
+    def _failed(self, item: DueSend, error: str, status: int | None, draw: float = 0.0, *,
                 rejected: bool = False, lost: bool = False) -> SendOutcome:
         sender = self.settings.sender
         attempts = item.attempts + 1
-        delay = backoff_s(attempts, sender.retry_initial_s, sender.retry_max_s, self.jitter)
+        delay = backoff_s(attempts, sender.retry_initial_s, sender.retry_max_s, self.jitter,
+                          rng=lambda: draw)
         give_up = lost or (not rejected and sender.max_attempts > 0
                            and attempts >= sender.max_attempts)
         return SendOutcome(item.sop_instance_uid, item.destination, False, status, error,
