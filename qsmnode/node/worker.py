@@ -10,7 +10,10 @@ A successful attempt's derived files (``derived/``, see :func:`~qsmnode.node.job
 are first written into the outbox, then recorded with a pending send per configured destination
 in the transaction that marks the job done; the copies in the attempt folder are then deleted.
 A child that dies without a result (a crash, a signal, the kernel's OOM killer) fails the
-attempt with its exit status or signal. A child still running when its lease
+attempt with its exit status or signal, except SIGTERM or SIGINT from outside (a service
+manager stopping the node signals the children too): that hands the job back to the queue
+without counting the attempt. A store error while recording an outcome leaves it to be recorded
+at the next pass. An attempt folder is emptied before a run. A child still running when its lease
 (``workers.lease_s``) runs out is killed and its attempt failed. When the node stops, running
 children are terminated and their jobs handed back to the queue without counting the attempt.
 
@@ -70,6 +73,7 @@ EXIT_OUT_OF_MEMORY = 3
 EXIT_ORPHANED = 70
 _TERMINATE_GRACE_S = 3.0
 _POLL_S = 0.2
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 MIB = 1024 * 1024
 
 
@@ -121,6 +125,10 @@ class WorkerPool:
         self.outbox = outbox if outbox is not None else Outbox(settings.paths.state_dir)
         self.on_results = on_results
         self._running: dict[int, _Running] = {}
+        # ended attempts whose outcome the store refused (busy, disk full): recorded again at
+        # the next pass, so their jobs never stay "running" with nobody running them
+        self._unrecorded: dict[int, tuple[JobRecord, str, bool]] = {}
+        self._stopped: dict[int, int] = {}  # job id: children stopped from outside (not counted)
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -166,6 +174,9 @@ class WorkerPool:
 
     def step(self) -> None:
         """One pass: reap finished children, enforce leases, start queued jobs."""
+        for job_id, (job, error, release) in list(self._unrecorded.items()):
+            del self._unrecorded[job_id]
+            (self._release if release else self._fail)(job, error)
         for job_id in list(self._running):
             self._check(self._running[job_id])
         while len(self._running) < self.settings.workers.processes and not self._stop.is_set():
@@ -181,6 +192,9 @@ class WorkerPool:
         try:
             spec = job_spec(self.store, job, self.settings)
             work = attempt_dir(self.settings.paths.state_dir, job.id, job.attempts)
+            # an attempt handed back at a shutdown runs again in the same folder: never take
+            # what the interrupted run left (derived files, manifest, progress) as this one's
+            shutil.rmtree(work, ignore_errors=True)
             work.mkdir(parents=True, exist_ok=True)
             spec_path, result_path = work / SPEC_FILENAME, work / RESULT_FILENAME
             result_path.unlink(missing_ok=True)
@@ -217,6 +231,8 @@ class WorkerPool:
     # ------------------------------------------------------------------------------------ results
 
     def _check(self, run: _Running) -> None:
+        """Record the outcome of a child that ended (or ran past its lease). A store error
+        while recording leaves the attempt to be recorded at the next pass."""
         code = run.process.poll()
         if code is None:
             expires = run.job.lease_expires_at
@@ -227,7 +243,6 @@ class WorkerPool:
                                     f"({self.settings.workers.lease_s:g} s); the worker was "
                                     "killed")
             return
-        del self._running[run.job.id]
         seconds = time.monotonic() - run.started
         outcome = _read_result(run.result_path)
         if outcome is not None and outcome.get("ok") is True and code == 0:
@@ -235,12 +250,17 @@ class WorkerPool:
                 records = self._outputs(run)
             except Exception as exc:  # e.g. the disk is full: fail the attempt, not the pool
                 log.exception("job %d: cannot move the results into the outbox", run.job.id)
+                del self._running[run.job.id]
                 self._fail(run.job, f"cannot move the results into the outbox: "
                                     f"{type(exc).__name__}: {exc}")
                 return
             destinations = [d.name for d in self.settings.destinations]
-            if self.store.finish_job(run.job.id, self.owner, outcome.get("result") or {},
-                                     self.clock(), outbox=records, destinations=destinations):
+            # raises when the store cannot take it: the run stays, checked again next pass
+            finished = self.store.finish_job(run.job.id, self.owner, outcome.get("result") or {},
+                                             self.clock(), outbox=records,
+                                             destinations=destinations)
+            del self._running[run.job.id]
+            if finished:
                 log.info("job %d done in %.1f s (attempt %d)%s", run.job.id, seconds,
                          run.job.attempts,
                          f"; {len(records)} derived instances in the outbox, queued for "
@@ -252,8 +272,19 @@ class WorkerPool:
                 log.warning("job %d finished but its lease was gone; result dropped",
                             run.job.id)
             return
+        del self._running[run.job.id]
         if outcome is not None and outcome.get("ok") is False:
             error = str(outcome.get("error") or "failed without a message")
+        elif -code in _STOP_SIGNALS and (self._stopped.get(run.job.id, 0)
+                                         < self.settings.workers.job_attempts):
+            # not the job's fault: e.g. systemd stopping the node signals every process of
+            # its control group, children included, before the pool is told to stop (but
+            # never forever: past job_attempts such stops, they count)
+            self._stopped[run.job.id] = self._stopped.get(run.job.id, 0) + 1
+            self._release(run.job, f"the worker process was stopped by {_signal_name(-code)} "
+                                   "from outside the node (e.g. the service manager stopping "
+                                   "it); queued again")
+            return
         elif code < 0:
             error = f"the worker process was killed by {_signal_name(-code)}"
             if -code == signal.SIGKILL:
@@ -270,7 +301,12 @@ class WorkerPool:
 
     def _fail(self, job: JobRecord, error: str) -> None:
         attempts = self.settings.workers.job_attempts
-        after = self.store.fail_job_attempt(job.id, self.owner, error, attempts, self.clock())
+        try:
+            after = self.store.fail_job_attempt(job.id, self.owner, error, attempts,
+                                                self.clock())
+        except Exception:  # the store is busy or the disk full: recorded at the next pass
+            self._unrecorded[job.id] = (job, error, False)
+            raise
         if after is None:
             log.warning("job %d: attempt failed (%s) but its lease was gone", job.id, error)
         elif after.state == "failed":
@@ -281,31 +317,64 @@ class WorkerPool:
                         after.attempts, attempts, error)
             self._wake.set()
 
+    def _release(self, job: JobRecord, note: str) -> None:
+        """Hand a job back to the queue without counting the attempt (not the job's fault)."""
+        try:
+            released = self.store.release_job(job.id, self.owner, note, self.clock())
+        except Exception:  # the store is busy or the disk full: recorded at the next pass
+            self._unrecorded[job.id] = (job, note, True)
+            raise
+        if released:
+            log.warning("job %d: attempt %d not counted: %s", job.id, job.attempts, note)
+            self._wake.set()
+
     # ----------------------------------------------------------------------------------- stopping
 
     @staticmethod
     def _kill(process: subprocess.Popen[bytes], grace_s: float = 0.0) -> None:
         """End a child and its process group: SIGTERM, ``grace_s``, then SIGKILL."""
-        if process.poll() is None and grace_s > 0:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=grace_s)
-            except subprocess.TimeoutExpired:
-                pass
-        if process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+        WorkerPool._kill_all([process], grace_s)
+
+    @staticmethod
+    def _kill_all(processes: Sequence[subprocess.Popen[bytes]], grace_s: float = 0.0) -> None:
+        """End children and their process groups: SIGTERM to all, then at most ``grace_s``
+        in all (not each) before SIGKILL to those left."""
+        if grace_s > 0:
+            live = [p for p in processes if p.poll() is None]
+            for process in live:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGTERM)
+            deadline = time.monotonic() + grace_s
+            for process in live:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    process.wait(timeout=max(0.0, deadline - time.monotonic()))
+        for process in processes:
+            if process.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+        for process in processes:
+            process.wait()
 
     def _shutdown(self) -> None:
-        for run in list(self._running.values()):
-            self._kill(run.process, _TERMINATE_GRACE_S)
-            if self.store.release_job(run.job.id, self.owner,
-                                      "interrupted by a node shutdown; queued again",
-                                      self.clock()):
-                log.info("job %d: interrupted by the shutdown, queued again", run.job.id)
+        runs = list(self._running.values())
         self._running.clear()
+        self._kill_all([run.process for run in runs], _TERMINATE_GRACE_S)
+        for run in runs:  # every child is gone first, whatever the store does now
+            try:
+                released = self.store.release_job(
+                    run.job.id, self.owner, "interrupted by a node shutdown; queued again",
+                    self.clock())
+            except Exception:  # left running: the next start hands it back
+                log.exception("job %d: cannot hand it back to the queue", run.job.id)
+                continue
+            if released:
+                log.info("job %d: interrupted by the shutdown, queued again", run.job.id)
+        for job, error, release in list(self._unrecorded.values()):
+            try:
+                (self._release if release else self._fail)(job, error)
+            except Exception:  # left running: the next start hands it back
+                log.exception("job %d: cannot record the end of its attempt", job.id)
+        self._unrecorded.clear()
 
 
 def _read_result(path: Path) -> dict[str, Any] | None:
