@@ -80,6 +80,33 @@ def test_job_leases_attempts_and_recovery(tmp_path: Path) -> None:
         assert store.counts()["jobs"] == {"queued": 0, "running": 0, "done": 1, "failed": 2}
 
 
+def test_a_crash_after_the_last_attempt_ended_well_runs_it_again(tmp_path: Path) -> None:
+    """The node died after the child's ok result, before the hand-over to the outbox: the
+    results were not lost to the job's fault, so the attempt does not count (the worker writes
+    the result file; ``attempt_ended_well`` reads it)."""
+    from qsmnode.node.jobs import attempt_dir
+    from qsmnode.node.worker import RESULT_FILENAME, attempt_ended_well
+
+    with Store.in_state_dir(tmp_path) as store:
+        job_id = _queue(store, "1.2.1", "9.1")
+        for attempt in range(3):
+            store.claim_job("node-a:1", 60.0, 100.0 + attempt)
+            if attempt < 2:
+                store.fail_job_attempt(job_id, "node-a:1", "flaky", 3, 100.5 + attempt)
+        work = attempt_dir(tmp_path, job_id, 3)
+        work.mkdir(parents=True)
+        (work / RESULT_FILENAME).write_text('{"ok": true, "result": {}}')
+        assert attempt_ended_well(tmp_path, job_id, 3)
+        assert not attempt_ended_well(tmp_path, job_id, 2)
+        [again] = store.requeue_orphaned_jobs(
+            "node-b:2", 3, 110.0,
+            finished=lambda job, attempt: attempt_ended_well(tmp_path, job, attempt))
+        assert (again.state, again.attempts) == ("queued", 2)
+        assert "ended well, before its results were handed over" in (again.last_error or "")
+        # the next claim reruns attempt 3 (its folder is emptied before the run)
+        assert store.claim_job("node-b:2", 60.0, 111.0).attempts == 3  # type: ignore[union-attr]
+
+
 def test_recorded_problems_are_kept_once(tmp_path: Path) -> None:
     with Store.in_state_dir(tmp_path) as store:
         add(store, "1.1", "9.1", 1.0, study="1.2.1")

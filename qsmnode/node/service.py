@@ -57,7 +57,7 @@ from qsmnode.node.sender import Sender
 from qsmnode.node.spool import MIB, Spool
 from qsmnode.node.store import Store, StoreError
 from qsmnode.node.tracker import Tracker
-from qsmnode.node.worker import WorkerPool
+from qsmnode.node.worker import WorkerPool, attempt_ended_well
 
 log = logging.getLogger(__name__)
 
@@ -116,8 +116,9 @@ def serve(settings: Settings, stop: threading.Event, ready: threading.Event | No
         spool = Spool(state_dir / SPOOL_DIRNAME, settings.listener.min_free_disk_mb * MIB)
         recover(store, spool, state_dir)
         owner = f"{uuid.uuid4().hex[:12]}:{os.getpid()}"
-        for job in store.requeue_orphaned_jobs(owner, settings.workers.job_attempts,
-                                               time.time()):
+        for job in store.requeue_orphaned_jobs(
+                owner, settings.workers.job_attempts, time.time(),
+                finished=lambda job_id, attempt: attempt_ended_well(state_dir, job_id, attempt)):
             if job.state == "failed":
                 log.error("job %d failed: %s; its %d attempts are used up", job.id,
                           job.last_error, job.attempts)

@@ -85,7 +85,7 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -1137,12 +1137,15 @@ class Store:
             self.audit.record("job_requeued", job_id=job_id, error=note, final=False)
         return released
 
-    def requeue_orphaned_jobs(self, live_owner: str, max_attempts: int,
-                              now: float) -> list[JobRecord]:
+    def requeue_orphaned_jobs(self, live_owner: str, max_attempts: int, now: float,
+                              finished: Callable[[int, int], bool] | None = None,
+                              ) -> list[JobRecord]:
         """Running jobs whose lease owner is not ``live_owner`` (the caller knows those owners
         are dead) go back to the queue, or to failed when their attempts are used up. The
-        interrupted attempt counts. Each crash re-queues a job once: afterwards it is queued,
-        not running. Returns the jobs as they are now."""
+        interrupted attempt counts, unless ``finished(job_id, attempt)`` says it had ended
+        well and only its hand-over to the outbox was cut short (not the job's fault: it runs
+        again, whatever its attempts). Each crash re-queues a job once: afterwards it is
+        queued, not running. Returns the jobs as they are now."""
         with self.transaction() as db:
             rows = db.execute(
                 "SELECT id, attempts, lease_owner FROM jobs WHERE state = 'running' "
@@ -1151,6 +1154,14 @@ class Store:
             ).fetchall()
             for row in rows:
                 attempts = int(row["attempts"])
+                if finished is not None and finished(int(row["id"]), attempts):
+                    db.execute(
+                        "UPDATE jobs SET state = 'queued', attempts = max(attempts - 1, 0), "
+                        "last_error = ?, lease_owner = NULL, lease_expires_at = NULL, "
+                        "updated_at = ? WHERE id = ?",
+                        (f"interrupted: the node stopped after attempt {attempts} ended well, "
+                         "before its results were handed over; not counted", now, row["id"]))
+                    continue
                 error = (f"interrupted: the node stopped while attempt {attempts} was running "
                          f"(lease owner {row['lease_owner']})")
                 exhausted = attempts >= max_attempts

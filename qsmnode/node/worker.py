@@ -377,6 +377,13 @@ class WorkerPool:
         self._unrecorded.clear()
 
 
+def attempt_ended_well(state_dir: Path, job_id: int, attempt: int) -> bool:
+    """Whether an attempt's child wrote an ok result (for a node that died before handing it
+    over: :meth:`~qsmnode.node.store.Store.requeue_orphaned_jobs`)."""
+    outcome = _read_result(attempt_dir(state_dir, job_id, attempt) / RESULT_FILENAME)
+    return outcome is not None and outcome.get("ok") is True
+
+
 def _read_result(path: Path) -> dict[str, Any] | None:
     try:
         data = json.loads(path.read_text())
