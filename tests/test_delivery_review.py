@@ -126,7 +126,7 @@ def test_every_warning_status_counts_as_delivered(tmp_path: Path) -> None:
     """PS3.7 Annex C: 0001, 0107, 0116 and Bxxx are warnings: the PACS stored the object.
     Treating them as failures resends a stored object every backoff period, forever."""
     codes = {"1": 0x0000, "2": 0x0107, "3": 0x0116, "4": 0x0001, "5": 0xB00A, "6": 0xB007,
-             "7": 0xA900, "8": 0xC000}
+             "7": 0xA900, "8": 0xC000, "9": 0x0111}  # 0111: the PACS holds it already
     now = [1000.0]
     with scp() as server, Store.in_state_dir(tmp_path) as store:
         server.answer = lambda sop: codes[sop.rsplit(".", 1)[1]]
@@ -136,7 +136,7 @@ def test_every_warning_status_counts_as_delivered(tmp_path: Path) -> None:
         assert sender.step()
         got = states(store)
         assert got == {"1": "sent", "2": "sent", "3": "sent", "4": "sent", "5": "sent",
-                       "6": "sent", "7": "pending", "8": "pending"}
+                       "6": "sent", "7": "pending", "8": "pending", "9": "sent"}
         refused = {s.sop_instance_uid.rsplit(".", 1)[1]: s for s in store.sends(state="pending")}
         assert "0xA900" in (refused["7"].last_error or "")
         assert "0xC000" in (refused["8"].last_error or "")

@@ -8,7 +8,8 @@ over TLS. The outcome is recorded per instance as the batch goes (at least every
 node killed mid-batch resends little):
 
 - success, or a warning status (PS3.7 Annex C: 0x0001, 0x0107, 0x0116, 0xBxxx, e.g. the
-  storage warnings 0xB000, 0xB006, 0xB007): ``sent`` (the peer stored the object);
+  storage warnings 0xB000, 0xB006, 0xB007): ``sent`` (the peer stored the object); also
+  0x0111 (Duplicate SOP Instance: the peer holds it already);
 - a failure status, no response, an aborted or refused association, a connection that cannot
   be made, a file that cannot be read: the send stays ``pending`` and is tried again after an
   exponential backoff, ``sender.retry_initial_s`` doubling per attempt up to
@@ -139,10 +140,17 @@ def describe_status(status: int) -> str:
     return f"0x{status:04X} ({meaning})"
 
 
+DUPLICATE_SOP_INSTANCE = 0x0111
+"""A failure status that some archives answer to a C-STORE of an instance they already hold."""
+
+
 def is_success(status: int) -> bool:
     """Success or a warning (PS3.7 Annex C: 0x0001, 0x0107, 0x0116, 0xBxxx): the peer
-    stored the object."""
-    return status == 0 or status in _WARNING_STATUSES or 0xB000 <= status <= 0xBFFF
+    stored the object; or 0x0111 (Duplicate SOP Instance): it holds it already, and since the
+    node's UIDs are deterministic (the same source and version give the same object), that is
+    this object. Retrying it would never end."""
+    return (status in (0, DUPLICATE_SOP_INSTANCE) or status in _WARNING_STATUSES
+            or 0xB000 <= status <= 0xBFFF)
 
 
 _RESULTS = {1: "permanent", 2: "transient"}

@@ -11,7 +11,7 @@ from pathlib import Path
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_file_meta_info
 
-from qsmnode.node.sender import AssociationFailed, OutgoingFile, Peer
+from qsmnode.node.sender import AssociationFailed, OutgoingFile, Peer, is_success
 from qsmnode.node.sender import send_files as send_outgoing
 
 
@@ -28,7 +28,7 @@ class StoreReport:
 
     @property
     def ok(self) -> bool:
-        return not self.errors and all(s == 0 for s in self.statuses.values())
+        return not self.errors and all(is_success(s) for s in self.statuses.values())
 
 
 def send_files(
