@@ -13,9 +13,12 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from qsmnode.node.config import DestinationConfig, SenderConfig, Settings
+from qsmnode.node.sender import Peer
 from tests.nodeutil import Node, toml_value, wait_for
 from tests.orthanc import Orthanc
 
@@ -107,3 +110,16 @@ def _main() -> int:
 
 if __name__ == "__main__":
     raise SystemExit(_main())
+
+
+def settings_for(state_dir: Path, *peers: Peer, **sender: float) -> Settings:
+    """Settings with ``state_dir``, one destination per peer and ``[sender]`` values (retries
+    after 1 s, at most 4 s, unless given)."""
+    base = Settings()
+    return replace(
+        base,
+        paths=replace(base.paths, state_dir=state_dir),
+        destinations=tuple(DestinationConfig(p.name, p.ae_title, p.host, p.port,
+                                             p.calling_ae_title, p.tls) for p in peers),
+        sender=SenderConfig(**{"retry_initial_s": 1.0, "retry_max_s": 4.0, **sender}),
+    )

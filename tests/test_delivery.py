@@ -16,7 +16,6 @@ import ssl
 import subprocess
 import sys
 from collections import Counter
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,7 @@ from pydicom.dataset import Dataset
 
 from qsmnode.dicom.load import LoadedAcquisition, load_folder
 from qsmnode.node import spool as spool_module
-from qsmnode.node.config import ClientTLSConfig, DestinationConfig, SenderConfig, Settings
+from qsmnode.node.config import ClientTLSConfig
 from qsmnode.node.outbox import Outbox, write_datasets
 from qsmnode.node.sender import (
     AssociationFailed,
@@ -45,6 +44,7 @@ from tests.deliveryutil import (
     kill,
     orthanc_series,
     orthanc_study_uids,
+    settings_for,
     truth_process,
     wait_delivered,
 )
@@ -94,17 +94,6 @@ def derived(source: Path) -> list[Dataset]:
 
 
 
-
-
-def settings_for(state_dir: Path, *peers: Peer, **sender: float) -> Any:
-    base = Settings()
-    return replace(
-        base,
-        paths=replace(base.paths, state_dir=state_dir),
-        destinations=tuple(DestinationConfig(p.name, p.ae_title, p.host, p.port,
-                                             p.calling_ae_title, p.tls) for p in peers),
-        sender=SenderConfig(**{"retry_initial_s": 1.0, "retry_max_s": 4.0, **sender}),
-    )
 
 
 

@@ -15,7 +15,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +25,11 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian
 
 from qsmnode.node import sender as sender_module
-from qsmnode.node.config import ClientTLSConfig, DestinationConfig, SenderConfig, Settings
+from qsmnode.node.config import ClientTLSConfig, Settings
 from qsmnode.node.outbox import Outbox
 from qsmnode.node.sender import AssociationFailed, Peer, Sender, send_files
 from qsmnode.node.store import SendOutcome, Store
+from tests.deliveryutil import settings_for as delivery_settings
 from tests.nodeutil import free_port
 
 MR_IMAGE = "1.2.840.10008.5.1.4.1.1.4"
@@ -52,14 +53,9 @@ def instance(n: int, sop_class: str = MR_IMAGE) -> Dataset:
 
 
 def settings_for(state_dir: Path, *peers: Peer, **sender: float) -> Settings:
-    base = Settings()
-    return replace(
-        base,
-        paths=replace(base.paths, state_dir=state_dir),
-        destinations=tuple(DestinationConfig(p.name, p.ae_title, p.host, p.port,
-                                             p.calling_ae_title, p.tls) for p in peers),
-        sender=SenderConfig(**{"retry_initial_s": 10.0, "retry_max_s": 3600.0, **sender}),
-    )
+    """Slow retries (10 s, at most an hour) unless given: the tests step the clock."""
+    return delivery_settings(state_dir, *peers,
+                             **{"retry_initial_s": 10.0, "retry_max_s": 3600.0, **sender})
 
 
 @dataclass

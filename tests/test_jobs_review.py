@@ -24,6 +24,7 @@ from qsmnode.node.config import PathsConfig, Settings, WorkersConfig
 from qsmnode.node.jobs import DERIVED_DIRNAME, MANIFEST_FILENAME, PROGRESS_FILENAME, JobError
 from qsmnode.node.store import InstanceRecord, JobRecord, NewAcquisition, Store
 from qsmnode.node.worker import WorkerPool
+from tests.nodeutil import wait_for
 
 REVIEW_ENV = "QSMNODE_REVIEW_HOOKS"
 JOB_FUNCTION = "tests.test_jobs_review:review_job"
@@ -106,17 +107,6 @@ def _runs(marker_dir: Path, job_id: int) -> list[tuple[int, int]]:
                                           marker.read_text().splitlines())]
 
 
-def _wait(check: Callable[[], Any], what: str, timeout_s: float = 30.0) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout_s:g} s waiting for {what}")
-        time.sleep(0.05)
-
-
 def _settled(store: Store, job_id: int) -> Callable[[], JobRecord | None]:
     def check() -> JobRecord | None:
         job = store.job(job_id)
@@ -146,7 +136,7 @@ def test_a_child_killed_every_time_fails_after_its_attempts_with_a_plain_reason(
                       job_function=JOB_FUNCTION)
     pool.start()
     try:
-        job = _wait(_settled(store, job_id), "the job to end")
+        job = wait_for(_settled(store, job_id), "the job to end")
     finally:
         pool.stop()
     assert (job.state, job.attempts) == ("failed", 2)
@@ -166,7 +156,7 @@ def test_a_child_stopped_with_sigterm_is_handed_back_without_counting_the_attemp
                       job_function=JOB_FUNCTION)
     pool.start()
     try:
-        job = _wait(_settled(store, job_id), "the job to end")
+        job = wait_for(_settled(store, job_id), "the job to end")
     finally:
         pool.stop()
     assert (job.state, job.attempts, job.last_error) == ("done", 1, None)
@@ -183,7 +173,7 @@ def test_a_child_stopped_with_sigterm_every_time_does_not_run_forever(
                       job_function=JOB_FUNCTION)
     pool.start()
     try:
-        job = _wait(_settled(store, job_id), "the job to end")
+        job = wait_for(_settled(store, job_id), "the job to end")
     finally:
         pool.stop()
     assert (job.state, job.attempts) == ("failed", 2)
@@ -209,7 +199,7 @@ def test_a_store_error_while_recording_a_result_is_retried(
     pool = WorkerPool(_settings(state), store, "review:1", job_function=JOB_FUNCTION)
     pool.start()
     try:
-        job = _wait(_settled(store, job_id), "the job to end", 15)
+        job = wait_for(_settled(store, job_id), "the job to end", 15)
         assert pool.running_jobs == []
     finally:
         pool.stop()
@@ -241,7 +231,7 @@ def test_a_store_error_while_recording_a_failed_start_is_retried(
                       job_function=JOB_FUNCTION)
     pool.start()
     try:
-        job = _wait(_settled(store, job_id), "the job to end", 15)
+        job = wait_for(_settled(store, job_id), "the job to end", 15)
     finally:
         pool.stop()
     assert (job.state, job.attempts) == ("failed", 1)
@@ -269,7 +259,7 @@ def test_a_reused_attempt_folder_starts_clean(
                       job_function=JOB_FUNCTION)
     pool.start()
     try:
-        job = _wait(_settled(store, job_id), "the job to end")
+        job = wait_for(_settled(store, job_id), "the job to end")
     finally:
         pool.stop()
     assert (job.state, job.attempts, job.last_error) == ("done", 1, None)
@@ -286,7 +276,7 @@ def _start_hanging(tmp_path: Path, state: Path, store: Store, monkeypatch: pytes
     pool = WorkerPool(_settings(state, processes=count), store, "review:1",
                       job_function=JOB_FUNCTION)
     pool.start()
-    pids = [_wait(lambda j=j: _runs(markers, j), f"job {j} to start")[0][0] for j in jobs]
+    pids = [wait_for(lambda j=j: _runs(markers, j), f"job {j} to start")[0][0] for j in jobs]
     time.sleep(0.5)  # the children ignore SIGTERM by now
     return pool, jobs, pids
 
@@ -355,10 +345,10 @@ def test_a_child_whose_node_died_exits_at_once(
     assert parent.stdout is not None
     pid = int(parent.stdout.readline())
     try:
-        _wait(lambda: _runs(markers, 7), "the child to start the job")
+        wait_for(lambda: _runs(markers, 7), "the child to start the job")
         parent.kill()
         parent.wait()
-        _wait(lambda: not _alive(pid), "the orphaned child to exit", 5)
+        wait_for(lambda: not _alive(pid), "the orphaned child to exit", 5)
     finally:
         if _alive(pid):
             os.kill(pid, signal.SIGKILL)
