@@ -145,15 +145,19 @@ def test_rigid_registration_recovers_a_known_pose_of_the_template(target):
 
 
 def test_the_same_input_registers_to_the_same_transform(target):
-    """Reproducible measurements need a reproducible registration: all three stages, twice,
-    map the subject to identical template points (with two ITK threads they did not)."""
+    """Reproducible measurements need a reproducible registration: the rigid and affine
+    stages, twice, map the subject to identical template points (with two ITK threads they
+    differed by 1e-13 mm, the B-spline stage's by 1e-7 mm: amplified on a poor image, they
+    changed which areas were covered). The thread setting is global: the B-spline stage,
+    left out for time, runs under the same."""
     tmpl = target[0]
     subject, mask = _posed_template_slab(tmpl)
     pts = np.argwhere(mask)[:: 53].astype(np.float64) @ POSED_SCAN.affine[:3, :3].T \
         + POSED_SCAN.affine[:3, 3]
-    first, second = (register(subject, POSED_SCAN.affine, mask, tmpl.data, tmpl.affine)
+    params = RegistrationParams(bspline_mesh_mm=0.0)
+    first, second = (register(subject, POSED_SCAN.affine, mask, tmpl.data, tmpl.affine, params)
                      for _ in range(2))
-    assert first.transform.GetName() == "CompositeTransform"
+    assert first.transform.GetName() == "AffineTransform"
     np.testing.assert_array_equal(first.to_template(pts), second.to_template(pts))
     assert first.quality_nmi == second.quality_nmi
 
