@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -72,9 +73,10 @@ def test_simulate_sends_to_dcmtk_storescp(tmp_path: Path) -> None:
     port = free_port()
     received = tmp_path / "received"
     received.mkdir()
-    server = subprocess.Popen(
+    server = subprocess.Popen(  # TCP_NODELAY: else each response waits ~40 ms (delayed ACK)
         [storescp, "--aetitle", "QSMNODE", "-od", str(received), str(port)],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        env={**os.environ, "TCP_NODELAY": "1"},
     )
     try:
         time.sleep(0.5)
