@@ -345,7 +345,7 @@ def run_process(folder: Path, out: Path, send: str | None = None, config: Path |
     import time
 
     from qsmnode.dicom.load import LoadedAcquisition, load_folder
-    from qsmnode.node.config import ConfigError, PipelineConfig, load_settings
+    from qsmnode.node.config import ConfigError, PipelineConfig, SenderConfig, load_settings
     from qsmnode.node.jobs import JobError
     from qsmnode.node.outbox import write_datasets
     from qsmnode.node.sender import AssociationFailed, OutgoingFile, Peer, send_files
@@ -422,7 +422,8 @@ def run_process(folder: Path, out: Path, send: str | None = None, config: Path |
                 for path, ds in written]
     started = time.perf_counter()
     try:
-        results = send_files(peer, outgoing)
+        results = send_files(peer, outgoing, (settings.sender if settings is not None
+                                              else SenderConfig()).timeout_s)
     except AssociationFailed as exc:
         print(f"error: not sent to {peer}: {exc}", file=sys.stderr)
         return 1

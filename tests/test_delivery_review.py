@@ -25,7 +25,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian
 
 from qsmnode.node import sender as sender_module
-from qsmnode.node.config import ClientTLSConfig, Settings
+from qsmnode.node.config import ClientTLSConfig, ConfigError, Settings, load_settings
 from qsmnode.node.outbox import Outbox
 from qsmnode.node.sender import AssociationFailed, Peer, Sender, send_files
 from qsmnode.node.store import SendOutcome, Store
@@ -464,3 +464,16 @@ def test_outbox_validates_a_file_before_writing_it(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="SOPClassUID"):
         outbox.import_files([source])
     assert not list(outbox.root.rglob("*.dcm"))
+
+
+def test_the_sender_waits_as_long_as_configured(tmp_path: Path) -> None:
+    """``[sender] timeout_s``: a large object on a busy archive may need more than a minute."""
+    config = tmp_path / "node.toml"
+    config.write_text("[sender]\ntimeout_s = 240\n")
+    settings = load_settings(config, env={})
+    with Store.in_state_dir(tmp_path) as store:
+        assert Sender(settings, store).timeout_s == 240.0
+        assert Sender(settings, store, timeout_s=5).timeout_s == 5.0
+    config.write_text("[sender]\ntimeout_s = 0\n")
+    with pytest.raises(ConfigError, match=r"sender\.timeout_s"):
+        load_settings(config, env={})

@@ -332,6 +332,9 @@ class SenderConfig:
     retry_max_s: float = field(default=3600.0, metadata=_rule(unit="seconds", gt=0))
     max_attempts: int = field(default=0, metadata=_rule(expect="an integer >= 0 (0 = forever)",
                                                         ge=0))
+    timeout_s: float = field(default=60.0, metadata=_rule(unit="seconds", gt=0))
+    """How long to wait for a destination: to connect, to negotiate, and for each C-STORE
+    response (a large Parametric Map on a busy archive takes a while)."""
 
     def _cross_check(self, at: str) -> Iterator[tuple[str, str]]:
         if self.retry_max_s < self.retry_initial_s:

@@ -375,13 +375,13 @@ class Sender:
 
     def __init__(self, settings: Settings, store: Store,
                  clock: Callable[[], float] = time.time, batch_size: int = BATCH_SIZE,
-                 timeout_s: float = 30.0, jitter: float = JITTER,
+                 timeout_s: float | None = None, jitter: float = JITTER,
                  record_every_s: float = 1.0) -> None:
         self.settings = settings
         self.store = store
         self.clock = clock
         self.batch_size = batch_size
-        self.timeout_s = timeout_s
+        self.timeout_s = settings.sender.timeout_s if timeout_s is None else timeout_s
         self.jitter = jitter
         self.record_every_s = record_every_s
         self.peers = {d.name: Peer.from_config(d) for d in settings.destinations}
