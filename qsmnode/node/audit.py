@@ -83,8 +83,10 @@ class AuditLog:
             with self._lock:
                 if self._fd is None:
                     return
+                size = os.fstat(self._fd).st_size  # where this line starts (O_APPEND)
                 written = os.write(self._fd, data)
                 if written != len(data):  # a full disk: never leave half a line behind
+                    os.ftruncate(self._fd, size)
                     raise OSError(f"short write ({written} of {len(data)} bytes)")
             self._failing = False
         except (OSError, TypeError, ValueError) as exc:

@@ -1,8 +1,8 @@
 """The node's HTTP endpoint: health, Prometheus metrics and a status page for radiographers.
 
 Served by ``waitress`` in a daemon thread, on ``[http] host``/``port`` (loopback port 8080 by
-default; port 0 disables it). Three routes, all ``GET`` (another method gets 405, another path
-404):
+default; port 0 disables it). Three routes, all ``GET`` or ``HEAD`` (another method gets 405,
+another path 404; a query string is ignored, a request body of 1 KiB or more gets 413):
 
 - ``/health``: JSON ``{"status", "store", "free_disk_mb", "min_free_disk_mb", "version",
   "schema_version", "reasons"}``. 200 when the store can be read and free disk is at or above
@@ -57,6 +57,12 @@ RECENT_ROWS = 25
 """Rows per table on the status page."""
 ERROR_CHARS = 300
 """Longest error text shown on the status page (the rest is cut)."""
+PROBLEM_CHARS = 2000
+"""Longest problem reason shown on the status page (they quote series descriptions)."""
+MAX_BODY_BYTES = 1024
+"""Request bodies this large or larger get 413 from waitress at once. No route reads one;
+waitress's default (1 GiB, spooled to a temporary file before the application answers) would
+let any web page the radiographer opens fill the disk through the browser."""
 THREADS = 2
 """waitress worker threads: a scraper and a browser or two."""
 
@@ -96,14 +102,22 @@ class StatusApp:
         handler = self._routes.get(environ.get("PATH_INFO") or "/")
         if handler is None:
             return _plain(start_response, HTTPStatus.NOT_FOUND, "not found\n")
-        if environ.get("REQUEST_METHOD") != "GET":
+        method = environ.get("REQUEST_METHOD")
+        if method not in ("GET", "HEAD"):
             return _plain(start_response, HTTPStatus.METHOD_NOT_ALLOWED,
                           "method not allowed: use GET\n", [("Allow", "GET")])
+        # HEAD: the GET answer without its body (waitress sends what it is given). The query
+        # string is ignored: prometheus_client's name[] filter finds nothing in the private
+        # registry (its collector is not described) and would answer an empty 200.
+        environ = {**environ, "REQUEST_METHOD": "GET", "QUERY_STRING": ""}
         try:
-            return handler(environ, start_response)
+            body = handler(environ, start_response)
         except Exception:
             log.exception("HTTP %s failed", environ.get("PATH_INFO"))
             return _plain(start_response, HTTPStatus.INTERNAL_SERVER_ERROR, "internal error\n")
+        if method == "HEAD":
+            return []
+        return body
 
     # ---------------------------------------------------------------------------------- health
 
@@ -219,10 +233,10 @@ def _uid_cell(uid: str) -> str:
     return f'<td class="uid" title="{_e(uid)}">{_e(short_uid(uid))}</td>'
 
 
-def _cut(text: str | None) -> str | None:
-    if text is None or len(text) <= ERROR_CHARS:
+def _cut(text: str | None, limit: int = ERROR_CHARS) -> str | None:
+    if text is None or len(text) <= limit:
         return text
-    return text[:ERROR_CHARS] + " …"
+    return text[:limit] + " …"
 
 
 def _state(state: str | None) -> str:
@@ -349,7 +363,8 @@ def _sections(status: Status, now: float, stages: dict[int, str]) -> list[str]:
         out.append(_table(
             ("Since", "Study", "Problem"),
             [f"<tr><td>{_e(_when(p.created_at))}</td>{_uid_cell(p.study_uid)}"
-             f'<td class="text">{_e(p.reason)}</td></tr>' for p in status.problems],
+             f'<td class="text">{_e(_cut(p.reason, PROBLEM_CHARS))}</td></tr>'
+             for p in status.problems],
             "No open problems."))
     out.append("<h2>Deliveries</h2>")
     if status.deliveries is None:
@@ -378,7 +393,7 @@ class HttpServer:
         try:
             self._server = create_server(
                 app, map=self._map, host=host, port=port, threads=THREADS, ident="qsmnode",
-                channel_timeout=30, connection_limit=32)
+                channel_timeout=30, connection_limit=32, max_request_body_size=MAX_BODY_BYTES)
         except OSError as exc:
             self._close_sockets()  # what waitress opened before the failure
             raise OSError(exc.errno, f"HTTP endpoint {host}:{port}: {exc.strerror or exc}"
