@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import highdicom as hd
@@ -562,3 +562,20 @@ def test_a_key_image_without_m1_says_why() -> None:
     ink = [int((np.abs(img.astype(int) - BACKGROUND).sum(axis=-1) > 0).sum())
            for img in (plain, noted)]
     assert ink[1] > ink[0] + 500  # the reason is written below "M1 analysis not available"
+
+
+def test_a_one_part_patient_name_is_not_quoted_in_warnings(sim, m1, tmp_path) -> None:
+    """highdicom warns of a patient name of one component by quoting it; the warning (and so
+    the node's log) must not carry it."""
+    import warnings
+
+    name = "ZQXPRIVATE"
+    sources = write_dicom(sim.gre, tmp_path / "source", "siemens",
+                          replace(SimStudyInfo(seed=7), patient_name=name))
+    (loaded,) = load_folder(tmp_path / "source")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        datasets = build_derived(loaded, sim.truth.chi_ppm, sim.truth.r2star_per_s, m1,
+                                 source_reader(sources), VERSION)
+    assert {str(ds.PatientName) for ds in datasets} == {name}
+    assert not [str(w.message) for w in caught if name in str(w.message)]

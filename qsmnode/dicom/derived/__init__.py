@@ -23,6 +23,7 @@ Secondary Capture     RGB key images: QSM + outlines + table (hand, foot)     10
 from __future__ import annotations
 
 import datetime as dt
+import warnings
 from dataclasses import dataclass, field
 
 import highdicom as hd
@@ -112,6 +113,27 @@ def build_derived_objects(
         created: series/content date and time (default: now).
         m1_note: without ``m1``, why there is no M1 analysis (shown on the key images).
     """
+    with warnings.catch_warnings():
+        # highdicom warns of a one-part patient name by quoting it: PHI must not reach the log
+        warnings.filterwarnings("ignore", message=PERSON_NAME_WARNING, category=UserWarning)
+        return _build(loaded, chi_ppm, r2star_per_s, m1, read_source, algorithm_version,
+                      created, m1_note)
+
+
+PERSON_NAME_WARNING = r"The string .* is unlikely to represent the intended person name"
+"""highdicom's warning about a patient name of one component, which quotes the name."""
+
+
+def _build(
+    loaded: LoadedAcquisition,
+    chi_ppm: NDArray[np.floating],
+    r2star_per_s: NDArray[np.floating] | None,
+    m1: M1Result | None,
+    read_source: ReadSource,
+    algorithm_version: str,
+    created: dt.datetime | None,
+    m1_note: str | None,
+) -> DerivedObjects:
     ctx = BuildContext.create(loaded, read_source, algorithm_version, created)
     out = DerivedObjects(
         qsm_map=build_parametric_map(ctx, chi_ppm, QSM),
