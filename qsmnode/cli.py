@@ -101,7 +101,15 @@ def _serve(args: argparse.Namespace) -> int:
     return main(args.config)
 
 
+def _printable(text: str) -> str:
+    """``text`` with control characters (an escape sequence or a newline in a series
+    description from a peer) shown as ``\\x..`` escapes, so they cannot act on the terminal."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
+    """Print ``rows`` under ``header`` in aligned columns (cells made printable)."""
+    rows = [tuple(_printable(cell) for cell in row) for row in rows]
     widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
     for row in (header, *rows):
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))
