@@ -267,7 +267,7 @@ def test_unknown_paths_are_404_and_other_methods_405(server: HttpServer) -> None
     assert fetch(server.url + "/nope", method="POST")[0] == 404
     for path in ("/", "/health", "/metrics"):
         status, headers, _ = fetch(server.url + path, method="POST")
-        assert status == 405 and headers["Allow"] == "GET"
+        assert status == 405 and headers["Allow"] == "GET, HEAD"
     assert fetch(server.url + "/metrics", method="DELETE")[0] == 405
 
 

@@ -105,7 +105,8 @@ class StatusApp:
         method = environ.get("REQUEST_METHOD")
         if method not in ("GET", "HEAD"):
             return _plain(start_response, HTTPStatus.METHOD_NOT_ALLOWED,
-                          "method not allowed: use GET\n", [("Allow", "GET")])
+                          "method not allowed: use GET or HEAD\n",
+                          [("Allow", "GET, HEAD")])
         # HEAD: the GET answer without its body (waitress sends what it is given). The query
         # string is ignored: prometheus_client's name[] filter finds nothing in the private
         # registry (its collector is not described) and would answer an empty 200.
