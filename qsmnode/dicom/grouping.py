@@ -13,14 +13,21 @@ The rules:
    acquisition and is reported rather than split off.
 3. Within a cluster, each series (Enhanced and classic files of one series apart) is a unit
    holding a set of (part, echo) keys. Units are taken in series-number order and join the
-   first candidate acquisition whose slice positions overlap theirs and which holds none of
-   their keys yet; otherwise they start a new candidate. This joins Siemens magnitude and
-   phase series (n, n+1), Siemens XA series per echo and Philips mixed series, and keeps an
-   exact repeat of the protocol (series 7, 8 after 5, 6) apart.
+   first candidate acquisition whose slice positions overlap theirs, which holds none of
+   their keys yet, and whose echo train is theirs: they share an echo time with it, or the
+   unit and every unit of the candidate have one echo time each (one series per echo);
+   otherwise they start a new candidate. This joins Siemens magnitude and phase series
+   (n, n+1), Siemens XA series per echo and Philips mixed series, and keeps an exact repeat of
+   the protocol (series 7, 8 after 5, 6) apart, as well as a scan of the same geometry with
+   other echo times. A magnitude-only and a phase-only candidate of the same geometry are
+   evaluated together (so their echo times are reported as mismatched).
+   Slice positions are compared rounded to 0.01 mm; a position within 0.005 mm of one
+   already seen is the same slice even across a rounding boundary.
 4. Echo identity is the echo time rounded to 1 µs, never InstanceNumber or EchoNumbers.
 5. A candidate becomes a plan only when it has magnitude and (if required) phase with the same
-   echo times, at least ``min_echoes`` echoes, every slice for every echo and part, exactly
-   one image per slice, echo and part, and evenly spaced slices. Otherwise it is a Problem.
+   echo times, all above 0, at least ``min_echoes`` echoes, every slice for every echo and
+   part, exactly one image per slice, echo and part, and evenly spaced slices. Otherwise it is
+   a Problem.
 
 6. T1w reference. A candidate whose every instance looks T1-weighted
    (:attr:`~qsmnode.dicom.headers.InstanceInfo.t1_evidence`: inversion-prepared gradient echo,
@@ -35,13 +42,14 @@ The rules:
    :attr:`AcquisitionPlan.t1w_note`, and why any other T1-weighted series of the study is
    not used (another Frame of Reference, unusable, not chosen).
 
-Limitation: a different protocol with the same geometry and different echo times, in series
-that do not repeat any echo time, would join an acquisition and be reported as mismatched echo
-times rather than kept apart.
+Limitation: with one series per echo (Siemens XA), a scan of the same geometry whose echo
+times are all different, also in one series per echo, still joins the acquisition as more
+echoes (nothing in the summaries tells the two apart).
 """
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -215,8 +223,65 @@ def echo_key(echo_time_s: float) -> _EchoKey:
     return round(echo_time_s * 1e6)
 
 
+def _te_key(frame: FrameInfo) -> _EchoKey | None:
+    """The frame's echo key; None without a usable echo time (absent, NaN or infinite)."""
+    te = frame.echo_time_s
+    return None if te is None or not math.isfinite(te) else echo_key(te)
+
+
+def _plane_ok(info: InstanceInfo, frame: FrameInfo) -> bool:
+    """The frame has an image plane: position, orientation (two non-zero direction cosine
+    vectors), positive pixel spacing and a matrix, all finite."""
+    if frame.position is None or frame.orientation is None or frame.pixel_spacing is None:
+        return False
+    values = (*frame.position, *frame.orientation, *frame.pixel_spacing)
+    return (
+        bool(info.rows)
+        and bool(info.columns)
+        and all(math.isfinite(v) for v in values)
+        and min(frame.pixel_spacing) > 0
+        and any(frame.orientation[:3])
+        and any(frame.orientation[3:])
+    )
+
+
 def _pos_key(position: tuple[float, float, float]) -> _PosKey:
     return tuple(round(p * 10**POSITION_DECIMALS) for p in position)  # type: ignore[return-value]
+
+
+_NEIGHBOURS = tuple((a, b, c) for a in (-1, 0, 1) for b in (-1, 0, 1) for c in (-1, 0, 1))
+
+
+class _PositionKeys:
+    """Slice position keys of one grouping: the position rounded to 0.01 mm, except that a
+    position within half that of one already seen takes its key (so positions written with a
+    tiny difference, e.g. 12.125 and 12.1250001, are one slice even across a rounding
+    boundary)."""
+
+    def __init__(self) -> None:
+        self._keys: dict[tuple[float, float, float], _PosKey] = {}
+        self._seen: dict[_PosKey, tuple[float, float, float]] = {}
+
+    def __call__(self, position: tuple[float, float, float]) -> _PosKey:
+        key = self._keys.get(position)
+        if key is not None:
+            return key
+        key = _pos_key(position)
+        if key not in self._seen:
+            half = 0.5 * 10.0**-POSITION_DECIMALS
+            for offset in _NEIGHBOURS:
+                near = tuple(k + o for k, o in zip(key, offset, strict=True))
+                seen = self._seen.get(near)  # type: ignore[arg-type]
+                if (
+                    seen is not None
+                    and max(abs(a - b) for a, b in zip(seen, position, strict=True)) <= half
+                ):
+                    key = near  # type: ignore[assignment]
+                    break
+            else:
+                self._seen[key] = position
+        self._keys[position] = key
+        return key
 
 
 def _ms(key: _EchoKey) -> str:
@@ -321,18 +386,31 @@ def _series_of(refs: list[FrameRef], part: Part, key: _EchoKey | None = None) ->
         {
             r.instance.series_number
             for r in refs
-            if r.frame.part is part
-            and (
-                key is None
-                or (r.frame.echo_time_s is not None and echo_key(r.frame.echo_time_s) == key)
-            )
+            if r.frame.part is part and (key is None or _te_key(r.frame) == key)
         },
         key=lambda n: (n is None, n or 0),
     )
     return ", ".join("?" if n is None else str(n) for n in numbers)
 
 
-def _evaluate(cand: _Candidate, min_echoes: int, require_phase: bool) -> AcquisitionPlan | Problem:
+def _echo_times(keys: set[tuple[Part, _EchoKey | None]]) -> set[_EchoKey]:
+    return {te for _, te in keys if te is not None}
+
+
+def _same_echo_train(cand: _Candidate, unit: _Unit) -> bool:
+    """Whether ``unit`` may belong to the echo train of ``cand``: it shares an echo time with it
+    (e.g. the phase series of a magnitude series), or both are series of one echo time each
+    (one series per echo). A series whose echo times are all new to the candidate is another
+    scan (e.g. the same geometry with other echo times), not more echoes of this one."""
+    unit_tes, cand_tes = _echo_times(unit.keys), _echo_times(cand.keys)
+    if not unit_tes or not cand_tes or unit_tes & cand_tes:
+        return True
+    return len(unit_tes) == 1 and all(len(_echo_times(u.keys)) <= 1 for u in cand.units)
+
+
+def _evaluate(
+    cand: _Candidate, min_echoes: int, require_phase: bool, pos_key: _PositionKeys
+) -> AcquisitionPlan | Problem:
     refs = cand.refs
     table: dict[Part, dict[_EchoKey, dict[_PosKey, list[FrameRef]]]] = {
         Part.MAGNITUDE: defaultdict(lambda: defaultdict(list)),
@@ -344,14 +422,15 @@ def _evaluate(cand: _Candidate, min_echoes: int, require_phase: bool) -> Acquisi
     for r in refs:
         f = r.frame
         assert f.position is not None
-        actual_position.setdefault(_pos_key(f.position), f.position)
+        actual_position.setdefault(pos_key(f.position), f.position)
         if f.part not in table:
             others[f.part] += 1
             continue
-        if f.echo_time_s is None:
+        te = _te_key(f)
+        if te is None:
             no_te += 1
             continue
-        table[f.part][echo_key(f.echo_time_s)][_pos_key(f.position)].append(r)
+        table[f.part][te][pos_key(f.position)].append(r)
     mag, pha = table[Part.MAGNITUDE], table[Part.PHASE]
     reasons: list[str] = []
 
@@ -363,6 +442,8 @@ def _evaluate(cand: _Candidate, min_echoes: int, require_phase: bool) -> Acquisi
             listed = ", ".join(f"{n} {p.value}" for p, n in sorted(others.items()))
             extra = f" (found {listed} images; these are not combined)"
         what = "only phase images, no magnitude" if pha else "no magnitude or phase images"
+        if no_te:
+            what = f"{_plural(no_te, 'image')} without an echo time, and {what} with one"
         return cand.problem(f"{what}{extra}")
     fieldmap = [r for r in refs if r.frame.part is Part.PHASE and r.instance.phase_difference]
     if fieldmap:
@@ -373,6 +454,12 @@ def _evaluate(cand: _Candidate, min_echoes: int, require_phase: bool) -> Acquisi
             f"field map{how}, not a per-echo phase; QSM needs the phase of every echo"
         )
     mag_tes, pha_tes = sorted(mag), sorted(pha)
+    not_positive = sorted({k for k in (*mag_tes, *pha_tes) if k <= 0})
+    if not_positive:
+        reasons.append(
+            f"echo time of 0 or less ({', '.join(_ms(k) for k in not_positive)}): not the "
+            "echo of a gradient echo"
+        )
     if not pha:
         if require_phase:
             reasons.append(
@@ -537,19 +624,19 @@ def _is_t1w_candidate(cand: _Candidate) -> bool:
     )
 
 
-def _evaluate_t1w(cand: _Candidate) -> T1wReference | str:
+def _evaluate_t1w(cand: _Candidate, pos_key: _PositionKeys) -> T1wReference | str:
     """The candidate as a T1w reference, or why it cannot be one."""
     uids, numbers = cand.series()
     if len(uids) > 1:
         return "its images come from several series"
     refs = cand.refs
-    tes = {None if r.frame.echo_time_s is None else echo_key(r.frame.echo_time_s) for r in refs}
+    tes = {_te_key(r.frame) for r in refs}
     if len(tes) > 1:
         return f"it has {len(tes)} echoes (a single-echo or echo-combined series is needed)"
     by_position: dict[_PosKey, list[FrameRef]] = defaultdict(list)
     for r in refs:
         assert r.frame.position is not None
-        by_position[_pos_key(r.frame.position)].append(r)
+        by_position[pos_key(r.frame.position)].append(r)
     repeated = sum(len(rs) > 1 for rs in by_position.values())
     if repeated:
         return f"more than one image at {_plural(repeated, 'slice position')}"
@@ -677,18 +764,13 @@ def group_acquisitions(
     cluster_cache: dict[tuple, int] = {}
     units: dict[tuple[str, bool, int], _Unit] = {}
     no_geometry: dict[str, list[InstanceInfo]] = defaultdict(list)
+    pos_key = _PositionKeys()
     for info in infos:
         if info.sop_instance_uid in seen_uids:
             continue
         seen_uids.add(info.sop_instance_uid)
         for frame in info.frames:
-            if (
-                frame.position is None
-                or frame.orientation is None
-                or frame.pixel_spacing is None
-                or not info.rows
-                or not info.columns
-            ):
+            if not _plane_ok(info, frame):
                 bad = no_geometry[info.series_uid]
                 if not bad or bad[-1] is not info:
                     bad.append(info)
@@ -725,9 +807,9 @@ def group_acquisitions(
                 unit = units[ukey] = _Unit(cid, info.series_uid, info.series_number)
             unit.refs.append(FrameRef(info, frame))
             unit.t1 = unit.t1 and bool(info.t1_evidence)
-            te = None if frame.echo_time_s is None else echo_key(frame.echo_time_s)
+            te = _te_key(frame)
             unit.keys.add((frame.part, te))
-            unit.positions.add(_pos_key(frame.position))
+            unit.positions.add(pos_key(frame.position))
 
     # assemble candidates, series by series
     candidates: list[_Candidate] = []
@@ -744,6 +826,7 @@ def group_acquisitions(
                 and c.t1 == unit.t1
                 and c.positions & unit.positions
                 and not c.keys & unit.keys
+                and _same_echo_train(c, unit)
             ),
             None,
         )
@@ -760,14 +843,15 @@ def group_acquisitions(
         if not _is_t1w_candidate(cand):
             continue
         paired.add(i)
-        evaluated = _evaluate_t1w(cand)
+        evaluated = _evaluate_t1w(cand, pos_key)
         if isinstance(evaluated, T1wReference):
             references.append(evaluated)
         else:
             first = cand.units[0].refs[0].instance
             unusable.append((cand.label(), first.study_uid, evaluated))
 
-    # magnitude-only and phase-only candidates of one series description: mixed geometry
+    # magnitude-only and phase-only candidates of one series description: mixed geometry;
+    # of one geometry (kept apart by their echo times): evaluated together
     results: list[tuple[tuple, AcquisitionPlan | Problem]] = []
     for i, a in enumerate(candidates):
         if a.parts() & {Part.MAGNITUDE, Part.PHASE} != {Part.MAGNITUDE} or i in paired:
@@ -779,13 +863,30 @@ def group_acquisitions(
             if b.parts() & {Part.MAGNITUDE, Part.PHASE} != {Part.PHASE}:
                 continue
             ib = b.units[0].refs[0].instance
-            if (ia.study_uid, ia.frame_of_reference_uid, ia.series_description) != (
+            same_grid = a.cluster == b.cluster and a.t1 == b.t1 and bool(a.positions & b.positions)
+            if not same_grid and (
+                ia.study_uid,
+                ia.frame_of_reference_uid,
+                ia.series_description,
+            ) != (
                 ib.study_uid,
                 ib.frame_of_reference_uid,
                 ib.series_description,
             ):
                 continue
             paired.update((i, j))
+            if same_grid:
+                # same geometry, kept apart by their echo times: say how they differ
+                both = _Candidate(a.cluster, a.t1)
+                for unit in sorted(
+                    a.units + b.units,
+                    key=lambda u: (u.series_number is None, u.series_number or 0, u.series_uid),
+                ):
+                    both.add(unit)
+                results.append(
+                    (_sort_key(both), _evaluate(both, min_echoes, require_phase, pos_key))
+                )
+                break
             ua, na = a.series()
             ub, nb = b.series()
             results.append(
@@ -805,7 +906,7 @@ def group_acquisitions(
             break
     for i, cand in enumerate(candidates):
         if i not in paired:
-            results.append((_sort_key(cand), _evaluate(cand, min_echoes, require_phase)))
+            results.append((_sort_key(cand), _evaluate(cand, min_echoes, require_phase, pos_key)))
     for series_uid, bad in no_geometry.items():
         first = bad[0]
         results.append(
@@ -816,7 +917,7 @@ def group_acquisitions(
                         f"series {first.series_number} '{first.series_description}' (series "
                         f"UID {series_uid}): {_plural(len(bad), 'instance')} without image "
                         "plane geometry (position, orientation, pixel spacing or matrix "
-                        "missing); not an image series that can be processed"
+                        "missing or invalid); not an image series that can be processed"
                     ),
                     study_uid=first.study_uid,
                     series_uids=(series_uid,),

@@ -32,7 +32,11 @@ grouping finds a problem while the study is younger than the quiet period (a ser
 by count while the next is still on its way), the tracker waits for the quiet period (or the
 maximum wait) before recording anything. Acquisitions, problems (logged, with their
 plain-language reason) and jobs are recorded in one transaction (:meth:`Store.record_grouping`),
-which does nothing if the study changed meanwhile; the tracker then tries again.
+which does nothing if the study changed meanwhile; the tracker then tries again. A study's
+instances are those of its series (an instance whose StudyInstanceUID differs from its series'
+study, from a broken sender, is grouped with its series). A study whose grouping raises is
+logged and tried again after ``FAILED_RETRY_S`` or when an image of it arrives; the other
+studies go on.
 
 **Same-session T1w.** A T1-weighted single-echo magnitude series (the rule is in
 :mod:`qsmnode.dicom.grouping`) is not a problem: it becomes the anatomical reference of the
@@ -92,6 +96,8 @@ SETTLE_S = 1.0
 """Longest settle time between a study's last instance and its grouping (capped by the quiet
 period)."""
 FIELD_STRENGTH_TOLERANCE_T = 0.1
+FAILED_RETRY_S = 30.0
+"""How long a study whose grouping raised waits before it is tried again (unless it changes)."""
 
 
 def expected_instances(sop_class_uid: str, images_in_acquisition: int | None) -> int | None:
@@ -164,6 +170,7 @@ class Tracker:
         self.clock = clock
         self._summaries: dict[str, InstanceInfo | str] = {}  # path -> summary, or why not
         self._waiting_logged: set[tuple[str, int]] = set()
+        self._failed: dict[tuple[str, int], float] = {}  # (study, count) -> its grouping raised
 
     # ----------------------------------------------------------------------------------- the loop
 
@@ -244,7 +251,21 @@ class Tracker:
         """Group every study whose series are all complete (and not grouped yet)."""
         result = result if result is not None else TrackerPass()
         for ready in self.store.studies_ready():
-            outcome = self.group_study(ready, now)
+            key = (ready.study_uid, ready.instance_count)
+            failed_at = self._failed.get(key)
+            if failed_at is not None and now - failed_at < FAILED_RETRY_S:
+                result.waiting.append(ready.study_uid)
+                continue
+            try:
+                outcome = self.group_study(ready, now)
+            except Exception:
+                # one study's fault never holds up the others; it is tried again later
+                if failed_at is None:
+                    log.exception("study %s: grouping failed; tried again every %g s, and "
+                                  "when an image of it arrives", ready.study_uid,
+                                  FAILED_RETRY_S)
+                self._failed[key] = now
+                outcome = None
             if outcome is None:
                 result.waiting.append(ready.study_uid)
             else:
@@ -258,6 +279,12 @@ class Tracker:
         if now - ready.last_received_at < min(tracker.quiet_period_s, SETTLE_S):
             return None
         instances = self.store.study_instances(ready.study_uid)
+        if len(instances) != ready.instance_count:
+            # a series is its study's even when one of its instances names another study (a
+            # broken sender): the count is the study's series', so take their instances
+            instances = [record for series in self.store.series()
+                         if series.study_uid == ready.study_uid
+                         for record in self.store.instances(series.series_uid)]
         if len(instances) != ready.instance_count:
             return None  # an instance arrived meanwhile: next pass
         pruned = self.store.pruned_instances(ready.study_uid)
