@@ -127,6 +127,16 @@ def _alive(pid: int) -> bool:
 # ------------------------------------------------------------------------------------------------
 
 
+def _run_until_settled(pool: WorkerPool, store: Store, job_id: int,
+                       timeout_s: float = 60.0) -> JobRecord:
+    """Run the pool until the job is done or failed; the job as it ended."""
+    pool.start()
+    try:
+        return wait_for(_settled(store, job_id), "the job to end", timeout_s)
+    finally:
+        pool.stop()
+
+
 def test_a_child_killed_every_time_fails_after_its_attempts_with_a_plain_reason(
     tmp_path: Path, state: Path, store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -134,11 +144,7 @@ def test_a_child_killed_every_time_fails_after_its_attempts_with_a_plain_reason(
     job_id = _queue(store, state, 1)
     pool = WorkerPool(_settings(state, job_attempts=2), store, "review:1",
                       job_function=JOB_FUNCTION)
-    pool.start()
-    try:
-        job = wait_for(_settled(store, job_id), "the job to end")
-    finally:
-        pool.stop()
+    job = _run_until_settled(pool, store, job_id)
     assert (job.state, job.attempts) == ("failed", 2)
     assert [a for _, a in _runs(markers, job_id)] == [1, 2]  # once per attempt, no more
     assert job.last_error == ("the worker process was killed by SIGKILL (the system may have "
@@ -154,11 +160,7 @@ def test_a_child_stopped_with_sigterm_is_handed_back_without_counting_the_attemp
     job_id = _queue(store, state, 1)
     pool = WorkerPool(_settings(state, job_attempts=1), store, "review:1",
                       job_function=JOB_FUNCTION)
-    pool.start()
-    try:
-        job = wait_for(_settled(store, job_id), "the job to end")
-    finally:
-        pool.stop()
+    job = _run_until_settled(pool, store, job_id)
     assert (job.state, job.attempts, job.last_error) == ("done", 1, None)
     assert job.result == {"run": 1}
     assert [a for _, a in _runs(markers, job_id)] == [1, 1]
@@ -171,11 +173,7 @@ def test_a_child_stopped_with_sigterm_every_time_does_not_run_forever(
     job_id = _queue(store, state, 1)
     pool = WorkerPool(_settings(state, job_attempts=2), store, "review:1",
                       job_function=JOB_FUNCTION)
-    pool.start()
-    try:
-        job = wait_for(_settled(store, job_id), "the job to end")
-    finally:
-        pool.stop()
+    job = _run_until_settled(pool, store, job_id)
     assert (job.state, job.attempts) == ("failed", 2)
     assert job.last_error == "the worker process was killed by SIGTERM"
     assert len(_runs(markers, job_id)) == 4  # 2 stops not counted, then 2 counted attempts
@@ -229,11 +227,7 @@ def test_a_store_error_while_recording_a_failed_start_is_retried(
     monkeypatch.setattr(store, "fail_job_attempt", flaky_fail)
     pool = WorkerPool(_settings(state, job_attempts=1), store, "review:1",
                       job_function=JOB_FUNCTION)
-    pool.start()
-    try:
-        job = wait_for(_settled(store, job_id), "the job to end", 15)
-    finally:
-        pool.stop()
+    job = _run_until_settled(pool, store, job_id, 15)
     assert (job.state, job.attempts) == ("failed", 1)
     assert job.last_error == "1 of 1 spool files of acquisition 1 are missing"
 
@@ -257,11 +251,7 @@ def test_a_reused_attempt_folder_starts_clean(
 
     pool = WorkerPool(_settings(state, job_attempts=1), store, "review:2",
                       job_function=JOB_FUNCTION)
-    pool.start()
-    try:
-        job = wait_for(_settled(store, job_id), "the job to end")
-    finally:
-        pool.stop()
+    job = _run_until_settled(pool, store, job_id)
     assert (job.state, job.attempts, job.last_error) == ("done", 1, None)
     assert store.outbox(job_id=job_id) == []
     assert not (work / PROGRESS_FILENAME).exists()
