@@ -116,38 +116,24 @@ def build_derived_objects(
     with warnings.catch_warnings():
         # highdicom warns of a one-part patient name by quoting it: PHI must not reach the log
         warnings.filterwarnings("ignore", message=PERSON_NAME_WARNING, category=UserWarning)
-        return _build(loaded, chi_ppm, r2star_per_s, m1, read_source, algorithm_version,
-                      created, m1_note)
+        ctx = BuildContext.create(loaded, read_source, algorithm_version, created)
+        out = DerivedObjects(
+            qsm_map=build_parametric_map(ctx, chi_ppm, QSM),
+            qsm_images=list(build_derived_mr(ctx, chi_ppm, QSM_MR)),
+        )
+        if r2star_per_s is not None:
+            out.r2star_map = build_parametric_map(ctx, r2star_per_s, R2STAR)
+            out.r2star_images = list(build_derived_mr(ctx, r2star_per_s, R2STAR_MR))
+        if m1 is not None:
+            out.segmentation = build_segmentation(ctx, m1)
+            maps = [m for m in (out.qsm_map, out.r2star_map) if m is not None]
+            out.report = build_report(ctx, m1, out.segmentation, evidence=maps)
+        out.key_images = list(build_key_images(ctx, chi_ppm, m1, m1_note))
+    return out
 
 
 PERSON_NAME_WARNING = r"The string .* is unlikely to represent the intended person name"
 """highdicom's warning about a patient name of one component, which quotes the name."""
-
-
-def _build(
-    loaded: LoadedAcquisition,
-    chi_ppm: NDArray[np.floating],
-    r2star_per_s: NDArray[np.floating] | None,
-    m1: M1Result | None,
-    read_source: ReadSource,
-    algorithm_version: str,
-    created: dt.datetime | None,
-    m1_note: str | None,
-) -> DerivedObjects:
-    ctx = BuildContext.create(loaded, read_source, algorithm_version, created)
-    out = DerivedObjects(
-        qsm_map=build_parametric_map(ctx, chi_ppm, QSM),
-        qsm_images=list(build_derived_mr(ctx, chi_ppm, QSM_MR)),
-    )
-    if r2star_per_s is not None:
-        out.r2star_map = build_parametric_map(ctx, r2star_per_s, R2STAR)
-        out.r2star_images = list(build_derived_mr(ctx, r2star_per_s, R2STAR_MR))
-    if m1 is not None:
-        out.segmentation = build_segmentation(ctx, m1)
-        maps = [m for m in (out.qsm_map, out.r2star_map) if m is not None]
-        out.report = build_report(ctx, m1, out.segmentation, evidence=maps)
-    out.key_images = list(build_key_images(ctx, chi_ppm, m1, m1_note))
-    return out
 
 
 def build_derived(
