@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import shutil
+import socket
 import sqlite3
 import struct
 import subprocess
@@ -22,6 +23,7 @@ import time
 import tracemalloc
 import zlib
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from io import BytesIO
 from pathlib import Path
 from types import SimpleNamespace
@@ -59,7 +61,7 @@ from qsmnode.node.receiver import (
     inspect_dataset,
     recover,
 )
-from qsmnode.node.spool import Spool, SpoolError
+from qsmnode.node.spool import MIB, Spool, SpoolError
 from qsmnode.node.store import SCHEMA_VERSION, InstanceRecord, Store, StoreError
 from tests import nodeutil
 from tests.conftest import REPO, require_tool
@@ -491,7 +493,7 @@ def test_echo_and_association_refusals(nodes: list[Node], tmp_path: Path) -> Non
     # one association at a time: a second is refused while the first is open
     ae = AE(ae_title=ALLOWED)
     ae.add_requested_context("1.2.840.10008.1.1")
-    # The refused associations above count against the limit until their threads end.
+    # (only admitted associations count against the limit, not refused or silent connections)
     deadline = time.monotonic() + 10
     held = ae.associate("127.0.0.1", node.port, ae_title="QSMNODE")
     while not held.is_established and time.monotonic() < deadline:
@@ -509,7 +511,7 @@ def test_echo_and_association_refusals(nodes: list[Node], tmp_path: Path) -> Non
     assert "calling AE title 'INTRUDER' is not an allowed sender" in log
     assert "calling AE title 'REMOTE7T' is not allowed from 127.0.0.1" in log
     assert "called AE title 'PACS' is not ours ('QSMNODE')" in log
-    assert "Local limit exceeded" in log or "local-limit-exceeded" in log.lower()
+    assert "local limit exceeded (1 associations)" in log
 
 
 def test_study_is_stored_as_received_once(
@@ -775,4 +777,237 @@ def test_tls_requires_a_trusted_client_certificate(nodes: list[Node], tmp_path: 
     log = node.log()
     assert log.count("refused TLS connection") == 3
     assert "CERTIFICATE_VERIFY_FAILED" in log
+    refused = [e for e in _audit(node) if e["event"] == "connection_refused"]
+    assert [e["kind"] for e in refused].count("tls_refused") == 3, refused
     assert "client certificate client" in log
+
+
+# ------------------------------------------------------------------------------------------------
+# The front door under hostile peers: bounded memory and slots before authentication
+
+
+def _audit(node: Node) -> list[dict[str, Any]]:
+    path = node.state_dir / "audit.log"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _proc_status(pid: int, key: str) -> int:
+    """A number from /proc/<pid>/status (VmHWM in KiB, Threads)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise AssertionError(f"{key} not in /proc/{pid}/status")
+
+
+def _associate_rq(calling: str = ALLOWED, called: str = "QSMNODE",
+                  max_length: int = 16384) -> bytes:
+    """An A-ASSOCIATE-RQ PDU proposing Verification and MR Image Storage."""
+    from pynetdicom.pdu import A_ASSOCIATE_RQ
+    from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
+    from pynetdicom.presentation import build_context
+
+    primitive = A_ASSOCIATE()
+    primitive.application_context_name = "1.2.840.10008.3.1.1.1"
+    primitive.calling_ae_title = calling
+    primitive.called_ae_title = called
+    item = MaximumLengthNotification()
+    item.maximum_length_received = max_length
+    primitive.user_information = [item]
+    contexts = []
+    for number, uid in enumerate(("1.2.840.10008.1.1", MR_IMAGE_STORAGE)):
+        context = build_context(uid, ExplicitVRLittleEndian)
+        context.context_id = 2 * number + 1
+        contexts.append(context)
+    primitive.presentation_context_definition_list = contexts
+    pdu = A_ASSOCIATE_RQ()
+    pdu.from_primitive(primitive)
+    return bytes(pdu.encode())
+
+
+def _connect(port: int) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=60)
+    sock.settimeout(60)
+    return sock
+
+
+def _read_pdu(sock: socket.socket) -> bytes:
+    """One whole PDU from ``sock``; b"" when the node closed the connection first."""
+    data = b""
+    while len(data) < 6 or len(data) < 6 + struct.unpack(">L", data[2:6])[0]:
+        try:
+            chunk = sock.recv(65536)
+        except ConnectionResetError:
+            return b""
+        if not chunk:
+            return b""
+        data += chunk
+    return data
+
+
+def _closed_by_peer(sock: socket.socket) -> bool:
+    """Read until the node closes the connection (True), or 60 s pass (False)."""
+    try:
+        while sock.recv(65536):
+            pass
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+    return True
+
+
+def _flood(port: int, declared: int, pdu_type: int, prefix: bytes = b"",
+           send: int = 32 * MIB) -> int:
+    """Open a connection, send ``prefix``, then a PDU header declaring ``declared`` bytes and
+    up to ``send`` bytes of its body; return how many body bytes went out before the node
+    closed the connection."""
+    sent = 0
+    with _connect(port) as sock:
+        try:
+            if prefix:
+                sock.sendall(prefix)
+                assert _read_pdu(sock)[:1] == b"\x02"  # A-ASSOCIATE-AC
+            sock.sendall(struct.pack(">BBL", pdu_type, 0, declared))
+            chunk = b"\x00" * MIB
+            while sent < send:
+                sock.sendall(chunk)
+                sent += len(chunk)
+        except OSError:
+            pass
+    return sent
+
+
+def test_an_oversized_association_request_is_refused_unread(
+        nodes: list[Node], tmp_path: Path) -> None:
+    """Eight connections each declare a 256 MiB A-ASSOCIATE-RQ and send 32 MiB of it: the
+    node reads none of it (its peak RSS grows by far less than one of them), audits each with
+    the peer's address, and the scanner still gets in."""
+    node = make_node(nodes, tmp_path / "node").start()
+    assert node.process is not None
+    pid = node.process.pid
+    assert node.echoscu().returncode == 0
+    before = _proc_status(pid, "VmHWM")
+
+    with ThreadPoolExecutor(8) as pool:
+        sent = list(pool.map(lambda _: _flood(node.port, 256 * MIB, 0x01), range(8)))
+    assert all(n < 32 * MIB for n in sent), sent  # cut short by the node
+
+    def refusals() -> list[dict[str, Any]] | None:
+        found = [e for e in _audit(node) if e.get("kind") == "too_large"]
+        return found if len(found) >= 8 else None
+
+    refused = nodeutil.wait_for(refusals, "eight refusals in the audit log", 60, 0.1, node.log)
+    assert len(refused) == 8
+    assert all(e["address"].startswith("127.0.0.1:") and not e["associated"] for e in refused)
+    grown_kib = _proc_status(pid, "VmHWM") - before
+    assert grown_kib < 16 * 1024, f"peak RSS grew by {grown_kib} KiB"
+    assert node.echoscu().returncode == 0
+    node.stop()
+    log = node.log()
+    assert log.count("A-ASSOCIATE-RQ PDU of 268435456 bytes refused unread") == 8
+    assert "Traceback" not in log
+
+
+def test_a_p_data_pdu_beyond_the_negotiated_maximum_is_refused(
+        nodes: list[Node], tmp_path: Path) -> None:
+    node = make_node(nodes, tmp_path / "node", max_pdu_bytes=65536).start()
+    sent = _flood(node.port, 16 * MIB, 0x04, prefix=_associate_rq())
+    assert sent < 16 * MIB
+    event = nodeutil.wait_for(
+        lambda: next((e for e in _audit(node) if e.get("kind") == "too_large"), None),
+        "the refusal in the audit log", 60, 0.1, node.log)
+    assert event["associated"] is True
+    assert "P-DATA-TF PDU of 16777216 bytes refused unread" in event["reason"]
+    assert node.echoscu().returncode == 0
+    node.stop()
+    assert "Traceback" not in node.log()
+
+
+def test_silent_connections_cannot_lock_the_scanner_out(
+        nodes: list[Node], tmp_path: Path) -> None:
+    """max_associations (8) silent sockets do not keep the scanner out, nor do more of them:
+    beyond the bound the oldest silent one is closed. A request cut short is closed at the
+    ACSE timeout (it held its slot for ever before)."""
+    node = make_node(nodes, tmp_path / "node", acse_timeout_s=600).start()
+    assert node.process is not None
+    pid = node.process.pid
+    threads = _proc_status(pid, "Threads")
+    cut = _connect(node.port)
+    cut.sendall(_associate_rq()[:20])  # a request cut short: pynetdicom waited for the rest
+    silent = [_connect(node.port) for _ in range(7)]
+    # every connection has its association and DUL threads before the scanner comes
+    nodeutil.wait_for(lambda: _proc_status(pid, "Threads") >= threads + 16,
+                      "the node to take the eight connections", 60, 0.05, node.log)
+    try:
+        assert node.echoscu().returncode == 0
+        silent.append(_connect(node.port))
+        silent.append(_connect(node.port))
+        assert node.echoscu().returncode == 0
+        # the oldest ones were closed to make room, the cut request among them
+        assert _closed_by_peer(cut)
+        closed = [e for e in _audit(node) if e.get("kind") == "closed"]
+        assert closed and "without an association" in closed[0]["reason"]
+    finally:
+        for sock in [cut, *silent]:
+            sock.close()
+    node.stop()
+    assert "Traceback" not in node.log()
+
+
+def test_a_request_cut_short_is_closed_at_the_acse_timeout(
+        nodes: list[Node], tmp_path: Path) -> None:
+    node = make_node(nodes, tmp_path / "node", acse_timeout_s=1).start()
+    with _connect(node.port) as sock:
+        sock.sendall(_associate_rq()[:20])
+        assert _closed_by_peer(sock)
+    event = nodeutil.wait_for(
+        lambda: next((e for e in _audit(node) if e.get("kind") == "timeout"), None),
+        "the timeout in the audit log", 60, 0.1, node.log)
+    assert event["address"].startswith("127.0.0.1:")
+    node.stop()
+
+
+def test_hostile_pdus_are_one_line_each_audited_never_a_traceback(
+        nodes: list[Node], tmp_path: Path) -> None:
+    node = make_node(nodes, tmp_path / "node").start()
+    request = _associate_rq()
+
+    # a reset in the middle of a request
+    sock = _connect(node.port)
+    sock.sendall(request[:40])
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+    # a request whose items do not decode (pynetdicom: KeyError: 0)
+    garbage = request[:74] + b"\x00" * (len(request) - 74)
+    with _connect(node.port) as sock:
+        sock.sendall(garbage)
+        reply = _read_pdu(sock)
+        assert reply[:1] == b"\x03", reply  # A-ASSOCIATE-RJ
+    # a calling AE title with control characters gets a reject, not an abort
+    bad_ae = request[:26] + b"SCAN\nNER\x1b[2J    " + request[42:]
+    with _connect(node.port) as sock:
+        sock.sendall(bad_ae)
+        reply = _read_pdu(sock)
+        assert reply[:1] == b"\x03" and reply[9] == CALLING_AE_NOT_RECOGNISED, reply
+    # an unknown PDU type
+    with _connect(node.port) as sock:
+        sock.sendall(b"\x09\x00\x00\x00\x00\x02\x00\x00")
+        assert _closed_by_peer(sock)
+
+    kinds = nodeutil.wait_for(
+        lambda: (k if len(k := [e["kind"] for e in _audit(node)
+                              if e["event"] == "connection_refused"]) >= 4 else None),
+        "four refusals in the audit log", 60, 0.1, node.log)
+    assert sorted(kinds) == ["bad_ae_title", "reset", "undecodable", "undecodable"], kinds
+    assert node.echoscu().returncode == 0
+    node.stop()
+    log = node.log()
+    assert "Traceback" not in log
+    assert "ERROR pynetdicom" not in log
+    lines = [line for line in log.splitlines() if "connection from 127.0.0.1:" in line
+             and ("refused" in line or "lost" in line)]
+    assert len(lines) == 4, lines
+    assert "calling AE title 'SCAN\\nNER\\x1b[2J' is not valid" in log
+    assert "\x1b" not in log

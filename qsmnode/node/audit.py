@@ -12,6 +12,11 @@ fields. Events and their fields:
 - ``node_started`` / ``node_stopped``: ``version``, ``ae_title``;
 - ``association_accepted`` / ``association_rejected``: ``calling_ae``, ``called_ae``,
   ``address`` (``host:port``), and ``reason`` for a rejection;
+- ``connection_refused``: a connection closed by the node before or outside the association
+  protocol: ``address`` (``host:port``), ``kind`` (``too_large``, ``undecodable``,
+  ``bad_ae_title``, ``timeout``, ``reset``, ``truncated``, ``closed`` to make room for a newer
+  connection, ``no_request``, ``tls_refused``), ``reason``, ``associated`` (whether it had an
+  association);
 - ``instance_stored``: ``calling_ae``, ``address``, ``study_uid``, ``series_uid``,
   ``sop_instance_uid``, ``sop_class_uid``, ``bytes``;
 - ``series_complete``: ``study_uid``, ``series_uid``, ``instances``, ``completion``;
@@ -114,6 +119,12 @@ class AuditLog:
         if reason is not None:
             fields["reason"] = reason
         self.record(f"association_{outcome}", **fields)
+
+    def connection(self, address: str, kind: str, reason: str, associated: bool = False,
+                   ) -> None:
+        """``connection_refused``: see the module docstring."""
+        self.record("connection_refused", address=address, kind=kind, reason=reason,
+                    associated=associated)
 
     def close(self) -> None:
         with self._lock:

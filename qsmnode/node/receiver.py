@@ -72,6 +72,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from qsmnode import __version__
+from qsmnode.node import pynetdicom_compat as compat
 from qsmnode.node.config import Settings
 from qsmnode.node.spool import MIB, Spool, SpoolError, is_uid
 from qsmnode.node.store import InstanceRecord, Store, StoreError
@@ -107,6 +108,20 @@ BAD_IDENTIFIERS = 0xC220
 _REJECT_PERMANENT, _SOURCE_USER = 0x01, 0x01
 CALLING_AE_NOT_RECOGNISED = 0x03
 CALLED_AE_NOT_RECOGNISED = 0x07
+# A-ASSOCIATE-RJ: result 2 = rejected-transient, source 3 = service-provider (presentation)
+_REJECT_TRANSIENT, _SOURCE_PRESENTATION, LOCAL_LIMIT_EXCEEDED = 0x02, 0x03, 0x02
+
+REQUEST_PDU_LIMIT = 64 * 1024
+"""The largest PDU read from a connection before its association is accepted (an
+A-ASSOCIATE-RQ proposing 128 presentation contexts takes about 16 KiB). A larger one is refused
+unread, so a connection that has not yet given an allowed AE title holds at most this much."""
+
+PENDING_PER_ADDRESS_FACTOR = 1
+PENDING_TOTAL_FACTOR = 4
+"""Connections without an association yet (unauthenticated) are bounded to ``max_associations``
+times these, per source address and in all. A new connection beyond a bound closes the oldest
+such connection (of the same address, else of any): silent sockets cannot keep the scanner
+out, since its own connection sends its request at once."""
 
 _LOGGERS_KEPT_QUIET = ("pynetdicom", "pydicom")  # their INFO/DEBUG lines can carry dataset text
 
@@ -583,27 +598,21 @@ slab study (640 instances from storescu) arrived 13-30% faster in interleaved ru
 but idle association then costs about 9% of a core instead of 6%.
 """
 
-_dul_knob_missing_logged = False
-
-
-def _shorten_dul_idle_sleep(assoc: Any) -> None:
-    """Set :data:`DUL_IDLE_SLEEP_S` on the association's DUL; if this pynetdicom has no such
-    attribute, log it once and leave pynetdicom's default."""
-    global _dul_knob_missing_logged
-    dul = getattr(assoc, "dul", None)
-    current = getattr(dul, "_run_loop_delay", None)
-    if isinstance(current, (int, float)) and not isinstance(current, bool):
-        dul._run_loop_delay = min(float(current), DUL_IDLE_SLEEP_S)  # type: ignore[union-attr]
-    elif not _dul_knob_missing_logged:
-        _dul_knob_missing_logged = True
-        log.warning("pynetdicom's DUL has no _run_loop_delay: its default polling delay is kept")
-
-
 def _status(code: int, comment: str) -> Dataset:
     status = Dataset()
     status.Status = code
     status.ErrorComment = comment[:64]
     return status
+
+
+@dataclass
+class _Pending:
+    """A connection without an association yet: since when, from where, and its gate."""
+
+    assoc: Any
+    address: str
+    since: float
+    gate: compat.PduGate
 
 
 @dataclass
@@ -634,11 +643,16 @@ class Receiver:
         self._server: ThreadedAssociationServer | None = None
         self._tallies: dict[int, _Tally] = {}
         self._lock = threading.Lock()
+        self._pending: dict[int, _Pending] = {}  # connections without an association yet
+        self._admitted: dict[int, Any] = {}  # associations past the policy check
         listener = settings.listener
+        compat.check_version()
         ae = AE(ae_title=listener.ae_title)
         ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
         ae.implementation_version_name = IMPLEMENTATION_VERSION_NAME
-        ae.maximum_associations = listener.max_associations
+        # pynetdicom counts every open connection, silent ones too, against its limit: the
+        # receiver counts admitted associations itself (_on_requested) and bounds the rest.
+        ae.maximum_associations = max(listener.max_associations, 1) * 1024
         ae.maximum_pdu_size = listener.max_pdu_bytes
         ae.acse_timeout = listener.acse_timeout_s
         ae.dimse_timeout = listener.dimse_timeout_s
@@ -683,6 +697,10 @@ class Receiver:
             return
         self._server.shutdown()
         self._server = None
+        with self._lock:
+            pending = list(self._pending.values())
+        for connection in pending:
+            connection.gate.close("the node is stopping")
         deadline = time.monotonic() + grace_s
         while self.ae.active_associations and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -696,7 +714,8 @@ class Receiver:
     # -------------------------------------------------------------------------- association events
 
     def _on_conn_open(self, event: evt.Event) -> None:
-        _shorten_dul_idle_sleep(event.assoc)
+        compat.shorten_dul_idle_sleep(event.assoc, DUL_IDLE_SLEEP_S)
+        self._gate(event.assoc)
         sock = event.assoc.dul.socket
         raw = sock.socket if sock is not None else None
         if not isinstance(raw, ssl.SSLSocket):
@@ -707,8 +726,12 @@ class Receiver:
             raw.do_handshake()
         except (OSError, ValueError) as exc:
             reason = getattr(exc, "reason", None) or exc
+            reason = compat.printable(str(reason))
             log.warning("refused TLS connection from %s: handshake failed (%s)",
                         _endpoint_of(event.assoc), reason)
+            self.store.audit.connection(_endpoint_of(event.assoc), "tls_refused",
+                                        f"TLS handshake failed ({reason})")
+            self._forget_pending(event.assoc)
             event.assoc.acse_timeout = 0.01  # end the association thread without waiting
             sock.close()
             return
@@ -718,18 +741,89 @@ class Receiver:
         log.info("TLS connection from %s (%s, client certificate %s)", _endpoint_of(event.assoc),
                  raw.version(), subject.get("commonName", "none"))
 
+    # ------------------------------------------------------------ connections before association
+
+    def _gate(self, assoc: Any) -> None:
+        """Count a new connection as pending (closing the oldest pending one beyond a bound)
+        and read its PDUs through a :class:`compat.PduGate`."""
+        listener = self.settings.listener
+        address = _address_of(assoc)
+        gate = compat.PduGate(
+            assoc, request_limit=REQUEST_PDU_LIMIT, pdata_limit=listener.max_pdu_bytes,
+            deadline=time.monotonic() + listener.acse_timeout_s,
+            idle_timeout_s=listener.network_timeout_s,
+            on_refuse=lambda refused: self._on_refused(assoc, refused),
+        )
+        gate.install()
+        per_address = listener.max_associations * PENDING_PER_ADDRESS_FACTOR
+        total = listener.max_associations * PENDING_TOTAL_FACTOR
+        evicted: list[tuple[_Pending, str]] = []
+        with self._lock:
+            for key, pending in list(self._pending.items()):
+                if pending.assoc.ident is not None and not pending.assoc.is_alive():
+                    del self._pending[key]  # its thread ended without telling us
+            same = [p for p in self._pending.values() if p.address == address]
+            if len(same) >= per_address:
+                oldest = min(same, key=lambda p: p.since)
+                evicted.append((oldest, f"more than {per_address} connections from {address} "
+                                        "without an association"))
+                del self._pending[id(oldest.assoc)]
+            if len(self._pending) >= total:
+                oldest = min(self._pending.values(), key=lambda p: p.since)
+                evicted.append((oldest, f"more than {total} connections without an "
+                                        "association"))
+                del self._pending[id(oldest.assoc)]
+            self._pending[id(assoc)] = _Pending(assoc, address, time.monotonic(), gate)
+        for pending, reason in evicted:
+            pending.gate.close(f"closed to make room: {reason}")
+
+    def _forget_pending(self, assoc: Any) -> _Pending | None:
+        with self._lock:
+            return self._pending.pop(id(assoc), None)
+
+    def _on_refused(self, assoc: Any, refused: compat.Refused) -> None:
+        """One line and one audit event for a connection the gate closed (never a
+        traceback)."""
+        self._forget_pending(assoc)
+        endpoint = _endpoint_of(assoc)
+        if refused.kind == "reset" or refused.kind == "truncated":
+            log.warning("connection from %s lost: %s", endpoint, refused.reason)
+        else:
+            log.warning("refused connection from %s: %s", endpoint, refused.reason)
+        self.store.audit.connection(endpoint, refused.kind, refused.reason,
+                                    associated=refused.established)
+
     def _on_requested(self, event: evt.Event) -> None:
         assoc = event.assoc
+        self._forget_pending(assoc)
         request = assoc.requestor.primitive
         refusal = self.policy.check(str(request.calling_ae_title), str(request.called_ae_title),
                                     str(assoc.requestor.address))
         if refusal is None:
+            self._admit(assoc)
             return
         log.warning("rejected association from %s (calling %s, called %s): %s",
                     _address_of(assoc), str(request.calling_ae_title).strip(),
                     str(request.called_ae_title).strip(), refusal.reason)
         self.store.audit.association(assoc, "rejected", refusal.reason)
         assoc.acse.send_reject(_REJECT_PERMANENT, _SOURCE_USER, refusal.diagnostic)
+        assoc.kill()
+
+    def _admit(self, assoc: Any) -> None:
+        """Count an allowed association against ``max_associations``; beyond it, reject it
+        (transient: local limit exceeded)."""
+        limit = self.settings.listener.max_associations
+        with self._lock:
+            for key, other in list(self._admitted.items()):
+                if other.ident is not None and not other.is_alive():
+                    del self._admitted[key]
+            if len(self._admitted) < limit:
+                self._admitted[id(assoc)] = assoc
+                return
+        reason = f"local limit exceeded ({limit} associations)"
+        log.warning("rejected association from %s: %s", _peer_of(assoc), reason)
+        self.store.audit.association(assoc, "rejected", reason)
+        assoc.acse.send_reject(_REJECT_TRANSIENT, _SOURCE_PRESENTATION, LOCAL_LIMIT_EXCEEDED)
         assoc.kill()
 
     def _on_rejected(self, event: evt.Event) -> None:
@@ -750,6 +844,13 @@ class Receiver:
     def _on_conn_close(self, event: evt.Event) -> None:
         with self._lock:
             tally = self._tallies.pop(id(event.assoc), None)
+            self._admitted.pop(id(event.assoc), None)
+            pending = self._pending.pop(id(event.assoc), None)
+        if pending is not None and pending.gate.refused is None:
+            endpoint = _endpoint_of(event.assoc)
+            reason = "closed before an association request"
+            log.info("connection from %s %s", endpoint, reason)
+            self.store.audit.connection(endpoint, "no_request", reason)
         if tally is None:
             return
         log.info("association with %s closed after %.1f s: %d stored, %d duplicates, "

@@ -51,6 +51,7 @@ from qsmnode.node.http import start_http
 from qsmnode.node.jobs import DEFAULT_JOB_FUNCTION
 from qsmnode.node.normative import NormativeTableError, load_normative_table
 from qsmnode.node.outbox import Outbox
+from qsmnode.node.pynetdicom_compat import IncompatibleLibrary
 from qsmnode.node.receiver import SPOOL_DIRNAME, Receiver, quiet_library_loggers, recover
 from qsmnode.node.retention import Retention
 from qsmnode.node.sender import Sender
@@ -213,6 +214,6 @@ def main(config: Path | None = None, job_function: str = DEFAULT_JOB_FUNCTION) -
     root.info("qsmnode %s serving with %s", __version__, settings.source)
     try:
         return serve(settings, stop, job_function=job_function)
-    except (NodeBusyError, StoreError, OSError, NormativeTableError) as exc:
+    except (NodeBusyError, StoreError, OSError, NormativeTableError, IncompatibleLibrary) as exc:
         root.error("cannot serve: %s", exc)
         return 1
