@@ -121,7 +121,7 @@ def _status(args: argparse.Namespace) -> int:
     import time
 
     from qsmnode.node.config import ConfigError, load_settings
-    from qsmnode.node.store import Store, StoreError, describe_summary
+    from qsmnode.node.store import Store, StoreError, StudyInfo, describe_summary, study_when
 
     try:
         settings = load_settings(args.config)
@@ -134,6 +134,8 @@ def _status(args: argparse.Namespace) -> int:
             acquisitions = store.acquisitions() if new else []
             jobs = store.jobs() if new else []
             problems = store.problems(include_resolved=True) if new else []
+            studies = store.studies()
+            senders = store.study_senders()
             delivery = _delivery(store, settings)
             retention = _retention(store, settings)
     except (ConfigError, StoreError) as exc:
@@ -143,6 +145,10 @@ def _status(args: argparse.Namespace) -> int:
         report = {
             "store": str(path), "schema_version": version, "summary": summary,
             "counts": counts,
+            "studies": [
+                {**(studies[uid].as_dict() if uid in studies else {"study_uid": uid}),
+                 "senders": list(senders.get(uid, ()))}
+                for uid in dict.fromkeys(s.study_uid for s in series)],
             "series": [s.as_dict() for s in series],
             "acquisitions": [a.as_dict() for a in acquisitions],
             "jobs": [j.as_dict() for j in jobs],
@@ -171,15 +177,29 @@ def _status(args: argparse.Namespace) -> int:
     if series:
         print()
         _table(
+            ("ACCESSION", "STUDY DATE", "STUDY DESCRIPTION", "SENT BY", "SERIES", "STUDY UID"),
+            [
+                (
+                    info.accession_number or "-",
+                    study_when(info.study_date, info.study_time) or "-",
+                    info.study_description or "-", ", ".join(senders.get(uid, ())) or "-",
+                    str(sum(s.study_uid == uid for s in series)), uid,
+                )
+                for uid in dict.fromkeys(s.study_uid for s in series)
+                for info in [studies.get(uid) or StudyInfo(uid)]
+            ],
+        )
+        print()
+        _table(
             ("SERIES", "STATE", "INSTANCES", "EXPECTED", "MOD", "LAST RECEIVED", "DESCRIPTION",
-             "SERIES UID"),
+             "OUTCOME", "SERIES UID"),
             [
                 (
                     "-" if s.series_number is None else str(s.series_number), s.state,
                     str(s.received_count),
                     "-" if s.expected_count is None else str(s.expected_count),
                     s.modality or "-", when(s.last_received_at), s.series_description or "-",
-                    s.series_uid,
+                    _series_outcome(s, acquisitions, open_problems), s.series_uid,
                 )
                 for s in series
             ],
@@ -234,6 +254,24 @@ def _status(args: argparse.Namespace) -> int:
     print()
     _print_retention(retention, when)
     return 0
+
+
+def _series_outcome(series: Any, acquisitions: list[Any], problems: list[Any]) -> str:
+    """What became of a series, in one line: its acquisition, the acquisition it is the T1w
+    reference of, its open problem, or why it was passed over ("-": not grouped yet)."""
+    for a in acquisitions:
+        if series.series_uid in a.series_uids:
+            return f"acquisition {a.id}" + ("" if a.state == "accepted" else f" ({a.state})")
+    for a in acquisitions:
+        t1w = a.summary.get("t1w") or {}
+        if isinstance(t1w, dict) and t1w.get("series_uid") == series.series_uid:
+            return f"T1w reference of acquisition {a.id}"
+    for p in problems:
+        if series.series_uid in p.series_uids:
+            return f"problem {p.id}"
+    if series.passed_over:
+        return f"passed over: {series.passed_over}"
+    return "-"
 
 
 def _retention(store: Store, settings: Settings) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -108,3 +109,45 @@ def test_status_tables_show_control_characters_escaped(capsys: pytest.CaptureFix
     out = capsys.readouterr().out
     assert "\x1b" not in out and out.count("\n") == 2
     assert "gre\\x1b[2J\\x1b[31mred\\nfake line" in out
+
+
+def test_status_shows_studies_by_accession_and_what_became_of_each_series(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`qsmnode status`: a study table by accession number, date, description and sending AE;
+    a series passed over says why in its OUTCOME, and is not counted as a problem."""
+    from qsmnode.cli import main
+    from qsmnode.node.store import InstanceRecord, Store, StudyInfo
+
+    state = tmp_path / "state"
+    config = tmp_path / "qsmnode.toml"
+    config.write_text(f'[paths]\nstate_dir = "{state}"\n')
+    study = "1.2.826.0.1.3680043.10.999.7"
+    with Store.in_state_dir(state) as store:
+        for n, description in ((7, "func-bold_task-fa_run-1"), (8, "gre_me_qsm")):
+            store.add_instance(InstanceRecord(
+                sop_instance_uid=f"{study}.{n}.1", sop_class_uid="1.2.840.10008.5.1.4.1.1.4",
+                study_uid=study, series_uid=f"{study}.{n}",
+                transfer_syntax_uid="1.2.840.10008.1.2.1",
+                path=f"spool/{n}.dcm", size=1, calling_ae="SCANNER7T", peer_address="127.0.0.1",
+                received_at=1000.0 + n, series_number=n, series_description=description,
+                modality="MR"))
+            store.mark_series_complete(f"{study}.{n}", 1010.0)
+        store.record_grouping(study, 2, [], [], 1020.0,
+                              {f"{study}.7": "BOLD / fMRI (ImageType ORIGINAL\\PRIMARY\\FMRI)"},
+                              StudyInfo(study, "ACC-88", "20220711", "120500", "Neuro 7T"))
+    assert main(["status", "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "problems: 0 open" in out
+    [row] = [line for line in out.splitlines() if line.startswith("ACC-88")]
+    assert "2022-07-11 12:05" in row and "Neuro 7T" in row and "SCANNER7T" in row
+    [bold] = [line for line in out.splitlines() if line.startswith("7 ")]
+    assert "passed over: BOLD / fMRI" in bold
+    [other] = [line for line in out.splitlines() if line.startswith("8 ")]
+    assert other.split()[-2] == "-"  # nothing became of it yet (not passed over)
+    assert main(["status", "--config", str(config), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["studies"] == [{"study_uid": study, "accession_number": "ACC-88",
+                                  "study_date": "20220711", "study_time": "120500",
+                                  "study_description": "Neuro 7T", "senders": ["SCANNER7T"]}]
+    assert report["series"][0]["passed_over"].startswith("BOLD")

@@ -18,6 +18,7 @@ from qsmnode.dicom.headers import HeaderError, Part, Vendor, summarize, vendor_o
 from qsmnode.dicom.load import (
     AcquisitionPlan,
     LoadedAcquisition,
+    PassedOver,
     Problem,
     group_acquisitions,
     load_acquisition,
@@ -70,6 +71,15 @@ def _only(results: list) -> LoadedAcquisition:
 def _only_problem(results: list) -> str:
     assert len(results) == 1, results
     assert isinstance(results[0], Problem), results[0]
+    assert not isinstance(results[0], PassedOver), results[0]
+    return results[0].reason
+
+
+def _only_passed_over(results: list) -> str:
+    """The one result, passed over (not a problem): its reason."""
+    assert len(results) == 1, results
+    assert isinstance(results[0], PassedOver), results[0]
+    assert results[0].reason.endswith(results[0].why)
     return results[0].reason
 
 
@@ -317,10 +327,17 @@ def test_no_phase(sim: Simulation, tmp_path: Path):
 
 
 def test_a_phase_difference_field_map_is_refused(sim: Simulation, tmp_path: Path):
+    """Passed over by default (not a QSM candidate); a problem when the rules ask for QSM on
+    that series (its description among rules.qsm_series, or pass_over off)."""
     write_dicom(sim.gre, tmp_path, "siemens")
     _rewrite(_files(next(tmp_path.glob("*_P"))), SequenceName="*fm2d2r")
-    reason = _only_problem(group_acquisitions(summarize_files(_files(tmp_path))))
+    infos = summarize_files(_files(tmp_path))
+    reason = _only_passed_over(group_acquisitions(infos))
     assert "phase-difference field map" in reason and "*fm2d2r" in reason
+    description = infos[0].series_description
+    for rules in ({"pass_over": False}, {"qsm_series": (description.upper()[:4] + "*",)}):
+        reason = _only_problem(group_acquisitions(infos, **rules))  # type: ignore[arg-type]
+        assert "phase-difference field map" in reason and "*fm2d2r" in reason
 
 
 def test_siemens_field_map_pattern_two_magnitudes_one_phase(sim: Simulation, tmp_path: Path):
@@ -334,7 +351,9 @@ def test_siemens_field_map_pattern_two_magnitudes_one_phase(sim: Simulation, tmp
     nk = sim.gre.shape[2]
     for k in range(nk):  # drop the phase of echo 1: phase only at TE2, like gre_field_mapping
         (next(tmp_path.glob("*_P")) / f"{k + 1:05d}.dcm").unlink()
-    reason = _only_problem(group_acquisitions(summarize_files(_files(tmp_path))))
+    infos = summarize_files(_files(tmp_path))
+    assert "phase-difference field map" in _only_passed_over(group_acquisitions(infos))
+    reason = _only_problem(group_acquisitions(infos, pass_over=False))
     assert "phase-difference field map" in reason
 
 
@@ -446,7 +465,63 @@ def test_a_t1_weighted_magnitude_series_is_not_a_problem(sim: Simulation, tmp_pa
         folder = tmp_path / name
         write_dicom(one, folder, "siemens", SimStudyInfo(series_description=description))
         shutil.rmtree(next(folder.glob("*_P")))
-    reason = _only_problem(group_acquisitions(summarize_files(_files(tmp_path / "plain"))))
-    assert "no phase" in reason
+    plain = summarize_files(_files(tmp_path / "plain"))
+    reason = _only_passed_over(group_acquisitions(plain))  # one echo, no phase: not QSM
+    assert "one echo, magnitude only" in reason and "series 5 " in reason
+    assert "no phase" in _only_problem(group_acquisitions(plain, pass_over=False))
     # named T1: a reference candidate (too coarse here, and no GRE to serve), never a problem
-    assert group_acquisitions(summarize_files(_files(tmp_path / "t1"))) == []
+    reason = _only_passed_over(group_acquisitions(summarize_files(_files(tmp_path / "t1"))))
+    assert "T1-weighted" in reason and "not usable as a reference" in reason
+
+
+# ---------------------------------------------------------------------------------------------
+# session triage
+
+
+def test_a_whole_clinical_session_is_passed_over_series_by_series(shared_data: Path):
+    """The XA30 session (T1w, BOLD, field map, DWI and ASL with their derived maps, no
+    multi-echo GRE): no acquisition and no problem; every series is passed over with a reason
+    naming what it is."""
+    folder = shared_data / "siemens-xa30-session"
+    if not folder.is_dir():
+        pytest.skip(f"{folder} is absent (real data: see ../shared/data/README.md)")
+    infos = summarize_files(p for p in sorted(folder.rglob("*.dcm")))
+    results = group_acquisitions(infos)
+    assert all(isinstance(r, PassedOver) for r in results), [
+        r.reason for r in results if not isinstance(r, PassedOver)]
+    why = {n: r.why for r in results for n in r.series_numbers}
+    assert sorted(why) == sorted({i.series_number for i in infos})
+    assert "BOLD" in why[7]
+    assert "phase-difference field map" in why[8] and why[8] == why[9]
+    for n in (10, 11, 12, 13, 14, 16, 17, 19, 20, 21, 22, 24):
+        assert why[n].startswith("diffusion-weighted"), why[n]
+    for n in (25, 27, 28):
+        assert why[n].startswith("arterial spin labelling"), why[n]
+    assert "derived" in why[11] and "derived" not in why[10]
+    assert why[5].startswith("T1-weighted") and why[6].startswith("T1-weighted")
+    # without triage (pass_over off) the same session is all problems
+    strict = group_acquisitions(infos, pass_over=False)
+    assert strict and not any(isinstance(r, PassedOver) for r in strict
+                              if "T1-weighted" not in r.reason)
+
+
+def test_gre_candidates_that_cannot_be_used_stay_problems(sim: Simulation, tmp_path: Path):
+    """Triage passes over only what plainly is not QSM: a multi-echo magnitude without its
+    phase, or a single echo with phase, looked like a QSM candidate and is a problem."""
+    write_dicom(sim.gre, tmp_path / "nophase", "siemens")
+    shutil.rmtree(next((tmp_path / "nophase").glob("*_P")))
+    reason = _only_problem(group_acquisitions(summarize_files(_files(tmp_path / "nophase"))))
+    assert "no phase" in reason
+    one = replace(sim.gre, magnitude=sim.gre.magnitude[..., :1], phase=sim.gre.phase[..., :1],
+                  echo_times_s=sim.gre.echo_times_s[:1])
+    write_dicom(one, tmp_path / "one", "siemens")
+    reason = _only_problem(group_acquisitions(summarize_files(_files(tmp_path / "one"))))
+    assert "1 echo, the rule needs at least 2" in reason
+    # a DWI-labelled series with one echo and no phase is passed over, even under rules that
+    # would plan a single magnitude echo
+    write_dicom(one, tmp_path / "dwi", "siemens", SimStudyInfo(series_description="ep2d_dwi"))
+    shutil.rmtree(next((tmp_path / "dwi").glob("*_P")))
+    infos = summarize_files(_files(tmp_path / "dwi"))
+    for rules in ({}, {"min_echoes": 1, "require_phase": False}):
+        reason = _only_passed_over(group_acquisitions(infos, **rules))  # type: ignore[arg-type]
+        assert "diffusion-weighted (series description 'ep2d_dwi')" in reason

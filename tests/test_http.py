@@ -30,6 +30,7 @@ from qsmnode.node.store import (
     OutboxRecord,
     SendOutcome,
     Store,
+    StudyInfo,
 )
 
 MR = "1.2.840.10008.5.1.4.1.1.4"
@@ -259,6 +260,36 @@ def test_status_page_lists_studies_jobs_problems_and_deliveries(server: HttpServ
     assert "42 s" in page  # the done job's run time
     assert "<td>pacs</td><td>0</td><td>2</td><td>0</td>" in page
     assert "<td>archive</td><td>1</td><td>0</td><td>1</td>" in page
+
+
+def test_status_page_shows_studies_as_a_radiographer_knows_them_and_series_passed_over(
+    tmp_path: Path,
+) -> None:
+    """Studies by accession number, study date and time, descriptions and sending AE (the
+    UID only in a tooltip and the last column); series passed over listed with why, apart from
+    the problems; no patient data anywhere."""
+    state_dir = tmp_path / "state"
+    with Store.in_state_dir(state_dir) as store:
+        for n, description in ((1, "gre_me_qsm"), (2, "DWI_dir80_PA")):
+            uid = f"{STUDY}.{n}"
+            assert store.add_instance(InstanceRecord(
+                sop_instance_uid=f"{uid}.1", sop_class_uid=MR, study_uid=STUDY,
+                series_uid=uid, transfer_syntax_uid=EXPLICIT_LE,
+                path=f"spool/{STUDY}/{uid}/1.dcm", size=1000, calling_ae="SCANNER7T",
+                peer_address="127.0.0.1", received_at=T0 + n, series_number=n,
+                series_description=description, modality="MR"))
+            assert store.mark_series_complete(uid, T0 + 10)
+        why = "diffusion-weighted (ImageType ORIGINAL\\PRIMARY\\DIFFUSION\\NONE)"
+        assert store.record_grouping(
+            STUDY, 2, [], [], T0 + 20, {f"{STUDY}.2": why},
+            StudyInfo(STUDY, "ACC-4711", "20240105", "143012.5", "Brain 7T M1")) is not None
+        with start_http(settings(), state_dir, port=0) as http:
+            page = fetch(http.url + "/")[1:][1]
+    assert "<td>ACC-4711</td><td>2024-01-05 14:30</td><td class=\"text\">Brain 7T M1</td>" in page
+    assert "gre_me_qsm, DWI_dir80_PA" in page and "<td>SCANNER7T</td>" in page
+    assert "accession ACC-4711 · 2024-01-05 14:30 · Brain 7T M1" in page  # passed-over rows
+    assert "<h2>Passed over</h2>" in page and "diffusion-weighted" in page
+    assert "No open problems." in page
 
 
 def test_unknown_paths_are_404_and_other_methods_405(server: HttpServer) -> None:

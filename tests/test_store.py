@@ -32,3 +32,24 @@ def test_a_failed_commit_leaves_the_store_usable(tmp_path: Path) -> None:
         assert store.add_instance(_record(1), file_is_durable=True)
         assert store.instance("1.2.3.1") is not None
         assert store._db.execute("SELECT count(*) FROM child").fetchone()[0] == 0
+
+
+def test_a_version_4_store_is_read_before_and_after_its_migration(tmp_path: Path) -> None:
+    """A status reader opening a version 4 store read-only sees its series (no passed_over
+    column yet, no studies); opened by the node, it gains both and keeps its rows."""
+    from qsmnode.node.store import MIGRATIONS, STORE_FILENAME
+
+    db = sqlite3.connect(tmp_path / STORE_FILENAME, isolation_level=None)
+    for script in MIGRATIONS[:4]:
+        db.executescript(script)
+    db.execute("PRAGMA user_version = 4")
+    db.execute("INSERT INTO series (series_uid, study_uid, sop_class_uid, received_count, "
+               "first_received_at, last_received_at) VALUES ('1.2.1', '1.2', '1.2.3', 1, 1, 1)")
+    db.close()
+    with Store.in_state_dir(tmp_path, readonly=True) as store:
+        [series] = store.series()
+        assert series.passed_over is None and store.studies() == {}
+    with Store.in_state_dir(tmp_path) as store:
+        assert store.schema_version() == 5
+        [series] = store.series()
+        assert series.series_uid == "1.2.1" and series.passed_over is None

@@ -382,3 +382,61 @@ def test_a_t1w_in_the_study_is_the_acquisitions_reference_not_a_problem(
             "1 of 20 spool files of the T1w series 2")
         loaded = load_job_acquisition(spec)
         assert loaded.t1w is None and loaded.t1w_error == spec.t1w_error
+
+
+def test_a_whole_clinical_session_leaves_no_problem_and_every_series_explained(
+    tmp_path: Path, shared_data: Path
+) -> None:
+    """The XA30 session (T1w, BOLD, field map, DWI and ASL with derived maps, no multi-echo
+    GRE): zero problems, no acquisition, every series passed over with its reason recorded;
+    the study is recognised by its date and description (it has no accession number)."""
+    folder = shared_data / "siemens-xa30-session"
+    if not folder.is_dir():
+        pytest.skip(f"{folder} is absent (real data: see ../shared/data/README.md)")
+    clock = Clock(10_000.0)
+    with Store.in_state_dir(tmp_path) as store:
+        tracker = Tracker(settings_for(tmp_path), store, clock=clock)
+        ingest(tmp_path, store, sorted(folder.rglob("*.dcm")), 9_000.0)
+        [(study, outcome)] = tracker.poll().grouped.items()
+        assert not outcome.new_problems and not store.problems(include_resolved=True)
+        assert not store.acquisitions() and not store.jobs()
+        series = store.series()
+        assert len(series) == 20
+        why = {s.series_number: s.passed_over for s in series}
+        assert all(why.values()), why
+        assert "BOLD" in why[7] and "field map" in why[8] and "diffusion" in why[12]
+        assert "arterial spin labelling" in why[28] and "T1-weighted" in why[5]
+        info = store.studies()[study]
+        assert info.accession_number == "" and info.study_date == "20220711"
+        assert store.study_senders()[study]
+
+    # pass_over off: the same session is all problems (the old, noisy behaviour)
+    state = tmp_path / "strict"
+    with Store.in_state_dir(state) as store:
+        tracker = Tracker(settings_for(state, pass_over=False), store, clock=clock)
+        ingest(state, store, sorted(folder.rglob("*.dcm")), 9_000.0)
+        tracker.poll()
+        assert len(store.problems()) == 17
+
+
+def test_a_passed_over_series_is_cleared_when_it_joins_an_acquisition(
+    tmp_path: Path, studies: dict[str, list[Path]]
+) -> None:
+    """One magnitude echo alone is passed over; when the rest of the acquisition arrives the
+    series joins it and is no longer marked passed over."""
+    files = studies["siemens"]
+    first_echo = [f for f in files if f.parent.name.endswith("_M") and int(f.stem) <= 12]
+    clock = Clock(10_000.0)
+    with Store.in_state_dir(tmp_path) as store:
+        tracker = Tracker(settings_for(tmp_path), store, clock=clock)
+        ingest(tmp_path, store, first_echo, 9_000.0)
+        tracker.poll()
+        assert not store.problems()
+        [series] = store.series()
+        assert series.passed_over and "one echo, magnitude only" in series.passed_over
+        ingest(tmp_path, store, [f for f in files if f not in first_echo], clock.now)
+        tracker.poll()
+        clock.now += 2
+        tracker.poll()
+        assert len(store.jobs()) == 1
+        assert [s.passed_over for s in store.series()] == [None, None]

@@ -42,6 +42,21 @@ The rules:
    :attr:`AcquisitionPlan.t1w_note`, and why any other T1-weighted series of the study is
    not used (another Frame of Reference, unusable, not chosen).
 
+7. Session triage. A scanner sends the whole session, and most of it is not for QSM. With
+   ``pass_over`` (the default), series that are plainly not QSM candidates come back as
+   :class:`PassedOver` with a one-line reason, not as a :class:`Problem`: a localiser, BOLD,
+   ASL or diffusion series (ImageType/FrameType tokens such as ``FMRI``, ``ASL``,
+   ``DIFFUSION``, else words of the series description), derived images (ImageType DERIVED,
+   e.g. ADC, FA, relCBF), series without image plane geometry, and, among those that make no
+   acquisition, a phase-difference field map and a single echo of magnitude only. A T1-weighted
+   series that no acquisition uses is passed over too, with why. What still looked like a QSM
+   candidate (phase images, or several echoes) and cannot be used stays a problem. A series
+   whose description matches one of ``qsm_series`` (the site's QSM protocol names) is never
+   passed over; ``pass_over=False`` makes every series that makes no acquisition a problem.
+   A plan is never turned into a passed-over series, except a localiser, BOLD, ASL, diffusion
+   or derived series (which ``min_echoes=1`` with ``require_phase=False`` would otherwise
+   plan).
+
 Limitation: with one series per echo (Siemens XA), a scan of the same geometry whose echo
 times are all different, also in one series per echo, still joins the acquisition as more
 echoes (nothing in the summaries tells the two apart).
@@ -49,7 +64,9 @@ echoes (nothing in the summaries tells the two apart).
 
 from __future__ import annotations
 
+import fnmatch
 import math
+import re
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -209,6 +226,17 @@ class Problem:
     study_uid: str = ""
     series_uids: tuple[str, ...] = ()
     series_numbers: tuple[int | None, ...] = ()
+
+
+@dataclass(frozen=True)
+class PassedOver(Problem):
+    """Series that are plainly not a QSM candidate (rule 7): not processed, and not a problem.
+
+    ``why`` is the reason without the series label (one line, for a per-series status column);
+    ``reason`` is the label and ``why`` together, like a problem's.
+    """
+
+    why: str = ""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -376,6 +404,17 @@ class _Candidate:
             series_numbers=numbers,
         )
 
+    def passed_over(self, why: str) -> PassedOver:
+        uids, numbers = self.series()
+        first = self.units[0].refs[0].instance
+        return PassedOver(
+            reason=f"{self.label()}: passed over: {why}",
+            study_uid=first.study_uid,
+            series_uids=uids,
+            series_numbers=numbers,
+            why=why,
+        )
+
 
 # ---------------------------------------------------------------------------------------------
 # grouping
@@ -406,6 +445,103 @@ def _same_echo_train(cand: _Candidate, unit: _Unit) -> bool:
     if not unit_tes or not cand_tes or unit_tes & cand_tes:
         return True
     return len(unit_tes) == 1 and all(len(_echo_times(u.keys)) <= 1 for u in cand.units)
+
+
+# ---------------------------------------------------------------------------------------------
+# session triage: series that are plainly not QSM candidates (rule 7)
+
+_WORD = re.compile(r"[a-z0-9]+")
+_KINDS: tuple[tuple[str, frozenset[str], frozenset[str]], ...] = (
+    # (what it is, ImageType/FrameType tokens, words of the series description)
+    ("a localiser", frozenset({"LOCALIZER", "LOCALISER", "SCOUT"}),
+     frozenset({"localizer", "localiser", "scout", "survey", "aascout", "aahead", "3plane"})),
+    ("BOLD / fMRI", frozenset({"FMRI", "BOLD"}),
+     frozenset({"bold", "fmri", "func", "rsfmri", "resting"})),
+    ("arterial spin labelling / perfusion", frozenset({"ASL", "PERFUSION", "CBF", "RCBF"}),
+     frozenset({"asl", "pcasl", "pasl", "casl", "perfusion", "cbf", "rcbf", "relcbf", "pwi"})),
+    ("diffusion-weighted", frozenset({"DIFFUSION", "ADC", "TRACEW", "TENSOR", "TENSOR_B0"}),
+     frozenset({"dwi", "dti", "diffusion", "adc", "tracew", "dki", "hardi"})),
+)
+
+
+def _not_a_gre(cand: _Candidate) -> str | None:
+    """Why the candidate is plainly not a gradient-echo acquisition for QSM (a localiser, BOLD,
+    ASL or diffusion series, or derived images), from ImageType and the series description;
+    None when nothing says so."""
+    refs = cand.refs
+    first = refs[0].instance
+    tokens = {t for r in refs for t in r.instance.image_type}
+    words = set(_WORD.findall(first.series_description.lower()))
+    image_type = f"ImageType {chr(92).join(first.image_type)}"
+    derived = all(r.instance.derived for r in refs)
+    why = ""
+    for what, kind_tokens, kind_words in _KINDS:
+        if tokens & kind_tokens:
+            why = f"{what}{', derived' if derived else ''} ({image_type})"
+            break
+        if words & kind_words:
+            why = f"{what} (series description '{first.series_description}')"
+            why += f", derived ({image_type})" if derived else ""
+            break
+    else:
+        if derived:
+            why = f"derived images ({image_type})"
+    return f"{why}: not a multi-echo gradient echo for QSM" if why else None
+
+
+def _plainly_not_candidate(cand: _Candidate, require_phase: bool) -> str | None:
+    """Why a candidate that makes no acquisition is plainly not a QSM candidate: a
+    phase-difference field map, or one echo of magnitude only (None: it looked like a QSM
+    candidate, so what is wrong with it is a problem)."""
+    refs = cand.refs
+    fieldmap = [r for r in refs if r.frame.part is Part.PHASE and r.instance.phase_difference]
+    mag_tes = sorted({k for r in refs if r.frame.part is Part.MAGNITUDE
+                      for k in [_te_key(r.frame)] if k is not None})
+    pha_tes = sorted({k for r in refs if r.frame.part is Part.PHASE
+                      for k in [_te_key(r.frame)] if k is not None})
+    siemens_pattern = (refs[0].instance.vendor is Vendor.SIEMENS and len(mag_tes) == 2
+                       and pha_tes == [mag_tes[1]])
+    if fieldmap or siemens_pattern:
+        names = sorted({r.instance.sequence_name for r in refs if r.instance.sequence_name})
+        how = f", sequence {', '.join(names)}" if names else ""
+        return (f"a phase-difference field map (B0 mapping{how}), not the phase of every echo: "
+                "not a QSM acquisition")
+    parts = {r.frame.part for r in refs}
+    if Part.PHASE not in parts and len(mag_tes) <= 1 and require_phase:
+        echo = "one echo" if mag_tes else "no echo time"
+        return f"{echo}, magnitude only: not a multi-echo gradient echo with phase"
+    return None
+
+
+def _asked_for(cand: _Candidate, qsm_series: tuple[str, ...]) -> bool:
+    """Whether a series of the candidate matches the site's QSM protocol names."""
+    return any(
+        fnmatch.fnmatchcase(u.refs[0].instance.series_description.casefold(), p.casefold())
+        for u in cand.units
+        for p in qsm_series
+    )
+
+
+def _judge(
+    cand: _Candidate,
+    min_echoes: int,
+    require_phase: bool,
+    pos_key: _PositionKeys,
+    pass_over: bool,
+    qsm_series: tuple[str, ...],
+) -> AcquisitionPlan | Problem:
+    """The candidate as a plan, a problem, or passed over (rule 7)."""
+    triage = pass_over and not _asked_for(cand, qsm_series)
+    if triage:
+        why = _not_a_gre(cand)
+        if why is not None:
+            return cand.passed_over(why)
+    result = _evaluate(cand, min_echoes, require_phase, pos_key)
+    if triage and not isinstance(result, AcquisitionPlan):
+        why = _plainly_not_candidate(cand, require_phase)
+        if why is not None:
+            return cand.passed_over(why)
+    return result
 
 
 def _evaluate(
@@ -746,7 +882,11 @@ def _geometry_difference(a: _Candidate, b: _Candidate, clusters: list[_Cluster])
 
 
 def group_acquisitions(
-    infos: list[InstanceInfo], min_echoes: int = 2, require_phase: bool = True
+    infos: list[InstanceInfo],
+    min_echoes: int = 2,
+    require_phase: bool = True,
+    pass_over: bool = True,
+    qsm_series: tuple[str, ...] = (),
 ) -> list[AcquisitionPlan | Problem]:
     """Group instance summaries into acquisitions (see the module docstring for the rules).
 
@@ -755,9 +895,14 @@ def group_acquisitions(
         min_echoes: fewest echoes an acquisition must have.
         require_phase: report magnitude-only acquisitions as problems (else plan them with
             ``phase=None``).
+        pass_over: series that are plainly not QSM candidates come back as
+            :class:`PassedOver` (rule 7); False: every series that makes no acquisition is a
+            problem.
+        qsm_series: series descriptions (shell patterns, case-insensitive) of the site's QSM
+            protocol: a series matching one is never passed over.
 
     Returns:
-        Plans and problems, ordered by study and first series number.
+        Plans, problems and passed-over series, ordered by study and first series number.
     """
     seen_uids: set[str] = set()
     clusters: list[_Cluster] = []
@@ -838,12 +983,14 @@ def group_acquisitions(
     # T1-weighted magnitude-only candidates: references for the plans, never problems
     references: list[T1wReference] = []
     unusable: list[tuple[str, str, str]] = []
+    t1w_candidates: list[tuple[_Candidate, T1wReference | str]] = []
     paired: set[int] = set()
     for i, cand in enumerate(candidates):
         if not _is_t1w_candidate(cand):
             continue
         paired.add(i)
         evaluated = _evaluate_t1w(cand, pos_key)
+        t1w_candidates.append((cand, evaluated))
         if isinstance(evaluated, T1wReference):
             references.append(evaluated)
         else:
@@ -884,7 +1031,10 @@ def group_acquisitions(
                 ):
                     both.add(unit)
                 results.append(
-                    (_sort_key(both), _evaluate(both, min_echoes, require_phase, pos_key))
+                    (
+                        _sort_key(both),
+                        _judge(both, min_echoes, require_phase, pos_key, pass_over, qsm_series),
+                    )
                 )
                 break
             ua, na = a.series()
@@ -906,30 +1056,64 @@ def group_acquisitions(
             break
     for i, cand in enumerate(candidates):
         if i not in paired:
-            results.append((_sort_key(cand), _evaluate(cand, min_echoes, require_phase, pos_key)))
+            results.append(
+                (
+                    _sort_key(cand),
+                    _judge(cand, min_echoes, require_phase, pos_key, pass_over, qsm_series),
+                )
+            )
     for series_uid, bad in no_geometry.items():
         first = bad[0]
+        label = (
+            f"series {first.series_number} '{first.series_description}' "
+            f"(series UID {series_uid})"
+        )
+        why = (
+            f"{_plural(len(bad), 'instance')} without image plane geometry (position, "
+            "orientation, pixel spacing or matrix missing or invalid); not an image series "
+            "that can be processed"
+        )
+        kind = PassedOver if pass_over and not any(
+            fnmatch.fnmatchcase(first.series_description.casefold(), p.casefold())
+            for p in qsm_series
+        ) else Problem
+        item = Problem(
+            reason=f"{label}: {why}",
+            study_uid=first.study_uid,
+            series_uids=(series_uid,),
+            series_numbers=(first.series_number,),
+        )
+        if kind is PassedOver:
+            item = PassedOver(**{**vars(item), "reason": f"{label}: passed over: {why}"}, why=why)
         results.append(
-            (
-                (first.study_uid, first.series_number is None, first.series_number or 0),
-                Problem(
-                    reason=(
-                        f"series {first.series_number} '{first.series_description}' (series "
-                        f"UID {series_uid}): {_plural(len(bad), 'instance')} without image "
-                        "plane geometry (position, orientation, pixel spacing or matrix "
-                        "missing or invalid); not an image series that can be processed"
-                    ),
-                    study_uid=first.study_uid,
-                    series_uids=(series_uid,),
-                    series_numbers=(first.series_number,),
-                ),
-            )
+            ((first.study_uid, first.series_number is None, first.series_number or 0), item)
         )
     results.sort(key=lambda item: item[0])
-    return [
+    out = [
         _with_t1w(r, references, unusable) if isinstance(r, AcquisitionPlan) else r
         for _, r in results
     ]
+    # T1-weighted series no acquisition uses: passed over, with why (never a problem)
+    used = {p.t1w.series_uid for p in out if isinstance(p, AcquisitionPlan) and p.t1w}
+    for cand, evaluated in t1w_candidates:
+        if isinstance(evaluated, T1wReference):
+            if evaluated.series_uid in used:
+                continue
+            why = (
+                f"T1-weighted ({evaluated.evidence}): an anatomical reference, not a QSM "
+                "acquisition; no acquisition of its study uses it"
+            )
+        else:
+            evidence = cand.units[0].refs[0].instance.t1_evidence
+            why = (
+                f"T1-weighted ({evidence}), not a QSM acquisition, and not usable as a "
+                f"reference: {evaluated}"
+            )
+        out.append(cand.passed_over(why))
+    order = {id(r): key for key, r in results}
+    out.sort(key=lambda r: order.get(id(r)) or (r.study_uid, r.series_numbers[0] is None,
+                                                  r.series_numbers[0] or 0))
+    return out
 
 
 def _sort_key(cand: _Candidate) -> tuple:

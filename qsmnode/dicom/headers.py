@@ -149,6 +149,11 @@ class InstanceInfo:
     """InversionTime (classic) or the MR Modifier's first InversionTimes (Enhanced), seconds."""
     t1_evidence: str = ""
     """Why the instance looks T1-weighted (see the module docstring); empty: it does not."""
+    accession_number: str = ""
+    study_date: str = ""
+    study_time: str = ""
+    study_description: str = ""
+    """What a radiographer recognises the study by (empty where absent); never patient data."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -507,6 +512,10 @@ def _summarize(ds_or_path: Dataset | str | os.PathLike[str]) -> InstanceInfo:
         frames=tuple(frames),
         inversion_time_s=inversion_time_s,
         t1_evidence=t1_evidence(ds, enhanced, inversion_time_s),
+        accession_number=_text(ds.get("AccessionNumber")),
+        study_date=_text(ds.get("StudyDate")),
+        study_time=_text(ds.get("StudyTime")),
+        study_description=_text(ds.get("StudyDescription")),
     )
 
 

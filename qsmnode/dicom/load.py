@@ -51,6 +51,7 @@ from qsmnode.acquisition import GAMMA_BAR_HZ_PER_T, MultiEchoGRE
 from qsmnode.dicom.grouping import (
     AcquisitionPlan,
     FrameRef,
+    PassedOver,
     Problem,
     T1wReference,
     group_acquisitions,
@@ -74,6 +75,7 @@ __all__ = [
     "LoadedAcquisition",
     "LoadedT1w",
     "Part",
+    "PassedOver",
     "Problem",
     "SourceRef",
     "T1wReference",

@@ -261,6 +261,14 @@ class RulesConfig:
     field_strengths_t: tuple[float, ...] = field(
         default=(), metadata=_rule(unit="tesla", gt=0, le=20)
     )
+    pass_over: bool = True
+    """Series that are plainly not QSM candidates are passed over (named in the status with
+    the reason), not problems (:mod:`qsmnode.dicom.grouping`, rule 7)."""
+    qsm_series: tuple[str, ...] = field(
+        default=(), metadata=_rule(expect="a shell pattern (e.g. \"*qsm*\")")
+    )
+    """Series descriptions of the site's QSM protocol (shell patterns, case-insensitive): such
+    a series is never passed over; whatever keeps it from processing is a problem."""
 
 
 M1_ATLASES: tuple[str, ...] = ("hcpex", "juelich-ba4", "harvard-oxford-precentral")

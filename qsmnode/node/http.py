@@ -10,9 +10,11 @@ another path 404; a query string is ignored, a request body of 1 KiB or more get
 - ``/metrics``: the Prometheus text format (OpenMetrics when the scraper asks for it), from a
   private registry whose collector reads the store at scrape time
   (:mod:`qsmnode.node.metrics` lists the metrics).
-- ``/``: a read-only HTML page (no JavaScript, refreshed every 10 s): recent studies,
-  acquisitions and jobs, open problems and deliveries. The store holds no patient names or IDs;
-  study UIDs are shortened; everything shown is HTML-escaped.
+- ``/``: a read-only HTML page (no JavaScript, refreshed every 10 s): recent studies (by
+  accession number, study date and time, study and series descriptions and the sending AE),
+  acquisitions and jobs, open problems, series passed over (with why) and deliveries. The
+  store holds no patient names, IDs or birth dates; study UIDs are shortened; everything shown
+  is HTML-escaped.
 
 Every request reads the store through its own read-only SQLite connection
 (:func:`qsmnode.node.metrics.read_store`): the endpoint never writes, and a slow page never
@@ -43,11 +45,13 @@ from qsmnode.node.metrics import (
     JobRow,
     Status,
     StoreUnavailable,
+    StudyRow,
     free_disk_bytes,
     make_registry,
     read_status,
     read_store,
 )
+from qsmnode.node.store import study_when
 
 log = logging.getLogger(__name__)
 
@@ -234,6 +238,21 @@ def _uid_cell(uid: str) -> str:
     return f'<td class="uid" title="{_e(uid)}">{_e(short_uid(uid))}</td>'
 
 
+def study_label(row: StudyRow) -> str:
+    """What a radiographer recognises a study by: accession number, study date and time and
+    description (no patient data); the end of its UID when the headers said nothing yet."""
+    parts = [f"accession {row.accession_number}" if row.accession_number else "",
+             study_when(row.study_date, row.study_time), row.study_description]
+    return " · ".join(p for p in parts if p) or short_uid(row.study_uid)
+
+
+def _study_cell(uid: str, labels: dict[str, str]) -> str:
+    label = labels.get(uid)
+    if label is None:
+        return _uid_cell(uid)
+    return f'<td class="text" title="{_e(uid)}">{_e(label)}</td>'
+
+
 def _cut(text: str | None, limit: int = ERROR_CHARS) -> str | None:
     if text is None or len(text) <= limit:
         return text
@@ -264,7 +283,8 @@ def running_stages(state_dir: Path, jobs: Iterable[JobRow]) -> dict[int, str]:
     return stages
 
 
-def _job_row(job: JobRow, now: float, stage: str | None = None) -> str:
+def _job_row(job: JobRow, now: float, stage: str | None = None,
+             labels: dict[str, str] | None = None) -> str:
     series = ", ".join("?" if n is None else str(n) for n in job.series_numbers)
     run = None
     if job.started_at is not None and job.finished_at is not None:
@@ -275,7 +295,7 @@ def _job_row(job: JobRow, now: float, stage: str | None = None) -> str:
     note = job.last_error if job.job_id is not None else job.reason
     if stage is not None:
         note = f"now: {stage}" + (f" (last error: {note})" if note else "")
-    return (f"<tr><td>{job.acquisition_id}</td>{_uid_cell(job.study_uid)}"
+    return (f"<tr><td>{job.acquisition_id}</td>{_study_cell(job.study_uid, labels or {})}"
             f"<td>{_e(series)}</td><td>{_e(job.echoes)}</td>{_state(state)}"
             f"<td>{_e(job.attempts)}</td><td>{_e(_when(job.started_at))}</td>"
             f"<td>{_e(_duration(run))}</td><td class=\"text\">{_e(_cut(note))}</td></tr>")
@@ -342,11 +362,19 @@ def _sections(status: Status, now: float, stages: dict[int, str]) -> list[str]:
     if counts.last_received_at is not None:
         summary.append(f"last image {_when(counts.last_received_at)}")
     out = ["<p>" + _e(" · ".join(summary)) + "</p>", "<h2>Recent studies</h2>"]
+    labels = {s.study_uid: study_label(s) for s in status.studies}
     out.append(_table(
-        ("Study", "First image", "Last image", "Images", "Series", "Open series"),
-        [f"<tr>{_uid_cell(s.study_uid)}<td>{_e(_when(s.first_received_at))}</td>"
+        ("Accession", "Study date", "Study description", "Series descriptions", "Sent by",
+         "First image", "Last image", "Images", "Series", "Open series", "Study UID"),
+        [f"<tr><td>{_e(s.accession_number or '-')}</td>"
+         f"<td>{_e(study_when(s.study_date, s.study_time) or '-')}</td>"
+         f'<td class="text">{_e(s.study_description or "-")}</td>'
+         f'<td class="text">{_e(_cut(", ".join(s.series_descriptions) or "-"))}</td>'
+         f"<td>{_e(', '.join(s.senders) or '-')}</td>"
+         f"<td>{_e(_when(s.first_received_at))}</td>"
          f"<td>{_e(_when(s.last_received_at))}</td><td>{s.instances}</td>"
-         f"<td>{s.series}</td><td>{s.series_open}</td></tr>" for s in status.studies],
+         f"<td>{s.series}</td><td>{s.series_open}</td>{_uid_cell(s.study_uid)}</tr>"
+         for s in status.studies],
         "No studies received yet."))
     out.append("<h2>Acquisitions and jobs</h2>")
     if status.jobs is None:
@@ -355,7 +383,7 @@ def _sections(status: Status, now: float, stages: dict[int, str]) -> list[str]:
         out.append(_table(
             ("Acq.", "Study", "Series", "Echoes", "State", "Attempts", "Started", "Run time",
              "Last error / reason"),
-            [_job_row(job, now, stages.get(job.job_id or 0)) for job in status.jobs],
+            [_job_row(job, now, stages.get(job.job_id or 0), labels) for job in status.jobs],
             "No acquisitions yet."))
     out.append("<h2>Problems</h2>")
     if status.problems is None:
@@ -363,10 +391,22 @@ def _sections(status: Status, now: float, stages: dict[int, str]) -> list[str]:
     else:
         out.append(_table(
             ("Since", "Study", "Problem"),
-            [f"<tr><td>{_e(_when(p.created_at))}</td>{_uid_cell(p.study_uid)}"
+            [f"<tr><td>{_e(_when(p.created_at))}</td>{_study_cell(p.study_uid, labels)}"
              f'<td class="text">{_e(_cut(p.reason, PROBLEM_CHARS))}</td></tr>'
              for p in status.problems],
             "No open problems."))
+    if status.passed_over is not None:
+        out.append("<h2>Passed over</h2>")
+        out.append('<p class="meta">Series that are not QSM candidates: not processed, and '
+                   "not problems.</p>")
+        out.append(_table(
+            ("Study", "Series", "Description", "Why"),
+            [f"<tr>{_study_cell(r.study_uid, labels)}"
+             f"<td>{_e('?' if r.series_number is None else r.series_number)}</td>"
+             f'<td class="text">{_e(r.series_description or "-")}</td>'
+             f'<td class="text">{_e(_cut(r.reason, PROBLEM_CHARS))}</td></tr>'
+             for r in status.passed_over],
+            "No series passed over."))
     out.append("<h2>Deliveries</h2>")
     if status.deliveries is None:
         out.append('<p class="none">Not available (older store).</p>')

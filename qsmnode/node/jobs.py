@@ -75,7 +75,7 @@ class JobSpec:
         t1w_series_uid, t1w_files: the acquisition's same-session T1w reference (its summary's
             ``t1w``) and the absolute paths of its spool files; None and empty without one.
         t1w_error: why the T1w named in the summary cannot be given (files missing).
-        min_echoes, require_phase: the grouping rules.
+        min_echoes, require_phase, pass_over, qsm_series: the grouping rules (``[rules]``).
         qsm, m1, atlas: what the pipeline computes (``[pipeline]`` in the configuration).
         m1_normative_table: the normative table file for z-scores (None: no z-scores).
         work_dir: this attempt's folder (spec, result, ``out/``).
@@ -97,6 +97,8 @@ class JobSpec:
     t1w_series_uid: str | None = None
     t1w_files: tuple[str, ...] = ()
     t1w_error: str = ""
+    pass_over: bool = True
+    qsm_series: tuple[str, ...] = ()
 
     @property
     def out_dir(self) -> Path:
@@ -121,6 +123,7 @@ class JobSpec:
         data["series_uids"] = tuple(data["series_uids"])
         data["files"] = tuple(data["files"])
         data["t1w_files"] = tuple(data.get("t1w_files", ()))
+        data["qsm_series"] = tuple(data.get("qsm_series", ()))
         return cls(**data)
 
 
@@ -166,6 +169,8 @@ def job_spec(store: Store, job: JobRecord, settings: Settings) -> JobSpec:
         t1w_series_uid=t1w_uid,
         t1w_files=t1w_files,
         t1w_error=t1w_error,
+        pass_over=settings.rules.pass_over,
+        qsm_series=settings.rules.qsm_series,
     )
 
 
@@ -211,7 +216,8 @@ def load_job_acquisition(spec: JobSpec) -> Any:
         t1w_infos = []
     wanted = set(spec.series_uids)
     results = group_acquisitions(infos + t1w_infos, min_echoes=spec.min_echoes,
-                                 require_phase=spec.require_phase)
+                                 require_phase=spec.require_phase, pass_over=spec.pass_over,
+                                 qsm_series=spec.qsm_series)
     for item in results:
         if isinstance(item, AcquisitionPlan) and set(item.series_uids) == wanted:
             try:

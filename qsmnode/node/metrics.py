@@ -45,6 +45,7 @@ IDs, and nothing here reads any.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import sqlite3
@@ -362,12 +363,32 @@ def make_registry(state_dir: Path | str, min_free_disk_bytes: int = 0) -> Collec
 
 @dataclass(frozen=True)
 class StudyRow:
+    """A study as a radiographer recognises it: accession number, study date and time,
+    descriptions and the sending AE (empty before the study is grouped, or on an older store;
+    never patient name, ID or birth date)."""
+
     study_uid: str
     first_received_at: float
     last_received_at: float
     instances: int
     series: int
     series_open: int
+    accession_number: str = ""
+    study_date: str = ""
+    study_time: str = ""
+    study_description: str = ""
+    series_descriptions: tuple[str, ...] = ()
+    senders: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class PassedOverRow:
+    """A series the grouping passed over (plainly not a QSM candidate), and why."""
+
+    study_uid: str
+    series_number: int | None
+    series_description: str
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -418,6 +439,8 @@ class Status:
     jobs: list[JobRow] | None
     problems: list[ProblemRow] | None
     deliveries: list[DeliveryRow] | None
+    passed_over: list[PassedOverRow] | None = None
+    """None on a store without triage (before version 5)."""
 
 
 def _plan(summary_text: str | None) -> tuple[tuple[int | None, ...], int | None]:
@@ -482,4 +505,51 @@ def read_status(db: sqlite3.Connection, limit: int = 25) -> Status:
             deliveries.append(DeliveryRow(
                 row[0], int(row[1]), int(row[2]), int(row[3]), row[4], row[5],
                 None if error is None else error[0], None if error is None else error[1]))
-    return Status(read_counts(db), studies, jobs, problems, deliveries)
+    studies = _recognisable(db, tables, studies)
+    passed_over = None
+    if "passed_over" in column_names(db, "series"):
+        passed_over = [
+            PassedOverRow(row[0], row[1], row[2] or "", row[3])
+            for row in db.execute(
+                "SELECT study_uid, series_number, series_description, passed_over FROM series "
+                "WHERE passed_over IS NOT NULL ORDER BY last_received_at DESC, series_number "
+                "LIMIT ?", (limit * 20,))
+        ]
+    return Status(read_counts(db), studies, jobs, problems, deliveries, passed_over)
+
+
+def _recognisable(db: sqlite3.Connection, tables: frozenset[str],
+                  studies: list[StudyRow]) -> list[StudyRow]:
+    """The rows with what a radiographer recognises a study by: the ``studies`` table's
+    accession number, date, time and description (version 5), the series descriptions and
+    the sending AE titles."""
+    if not studies:
+        return studies
+    uids = [s.study_uid for s in studies]
+    marks = ", ".join("?" for _ in uids)
+    info: dict[str, tuple[str, str, str, str]] = {}
+    if "studies" in tables:
+        for row in db.execute(
+                "SELECT study_uid, accession_number, study_date, study_time, "
+                f"study_description FROM studies WHERE study_uid IN ({marks})", uids):
+            info[row[0]] = tuple(v or "" for v in row[1:])  # type: ignore[assignment]
+    descriptions: dict[str, list[str]] = {}
+    for row in db.execute(
+            f"SELECT study_uid, series_description FROM series WHERE study_uid IN ({marks}) "
+            "ORDER BY series_number", uids):
+        if row[1] and row[1] not in descriptions.setdefault(row[0], []):
+            descriptions[row[0]].append(row[1])
+    senders: dict[str, set[str]] = {}
+    for row in db.execute(
+            f"SELECT DISTINCT study_uid, calling_ae FROM instances WHERE study_uid IN ({marks})",
+            uids):
+        senders.setdefault(row[0], set()).add(row[1])
+    out = []
+    for study in studies:
+        accession, date, time_, description = info.get(study.study_uid, ("", "", "", ""))
+        out.append(dataclasses.replace(
+            study, accession_number=accession, study_date=date, study_time=time_,
+            study_description=description,
+            series_descriptions=tuple(descriptions.get(study.study_uid, ())),
+            senders=tuple(sorted(senders.get(study.study_uid, ())))))
+    return out

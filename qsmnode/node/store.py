@@ -6,12 +6,15 @@ a received instance whose spool file is already durable is recorded with ``synch
 (see :meth:`Store.add_instance`): the file is the durable record, and the node re-adds spool
 files missing from the store when it starts.
 
-Schema (version 4, in ``PRAGMA user_version``)::
+Schema (version 5, in ``PRAGMA user_version``)::
 
     series(series_uid PK, study_uid, series_number, modality, sop_class_uid,
            series_description, expected_count, received_count,
            first_received_at, last_received_at, state 'open'|'complete', completed_at,
-           opened_at, completed_count, completion 'count'|'quiet'|'max_wait', grouped_at)
+           opened_at, completed_count, completion 'count'|'quiet'|'max_wait', grouped_at,
+           passed_over)
+    studies(study_uid PK, accession_number, study_date, study_time, study_description,
+            updated_at)
     instances(sop_instance_uid PK, sop_class_uid, study_uid, series_uid -> series,
               series_number, instance_number, number_of_frames, images_in_acquisition,
               transfer_syntax_uid, path, size, calling_ae, peer_address, received_at,
@@ -74,6 +77,11 @@ Retention (version 4): when the files of a finished, delivered study are removed
 Audit: with an :class:`~qsmnode.node.audit.AuditLog`, the store writes an event after each
 commit of a received instance, a series completed, a grouping (acquisitions, problems), and a
 job started, done, failed or queued again.
+
+Triage and studies (version 5): ``series.passed_over`` is why the grouping passed a series
+over (plainly not a QSM candidate: not a problem, holds no images), NULL otherwise; ``studies``
+holds what a study is recognised by in status displays (accession number, study date and time,
+study description; never patient data), written when the study is grouped.
 
 Later schema versions append to :data:`MIGRATIONS`; opening a store applies the missing ones,
 each in one transaction. The API is small and has no ORM: records in, records out.
@@ -225,6 +233,17 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX prunings_study ON prunings (study_uid);
     CREATE INDEX outbox_pruned ON outbox (pruned_at);
     """,
+    """
+    ALTER TABLE series ADD COLUMN passed_over TEXT;
+    CREATE TABLE studies (
+        study_uid          TEXT PRIMARY KEY,
+        accession_number   TEXT,
+        study_date         TEXT,
+        study_time         TEXT,
+        study_description  TEXT,
+        updated_at         REAL NOT NULL
+    );
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -284,6 +303,22 @@ class SeriesRecord(_Record):
     completed_count: int | None = None
     completion: str | None = None
     grouped_at: float | None = None
+    passed_over: str | None = None
+    """Why the grouping passed the series over (plainly not a QSM candidate; not a problem),
+    or None."""
+
+
+@dataclass(frozen=True)
+class StudyInfo(_Record):
+    """What a radiographer recognises a study by (never the patient's name, ID or birth
+    date): from the headers, recorded when the study is grouped. Empty strings where the
+    headers have nothing."""
+
+    study_uid: str
+    accession_number: str = ""
+    study_date: str = ""
+    study_time: str = ""
+    study_description: str = ""
 
 
 @dataclass(frozen=True)
@@ -508,6 +543,7 @@ _INSTANCE_COLUMNS = tuple(
 )
 _SERIES_COLUMNS = tuple(f.name for f in fields(SeriesRecord))
 _SERIES_COLUMNS_V1 = _SERIES_COLUMNS[:12]
+_SERIES_COLUMNS_V2 = _SERIES_COLUMNS[:16]
 _JOB_COLUMNS = tuple(f.name for f in fields(JobRecord))
 _OUTBOX_COLUMNS = tuple(f.name for f in fields(OutboxRecord))
 _SEND_COLUMNS = tuple(f.name for f in fields(SendRecord))
@@ -516,6 +552,15 @@ _SEND_COLUMNS = tuple(f.name for f in fields(SendRecord))
 def series_key(series_uids: tuple[str, ...] | list[str]) -> str:
     """The identity of an acquisition: its sorted, distinct series UIDs joined by a backslash."""
     return "\\".join(sorted(set(series_uids)))
+
+
+def study_when(date: str, time_: str) -> str:
+    """StudyDate and StudyTime (DICOM DA/TM) as ``2022-07-11 12:05`` (as given when they are
+    not in the DICOM form; empty when absent)."""
+    day = f"{date[:4]}-{date[4:6]}-{date[6:8]}" if len(date) == 8 and date.isdigit() else date
+    hhmm = time_[:4]
+    clock = f"{hhmm[:2]}:{hhmm[2:]}" if len(hhmm) == 4 and hhmm.isdigit() else time_
+    return " ".join(part for part in (day, clock) if part)
 
 
 def series_numbers_text(numbers: Any) -> str:
@@ -600,7 +645,8 @@ class Store:
                 self._migrate(version)
                 version = SCHEMA_VERSION
             self._version = version
-            self._series_columns = _SERIES_COLUMNS if version >= 2 else _SERIES_COLUMNS_V1
+            self._series_columns = (_SERIES_COLUMNS if version >= 5 else _SERIES_COLUMNS_V2
+                                    if version >= 2 else _SERIES_COLUMNS_V1)
         except sqlite3.Error as exc:
             raise StoreError(f"{self.path}: {exc}") from exc
 
@@ -906,7 +952,8 @@ class Store:
 
     def record_grouping(self, study_uid: str, instance_count: int,
                         acquisitions: list[NewAcquisition], problems: list[NewProblem],
-                        at: float) -> GroupingOutcome | None:
+                        at: float, passed_over: dict[str, str] | None = None,
+                        study: StudyInfo | None = None) -> GroupingOutcome | None:
         """Record the grouping of one study in one transaction; None (nothing changed) when the
         study changed since it was read: a series (re)opened or the instance count differs.
 
@@ -915,7 +962,9 @@ class Store:
         - A new accepted acquisition gets a queued job.
         - Problems already recorded (same series, same reason) stay; unresolved problems of the
           study not found again get ``resolved_at``.
-        - Every complete series of the study is marked grouped.
+        - Every complete series of the study is marked grouped; ``passed_over`` (series UID
+          -> reason) is recorded on its series, and cleared on the study's other series.
+        - ``study``: what the study is recognised by (accession number, date, description).
         """
         outcome = GroupingOutcome()
         with self.transaction() as db:
@@ -953,9 +1002,19 @@ class Store:
                     int(cursor.lastrowid or 0), problem.study_uid, tuple(problem.series_uids),
                     problem.reason, at, None))
             db.execute(
-                "UPDATE series SET grouped_at = ? WHERE study_uid = ? AND state = 'complete'",
+                "UPDATE series SET grouped_at = ?, passed_over = NULL WHERE study_uid = ? "
+                "AND state = 'complete'",
                 (at, study_uid),
             )
+            for series_uid, reason in (passed_over or {}).items():
+                db.execute("UPDATE series SET passed_over = ? WHERE series_uid = ?",
+                           (reason, series_uid))
+            if study is not None:
+                db.execute(
+                    "INSERT OR REPLACE INTO studies (study_uid, accession_number, study_date, "
+                    "study_time, study_description, updated_at) VALUES (?, ?, ?, ?, ?, ?)",
+                    (study.study_uid, study.accession_number, study.study_date,
+                     study.study_time, study.study_description, at))
         self._audit_grouping(outcome)
         return outcome
 
@@ -1026,6 +1085,27 @@ class Store:
             row = self._db.execute("SELECT * FROM acquisitions WHERE id = ?",
                                    (acquisition_id,)).fetchone()
         return None if row is None else _acquisition(row)
+
+    def studies(self) -> dict[str, StudyInfo]:
+        """What each grouped study is recognised by (empty before version 5)."""
+        if self._version < 5:
+            return {}
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT study_uid, accession_number, study_date, study_time, "
+                "study_description FROM studies").fetchall()
+        return {row["study_uid"]: StudyInfo(**{k: row[k] or "" for k in row.keys()})
+                for row in rows}
+
+    def study_senders(self) -> dict[str, tuple[str, ...]]:
+        """The calling AE titles that sent each study's instances, sorted."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT DISTINCT study_uid, calling_ae FROM instances").fetchall()
+        senders: dict[str, set[str]] = {}
+        for row in rows:
+            senders.setdefault(row[0], set()).add(row[1])
+        return {uid: tuple(sorted(aes)) for uid, aes in senders.items()}
 
     def problems(self, *, include_resolved: bool = False) -> list[ProblemRecord]:
         """Recorded problems, oldest first (by default only those not resolved since)."""

@@ -27,7 +27,15 @@ line), and groups them with :func:`~qsmnode.dicom.load.group_acquisitions` under
 ``rules.min_echoes`` and ``rules.require_phase``. Then the field-strength rule
 (``rules.field_strengths_t``; empty = any; a match is within 0.1 T; an unknown field strength
 passes): an acquisition outside it is recorded as ``ignored`` with the reason (no job), and a
-problem whose series all have another field strength is dropped with a log line. If the
+problem whose series all have another field strength is passed over with a log line.
+
+**Triage.** Series that are plainly not QSM candidates (``rules.pass_over``, the rule is in
+:mod:`qsmnode.dicom.grouping`: localisers, BOLD, ASL, diffusion, derived maps, field maps, a
+single magnitude echo, an unused T1w) and series of other SOP classes (reports, secondary
+captures) are *passed over*: the reason is recorded on the series (``series.passed_over``,
+shown by ``qsmnode status`` and the status page) and logged, and they are not problems (so
+they neither wait for the quiet period nor hold their images). What the study is recognised
+by (accession number, study date and time, description) is recorded with the grouping. If the
 grouping finds a problem while the study is younger than the quiet period (a series completed
 by count while the next is still on its way), the tracker waits for the quiet period (or the
 maximum wait) before recording anything. Acquisitions, problems (logged, with their
@@ -74,7 +82,7 @@ import numpy as np
 from pydicom.errors import InvalidDicomError
 
 from qsmnode.dicom.headers import ENHANCED_SOP_CLASSES, InstanceInfo, summarize
-from qsmnode.dicom.load import AcquisitionPlan, Problem, group_acquisitions
+from qsmnode.dicom.load import AcquisitionPlan, PassedOver, Problem, group_acquisitions
 from qsmnode.node.config import Settings
 from qsmnode.node.receiver import MR_SOP_CLASSES
 from qsmnode.node.store import (
@@ -84,6 +92,7 @@ from qsmnode.node.store import (
     NewProblem,
     SeriesRecord,
     Store,
+    StudyInfo,
     StudyReady,
     describe_summary,
     series_numbers_text,
@@ -107,6 +116,25 @@ def expected_instances(sop_class_uid: str, images_in_acquisition: int | None) ->
     if images_in_acquisition is not None and images_in_acquisition > 0:
         return images_in_acquisition
     return None
+
+
+def sop_class_name(uid: str) -> str:
+    """The SOP class's name where pydicom knows it (else the UID)."""
+    from pydicom.uid import UID
+
+    name = UID(uid).name
+    return name if name and name != uid else f"SOP class {uid}"
+
+
+def _study_info(study_uid: str, infos: list[InstanceInfo]) -> StudyInfo:
+    """What the study is recognised by, from the first instance that says (never patient
+    data)."""
+    def first(attribute: str) -> str:
+        return next((getattr(i, attribute) for i in infos
+                     if i.study_uid == study_uid and getattr(i, attribute)), "")
+
+    return StudyInfo(study_uid, first("accession_number"), first("study_date"),
+                     first("study_time"), first("study_description"))
 
 
 def plan_summary(plan: AcquisitionPlan) -> dict[str, Any]:
@@ -288,11 +316,13 @@ class Tracker:
         if len(instances) != ready.instance_count:
             return None  # an instance arrived meanwhile: next pass
         pruned = self.store.pruned_instances(ready.study_uid)
+        passed_over: dict[str, str] = {}
         infos, unreadable = self._summarize([r for r in instances
-                                             if r.sop_instance_uid not in pruned])
+                                             if r.sop_instance_uid not in pruned], passed_over)
         rules = self.settings.rules
         results = group_acquisitions(infos, min_echoes=rules.min_echoes,
-                                     require_phase=rules.require_phase)
+                                     require_phase=rules.require_phase,
+                                     pass_over=rules.pass_over, qsm_series=rules.qsm_series)
         acquisitions: list[NewAcquisition] = []
         problems: list[NewProblem] = []
         removed: dict[str, int] = defaultdict(int)
@@ -321,8 +351,11 @@ class Tracker:
                              describe_summary(summary), refusal)
                 acquisitions.append(NewAcquisition(item.study_uid or ready.study_uid,
                                                    tuple(item.series_uids), summary, refusal))
+            elif isinstance(item, PassedOver):
+                for series_uid in item.series_uids:
+                    passed_over[series_uid] = item.why
             else:
-                self._add_problem(item, ready.study_uid, strengths, problems)
+                self._add_problem(item, ready.study_uid, strengths, problems, passed_over)
         if problems and (now - ready.last_received_at < tracker.quiet_period_s
                          and now - ready.opened_at < tracker.max_wait_s):
             key = (ready.study_uid, ready.instance_count)
@@ -333,17 +366,23 @@ class Tracker:
                          "" if len(problems) == 1 else "s")
             return None
         outcome = self.store.record_grouping(ready.study_uid, ready.instance_count,
-                                             acquisitions, problems, now)
+                                             acquisitions, problems, now, passed_over,
+                                             _study_info(ready.study_uid, infos))
         if outcome is None:
             return None
         self._forget(instances)
         self._log_outcome(ready.study_uid, outcome, len(instances))
+        numbers = {r.series_uid: r.series_number for r in instances}
+        for series_uid, why in passed_over.items():
+            log.info("study %s: series %s (number %s) passed over: %s", ready.study_uid,
+                     series_uid, numbers.get(series_uid), why)
         if outcome.jobs and self.on_jobs is not None:
             self.on_jobs()
         return outcome
 
     def _add_problem(self, problem: Problem, study_uid: str,
-                     strengths: dict[str, float | None], problems: list[NewProblem]) -> None:
+                     strengths: dict[str, float | None], problems: list[NewProblem],
+                     passed_over: dict[str, str]) -> None:
         values = [strengths.get(uid) for uid in problem.series_uids]
         known = [v for v in values if v is not None]
         refused = [v for v in known if self._field_strength_refusal(v) is not None]
@@ -352,6 +391,9 @@ class Tracker:
             log.info("study %s: ignored series %s: field strength %s T is not among "
                      "rules.field_strengths_t (not processed: %s)", study_uid,
                      series_numbers_text(problem.series_numbers), listed, problem.reason)
+            for series_uid in problem.series_uids:
+                passed_over[series_uid] = (f"field strength {listed} T is not among "
+                                           "rules.field_strengths_t")
             return
         problems.append(NewProblem(problem.study_uid or study_uid, tuple(problem.series_uids),
                                    problem.reason))
@@ -374,10 +416,11 @@ class Tracker:
                 strengths[info.series_uid] = info.field_strength_t
         return strengths
 
-    def _summarize(self, instances: list[InstanceRecord],
+    def _summarize(self, instances: list[InstanceRecord], passed_over: dict[str, str],
                    ) -> tuple[list[InstanceInfo], dict[str, list[str]]]:
         """Header summaries of the MR instances (cached by path), and the series whose files
-        could not be read, with the reasons."""
+        could not be read, with the reasons. Series of other SOP classes (reports, secondary
+        captures) go into ``passed_over``."""
         infos: list[InstanceInfo] = []
         unreadable: dict[str, list[str]] = defaultdict(list)
         skipped: dict[tuple[str, str], int] = defaultdict(int)
@@ -400,6 +443,8 @@ class Tracker:
         for (series_uid, sop_class), count in skipped.items():
             log.info("series %s: %d instance%s of SOP class %s left out of the grouping "
                      "(not MR images)", series_uid, count, "" if count == 1 else "s", sop_class)
+            name = sop_class_name(sop_class)
+            passed_over[series_uid] = f"not an MR image ({name}): not a QSM acquisition"
         return infos, dict(unreadable)
 
     def _forget(self, instances: list[InstanceRecord]) -> None:
