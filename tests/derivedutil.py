@@ -92,3 +92,27 @@ def dciodvfy_errors(path: Path) -> list[str]:
 def dciodvfy_warnings(path: Path) -> list[str]:
     out = run(["dciodvfy", str(path)])
     return [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("Warning")]
+
+
+def m1_blocks(shape: tuple[int, int, int], chi_ppm: np.ndarray) -> M1Result:
+    """An M1 result on any grid (a real sample's): each area and layer a small block of voxels
+    around the centre, measured on ``chi_ppm``. For building and validating the SEG and SR of
+    real data, not for their values."""
+    labels = np.zeros(shape, dtype=np.uint8)
+    ci, cj, ck = (n // 2 for n in shape)
+    measurements = []
+    for a, area in enumerate(AREAS):
+        for li, layer in enumerate(LAYERS):
+            i0, j0 = ci - 8 + 4 * a, cj - 6 + 4 * li
+            labels[i0:i0 + 3, j0:j0 + 3, max(ck - 1, 0):ck + 2] = segment_label(area, layer)
+        for layer in (*LAYERS, "all"):
+            mask = ((labels > 0) & np.isin(labels, [segment_label(area, x) for x in LAYERS])
+                    if layer == "all" else labels == segment_label(area, layer))
+            chi = chi_ppm[mask].astype(np.float64)
+            measurements.append(Measurement(
+                area, layer, int(mask.sum()), True, float(chi.mean()), float(chi.std()),
+                float(np.median(chi)), 1.0, 30.0, 2.5))
+    depth = np.where(labels > 0, 0.5, np.nan).astype(np.float32)
+    thickness = np.where(labels > 0, 2.5, np.nan).astype(np.float32)
+    flags = (QualityFlag("registration", True, None, "registration not checked (test)"),)
+    return M1Result(labels, depth, thickness, tuple(measurements), flags)

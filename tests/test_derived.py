@@ -33,7 +33,7 @@ from qsmnode.m1.result import AREAS, LAYERS, M1Result, segment_label
 from qsmnode.sim.scanner import Simulation, preset, simulate
 from qsmnode.sim.vendor_dicom import SimStudyInfo, write_dicom
 from tests.conftest import require_tool
-from tests.derivedutil import dciodvfy_errors, m1_from_truth, run
+from tests.derivedutil import dciodvfy_errors, m1_blocks, m1_from_truth, run
 
 VERSION = "1.2.3"
 STYLES = ("siemens", "enhanced")
@@ -579,3 +579,105 @@ def test_a_one_part_patient_name_is_not_quoted_in_warnings(sim, m1, tmp_path) ->
                                  source_reader(sources), VERSION)
     assert {str(ds.PatientName) for ds in datasets} == {name}
     assert not [str(w.message) for w in caught if name in str(w.message)]
+
+
+# --- sources with missing, empty or malformed optional data ------------------------------------
+
+STRIPPED = ("AccessionNumber", "ReferringPhysicianName", "StudyID", "PatientBirthDate",
+            "PatientSex", "SeriesDescription", "InstitutionName", "StudyDescription",
+            "PatientName", "PatientID", "StudyDate", "StudyTime", "BodyPartExamined",
+            "ProtocolName", "StationName", "PatientAge", "PatientWeight", "OperatorsName")
+"""Type 2 and Type 3 attributes that real and anonymised exports leave out."""
+
+
+def _build_and_validate(sources: list[Path], sim: Simulation, m1: M1Result, out: Path,
+                        ) -> list[Dataset]:
+    (loaded,) = load_folder(sources)
+    assert isinstance(loaded, LoadedAcquisition), loaded
+    datasets = build_derived(loaded, sim.truth.chi_ppm, sim.truth.r2star_per_s, m1,
+                             source_reader(sources), VERSION)
+    paths = save_all(datasets, out)
+    failures = {p.name: dciodvfy_errors(p) for p in paths}
+    assert not any(failures.values()), {n: e for n, e in failures.items() if e}
+    return datasets
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_sources_without_optional_attributes_make_valid_objects(style: str, sim, m1,
+                                                                 tmp_path) -> None:
+    """An anonymised export without its Type 2/3 patient, study and series attributes: every
+    object is built, carries the Type 2 ones empty, and passes dciodvfy."""
+    require_tool("dciodvfy", "dicom3tools")
+    sources = write_dicom(sim.gre, tmp_path / "source", style, SimStudyInfo(seed=7))
+    for path in sources:
+        ds = pydicom.dcmread(path)
+        for keyword in STRIPPED:
+            if keyword in ds:
+                delattr(ds, keyword)
+        ds.save_as(path)
+    datasets = _build_and_validate(sources, sim, m1, tmp_path / "derived")
+    for ds in datasets:
+        for keyword in ("AccessionNumber", "ReferringPhysicianName", "StudyID",
+                        "PatientBirthDate", "PatientSex", "PatientName", "PatientID"):
+            assert keyword in ds and not ds[keyword].value, (ds.Modality, keyword)
+
+
+@pytest.mark.parametrize("keyword", STRIPPED)
+def test_each_missing_attribute_alone_is_coped_with(keyword: str, sim, m1, tmp_path) -> None:
+    """One attribute absent at a time (the loader and every builder, no exception)."""
+    sources = write_dicom(sim.gre, tmp_path / "source", "siemens", SimStudyInfo(seed=7))
+    for path in sources:
+        ds = pydicom.dcmread(path)
+        if keyword in ds:
+            delattr(ds, keyword)
+        ds.save_as(path)
+    (loaded,) = load_folder(sources)
+    assert isinstance(loaded, LoadedAcquisition), loaded
+    datasets = build_derived(loaded, sim.truth.chi_ppm, sim.truth.r2star_per_s, m1,
+                             source_reader(sources), VERSION)
+    assert len(datasets) > 10
+
+
+def test_empty_sequences_and_malformed_values_are_not_copied(sim, m1, tmp_path) -> None:
+    """Philips' empty ProcedureCodeSequence, other empty or incomplete sequences and invalid
+    Type 2 values in the source: left out (or empty) in the derived objects, dciodvfy clean."""
+    require_tool("dciodvfy", "dicom3tools")
+    sources = write_dicom(sim.gre, tmp_path / "source", "siemens", SimStudyInfo(seed=7))
+    for path in sources:
+        ds = pydicom.dcmread(path)
+        ds.ProcedureCodeSequence = []
+        ds.ReferencedStudySequence = []
+        code = Dataset()
+        code.CodeMeaning = "no code value"
+        ds.AnatomicRegionSequence = [code]
+        ds.PatientSex = "X"
+        ds.StudyDate = "2022-07-11"
+        ds.save_as(path)
+    datasets = _build_and_validate(sources, sim, m1, tmp_path / "derived")
+    for ds in datasets:
+        assert "ProcedureCodeSequence" not in ds and "ReferencedStudySequence" not in ds
+        assert ds.PatientSex == "" and ds.StudyDate == ""
+
+
+@pytest.mark.parametrize("form", ["classic", "enhanced"])
+def test_real_philips_sources_make_valid_objects(form: str, shared_data: Path,
+                                                 tmp_path: Path) -> None:
+    """The real Philips sample (classic: an empty ProcedureCodeSequence in every file;
+    Enhanced: an empty AcquisitionContextSequence): maps, MR images, SEG, SR and key images
+    pass dciodvfy."""
+    require_tool("dciodvfy", "dicom3tools")
+    folder = shared_data / "philips-3t-2echo" / form
+    sources = sorted(folder.iterdir())
+    empty = "ProcedureCodeSequence" if form == "classic" else "AcquisitionContextSequence"
+    assert len(pydicom.dcmread(sources[0], stop_before_pixels=True)[empty].value) == 0
+    (loaded,) = load_folder(folder)
+    assert isinstance(loaded, LoadedAcquisition), loaded
+    rng = np.random.default_rng(3)
+    chi = rng.normal(0.0, 0.02, loaded.gre.shape).astype(np.float32)
+    r2s = rng.uniform(10.0, 40.0, loaded.gre.shape).astype(np.float32)
+    datasets = build_derived(loaded, chi, r2s, m1_blocks(loaded.gre.shape, chi),
+                             source_reader(sources), VERSION)
+    assert {ds.Modality for ds in datasets} == {"MR", "SEG", "SR", "OT"}
+    paths = save_all(datasets, tmp_path / "derived")
+    failures = {p.name: dciodvfy_errors(p) for p in paths}
+    assert not any(failures.values()), {n: e for n, e in failures.items() if e}

@@ -4,8 +4,10 @@ and the identity (series numbers, UIDs, equipment) of the objects.
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import os
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,11 +50,123 @@ SERIES_OFFSETS = {
 series 5 → 501..507; 9900 + offset when the source has no series number)."""
 
 
+TYPE2_PATIENT_STUDY = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "StudyID",
+    "AccessionNumber",
+)
+"""Type 2 attributes of the Patient and General Study modules that every derived object
+carries, empty when the source has no value (anonymised exports often drop them)."""
+
+_DATE = re.compile(r"^\d{8}$")
+_TIME = re.compile(r"^\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?$")
+_ENUMERATED = {"PatientSex": frozenset({"M", "F", "O"})}
+_FORMATS = {"PatientBirthDate": _DATE, "StudyDate": _DATE, "StudyTime": _TIME}
+
+
+def _code_item_ok(item: Dataset) -> bool:
+    has_value = any(item.get(k) for k in ("CodeValue", "LongCodeValue", "URNCodeValue"))
+    needs_scheme = bool(item.get("CodeValue")) or bool(item.get("LongCodeValue"))
+    return (has_value and bool(item.get("CodeMeaning"))
+            and (bool(item.get("CodingSchemeDesignator")) or not needs_scheme))
+
+
+_SHAREABLE_GROUPS = ("PixelMeasuresSequence", "PlaneOrientationSequence")
+"""Functional groups highdicom reads from an Enhanced source's shared groups only (Philips
+writes them per frame)."""
+
+
+def _per_frame_only(ds: Dataset) -> list[str]:
+    """The :data:`_SHAREABLE_GROUPS` an Enhanced header has in every frame, with one value,
+    but not in its shared functional groups."""
+    shared = ds.get("SharedFunctionalGroupsSequence")
+    frames = ds.get("PerFrameFunctionalGroupsSequence")
+    if not frames or shared is None or len(shared) != 1:
+        return []
+    out = []
+    for keyword in _SHAREABLE_GROUPS:
+        if keyword in shared[0] or any(keyword not in f or len(f[keyword].value) != 1
+                                       for f in frames):
+            continue
+        first = frames[0][keyword].value[0]
+        if all(f[keyword].value[0] == first for f in frames):
+            out.append(keyword)
+    return out
+
+
+def source_fixes(ds: Dataset) -> list[str]:
+    """What :func:`tidy_source` changes in a source header, one phrase each (empty: nothing).
+    Names attributes only, never their values (they may be patient data)."""
+    fixes = []
+    for keyword in TYPE2_PATIENT_STUDY:
+        if keyword not in ds:
+            fixes.append(f"{keyword} absent (left empty)")
+            continue
+        text = str(ds[keyword].value or "").strip()
+        allowed = _ENUMERATED.get(keyword)
+        pattern = _FORMATS.get(keyword)
+        if text and ((allowed and text not in allowed) or (pattern and not pattern.match(text))):
+            fixes.append(f"{keyword} not a valid value (left empty)")
+    for elem in ds:
+        if elem.VR != "SQ":
+            continue
+        if len(elem.value) == 0:
+            fixes.append(f"{elem.keyword or elem.tag} has no item (left out)")
+        elif elem.keyword.endswith("CodeSequence") and not all(
+            _code_item_ok(item) for item in elem.value
+        ):
+            fixes.append(f"{elem.keyword} has an incomplete code item (left out)")
+    fixes += [f"{k} given per frame with one value (shared)" for k in _per_frame_only(ds)]
+    return fixes
+
+
+def tidy_source(ds: Dataset) -> Dataset:
+    """The source header as the derived objects copy from it: a Type 2 patient or study
+    attribute that is absent or not a valid value becomes empty, and a sequence with no item,
+    or a code sequence with an incomplete item, is left out (an empty Type 3 sequence copied
+    into a derived object makes it invalid). A Pixel Measures or Plane Orientation functional
+    group that an Enhanced source gives in every frame with one value (Philips) is made shared,
+    where highdicom looks for it. The source is returned as it is when nothing needs a change,
+    else a copy."""
+    if not source_fixes(ds):
+        return ds
+    out = copy.deepcopy(ds)
+    for keyword in TYPE2_PATIENT_STUDY:
+        text = str(out[keyword].value or "").strip() if keyword in out else ""
+        allowed = _ENUMERATED.get(keyword)
+        pattern = _FORMATS.get(keyword)
+        if keyword not in out or (
+            text and ((allowed and text not in allowed) or (pattern and not pattern.match(text)))
+        ):
+            setattr(out, keyword, "")
+    for elem in list(out):
+        if elem.VR == "SQ" and (
+            len(elem.value) == 0
+            or (elem.keyword.endswith("CodeSequence")
+                and not all(_code_item_ok(item) for item in elem.value))
+        ):
+            del out[elem.tag]
+    for keyword in _per_frame_only(out):
+        frames = out.PerFrameFunctionalGroupsSequence
+        setattr(out.SharedFunctionalGroupsSequence[0], keyword, frames[0][keyword].value)
+        for frame in frames:
+            delattr(frame, keyword)
+    return out
+
+
 class SourceImages:
     """The source images of an acquisition, read once each through a :data:`ReadSource`.
 
     Echo 1 of the magnitude is *the* source of every derived object; the other echoes (and the
-    phase, for QSM) are further sources.
+    phase, for QSM) are further sources. Every header is given as :func:`tidy_source` makes it,
+    so that missing or malformed optional data in the source never makes a derived object fail
+    to build or fail validation.
     """
 
     def __init__(self, loaded: LoadedAcquisition, read_source: ReadSource) -> None:
@@ -68,6 +182,7 @@ class SourceImages:
                 raise ValueError(
                     f"read_source({sop_instance_uid}) returned instance {ds.SOPInstanceUID}"
                 )
+            ds = tidy_source(ds)
             self._cache[sop_instance_uid] = ds
         return ds
 
