@@ -24,7 +24,7 @@ import tracemalloc
 import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from io import BytesIO
+from io import BytesIO, StringIO
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -1011,3 +1011,40 @@ def test_hostile_pdus_are_one_line_each_audited_never_a_traceback(
     assert len(lines) == 4, lines
     assert "calling AE title 'SCAN\\nNER\\x1b[2J' is not valid" in log
     assert "\x1b" not in log
+
+
+def test_the_node_log_is_one_line_per_record_whatever_the_peer_sent() -> None:
+    """A series description with a newline cannot forge a log line; pynetdicom's tracebacks
+    become one line naming the exception."""
+    from qsmnode.node.logtext import EscapingFormatter
+
+    out = StringIO()
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(EscapingFormatter("%(levelname)s %(name)s: %(message)s"))
+    forged = "gre\n2026-12-05 00:00:00,000 ERROR qsmnode: forged\x1b[2J"
+    for name in ("qsmnode.node.tracker", "pynetdicom.dul"):
+        logger = logging.getLogger(name)
+        logger.addHandler(handler)
+        logger.propagate = False
+        try:
+            logger.warning("series 1.2.3 (%s) passed over", forged)
+            try:
+                raise ValueError(f"cannot read {forged}")
+            except ValueError:
+                logger.exception("failed")
+        finally:
+            logger.removeHandler(handler)
+            logger.propagate = True
+    lines = out.getvalue().splitlines()
+    assert not any(line.startswith("2026-12-05") for line in lines), lines
+    assert "\x1b" not in out.getvalue()
+    assert lines[0] == ("WARNING qsmnode.node.tracker: series 1.2.3 (gre\\n2026-12-05 "
+                        "00:00:00,000 ERROR qsmnode: forged\\x1b[2J) passed over")
+    # the node's own error keeps its traceback, indented
+    assert lines[1] == "ERROR qsmnode.node.tracker: failed"
+    assert lines[2].startswith("    Traceback")
+    pynetdicom_lines = [line for line in lines if line.startswith("ERROR pynetdicom")]
+    assert pynetdicom_lines == [
+        "ERROR pynetdicom.dul: failed (ValueError: cannot read gre\\n2026-12-05 00:00:00,000 "
+        "ERROR qsmnode: forged\\x1b[2J)"]
+    assert lines[-1] == pynetdicom_lines[0]

@@ -84,6 +84,20 @@ def raw_socket(assoc: Any) -> socket.socket | None:
     return getattr(wrapper, "socket", None)
 
 
+def peer_of_current_thread() -> str | None:
+    """``host:port`` of the peer of the association whose thread (pynetdicom's association or
+    DUL thread) is running, or None."""
+    thread = threading.current_thread()
+    assoc = getattr(thread, "assoc", None) if not hasattr(thread, "requestor") else thread
+    requestor = getattr(assoc, "requestor", None)
+    acceptor = getattr(assoc, "acceptor", None)
+    remote = requestor if getattr(assoc, "is_acceptor", True) else acceptor
+    try:
+        return f"{remote.address}:{remote.port}"  # type: ignore[union-attr]
+    except (AttributeError, ValueError):
+        return None
+
+
 # ------------------------------------------------------------------------------------------------
 # Reading PDUs with limits
 

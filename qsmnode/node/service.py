@@ -45,6 +45,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from qsmnode import __version__
+from qsmnode.node import logtext
 from qsmnode.node.audit import NULL_AUDIT, AuditLog
 from qsmnode.node.config import ConfigError, Settings, load_settings
 from qsmnode.node.http import start_http
@@ -198,10 +199,7 @@ def main(config: Path | None = None, job_function: str = DEFAULT_JOB_FUNCTION) -
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        stream=sys.stderr, level=settings.logging.level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    logtext.configure(sys.stderr, settings.logging.level)  # one line per record, escaped
     root = logging.getLogger("qsmnode")
     stop = threading.Event()
 
