@@ -199,3 +199,59 @@ def test_shim_removes_low_order_field_and_keeps_the_local_field() -> None:
     # What the shim took away is smooth: a 2nd-order polynomial has no voxel-scale detail.
     removed = raw.truth.total_field_ppm - shimmed.truth.total_field_ppm
     assert np.abs(np.diff(removed, n=3, axis=0)).max() < 1e-4
+
+
+def test_the_simulator_never_imports_the_reconstruction() -> None:
+    """The simulator's truth must not come from the code it grades (no ``qsmnode.qsm``)."""
+    import ast
+    from pathlib import Path
+
+    import qsmnode.sim
+
+    offenders = []
+    for path in Path(qsmnode.sim.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            offenders += [f"{path.name}: {n}" for n in names if n.startswith("qsmnode.qsm")]
+    assert not offenders, offenders
+
+
+def _voxelised_sphere(n: int, radius: float, sub: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """Volume fraction of a sphere (radius in voxels, 1 mm voxels) and the radius grid."""
+    x = np.arange(n) - n / 2 + 0.5
+    grid = np.meshgrid(x, x, x, indexing="ij")
+    offsets = (np.arange(sub) + 0.5) / sub - 0.5
+    frac = np.zeros((n, n, n))
+    for a in offsets:
+        for b in offsets:
+            for c in offsets:
+                frac += (grid[0] + a) ** 2 + (grid[1] + b) ** 2 + (grid[2] + c) ** 2 <= radius**2
+    return frac / sub**3, grid
+
+
+def test_the_simulators_kernel_is_its_own_and_closer_to_the_analytic_sphere() -> None:
+    """Box voxels with a voxel-averaged field: not the reconstruction's band-limited kernel,
+    and nearer the analytic exterior field of a sphere than that kernel is."""
+    from qsmnode.qsm.dipole import dipole_kernel, forward_field
+    from qsmnode.sim.field import voxel_field, voxel_kernel
+
+    n, radius, b0 = 64, 8.0, np.array([0.0, 0.0, 1.0])
+    own = voxel_kernel((n, n, n), (1.0, 1.0, 1.0), b0)
+    method = dipole_kernel((n, n, n), (1.0, 1.0, 1.0), b0)
+    assert np.sqrt(np.mean((own - method) ** 2)) > 0.01, "the simulator reuses the method's kernel"
+    frac, (x, y, z) = _voxelised_sphere(n, radius)
+    r = np.sqrt(x * x + y * y + z * z)
+    analytic = (radius**3 / 3) * (3 * z * z / np.maximum(r, 1e-9) ** 2 - 1) / np.maximum(r, 1) ** 3
+    shell = (r > radius + 2) & (r < radius + 10)
+
+    def rms_error(field: np.ndarray) -> float:
+        return float(np.sqrt(np.mean((field - analytic)[shell] ** 2)))
+
+    err_own = rms_error(voxel_field(frac, (1, 1, 1), b0, pad_factor=2))
+    err_method = rms_error(forward_field(frac, (1, 1, 1), b0, pad_factor=2))
+    assert err_own < 0.01 * np.sqrt(np.mean(analytic[shell] ** 2))
+    assert err_own < err_method, f"own {err_own:.2e} ppm, method's kernel {err_method:.2e} ppm"

@@ -1,7 +1,9 @@
 """A synthetic multi-echo 3D GRE scanner: field, relaxation, phase offset, bias and noise.
 
-The field perturbation is the dipole convolution of χ with B0 along the scanner's z axis, computed
-in two scales, exactly by linearity:
+The field perturbation is the dipole convolution of χ with B0 along the scanner's z axis, with
+the simulator's own kernel (``sim.field.voxel_field``: box-shaped voxels, voxel-averaged field;
+not the reconstruction's band-limited kernel, so the method is not graded on its own model),
+computed in two scales, exactly by linearity:
 
 - sources inside the *domain* (the field of view grown by a margin) on the acquisition grid
   itself, zero-padded;
@@ -30,7 +32,7 @@ from numpy.typing import NDArray
 from scipy import ndimage
 
 from qsmnode.acquisition import GAMMA_BAR_HZ_PER_T, MultiEchoGRE, b0_direction, voxel_size_mm
-from qsmnode.qsm.dipole import forward_field
+from qsmnode.sim.field import voxel_field
 from qsmnode.sim.phantom import (
     CHI_AIR_PPM,
     PhantomParams,
@@ -306,7 +308,7 @@ def simulate_field(
     mask_fov = mask_dom[sl].copy()
     del mask_dom
     chi_dom *= weight([np.arange(d) - m for d, m in zip(dom_shape, margin, strict=True)])
-    total = forward_field(chi_dom, vs, b)[sl].copy()
+    total = voxel_field(chi_dom, vs, b)[sl].copy()
     del chi_dom
 
     # Coarse grid over the whole head, its cells aligned with the domain's.
@@ -328,7 +330,7 @@ def simulate_field(
     chi_c = _smooth_outside_tissue(chi_c, tissue_c)
     centres = [c_affine[a, a] * np.arange(c_shape[a]) + c_affine[a, 3] for a in range(3)]
     chi_c *= 1 - weight(centres)
-    field_c = forward_field(chi_c, vs * f, b)
+    field_c = voxel_field(chi_c, vs * f, b)
     # Fine voxel centres in coarse index coordinates.
     coords = [
         ((np.arange(n[a]) - c_affine[a, 3]) / f[a]).astype(np.float32) for a in range(3)
@@ -366,7 +368,7 @@ def _receive_bias(points: tuple[F32, F32, F32], centre: tuple[float, ...], stren
 def local_field(chi_ppm: F32, brain_mask: NDArray[np.bool_], affine: NDArray[np.float64]) -> F32:
     """The field (ppm) of the χ inside the brain mask, within the mask (0 outside)."""
     source = np.where(brain_mask, chi_ppm, 0).astype(np.float32)
-    field_ppm = forward_field(source, voxel_size_mm(affine), b0_direction(affine))
+    field_ppm = voxel_field(source, voxel_size_mm(affine), b0_direction(affine))
     return np.where(brain_mask, field_ppm, 0).astype(np.float32)
 
 
