@@ -394,7 +394,8 @@ def run_process(folder: Path, out: Path, send: str | None = None, config: Path |
     from qsmnode.node.config import ConfigError, PipelineConfig, SenderConfig, load_settings
     from qsmnode.node.jobs import JobError
     from qsmnode.node.outbox import write_datasets
-    from qsmnode.node.sender import AssociationFailed, OutgoingFile, Peer, send_files
+    from qsmnode.node.sender import AssociationFailed, OutgoingFile, Peer
+    from qsmnode.node.storescu import send_resuming
     from qsmnode.node.worker import resolve_job_function
 
     settings = None
@@ -468,15 +469,18 @@ def run_process(folder: Path, out: Path, send: str | None = None, config: Path |
                 for path, ds in written]
     started = time.perf_counter()
     try:
-        results = send_files(peer, outgoing, (settings.sender if settings is not None
-                                              else SenderConfig()).timeout_s)
+        # a lost association is resumed from the first file not acknowledged (bounded)
+        results, associations = send_resuming(peer, outgoing, (
+            settings.sender if settings is not None else SenderConfig()).timeout_s)
     except AssociationFailed as exc:
         print(f"error: not sent to {peer}: {exc}", file=sys.stderr)
         return 1
     failed = {key: r for key, r in results.items() if not r.ok}
+    resumed = f" ({associations} associations: resumed after a lost one)" if (
+        associations > 1) else ""
     print(f"sent {len(results) - len(failed)} of {len(outgoing)} to {peer} in "
-          f"{time.perf_counter() - started:.1f} s")
-    for path, result in list(failed.items())[:10]:
+          f"{time.perf_counter() - started:.1f} s{resumed}")
+    for path, result in failed.items():  # every file not stored, by name
         print(f"not sent: {Path(path).name}: {result.error}", file=sys.stderr)
     return 1 if failed else status
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import socket
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -92,6 +93,44 @@ def truth_job(spec: Any) -> dict[str, Any]:
     result, datasets = truth_process(loaded, spec.files, spec.out_dir)
     write_job_outputs(spec, datasets)
     return result
+
+
+class DroppingStoreSCP:
+    """A pynetdicom Storage SCP that drops the connection (no response, the socket shut) at
+    the ``drop_at``-th C-STORE of each of its first ``drops`` associations; it keeps the SOP
+    Instance UIDs it acknowledged."""
+
+    def __init__(self, drop_at: int, drops: int) -> None:
+        from pynetdicom import AE, AllStoragePresentationContexts, evt
+
+        self.drop_at, self.drops = drop_at, drops
+        self.stored: set[str] = set()
+        self.associations = 0
+        self._count = 0
+        ae = AE(ae_title="QSMNODE")
+        for context in AllStoragePresentationContexts:
+            ae.add_supported_context(context.abstract_syntax, context.transfer_syntax)
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = int(probe.getsockname()[1])
+        self.server = ae.start_server(
+            ("127.0.0.1", self.port), block=False,
+            evt_handlers=[(evt.EVT_ACCEPTED, self._accepted), (evt.EVT_C_STORE, self._store)])
+
+    def _accepted(self, event: object) -> None:
+        self.associations += 1
+        self._count = 0
+
+    def _store(self, event: object) -> int:
+        self._count += 1
+        if self.associations <= self.drops and self._count == self.drop_at:
+            event.assoc.dul.socket.socket.shutdown(socket.SHUT_RDWR)  # type: ignore[attr-defined]
+            return 0xA700  # never reaches the SCU
+        self.stored.add(str(event.request.AffectedSOPInstanceUID))  # type: ignore[attr-defined]
+        return 0x0000
+
+    def close(self) -> None:
+        self.server.shutdown()
 
 
 def _main() -> int:

@@ -16,6 +16,7 @@ import pytest
 from qsmnode.demo.pacs import free_port
 from qsmnode.dicom.nifti import BidsError, read_megre
 from tests.conftest import REPO, require_tool
+from tests.deliveryutil import DroppingStoreSCP
 
 
 def qsmnode(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
@@ -89,6 +90,54 @@ def test_simulate_sends_to_dcmtk_storescp(tmp_path: Path) -> None:
         server.terminate()
         server.wait(timeout=10)
     assert len(list(received.iterdir())) == 320
+
+
+def _sop_uids(paths: list[Path]) -> dict[Path, str]:
+    import pydicom
+
+    return {p: str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in paths}
+
+
+def test_a_dropped_association_is_resumed_from_the_first_unacknowledged_file(
+        tiny_study: Path) -> None:
+    from qsmnode.node.storescu import send_files
+
+    files = sorted((tiny_study / "dicom").rglob("*.dcm"))[:40]
+    uids = _sop_uids(files)
+    peer = DroppingStoreSCP(drop_at=15, drops=2)
+    try:
+        progress: list[int] = []
+        report = send_files(files, "127.0.0.1", peer.port, "QSMNODE", "SCANNER7T",
+                            timeout_s=30, retry_delay_s=0.05,
+                            on_sent=lambda done, total: progress.append(done))
+    finally:
+        peer.close()
+    assert report.ok, report.errors
+    assert report.associations == 3
+    assert set(report.statuses) == set(files)
+    assert peer.stored == set(uids.values())
+    assert progress == list(range(1, 41))  # every file acknowledged once
+
+
+def test_a_send_that_keeps_being_dropped_names_exactly_the_files_not_stored(
+        tiny_study: Path) -> None:
+    from qsmnode.node.storescu import send_files
+
+    files = sorted((tiny_study / "dicom").rglob("*.dcm"))[:40]
+    uids = _sop_uids(files)
+    peer = DroppingStoreSCP(drop_at=5, drops=100)
+    try:
+        report = send_files(files, "127.0.0.1", peer.port, "QSMNODE", "SCANNER7T",
+                            timeout_s=30, reassociations=2, retry_delay_s=0.05)
+    finally:
+        peer.close()
+    assert not report.ok and report.associations == 3
+    not_stored = {p for p, uid in uids.items() if uid not in peer.stored}
+    assert set(report.errors) == not_stored
+    assert len(not_stored) == 40 - 3 * 4  # four acknowledged per association
+    assert all("association was lost" in e or "no response" in e
+               for e in report.errors.values()), report.errors
+    assert all(report.statuses[p] == 0 for p in set(files) - not_stored)
 
 
 def test_send_to_nobody_is_a_clear_error(tmp_path: Path) -> None:

@@ -39,6 +39,7 @@ from qsmnode.node.sender import (
 from qsmnode.node.store import SCHEMA_VERSION, OutboxRecord, SendOutcome, Store
 from tests.conftest import REPO, require_tool
 from tests.deliveryutil import (
+    DroppingStoreSCP,
     add_destination,
     delivery,
     kill,
@@ -454,6 +455,22 @@ def test_process_writes_valid_files_and_sends_them_without_duplicates(
     unknown = cli("process", source, "--out", tmp_path / "out3", "--send", "nowhere",
                   "--config", config)
     assert unknown.returncode == 2 and "not a configured destination (pacs)" in unknown.stderr
+
+
+def test_process_send_resumes_after_a_dropped_association(tmp_path: Path, source: Path,
+                                                          ) -> None:
+    peer = DroppingStoreSCP(drop_at=10, drops=1)
+    try:
+        done = cli("process", source, "--out", tmp_path / "out", "--send",
+                   f"127.0.0.1:{peer.port}:QSMNODE", module="tests.deliveryutil")
+    finally:
+        peer.close()
+    assert done.returncode == 0, done.stderr
+    assert (f"sent {N_DERIVED} of {N_DERIVED}" in done.stdout
+            and "(2 associations: resumed after a lost one)" in done.stdout), done.stdout
+    written = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID)
+               for p in (tmp_path / "out").rglob("*.dcm")}
+    assert peer.stored == written and len(written) == N_DERIVED
 
 
 @pytest.mark.slow

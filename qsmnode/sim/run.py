@@ -49,8 +49,10 @@ def run_simulation(args: argparse.Namespace) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 1
         failed = {p: s for p, s in report.statuses.items() if s != 0}
+        resumed = (f" ({report.associations} associations: resumed after a lost one)"
+                   if report.associations > 1 else "")
         print(f"sent {len(report.statuses) - len(failed)} of {len(written['dicom'])} "
-              f"instances to {args.called_ae}@{host}:{port}")
+              f"instances to {args.called_ae}@{host}:{port}{resumed}")
         for path, status in failed.items():
             print(f"error: {path}: status 0x{status:04X}", file=sys.stderr)
         for path, reason in report.errors.items():
