@@ -449,6 +449,12 @@ def run_process(folder: Path, out: Path, send: str | None = None, config: Path |
             print(f"series {numbers}: failed: {exc}", file=sys.stderr)
             status = 1
             continue
+        except (ValueError, LookupError, AttributeError, TypeError) as exc:
+            # from the input (a header the builders cannot use): a reason, not a traceback
+            print(f"series {numbers}: failed: the input could not be handled "
+                  f"({type(exc).__name__}: {exc})", file=sys.stderr)
+            status = 1
+            continue
         finally:
             for empty in (work, work.parent, work.parent.parent):
                 if empty.is_dir() and not any(empty.iterdir()):

@@ -283,7 +283,8 @@ def hooked_job(spec: Any) -> dict[str, Any]:
     ``{"exit": N}`` ends the process at once with status N (a crash);
     ``{"allocate_mb": N}`` allocates and touches N MiB (to exceed the memory budget);
     ``{"delay_s": S}`` sleeps S seconds before the real work (only in attempts up to
-    ``"slow_attempts"`` when that is given).
+    ``"slow_attempts"`` when that is given);
+    ``{"raise": TEXT}`` raises ``ValueError(TEXT)`` (a job function's own error).
     """
     import numpy as np
 
@@ -300,6 +301,8 @@ def hooked_job(spec: Any) -> dict[str, Any]:
         del block
     if "delay_s" in hooks and spec.attempt <= int(hooks.get("slow_attempts", spec.attempt)):
         time.sleep(float(hooks["delay_s"]))
+    if "raise" in hooks:
+        raise ValueError(hooks["raise"])
     return execute_job(spec)
 
 

@@ -237,6 +237,64 @@ def test_worker_children_succeed_crash_and_run_out_of_memory(
     assert (state / "jobs" / str(ok.id) / "attempt-1" / "result.json").is_file()
 
 
+def test_an_error_from_the_input_fails_the_job_once_and_a_crash_is_retried(
+    tmp_path: Path, queued: dict[str, object], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Study 61: a phase image's echo time changed in the spool (the files no longer make the
+    acquisition): failed after one attempt, with a reason naming the series. Study 64: the job
+    function raises a ValueError: one attempt. Study 62: a crash: every attempt is used."""
+    import pydicom
+
+    state = _state(tmp_path, queued, (61, 62, 64))
+    for path in sorted((state / "spool").rglob("*.dcm")):
+        ds = pydicom.dcmread(path)
+        if ds.StudyInstanceUID == study_uid(61) and "P" in ds.ImageType:
+            ds.EchoTime = "99"
+            ds.save_as(path)
+            break
+    monkeypatch.setenv(HOOKS_ENV, json.dumps({
+        study_uid(62): {"exit": 9},
+        study_uid(64): {"raise": "a value this job cannot use"},
+    }))
+    store, pool = _pool(state, processes=2, job_attempts=3)
+    with store:
+        by_study = _run_until_settled(store, pool)
+    changed, crash, raised = (by_study[study_uid(seed)] for seed in (61, 62, 64))
+    assert (changed.state, changed.attempts) == ("failed", 1)
+    assert changed.last_error is not None
+    assert changed.last_error.startswith("the spool files no longer make this acquisition")
+    assert "series 5, 6" in changed.last_error and "TE 99 ms" in changed.last_error
+    assert (raised.state, raised.attempts) == ("failed", 1)
+    assert raised.last_error == ("the job function failed: ValueError: a value this job "
+                                 "cannot use")
+    assert (crash.state, crash.attempts) == ("failed", 3)
+
+
+def test_an_exception_from_the_input_becomes_a_reason_naming_series_and_attribute(
+    tmp_path: Path,
+) -> None:
+    """A header the builders cannot use (pydicom's own AttributeError for a missing
+    attribute): the reason names the series, the stage and the attribute, and is final."""
+    import pydicom
+
+    from qsmnode.node.jobs import JobSpec, input_error
+
+    try:
+        pydicom.Dataset().AccessionNumber  # noqa: B018
+    except AttributeError as exc:
+        error = input_error(
+            JobSpec(1, 1, 1, "1.2", ("1.2.5",), (), 2, True, str(tmp_path)),
+            type("Loaded", (), {"series_numbers": (5, 6)})(), "derived", exc)
+    assert not error.transient
+    assert str(error).startswith("series 5, 6: derived DICOM failed: the source images lack "
+                                 "the attribute AccessionNumber (AttributeError: ")
+    assert str(error).endswith("not retried, the same input would fail the same way")
+    unloaded = input_error(JobSpec(1, 1, 1, "1.2", ("1.2.5",), (), 2, True, str(tmp_path)),
+                           None, "load", ValueError("bad"))
+    assert str(unloaded).startswith("series UID 1.2.5: loading failed: the input could not "
+                                    "be handled (ValueError: bad)")
+
+
 def test_a_job_past_its_lease_is_killed(
     tmp_path: Path, queued: dict[str, object], monkeypatch: pytest.MonkeyPatch
 ) -> None:

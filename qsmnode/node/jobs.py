@@ -36,6 +36,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -61,7 +62,42 @@ STAGE_NAMES = {"load": "loading", "check": "checking", "qsm": "QSM", "m1": "M1 a
 
 
 class JobError(RuntimeError):
-    """A job cannot be done; the message says why in plain words (it becomes last_error)."""
+    """A job cannot be done; the message says why in plain words (it becomes last_error).
+
+    ``transient``: the cause may pass (the attempt is retried while attempts are left); by
+    default it does not (an error in the input: the job fails at once)."""
+
+    def __init__(self, message: str, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
+
+
+_MISSING_ATTRIBUTE = re.compile(r"object has no attribute '([A-Z][A-Za-z0-9]+)'")
+
+
+def input_error(spec: JobSpec, loaded: Any, stage: str, exc: Exception) -> JobError:
+    """A plain-language, final :class:`JobError` for an exception raised while an attempt
+    worked on its input: which series, which stage, and what (a DICOM attribute a source image
+    lacks is named); the exception follows as detail."""
+    numbers = getattr(loaded, "series_numbers", None)
+    if numbers:
+        series = f"series {', '.join('?' if n is None else str(n) for n in numbers)}"
+    else:
+        series = f"series UID{'s' if len(spec.series_uids) > 1 else ''} " + ", ".join(
+            spec.series_uids)
+    what = STAGE_NAMES.get(stage, stage)
+    text = str(exc)
+    missing = _MISSING_ATTRIBUTE.search(text) if isinstance(exc, AttributeError) else None
+    if missing is None and isinstance(exc, KeyError) and exc.args and isinstance(
+            exc.args[0], str) and re.fullmatch(r"[A-Z][A-Za-z0-9]+", exc.args[0]):
+        missing = re.match(r"(.+)", exc.args[0])
+    if missing is not None:
+        why = f"the source images lack the attribute {missing.group(1)}"
+    else:
+        why = "the input could not be handled"
+    detail = text if len(text) <= 200 else text[:200] + " …"
+    return JobError(f"{series}: {what} failed: {why} ({type(exc).__name__}: {detail}); not "
+                    "retried, the same input would fail the same way")
 
 
 @dataclass(frozen=True)
@@ -356,9 +392,17 @@ def execute_job(spec: JobSpec) -> dict[str, Any]:
             log.warning("job %d: cannot write its progress: %s", spec.job_id, exc)
 
     progress("load")
-    loaded = load_job_acquisition(spec)
-    result, datasets = process_acquisition(loaded, spec.files, spec.out_dir, spec.qsm, spec.m1,
-                                           spec.atlas, progress, spec.m1_normative_table)
+    loaded = None
+    try:
+        loaded = load_job_acquisition(spec)
+        result, datasets = process_acquisition(loaded, spec.files, spec.out_dir, spec.qsm,
+                                               spec.m1, spec.atlas, progress,
+                                               spec.m1_normative_table)
+    except (JobError, MemoryError, OSError):
+        raise
+    except Exception as exc:  # from the input (e.g. a header the builders cannot use): final
+        stage = timeline[-1][0] if timeline else "load"
+        raise input_error(spec, loaded, stage, exc) from exc
     progress("write")
     write_job_outputs(spec, datasets)
     progress(None)

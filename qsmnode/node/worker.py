@@ -6,6 +6,10 @@ folder (``<state_dir>/jobs/<job>/attempt-<n>/spec.json``) and starts
 ``python -m qsmnode.node.worker`` on it. It polls its children, and when one exits it reads
 ``result.json`` and records the outcome in the store: done with the result, or a failed attempt
 with a clear ``last_error`` (queued again while ``workers.job_attempts`` allow, else failed).
+An error that comes from the input or the job itself (the child's result says ``final``: a
+:class:`~qsmnode.node.jobs.JobError` that is not ``transient``, or any exception other than
+``OSError`` and ``MemoryError``) fails the job at once: the same input would fail the same way.
+Only crashes, kills, timeouts and resource errors (memory, disk, I/O) are retried.
 A successful attempt's derived files (``derived/``, see :func:`~qsmnode.node.jobs.job_outputs`)
 are first written into the outbox, then recorded with a pending send per configured destination
 in the transaction that marks the job done; the copies in the attempt folder are then deleted.
@@ -129,6 +133,8 @@ class WorkerPool:
         # ended attempts whose outcome the store refused (busy, disk full): recorded again at
         # the next pass, so their jobs never stay "running" with nobody running them
         self._unrecorded: dict[int, tuple[JobRecord, str, bool]] = {}
+        self._final: set[int] = set()
+        """Jobs whose failed attempt (not recorded yet) is final: not retried."""
         self._stopped: dict[int, int] = {}  # job id: children stopped from outside (not counted)
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -274,8 +280,10 @@ class WorkerPool:
                             run.job.id)
             return
         del self._running[run.job.id]
+        final = False
         if outcome is not None and outcome.get("ok") is False:
             error = str(outcome.get("error") or "failed without a message")
+            final = outcome.get("final") is True
         elif -code in _STOP_SIGNALS and (self._stopped.get(run.job.id, 0)
                                          < self.settings.workers.job_attempts):
             # not the job's fault: e.g. systemd stopping the node signals every process of
@@ -293,23 +301,35 @@ class WorkerPool:
                           f"{self.settings.workers.memory_budget_mb} MiB)")
         else:
             error = f"the worker process exited with status {code} without a result"
-        self._fail(run.job, error)
+        self._fail(run.job, error, final)
 
     def _outputs(self, run: _Running) -> list[OutboxRecord]:
         """Write the attempt's derived files into the outbox (durably); their records."""
         paths = job_outputs(Path(run.spec.work_dir))
         return self.outbox.import_files(paths, job_id=run.job.id, now=self.clock())
 
-    def _fail(self, job: JobRecord, error: str) -> None:
+    def _fail(self, job: JobRecord, error: str, final: bool = False) -> None:
+        """Fail the attempt: queued again while attempts are left, unless ``final`` (the error
+        comes from the input or the job itself, so another attempt would fail the same way)."""
+        final = final or job.id in self._final
         attempts = self.settings.workers.job_attempts
+        if final:
+            attempts = min(attempts, max(job.attempts, 1))
         try:
             after = self.store.fail_job_attempt(job.id, self.owner, error, attempts,
                                                 self.clock())
         except Exception:  # the store is busy or the disk full: recorded at the next pass
             self._unrecorded[job.id] = (job, error, False)
+            if final:
+                self._final.add(job.id)
             raise
+        self._final.discard(job.id)
         if after is None:
             log.warning("job %d: attempt failed (%s) but its lease was gone", job.id, error)
+        elif after.state == "failed" and final and after.attempts < (
+                self.settings.workers.job_attempts):
+            log.error("job %d failed (not retried: the error comes from its input, and "
+                      "another attempt would fail the same way): %s", job.id, error)
         elif after.state == "failed":
             log.error("job %d failed after %d attempt%s: %s", job.id, after.attempts,
                       "" if after.attempts == 1 else "s", error)
@@ -503,11 +523,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_OUT_OF_MEMORY
     except JobError as exc:
         log.error("job failed: %s", exc)
-        _write_result(args.result, {"ok": False, "error": str(exc)})
+        _write_result(args.result, {"ok": False, "error": str(exc), "final": not exc.transient})
         return EXIT_FAILED
-    except Exception as exc:
+    except OSError as exc:  # disk full, an I/O error: may pass, so the attempt may be retried
         log.exception("job failed")
-        _write_result(args.result, {"ok": False, "error": f"{type(exc).__name__}: {exc}"})
+        _write_result(args.result, {"ok": False, "final": False,
+                                    "error": f"input/output error: {type(exc).__name__}: {exc}"})
+        return EXIT_FAILED
+    except Exception as exc:  # the same input gives the same error: not retried
+        log.exception("job failed")
+        _write_result(args.result, {"ok": False, "final": True,
+                                    "error": f"the job function failed: {type(exc).__name__}: "
+                                             f"{exc}"})
         return EXIT_FAILED
     _write_text(args.result, text)
     log.info("job done in %.2f s", time.perf_counter() - started)
