@@ -440,3 +440,25 @@ def test_a_passed_over_series_is_cleared_when_it_joins_an_acquisition(
         tracker.poll()
         assert len(store.jobs()) == 1
         assert [s.passed_over for s in store.series()] == [None, None]
+
+
+def test_quiet_period_and_maximum_wait_count_only_time_the_node_was_up(tmp_path: Path) -> None:
+    """A series half received before the node went down is not completed the moment it comes
+    back (its quiet period ran out while the node was down): both times count from the
+    start."""
+    with Store.in_state_dir(tmp_path / "state") as store:
+        add(store, "1.1", "9.1", 1_000.0)
+        clock = Clock(1_000.0 + 3_600.0)  # the node comes back an hour later
+        tracker = Tracker(settings_for(tmp_path / "state", quiet=5.0, max_wait=30.0), store,
+                          clock=clock, started_at=clock.now)
+        tracker.poll()
+        assert [s.series_uid for s, _ in store.open_series()] == ["9.1"]
+        clock.now += 4.0
+        tracker.poll()
+        assert [s.series_uid for s, _ in store.open_series()] == ["9.1"]
+        add(store, "1.2", "9.1", clock.now)  # the scanner resumes
+        clock.now += 5.0
+        tracker.poll()
+        assert store.open_series() == []
+        [series] = store.series()
+        assert series.completion == "quiet" and series.received_count == 2

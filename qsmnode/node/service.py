@@ -131,7 +131,7 @@ def serve(settings: Settings, stop: threading.Event, ready: threading.Event | No
         sender = Sender(settings, store)
         pool = WorkerPool(settings, store, owner, job_function=job_function, outbox=outbox,
                           on_results=sender.wake)
-        tracker = Tracker(settings, store, on_jobs=pool.wake)
+        tracker = Tracker(settings, store, on_jobs=pool.wake, started_at=time.time())
         receiver = Receiver(settings, store, spool)
         retention = Retention(settings, store)
         tracker_stop = threading.Event()

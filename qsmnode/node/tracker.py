@@ -17,7 +17,9 @@ and works only from the store and the spool, so it picks up after a restart wher
 3. *Maximum wait*: ``tracker.max_wait_s`` since the series (re)opened, even if instances still
    trickle in.
 
-The store records why (``series.completion``: count, quiet or max_wait).
+The store records why (``series.completion``: count, quiet or max_wait). Both times count
+only while the node is up: after a restart they run from the start at the earliest, so a series
+half received before the node went down gets its full quiet period to be finished.
 
 **Grouping a study.** When none of a study's series is open and some are not grouped yet, and
 its last instance is at least ``min(quiet_period_s, 1 s)`` old (a short settle time, so that
@@ -190,8 +192,14 @@ class Tracker:
 
     def __init__(self, settings: Settings, store: Store, *,
                  on_jobs: Callable[[], None] | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 started_at: float | None = None) -> None:
+        """``started_at``: when the node started (its clock). The quiet period and the maximum
+        wait count only time the node was up: from the last instance (or the opening) or from
+        ``started_at``, whichever is later, so a series half received before the node went
+        down is not completed at once when it comes back (the scanner may still be sending)."""
         self.settings = settings
+        self.started_at = started_at
         self.store = store
         self.state_dir = Path(settings.paths.state_dir)
         self.on_jobs = on_jobs
@@ -245,16 +253,19 @@ class Tracker:
             if len(members) > 1 and sum(m.received_count for m in members) == iia
             for s in members
         }
+        since_start = self.started_at if self.started_at is not None else float("-inf")
         for series, iia in open_series:
             expected = expected_instances(series.sop_class_uid, iia)
             opened = series.opened_at if series.opened_at is not None else (
                 series.first_received_at)
+            opened = max(opened, since_start)
+            last = max(series.last_received_at, since_start)
             if expected is not None and series.received_count >= expected:
                 completion, why = "count", f"expected count {expected} reached"
             elif series.series_uid in group_done:
                 completion, why = "count", (f"with the other series of its acquisition, the "
                                             f"expected count {iia} reached")
-            elif now - series.last_received_at >= tracker.quiet_period_s:
+            elif now - last >= tracker.quiet_period_s:
                 completion, why = "quiet", (f"nothing new for {tracker.quiet_period_s:g} s "
                                             "(quiet period)")
             elif now - opened >= tracker.max_wait_s:
