@@ -340,6 +340,57 @@ def _delivery(store: Store, settings: Settings) -> dict[str, Any]:
             "undelivered": [s.as_dict() for s in undelivered[:UNDELIVERED_SHOWN]]}
 
 
+def _retry(args: argparse.Namespace) -> int:
+    """``qsmnode retry``: queue failed jobs again, from the images still in the spool."""
+    import time
+
+    from qsmnode.node.config import ConfigError, load_settings
+    from qsmnode.node.store import Store, StoreError
+
+    try:
+        settings = load_settings(args.config)
+        state_dir = settings.paths.state_dir
+        if not (state_dir / "qsmnode.sqlite3").is_file():
+            raise StoreError(f"{state_dir}: no store here (has the node run yet?)")
+        with Store.in_state_dir(state_dir) as store:
+            if args.job is not None:
+                job = store.job(args.job)
+                if job is None or job.state != "failed":
+                    why = "there is no such job" if job is None else f"it is {job.state}"
+                    print(f"error: job {args.job} is not a failed job: {why}", file=sys.stderr)
+                    return 1
+                candidates = [job]
+            else:
+                candidates = store.jobs("failed")
+                if args.study is not None:
+                    studies = {a.id: a.study_uid for a in (
+                        store.acquisition(j.acquisition_id) for j in candidates) if a}
+                    candidates = [j for j in candidates
+                                  if studies.get(j.acquisition_id) == args.study]
+                    if not candidates:
+                        print(f"error: study {args.study} has no failed job", file=sys.stderr)
+                        return 1
+            ready = []
+            for job in candidates:
+                images = store.job_instances(job.id)
+                missing = [i for i in images if not (state_dir / i.path).is_file()]
+                if images and not missing:
+                    ready.append(job.id)
+                    continue
+                print(f"error: job {job.id} is not queued again: {len(missing)} of its "
+                      f"{len(images)} images are no longer in the spool; send the series "
+                      "again", file=sys.stderr)
+            queued = store.retry_jobs(time.time(), job_ids=ready) if ready else []
+    except (ConfigError, StoreError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for job in queued:
+        print(f"job {job.id} queued again (acquisition {job.acquisition_id})")
+    print(f"{len(queued)} failed job{'' if len(queued) == 1 else 's'} queued again with "
+          "their attempts reset; a running node starts them within seconds")
+    return 0 if len(queued) == len(candidates) else 1
+
+
 def _resend(args: argparse.Namespace) -> int:
     import time
 
@@ -578,6 +629,20 @@ def build_parser() -> argparse.ArgumentParser:
     resend.add_argument("--config", type=Path, default=None, metavar="FILE",
                         help="TOML file (default: $QSMNODE_CONFIG, else config/qsmnode.toml)")
     resend.set_defaults(run=_resend)
+
+    retry = commands.add_parser(
+        "retry", help="run failed jobs again",
+        description="Queue failed jobs again with their attempts reset, to run from the "
+        "images in the spool (a job whose images retention removed is not: send the series "
+        "again). Works while the node runs.",
+    )
+    which = retry.add_mutually_exclusive_group(required=True)
+    which.add_argument("--job", type=int, metavar="N", help="one failed job")
+    which.add_argument("--study", metavar="UID", help="the failed jobs of one study")
+    which.add_argument("--all-failed", action="store_true", help="every failed job")
+    retry.add_argument("--config", type=Path, default=None, metavar="FILE",
+                       help="TOML file (default: $QSMNODE_CONFIG, else config/qsmnode.toml)")
+    retry.set_defaults(run=_retry)
 
     process = commands.add_parser(
         "process", help="process a folder of DICOM files offline; write (and send) the "

@@ -375,3 +375,50 @@ def test_a_version_1_store_is_migrated_and_still_readable(tmp_path: Path) -> Non
         [series] = store.series()
         assert (series.state, series.opened_at, series.completion) == ("open", None, None)
         assert store.acquisitions() == [] and store.jobs() == [] and store.problems() == []
+
+
+def test_qsmnode_retry_runs_failed_jobs_again_from_the_spool(
+    tmp_path: Path, queued: dict[str, object], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``qsmnode retry``: a failed job runs again from the spool with its attempts reset (by
+    job, study or all failed); a job whose images are gone is not queued, and says why."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    state = _state(tmp_path, queued, (61, 64))
+    config = tmp_path / "qsmnode.toml"
+    config.write_text(f'[paths]\nstate_dir = "{state}"\n')
+
+    def retry(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "qsmnode", "retry", *args, "--config",
+                               str(config)], capture_output=True, text=True, timeout=60,
+                              cwd=REPO)
+
+    monkeypatch.setenv(HOOKS_ENV, json.dumps({
+        study_uid(seed): {"raise": "the disk was gone"} for seed in (61, 64)}))
+    store, pool = _pool(state, processes=1, job_attempts=1)
+    with store:
+        first = _run_until_settled(store, pool)
+    assert {j.state for j in first.values()} == {"failed"}
+    kept, gone = first[study_uid(61)], first[study_uid(64)]
+
+    # the images of one job are gone (retention, a hand): that one cannot run again
+    next(iter(sorted((state / "spool" / study_uid(64)).rglob("*.dcm")))).unlink()
+    everything = retry("--all-failed")
+    assert everything.returncode == 1
+    assert f"job {gone.id} is not queued again: 1 of its 72 images are no longer" in (
+        everything.stderr)
+    assert f"job {kept.id} queued again" in everything.stdout
+    assert retry("--job", str(kept.id)).returncode == 1  # queued now, not failed
+    assert "not a failed job: it is queued" in retry("--job", str(kept.id)).stderr
+    assert retry("--study", study_uid(64)).returncode == 1
+    assert retry("--study", "1.2.3").returncode == 1
+
+    monkeypatch.setenv(HOOKS_ENV, "{}")  # the cause is gone
+    store, pool = _pool(state, processes=1, job_attempts=1)
+    with store:
+        again = _run_until_settled(store, pool)
+    assert (again[study_uid(61)].state, again[study_uid(61)].attempts) == ("done", 1)
+    assert again[study_uid(64)].state == "failed"

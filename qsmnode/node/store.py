@@ -1217,6 +1217,36 @@ class Store:
             self.audit.record("job_requeued", job_id=job_id, error=note, final=False)
         return released
 
+    def retry_jobs(self, now: float, *, job_ids: Sequence[int] | None = None,
+                   study_uid: str | None = None) -> list[JobRecord]:
+        """Queue failed jobs again with their attempts reset (``qsmnode retry``): those of
+        ``job_ids``, or of the study ``study_uid``, or every failed job when both are None.
+        Jobs not failed are left as they are. Returns the jobs queued again."""
+        sql = ("SELECT j.id, j.last_error FROM jobs j JOIN acquisitions a "
+               "ON a.id = j.acquisition_id WHERE j.state = 'failed'")
+        args: list[Any] = []
+        if job_ids is not None:
+            sql += f" AND j.id IN ({', '.join('?' for _ in job_ids)})"
+            args += list(job_ids)
+        if study_uid is not None:
+            sql += " AND a.study_uid = ?"
+            args.append(study_uid)
+        with self.transaction() as db:
+            rows = db.execute(sql + " ORDER BY j.id", args).fetchall()
+            for row in rows:
+                db.execute(
+                    "UPDATE jobs SET state = 'queued', attempts = 0, last_error = ?, "
+                    "lease_owner = NULL, lease_expires_at = NULL, finished_at = NULL, "
+                    "updated_at = ? WHERE id = ?",
+                    (f"queued again by qsmnode retry; it had failed: {row['last_error']}", now,
+                     row["id"]))
+            jobs = [_job(db.execute(f"SELECT {', '.join(_JOB_COLUMNS)} FROM jobs WHERE id = ?",
+                                    (row["id"],)).fetchone()) for row in rows]
+        for job in jobs:
+            self.audit.record("job_requeued", job_id=job.id, acquisition_id=job.acquisition_id,
+                              attempt=0, error=job.last_error, final=False, retried=True)
+        return jobs
+
     def requeue_orphaned_jobs(self, live_owner: str, max_attempts: int, now: float,
                               finished: Callable[[int, int], bool] | None = None,
                               ) -> list[JobRecord]:
