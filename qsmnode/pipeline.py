@@ -271,6 +271,9 @@ def _m1(ctx: _Context) -> None:
         t1w_record["used"] = flag is not None and flag.passed
         if why_not:
             t1w_record["why_not"] = why_not
+    for failed in (f for f in result.flags if not f.passed and f.name != T1W_FLAG):
+        log.warning("study %s: M1 quality check %s failed: %s", ctx.loaded.study_uid,
+                    failed.name, failed.text)
     ctx.m1 = result
     ctx.m1_record = {
         "seconds": seconds,

@@ -681,3 +681,27 @@ def test_real_philips_sources_make_valid_objects(form: str, shared_data: Path,
     paths = save_all(datasets, tmp_path / "derived")
     failures = {p.name: dciodvfy_errors(p) for p in paths}
     assert not any(failures.values()), {n: e for n, e in failures.items() if e}
+
+
+def test_a_rejected_registration_is_reported_by_its_failing_check(study: Study, sim,
+                                                                  tmp_path) -> None:
+    """The SR of a registration rejected for mask_in_template names that check and its
+    threshold as failing, and the NMI as passing (the key image prints the same flag texts)."""
+    import SimpleITK as sitk
+
+    from qsmnode.m1.analysis import registration_flags
+    from qsmnode.m1.register import Registration
+
+    require_tool("dsrdump", "dcmtk")
+    flags = registration_flags(Registration(sitk.Euler3DTransform(), 1.081, 0.85, -0.5, 0.0),
+                               through_t1w=False)
+    m1 = replace(m1_from_truth(sim), flags=flags)
+    ctx = BuildContext.create(study.loaded, source_reader(study.sources), VERSION)
+    seg = build_segmentation(ctx, m1)
+    [path] = save_all([build_report(ctx, m1, seg)], tmp_path)
+    assert not dciodvfy_errors(path), dciodvfy_errors(path)
+    out = run(["dsrdump", str(path)]).stdout
+    failing = [line for line in out.splitlines() if "registration_mask" in line]
+    assert any("mask_in_template 0.850 < 0.9" in line for line in failing), failing
+    assert "Usable - Does not meet the quality control standard" in out
+    assert "normalised mutual information 1.081 >= 1.07" in out

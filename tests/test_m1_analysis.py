@@ -137,3 +137,36 @@ def test_slab_that_misses_the_foot_area_reports_foot_not_covered() -> None:
             assert not m.covered and np.isnan(m.chi_mean_ppm), (area, layer)
     assert flags["coverage_left_hand"].passed
     assert result.measurement("left_hand", "deep").covered
+
+
+def test_registration_flags_name_each_check_and_its_threshold() -> None:
+    """A registration rejected for its mask (NMI fine): the NMI flag passes, the mask flag
+    fails and says mask_in_template < 0.9 (not the NMI)."""
+    import SimpleITK as sitk
+
+    from qsmnode.m1.analysis import registration_flags
+    from qsmnode.m1.register import Registration
+
+    nmi, mask = registration_flags(Registration(sitk.Euler3DTransform(), 1.081, 0.645, -0.5, 0),
+                                   through_t1w=False)
+    assert (nmi.name, nmi.passed, nmi.value) == ("registration_nmi", True, 1.081)
+    assert nmi.text.startswith("normalised mutual information 1.081 >= 1.07: of the GRE")
+    assert (mask.name, mask.passed, mask.value) == ("registration_mask", False, 0.645)
+    assert mask.text.startswith("mask_in_template 0.645 < 0.9: 64% of the brain mask")
+    assert "below the acceptable level" in mask.text and "acceptable)" in nmi.text
+
+
+@pytest.mark.slow
+def test_real_philips_slab_registration_is_rejected_for_its_mask(shared_data) -> None:
+    """The real Philips 3T slab: its registration has an NMI above 1.07 but too little of its
+    brain mask inside the template's brain; the flags, and so the SR and key image, say so."""
+    from qsmnode.dicom.load import load_folder
+    from qsmnode.pipeline import PipelineParams, run_pipeline
+
+    (loaded,) = load_folder(shared_data / "philips-3t-2echo" / "classic")
+    result = run_pipeline(loaded, PipelineParams(m1_atlas=load_m1_atlas()))
+    flags = {f["name"]: f for f in result.m1["flags"]}
+    assert flags["registration_nmi"]["passed"] and flags["registration_nmi"]["value"] >= 1.07
+    assert not flags["registration_mask"]["passed"]
+    assert flags["registration_mask"]["text"].startswith("mask_in_template 0.")
+    assert "< 0.9" in flags["registration_mask"]["text"]

@@ -195,3 +195,19 @@ def test_empty_mask_is_refused(target):
     with pytest.raises(ValueError, match="nothing to register"):
         register(np.ones(scan.shape, np.float32), scan.affine, np.zeros(scan.shape, bool),
                  tmpl.data, tmpl.affine)
+
+
+@pytest.mark.parametrize(("nmi", "mask", "failing"), [
+    (1.081, 0.85, "mask_in_template 0.850 < 0.9"),
+    (1.050, 0.95, "normalised mutual information 1.050 < 1.07"),
+    (1.050, 0.50, "normalised mutual information 1.050 < 1.07; mask_in_template 0.500 < 0.9"),
+    (1.100, 0.95, ""),
+])
+def test_a_rejection_names_the_failing_criterion_and_its_threshold(
+    nmi: float, mask: float, failing: str
+) -> None:
+    from qsmnode.m1.register import Registration
+
+    reg = Registration(sitk.Euler3DTransform(), nmi, mask, -0.5, 0.0)
+    assert reg.rejection() == failing
+    assert reg.acceptable == (failing == "")

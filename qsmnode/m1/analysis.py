@@ -142,6 +142,23 @@ def register_subject(
     return register(image, t1w.affine, mask, atlas.template, atlas.template_affine, params)
 
 
+def registration_flags(reg: Registration, through_t1w: bool) -> tuple[QualityFlag, ...]:
+    """One quality flag per acceptance criterion of the registration, each naming its check
+    and threshold (so a rejection says which criterion failed): ``registration_nmi`` and
+    ``registration_mask``."""
+    nmi, mask = reg.checks()
+    what = "same-session T1w" if through_t1w else "GRE magnitude"
+    return (
+        QualityFlag("registration_nmi", nmi.passed, float(nmi.value),
+                    f"{nmi.describe()}: of the {what} with the MNI template "
+                    f"({'acceptable' if nmi.passed else 'below the acceptable level'})"),
+        QualityFlag("registration_mask", mask.passed, float(mask.value),
+                    f"{mask.describe()}: {mask.value:.0%} of the brain mask lies inside the "
+                    f"template's brain after registration "
+                    f"({'acceptable' if mask.passed else 'below the acceptable level'})"),
+    )
+
+
 def register_t1w_or_gre(
     magnitude: F32,
     affine: NDArray[np.float64],
@@ -163,7 +180,7 @@ def register_t1w_or_gre(
             if reg.acceptable:
                 return reg, ""
             why_not = ("its registration to the template is below the acceptable level "
-                       f"(normalised mutual information {reg.quality_nmi:.3f})")
+                       f"({reg.rejection()})")
     return register_subject(magnitude, affine, brain_mask, atlas, params), why_not
 
 
@@ -227,14 +244,8 @@ def analyse_m1(
         boundary_margin_mm=p.boundary_margin_mm, **rule,
     )
     coverage = area_coverage(areas, seg.gm, layers.depth, vs, **rule)
-    registration_flag = QualityFlag(
-        "registration_nmi", bool(reg.acceptable), float(reg.quality_nmi),
-        f"normalised mutual information {reg.quality_nmi:.3f} of the "
-        f"{'same-session T1w' if t1w is not None and not t1w_not_used else 'GRE magnitude'} "
-        "with the MNI template "
-        f"({'acceptable' if reg.acceptable else 'below the acceptable level'})",
-    )
-    flags = (registration_flag, *quality_flags(coverage, seg.gm, seg.wm, layers.thickness_mm))
+    flags = (*registration_flags(reg, t1w is not None and not t1w_not_used),
+             *quality_flags(coverage, seg.gm, seg.wm, layers.thickness_mm))
     labels = region_labels(areas, seg.gm, layers.depth)
     seconds["measurements"] = time.perf_counter() - t
     result = M1Result(

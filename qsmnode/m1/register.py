@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -42,6 +43,25 @@ F32 = NDArray[np.float32]
 MIN_QUALITY_NMI = 1.07
 """Below this NMI a registration is flagged: on the anatomy phantom, registered slabs gave
 1.09-1.17 and unregistered or failed ones 1.01-1.04."""
+MIN_MASK_IN_TEMPLATE = 0.9
+"""Below this fraction of the subject's brain mask inside the template's brain after
+registration, a registration is flagged (the subject was not placed on the brain)."""
+
+
+class RegistrationCheck(NamedTuple):
+    """One acceptance criterion of a registration: its name, value, threshold (the value
+    must be at least that) and whether it passed."""
+
+    name: str
+    value: float
+    threshold: float
+    passed: bool
+
+    def describe(self) -> str:
+        """``mask_in_template 0.850 < 0.9`` (the name, the value, how it compares; ASCII, for
+        DICOM text without a character set)."""
+        return (f"{self.name} {self.value:.3f} {'>=' if self.passed else '<'} "
+                f"{self.threshold:g}")
 
 
 @dataclass(frozen=True)
@@ -91,10 +111,25 @@ class Registration:
     stage_seconds: tuple[tuple[str, float], ...] = ()
     """Wall time of each stage: prepare, rigid, affine, bspline (0 when skipped)."""
 
+    def checks(self) -> tuple[RegistrationCheck, RegistrationCheck]:
+        """The acceptance criteria: normalised mutual information ≥ ``MIN_QUALITY_NMI`` and
+        mask_in_template ≥ ``MIN_MASK_IN_TEMPLATE``."""
+        return (
+            RegistrationCheck("normalised mutual information", self.quality_nmi,
+                              MIN_QUALITY_NMI, self.quality_nmi >= MIN_QUALITY_NMI),
+            RegistrationCheck("mask_in_template", self.mask_in_template, MIN_MASK_IN_TEMPLATE,
+                              self.mask_in_template >= MIN_MASK_IN_TEMPLATE),
+        )
+
     @property
     def acceptable(self) -> bool:
-        """Whether the quality figure passes (``MIN_QUALITY_NMI``, mask mostly in the brain)."""
-        return self.quality_nmi >= MIN_QUALITY_NMI and self.mask_in_template >= 0.9
+        """Whether every acceptance criterion passes (:meth:`checks`)."""
+        return all(check.passed for check in self.checks())
+
+    def rejection(self) -> str:
+        """The failing criteria with their thresholds, e.g. ``mask_in_template 0.850 < 0.9``
+        ("" when the registration is acceptable)."""
+        return "; ".join(c.describe() for c in self.checks() if not c.passed)
 
     def to_template(self, points_mm: NDArray[np.float64]) -> NDArray[np.float64]:
         """Template RAS mm of subject RAS points ``[n, 3]``."""
