@@ -12,6 +12,7 @@ a node that should use it is started with ``python -m tests.nodeutil --config FI
 from __future__ import annotations
 
 import argparse
+import errno
 import functools
 import json
 import os
@@ -284,7 +285,8 @@ def hooked_job(spec: Any) -> dict[str, Any]:
     ``{"allocate_mb": N}`` allocates and touches N MiB (to exceed the memory budget);
     ``{"delay_s": S}`` sleeps S seconds before the real work (only in attempts up to
     ``"slow_attempts"`` when that is given);
-    ``{"raise": TEXT}`` raises ``ValueError(TEXT)`` (a job function's own error).
+    ``{"raise": TEXT}`` raises ``ValueError(TEXT)`` (a job function's own error);
+    ``{"enospc_while": PATH}`` raises ``OSError(ENOSPC)`` while PATH exists (a full disk).
     """
     import numpy as np
 
@@ -303,6 +305,8 @@ def hooked_job(spec: Any) -> dict[str, Any]:
         time.sleep(float(hooks["delay_s"]))
     if "raise" in hooks:
         raise ValueError(hooks["raise"])
+    if "enospc_while" in hooks and os.path.exists(hooks["enospc_while"]):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     return execute_job(spec)
 
 

@@ -422,3 +422,36 @@ def test_qsmnode_retry_runs_failed_jobs_again_from_the_spool(
         again = _run_until_settled(store, pool)
     assert (again[study_uid(61)].state, again[study_uid(61)].attempts) == ("done", 1)
     assert again[study_uid(64)].state == "failed"
+
+
+def test_a_full_disk_holds_the_job_until_space_returns_without_using_its_attempts(
+    tmp_path: Path, queued: dict[str, object], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ENOSPC in the child (the disk filled during processing): the job is handed back, not
+    failed, and the pool starts nothing until space has come back; then it runs and succeeds,
+    with its single attempt unused by the full disk."""
+    state = _state(tmp_path, queued, (61,))
+    full, marker = tmp_path / "disk-full", tmp_path / "marker"
+    full.touch()
+    monkeypatch.setenv(HOOKS_ENV, json.dumps({
+        study_uid(61): {"enospc_while": str(full), "marker": str(marker)}}))
+    space = {"free": 0}
+    settings = dataclasses.replace(settings_for(state), workers=WorkersConfig(
+        processes=1, job_attempts=1))
+    with Store.in_state_dir(state) as store:
+        pool = WorkerPool(settings, store, "test-node:1", job_function="tests.nodeutil:hooked_job",
+                          disk_space=lambda: (space["free"], 8 << 30))
+        pool.start()
+        try:
+            [job] = wait_for(
+                lambda: [j for j in store.jobs("queued")
+                         if j.last_error and "the disk is full" in j.last_error] or None,
+                "the job handed back for the full disk", 120)
+            assert job.attempts == 0 and "No space left on device" in (job.last_error or "")
+            full.unlink()  # space comes back
+            space["free"] = 4 << 30  # above the floor (min_free_disk_mb, 1 GiB) and more
+            [done] = wait_for(lambda: store.jobs("done") or None, "the job to run again", 120)
+        finally:
+            pool.stop()
+    assert done.attempts == 1
+    assert len(marker.read_text().splitlines()) == 2  # nothing started while the disk was full

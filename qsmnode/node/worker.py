@@ -13,6 +13,12 @@ Only crashes, kills, timeouts and resource errors (memory, disk, I/O) are retrie
 A successful attempt's derived files (``derived/``, see :func:`~qsmnode.node.jobs.job_outputs`)
 are first written into the outbox, then recorded with a pending send per configured destination
 in the transaction that marks the job done; the copies in the attempt folder are then deleted.
+A full disk is not the job's fault: an attempt that fails with ENOSPC or EDQUOT (preparing it,
+in the child, or moving its results into the outbox), or that fails while the state
+directory's free space is under ``listener.min_free_disk_mb``, hands its job back without
+counting the attempt, and the pool starts no job until the free space has come back (see
+:meth:`WorkerPool._disk_back`); a job handed back so :data:`DISK_RELEASES` times counts from
+then on.
 A child that dies without a result (a crash, a signal, the kernel's OOM killer) fails the
 attempt with its exit status or signal, except SIGTERM or SIGINT from outside (a service
 manager stopping the node signals the children too): that hands the job back to the queue
@@ -80,6 +86,9 @@ _TERMINATE_GRACE_S = 3.0
 _POLL_S = 0.2
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 MIB = 1024 * 1024
+DISK_RELEASES = 20
+"""How many times one job is handed back, uncounted, for a full disk before that counts."""
+_DISK_FULL = ("No space left on device", "[Errno 28]", "Disk quota exceeded", "[Errno 122]")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -121,7 +130,8 @@ class WorkerPool:
     def __init__(self, settings: Settings, store: Store, owner: str,
                  job_function: str = DEFAULT_JOB_FUNCTION,
                  clock: Callable[[], float] = time.time, outbox: Outbox | None = None,
-                 on_results: Callable[[], None] | None = None) -> None:
+                 on_results: Callable[[], None] | None = None,
+                 disk_space: Callable[[], tuple[int, int]] | None = None) -> None:
         self.settings = settings
         self.store = store
         self.owner = owner
@@ -136,6 +146,10 @@ class WorkerPool:
         self._final: set[int] = set()
         """Jobs whose failed attempt (not recorded yet) is final: not retried."""
         self._stopped: dict[int, int] = {}  # job id: children stopped from outside (not counted)
+        # (free, total) bytes of the state directory's file system
+        self._disk_space = disk_space or self._state_dir_space
+        self._disk_hold: int | None = None  # free bytes needed before jobs start again
+        self._disk_releases: dict[int, int] = {}  # job id: attempts handed back for the disk
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -186,6 +200,8 @@ class WorkerPool:
             (self._release if release else self._fail)(job, error)
         for job_id in list(self._running):
             self._check(self._running[job_id])
+        if not self._disk_back():
+            return
         while len(self._running) < self.settings.workers.processes and not self._stop.is_set():
             job = self.store.claim_job(self.owner, self.settings.workers.lease_s, self.clock())
             if job is None:
@@ -308,9 +324,66 @@ class WorkerPool:
         paths = job_outputs(Path(run.spec.work_dir))
         return self.outbox.import_files(paths, job_id=run.job.id, now=self.clock())
 
+    # ---------------------------------------------------------------------------- a full disk
+
+    def _state_dir_space(self) -> tuple[int, int]:
+        usage = shutil.disk_usage(self.settings.paths.state_dir)
+        return usage.free, usage.total
+
+    def _disk_full(self, error: str) -> bool:
+        """Whether a failed attempt is the disk's fault: its error says so, or the state
+        directory's free space is under the floor now."""
+        if any(text in error for text in _DISK_FULL):
+            return True
+        floor = self.settings.listener.min_free_disk_mb * MIB
+        try:
+            return floor > 0 and self._disk_space()[0] < floor
+        except OSError:
+            return False
+
+    def _hold_for_disk(self, job: JobRecord, error: str) -> bool:
+        """Hand ``job`` back for a full disk and hold the pool until space comes back; False
+        when the job was handed back for it too often already (the attempt counts then)."""
+        released = self._disk_releases.get(job.id, 0)
+        if released >= DISK_RELEASES:
+            return False
+        try:
+            free, total = self._disk_space()
+        except OSError:
+            free, total = 0, 0
+        floor = self.settings.listener.min_free_disk_mb * MIB
+        needed = max(floor, free + min(64 * MIB, total // 10))
+        self._release(job, f"the disk is full ({error}); not counted: the job runs again when "
+                           f"{needed // MIB} MiB are free")
+        self._disk_releases[job.id] = released + 1
+        if self._disk_hold is None:
+            log.warning("worker pool: the disk of %s is full (%d MiB free): no job starts "
+                        "until %d MiB are free", self.settings.paths.state_dir, free // MIB,
+                        needed // MIB)
+        self._disk_hold = max(needed, self._disk_hold or 0)
+        return True
+
+    def _disk_back(self) -> bool:
+        """Whether jobs may start: no hold, or the free space reached what the hold needs (the
+        floor, and at least ``min(64 MiB, a tenth of the disk)`` more than when it filled)."""
+        if self._disk_hold is None:
+            return True
+        try:
+            free = self._disk_space()[0]
+        except OSError:
+            return False
+        if free < self._disk_hold:
+            return False
+        log.info("worker pool: %d MiB free again: jobs start again", free // MIB)
+        self._disk_hold = None
+        return True
+
     def _fail(self, job: JobRecord, error: str, final: bool = False) -> None:
         """Fail the attempt: queued again while attempts are left, unless ``final`` (the error
-        comes from the input or the job itself, so another attempt would fail the same way)."""
+        comes from the input or the job itself, so another attempt would fail the same way).
+        A full disk hands the job back instead (see the module docstring)."""
+        if not final and self._disk_full(error) and self._hold_for_disk(job, error):
+            return
         final = final or job.id in self._final
         attempts = self.settings.workers.job_attempts
         if final:
