@@ -462,3 +462,18 @@ def test_quiet_period_and_maximum_wait_count_only_time_the_node_was_up(tmp_path:
         assert store.open_series() == []
         [series] = store.series()
         assert series.completion == "quiet" and series.received_count == 2
+
+
+def test_a_non_mr_series_is_passed_over_with_its_sop_class(tmp_path: Path) -> None:
+    """A report or screen capture stored beside the images (store_other_sop_classes) is not
+    grouped: passed over, naming what it is, and no problem."""
+    clock = Clock(10_000.0)
+    with Store.in_state_dir(tmp_path) as store:
+        tracker = Tracker(settings_for(tmp_path), store, clock=clock)
+        add(store, "1.9.1", "9.9", 9_000.0, study="1.2.9",
+            sop_class="1.2.840.10008.5.1.4.1.1.88.22")  # Enhanced SR
+        tracker.poll()
+        [series] = store.series()
+        assert series.passed_over == ("not an MR image (Enhanced SR Storage): not a QSM "
+                                      "acquisition")
+        assert not store.problems()
