@@ -286,7 +286,9 @@ def hooked_job(spec: Any) -> dict[str, Any]:
     ``{"delay_s": S}`` sleeps S seconds before the real work (only in attempts up to
     ``"slow_attempts"`` when that is given);
     ``{"raise": TEXT}`` raises ``ValueError(TEXT)`` (a job function's own error);
-    ``{"enospc_while": PATH}`` raises ``OSError(ENOSPC)`` while PATH exists (a full disk).
+    ``{"enospc_while": PATH}`` raises ``OSError(ENOSPC)`` while PATH exists (a full disk);
+    ``{"raise_quoting": [KEYWORD, ...]}`` logs and raises a ``ValueError`` quoting those
+    attributes' values in the first file, as a library does with a value it cannot use.
     """
     import numpy as np
 
@@ -305,6 +307,15 @@ def hooked_job(spec: Any) -> dict[str, Any]:
         time.sleep(float(hooks["delay_s"]))
     if "raise" in hooks:
         raise ValueError(hooks["raise"])
+    if "raise_quoting" in hooks:
+        import logging
+
+        import pydicom
+
+        ds = pydicom.dcmread(spec.files[0], stop_before_pixels=True)
+        quoted = ", ".join(repr(str(ds.get(k, ""))) for k in hooks["raise_quoting"])
+        logging.getLogger("highdicom").warning("cannot use %s", quoted)
+        raise ValueError(f"Unable to convert {quoted} to 'DA' object")
     if "enospc_while" in hooks and os.path.exists(hooks["enospc_while"]):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     return execute_job(spec)

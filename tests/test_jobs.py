@@ -455,3 +455,50 @@ def test_a_full_disk_holds_the_job_until_space_returns_without_using_its_attempt
             pool.stop()
     assert done.attempts == 1
     assert len(marker.read_text().splitlines()) == 2  # nothing started while the disk was full
+
+
+CANARIES = {
+    "PatientName": "Canaryname^Kestrel=CANARYIDEO",
+    "PatientID": "CANARYID77",
+    "PatientBirthDate": "1970-01-01",  # not DICOM DA: a malformed value
+    "OtherPatientIDs": ["CANARYOTHER1", "CANARYOTHER2"],
+    "AccessionNumber": "CANARYACC",
+    "StudyID": "CANARYSTUDY",
+    "StudyDescription": "Canary study\nwith a forged line",
+    "ReferringPhysicianName": "Canarydoc^Finch",
+    "InstitutionName": "Canary Institute",
+    "PatientComments": "canarycomment",
+}
+
+
+def test_error_text_never_quotes_the_patients_values(
+    tmp_path: Path, queued: dict[str, object], monkeypatch: pytest.MonkeyPatch,
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    """Canaries in every patient-level attribute (a malformed birth date among them): a job
+    whose library error and log line quote them records and logs neither."""
+    import pydicom
+
+    files: dict[int, list[Path]] = queued["files"]  # type: ignore[assignment]
+    copies = []
+    for path in files[61]:
+        ds = pydicom.dcmread(path)
+        for keyword, value in CANARIES.items():
+            setattr(ds, keyword, value)
+        copy = tmp_path / "in" / f"{len(copies)}.dcm"
+        copy.parent.mkdir(exist_ok=True)
+        ds.save_as(copy)
+        copies.append(copy)
+    state = _state(tmp_path, {"files": {61: copies}}, (61,))
+    monkeypatch.setenv(HOOKS_ENV, json.dumps({study_uid(61): {"raise_quoting": list(CANARIES)}}))
+    store, pool = _pool(state, processes=1, job_attempts=1)
+    with store:
+        [job] = _run_until_settled(store, pool).values()
+    logged = capfd.readouterr().err
+    assert job.state == "failed" and job.last_error is not None
+    assert "Unable to convert '<PatientName>', '<PatientID>', '<PatientBirthDate>'" in (
+        job.last_error)
+    assert "cannot use '<PatientName>'" in logged  # the child's log line, redacted
+    for text in (job.last_error, logged):
+        for fragment in ("anary", "ANARY", "1970-01-01", "Kestrel", "Finch"):
+            assert fragment not in text, (fragment, text)

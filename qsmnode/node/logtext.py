@@ -13,8 +13,18 @@ import logging
 from typing import IO
 
 from qsmnode.node import pynetdicom_compat as compat
+from qsmnode.node.redact import NO_REDACTION, Redactor
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+_redactor: Redactor = NO_REDACTION
+
+
+def set_redactor(redactor: Redactor) -> None:
+    """Redact the values ``redactor`` knows from every line logged from now on (a worker
+    child: the patient and study values of its acquisition, see :mod:`qsmnode.node.redact`)."""
+    global _redactor
+    _redactor = redactor
 
 
 def printable(text: str) -> str:
@@ -39,7 +49,7 @@ class EscapingFormatter(logging.Formatter):
                                             "exc_info": None, "exc_text": None})
             if peer:
                 record.msg = f"{record.msg} [peer {peer}]"
-        return super().format(record)
+        return _redactor(super().format(record))
 
     def formatMessage(self, record: logging.LogRecord) -> str:
         record.message = printable(record.message)
@@ -58,3 +68,4 @@ def configure(stream: IO[str], level: int | str, fmt: str = FORMAT) -> None:
     handler = logging.StreamHandler(stream)
     handler.setFormatter(EscapingFormatter(fmt))
     logging.basicConfig(level=level, handlers=[handler])
+    logging.captureWarnings(True)  # library warnings too: one line, escaped, redacted

@@ -73,6 +73,7 @@ from qsmnode.node.jobs import (
     job_spec,
 )
 from qsmnode.node.outbox import Outbox
+from qsmnode.node.redact import NO_REDACTION, Redactor, dataset_values
 from qsmnode.node.store import JobRecord, OutboxRecord, Store
 
 log = logging.getLogger("qsmnode.node.worker")  # also when run as __main__
@@ -541,7 +542,13 @@ def _write_text(path: Path, text: str) -> None:
     os.replace(temp, path)
 
 
+_redact: Redactor = NO_REDACTION
+"""The child's redaction of its acquisition's patient and study values (set in :func:`main`)."""
+
+
 def _write_result(path: Path, outcome: dict[str, Any]) -> None:
+    if isinstance(outcome.get("error"), str):  # error text never quotes a patient's values
+        outcome = {**outcome, "error": _redact(outcome["error"])}
     _write_text(path, json.dumps(outcome))
 
 
@@ -563,6 +570,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"%(asctime)s %(levelname)s worker[job {spec.job_id}.{spec.attempt} "
         f"pid {os.getpid()}] %(name)s: %(message)s",
     )
+    global _redact
+    _redact = Redactor(dataset_values([*spec.files, *spec.t1w_files]))
+    logtext.set_redactor(_redact)
     for name in ("pydicom", "pynetdicom", "highdicom"):  # their chatter can quote datasets
         logging.getLogger(name).setLevel(max(logging.getLogger().level, logging.WARNING))
     if args.parent_pid is not None:

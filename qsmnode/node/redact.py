@@ -1,0 +1,97 @@
+"""Keeping dataset values out of error text: names, IDs, dates, free text of the patient and
+study modules.
+
+Exceptions from libraries quote the values they choke on (highdicom: ``Unable to convert
+'1970-01-01' to 'DA' object``). A job's error text and log lines go to the node's log, the audit
+log, the store and the status page, so the worker child redacts every value of these attributes
+that its acquisition's files hold (:func:`dataset_values`, :class:`Redactor`), whatever the
+form of the value (valid or not): each becomes ``<Keyword>``.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Iterable
+
+PATIENT_AND_STUDY_KEYWORDS = (
+    "PatientName", "PatientID", "IssuerOfPatientID", "OtherPatientIDs", "OtherPatientNames",
+    "PatientBirthDate", "PatientBirthName", "PatientMotherBirthName", "PatientAge",
+    "PatientAddress", "PatientTelephoneNumbers", "PatientComments", "EthnicGroup",
+    "MilitaryRank", "BranchOfService", "MedicalRecordLocator",
+    "AccessionNumber", "StudyID", "StudyDescription", "StudyDate",
+    "ReferringPhysicianName", "PerformingPhysicianName", "NameOfPhysiciansReadingStudy",
+    "OperatorsName", "RequestingPhysician", "AdmittingDiagnosesDescription",
+    "InstitutionName", "InstitutionAddress", "InstitutionalDepartmentName", "StationName",
+    "RequestedProcedureDescription", "PerformedProcedureStepDescription", "ImageComments",
+)
+"""Attributes whose values never appear in error text (the patient and study modules, and
+free text that may name a person). Sizes, weights and times are left out: short numbers that
+would blank ordinary numbers in a message."""
+
+_MIN_LENGTH = 3  # shorter fragments (a sex, "1", a PN suffix) would blank ordinary words
+_SPLIT = re.compile(r"[\^=\\ ]+")
+
+
+def _forms(value: str) -> set[str]:
+    """The forms a value can take in an error: as stored, stripped, and its parts (PN
+    components, multiple values, words)."""
+    text = value.strip(" \x00")
+    forms = {text, value}
+    forms.update(_SPLIT.split(text))
+    forms.add(text.replace("^", " ").strip())
+    return {f for f in forms if len(f) >= _MIN_LENGTH}
+
+
+def dataset_values(paths: Iterable[str]) -> dict[str, str]:
+    """The values of :data:`PATIENT_AND_STUDY_KEYWORDS` in the files at ``paths`` (each form,
+    to the keyword it came from). Unreadable files are skipped."""
+    import pydicom
+    from pydicom.datadict import tag_for_keyword
+
+    tags = [t for k in PATIENT_AND_STUDY_KEYWORDS if (t := tag_for_keyword(k)) is not None]
+    found: dict[str, str] = {}
+    seen: set[bytes] = set()
+    for path in paths:
+        with warnings.catch_warnings():  # pydicom's warnings quote the invalid values
+            warnings.simplefilter("ignore")
+            try:
+                ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=tags)
+                elements = list(ds)
+                for element in elements:
+                    element.value  # noqa: B018 - converted here, warnings silenced
+            except Exception:  # a damaged file: its job reports that (without its values)
+                continue
+        for element in elements:
+            raw = element.value
+            if isinstance(raw, bytes):
+                key = raw
+            else:
+                key = repr(raw).encode(errors="replace")
+            if key in seen or element.keyword not in PATIENT_AND_STUDY_KEYWORDS:
+                continue
+            seen.add(key)
+            texts = [str(v) for v in raw] if isinstance(
+                raw, (list, tuple, pydicom.multival.MultiValue)) else [
+                raw.decode("latin-1") if isinstance(raw, bytes) else str(raw)]
+            for text in texts:
+                for form in _forms(text):
+                    found.setdefault(form, element.keyword)
+    return found
+
+
+class Redactor:
+    """Replaces each known value in a text by ``<Keyword>`` (longest values first)."""
+
+    def __init__(self, values: dict[str, str] | None = None) -> None:
+        self.values = dict(values or {})
+        ordered = sorted(self.values, key=len, reverse=True)
+        self._pattern = re.compile("|".join(map(re.escape, ordered))) if ordered else None
+
+    def __call__(self, text: str) -> str:
+        if self._pattern is None or not text:
+            return text
+        return self._pattern.sub(lambda m: f"<{self.values[m.group(0)]}>", text)
+
+
+NO_REDACTION = Redactor()
