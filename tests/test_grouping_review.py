@@ -210,3 +210,34 @@ def test_images_without_an_echo_time_are_named_as_such() -> None:
     [reason] = problems(group_acquisitions(series(5, M, [None]) + series(6, P, [None])))
     assert reason.endswith(
         "10 images without an echo time, and no magnitude or phase images with one")
+
+
+def test_single_echo_scans_are_merged_only_when_the_headers_allow_one_acquisition() -> None:
+    """Series of one echo time each: one series per echo (Siemens XA: same description, no
+    echo numbers) join as echoes; two GE scans each written as echo number 1, or two series
+    with different descriptions, are two scans (never one "2 echoes" acquisition)."""
+    from dataclasses import replace
+
+    def numbered(infos: list[InstanceInfo], echo: int) -> list[InstanceInfo]:
+        return [replace(i, frames=tuple(replace(f, echo_number=echo) for f in i.frames))
+                for i in infos]
+
+    xa = series(5, M, [5.0]) + series(6, P, [5.0]) + series(7, M, [10.0]) + series(8, P, [10.0])
+    [plan] = plans(group_acquisitions(xa))
+    assert plan.series_numbers == (5, 6, 7, 8) and plan.n_echoes == 2
+
+    numbered_xa = (numbered(series(5, M, [5.0]) + series(6, P, [5.0]), 1)
+                   + numbered(series(7, M, [10.0]) + series(8, P, [10.0]), 2))
+    assert [p.n_echoes for p in plans(group_acquisitions(numbered_xa))] == [2]
+
+    ge = (numbered(series(5, M, [5.0]) + series(6, P, [5.0]), 1)
+          + numbered(series(7, M, [10.0]) + series(8, P, [10.0]), 1))
+    results = group_acquisitions(ge)
+    assert not plans(results)
+    assert all("1 echo, the rule needs at least 2" in r for r in problems(results))
+
+    named = (series(5, M, [5.0], description="gre_te5") + series(6, P, [5.0],
+                                                                 description="gre_te5")
+             + series(7, M, [10.0], description="gre_te10")
+             + series(8, P, [10.0], description="gre_te10"))
+    assert not plans(group_acquisitions(named))

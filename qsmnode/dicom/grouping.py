@@ -16,7 +16,10 @@ The rules:
    first candidate acquisition whose slice positions overlap theirs, which holds none of
    their keys yet, and whose echo train is theirs: they share an echo time with it, or the
    unit and every unit of the candidate have one echo time each (one series per echo);
-   otherwise they start a new candidate. This joins Siemens magnitude and phase series
+   otherwise they start a new candidate. Series of one echo time each join only when their
+   headers do not show two scans: not both echo number 1 (GE writes each single-echo scan
+   as echo 1), the same series description, the same ImagesInAcquisition where given.
+   This joins Siemens magnitude and phase series
    (n, n+1), Siemens XA series per echo and Philips mixed series, and keeps an exact repeat of
    the protocol (series 7, 8 after 5, 6) apart, as well as a scan of the same geometry with
    other echo times. A magnitude-only and a phase-only candidate of the same geometry are
@@ -57,9 +60,10 @@ The rules:
    or derived series (which ``min_echoes=1`` with ``require_phase=False`` would otherwise
    plan).
 
-Limitation: with one series per echo (Siemens XA), a scan of the same geometry whose echo
-times are all different, also in one series per echo, still joins the acquisition as more
-echoes (nothing in the summaries tells the two apart).
+Limitation: with one series per echo (Siemens XA, no EchoNumbers), a scan of the same
+geometry and series description whose echo times are all different, also in one series per
+echo, still joins the acquisition as more echoes (nothing in the summaries tells the two
+apart).
 """
 
 from __future__ import annotations
@@ -439,12 +443,37 @@ def _echo_times(keys: set[tuple[Part, _EchoKey | None]]) -> set[_EchoKey]:
 def _same_echo_train(cand: _Candidate, unit: _Unit) -> bool:
     """Whether ``unit`` may belong to the echo train of ``cand``: it shares an echo time with it
     (e.g. the phase series of a magnitude series), or both are series of one echo time each
-    (one series per echo). A series whose echo times are all new to the candidate is another
+    (one series per echo) and nothing in their headers says they are two scans
+    (:func:`_other_scan`). A series whose echo times are all new to the candidate is another
     scan (e.g. the same geometry with other echo times), not more echoes of this one."""
     unit_tes, cand_tes = _echo_times(unit.keys), _echo_times(cand.keys)
     if not unit_tes or not cand_tes or unit_tes & cand_tes:
         return True
-    return len(unit_tes) == 1 and all(len(_echo_times(u.keys)) <= 1 for u in cand.units)
+    return (
+        len(unit_tes) == 1
+        and all(len(_echo_times(u.keys)) <= 1 for u in cand.units)
+        and not any(_other_scan(u, unit) for u in cand.units)
+    )
+
+
+def _other_scan(a: _Unit, b: _Unit) -> str:
+    """Why two series of one echo time each are two scans, not two echoes of one acquisition
+    ("" when their headers do not tell): each is echo number 1 (or both the same number),
+    their series descriptions differ, or their ImagesInAcquisition differ."""
+    ia, ib = a.refs[0].instance, b.refs[0].instance
+    na = {r.frame.echo_number for r in a.refs} - {None}
+    nb = {r.frame.echo_number for r in b.refs} - {None}
+    if na and na == nb:
+        return f"both are echo number {', '.join(map(str, sorted(na)))}"
+    if ia.series_description and ib.series_description and (
+        ia.series_description != ib.series_description
+    ):
+        return "their series descriptions differ"
+    if ia.images_in_acquisition and ib.images_in_acquisition and (
+        ia.images_in_acquisition != ib.images_in_acquisition
+    ):
+        return "their ImagesInAcquisition differ"
+    return ""
 
 
 # ---------------------------------------------------------------------------------------------
