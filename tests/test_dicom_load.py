@@ -525,3 +525,45 @@ def test_gre_candidates_that_cannot_be_used_stay_problems(sim: Simulation, tmp_p
     for rules in ({}, {"min_echoes": 1, "require_phase": False}):
         reason = _only_passed_over(group_acquisitions(infos, **rules))  # type: ignore[arg-type]
         assert "diffusion-weighted (series description 'ep2d_dwi')" in reason
+
+
+def _two_echoes(sim: Simulation) -> Simulation:
+    return replace(sim.gre, magnitude=sim.gre.magnitude[..., :2],  # type: ignore[return-value]
+                   phase=sim.gre.phase[..., :2], echo_times_s=sim.gre.echo_times_s[:2])
+
+
+@pytest.mark.parametrize("mark", [
+    {"RescaleType": "Hz", "ImageType": ["ORIGINAL", "PRIMARY", "OTHER"]},  # GE-like B0 map
+    {"ImageType": ["ORIGINAL", "PRIMARY", "FIELD_MAP", "B0"]},  # Philips FIELD_MAP frames
+])
+def test_a_b0_field_map_is_named_a_field_map(mark: dict, sim: Simulation, tmp_path: Path):
+    """Magnitude beside a computed B0 field map (Hz, or marked FIELD_MAP): passed over as a
+    field map, not refused as "only magnitude"; a problem that says so when asked for."""
+    write_dicom(_two_echoes(sim), tmp_path, "siemens")
+    field = _files(next(tmp_path.glob("*_P")))
+    _rewrite(field, **mark)
+    infos = summarize_files(_files(tmp_path))
+    assert {f.part for i in infos for f in i.frames} == {Part.MAGNITUDE, Part.FIELD_MAP}
+    reason = _only_passed_over(group_acquisitions(infos))
+    assert "a B0 field map (" in reason and "not the phase of every echo" in reason
+    assert "only magnitude" not in reason
+    reason = _only_problem(group_acquisitions(infos, pass_over=False))
+    assert "no per-echo phase: magnitude (2 echoes) and a B0 field map" in reason
+
+
+def test_field_map_frames_beside_per_echo_phase_leave_the_acquisition(sim: Simulation,
+                                                                      tmp_path: Path):
+    """Per-echo magnitude and phase plus FIELD_MAP images (Philips exports them together):
+    the acquisition is planned from the magnitude and phase."""
+    write_dicom(_two_echoes(sim), tmp_path / "gre", "siemens")
+    write_dicom(_two_echoes(sim), tmp_path / "map", "siemens")
+    gre_phase = pydicom.dcmread(_files(next((tmp_path / "gre").glob("*_P")))[0])
+    extra = _files(next((tmp_path / "map").glob("*_P")))
+    for n, path in enumerate(extra):
+        ds = pydicom.dcmread(path)
+        ds.SeriesInstanceUID = gre_phase.SeriesInstanceUID
+        ds.SOPInstanceUID = f"{ds.SOPInstanceUID}.{n}9"
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "FIELD_MAP", "B0"]
+        ds.save_as(path)
+    [plan] = group_acquisitions(summarize_files(_files(tmp_path / "gre") + extra))
+    assert isinstance(plan, AcquisitionPlan) and plan.n_echoes == 2 and plan.phase is not None

@@ -530,6 +530,11 @@ def _plainly_not_candidate(cand: _Candidate, require_phase: bool) -> str | None:
                       for k in [_te_key(r.frame)] if k is not None})
     siemens_pattern = (refs[0].instance.vendor is Vendor.SIEMENS and len(mag_tes) == 2
                        and pha_tes == [mag_tes[1]])
+    b0_map = [r for r in refs if r.frame.part is Part.FIELD_MAP]
+    if b0_map and not (set(pha_tes) >= set(mag_tes) and pha_tes):
+        return (f"a B0 field map ({_plural(len(b0_map), 'field-map image')} "
+                f"{_field_map_evidence(b0_map)}), not the phase of every echo: not a QSM "
+                "acquisition")
     if fieldmap or siemens_pattern:
         names = sorted({r.instance.sequence_name for r in refs if r.instance.sequence_name})
         how = f", sequence {', '.join(names)}" if names else ""
@@ -540,6 +545,17 @@ def _plainly_not_candidate(cand: _Candidate, require_phase: bool) -> str | None:
         echo = "one echo" if mag_tes else "no echo time"
         return f"{echo}, magnitude only: not a multi-echo gradient echo with phase"
     return None
+
+
+def _field_map_evidence(refs: list[FrameRef]) -> str:
+    """What marks the frames as a B0 field map: their ImageType/FrameType, else their unit."""
+    first = refs[0]
+    marks = ("FIELD_MAP", "FIELDMAP", "B0MAP", "B0_MAP", "B0 MAP", "B0")
+    tokens = [t for t in first.instance.image_type[2:4] if t in marks]
+    if tokens:
+        return f"marked {tokens[0]}"
+    unit = first.frame.units or first.frame.rescale_type
+    return f"in {unit}" if unit else "marked as a field map in their frame type"
 
 
 def _asked_for(cand: _Candidate, qsm_series: tuple[str, ...]) -> bool:
@@ -626,7 +642,13 @@ def _evaluate(
             "echo of a gradient echo"
         )
     if not pha:
-        if require_phase:
+        if require_phase and others.get(Part.FIELD_MAP):
+            reasons.append(
+                f"no per-echo phase: magnitude ({_plural(len(mag_tes), 'echo', 'echoes')}) and "
+                f"a B0 field map ({_plural(others[Part.FIELD_MAP], 'image')}) were found; QSM "
+                "needs the phase of every echo"
+            )
+        elif require_phase:
             reasons.append(
                 f"no phase: only magnitude images ({_plural(len(mag_tes), 'echo', 'echoes')}) "
                 "were found; QSM needs the phase of every echo"

@@ -17,6 +17,12 @@ How the complex part is found (first that answers wins). Classic images:
 Enhanced frames: the standard attributes first (MR Image Frame Type's ComplexImageComponent,
 then FrameType value 3 or 4), then the Philips per-frame private item (2005,140F) with (2005,1011).
 
+Computed B0 field maps (``Part.FIELD_MAP``, whatever the vendor's part says): a frame whose
+ImageType/FrameType value 3 or 4 is ``FIELD_MAP``, ``FIELDMAP``, ``B0MAP``, ``B0_MAP``,
+``B0 MAP`` or ``B0`` (Philips FIELD_MAP frames, B0 maps), or whose RescaleType or Real World
+Value Mapping unit is Hz or rad/s (a field in Hz, as GE B0 maps store it beside their
+magnitude). Unverified on real GE and Philips B0-map files (none among the project's samples).
+
 Phase-difference field maps (:attr:`InstanceInfo.phase_difference`), conservative on purpose:
 an instance with phase frames is flagged only when its SequenceName or PulseSequenceName is a
 Siemens field-mapping sequence (``*fm2d2r``, ``fm3d2``: ``fm`` followed by ``2d``/``3d``), or
@@ -83,6 +89,8 @@ class Part(StrEnum):
     PHASE = "phase"
     REAL = "real"
     IMAGINARY = "imaginary"
+    FIELD_MAP = "field map"
+    """A computed B0 field map (Hz or rad/s), e.g. a GE B0 map or Philips FIELD_MAP frames."""
     UNKNOWN = "unknown"
 
 
@@ -251,6 +259,20 @@ _PART_TOKENS = {
 }
 _GE_PARTS = {0: Part.MAGNITUDE, 1: Part.PHASE, 2: Part.REAL, 3: Part.IMAGINARY}
 _FIELD_MAP_TOKENS = frozenset({"DIFF", "PHASE_DIFF", "PHASEDIFF", "FM", "FIELD_MAP", "FIELDMAP"})
+_B0_MAP_TOKENS = frozenset({"FIELD_MAP", "FIELDMAP", "B0MAP", "B0_MAP", "B0 MAP", "B0"})
+"""ImageType/FrameType values 3-4 of a computed B0 field map (not a magnitude or a phase)."""
+_FIELD_UNITS = frozenset({"hz", "rad/s"})
+
+
+def _field_map_part(part: Part, image_type: tuple[str, ...], *units: str | None) -> Part:
+    """``Part.FIELD_MAP`` for a frame that is a computed B0 field map: ImageType/FrameType
+    value 3 or 4 names one (:data:`_B0_MAP_TOKENS`), or its rescale type or Real World Value
+    Mapping unit is Hz or rad/s (a field, not an image intensity or a phase); else ``part``."""
+    if _B0_MAP_TOKENS.intersection(image_type[2:4]):
+        return Part.FIELD_MAP
+    if any(u and u.strip().lower() in _FIELD_UNITS for u in units):
+        return Part.FIELD_MAP
+    return part
 _SIEMENS_FIELD_MAP_SEQUENCE = re.compile(r"^\*?fm[23]d", re.IGNORECASE)
 
 
@@ -299,6 +321,8 @@ def _classic_frame(ds: Dataset, image_type: tuple[str, ...], vendor: Vendor) -> 
     if vendor in (Vendor.GE, Vendor.OTHER):
         ge = _private(ds, 0x0043, GE_PARM_CREATOR, 0x2F)
     part = _part_from(philips, ge, ds.get("ComplexImageComponent"), image_type)
+    rwvm = _first_item(ds, "RealWorldValueMappingSequence")
+    part = _field_map_part(part, image_type, _text(ds.get("RescaleType")), _units(rwvm))
     return FrameInfo(
         frame_number=None,
         echo_time_s=_ms_to_s(ds.get("EchoTime")),
@@ -360,7 +384,9 @@ def _enhanced_frames(ds: Dataset) -> tuple[list[FrameInfo], bool]:
         orientation = group(item, "PlaneOrientationSequence")
         measures = group(item, "PixelMeasuresSequence")
         pvt = group(item, "PixelValueTransformationSequence")
-        rwvm = group(item, "RealWorldValueMappingSequence") if part is Part.PHASE else None
+        rwvm = group(item, "RealWorldValueMappingSequence")
+        part = _field_map_part(part, frame_type, _text(pvt.get("RescaleType")) if pvt else None,
+                               _units(rwvm))
         frames.append(
             FrameInfo(
                 frame_number=number,
