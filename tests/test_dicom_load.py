@@ -527,6 +527,34 @@ def test_gre_candidates_that_cannot_be_used_stay_problems(sim: Simulation, tmp_p
         assert "diffusion-weighted (series description 'ep2d_dwi')" in reason
 
 
+def test_implausible_images_are_refused_when_loaded(sim: Simulation, tmp_path: Path):
+    """Phase with a RescaleSlope of 0 (one value everywhere), a phase echo that is constant,
+    and a magnitude that is zero everywhere: each a plain-language problem, never a result."""
+    write_dicom(sim.gre, tmp_path / "slope0", "siemens")
+    _rewrite(_files(next((tmp_path / "slope0").glob("*_P"))), RescaleSlope=0)
+    assert "the phase images hold one value only (-4096)" in _only_problem(
+        load_folder(tmp_path / "slope0"))
+    with pytest.raises(ValueError, match="one value only"):
+        phase_scaling_from_range(-4096, -4096)
+
+    write_dicom(sim.gre, tmp_path / "flat", "philips")  # phase in mrad from the header
+    for path in _files(tmp_path / "flat"):
+        ds = pydicom.dcmread(path)
+        if "P" in ds.ImageType and float(ds.EchoTime) > 12:
+            ds.PixelData = np.full_like(ds.pixel_array, 7).tobytes()
+            ds.save_as(path)
+    reason = _only_problem(load_folder(tmp_path / "flat"))
+    assert "the phase of echo 3 (TE 16 ms) is constant" in reason, reason
+
+    write_dicom(sim.gre, tmp_path / "dark", "siemens")
+    for path in _files(next((tmp_path / "dark").glob("*_M"))):
+        ds = pydicom.dcmread(path)
+        ds.PixelData = np.zeros_like(ds.pixel_array).tobytes()
+        ds.save_as(path)
+    reason = _only_problem(load_folder(tmp_path / "dark"))
+    assert "the magnitude of echo 1 (TE 5 ms) is zero everywhere" in reason, reason
+
+
 def _two_echoes(sim: Simulation) -> Simulation:
     return replace(sim.gre, magnitude=sim.gre.magnitude[..., :2],  # type: ignore[return-value]
                    phase=sim.gre.phase[..., :2], echo_times_s=sim.gre.echo_times_s[:2])

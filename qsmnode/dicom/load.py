@@ -36,7 +36,7 @@ from __future__ import annotations
 import math
 import os
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, NamedTuple
@@ -229,8 +229,14 @@ def phase_scaling_from_range(lo: float, hi: float) -> tuple[float, float, str]:
     """``(a, b, description)`` chosen from the range of the rescaled phase values (rule 4).
 
     Raises:
-        LoadError: the range fits none of the known encodings.
+        LoadError: the range fits none of the known encodings, or has no width (every phase
+            value the same: no phase information, e.g. a RescaleSlope of 0).
     """
+    if not hi > lo:  # a range of no width: every value the same (or NaN)
+        raise LoadError(
+            f"the phase images hold one value only ({lo:.6g}): no phase information (a "
+            "RescaleSlope of 0?); nothing can be computed from them"
+        )
     if lo >= -math.pi * 1.001 and hi <= math.pi * 1.001:
         return 1.0, 0.0, f"radians (values {lo:.4g}..{hi:.4g})"
     if lo >= -3143 and hi <= 3143:
@@ -243,6 +249,34 @@ def phase_scaling_from_range(lo: float, hi: float) -> tuple[float, float, str]:
         f"cannot tell the phase units: values span {lo:.6g}..{hi:.6g}, which is none of "
         "radians, mrad, 12-bit 0..4095 or ±4096"
     )
+
+
+PHASE_MIN_SPREAD_RAD = 1e-3
+"""Smallest spread (max - min, radians) of one echo's phase that carries field information: a
+real phase image spans about 2π; less than this is a constant image."""
+
+
+def check_plausible(magnitude: NDArray[np.float32], phase: NDArray[np.float32] | None,
+                    echo_times_s: Sequence[float]) -> None:
+    """Refuse images that cannot be a multi-echo GRE of a head: a magnitude that is zero
+    everywhere (in any echo), or a phase that is constant in any echo.
+
+    Raises:
+        LoadError: naming the echo and what is wrong.
+    """
+    for e in range(magnitude.shape[-1]):
+        te = f"echo {e + 1} (TE {echo_times_s[e] * 1e3:.4g} ms)"
+        if not np.any(magnitude[..., e]):
+            raise LoadError(f"the magnitude of {te} is zero everywhere: there is no image")
+        if phase is None:
+            continue
+        values = phase[..., e]
+        lo, hi = np.nanmin(values), np.nanmax(values)
+        if not hi - lo >= PHASE_MIN_SPREAD_RAD:
+            raise LoadError(
+                f"the phase of {te} is constant ({lo:.6g} rad everywhere): no phase "
+                "information (a RescaleSlope of 0?); nothing can be computed from it"
+            )
 
 
 def wrap_phase(phase: NDArray[np.float32]) -> NDArray[np.float32]:
@@ -482,6 +516,7 @@ def load_acquisition(
             np.negative(phase, out=phase)
         wrap_phase(phase)
     assert header is not None
+    check_plausible(magnitude, phase if plan.phase is not None else None, plan.echo_times_s)
 
     field_strength = plan.field_strength_t
     if field_strength is None:
