@@ -170,3 +170,51 @@ def test_real_philips_slab_registration_is_rejected_for_its_mask(shared_data) ->
     assert not flags["registration_mask"]["passed"]
     assert flags["registration_mask"]["text"].startswith("mask_in_template 0.")
     assert "< 0.9" in flags["registration_mask"]["text"]
+
+
+@pytest.mark.slow
+def test_a_water_sphere_is_not_reported_as_reliable_m1_measures() -> None:
+    """A uniform sphere with a 7T-like bright centre, on the small slab's grid, with a
+    normative table: the registration or segmentation checks fail, the result says the M1
+    measures are not reliable (naming the failed checks), and no z-score is reported."""
+    from qsmnode.m1.result import RELIABILITY_FLAG
+
+    scan = preset("small-slab")
+    sim = simulate_anatomy(scan, pose_seed=1, with_field=False)
+    affine, shape = sim.gre.affine, sim.gre.magnitude.shape[:3]
+    vs = np.linalg.norm(affine[:3, :3], axis=0)
+    centre = np.array(shape) / 2
+    ii, jj, kk = np.indices(shape)
+    r = np.sqrt(((ii - centre[0]) * vs[0]) ** 2 + ((jj - centre[1]) * vs[1]) ** 2
+                + ((kk - centre[2]) * vs[2]) ** 2)
+    sphere = r < 60
+    rng = np.random.default_rng(0)
+    magnitude = np.abs(sphere * (1000 + 400 * np.exp(-(r / 40) ** 2))
+                       + rng.normal(0, 20, shape)).astype(np.float32)
+    chi = (sphere * rng.normal(0, 0.01, shape)).astype(np.float32)
+    r2star = (sphere * (20 + rng.normal(0, 2, shape))).astype(np.float32)
+    result, _ = analyse_m1(chi, r2star, magnitude, sphere, affine, _atlas())
+    flags = {f.name: f for f in result.flags}
+    assert RELIABILITY_FLAG in flags and not flags[RELIABILITY_FLAG].passed
+    assert "not reliable" in flags[RELIABILITY_FLAG].text
+    assert "cortical_thickness" in flags[RELIABILITY_FLAG].text
+
+
+def test_unreliable_measures_carry_no_z_score() -> None:
+    """A failed check the measures rest on: z-scores withheld and a flag saying why; a failed
+    coverage alone changes nothing (an area out of view is "not covered", not unreliable)."""
+    from qsmnode.m1.analysis import withhold_if_unreliable
+    from qsmnode.m1.result import RELIABILITY_FLAG, Measurement, QualityFlag
+
+    measured = (Measurement("left_hand", "deep", 40, True, 0.02, 0.01, 0.02, 0.9, 30.0, 2.5,
+                            chi_z=2.5, t2star_signal_ratio_z=-1.2),)
+    coverage = QualityFlag("coverage_left_foot", False, 0.2, "the slab covers 20%")
+    thickness = QualityFlag("cortical_thickness", False, 20.9, "median 20.9 mm outside")
+    same = withhold_if_unreliable(measured, (coverage,))
+    assert same == (measured, (coverage,))
+    kept, flags = withhold_if_unreliable(measured, (coverage, thickness))
+    assert kept[0].chi_z is None and kept[0].t2star_signal_ratio_z is None
+    assert kept[0].chi_mean_ppm == 0.02
+    assert flags[-1].name == RELIABILITY_FLAG and not flags[-1].passed
+    assert flags[-1].text == ("the M1 measures are not reliable (cortical_thickness failed); "
+                              "no z-score is reported")

@@ -9,7 +9,12 @@
    registration fails or its quality is below the acceptable level, the GRE magnitude is
    registered instead, and the result says why (``M1Result.t1w_not_used``).
 3. Cortical depth and thickness in the segmented grey matter (``layers``).
-4. Measurements per area and layer, coverage and quality flags (``measure``).
+4. Measurements per area and layer, coverage and quality flags (``measure``). The
+   registration has one flag per acceptance criterion (``registration_nmi``,
+   ``registration_mask``), each naming its threshold. When a check the measures rest on fails
+   (``RELIABILITY_CHECKS``: registration, grey/white ratio, cortical thickness; e.g. on a
+   phantom sphere or a gross misregistration), the result carries a failed
+   ``m1_measures_reliable`` flag saying which, and no z-score.
 
 Arrays in, an ``M1Result`` out. The template and atlas arrive as arrays (``M1Atlas``); reading
 them from their packages is the edge's job (``qsmnode.dicom.templates``).
@@ -19,7 +24,7 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from numpy.typing import NDArray
@@ -35,7 +40,14 @@ from qsmnode.m1.measure import (
     region_labels,
 )
 from qsmnode.m1.register import Registration, RegistrationParams, register, warp_labels
-from qsmnode.m1.result import AREAS, M1Result, QualityFlag
+from qsmnode.m1.result import (
+    AREAS,
+    RELIABILITY_FLAG,
+    M1Result,
+    Measurement,
+    QualityFlag,
+    unreliable_because,
+)
 from qsmnode.m1.segment import SegmentParams, segment_tissue
 
 F32 = NDArray[np.float32]
@@ -159,6 +171,25 @@ def registration_flags(reg: Registration, through_t1w: bool) -> tuple[QualityFla
     )
 
 
+def withhold_if_unreliable(
+    measurements: tuple[Measurement, ...], flags: tuple[QualityFlag, ...]
+) -> tuple[tuple[Measurement, ...], tuple[QualityFlag, ...]]:
+    """When a check the measures rest on failed (:data:`~qsmnode.m1.result.RELIABILITY_CHECKS`):
+    the measurements without z-scores (they are not to be compared with anyone's), and the
+    flags with a failed ``m1_measures_reliable`` flag naming the failed checks. Otherwise both
+    as they are."""
+    failed = unreliable_because(flags)
+    if not failed:
+        return measurements, flags
+    return (
+        tuple(replace(m, chi_z=None, t2star_signal_ratio_z=None) for m in measurements),
+        (*flags, QualityFlag(
+            RELIABILITY_FLAG, False, None,
+            f"the M1 measures are not reliable ({', '.join(failed)} failed); no z-score is "
+            "reported")),
+    )
+
+
 def register_t1w_or_gre(
     magnitude: F32,
     affine: NDArray[np.float64],
@@ -246,6 +277,7 @@ def analyse_m1(
     coverage = area_coverage(areas, seg.gm, layers.depth, vs, **rule)
     flags = (*registration_flags(reg, t1w is not None and not t1w_not_used),
              *quality_flags(coverage, seg.gm, seg.wm, layers.thickness_mm))
+    measurements, flags = withhold_if_unreliable(measurements, flags)
     labels = region_labels(areas, seg.gm, layers.depth)
     seconds["measurements"] = time.perf_counter() - t
     result = M1Result(

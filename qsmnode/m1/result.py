@@ -65,6 +65,20 @@ class QualityFlag:
     text: str
 
 
+RELIABILITY_CHECKS = ("registration_nmi", "registration_mask", "segmentation_gm_wm_ratio",
+                      "cortical_thickness")
+"""The quality flags the M1 measures rest on: when one fails (a misregistration, a
+segmentation that found no cortex, non-brain input such as a phantom sphere), the measures are
+not reliable. Coverage is not among them: an area out of view is reported "not covered"."""
+RELIABILITY_FLAG = "m1_measures_reliable"
+"""The flag that says the M1 measures are not reliable, and why (present only then)."""
+
+
+def unreliable_because(flags: tuple[QualityFlag, ...] | list[QualityFlag]) -> list[str]:
+    """The names of the failed :data:`RELIABILITY_CHECKS` (empty: the measures are reliable)."""
+    return [f.name for f in flags if f.name in RELIABILITY_CHECKS and not f.passed]
+
+
 @dataclass(frozen=True)
 class M1Result:
     """The M1 analysis of one acquisition, on its voxel grid.
