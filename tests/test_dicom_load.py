@@ -582,7 +582,7 @@ def test_a_b0_field_map_is_named_a_field_map(mark: dict, sim: Simulation, tmp_pa
 def test_field_map_frames_beside_per_echo_phase_leave_the_acquisition(sim: Simulation,
                                                                       tmp_path: Path):
     """Per-echo magnitude and phase plus FIELD_MAP images (Philips exports them together):
-    the acquisition is planned from the magnitude and phase."""
+    the acquisition is planned from the magnitude and phase, and says what it left out."""
     write_dicom(_two_echoes(sim), tmp_path / "gre", "siemens")
     write_dicom(_two_echoes(sim), tmp_path / "map", "siemens")
     gre_phase = pydicom.dcmread(_files(next((tmp_path / "gre").glob("*_P")))[0])
@@ -595,3 +595,5 @@ def test_field_map_frames_beside_per_echo_phase_leave_the_acquisition(sim: Simul
         ds.save_as(path)
     [plan] = group_acquisitions(summarize_files(_files(tmp_path / "gre") + extra))
     assert isinstance(plan, AcquisitionPlan) and plan.n_echoes == 2 and plan.phase is not None
+    assert plan.left_out == (f"{len(extra)} field map images left out (a B0 field map, not "
+                             "the phase of every echo)")

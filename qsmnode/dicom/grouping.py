@@ -204,6 +204,9 @@ class AcquisitionPlan:
     field_strength_t: float | None
     t1w: T1wReference | None = field(default=None, repr=False)
     t1w_note: str = ""
+    left_out: str = ""
+    """Images of the acquisition's series that it does not use, and what they are (e.g. a B0
+    field map exported beside magnitude and phase); empty when it uses them all."""
 
     @property
     def n_slices(self) -> int:
@@ -767,6 +770,11 @@ def _evaluate(
         magnitude=grid(mag),
         phase=grid(pha) if pha else None,
         field_strength_t=strengths[0] if strengths else None,
+        left_out="; ".join(
+            f"{_plural(n, f'{p.value} image')} left out"
+            + (" (a B0 field map, not the phase of every echo)" if p is Part.FIELD_MAP else "")
+            for p, n in sorted(others.items())
+        ),
     )
 
 

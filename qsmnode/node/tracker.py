@@ -144,7 +144,8 @@ def plan_summary(plan: AcquisitionPlan) -> dict[str, Any]:
 
     ``t1w`` names the same-session T1w reference (its series is not one of the acquisition's,
     so the acquisition's identity stays its GRE series; the job takes the T1w's files from
-    here), or is None; ``t1w_note`` says which T1w was chosen and why others are not used.
+    here), or is None; ``t1w_note`` says which T1w was chosen and why others are not used;
+    ``left_out`` which images of its series it does not use (e.g. a B0 field map), logged.
     """
     affine = np.asarray(plan.affine, dtype=np.float64)
     t1w = None
@@ -167,6 +168,7 @@ def plan_summary(plan: AcquisitionPlan) -> dict[str, Any]:
         "instances": len(plan.sop_instance_uids),
         "t1w": t1w,
         "t1w_note": plan.t1w_note,
+        "left_out": plan.left_out,
     }
 
 
@@ -471,6 +473,9 @@ class Tracker:
             if acquisition.state == "accepted":
                 log.info("study %s: acquisition %d: %s; job %s queued", study_uid,
                          acquisition.id, what, jobs.get(acquisition.id, "?"))
+                if acquisition.summary.get("left_out"):
+                    log.info("study %s: acquisition %d: %s", study_uid, acquisition.id,
+                             acquisition.summary["left_out"])
                 if acquisition.summary.get("t1w_note"):
                     log.info("study %s: acquisition %d: %s", study_uid, acquisition.id,
                              acquisition.summary["t1w_note"])
