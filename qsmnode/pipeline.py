@@ -6,7 +6,9 @@ in order, each a small function that reads what earlier stages produced from a
 
 1. ``check``: the loaded arrays are sane (finite magnitude, phase in [-π, π) when present,
    echo times ascending) and summarized (:class:`AcquisitionSummary`).
-2. ``qsm``: susceptibility and R2* (:func:`qsmnode.qsm.pipeline.run_qsm`).
+2. ``qsm``: susceptibility and R2* (:func:`qsmnode.qsm.pipeline.run_qsm`), only on a 3-D
+   volume of contiguous slices: slices further apart than they are thick (a 2-D protocol
+   with a slice gap) stop the pipeline with a reason saying QSM was not computed.
 3. ``m1``: the M1 analysis (:func:`qsmnode.m1.analysis.analyse_m1`) when an atlas is given.
    A failure here is recorded in the result (``m1_error``) and the maps still go out. With a
    same-session T1w (:attr:`PipelineParams.t1w`) the T1w is registered to the template; when
@@ -39,6 +41,7 @@ from pydicom import Dataset
 from qsmnode import __version__
 from qsmnode.dicom.derived import build_derived
 from qsmnode.dicom.derived.common import source_reader
+from qsmnode.dicom.headers import slice_thickness_mm
 from qsmnode.dicom.load import LoadedAcquisition, LoadedT1w
 from qsmnode.m1.analysis import M1Atlas, M1Params, SameSessionT1w, analyse_m1
 from qsmnode.m1.measure import NormativeTable
@@ -51,6 +54,9 @@ PIPELINE_VERSION = "0.1"
 """Version of the processing: part of the result and of the derived objects' UIDs."""
 
 MIN_SLICES_FOR_QSM = 8
+SLICE_GAP_TOLERANCE = 0.05
+"""Slices further apart than their thickness by more than this fraction of it have gaps: the
+field-to-source model of QSM needs contiguous voxels, so QSM is not computed on them."""
 """Fewer slices than this cannot hold a 3-D field for background removal and inversion."""
 
 
@@ -223,6 +229,15 @@ def _qsm(ctx: _Context) -> None:
         raise PipelineError(
             f"QSM needs a 3-D volume: this acquisition is {gre.shape[0]}×{gre.shape[1]}×"
             f"{gre.shape[2]} voxels (at least {MIN_SLICES_FOR_QSM} along every axis)"
+        )
+    spacing = float(gre.voxel_size_mm[2])
+    thickness = slice_thickness_mm(loaded.header)
+    if thickness is not None and spacing - thickness > max(SLICE_GAP_TOLERANCE * thickness,
+                                                           0.01):
+        raise PipelineError(
+            f"QSM needs contiguous slices: these are {spacing:.3g} mm apart but {thickness:.3g}"
+            f" mm thick (a gap of {spacing - thickness:.3g} mm between slices, as in a 2-D "
+            "protocol with a slice gap); QSM was not computed"
         )
     ctx.qsm = run_qsm(gre.magnitude, gre.phase, gre.echo_times_s, gre.voxel_size_mm,
                       gre.b0_direction, gre.field_strength_t, ctx.params.qsm_params)

@@ -58,3 +58,28 @@ def test_simulated_study_gives_maps_segmentation_and_report(tmp_path: Path) -> N
     record = result.to_json()
     assert record["derived_objects"] == len(result.datasets)
     assert np.isfinite(record["qsm_quality"]["mask_fraction"])
+
+
+@pytest.mark.parametrize("style", ["siemens", "enhanced"])
+def test_slices_with_gaps_are_not_given_to_qsm(style: str, tmp_path: Path) -> None:
+    """A 2-D protocol with a slice gap (slices 3 mm apart, 1.5 mm thick): QSM is not computed,
+    and the reason says why; the same slices without the gap go through."""
+    import pydicom
+
+    scan = preset("tiny", shape=(24, 28, 12), voxel_size_mm=(3.0, 3.0, 3.0),
+                  echo_times_s=(0.005, 0.0105))
+    sim = simulate(scan)
+    files = write_dicom(sim.gre, tmp_path, style, SimStudyInfo(seed=3))
+    contiguous = _one(tmp_path)
+    assert run_pipeline(contiguous).qsm_quality["mask_fraction"] > 0
+    for path in files:
+        ds = pydicom.dcmread(path)
+        if style == "enhanced":
+            ds.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].SliceThickness = 1.5
+        else:
+            ds.SliceThickness = 1.5
+        ds.save_as(path)
+    gapped = _one(tmp_path)
+    with pytest.raises(PipelineError, match=r"QSM needs contiguous slices: these are 3 mm "
+                                            r"apart but 1.5 mm thick .*QSM was not computed"):
+        run_pipeline(gapped)

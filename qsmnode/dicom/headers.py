@@ -472,6 +472,20 @@ def t1_evidence(ds: Dataset, enhanced: bool, inversion_time_s: float | None) -> 
     return ""
 
 
+def slice_thickness_mm(ds: Dataset) -> float | None:
+    """SliceThickness (mm) of an image: the classic attribute, else an Enhanced file's Pixel
+    Measures (shared, else the first frame's); None where absent or not a positive number."""
+    value = _float(ds.get("SliceThickness"))
+    if value is None:
+        measures = _first_item(_first_item(ds, "SharedFunctionalGroupsSequence"),
+                               "PixelMeasuresSequence")
+        if measures is None:
+            frames = ds.get("PerFrameFunctionalGroupsSequence") or []
+            measures = _first_item(frames[0], "PixelMeasuresSequence") if frames else None
+        value = _float(measures.get("SliceThickness")) if measures is not None else None
+    return value if value is not None and value > 0 else None
+
+
 class HeaderError(ValueError):
     """A DICOM header that cannot be decoded; the message names the element and the fault."""
 
