@@ -20,6 +20,7 @@ from qsmnode.dicom.load import (
     AcquisitionPlan,
     LoadedAcquisition,
     LoadedT1w,
+    PassedOver,
     Problem,
     T1wReference,
     group_acquisitions,
@@ -52,6 +53,14 @@ def write_t1w(out: Path, scan: ScanParams = T1W_SCAN, seed: int = SEED,
 
 def grouped(folder: Path) -> list[AcquisitionPlan | Problem]:
     return group_acquisitions(summarize_files(p for p in sorted(folder.rglob("*.dcm"))))
+
+
+def split(results: list) -> tuple[list[AcquisitionPlan], list[PassedOver]]:
+    """The plans and the passed-over series; asserts there is nothing else (no problem)."""
+    plans = [r for r in results if isinstance(r, AcquisitionPlan)]
+    passed = [r for r in results if isinstance(r, PassedOver)]
+    assert len(plans) + len(passed) == len(results), results
+    return plans, passed
 
 
 # ---------------------------------------------------------------------------------------------
@@ -164,13 +173,14 @@ def test_a_t1w_in_another_frame_of_reference_is_not_used(tmp_path: Path) -> None
         ds = pydicom.dcmread(path)
         ds.FrameOfReferenceUID = "2.25.1234567"
         ds.save_as(path, enforce_file_format=True)
-    [plan] = grouped(tmp_path / "in")
-    assert isinstance(plan, AcquisitionPlan) and plan.t1w is None
+    [plan], [t1w] = split(grouped(tmp_path / "in"))
+    assert plan.t1w is None and t1w.series_numbers == (2,)
+    assert t1w.why.startswith("T1-weighted") and "no acquisition of its study uses it" in t1w.why
     assert "series 2 't1_mprage_sag'" in plan.t1w_note
     assert "T1-weighted but not used" in plan.t1w_note
     assert "another Frame of Reference" in plan.t1w_note
-    [loaded] = load_folder(tmp_path / "in")
-    assert isinstance(loaded, LoadedAcquisition) and loaded.t1w is None
+    [loaded] = [x for x in load_folder(tmp_path / "in") if isinstance(x, LoadedAcquisition)]
+    assert loaded.t1w is None
     assert loaded.t1w_note == plan.t1w_note and not loaded.t1w_error
 
 
@@ -180,8 +190,9 @@ def test_of_several_t1w_the_finest_then_the_latest_is_chosen(tmp_path: Path) -> 
     write_t1w(tmp_path / "in", series_number=2)
     write_t1w(tmp_path / "in", series_number=3, series_description="t1_mprage_repeat")
     write_t1w(tmp_path / "in", coarse, series_number=4, series_description="t1_fast")
-    [plan] = grouped(tmp_path / "in")
-    assert isinstance(plan, AcquisitionPlan) and plan.t1w is not None
+    [plan], passed = split(grouped(tmp_path / "in"))
+    assert plan.t1w is not None
+    assert sorted(n for p in passed for n in p.series_numbers) == [2, 4]  # not chosen
     assert plan.t1w.series_number == 3
     note = plan.t1w_note
     assert note.startswith("T1w reference: series 3 't1_mprage_repeat'")
@@ -193,15 +204,17 @@ def test_an_unusable_t1w_is_noted_not_reported_as_a_problem(tmp_path: Path) -> N
     write_study(tmp_path / "in", "siemens", SEED)
     files = write_t1w(tmp_path / "in")
     files[7].unlink()  # a slice missing in the middle: not a regular stack
-    [plan] = grouped(tmp_path / "in")
-    assert isinstance(plan, AcquisitionPlan) and plan.t1w is None
+    [plan], [t1w] = split(grouped(tmp_path / "in"))
+    assert plan.t1w is None and "not usable as a reference" in t1w.why
     assert "not usable as a reference" in plan.t1w_note
     assert "not evenly spaced" in plan.t1w_note
 
 
 def test_a_t1w_alone_is_neither_an_acquisition_nor_a_problem(tmp_path: Path) -> None:
     write_t1w(tmp_path / "in")
-    assert grouped(tmp_path / "in") == []
+    plans, [t1w] = split(grouped(tmp_path / "in"))  # passed over, with why: not a problem
+    assert not plans and t1w.why.startswith("T1-weighted (inversion-prepared gradient echo")
+    assert "no acquisition of its study uses it" in t1w.why
 
 
 def test_a_t1w_that_cannot_be_loaded_leaves_the_acquisition_loaded(
