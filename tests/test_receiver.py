@@ -674,7 +674,8 @@ def test_sigkill_mid_transfer_loses_nothing_acknowledged(
     temp.write_bytes(last.read_bytes()[:1000])
 
     node.start()
-    assert "recovery: 1 temporary files removed" in node.log()
+    # ours, and one of the node's own when the kill came mid-write (on a busy machine)
+    assert re.search(r"recovery: [12] temporary files removed", node.log()), node.log()[-3000:]
     assert not temp.exists()
     with node.store() as store:
         records = {r.sop_instance_uid: r for r in store.instances()}
