@@ -86,7 +86,29 @@ def _qsm(args: argparse.Namespace) -> int:
 def _simulate(args: argparse.Namespace) -> int:
     from qsmnode.sim.run import run_simulation
 
-    return run_simulation(args)
+    written = run_simulation(args)
+    if isinstance(written, int):
+        return written
+    if not args.send:
+        return 0
+    from qsmnode.node.storescu import StoreError, send_files
+
+    host, port = args.send
+    try:
+        report = send_files(written, host, port, args.called_ae, args.calling_ae)
+    except StoreError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    failed = {p: s for p, s in report.statuses.items() if s != 0}
+    resumed = (f" ({report.associations} associations: resumed after a lost one)"
+               if report.associations > 1 else "")
+    print(f"sent {len(report.statuses) - len(failed)} of {len(written)} "
+          f"instances to {args.called_ae}@{host}:{port}{resumed}")
+    for path, status in failed.items():
+        print(f"error: {path}: status 0x{status:04X}", file=sys.stderr)
+    for path, reason in report.errors.items():
+        print(f"error: {path}: {reason}", file=sys.stderr)
+    return 0 if report.ok else 1
 
 
 def _demo(args: argparse.Namespace) -> int:

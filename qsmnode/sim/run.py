@@ -23,7 +23,8 @@ def write_study(sim: Simulation, out: Path, style: str, seed: int) -> dict[str, 
     }
 
 
-def run_simulation(args: argparse.Namespace) -> int:
+def run_simulation(args: argparse.Namespace) -> list[Path] | int:
+    """Simulate and write the study; the DICOM files written, or an exit code on bad use."""
     overrides: dict[str, object] = {"seed": args.seed}
     if args.snr is not None:
         overrides["snr"] = args.snr
@@ -39,24 +40,5 @@ def run_simulation(args: argparse.Namespace) -> int:
     written = write_study(sim, out, args.style, args.seed)
     for kind, paths in written.items():
         print(f"{kind}: {len(paths)} files in {out / kind}")
-    if args.send:
-        from qsmnode.node.storescu import StoreError, send_files
-
-        host, port = args.send
-        try:
-            report = send_files(written["dicom"], host, port, args.called_ae, args.calling_ae)
-        except StoreError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
-        failed = {p: s for p, s in report.statuses.items() if s != 0}
-        resumed = (f" ({report.associations} associations: resumed after a lost one)"
-                   if report.associations > 1 else "")
-        print(f"sent {len(report.statuses) - len(failed)} of {len(written['dicom'])} "
-              f"instances to {args.called_ae}@{host}:{port}{resumed}")
-        for path, status in failed.items():
-            print(f"error: {path}: status 0x{status:04X}", file=sys.stderr)
-        for path, reason in report.errors.items():
-            print(f"error: {path}: {reason}", file=sys.stderr)
-        return 0 if report.ok else 1
-    return 0
+    return written["dicom"]
 
