@@ -1,6 +1,7 @@
 """Helpers for tests that run the node as a real peer: a ``qsmnode serve`` subprocess with its own
 configuration and state in ``tmp_path``, dcmtk ``storescu`` as the scanner, deadline-based
-waits, simulated studies, and a job function with test hooks.
+waits, simulated studies, the tracker's settings, clock, records and spool for in-process tests,
+and job functions with test hooks.
 
 Test hooks never live in the product: :func:`hooked_job` is a job function of this module, and
 a node that should use it is started with ``python -m tests.nodeutil --config FILE
@@ -12,10 +13,12 @@ a node that should use it is started with ``python -m tests.nodeutil --config FI
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import errno
 import functools
 import json
 import os
+import shutil
 import signal
 import sqlite3
 import struct
@@ -31,11 +34,16 @@ import pytest
 from pynetdicom import AE, _config
 
 from qsmnode.demo.pacs import free_port
-from qsmnode.node.store import Store, StoreError
+from qsmnode.node.config import PathsConfig, PipelineConfig, RulesConfig, Settings, TrackerConfig
+from qsmnode.node.receiver import SPOOL_DIRNAME, recover
+from qsmnode.node.spool import Spool
+from qsmnode.node.store import InstanceRecord, Store, StoreError
 from tests.conftest import REPO, require_tool
 
 ALLOWED = "SCANNER7T"
 HOOKS_ENV = "QSMNODE_TEST_HOOKS"
+SCRIPT_ENV = "QSMNODE_TEST_SCRIPT"
+MR = "1.2.840.10008.5.1.4.1.1.4"
 T = TypeVar("T")
 
 
@@ -273,6 +281,51 @@ def study_uid(seed: int) -> str:
 
 
 # ------------------------------------------------------------------------------------------------
+# The tracker and the store in-process: settings, a controlled clock, records and a spool
+
+
+def settings_for(state_dir: Path, quiet: float = 1.0, max_wait: float = 10.0,
+                 **rules: object) -> Settings:
+    """Settings for the tracker and job tests: their jobs only load and check (no QSM)."""
+    return dataclasses.replace(
+        Settings(), paths=PathsConfig(state_dir=state_dir),
+        tracker=TrackerConfig(quiet_period_s=quiet, max_wait_s=max_wait),
+        rules=RulesConfig(**rules),  # type: ignore[arg-type]
+        pipeline=PipelineConfig(qsm=False),
+    )
+
+
+class Clock:
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def add(store: Store, sop: str, series: str, at: float, *, study: str = "1.2.1",
+        sop_class: str = MR, iia: int | None = None) -> None:
+    store.add_instance(InstanceRecord(
+        sop_instance_uid=sop, sop_class_uid=sop_class, study_uid=study, series_uid=series,
+        transfer_syntax_uid="1.2.840.10008.1.2.1", path=f"spool/{study}/{series}/{sop}.dcm",
+        size=1, calling_ae="SCANNER7T", peer_address="127.0.0.1", received_at=at,
+        images_in_acquisition=iia,
+    ))
+
+
+def ingest(state_dir: Path, store: Store, files: list[Path], at: float) -> None:
+    """Put files in the spool as the receiver would, and record them (received ``at``)."""
+    spool = Spool(state_dir / SPOOL_DIRNAME)
+    for path in files:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        target = spool.path_for(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, target)
+        os.utime(target, (at, at))
+    recover(store, spool, state_dir)
+
+
+# ------------------------------------------------------------------------------------------------
 # A job function with test hooks
 
 
@@ -319,6 +372,32 @@ def hooked_job(spec: Any) -> dict[str, Any]:
     if "enospc_while" in hooks and os.path.exists(hooks["enospc_while"]):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     return execute_job(spec)
+
+
+def scripted_job(spec: Any) -> dict[str, Any]:
+    """A job function for the worker pool's tests (no pipeline).
+
+    ``$QSMNODE_TEST_SCRIPT`` is ``{"marker_dir": DIR, "actions": [...]}``: each run appends
+    ``<pid> <attempt>`` to ``DIR/<job id>`` and does the action of its run number (0-based;
+    "ok" past the list): "ok" returns at once, "sigterm"/"sigkill" kill this process with that
+    signal, "hang" ignores SIGTERM and sleeps.
+    """
+    hooks = json.loads(os.environ.get(SCRIPT_ENV, "{}"))
+    marker = Path(hooks["marker_dir"]) / str(spec.job_id)
+    runs = len(marker.read_text().splitlines()) if marker.exists() else 0
+    with open(marker, "a") as out:
+        out.write(f"{os.getpid()} {spec.attempt}\n")
+    actions = hooks.get("actions", [])
+    action = actions[runs] if runs < len(actions) else "ok"
+    if action == "sigterm":
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)
+    elif action == "sigkill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    elif action == "hang":
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        time.sleep(60)
+    return {"run": runs}
 
 
 def _main() -> int:

@@ -4,52 +4,18 @@ ingested into a real spool (acquisitions, jobs, problems, rules, idempotence).""
 
 from __future__ import annotations
 
-import dataclasses
 import os
-import shutil
 from pathlib import Path
 
 import pydicom
 import pytest
 
-from qsmnode.node.config import PathsConfig, PipelineConfig, RulesConfig, Settings, TrackerConfig
-from qsmnode.node.receiver import SPOOL_DIRNAME, recover
-from qsmnode.node.spool import Spool
-from qsmnode.node.store import InstanceRecord, NewAcquisition, Store
+from qsmnode.node.store import NewAcquisition, Store
 from qsmnode.node.tracker import Tracker, expected_instances
-from tests.nodeutil import study_uid, write_study
+from tests.nodeutil import Clock, add, ingest, settings_for, study_uid, write_study
 
 MR = "1.2.840.10008.5.1.4.1.1.4"
 ENHANCED_MR = "1.2.840.10008.5.1.4.1.1.4.1"
-
-
-def settings_for(state_dir: Path, quiet: float = 1.0, max_wait: float = 10.0,
-                 **rules: object) -> Settings:
-    """Settings for the tracker and job tests: their jobs only load and check (no QSM)."""
-    return dataclasses.replace(
-        Settings(), paths=PathsConfig(state_dir=state_dir),
-        tracker=TrackerConfig(quiet_period_s=quiet, max_wait_s=max_wait),
-        rules=RulesConfig(**rules),  # type: ignore[arg-type]
-        pipeline=PipelineConfig(qsm=False),
-    )
-
-
-class Clock:
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def add(store: Store, sop: str, series: str, at: float, *, study: str = "1.2.1",
-        sop_class: str = MR, iia: int | None = None) -> None:
-    store.add_instance(InstanceRecord(
-        sop_instance_uid=sop, sop_class_uid=sop_class, study_uid=study, series_uid=series,
-        transfer_syntax_uid="1.2.840.10008.1.2.1", path=f"spool/{study}/{series}/{sop}.dcm",
-        size=1, calling_ae="SCANNER7T", peer_address="127.0.0.1", received_at=at,
-        images_in_acquisition=iia,
-    ))
 
 
 def test_expected_instances() -> None:
@@ -114,18 +80,6 @@ def test_series_complete_by_count_group_count_quiet_and_max_wait(tmp_path: Path)
 
 # ------------------------------------------------------------------------------------------------
 # Grouping simulated studies from a real spool
-
-
-def ingest(state_dir: Path, store: Store, files: list[Path], at: float) -> None:
-    """Put files in the spool as the receiver would, and record them (received ``at``)."""
-    spool = Spool(state_dir / SPOOL_DIRNAME)
-    for path in files:
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
-        target = spool.path_for(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(path, target)
-        os.utime(target, (at, at))
-    recover(store, spool, state_dir)
 
 
 def by_instance_number(files: list[Path], *numbers: int) -> list[Path]:

@@ -1,5 +1,7 @@
-"""Review of the grouping and the tracker on edge cases, with small synthetic header summaries
-(no pixels, no files) and store records with a controlled clock."""
+"""Grouping of header summaries into acquisitions
+(:func:`qsmnode.dicom.grouping.group_acquisitions`) on edge cases, with small synthetic header
+summaries (no pixels, no files), and the tracker's grouping of studies from store records with
+a controlled clock."""
 
 from __future__ import annotations
 
@@ -9,10 +11,9 @@ from qsmnode.dicom.grouping import AcquisitionPlan, Problem, group_acquisitions
 from qsmnode.dicom.headers import FrameInfo, InstanceInfo, Part, Vendor
 from qsmnode.node.store import Store
 from qsmnode.node.tracker import Tracker
-from tests.test_tracker import Clock, add, settings_for
+from tests.nodeutil import MR, Clock, add, settings_for
 
 M, P = Part.MAGNITUDE, Part.PHASE
-MR = "1.2.840.10008.5.1.4.1.1.4"
 
 
 def instance(number: int, part: Part, te_ms: float | None, z: float, *,
