@@ -23,6 +23,7 @@ from qsmnode.dicom.derived import (
     build_derived_objects,
     source_reader,
 )
+from qsmnode.dicom.derived.derived_mr import QSM_MR, build_derived_mr
 from qsmnode.dicom.derived.key_images import choose_slices
 from qsmnode.dicom.derived.segmentation import build_segmentation, segment_name, segment_rgb
 from qsmnode.dicom.derived.sr import build_report
@@ -503,9 +504,10 @@ def test_single_segment_seg_and_sr(study: Study, sim, tmp_path) -> None:
     require_tool("dsrdump", "dcmtk")
     m1 = m1_from_truth(sim, only=("right_foot", "middle"))
     ctx = BuildContext.create(study.loaded, source_reader(study.sources), VERSION)
-    seg = build_segmentation(ctx, m1)
+    qsm_images = build_derived_mr(ctx, sim.truth.chi_ppm, QSM_MR)
+    seg = build_segmentation(ctx, m1, reference=qsm_images)
     assert seg is not None and len(seg.SegmentSequence) == 1
-    sr = build_report(ctx, m1, seg)
+    sr = build_report(ctx, m1, seg, regions_on=qsm_images)
     paths = save_all([seg, sr], tmp_path)
     for path in paths:
         assert not dciodvfy_errors(path), dciodvfy_errors(path)
@@ -697,7 +699,8 @@ def test_a_rejected_registration_is_reported_by_its_failing_check(study: Study, 
                                through_t1w=False)
     m1 = replace(m1_from_truth(sim), flags=flags)
     ctx = BuildContext.create(study.loaded, source_reader(study.sources), VERSION)
-    seg = build_segmentation(ctx, m1)
+    qsm_images = build_derived_mr(ctx, sim.truth.chi_ppm, QSM_MR)
+    seg = build_segmentation(ctx, m1, reference=qsm_images)
     [path] = save_all([build_report(ctx, m1, seg)], tmp_path)
     assert not dciodvfy_errors(path), dciodvfy_errors(path)
     out = run(["dsrdump", str(path)]).stdout

@@ -2,7 +2,9 @@
 
 :func:`build_derived` turns the arrays of the numerical core into datasets that stay in the
 source study (same Patient, Study and Frame of Reference), reference their sources (echo 1 as
-the source, the other echoes as further sources) and carry deterministic UIDs:
+the source, the other echoes as further sources; the Parametric Maps and the SEG reference a
+single-volume derived MR series first, which a viewer shows them on) and carry deterministic
+UIDs:
 
 ====================  =====================================================  ============
 object                what                                                   series no.
@@ -117,17 +119,22 @@ def build_derived_objects(
         # highdicom warns of a one-part patient name by quoting it: PHI must not reach the log
         warnings.filterwarnings("ignore", message=PERSON_NAME_WARNING, category=UserWarning)
         ctx = BuildContext.create(loaded, read_source, algorithm_version, created)
+        qsm_images = list(build_derived_mr(ctx, chi_ppm, QSM_MR))
         out = DerivedObjects(
-            qsm_map=build_parametric_map(ctx, chi_ppm, QSM),
-            qsm_images=list(build_derived_mr(ctx, chi_ppm, QSM_MR)),
+            qsm_map=build_parametric_map(ctx, chi_ppm, QSM, reference=qsm_images),
+            qsm_images=qsm_images,
         )
         if r2star_per_s is not None:
-            out.r2star_map = build_parametric_map(ctx, r2star_per_s, R2STAR)
             out.r2star_images = list(build_derived_mr(ctx, r2star_per_s, R2STAR_MR))
+            out.r2star_map = build_parametric_map(
+                ctx, r2star_per_s, R2STAR, reference=out.r2star_images
+            )
         if m1 is not None:
-            out.segmentation = build_segmentation(ctx, m1)
+            out.segmentation = build_segmentation(ctx, m1, reference=qsm_images)
             maps = [m for m in (out.qsm_map, out.r2star_map) if m is not None]
-            out.report = build_report(ctx, m1, out.segmentation, evidence=maps)
+            out.report = build_report(
+                ctx, m1, out.segmentation, evidence=maps, regions_on=qsm_images
+            )
         out.key_images = list(build_key_images(ctx, chi_ppm, m1, m1_note))
     return out
 

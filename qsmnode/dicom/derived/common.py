@@ -297,6 +297,53 @@ class BuildContext:
     def body_part(self) -> str:
         return str(self.loaded.patient_study.get("BodyPartExamined") or "HEAD")
 
+    # --- geometry: the one writer of every derived object's plane strings -----------------
+    #
+    # Cornerstone3D (OHIF) overlays a Parametric Map or SEG on its referenced series only when
+    # their ImageOrientationPatient values are the same *strings*; so every derived object
+    # writes its plane geometry through these methods (DS text by :func:`ds_text`).
+
+    def orientation_text(self) -> list[str]:
+        """ImageOrientationPatient of every derived object."""
+        return [ds_text(v) for v in self.geometry.orientation]
+
+    def position_text(self, k: int) -> list[str]:
+        """ImagePositionPatient of slice ``k``."""
+        return [ds_text(v) for v in self.geometry.positions[k]]
+
+    def pixel_spacing_text(self) -> list[str]:
+        return [ds_text(v) for v in self.geometry.pixel_spacing]
+
+    def slice_spacing_text(self) -> str:
+        """SliceThickness and SpacingBetweenSlices."""
+        return ds_text(self.geometry.slice_spacing)
+
+    def slice_of_position(self, position: Iterable[float], tol_mm: float = 1e-3) -> int:
+        """The slice ``k`` whose ImagePositionPatient is ``position`` (within ``tol_mm``)."""
+        p = np.asarray([float(v) for v in position], dtype=np.float64)
+        distances = np.linalg.norm(self.geometry.positions - p, axis=1)
+        k = int(np.argmin(distances))
+        if distances[k] > tol_mm:
+            raise ValueError(f"no slice at {p.tolist()} (nearest {distances[k]:.3g} mm away)")
+        return k
+
+    def write_frame_geometry(self, ds: Dataset) -> None:
+        """Rewrite the plane geometry of a multi-frame object built by highdicom (Parametric
+        Map, SEG) with the strings of :meth:`orientation_text` etc., frame by frame, so that
+        they equal those of the derived MR images character for character."""
+        shared = ds.SharedFunctionalGroupsSequence[0]
+        for item in shared.get("PlaneOrientationSequence", []):
+            item.ImageOrientationPatient = self.orientation_text()
+        for item in shared.get("PixelMeasuresSequence", []):
+            item.PixelSpacing = self.pixel_spacing_text()
+            item.SliceThickness = self.slice_spacing_text()
+            if "SpacingBetweenSlices" in item:
+                item.SpacingBetweenSlices = self.slice_spacing_text()
+        for frame in ds.PerFrameFunctionalGroupsSequence:
+            for item in frame.get("PlanePositionSequence", []):
+                k = self.slice_of_position(item.ImagePositionPatient)
+                item.ImagePositionPatient = self.position_text(k)
+
     # --- geometry for highdicom ----------------------------------------------------------
 
     def plane_positions(self) -> list[hd.PlanePositionSequence]:
@@ -317,6 +364,16 @@ class BuildContext:
             slice_thickness=float(f"{g.slice_spacing:.6g}"),
             spacing_between_slices=float(f"{g.slice_spacing:.6g}"),
         )
+
+
+def ds_text(value: float) -> str:
+    """The DS text of a geometry value: the shortest of 10 down to 6 significant digits that
+    fits 16 characters. Every derived object formats its plane geometry with this."""
+    for digits in (10, 9, 8, 7, 6):
+        s = f"{float(value):.{digits}g}"
+        if len(s) <= 16:
+            return s
+    return f"{float(value):.6g}"
 
 
 def _rounded(values: Iterable[float] | NDArray[np.floating]) -> list[float]:

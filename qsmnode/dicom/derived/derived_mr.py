@@ -26,6 +26,7 @@ from qsmnode.dicom.derived.common import (
     MANUFACTURER,
     MODEL_NAME,
     BuildContext,
+    ds_text,
 )
 from qsmnode.dicom.geometry import slice_normal, slice_pixels
 from qsmnode.dicom.load import SourceRef
@@ -104,13 +105,7 @@ def to_stored(volume: NDArray[np.floating], units_per_input_unit: float) -> NDAr
     return np.clip(scaled, INT16_MIN, INT16_MAX).astype(np.int16)
 
 
-def _ds(value: float) -> str:
-    """A DS string of at most 16 characters."""
-    for digits in (10, 9, 8, 7, 6):
-        s = f"{float(value):.{digits}g}"
-        if len(s) <= 16:
-            return s
-    return f"{float(value):.6g}"
+_ds = ds_text
 
 
 def _source_item(ref: SourceRef) -> Dataset:
@@ -197,11 +192,11 @@ def build_derived_mr(
         ds.SourceImageSequence = items
         # Image Plane
         ipp = geo.positions[k]
-        ds.ImagePositionPatient = [_ds(v) for v in ipp]
-        ds.ImageOrientationPatient = [_ds(v) for v in geo.orientation]
-        ds.PixelSpacing = [_ds(v) for v in geo.pixel_spacing]
-        ds.SliceThickness = _ds(geo.slice_spacing)
-        ds.SpacingBetweenSlices = _ds(geo.slice_spacing)
+        ds.ImagePositionPatient = ctx.position_text(k)
+        ds.ImageOrientationPatient = ctx.orientation_text()
+        ds.PixelSpacing = ctx.pixel_spacing_text()
+        ds.SliceThickness = ctx.slice_spacing_text()
+        ds.SpacingBetweenSlices = ctx.slice_spacing_text()
         ds.SliceLocation = _ds(float(np.dot(ipp, normal)))
         # MR Image
         for keyword in _COPIED_MR_ATTRIBUTES:

@@ -1,17 +1,26 @@
 """QSM (ppm) and R2* (s⁻¹) as Parametric Maps: float32 frames with a Real World Value Mapping.
 
 One multi-frame instance per map, one frame per slice ``k`` of the acquisition, with the plane
-geometry of the acquisition affine (so the map overlays its source exactly). Echo 1 of the
-magnitude is the source image; the other echoes (and, for QSM, the phase) are further sources.
+geometry of the acquisition affine, written with the very strings of the derived MR images
+(:meth:`BuildContext.write_frame_geometry`).
+
+The source images (the first series of the Referenced Series Sequence) are the map's derived MR
+series: one image per slice, one volume. A viewer overlays the map on the series it references
+first; OHIF 3 loads a multi-echo source as a 4-D cine and then cannot place the map
+("Referenced Volume is missing for the PMAP"), and places it only when the orientation strings
+are identical. The acquired images (echo-1 magnitude, the other echoes and, for QSM, the phase)
+are further sources.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import highdicom as hd
 import numpy as np
 from numpy.typing import NDArray
+from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
@@ -89,11 +98,15 @@ def voi_transformation(center: float, width: float, explanation: str) -> hd.VOIL
 
 
 def build_parametric_map(
-    ctx: BuildContext, volume: NDArray[np.floating], spec: MapSpec
+    ctx: BuildContext,
+    volume: NDArray[np.floating],
+    spec: MapSpec,
+    reference: Sequence[Dataset],
 ) -> hd.pm.ParametricMap:
     """The Parametric Map of an ``[i, j, k]`` volume on the acquisition grid.
 
-    NaN (outside the mask) is stored as 0.
+    ``reference`` is the single-volume series the map is shown on (its derived MR images, one
+    per slice); it becomes the source images. NaN (outside the mask) is stored as 0.
     """
     if volume.shape != ctx.shape:
         raise ValueError(f"{spec.role}: volume {volume.shape} is not the acquisition {ctx.shape}")
@@ -109,8 +122,8 @@ def build_parametric_map(
         quantity_definition=spec.quantity,
     )
     pm = hd.pm.ParametricMap(
-        source_images=ctx.sources.echo1(),
-        further_source_images=ctx.sources.further(spec.include_phase),
+        source_images=list(reference),
+        further_source_images=[*ctx.sources.echo1(), *ctx.sources.further(spec.include_phase)],
         pixel_array=frames,
         real_world_value_mappings=[mapping],
         voi_lut_transformations=[
@@ -130,5 +143,6 @@ def build_parametric_map(
         **ctx.dates(),
     )
     pm.BodyPartExamined = ctx.body_part
+    ctx.write_frame_geometry(pm)
     set_dimension_organization_uid(pm, ctx.uids.uid(f"{spec.role}/dimension-organization"))
     return pm

@@ -6,11 +6,17 @@ voxel are skipped. Each segment is coded (see :mod:`qsmnode.dicom.derived.codes`
 deterministic tracking UID (shared with the SR's measurement group for the same region) and a
 display colour (shared with the key images).
 
+The source images are a single-volume series (the QSM derived MR images, one per slice): OHIF 3
+shows a SEG on the series it references first and loads a multi-echo source as a 4-D cine, on
+which it cannot place the segments. The acquired echo-1 magnitude (and the other echoes) are
+further sources. Plane geometry strings are those of the derived MR images.
+
 BINARY, not LABELMAP: dcmtk 3.6.7 and Debian's dciodvfy do not know LABELMAP (DOMAIN.md).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import highdicom as hd
@@ -128,8 +134,11 @@ def _description(ctx: BuildContext, seg: SegmentInfo) -> hd.seg.SegmentDescripti
     return desc
 
 
-def build_segmentation(ctx: BuildContext, m1: M1Result) -> hd.seg.Segmentation | None:
-    """The SEG of the M1 regions, or None when no region has a voxel."""
+def build_segmentation(
+    ctx: BuildContext, m1: M1Result, reference: Sequence[Dataset]
+) -> hd.seg.Segmentation | None:
+    """The SEG of the M1 regions, or None when no region has a voxel. ``reference`` is the
+    single-volume series the segments are drawn on (the QSM derived MR images)."""
     labels = np.asarray(m1.labels)
     if labels.shape != ctx.shape:
         raise ValueError(f"M1 labels {labels.shape} are not the acquisition {ctx.shape}")
@@ -139,8 +148,8 @@ def build_segmentation(ctx: BuildContext, m1: M1Result) -> hd.seg.Segmentation |
     frames = frame_stack(labels)  # [k, rows, columns]
     masks = np.stack([frames == s.label for s in segments], axis=-1)
     seg = hd.seg.Segmentation(
-        source_images=ctx.sources.echo1(),
-        further_source_images=ctx.sources.further(include_phase=False),
+        source_images=list(reference),
+        further_source_images=[*ctx.sources.echo1(), *ctx.sources.further(include_phase=False)],
         pixel_array=masks,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=[_description(ctx, s) for s in segments],
@@ -158,6 +167,7 @@ def build_segmentation(ctx: BuildContext, m1: M1Result) -> hd.seg.Segmentation |
         **ctx.dates(),
     )
     seg.BodyPartExamined = ctx.body_part
+    ctx.write_frame_geometry(seg)
     set_dimension_organization_uid(seg, ctx.uids.uid("seg/dimension-organization"))
     return seg
 

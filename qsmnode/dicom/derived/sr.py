@@ -12,6 +12,12 @@ Content tree (root: Imaging Measurement Report, observer = the qsmnode device):
   (area, layer) without a segment, referencing the echo-1 source images;
 - "not covered" (``Measurement.covered`` False) is a qualitative evaluation Finding = Anatomy
   coverage incomplete, with the numbers left out (they are NaN);
+- for every region with a voxel (each area × layer and each area's full depth), one Planar ROI
+  group (TID 1410) with the same Tracking Identifier and Tracking UID: the region's outline (a
+  closed POLYLINE) on the slice holding most of it, on the QSM derived MR image of that slice.
+  The volumetric groups are what a DICOM reader computes with; these outlines are what a viewer
+  can draw and jump to. OHIF 3 draws only groups with a SCOORD and merges groups by Tracking UID,
+  so each region shows as one measurement with its outline and the values of its group;
 - one "Quality control" group (TID 1501) holding each quality flag as a qualitative evaluation
   (meets / does not meet the quality control standard) and its value as a measurement.
 
@@ -33,6 +39,7 @@ from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes as dicom_codes
 from pydicom.sr.coding import Code
+from skimage.measure import find_contours
 
 from qsmnode.dicom.derived import codes
 from qsmnode.dicom.derived.common import (
@@ -48,6 +55,7 @@ from qsmnode.dicom.derived.segmentation import (
     segment_numbers,
     tracking_uid,
 )
+from qsmnode.dicom.geometry import slice_pixels
 from qsmnode.m1.result import AREAS, LAYERS, M1Result, Measurement, QualityFlag, segment_label
 
 PRIVATE_SCHEME = "99QSMNODE"
@@ -156,6 +164,52 @@ def _group_source_images(
     return refs or None
 
 
+def region_outline(mask: np.ndarray) -> np.ndarray:
+    """The outline of a 2-D mask (``[rows, columns]``) as a closed polyline of SCOORD pixel
+    coordinates ``(column, row)``, the top-left corner of the top-left pixel at (0, 0): the
+    longest iso-contour at half height, around pixel centres at ``index + 0.5``."""
+    padded = np.pad(mask.astype(np.float64), 1)
+    contours = find_contours(padded, 0.5)
+    if not contours:
+        raise ValueError("the mask is empty")
+    rc = max(contours, key=len) - 1.0  # undo the padding
+    points = np.stack([rc[:, 1] + 0.5, rc[:, 0] + 0.5], axis=1)
+    if not np.array_equal(points[0], points[-1]):
+        points = np.vstack([points, points[:1]])
+    return points.astype(np.float32)
+
+
+def _outline_group(
+    ctx: BuildContext,
+    labels: np.ndarray,
+    values: Sequence[int],
+    tracking: hd.sr.TrackingIdentifier,
+    site: hd.sr.FindingSite,
+    regions_on: Sequence[Dataset],
+) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations | None:
+    """The TID 1410 group of a region: its outline on the slice with most of its voxels, on the
+    image of ``regions_on`` for that slice (None when the region has no voxel)."""
+    mask = np.isin(labels, values)
+    counts = mask.sum(axis=(0, 1))
+    if counts.max() == 0:
+        return None
+    k = int(np.argmax(counts))
+    image = regions_on[k]
+    region = hd.sr.ImageRegion(
+        graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+        graphic_data=region_outline(slice_pixels(mask, k)),
+        source_image=hd.sr.SourceImageForRegion(image.SOPClassUID, image.SOPInstanceUID),
+    )
+    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=tracking,
+        referenced_region=region,
+        finding_type=codes.CEREBRAL_CORTEX,
+        finding_category=codes.ANATOMICAL_STRUCTURE,
+        finding_sites=[site],
+        algorithm_id=_algorithm(ctx),
+    )
+
+
 def _quality_group(ctx: BuildContext, flags: Sequence[QualityFlag]) -> hd.sr.Template | None:
     if not flags:
         return None
@@ -194,13 +248,19 @@ def build_report(
     m1: M1Result,
     seg: hd.seg.Segmentation | None,
     evidence: Sequence[Dataset] = (),
+    regions_on: Sequence[Dataset] = (),
 ) -> hd.sr.Comprehensive3DSR:
     """The SR of an M1 analysis. ``seg`` is the SEG of the same result (None when it has no
-    region); ``evidence`` lists further derived objects (e.g. the Parametric Maps) to record."""
+    region); ``evidence`` lists further derived objects (e.g. the Parametric Maps) to record;
+    ``regions_on`` is one image per slice ``k`` (the QSM derived MR images) on which each
+    region's outline is drawn (none without it)."""
+    if regions_on and len(regions_on) != ctx.shape[2]:
+        raise ValueError(f"regions_on has {len(regions_on)} images for {ctx.shape[2]} slices")
     labels = np.asarray(m1.labels)
     numbers = segment_numbers(seg) if seg is not None else {}
     voxel_volume = float(np.prod(ctx.loaded.gre.voxel_size_mm))
     groups: list[hd.sr.Template] = []
+    outlines: list[hd.sr.Template] = []
     for area in AREAS:
         site = hd.sr.FindingSite(codes.PRIMARY_MOTOR_CORTEX, laterality=_side(area))
         for layer in (*LAYERS, "all"):
@@ -211,6 +271,7 @@ def build_report(
             number = numbers.get((area, layer))
             if m is None and number is None:
                 continue
+            values = [segment_label(area, x) for x in (LAYERS if layer == "all" else [layer])]
             items = measurement_items(m, voxel_volume) if m is not None and m.covered else []
             tracking = hd.sr.TrackingIdentifier(
                 uid=tracking_uid(ctx, area, layer),
@@ -240,12 +301,16 @@ def build_report(
                     )
                 )
             else:
-                values = [segment_label(area, x) for x in (LAYERS if layer == "all" else [layer])]
                 groups.append(
                     hd.sr.MeasurementsAndQualitativeEvaluations(
                         source_images=_group_source_images(ctx, labels, values), **common
                     )
                 )
+            if regions_on:
+                outline = _outline_group(ctx, labels, values, tracking, site, regions_on)
+                if outline is not None:
+                    outlines.append(outline)
+    groups += outlines
     quality = _quality_group(ctx, m1.flags)
     if quality is not None:
         groups.append(quality)
@@ -265,7 +330,9 @@ def build_report(
         procedure_reported=codes.IMAGING_PROCEDURE,
         imaging_measurements=groups,
     )
-    all_evidence = [*ctx.sources.echo1(), *([seg] if seg is not None else []), *evidence]
+    all_evidence = [
+        *ctx.sources.echo1(), *regions_on, *([seg] if seg is not None else []), *evidence
+    ]
     sr = hd.sr.Comprehensive3DSR(
         evidence=all_evidence,
         content=report[0],
