@@ -8,7 +8,9 @@ BIDS MEGRE (as dcm2niix and qsm-forward write it): one file per echo and part,
 from __future__ import annotations
 
 import json
+import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 
 import nibabel as nib
@@ -22,13 +24,34 @@ class BidsError(ValueError):
     """A BIDS MEGRE folder that cannot be read; the message names the file and the problem."""
 
 
-def write_nifti(volume: NDArray, affine: NDArray[np.float64], path: Path) -> Path:
-    """Write one volume with its voxel-to-RAS affine (as both qform and sform)."""
+DESCRIP_BYTES = 80
+"""Room in the NIfTI-1 ``descrip`` header field (a longer text is cut)."""
+
+
+def write_nifti(volume: NDArray, affine: NDArray[np.float64], path: Path,
+                descrip: str | None = None) -> Path:
+    """Write one volume with its voxel-to-RAS affine (as both qform and sform).
+
+    The header says the spatial unit (mm) and the temporal one (s); ``descrip`` (at most
+    :data:`DESCRIP_BYTES` bytes of ASCII, else cut) names the quantity, e.g. "chi (ppm)".
+    The file is written under a temporary name in the same folder and renamed into place, so
+    a reader (or a re-run looking for finished work) never sees half a file.
+    """
     img = nib.Nifti1Image(np.asanyarray(volume), np.asarray(affine, dtype=np.float64))
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
+    img.header.set_xyzt_units(xyz="mm", t="sec")
+    if descrip is not None:
+        text = descrip.encode("ascii", "replace")[:DESCRIP_BYTES - 1]
+        img.header["descrip"] = text
     path.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(img, path)
+    suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp{suffix}")
+    try:
+        nib.save(img, temporary)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
     return path
 
 
@@ -68,22 +91,44 @@ def read_megre(folder: Path) -> MultiEchoGRE:
         raise BidsError(f"{folder}: no *_echo-N_part-mag|phase_MEGRE.nii[.gz] files")
     if len(prefixes) > 1:
         raise BidsError(f"{folder}: several acquisitions ({', '.join(sorted(prefixes))})")
-    echoes = sorted({e for e, _ in found})
+    return read_megre_files(found, str(folder))
+
+
+def read_megre_files(files: Mapping[tuple[int, str], Path], name: str) -> MultiEchoGRE:
+    """Read one BIDS MEGRE acquisition given its files by ``(echo number, "mag"|"phase")``.
+
+    ``name`` says which acquisition in the errors (a folder, or a BIDS name such as
+    ``sub-01_ses-1``). Every echo needs both parts, a sidecar with ``EchoTime`` on its
+    magnitude, and the first echo's shape and affine; phase is taken as :func:`read_megre`
+    says.
+
+    Raises:
+        BidsError: naming the acquisition or the file, and the problem.
+    """
+    if not files:
+        raise BidsError(f"{name}: no *_echo-N_part-mag|phase_MEGRE.nii[.gz] files")
+    echoes = sorted({e for e, _ in files})
     for e in echoes:
         for part in ("mag", "phase"):
-            if (e, part) not in found:
-                raise BidsError(f"{folder}: echo {e} has no part-{part} file")
+            if (e, part) not in files:
+                raise BidsError(f"{name}: echo {e} has no part-{part} file")
     mags, phases, tes, b0 = [], [], [], None
-    affine = None
+    affine = shape = None
     for e in echoes:
         for part in ("mag", "phase"):
-            path = found[(e, part)]
-            img = nib.load(path)
-            data = np.asarray(img.dataobj, dtype=np.float32)
+            path = files[(e, part)]
+            try:
+                img = nib.load(path)
+                data = np.asarray(img.dataobj, dtype=np.float32)
+            except (OSError, ValueError, EOFError) as exc:
+                raise BidsError(f"{path}: not a readable NIfTI file ({exc})") from None
             if data.ndim != 3:
                 raise BidsError(f"{path}: expected a 3-D volume, got shape {data.shape}")
             if affine is None:
-                affine = img.affine
+                affine, shape = img.affine, data.shape
+            elif data.shape != shape:
+                raise BidsError(f"{path}: shape {data.shape} differs from the first echo's "
+                                f"{shape}")
             elif not np.allclose(img.affine, affine, atol=1e-3):
                 raise BidsError(f"{path}: its affine differs from the first echo's")
             if part == "mag":
@@ -91,12 +136,18 @@ def read_megre(folder: Path) -> MultiEchoGRE:
                 meta = _sidecar(path)
                 if "EchoTime" not in meta:
                     raise BidsError(f"{_sidecar_path(path)}: no EchoTime")
-                tes.append(float(meta["EchoTime"]))
-                b0 = float(meta.get("MagneticFieldStrength", b0 or 0.0))
+                try:
+                    tes.append(float(meta["EchoTime"]))
+                    b0 = float(meta.get("MagneticFieldStrength", b0 or 0.0))
+                except (TypeError, ValueError):
+                    raise BidsError(f"{_sidecar_path(path)}: EchoTime and "
+                                    "MagneticFieldStrength must be numbers") from None
             else:
                 phases.append(_as_radians(data))
     if not b0:
-        raise BidsError(f"{folder}: no MagneticFieldStrength in the sidecars")
+        raise BidsError(f"{name}: no MagneticFieldStrength in the sidecars")
+    if len(set(tes)) != len(tes):
+        raise BidsError(f"{name}: two echoes share an EchoTime ({', '.join(map(str, tes))} s)")
     return MultiEchoGRE(
         magnitude=np.stack(mags, axis=-1),
         phase=np.stack(phases, axis=-1),
@@ -115,9 +166,12 @@ def _sidecar(path: Path) -> dict:
     if not side.exists():
         raise BidsError(f"{side}: missing JSON sidecar")
     try:
-        return json.loads(side.read_text())
-    except json.JSONDecodeError as exc:
+        meta = json.loads(side.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BidsError(f"{side}: not valid JSON ({exc})") from None
+    if not isinstance(meta, dict):
+        raise BidsError(f"{side}: expected a JSON object")
+    return meta
 
 
 def _as_radians(phase: NDArray[np.float32]) -> NDArray[np.float32]:
