@@ -13,6 +13,9 @@ back to the queue, then runs four parts until told to stop:
   (:class:`~qsmnode.node.outbox.Outbox`), queued for every destination;
 - the **sender** (:class:`~qsmnode.node.sender.Sender`): a thread that C-STOREs the outbox to
   the destinations, with retries. Pending sends are in the store, so a restart resumes them;
+- the **HL7 sender** (:class:`~qsmnode.node.hl7_sender.HL7Sender`): a thread that sends one
+  ORU^R01 per done job to each ``[[hl7.destinations]]`` RIS over MLLP, from the store's
+  ``hl7_messages`` outbox, with the same retries;
 - **retention** (:class:`~qsmnode.node.retention.Retention`): a thread that removes the files
   of finished, delivered studies by age, and sooner when the disk runs low.
 
@@ -48,6 +51,7 @@ from qsmnode import __version__
 from qsmnode.node import logtext
 from qsmnode.node.audit import NULL_AUDIT, AuditLog
 from qsmnode.node.config import ConfigError, Settings, load_settings
+from qsmnode.node.hl7_sender import HL7Sender
 from qsmnode.node.http import start_http
 from qsmnode.node.jobs import DEFAULT_JOB_FUNCTION
 from qsmnode.node.normative import NormativeTableError, load_normative_table
@@ -129,8 +133,14 @@ def serve(settings: Settings, stop: threading.Event, ready: threading.Event | No
         outbox = Outbox(state_dir)
         outbox.recover(store)
         sender = Sender(settings, store)
+        hl7 = HL7Sender(settings, store)
+
+        def on_results() -> None:
+            sender.wake()
+            hl7.wake()
+
         pool = WorkerPool(settings, store, owner, job_function=job_function, outbox=outbox,
-                          on_results=sender.wake)
+                          on_results=on_results)
         tracker = Tracker(settings, store, on_jobs=pool.wake, started_at=time.time())
         receiver = Receiver(settings, store, spool)
         retention = Retention(settings, store)
@@ -138,6 +148,7 @@ def serve(settings: Settings, stop: threading.Event, ready: threading.Event | No
         tracker_thread = threading.Thread(target=tracker.run, args=(tracker_stop,),
                                           name="tracker", daemon=True)
         sender.start()
+        hl7.start()
         retention.start()
         pool.start()
         tracker_thread.start()
@@ -160,6 +171,7 @@ def serve(settings: Settings, stop: threading.Event, ready: threading.Event | No
             tracker_thread.join(timeout=30)
             pool.stop()
             sender.stop()
+            hl7.stop()
             retention.stop()
             audit.record("node_stopped", version=__version__, ae_title=settings.listener.ae_title)
     return 0

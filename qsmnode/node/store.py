@@ -6,7 +6,7 @@ a received instance whose spool file is already durable is recorded with ``synch
 (see :meth:`Store.add_instance`): the file is the durable record, and the node re-adds spool
 files missing from the store when it starts.
 
-Schema (version 5, in ``PRAGMA user_version``)::
+Schema (version 6, in ``PRAGMA user_version``)::
 
     series(series_uid PK, study_uid, series_number, modality, sop_class_uid,
            series_description, expected_count, received_count,
@@ -32,6 +32,11 @@ Schema (version 5, in ``PRAGMA user_version``)::
           PK (sop_instance_uid, destination))
     prunings(id PK, study_uid, kind 'spool'|'outbox', reason 'age'|'emergency', instances,
              bytes, at)
+    hl7_destinations(name PK, since)
+    hl7_messages(control_id, destination, job_id -> jobs, study_uid, message, notes JSON,
+                 abnormal, state 'pending'|'sent'|'failed', attempts, next_try_at,
+                 last_ack_code, last_error, last_try_at, sent_at, created_at, updated_at;
+                 PK (control_id, destination), UNIQUE (job_id, destination))
 
 Times are Unix seconds (float). ``instances.path`` is relative to the state directory.
 ``received_count`` counts distinct instances; a late instance of a complete series updates
@@ -82,6 +87,14 @@ Triage and studies (version 5): ``series.passed_over`` is why the grouping passe
 over (plainly not a QSM candidate: not a problem, holds no images), NULL otherwise; ``studies``
 holds what a study is recognised by in status displays (accession number, study date and time,
 study description; never patient data), written when the study is grouped.
+
+HL7 results (version 6): ``hl7_messages`` holds one ORU^R01 per done job and configured
+``[[hl7.destinations]]`` entry (:mod:`qsmnode.node.hl7_queue`): its deterministic message
+control ID, the ER7 text (cleared once the RIS acknowledged it, so that no patient data stays
+longer than needed), ``notes`` (JSON list of plain remarks: no accession number, not
+assessable, ...), ``abnormal`` (the worst abnormal flag, or NULL) and the delivery state like
+``sends``, with ``last_ack_code`` (AA, AE, AR) from the RIS. ``hl7_destinations`` records when
+each HL7 destination was first configured: results finished before then are not sent to it.
 
 Later schema versions append to :data:`MIGRATIONS`; opening a store applies the missing ones,
 each in one transaction. The API is small and has no ORM: records in, records out.
@@ -243,6 +256,35 @@ MIGRATIONS: tuple[str, ...] = (
         study_description  TEXT,
         updated_at         REAL NOT NULL
     );
+    """,
+    """
+    CREATE TABLE hl7_destinations (
+        name        TEXT PRIMARY KEY,
+        since       REAL NOT NULL
+    );
+    CREATE TABLE hl7_messages (
+        control_id       TEXT NOT NULL,
+        destination      TEXT NOT NULL,
+        job_id           INTEGER NOT NULL REFERENCES jobs (id),
+        study_uid        TEXT NOT NULL,
+        message          TEXT,
+        notes            TEXT NOT NULL DEFAULT '[]',
+        abnormal         TEXT,
+        state            TEXT NOT NULL DEFAULT 'pending'
+                         CHECK (state IN ('pending', 'sent', 'failed')),
+        attempts         INTEGER NOT NULL DEFAULT 0,
+        next_try_at      REAL NOT NULL,
+        last_ack_code    TEXT,
+        last_error       TEXT,
+        last_try_at      REAL,
+        sent_at          REAL,
+        created_at       REAL NOT NULL,
+        updated_at       REAL NOT NULL,
+        PRIMARY KEY (control_id, destination),
+        UNIQUE (job_id, destination)
+    );
+    CREATE INDEX hl7_messages_due ON hl7_messages (state, next_try_at);
+    CREATE INDEX hl7_messages_study ON hl7_messages (study_uid);
     """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -684,6 +726,18 @@ class Store:
                     with suppress(sqlite3.Error):
                         self._db.execute("ROLLBACK")
                 raise
+
+    @contextmanager
+    def reading(self) -> Iterator[sqlite3.Connection]:
+        """The connection, held for reads (no transaction is opened): for modules that keep
+        their own tables here (:mod:`qsmnode.node.hl7_queue`)."""
+        with self._lock:
+            yield self._db
+
+    @property
+    def version(self) -> int:
+        """The schema version of the open store (older when opened read-only)."""
+        return self._version
 
     def _migrate(self, version: int) -> None:
         for number in range(version, SCHEMA_VERSION):
