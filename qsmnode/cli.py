@@ -55,32 +55,10 @@ def _peer(text: str) -> tuple[str, int]:
 
 
 def _qsm(args: argparse.Namespace) -> int:
-    """``qsmnode qsm``: the QSM engine on BIDS MEGRE NIfTI, outputs as NIfTI (same affine)."""
-    import json
+    """``qsmnode qsm``: one folder, or a BIDS dataset as a BIDS App (qsmnode.bids.app)."""
+    from qsmnode.bids.app import run
 
-    from qsmnode.dicom.nifti import BidsError, read_megre, write_nifti
-    from qsmnode.qsm.pipeline import run_qsm
-
-    try:
-        gre = read_megre(args.input)
-    except (BidsError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    result = run_qsm(gre.magnitude, gre.phase, gre.echo_times_s, gre.voxel_size_mm,
-                     gre.b0_direction, gre.field_strength_t)
-    outputs = {
-        "chi_ppm": result.chi_ppm, "r2star_per_s": result.r2star_per_s,
-        "t2star_s": result.t2star_s, "magnitude": result.magnitude,
-        "brain_mask": result.mask.astype("uint8"), "qsm_mask": result.qsm_mask.astype("uint8"),
-        "total_field_ppm": result.total_field_ppm, "local_field_ppm": result.local_field_ppm,
-    }
-    for name, volume in outputs.items():
-        write_nifti(volume, gre.affine, args.out / f"{name}.nii.gz")
-    quality = {k: v for k, v in result.quality.items() if k != "params"}
-    (args.out / "quality.json").write_text(json.dumps(quality, indent=2, default=str) + "\n")
-    print(f"{len(outputs)} maps written to {args.out} "
-          f"({gre.n_echoes} echoes, {gre.field_strength_t:g} T, shape {gre.shape})")
-    return 0
+    return run(args)
 
 
 def _simulate(args: argparse.Namespace) -> int:
@@ -584,14 +562,50 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(run=_config_check)
 
     qsm = commands.add_parser(
-        "qsm", help="run the QSM engine on BIDS MEGRE NIfTI (researchers)",
+        "qsm", help="run the QSM engine on BIDS MEGRE NIfTI: one folder, or a BIDS dataset "
+        "as a BIDS App (researchers)",
+        usage="qsmnode qsm DIR --out OUT\n"
+              "       qsmnode qsm BIDS_DIR OUTPUT_DIR participant [--participant-label L ...] "
+              "[--session-label L ...] [--m1] [--scheduler ADDRESS]\n"
+              "       qsmnode qsm BIDS_DIR OUTPUT_DIR group",
         description="Reads <prefix>_echo-<n>_part-<mag|phase>_MEGRE.nii[.gz] with JSON "
-        "sidecars (EchoTime, MagneticFieldStrength), as dcm2niix or qsm-forward write them, "
-        "and writes χ (ppm), R2* (1/s), T2* (s), the combined magnitude, the masks and the "
-        "fields as NIfTI with the input's affine, plus quality.json.",
+        "sidecars (EchoTime, MagneticFieldStrength), as dcm2niix or qsm-forward write them. "
+        "With --out: the one acquisition in DIR, written as plain NIfTI names (χ, R2*, T2*, "
+        "magnitude, masks, fields) with the input's affine, plus quality.json. As a BIDS App: "
+        "every anat/*_MEGRE acquisition of the dataset (sub-, ses-, acq-, run- entities) is "
+        "one task on Dask distributed (a local cluster, or --scheduler), written as BIDS "
+        "derivatives in OUTPUT_DIR/qsmnode (Chimap, R2starmap, T2starmap, masks, fields, "
+        "JSON sidecars); finished acquisitions are skipped on a re-run. The group level "
+        "writes OUTPUT_DIR/qsmnode/group/cohort.tsv and figures.",
     )
-    qsm.add_argument("input", type=Path, help="folder holding one BIDS MEGRE acquisition")
-    qsm.add_argument("--out", type=Path, required=True, help="output folder")
+    qsm.add_argument("input", type=Path, metavar="DIR|BIDS_DIR",
+                     help="a folder holding one BIDS MEGRE acquisition, or a BIDS dataset root")
+    qsm.add_argument("output_dir", type=Path, nargs="?", default=None, metavar="OUTPUT_DIR",
+                     help="BIDS App form: where the derivatives go (OUTPUT_DIR/qsmnode)")
+    qsm.add_argument("analysis_level", nargs="?", default=None,
+                     choices=("participant", "group"), metavar="{participant,group}",
+                     help="BIDS App form: participant (each acquisition) or group (the "
+                     "cohort table and figures)")
+    qsm.add_argument("--out", type=Path, default=None,
+                     help="single-folder form: output folder")
+    qsm.add_argument("--participant-label", nargs="+", default=None, metavar="LABEL",
+                     help="only these participants (with or without sub-)")
+    qsm.add_argument("--session-label", nargs="+", default=None, metavar="LABEL",
+                     help="only these sessions (with or without ses-)")
+    qsm.add_argument("--m1", action="store_true",
+                     help="also run the M1 analysis: *_desc-m1_dseg.nii.gz with labels and "
+                     "measurements TSV")
+    qsm.add_argument("--normative", type=Path, default=None, metavar="TOML",
+                     help="normative table for the M1 z-scores and the figures' norm band")
+    qsm.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                     help="a running Dask scheduler, e.g. tcp://host:8786 (default: a local "
+                     "cluster on this machine)")
+    qsm.add_argument("--n-workers", type=int, default=None, metavar="N",
+                     help="workers of the local cluster (default: one per core, at most one "
+                     "per acquisition)")
+    qsm.add_argument("--memory-limit", default=None, metavar="SIZE",
+                     help="memory per local worker, e.g. 4GiB (default: the machine's memory "
+                     "shared among the workers)")
     qsm.set_defaults(run=_qsm)
 
     sim = commands.add_parser(

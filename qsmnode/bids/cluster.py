@@ -1,0 +1,163 @@
+"""The participant level on Dask distributed: one task per acquisition.
+
+By default an embedded ``LocalCluster`` (worker processes, one thread each, as many as the
+machine has cores or the cohort has acquisitions, whichever is fewer; memory per worker from
+``memory_limit``). With a scheduler address (``tcp://host:8786``) the tasks go to an existing
+cluster instead: its workers must have qsmnode installed and see the dataset and OUTPUT_DIR at
+the same paths (shared storage). On SLURM or PBS, ``dask-jobqueue`` starts such a cluster
+(see the README).
+
+Each task writes its outputs and then its record (``derivatives``), so a re-run skips what is
+finished. A task that fails, or whose worker dies more often than the scheduler allows
+(``distributed.scheduler.allowed-failures``), is recorded as failed and reported by name; the
+other acquisitions go on. A worker lost mid-task is not a failure: the scheduler runs the task
+again on another worker, and the atomic writes make the second run replace the first's files.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qsmnode.bids.derivatives import (
+    Options,
+    derivatives_root,
+    fingerprint,
+    is_finished,
+    prepare,
+    process_acquisition,
+    record_path,
+    write_json,
+)
+from qsmnode.bids.layout import Layout, MegreAcquisition
+
+CONNECT_TIMEOUT_S = 10.0
+"""How long to try to reach a scheduler before saying it cannot be reached."""
+
+
+class ClusterError(RuntimeError):
+    """The Dask cluster cannot be started or reached; the message names the address."""
+
+
+@dataclass
+class CohortReport:
+    """What the participant level did, by acquisition name."""
+
+    done: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    cluster: str = ""
+
+
+def default_workers(n_tasks: int) -> int:
+    """Workers of the embedded cluster: the cores this process may use, at most one per task."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(cores or 1, n_tasks))
+
+
+@contextmanager
+def dask_client(scheduler: str | None, n_workers: int, memory_limit: str | None,
+                ) -> Iterator[Any]:
+    """A ``distributed.Client``: to ``scheduler``, or to a new ``LocalCluster`` closed on exit.
+
+    Raises:
+        ClusterError: the scheduler cannot be reached, or the local cluster cannot start.
+    """
+    from distributed import Client, LocalCluster
+
+    if scheduler is not None:
+        try:
+            client = Client(scheduler, timeout=CONNECT_TIMEOUT_S)
+        except (OSError, TimeoutError, ValueError) as exc:
+            raise ClusterError(f"cannot reach the Dask scheduler at {scheduler}: {exc}") from None
+        try:
+            yield client
+        finally:
+            client.close()
+        return
+    try:
+        cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
+                               memory_limit=memory_limit or "auto", dashboard_address=None,
+                               silence_logs=logging.ERROR)
+    except (OSError, ValueError, TypeError) as exc:
+        raise ClusterError(f"cannot start a local Dask cluster of {n_workers} workers: "
+                           f"{exc}") from None
+    client = Client(cluster)
+    try:
+        yield client
+    finally:
+        client.close()
+        cluster.close()
+
+
+def run_participants(layout: Layout, output_dir: Path, options: Options,
+                     scheduler: str | None = None, n_workers: int | None = None,
+                     memory_limit: str | None = None,
+                     say: Callable[[str], None] = print) -> CohortReport:
+    """Process every acquisition of ``layout`` not finished yet, one Dask task each.
+
+    ``say`` gets a line per finished acquisition (``[k/n] name: done in s``), the progress of
+    a long run.
+
+    Raises:
+        ClusterError: the cluster cannot be reached or started (nothing was processed).
+    """
+    from distributed import as_completed
+
+    root = prepare(output_dir, options, layout.root)
+    report = CohortReport()
+    todo: list[MegreAcquisition] = []
+    for acquisition in layout.acquisitions:
+        if is_finished(root, acquisition, options):
+            report.skipped.append(acquisition.name)
+        else:
+            todo.append(acquisition)
+    if report.skipped:
+        say(f"{len(report.skipped)} acquisition(s) already finished, skipped: "
+            f"{', '.join(report.skipped)}")
+    if not todo:
+        return report
+    workers = n_workers or default_workers(len(todo))
+    with dask_client(scheduler, workers, memory_limit) as client:
+        report.cluster = scheduler or f"a local Dask cluster of {workers} worker(s)"
+        say(f"processing {len(todo)} acquisition(s) on {report.cluster}")
+        started = time.perf_counter()
+        futures = {
+            client.submit(process_acquisition, acquisition, layout.root, output_dir, options,
+                          key=f"qsmnode-{acquisition.name}-{uuid.uuid4().hex[:8]}"): acquisition
+            for acquisition in todo
+        }
+        for n, future in enumerate(as_completed(futures), start=1):
+            acquisition = futures[future]
+            try:
+                record = future.result()
+            except Exception as exc:  # the task never returned (e.g. its workers kept dying)
+                record = {"acquisition": acquisition.name, "subject": acquisition.subject,
+                          "session": acquisition.session,
+                          "entities": dict(acquisition.entities),
+                          "fingerprint": fingerprint(acquisition, options), "status": "failed",
+                          "error": f"{acquisition.name}: the task did not complete on the "
+                                   f"cluster ({type(exc).__name__}: {exc})"}
+                write_json(record_path(root, acquisition), record)
+            elapsed = time.perf_counter() - started
+            if record.get("status") == "done":
+                report.done.append(acquisition.name)
+                m1_error = (record.get("m1") or {}).get("error")
+                note = f"; {m1_error}" if m1_error else ""
+                say(f"[{n}/{len(todo)}] {acquisition.name}: done in "
+                    f"{record.get('seconds', 0):.1f} s{note} ({elapsed:.0f} s elapsed)")
+            else:
+                report.failed[acquisition.name] = str(record.get("error"))
+                say(f"[{n}/{len(todo)}] {acquisition.name}: FAILED: {record.get('error')}")
+    return report
+
+
+__all__ = ["ClusterError", "CohortReport", "dask_client", "derivatives_root",
+           "run_participants"]
