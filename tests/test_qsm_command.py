@@ -40,3 +40,36 @@ def test_qsm_command_names_a_missing_part(tmp_path: Path) -> None:
     failed = run(tmp_path / "in", "--out", tmp_path / "out")
     assert failed.returncode == 2
     assert "echo 3 has no part-phase file" in failed.stderr and "Traceback" not in failed.stderr
+
+
+def test_qsm_command_headers_say_mm_and_the_quantity(tmp_path: Path) -> None:
+    sim = simulate(preset("tiny", seed=2))
+    write_megre(sim.gre, tmp_path / "in")
+    done = run(tmp_path / "in", "--out", tmp_path / "out")
+    assert done.returncode == 0, done.stderr
+    for name, quantity in (("chi_ppm", b"chi (ppm)"), ("r2star_per_s", b"R2* (1/s)"),
+                           ("brain_mask", b"brain mask")):
+        header = nib.load(tmp_path / "out" / f"{name}.nii.gz").header
+        assert header.get_xyzt_units()[0] == "mm"
+        assert quantity in header["descrip"].tobytes()
+    assert not list((tmp_path / "out").glob(".*tmp*")), "a temporary file was left behind"
+
+
+def test_a_bids_root_in_the_single_folder_form_says_how_to_run_it(tmp_path: Path) -> None:
+    (tmp_path / "bids" / "sub-01" / "anat").mkdir(parents=True)
+    failed = run(tmp_path / "bids", "--out", tmp_path / "out")
+    assert failed.returncode == 2 and "Traceback" not in failed.stderr
+    assert "no *_echo-N_part-mag|phase_MEGRE.nii[.gz] files" in failed.stderr
+    assert "qsmnode qsm BIDS_DIR OUTPUT_DIR participant" in failed.stderr
+
+
+def test_the_two_forms_are_not_mixed(tmp_path: Path) -> None:
+    neither = run(tmp_path)
+    assert neither.returncode == 2 and "give --out DIR" in neither.stderr
+    no_level = run(tmp_path, tmp_path / "out")
+    assert no_level.returncode == 2
+    assert "OUTPUT_DIR needs an analysis level after it" in no_level.stderr
+    both = run(tmp_path, tmp_path / "out", "participant", "--out", tmp_path / "x")
+    assert both.returncode == 2 and "--out is for the single-folder form" in both.stderr
+    bad_level = run(tmp_path, tmp_path / "out", "subject")
+    assert bad_level.returncode == 2 and "invalid choice: 'subject'" in bad_level.stderr
