@@ -425,8 +425,7 @@ class HL7Config:
     z_high: float = field(default=2.0, metadata=_rule(gt=0))
     z_critical: float = field(default=3.0, metadata=_rule(gt=0))
     viewer_url: str | None = field(default=None, metadata=_rule(
-        expect="an http:// or https:// URL template", check=lambda t: viewer_url_problem(t)
-        is None))
+        expect="an http:// or https:// URL template"))
     destinations: tuple[HL7DestinationConfig, ...] = ()
 
     def _cross_check(self, at: str) -> Iterator[tuple[str, str]]:
