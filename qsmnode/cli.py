@@ -121,6 +121,7 @@ def _status(args: argparse.Namespace) -> int:
     import time
 
     from qsmnode.node.config import ConfigError, load_settings
+    from qsmnode.node.hl7_status import hl7_status, print_hl7_status
     from qsmnode.node.store import Store, StoreError, StudyInfo, describe_summary, study_when
 
     try:
@@ -138,6 +139,7 @@ def _status(args: argparse.Namespace) -> int:
             senders = store.study_senders()
             delivery = _delivery(store, settings)
             retention = _retention(store, settings)
+            hl7 = hl7_status(store, settings)
     except (ConfigError, StoreError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -155,6 +157,7 @@ def _status(args: argparse.Namespace) -> int:
             "problems": [p.as_dict() for p in problems],
             "delivery": delivery,
             "retention": retention,
+            "hl7": hl7,
         }
         print(json.dumps(report, indent=2))
         return 0
@@ -251,6 +254,7 @@ def _status(args: argparse.Namespace) -> int:
                 for d in delivery["destinations"]
             ],
         )
+    print_hl7_status(hl7, when, _table)
     print()
     _print_retention(retention, when)
     return 0

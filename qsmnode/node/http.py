@@ -12,7 +12,8 @@ another path 404; a query string is ignored, a request body of 1 KiB or more get
   (:mod:`qsmnode.node.metrics` lists the metrics).
 - ``/``: a read-only HTML page (no JavaScript, refreshed every 10 s): recent studies (by
   accession number, study date and time, study and series descriptions and the sending AE),
-  acquisitions and jobs, open problems, series passed over (with why) and deliveries. The
+  acquisitions and jobs, open problems, series passed over (with why), deliveries and the
+  HL7 results to the RIS (acknowledged, pending, failed, the last error). The
   store holds no patient names, IDs or birth dates; study UIDs are shortened; everything shown
   is HTML-escaped.
 
@@ -418,6 +419,16 @@ def _sections(status: Status, now: float, stages: dict[int, str]) -> list[str]:
              f"<td>{_e(_when(d.next_try_at))}</td>"
              f'<td class="text">{_e(_cut(d.last_error))}</td></tr>' for d in status.deliveries],
             "Nothing to deliver yet."))
+    if status.results is not None:
+        out.append("<h2>Results to the RIS (HL7)</h2>")
+        out.append(_table(
+            ("RIS", "Pending", "Acknowledged", "Failed", "Last acknowledged", "Next try",
+             "Last error"),
+            [f"<tr><td>{_e(r.destination)}</td><td>{r.pending}</td><td>{r.sent}</td>"
+             f"<td>{r.failed}</td><td>{_e(_when(r.last_sent_at))}</td>"
+             f"<td>{_e(_when(r.next_try_at))}</td>"
+             f'<td class="text">{_e(_cut(r.last_error))}</td></tr>' for r in status.results],
+            "No HL7 results yet."))
     return out
 
 

@@ -30,6 +30,8 @@ it into a private registry. The metrics:
 - ``qsmnode_job_last_processing_seconds`` (gauge): that of the job that finished last;
 - ``qsmnode_sends{destination,state}`` (gauge): ``pending``, ``sent``, ``failed`` (only with
   a ``sends`` table);
+- ``qsmnode_hl7_messages{destination,state}`` (gauge): HL7 ORU^R01 results to each RIS,
+  ``pending``, ``sent``, ``failed`` (only with an ``hl7_messages`` table, version 6);
 - ``qsmnode_retained_bytes{kind}`` (gauge): bytes of the files kept, ``spool`` and ``outbox``,
   and ``qsmnode_pruned_bytes_total{kind,reason}`` (counter): bytes removed by retention, by
   ``age`` or ``emergency`` (both only with a ``prunings`` table, version 4);
@@ -66,6 +68,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from qsmnode import __version__
+from qsmnode.node.hl7_queue import HL7Summary, summarize
 from qsmnode.node.store import SCHEMA_VERSION, STORE_FILENAME
 
 MIB = 1024 * 1024
@@ -177,6 +180,8 @@ class Counts:
     """kind (spool, outbox) -> bytes of the files kept; empty before version 4."""
     pruned_bytes: dict[tuple[str, str], int] = field(default_factory=dict)
     """(kind, reason) -> bytes removed by retention."""
+    hl7: dict[str, dict[str, int]] | None = None
+    """HL7 destination -> state -> ORU messages (None before version 6)."""
 
 
 def _by_state(db: sqlite3.Connection, sql: str, states: tuple[str, ...]) -> dict[str, int]:
@@ -226,6 +231,12 @@ def read_counts(db: sqlite3.Connection) -> Counts:
             sends.setdefault(row[0], dict.fromkeys(SEND_STATES, 0))[row[1]] = int(row[2])
         counts["sends"] = sends
         counts["has_sends"] = True
+    if "hl7_messages" in tables:
+        hl7: dict[str, dict[str, int]] = {}
+        for row in db.execute("SELECT destination, state, count(*) FROM hl7_messages "
+                              "GROUP BY destination, state ORDER BY destination"):
+            hl7.setdefault(row[0], dict.fromkeys(SEND_STATES, 0))[row[1]] = int(row[2])
+        counts["hl7"] = hl7
     if "prunings" in tables:
         counts["retained_bytes"] = {
             kind: int(db.execute(f"SELECT coalesce(sum(size), 0) FROM {table} "
@@ -331,6 +342,14 @@ class NodeCollector(Collector):
                 for state, number in states.items():
                     sends.add_metric([destination, state], number)
             yield sends
+        if counts.hl7 is not None:
+            hl7 = GaugeMetricFamily("qsmnode_hl7_messages",
+                                    "HL7 ORU^R01 results to the RIS by destination and state",
+                                    labels=["destination", "state"])
+            for destination, states in counts.hl7.items():
+                for state, number in states.items():
+                    hl7.add_metric([destination, state], number)
+            yield hl7
         if counts.retained_bytes:
             yield _labelled(GaugeMetricFamily("qsmnode_retained_bytes",
                                               "Bytes of the files kept in the spool and outbox",
@@ -441,6 +460,8 @@ class Status:
     deliveries: list[DeliveryRow] | None
     passed_over: list[PassedOverRow] | None = None
     """None on a store without triage (before version 5)."""
+    results: list[HL7Summary] | None = None
+    """HL7 results to the RIS per destination; None before version 6."""
 
 
 def _plan(summary_text: str | None) -> tuple[tuple[int | None, ...], int | None]:
@@ -515,7 +536,8 @@ def read_status(db: sqlite3.Connection, limit: int = 25) -> Status:
                 "WHERE passed_over IS NOT NULL ORDER BY last_received_at DESC, series_number "
                 "LIMIT ?", (limit * 20,))
         ]
-    return Status(read_counts(db), studies, jobs, problems, deliveries, passed_over)
+    results = summarize(db) if "hl7_messages" in tables else None
+    return Status(read_counts(db), studies, jobs, problems, deliveries, passed_over, results)
 
 
 def _recognisable(db: sqlite3.Connection, tables: frozenset[str],
