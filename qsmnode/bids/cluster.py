@@ -111,7 +111,7 @@ def run_participants(layout: Layout, output_dir: Path, options: Options,
     """
     from distributed import as_completed
 
-    root = prepare(output_dir, options, layout.root)
+    root = derivatives_root(output_dir)
     report = CohortReport()
     todo: list[MegreAcquisition] = []
     for acquisition in layout.acquisitions:
@@ -123,9 +123,11 @@ def run_participants(layout: Layout, output_dir: Path, options: Options,
         say(f"{len(report.skipped)} acquisition(s) already finished, skipped: "
             f"{', '.join(report.skipped)}")
     if not todo:
+        prepare(output_dir, options, layout.root)
         return report
     workers = n_workers or default_workers(len(todo))
     with dask_client(scheduler, workers, memory_limit) as client:
+        prepare(output_dir, options, layout.root)  # once the cluster is there
         report.cluster = scheduler or f"a local Dask cluster of {workers} worker(s)"
         say(f"processing {len(todo)} acquisition(s) on {report.cluster}")
         started = time.perf_counter()
