@@ -232,3 +232,50 @@ def test_participant_label_selects(cohort: Path, tmp_path: Path) -> None:
     subjects = sorted(p.name for p in (tmp_path / "qsmnode").glob("sub-*"))
     assert subjects == ["sub-02"]
     assert (tmp_path / "qsmnode/sub-02/anat/sub-02_acq-fast_run-1_Chimap.nii.gz").is_file()
+
+
+def test_m1_writes_a_dseg_with_labels_and_measurements_and_the_group_figures(
+        cohort: Path, tmp_path: Path) -> None:
+    from PIL import Image
+
+    from qsmnode.m1.result import AREAS, LAYERS
+
+    norms = REPO / "config" / "m1_normative.example.toml"
+    done = qsm(cohort, tmp_path, "participant", "--participant-label", "02", "--m1",
+               "--normative", norms, "--n-workers", "1")
+    assert done.returncode == 0, done.stderr
+    folder = tmp_path / "qsmnode/sub-02/anat"
+    name = "sub-02_acq-fast_run-1"
+    dseg = np.asarray(nib.load(folder / f"{name}_desc-m1_dseg.nii.gz").dataobj)
+    assert dseg.dtype == np.uint8 and set(np.unique(dseg)) <= set(range(13))
+    lines = (folder / f"{name}_desc-m1_dseg.tsv").read_text().splitlines()
+    assert lines[0].split("\t") == ["index", "name", "area", "layer"]
+    labels = {int(line.split("\t")[0]): line.split("\t")[1] for line in lines[1:]}
+    assert len(labels) == len(AREAS) * len(LAYERS)
+    assert labels[1] == f"{AREAS[0]}_{LAYERS[0]}"
+    table = (folder / f"{name}_desc-m1_measurements.tsv").read_text().splitlines()
+    header = table[0].split("\t")
+    rows = [dict(zip(header, line.split("\t"), strict=True)) for line in table[1:]]
+    assert {"area", "layer", "chi_mean_ppm", "thickness_mean_mm", "qc_area_covered",
+            "qc_measures_reliable"} <= set(header)
+    assert {(r["area"], r["layer"]) for r in rows} == {
+        (a, layer) for a in AREAS for layer in (*LAYERS, "all")}
+    # the measurements describe the labelled voxels of the dseg written beside them
+    by_label = {v: k for k, v in labels.items()}
+    for r in rows:
+        if r["layer"] != "all":
+            count = int((dseg == by_label[f"{r['area']}_{r['layer']}"]).sum())
+            assert int(r["voxel_count"]) == count, r
+    side = json.loads((folder / f"{name}_desc-m1_measurements.json").read_text())
+    assert side["chi_mean_ppm"]["Units"] == "ppm"
+    assert any(f["name"] == "registration_nmi" for f in side["QualityFlags"])
+
+    group = qsm(cohort, tmp_path, "group")
+    assert group.returncode == 0, group.stderr
+    cohort_rows = (tmp_path / "qsmnode/group/cohort.tsv").read_text().splitlines()
+    assert len(cohort_rows) == 1 + len(rows)
+    assert "qc_failed" in cohort_rows[0] and "chi_mean_ppm" in cohort_rows[0]
+    for png in ("deep_chi_per_area.png", "thickness_per_area.png"):
+        assert f"figure: {tmp_path / 'qsmnode/group' / png}" in group.stdout
+        with Image.open(tmp_path / "qsmnode/group" / png) as image:
+            assert image.format == "PNG" and image.size == (700, 400)

@@ -173,8 +173,10 @@ def plot_figures(table: CohortTable, normative: Any = None) -> list[Path]:
         for x, area in enumerate(AREAS):
             band = _norm_band(normative, area, layer) if column == "chi_mean_ppm" else None
             if band is not None:
+                what = ("placeholder normative table, not clinical" if getattr(
+                    normative, "placeholder", False) else "normative mean ± 2 SD")
                 ax.fill_between([x - 0.4, x + 0.4], *band, color="0.85", zorder=0,
-                                label="normative mean ± 2 SD" if x == 0 else None)
+                                label=what if x == 0 else None)
             points = [(r, _number(r.get(column))) for r in measured
                       if r["area"] == area and r.get("layer") == layer]
             points = [(r, v) for r, v in points if v is not None]
