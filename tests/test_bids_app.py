@@ -202,6 +202,9 @@ def test_group_level_tabulates_every_acquisition_and_failure(
     assert 0.1 < float(by_name["sub-01_ses-1"]["mask_fraction"]) < 0.6
     columns = json.loads((out / "qsmnode/group/cohort.json").read_text())
     assert set(columns) == set(header)
+    one = qsm(cohort, out, "group", "--participant-label", "02")
+    assert one.returncode == 0, one.stderr
+    assert "(1 rows, 1 acquisitions, 0 failed)" in one.stdout
 
 
 def test_a_rerun_skips_finished_work_and_redoes_changed_inputs(

@@ -47,6 +47,8 @@ def test_bad_labels_are_named(tmp_path: Path) -> None:
 
 def test_the_group_level_needs_the_participant_level(tmp_path: Path) -> None:
     refused(qsm(tmp_path, tmp_path / "out", "group"), "no participant-level results")
+    refused(qsm(tmp_path, tmp_path / "out", "group", "--participant-label", "a_b"),
+            "participant label 'a_b' is not a BIDS label")
 
 
 def test_a_bad_normative_table_is_named(tmp_path: Path) -> None:

@@ -129,11 +129,14 @@ def participant(args: argparse.Namespace) -> int:
 def group(args: argparse.Namespace) -> int:
     """The group level: the cohort table and figures from the participant level's output."""
     from qsmnode.bids.cohort import CohortError, run_group
+    from qsmnode.bids.layout import LayoutError, normalise_labels
     from qsmnode.node.normative import NormativeTableError
 
     try:
-        table = run_group(args.output_dir, args.normative)
-    except (CohortError, NormativeTableError) as exc:
+        table = run_group(args.output_dir, args.normative,
+                          normalise_labels(args.participant_label, "sub"),
+                          normalise_labels(args.session_label, "ses"))
+    except (CohortError, LayoutError, NormativeTableError) as exc:
         error(str(exc))
         return 2
     acquisitions = {r["acquisition"] for r in table.rows}

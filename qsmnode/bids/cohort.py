@@ -79,15 +79,33 @@ def _measurements(root: Path, record: Mapping[str, Any]) -> list[dict[str, str]]
     return []
 
 
-def build_table(output_dir: Path) -> CohortTable:
-    """Collect every record and M1 measurement under ``OUTPUT_DIR/qsmnode`` into the
-    cohort table and write it (``group/cohort.tsv`` and ``.json``).
+def select(records: list[dict[str, Any]], subjects: list[str] | None,
+           sessions: list[str] | None) -> list[dict[str, Any]]:
+    """The records of the participants and sessions given (None: all).
 
     Raises:
-        CohortError: no participant-level output there.
+        CohortError: none is left.
+    """
+    chosen = [r for r in records
+              if (subjects is None or r.get("subject") in subjects)
+              and (sessions is None or r.get("session") in sessions)]
+    if not chosen:
+        raise CohortError("no participant-level results for the participants and sessions "
+                          "selected")
+    return chosen
+
+
+def build_table(output_dir: Path, subjects: list[str] | None = None,
+                sessions: list[str] | None = None) -> CohortTable:
+    """Collect every record and M1 measurement under ``OUTPUT_DIR/qsmnode`` (of the
+    participants and sessions given, labels without prefix; None: all) into the cohort table
+    and write it (``group/cohort.tsv`` and ``.json``).
+
+    Raises:
+        CohortError: no participant-level output there (for the selection).
     """
     root = derivatives_root(output_dir)
-    records = read_records(root)
+    records = select(read_records(root), subjects, sessions)
     entity_keys = list(dict.fromkeys(k for r in records for k in (r.get("entities") or {})))
     measure_keys: list[str] = []
     rows: list[dict[str, Any]] = []
@@ -209,15 +227,18 @@ def normative_of(records: list[dict[str, Any]], given: Path | None) -> Path | No
     return Path(used.pop()) if len(used) == 1 else None
 
 
-def run_group(output_dir: Path, normative: Path | None = None) -> CohortTable:
-    """The group level: the table and the figures.
+def run_group(output_dir: Path, normative: Path | None = None,
+              subjects: list[str] | None = None,
+              sessions: list[str] | None = None) -> CohortTable:
+    """The group level: the table and the figures (of the participants and sessions given).
 
     Raises:
         CohortError: no participant-level output.
         qsmnode.node.normative.NormativeTableError: the normative table cannot be used.
     """
-    table = build_table(output_dir)
-    path = normative_of(read_records(derivatives_root(output_dir)), normative)
+    table = build_table(output_dir, subjects, sessions)
+    path = normative_of(select(read_records(derivatives_root(output_dir)), subjects, sessions),
+                        normative)
     table_values = None
     if path is not None:
         from qsmnode.node.normative import read_normative_table

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from nibabel.filebasedimages import ImageFileError
 from numpy.typing import NDArray
 
 from qsmnode.acquisition import MultiEchoGRE
@@ -120,7 +121,7 @@ def read_megre_files(files: Mapping[tuple[int, str], Path], name: str) -> MultiE
             try:
                 img = nib.load(path)
                 data = np.asarray(img.dataobj, dtype=np.float32)
-            except (OSError, ValueError, EOFError) as exc:
+            except (ImageFileError, OSError, ValueError, EOFError) as exc:
                 raise BidsError(f"{path}: not a readable NIfTI file ({exc})") from None
             if data.ndim != 3:
                 raise BidsError(f"{path}: expected a 3-D volume, got shape {data.shape}")
