@@ -54,6 +54,12 @@ def _peer(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number of at least 1")
+    return int(text)
+
+
 def _qsm(args: argparse.Namespace) -> int:
     """``qsmnode qsm``: one folder, or a BIDS dataset as a BIDS App (qsmnode.bids.app)."""
     from qsmnode.bids.app import run
@@ -604,7 +610,10 @@ def build_parser() -> argparse.ArgumentParser:
     qsm.add_argument("--scheduler", default=None, metavar="ADDRESS",
                      help="a running Dask scheduler, e.g. tcp://host:8786 (default: a local "
                      "cluster on this machine)")
-    qsm.add_argument("--n-workers", type=int, default=None, metavar="N",
+    qsm.add_argument("--wait-for-workers", type=float, default=60.0, metavar="SECONDS",
+                     help="with --scheduler: how long to wait for its first worker "
+                     "(default 60)")
+    qsm.add_argument("--n-workers", type=_positive_int, default=None, metavar="N",
                      help="workers of the local cluster (default: one per core, at most one "
                      "per acquisition)")
     qsm.add_argument("--memory-limit", default=None, metavar="SIZE",

@@ -183,3 +183,28 @@ def test_an_unreachable_scheduler_is_named(sim: Simulation, tmp_path: Path) -> N
     assert f"cannot reach the Dask scheduler at {address}" in stderr
     assert "Traceback" not in stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_scheduler_without_workers_is_named(sim: Simulation, tmp_path: Path) -> None:
+    bids = write_cohort(tmp_path / "bids", sim, dict(list(COHORT.items())[:1]))
+    port = free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    scheduler = subprocess.Popen(
+        [DASK, "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO,
+        start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.2)
+        run = qsm_process(bids, tmp_path / "out", "participant", "--scheduler", address,
+                          "--wait-for-workers", "3")
+        _, stderr = run.communicate(timeout=120)
+    finally:
+        stop(scheduler)
+    assert run.returncode == 2
+    assert f"the Dask scheduler at {address} has no workers (none joined within 3 s)" in stderr
+    assert "Traceback" not in stderr

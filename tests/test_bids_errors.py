@@ -59,3 +59,14 @@ def test_a_bad_normative_table_is_named(tmp_path: Path) -> None:
     (tmp_path / "norms.toml").write_text("schema = 1\n[areas.left_hand.deep]\nchi_sd_ppm = -1\n")
     refused(qsm(tmp_path / "bids", tmp_path / "out", "participant", "--m1", "--normative",
                 tmp_path / "norms.toml"), "--normative")
+
+
+def test_bad_cluster_options_are_named(tmp_path: Path) -> None:
+    anat = tmp_path / "bids" / "sub-01" / "anat"
+    anat.mkdir(parents=True)
+    for part in ("mag", "phase"):
+        (anat / f"sub-01_echo-1_part-{part}_MEGRE.nii").write_bytes(b"")
+    refused(qsm(tmp_path / "bids", tmp_path / "out", "participant", "--n-workers", "0"),
+            "argument --n-workers: '0': expected a whole number of at least 1")
+    refused(qsm(tmp_path / "bids", tmp_path / "out", "participant", "--memory-limit", "lots"),
+            "cannot start a local Dask cluster of 1 worker(s): Could not interpret 'lots'")

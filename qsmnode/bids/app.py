@@ -115,7 +115,8 @@ def participant(args: argparse.Namespace) -> int:
     options = Options(m1=args.m1, normative=args.normative.resolve() if args.normative else None)
     try:
         report = run_participants(layout, args.output_dir, options, args.scheduler,
-                                  args.n_workers, args.memory_limit)
+                                  args.n_workers, args.memory_limit,
+                                  worker_wait_s=args.wait_for_workers)
     except ClusterError as exc:
         error(str(exc))
         return 2

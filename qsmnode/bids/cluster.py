@@ -42,6 +42,10 @@ CONNECT_TIMEOUT_S = 10.0
 """How long to try to reach a scheduler before saying it cannot be reached."""
 
 
+WORKER_WAIT_S = 60.0
+"""How long to wait for a scheduler's first worker before saying it has none."""
+
+
 class ClusterError(RuntimeError):
     """The Dask cluster cannot be started or reached; the message names the address."""
 
@@ -62,10 +66,17 @@ def default_workers(n_tasks: int) -> int:
     return max(1, min(cores or 1, n_tasks))
 
 
+def progress_bar(done: int, total: int, width: int = 20) -> str:
+    """``|#####-----|`` for ``done`` of ``total``: the progress line's bar."""
+    filled = round(width * done / total) if total else width
+    return f"|{'#' * filled}{'-' * (width - filled)}|"
+
+
 @contextmanager
 def dask_client(scheduler: str | None, n_workers: int, memory_limit: str | None,
-                ) -> Iterator[Any]:
-    """A ``distributed.Client``: to ``scheduler``, or to a new ``LocalCluster`` closed on exit.
+                worker_wait_s: float = WORKER_WAIT_S) -> Iterator[Any]:
+    """A ``distributed.Client``: to ``scheduler`` (once it has a worker, waiting at most
+    ``worker_wait_s``), or to a new ``LocalCluster`` closed on exit.
 
     Raises:
         ClusterError: the scheduler cannot be reached, or the local cluster cannot start.
@@ -78,6 +89,11 @@ def dask_client(scheduler: str | None, n_workers: int, memory_limit: str | None,
         except (OSError, TimeoutError, ValueError) as exc:
             raise ClusterError(f"cannot reach the Dask scheduler at {scheduler}: {exc}") from None
         try:
+            try:
+                client.wait_for_workers(1, timeout=worker_wait_s)
+            except (TimeoutError, OSError) as exc:
+                raise ClusterError(f"the Dask scheduler at {scheduler} has no workers (none "
+                                   f"joined within {worker_wait_s:g} s)") from exc
             yield client
         finally:
             client.close()
@@ -87,7 +103,7 @@ def dask_client(scheduler: str | None, n_workers: int, memory_limit: str | None,
                                memory_limit=memory_limit or "auto", dashboard_address=None,
                                silence_logs=logging.ERROR)
     except (OSError, ValueError, TypeError) as exc:
-        raise ClusterError(f"cannot start a local Dask cluster of {n_workers} workers: "
+        raise ClusterError(f"cannot start a local Dask cluster of {n_workers} worker(s): "
                            f"{exc}") from None
     client = Client(cluster)
     try:
@@ -100,7 +116,8 @@ def dask_client(scheduler: str | None, n_workers: int, memory_limit: str | None,
 def run_participants(layout: Layout, output_dir: Path, options: Options,
                      scheduler: str | None = None, n_workers: int | None = None,
                      memory_limit: str | None = None,
-                     say: Callable[[str], None] = print) -> CohortReport:
+                     say: Callable[[str], None] = print,
+                     worker_wait_s: float = WORKER_WAIT_S) -> CohortReport:
     """Process every acquisition of ``layout`` not finished yet, one Dask task each.
 
     ``say`` gets a line per finished acquisition (``[k/n] name: done in s``), the progress of
@@ -126,7 +143,7 @@ def run_participants(layout: Layout, output_dir: Path, options: Options,
         prepare(output_dir, options, layout.root)
         return report
     workers = n_workers or default_workers(len(todo))
-    with dask_client(scheduler, workers, memory_limit) as client:
+    with dask_client(scheduler, workers, memory_limit, worker_wait_s) as client:
         prepare(output_dir, options, layout.root)  # once the cluster is there
         report.cluster = scheduler or f"a local Dask cluster of {workers} worker(s)"
         say(f"processing {len(todo)} acquisition(s) on {report.cluster}")
@@ -149,15 +166,19 @@ def run_participants(layout: Layout, output_dir: Path, options: Options,
                                    f"cluster ({type(exc).__name__}: {exc})"}
                 write_json(record_path(root, acquisition), record)
             elapsed = time.perf_counter() - started
+            eta = elapsed / n * (len(todo) - n)
+            bar = progress_bar(n, len(todo))
             if record.get("status") == "done":
                 report.done.append(acquisition.name)
                 m1_error = (record.get("m1") or {}).get("error")
                 note = f"; {m1_error}" if m1_error else ""
-                say(f"[{n}/{len(todo)}] {acquisition.name}: done in "
-                    f"{record.get('seconds', 0):.1f} s{note} ({elapsed:.0f} s elapsed)")
+                say(f"{bar} [{n}/{len(todo)}] {acquisition.name}: done in "
+                    f"{record.get('seconds', 0):.1f} s{note} ({elapsed:.0f} s elapsed, "
+                    f"about {eta:.0f} s to go)")
             else:
                 report.failed[acquisition.name] = str(record.get("error"))
-                say(f"[{n}/{len(todo)}] {acquisition.name}: FAILED: {record.get('error')}")
+                say(f"{bar} [{n}/{len(todo)}] {acquisition.name}: FAILED: "
+                    f"{record.get('error')}")
     return report
 
 
