@@ -38,6 +38,7 @@ import json
 import math
 import os
 import time
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,7 +132,7 @@ def output_path(root: Path, acquisition: MegreAcquisition, suffix: str, ext: str
 def write_text_atomic(path: Path, text: str) -> Path:
     """Write ``text`` under a temporary name beside ``path``, then rename it into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")  # unique across hosts
     try:
         temporary.write_text(text, encoding="utf-8")
         os.replace(temporary, path)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import uuid
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -47,7 +48,7 @@ def write_nifti(volume: NDArray, affine: NDArray[np.float64], path: Path,
         img.header["descrip"] = text
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp{suffix}")
+    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp{suffix}")
     try:
         nib.save(img, temporary)
         os.replace(temporary, path)
