@@ -25,6 +25,10 @@ from qsmnode.sim.anatomy import AnatomyParams, AnatomyPhantom, random_pose, simu
 from qsmnode.sim.phantom import DEFAULT_PROPERTIES, R2STAR_PER_CHI, M1Area, Tissue, tissue_maps
 from qsmnode.sim.scanner import ScanParams, preset
 
+THICKNESS_AGREEMENT_MM = 0.45
+"""The analysis's layering of the phantom's labels against the phantom's independent
+thickness truth at the hand knob (measured 0.40 mm, see the test)."""
+
 
 def _grid_points(shape, affine):
     idx = np.indices(shape, dtype=np.float64).reshape(3, -1)
@@ -264,27 +268,141 @@ def test_extent_contains_the_head():
     assert (t.label != Tissue.AIR).any()
 
 
-def test_thickness_truth_is_the_ribbons_own_and_converged():
-    """The truth (Laplace/Yezzi–Prince on the continuous ribbon, 0.5 mm in template space)
-    barely changes on a finer grid (0.25 mm) at the hand knob, and matches the thickness of
-    the labels the phantom gives a 0.4 × 0.4 × 0.8 mm oblique grid within 0.3 mm."""
+# --- the simulator's own truth: M1 areas (qsmnode.sim.m1_areas) ------------------------------
+
+
+def test_the_phantoms_areas_are_its_own_and_where_anatomy_puts_them():
+    """The phantom's hand and foot areas (Jülich BA4, hand-knob and paracentral boxes) lie in
+    its grey matter where the literature puts them, per hemisphere, and are not the
+    analysis's areas (another atlas and rule): they overlap them (Dice 0.4-0.8 on the
+    template's grey matter, measured 0.50-0.59) without being them."""
+    m = AnatomyPhantom().model
+    gm = (m.pial >= 0) & (m.white < 0)
+    affine = np.linalg.inv(m.inv_affine)
+    xyz = _grid_points(gm.shape, affine)
+    vol, info = templates.load_atlas(templates.DEFAULT_ATLAS)
+    analysis = resample_labels(split_areas(m1_hemispheres(vol.data, vol.affine, info.m1),
+                                           vol.affine), vol.affine, gm.shape, affine)
+    dice = {}
+    for area, sign, kind in ((M1Area.LEFT_HAND, -1, "hand"), (M1Area.RIGHT_HAND, 1, "hand"),
+                             (M1Area.LEFT_FOOT, -1, "foot"), (M1Area.RIGHT_FOOT, 1, "foot")):
+        sel = gm & (m.areas == area)
+        assert sel.sum() > 3000, area  # > 3 mL of grey matter at 1 mm
+        x, y, z = (float(c[sel].mean()) for c in xyz)
+        assert np.all(np.sign(xyz[0][sel]) == sign), area
+        if kind == "hand":
+            assert 30 < abs(x) < 45 and -35 < y < -10 and 50 < z < 66, (area, x, y, z)
+        else:
+            assert abs(x) < 10 and -40 < y < -15 and z > 60, (area, x, y, z)
+        theirs = gm & (analysis == area_value(area.name.lower()))
+        dice[area.name] = 2 * (sel & theirs).sum() / (sel.sum() + theirs.sum())
+    print("phantom vs analysis areas, Dice on the template's GM: "
+          + ", ".join(f"{a} {d:.2f}" for a, d in dice.items()))
+    assert all(0.4 < d < 0.8 for d in dice.values()), dice
+    assert (m.areas == M1Area.OTHER).any()
+
+
+# --- the simulator's own truth: thickness and depth (qsmnode.sim.ribbon) -------------------
+
+
+SLAB_NORMAL = np.array([0.3, -0.4, 0.866]) / np.linalg.norm([0.3, -0.4, 0.866])
+
+
+def _shell(kind: str, step: float = 0.5):
+    """Exact signed distances (white, pial) of a 3 mm shell of known geometry on a ``step``
+    mm grid, its affine, and the range of the radius (height) of its grey matter."""
+    n = round(44 / step)
+    ax = ((np.arange(n) - (n - 1) / 2) * step).astype(np.float32)
+    x, y, z = np.meshgrid(ax, ax, ax, indexing="ij")
+    affine = np.diag([step, step, step, 1.0])
+    affine[:3, 3] = ax[0]
+    if kind == "slab":  # WM below an oblique plane, 3 mm of GM above it
+        h = SLAB_NORMAL[0] * x + SLAB_NORMAL[1] * y + SLAB_NORMAL[2] * z
+        return -h, 3.0 - h, affine, (0.0, 3.0)
+    radius = np.sqrt(x**2 + y**2 + z**2) if kind != "cylinder" else np.sqrt(x**2 + y**2)
+    if kind == "inverted":  # a CSF ball of radius 9, GM to 12, WM outside (like a fundus)
+        return radius - 12.0, radius - 9.0, affine, (9.0, 12.0)
+    return 8.0 - radius, 11.0 - radius, affine, (8.0, 11.0)  # WM ball/rod of radius 8
+
+
+def _closed_form(kind: str, r: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Equidistant and equivolume depth (0 pial, 1 WM) of shells at radius/height r."""
+    if kind == "slab":
+        d = (3.0 - r) / 3.0
+        return d, d
+    if kind == "inverted":  # the pial surface is the inner one
+        return (r - 9.0) / 3.0, (r**3 - 9.0**3) / (12.0**3 - 9.0**3)
+    power = 2 if kind == "cylinder" else 3
+    return (11.0 - r) / 3.0, (11.0**power - r**power) / (11.0**power - 8.0**power)
+
+
+@pytest.mark.parametrize("kind", ["slab", "sphere", "cylinder", "inverted"])
+def test_the_truths_thickness_and_depths_are_the_closed_forms(kind):
+    """The simulator's thickness and depths (its own algorithm) on shells whose thickness
+    (3 mm) and equidistant/equivolume depths are known in closed form, on a 0.5 mm grid.
+    Radii of 8-12 mm make equivolume and equidistant depth differ by up to 0.04-0.07 (ten
+    times the tolerance), so the check
+    tells them apart."""
+    from qsmnode.sim.ribbon import Ribbon, normal_layers
+
+    white, pial, affine, (lo, hi) = _shell(kind)
+    ribbon = Ribbon.from_fields(pial.astype(np.float32), white.astype(np.float32), affine)
+    rng = np.random.default_rng(1)
+    r = rng.uniform(lo + 0.02, hi - 0.02, 3000)
+    if kind == "slab":  # points of the plane, lifted to height r
+        flat = rng.uniform(-8, 8, (3, 3000))
+        pts = flat - SLAB_NORMAL[:, None] * (SLAB_NORMAL @ flat) + SLAB_NORMAL[:, None] * r
+    else:
+        u = rng.normal(size=(3, 3000))
+        if kind == "cylinder":
+            u[2] = 0
+        u /= np.linalg.norm(u, axis=0)
+        pts = u * r
+        if kind == "cylinder":
+            pts[2] = rng.uniform(-8, 8, 3000)
+    lay = normal_layers(ribbon, tuple(c.astype(np.float32) for c in pts))
+    equidistant, equivolume = _closed_form(kind, r)
+    assert np.isfinite(lay.thickness_mm).all()
+    assert float(np.max(np.abs(lay.thickness_mm - 3.0))) < 0.03
+    assert float(np.max(np.abs(lay.depth_equidistant - equidistant))) < 0.01
+    assert float(np.max(np.abs(lay.depth_equivolume - equivolume))) < 0.01
+    if kind != "slab":  # curved: the two depths differ, and the truth knows which is which
+        assert float(np.max(np.abs(equivolume - equidistant))) > 0.03
+        assert float(np.max(np.abs(lay.depth_equivolume - equidistant))) > 0.03
+    # Outside the grey matter there is no truth.
+    outside = normal_layers(ribbon, (np.float32([0.0]), np.float32([0.0]), np.float32([20.0])))
+    assert np.isnan(outside.thickness_mm).all()
+
+
+def test_the_thickness_truth_on_its_grid_is_converged_and_the_analysis_agrees():
+    """At the hand knob: the phantom's truth (computed on a 0.5 mm template grid, then
+    interpolated) against the same truth evaluated directly at the points (it barely moves),
+    and the analysis's own layering (Laplace / Yezzi–Prince, ``qsmnode.m1.layers``) of the
+    labels the phantom gives a 0.4 × 0.4 × 0.8 mm oblique grid against the truth.
+
+    Measured (pose-free phantom): grid vs direct thickness MAE 0.09 mm, depth 0.025; the
+    analysis vs the truth thickness MAE 0.40 mm (bias −0.36: the analysis's Laplace lines are
+    shorter than the truth's lines in the folds, and its voxel staircase, see
+    ``qsmnode.sim.ribbon``) and equivolume depth MAE 0.047. While the truth was the same
+    Laplace code on a finer grid the bounds were 0.3 mm and 0.08."""
     from qsmnode.m1.layers import cortical_layers
-    from qsmnode.sim.anatomy import _fine_layers, _trilinear
+    from qsmnode.sim.anatomy import _trilinear
+    from qsmnode.sim.ribbon import Ribbon, normal_layers
 
     m = AnatomyPhantom().model
     box = ((-50.0, -24.0), (-32.0, -8.0), (46.0, 70.0))
-    coarse = _fine_layers(m.pial, m.white, m.inv_affine, box, 0.5)
-    fine = _fine_layers(m.pial, m.white, m.inv_affine, box, 0.25)
     axes = [np.arange(lo + 4, hi - 4, 0.3, dtype=np.float32) for lo, hi in box]
     q = tuple(c.ravel() for c in np.meshgrid(*axes, indexing="ij"))
     (pial, white), _ = _trilinear((m.pial, m.white), m.inv_affine, q, -1e3)
     qg = tuple(c[(pial >= 0) & (white < 0)] for c in q)
-    (w5, d5), _ = _trilinear(coarse[1:], coarse[0], qg, np.nan)
-    (w25, d25), _ = _trilinear(fine[1:], fine[0], qg, np.nan)
-    assert qg[0].size > 5000 and np.isfinite(w5).all() and np.isfinite(w25).all()
-    assert float(np.mean(np.abs(w5 - w25))) < 0.12
-    assert float(np.mean(np.abs(d5 - d25))) < 0.05
-    assert 1.5 < float(np.median(w5)) < 4.0
+    (w_grid, d_grid), _ = _trilinear((m.truth_thickness, m.truth_depth), m.truth_inv_affine,
+                                     qg, np.nan)
+    direct = normal_layers(Ribbon.from_fields(m.pial, m.white, np.linalg.inv(m.inv_affine)), qg)
+    ok = np.isfinite(direct.thickness_mm)
+    assert qg[0].size > 5000 and ok.mean() > 0.98 and np.isfinite(w_grid).all()
+    assert float(np.mean(np.abs(w_grid[ok] - direct.thickness_mm[ok]))) < 0.15
+    assert float(np.mean(np.abs(d_grid[ok] - direct.depth_equivolume[ok]))) < 0.04
+    assert 1.5 < float(np.median(w_grid)) < 4.0
 
     # The phantom sampled on an oblique acquisition grid (unposed, undeformed).
     ph = AnatomyPhantom(AnatomyParams(pose_seed=0, max_rotation_deg=0.0,
@@ -298,5 +416,9 @@ def test_thickness_truth_is_the_ribbons_own_and_converged():
     inner[8:-8, 8:-8, 4:-4] = True
     sel = gm & inner & np.isfinite(lay.thickness_mm)
     assert sel.sum() > 3000
-    assert float(np.mean(np.abs(lay.thickness_mm[sel] - t.thickness_mm[sel]))) < 0.3
+    err = lay.thickness_mm[sel] - t.thickness_mm[sel]
+    print(f"analysis vs truth at the knob: thickness MAE {np.mean(np.abs(err)):.3f} mm, "
+          f"bias {np.mean(err):+.3f}, depth MAE "
+          f"{np.mean(np.abs(lay.depth_equivolume[sel] - t.depth[sel])):.3f}")
+    assert float(np.mean(np.abs(err))) < THICKNESS_AGREEMENT_MM
     assert float(np.mean(np.abs(lay.depth_equivolume[sel] - t.depth[sel]))) < 0.08

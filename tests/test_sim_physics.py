@@ -201,22 +201,34 @@ def test_shim_removes_low_order_field_and_keeps_the_local_field() -> None:
     assert np.abs(np.diff(removed, n=3, axis=0)).max() < 1e-4
 
 
-def test_the_simulator_never_imports_the_reconstruction() -> None:
-    """The simulator's truth must not come from the code it grades (no ``qsmnode.qsm``)."""
+def test_the_simulator_never_imports_the_code_it_grades() -> None:
+    """The simulator's truth must not come from the code it grades: no module of
+    ``qsmnode.sim`` imports ``qsmnode.qsm`` (the reconstruction) or ``qsmnode.m1`` (the M1
+    analysis: atlas split, layers), directly or by a relative import."""
     import ast
     from pathlib import Path
 
     import qsmnode.sim
 
+    graded = ("qsmnode.qsm", "qsmnode.m1")
+    root = Path(qsmnode.sim.__file__).parent
+    paths = sorted(root.rglob("*.py"))
+    assert len(paths) >= 8, paths  # the walk does see the simulator's modules
     offenders = []
-    for path in Path(qsmnode.sim.__file__).parent.glob("*.py"):
+    for path in paths:
         for node in ast.walk(ast.parse(path.read_text())):
             names = []
-            if isinstance(node, ast.ImportFrom) and node.module:
-                names = [node.module]
+            if isinstance(node, ast.ImportFrom):
+                if node.level:  # from . import x (qsmnode.sim), from ..m1 import layers
+                    base = ".".join(["qsmnode", "sim"][: max(0, 3 - node.level)])
+                    module = f"{base}.{node.module}" if node.module else base
+                    names = [module, *(f"{module}.{a.name}" for a in node.names)]
+                elif node.module:
+                    names = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
             elif isinstance(node, ast.Import):
                 names = [a.name for a in node.names]
-            offenders += [f"{path.name}: {n}" for n in names if n.startswith("qsmnode.qsm")]
+            offenders += [f"{path.name}: {n}" for n in names
+                          if any(n == g or n.startswith(g + ".") for g in graded)]
     assert not offenders, offenders
 
 

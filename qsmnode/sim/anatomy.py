@@ -1,11 +1,14 @@
 """The anatomy phantom: a head built from real template anatomy, in a random pose.
 
 The brain is the MNI ICBM152 2009a nonlinear *symmetric* template that nilearn ships (T1,
-grey- and white-matter probabilities, 1 mm); M1 is the atlas's M1 label (HCPex area 4 by
-default), split into hand and foot areas per hemisphere (``qsmnode.m1.atlas``). It is kept
-apart from what the M1 analysis registers to (the 2009c *asymmetric* brain, at 2 mm): a
-different template, further warped by a smooth random deformation, then placed in a random
-rigid pose.
+grey- and white-matter probabilities, 1 mm); M1 and its hand and foot areas per hemisphere
+are the simulator's own (``qsmnode.sim.m1_areas``: Jülich BA4 with hand-knob and paracentral
+boxes), not the analysis's atlas and split. It is kept apart from what the M1 analysis
+registers to (the 2009c *asymmetric* brain, at 2 mm): a different template, further warped by
+a smooth random deformation, then placed in a random rigid pose.
+
+The ground truth is not computed with the code under test: nothing in ``qsmnode.sim`` imports
+``qsmnode.m1`` or ``qsmnode.qsm`` (``tests/test_sim_physics.py`` checks the imports).
 
 Anatomy, on the template's 1 mm grid (template space ≈ MNI mm):
 - brain mask: T1 > 0; tissue: GM or WM where its probability beats the other two (CSF = the
@@ -14,29 +17,24 @@ Anatomy, on the template's 1 mm grid (template space ≈ MNI mm):
   where the distance to WM has a sharp ridge inside GM (where the wavefronts from two banks
   meet): a CSF sheet about 1.5-2 mm thick, made by taking the minimum of the pial distance and
   the smoothed distance to the ridge minus ``_SHEET_OFFSET_MM`` (a sheet made only by removing
-  the 1 mm ridge voxels closes again once the distance is smoothed, and the Laplace field of
-  the labels then runs around the closed sulcus).
+  the 1 mm ridge voxels closes again once the distance is smoothed).
 - surfaces as signed distances (mm, half-voxel corrected, lightly smoothed): ``pial`` (> 0
   inside GM ∪ WM) and ``white`` (> 0 inside WM), sampled with trilinear interpolation, so the
   fine acquisition grid sees smooth surfaces and not 1 mm stairs.
-- **cortical thickness and depth truth**: the Yezzi–Prince thickness along the Laplace field
-  lines and Waehnert's equivolume depth (0 pial, 1 WM) of the phantom's own grey-matter
-  ribbon, computed once in template space on a 0.5 mm isotropic grid sampled from the
-  continuous surfaces (``_fine_layers``), over a box around M1 (``_TRUTH_BOX_MM``); sampled at
-  the posed points by trilinear interpolation and corrected for the local stretch of the
-  random deformation across the cortex. Why this truth: it is the thickness of the ribbon the
-  phantom's labels actually have (a distance-based thickness, the sum of the closest
-  distances to the two surfaces, agrees with it only on a flat sheet and was 0.5-1.5 mm off
-  in the folded hand knob), and it is the quantity the analysis estimates (Laplace +
-  Yezzi–Prince, equivolume depth). It stays independent of the analysis's own computation:
-  it is made before deformation, pose and sampling, from the continuous surfaces, on a finer
-  isotropic grid than any acquisition, while the analysis works on its own segmentation of
-  the oblique, anisotropic acquisition grid. The shared algorithm is validated against
-  analytic geometry (flat oblique slabs, spherical shells: ``tests/test_m1_layers.py``);
-  at 0.5 mm its staircase error is about 0.05 mm, and at the hand knob the truth moves by
-  0.09 mm (thickness MAE) and 0.04 (depth MAE) from 0.5 to 0.25 mm
-  (``tests/test_m1_anatomy.py``). Outside the box (not M1) the depth
-  is the distance-based pial / (pial − white) and the thickness pial − white.
+- **cortical thickness and depth truth** (``qsmnode.sim.ribbon``): the length of the flow line
+  of the potential u = white / (white − pial) through the point, from the white to the pial
+  surface, and the equivolume depth (0 pial, 1 WM) as the column's volume fraction integrated
+  along that line, computed once from the continuous surfaces at the grey-matter points of a
+  0.5 mm isotropic template-space grid over a box around the hand and foot areas
+  (``_TRUTH_BOX_MM``); sampled at the posed points by trilinear interpolation and corrected
+  for the local stretch of the random deformation across the cortex. It is the same quantity
+  the analysis estimates (a thickness along curves that meet both surfaces, equivolume
+  layers) by another algorithm (a closed-form potential and Lagrangian line integration vs
+  the analysis's Laplace equation and Eulerian Yezzi–Prince transport on voxel labels) and
+  other code; the two agree on slabs, spheres and cylinders and may differ by a few tenths of
+  a millimetre in folds (see ``qsmnode.sim.ribbon``). Outside the box (not the hand or foot
+  areas) the depth is the distance-based pial / (pial − white) and the thickness pial −
+  white.
 - head: layers of CSF, bone and scalp at set distances outside the (smoothed) brain mask, a
   neck below, air around; the superior sagittal sinus (a vein) in the midline CSF layer.
 
@@ -61,8 +59,7 @@ from numpy.typing import NDArray
 from scipy import ndimage
 
 from qsmnode.dicom import templates
-from qsmnode.m1.atlas import AreaSplit, m1_hemispheres, resample_labels, split_areas
-from qsmnode.m1.layers import cortical_layers
+from qsmnode.sim.m1_areas import AreaRule, m1_area_labels
 from qsmnode.sim.phantom import (
     CHI_AIR_PPM,
     DEFAULT_NUCLEI,
@@ -74,6 +71,8 @@ from qsmnode.sim.phantom import (
     depth_bins,
     tissue_maps,
 )
+from qsmnode.sim.ribbon import Ribbon, normal_layers
+from qsmnode.sim.ribbon import trilinear as _trilinear
 from qsmnode.sim.scanner import (
     ScanParams,
     Simulation,
@@ -92,13 +91,14 @@ _SHEET_OFFSET_MM = 1.0
 """A sulcal sheet is where the smoothed distance to the ridge voxels is below this: 1.5-2 mm
 thick (the smoothing, σ 0.6 mm, lifts the distance at the ridge itself to ≈0.5 mm)."""
 _TRUTH_STEP_MM = 0.5
-_TRUTH_BOX_MM = ((-76.0, 76.0), (-52.0, 16.0), (10.0, 92.0))
-"""Template-space box (mm) of the fine thickness and depth truth: M1 and 10 mm around it."""
+_TRUTH_BOX_MM = ((-60.0, 60.0), (-62.0, 4.0), (34.0, 92.0))
+"""Template-space box (mm) of the fine thickness and depth truth: the hand and foot areas
+(``qsmnode.sim.m1_areas``) and 10 mm around them."""
 
 
 @dataclass(frozen=True)
 class AnatomyParams:
-    """The anatomy phantom: template, atlas, head layers, pose, deformation and ALS change.
+    """The anatomy phantom: template, M1 areas, head layers, pose, deformation, ALS change.
 
     ``als_delta_chi_ppm`` adds χ (ppm) to the deep third (depth ≥ 2/3) of the named areas
     (``left_hand``, ``right_hand``, ``left_foot``, ``right_foot``); R2* rises by
@@ -114,8 +114,8 @@ class AnatomyParams:
     """RMS amplitude of the smooth random deformation (0 = none)."""
     deformation_wavelength_mm: float = 70.0
     template: str = "mni152-2009a-sym"
-    atlas: str = templates.DEFAULT_ATLAS
-    split: AreaSplit = field(default_factory=AreaSplit)
+    areas: AreaRule = field(default_factory=AreaRule)
+    """The simulator's own M1 hand/foot rule (``qsmnode.sim.m1_areas``)."""
     csf_mm: float = 3.0
     skull_mm: float = 6.0
     scalp_mm: float = 5.0
@@ -245,14 +245,13 @@ class _Model:
     licence: str
     truth_inv_affine: NDArray[np.float64]
     truth_thickness: F32
-    """Yezzi–Prince thickness (mm) of the ribbon on the fine grid (``_fine_layers``)."""
+    """Thickness (mm) of the ribbon along its flow lines on the fine grid (``_fine_layers``)."""
     truth_depth: F32
     """Equivolume depth of the ribbon on the fine grid (0 pial, 1 white matter)."""
 
 
 @lru_cache(maxsize=2)
-def _model(template: str, atlas: str, split: AreaSplit, head_mm: float,
-           neck_bottom_mm: float) -> _Model:
+def _model(template: str, rule: AreaRule, head_mm: float, neck_bottom_mm: float) -> _Model:
     tt = templates.load_tissue_template(template)
     brain = tt.t1 > 0
     csf = np.clip(1 - tt.gm - tt.wm, 0, 1)
@@ -270,10 +269,8 @@ def _model(template: str, atlas: str, split: AreaSplit, head_mm: float,
     truth_inv_affine, truth_thickness, truth_depth = _fine_layers(
         pial, white, inv_affine, _TRUTH_BOX_MM, _TRUTH_STEP_MM)
 
-    vol, info = templates.load_atlas(atlas)
-    hemis = m1_hemispheres(vol.data, vol.affine, info.m1)
-    areas = split_areas(hemis, vol.affine, split)
-    areas = resample_labels(areas, vol.affine, tt.t1.shape, tt.affine)
+    areas, atlas_licence = m1_area_labels(
+        tuple(int(n) for n in tt.t1.shape), tuple(float(v) for v in tt.affine.ravel()), rule)
 
     # The head: distances outside the smoothed brain mask on a padded 2 mm grid.
     f = int(_HEAD_GRID_MM)
@@ -289,11 +286,11 @@ def _model(template: str, atlas: str, split: AreaSplit, head_mm: float,
     box_lo, box_hi = ends.min(axis=0) - 2, ends.max(axis=0) + 2
     box_lo[2] = min(box_lo[2], neck_bottom_mm)
     extent = tuple((float(a), float(b)) for a, b in zip(box_lo, box_hi, strict=True))
-    for arr in (pial, white, areas, outside, truth_thickness, truth_depth):
+    for arr in (pial, white, outside, truth_thickness, truth_depth):
         arr.setflags(write=False)
     return _Model(inv_affine, pial, white, areas,
                   np.linalg.inv(head_affine), outside, extent,
-                  f"{tt.licence}; atlas {info.file.key}: {info.file.licence}",
+                  f"{tt.licence}; {atlas_licence}",
                   truth_inv_affine, truth_thickness, truth_depth)
 
 
@@ -301,25 +298,28 @@ def _fine_layers(
     pial: F32, white: F32, inv_affine: NDArray[np.float64],
     box_mm: tuple[tuple[float, float], ...], step_mm: float,
 ) -> tuple[NDArray[np.float64], F32, F32]:
-    """The thickness and depth truth: Laplace field, Yezzi–Prince thickness and equivolume
-    depth (``qsmnode.m1.layers``; Jones 2000, Yezzi & Prince 2003, Waehnert 2014) of the
-    ribbon given by the continuous surfaces, on a ``step_mm`` isotropic template-space grid.
+    """The thickness and depth truth: the ribbon's flow-line thickness and equivolume depth
+    (``qsmnode.sim.ribbon``) at the grey-matter points of a ``step_mm`` isotropic
+    template-space grid over ``box_mm``, from the continuous surfaces on their own grid.
 
     Returns the grid's inverse affine and the two maps, each filled outside grey matter with
     its nearest grey-matter value (so trilinear sampling right at the surfaces stays
-    defined). The box's faces are neutral (no flux), as the acquisition's edges are."""
+    defined)."""
     axes = [np.arange(lo, hi + step_mm / 2, step_mm, dtype=np.float32) for lo, hi in box_mm]
     shape = tuple(a.size for a in axes)
     q = tuple(np.broadcast_to(a.reshape([-1 if d == i else 1 for d in range(3)]), shape)
               .ravel() for i, a in enumerate(axes))
     (p, w), _ = _trilinear((pial, white), inv_affine, q, -1e3)
-    del q
-    gm = ((p >= 0) & (w < 0)).reshape(shape)
-    wm = (w >= 0).reshape(shape)
+    gm = (p >= 0) & (w < 0)
     del p, w
-    layers = cortical_layers(gm, wm, (step_mm,) * 3, method="equivolume")
-    thickness, depth = layers.thickness_mm, layers.depth_equivolume
-    del layers
+    ribbon = Ribbon.from_fields(pial, white, np.linalg.inv(inv_affine))
+    layers = normal_layers(ribbon, tuple(c[gm] for c in q))
+    del q, ribbon
+    thickness = np.full(gm.size, np.nan, dtype=np.float32)
+    depth = thickness.copy()
+    thickness[gm] = layers.thickness_mm
+    depth[gm] = layers.depth_equivolume
+    thickness, depth = thickness.reshape(shape), depth.reshape(shape)
     known = np.isfinite(thickness) & np.isfinite(depth)
     thickness, depth = _extend(known, thickness, depth, rounds=3)
     affine = np.diag([step_mm, step_mm, step_mm, 1.0])
@@ -352,45 +352,6 @@ def _index_coords(inv_affine: NDArray[np.float64], q: tuple[F32, F32, F32]) -> l
     ]
 
 
-def _trilinear(
-    vols: tuple[F32, ...], inv_affine: NDArray[np.float64], q: tuple[F32, F32, F32],
-    cval: float, gradient: bool = False,
-) -> tuple[list[F32], list[F32] | None]:
-    """Trilinear interpolation of volumes on one grid at template points (mm), sharing the
-    weights; with ``gradient``, also the gradient (per mm) of the volumes' sum."""
-    shape = np.array(vols[0].shape)
-    c = _index_coords(inv_affine, q)
-    i0 = [np.floor(v).astype(np.int64) for v in c]
-    f = [(v - i).astype(np.float32) for v, i in zip(c, i0, strict=True)]
-    valid = np.ones(c[0].shape, dtype=bool)
-    for a in range(3):
-        valid &= (i0[a] >= 0) & (i0[a] < shape[a] - 1)
-        np.clip(i0[a], 0, shape[a] - 2, out=i0[a])
-    strides = (shape[1] * shape[2], shape[2], 1)
-    base = i0[0] * strides[0] + i0[1] * strides[1] + i0[2]
-    g = [1 - f[0], f[0]], [1 - f[1], f[1]], [1 - f[2], f[2]]
-    values, grads = [], [np.zeros_like(f[0]) for _ in range(3)] if gradient else None
-    for vol in vols:
-        flat = vol.reshape(-1)
-        out = np.zeros_like(f[0])
-        for a in (0, 1):
-            for b in (0, 1):
-                for d in (0, 1):
-                    v = flat[base + (a * strides[0] + b * strides[1] + d)]
-                    out += g[0][a] * g[1][b] * g[2][d] * v
-                    if gradient:
-                        sa, sb, sd = (2 * a - 1, 2 * b - 1, 2 * d - 1)
-                        grads[0] += sa * g[1][b] * g[2][d] * v
-                        grads[1] += g[0][a] * sb * g[2][d] * v
-                        grads[2] += g[0][a] * g[1][b] * sd * v
-        out[~valid] = np.float32(cval)
-        values.append(out)
-    if gradient:
-        m = inv_affine[:3, :3]
-        grads = [sum(np.float32(m[a, b]) * grads[a] for a in range(3)) for b in range(3)]
-    return values, grads
-
-
 def _nearest(vol: NDArray, inv_affine: NDArray[np.float64], q: tuple[F32, F32, F32]) -> NDArray:
     """Nearest-neighbour sample of a volume at template points (0 outside its grid)."""
     c = [np.rint(v).astype(np.int64) for v in _index_coords(inv_affine, q)]
@@ -409,8 +370,8 @@ class AnatomyPhantom:
     def __init__(self, params: AnatomyParams | None = None) -> None:
         self.params = params or AnatomyParams()
         p = self.params
-        self.model = _model(p.template, p.atlas, p.split,
-                            p.csf_mm + p.skull_mm + p.scalp_mm, p.neck_bottom_mm)
+        self.model = _model(p.template, p.areas, p.csf_mm + p.skull_mm + p.scalp_mm,
+                            p.neck_bottom_mm)
         self.pose = random_pose(p)
         self._tissue_params = p.phantom_params()
 
