@@ -2,7 +2,10 @@
 
 Three random poses, each with a deep-layer χ increase in a different area. The analysis gets
 the true χ and R2* with noise and the simulated magnitude (the QSM engine is tested on its
-own), on the 0.8 × 0.8 × 1.2 mm oblique small slab.
+own), on the 0.8 × 0.8 × 1.2 mm oblique small slab. The truth is the phantom's own (areas
+from ``qsmnode.sim.m1_areas``, thickness and depth from ``qsmnode.sim.ribbon``), made without
+the analysis's code, so the figures below compare two definitions as well as the analysis's
+errors; the tolerances say what was measured.
 """
 
 from __future__ import annotations
@@ -12,16 +15,32 @@ import pytest
 
 from qsmnode.dicom.templates import load_m1_atlas
 from qsmnode.m1.analysis import analyse_m1
-from qsmnode.m1.result import AREAS, segment_of
+from qsmnode.m1.result import AREAS, LAYERS, segment_of
 from qsmnode.sim.anatomy import simulate_anatomy
 from qsmnode.sim.phantom import DEFAULT_PROPERTIES, Tissue
 from qsmnode.sim.scanner import ScanParams, preset
 
 pytestmark = pytest.mark.slow
 
-HAND_DICE, FOOT_DICE = 0.7, 0.6
+# Against the phantom's own truth (qsmnode.sim.m1_areas, qsmnode.sim.ribbon), measured on the
+# three poses (2026-12-05): Dice hand 0.53-0.59, foot 0.51-0.64; precision hand 0.88-0.93,
+# foot 0.63-0.80; centroid distance hand 2.6-4.0 mm, foot 6.0-9.2 mm; thickness MAE
+# 0.24-0.26 mm (bias -0.06 to -0.01); deep χ of the raised area against the true area
+# -0.0089 / -0.0168 / -0.0086 ppm. While the truth was the analysis's own atlas split and
+# Laplace layering the bounds were Dice 0.7 / 0.6 (measured 0.78-0.86 / 0.92-0.96) and a deep
+# χ error of 0.01 ppm against the true area: the Dice and that χ bound are looser because the
+# two area definitions (HCPex area 4 and 16 mm balls; Jülich BA4 and boxes) differ, not
+# because the analysis got worse. The foot areas differ most (the analysis's foot reaches
+# below and lateral to the phantom's paracentral box).
+HAND_DICE, FOOT_DICE = 0.45, 0.4
+HAND_PRECISION, FOOT_PRECISION = 0.8, 0.5
+HAND_CENTROID_MM, FOOT_CENTROID_MM = 6.0, 12.0
 THICKNESS_MAE_MM = 0.3
 CHI_TOL_PPM = 0.01
+"""Deep-layer χ against the true χ of the voxels the analysis measured."""
+CHI_TOL_TRUE_AREA_PPM = 0.02
+"""Deep-layer χ against the true area's deep third (carries the area definitions' gap)."""
+SEGMENTS = [(a, layer) for a in AREAS for layer in LAYERS]
 ALS_PPM = 0.04
 ALS_AREA = {1: "left_hand", 2: "right_foot", 3: "right_hand"}
 """Pose seed → the area that gets the deep-layer χ increase."""
@@ -62,30 +81,52 @@ def _found_areas(result) -> np.ndarray:
     return found
 
 
+def _centroid_mm(mask: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    ijk = np.argwhere(mask).mean(axis=0)
+    return affine[:3, :3] @ ijk + affine[:3, 3]
+
+
 def test_areas_land_on_the_true_areas(analysed) -> None:
+    """The analysis's areas against the phantom's own (``qsmnode.sim.m1_areas``: another atlas
+    and rule than the analysis's, so even a perfect registration does not give Dice 1): the
+    overlap (Dice), the share of what the analysis calls an area that is truly that area
+    (precision: the deep-layer χ it reports is that area's), and the centroid distance."""
     seed, sim, result, _ = analysed
     found = _found_areas(result)
     gm = sim.truth.labels == Tissue.GM
-    dice = {}
+    affine = sim.gre.affine
+    dice, precision, distance = {}, {}, {}
     for i, area in enumerate(AREAS, start=1):
         true = gm & (sim.truth.m1_areas == i)
         mine = found == i
         dice[area] = 2 * (true & mine).sum() / max(true.sum() + mine.sum(), 1)
-    print(f"pose {seed}: Dice " + ", ".join(f"{a} {d:.3f}" for a, d in dice.items()))
-    for area, d in dice.items():
-        assert d >= (HAND_DICE if "hand" in area else FOOT_DICE), (seed, area, d)
+        precision[area] = (true & mine).sum() / max(mine.sum(), 1)
+        distance[area] = float(np.linalg.norm(_centroid_mm(true, affine)
+                                              - _centroid_mm(mine, affine)))
+    print(f"pose {seed}: " + "; ".join(
+        f"{a} Dice {dice[a]:.3f} precision {precision[a]:.3f} centroid {distance[a]:.1f} mm"
+        for a in AREAS))
+    for area in AREAS:
+        hand = "hand" in area
+        assert dice[area] >= (HAND_DICE if hand else FOOT_DICE), (seed, area, dice[area])
+        assert precision[area] >= (HAND_PRECISION if hand else FOOT_PRECISION), (
+            seed, area, precision[area])
+        assert distance[area] <= (HAND_CENTROID_MM if hand else FOOT_CENTROID_MM), (
+            seed, area, distance[area])
 
 
 def test_thickness_in_m1_matches_the_truth(analysed) -> None:
-    """MAE ≤ 0.3 mm over true M1 grey matter that the analysis also calls cortex; the truth
-    is the phantom's (Yezzi–Prince on its continuous ribbon at 0.5 mm, before pose)."""
+    """Over the true hand and foot areas' grey matter that the analysis also calls cortex;
+    the truth is the phantom's own (``qsmnode.sim.ribbon``: flow lines of a closed-form
+    potential between its continuous surfaces, not the analysis's Laplace layering)."""
     seed, sim, result, _ = analysed
     t = sim.truth
-    m1 = (t.labels == Tissue.GM) & (t.m1_areas > 0)
+    m1 = (t.labels == Tissue.GM) & np.isin(t.m1_areas, np.arange(1, len(AREAS) + 1))
     both = m1 & np.isfinite(result.thickness_mm)
-    assert both.sum() > 0.9 * m1.sum()
     err = result.thickness_mm[both] - t.thickness_mm[both]
-    print(f"pose {seed}: thickness MAE {np.mean(np.abs(err)):.3f} mm, bias {np.mean(err):+.3f}")
+    print(f"pose {seed}: thickness MAE {np.mean(np.abs(err)):.3f} mm, bias {np.mean(err):+.3f},"
+          f" covered {both.sum() / m1.sum():.3f}")
+    assert both.sum() > 0.9 * m1.sum()
     assert float(np.mean(np.abs(err))) <= THICKNESS_MAE_MM
     for area in AREAS:
         m = result.measurement(area, "all")
@@ -93,11 +134,16 @@ def test_thickness_in_m1_matches_the_truth(analysed) -> None:
 
 
 def test_deep_layer_chi_matches_the_truth_and_the_change_is_where_it_was_put(analysed) -> None:
+    """Each area's deep-layer χ against (a) the true χ of the voxels the analysis measured
+    (its own deep layer of its own area: the measurement's accuracy) and (b) the mean true χ
+    of the true area's deep third (what a reader wants: this also carries the disagreement
+    between the analysis's and the phantom's area definitions, since the ALS change fills the
+    phantom's area and the analysis's area reaches past it where its precision is < 1)."""
     seed, sim, result, _ = analysed
     t = sim.truth
     gm = t.labels == Tissue.GM
     normal = DEFAULT_PROPERTIES[Tissue.GM].chi_ppm
-    errors = {}
+    errors, own_errors = {}, {}
     for i, area in enumerate(AREAS, start=1):
         m = result.measurement(area, "deep")
         assert m.covered, area
@@ -105,10 +151,15 @@ def test_deep_layer_chi_matches_the_truth_and_the_change_is_where_it_was_put(ana
         expected = normal + (ALS_PPM if area == ALS_AREA[seed] else 0.0)
         assert truth == pytest.approx(expected, abs=1e-6)
         errors[area] = m.chi_mean_ppm - truth
-    print(f"pose {seed}: deep χ error (ppm) " + ", ".join(f"{a} {e:+.4f}"
-                                                         for a, e in errors.items()))
-    for area, err in errors.items():
-        assert abs(err) <= CHI_TOL_PPM, (seed, area, err)
+        own = result.labels == SEGMENTS.index((area, "deep")) + 1
+        own_errors[area] = m.chi_mean_ppm - float(t.chi_ppm[own].mean())
+    print(f"pose {seed}: deep χ error (ppm) against the true area "
+          + ", ".join(f"{a} {e:+.4f}" for a, e in errors.items())
+          + "; against the measured voxels' truth "
+          + ", ".join(f"{a} {e:+.4f}" for a, e in own_errors.items()))
+    for area in AREAS:
+        assert abs(own_errors[area]) <= CHI_TOL_PPM, (seed, area, own_errors[area])
+        assert abs(errors[area]) <= CHI_TOL_TRUE_AREA_PPM, (seed, area, errors[area])
     # Raised in the chosen area and hemisphere only.
     deep = {a: result.measurement(a, "deep").chi_mean_ppm for a in AREAS}
     raised = {a for a, v in deep.items() if v - normal > ALS_PPM / 2}
