@@ -23,8 +23,13 @@ from qsmnode.sim.anatomy import simulate_anatomy
 from qsmnode.sim.phantom import Tissue
 from qsmnode.sim.scanner import ScanParams, preset
 
-HAND_DICE = 0.7
-FOOT_DICE = 0.6
+# The true areas are the phantom's own (qsmnode.sim.m1_areas: Jülich BA4 with hand-knob and
+# paracentral boxes), not the atlas split warped here (HCPex area 4, 16 mm balls), so even a
+# perfect registration overlaps them only partly. Measured (2026-12-05, poses 1-3): Dice
+# hand 0.53-0.58, foot 0.51-0.63; lateral slab left hand 0.61. While the truth was the same
+# atlas split the bounds were 0.7 / 0.6.
+HAND_DICE = 0.45
+FOOT_DICE = 0.4
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +90,10 @@ def test_hand_and_foot_areas_found_on_the_oblique_vertex_slab(pose_seed, target)
     # and so does the quality figure.
     unregistered = warp_labels(_identity(), target[1], target[2], sim.truth.labels.shape,
                                sim.gre.affine)
-    assert min(_area_dice(sim, unregistered).values()) < HAND_DICE
+    misplaced = _area_dice(sim, unregistered)
+    print(f"pose {pose_seed} unregistered: Dice " + ", ".join(f"{a} {d:.2f}"
+                                                           for a, d in misplaced.items()))
+    assert min(misplaced.values()) < HAND_DICE
 
 
 @pytest.mark.slow
