@@ -343,7 +343,7 @@ def test_the_truths_thickness_and_depths_are_the_closed_forms(kind):
     Radii of 8-12 mm make equivolume and equidistant depth differ by up to 0.04-0.07 (ten
     times the tolerance), so the check
     tells them apart."""
-    from qsmnode.sim.ribbon import Ribbon, normal_layers
+    from qsmnode.sim.ribbon import Ribbon, flow_layers
 
     white, pial, affine, (lo, hi) = _shell(kind)
     ribbon = Ribbon.from_fields(pial.astype(np.float32), white.astype(np.float32), affine)
@@ -360,7 +360,7 @@ def test_the_truths_thickness_and_depths_are_the_closed_forms(kind):
         pts = u * r
         if kind == "cylinder":
             pts[2] = rng.uniform(-8, 8, 3000)
-    lay = normal_layers(ribbon, tuple(c.astype(np.float32) for c in pts))
+    lay = flow_layers(ribbon, tuple(c.astype(np.float32) for c in pts))
     equidistant, equivolume = _closed_form(kind, r)
     assert np.isfinite(lay.thickness_mm).all()
     assert float(np.max(np.abs(lay.thickness_mm - 3.0))) < 0.03
@@ -370,7 +370,7 @@ def test_the_truths_thickness_and_depths_are_the_closed_forms(kind):
         assert float(np.max(np.abs(equivolume - equidistant))) > 0.03
         assert float(np.max(np.abs(lay.depth_equivolume - equidistant))) > 0.03
     # Outside the grey matter there is no truth.
-    outside = normal_layers(ribbon, (np.float32([0.0]), np.float32([0.0]), np.float32([20.0])))
+    outside = flow_layers(ribbon, (np.float32([0.0]), np.float32([0.0]), np.float32([20.0])))
     assert np.isnan(outside.thickness_mm).all()
 
 
@@ -387,7 +387,7 @@ def test_the_thickness_truth_on_its_grid_is_converged_and_the_analysis_agrees():
     Laplace code on a finer grid the bounds were 0.3 mm and 0.08."""
     from qsmnode.m1.layers import cortical_layers
     from qsmnode.sim.anatomy import _trilinear
-    from qsmnode.sim.ribbon import Ribbon, normal_layers
+    from qsmnode.sim.ribbon import Ribbon, flow_layers
 
     m = AnatomyPhantom().model
     box = ((-50.0, -24.0), (-32.0, -8.0), (46.0, 70.0))
@@ -397,7 +397,7 @@ def test_the_thickness_truth_on_its_grid_is_converged_and_the_analysis_agrees():
     qg = tuple(c[(pial >= 0) & (white < 0)] for c in q)
     (w_grid, d_grid), _ = _trilinear((m.truth_thickness, m.truth_depth), m.truth_inv_affine,
                                      qg, np.nan)
-    direct = normal_layers(Ribbon.from_fields(m.pial, m.white, np.linalg.inv(m.inv_affine)), qg)
+    direct = flow_layers(Ribbon.from_fields(m.pial, m.white, np.linalg.inv(m.inv_affine)), qg)
     ok = np.isfinite(direct.thickness_mm)
     assert qg[0].size > 5000 and ok.mean() > 0.98 and np.isfinite(w_grid).all()
     assert float(np.mean(np.abs(w_grid[ok] - direct.thickness_mm[ok]))) < 0.15

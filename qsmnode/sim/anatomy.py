@@ -71,7 +71,7 @@ from qsmnode.sim.phantom import (
     depth_bins,
     tissue_maps,
 )
-from qsmnode.sim.ribbon import Ribbon, normal_layers
+from qsmnode.sim.ribbon import Ribbon, flow_layers
 from qsmnode.sim.ribbon import trilinear as _trilinear
 from qsmnode.sim.scanner import (
     ScanParams,
@@ -313,7 +313,7 @@ def _fine_layers(
     gm = (p >= 0) & (w < 0)
     del p, w
     ribbon = Ribbon.from_fields(pial, white, np.linalg.inv(inv_affine))
-    layers = normal_layers(ribbon, tuple(c[gm] for c in q))
+    layers = flow_layers(ribbon, tuple(c[gm] for c in q))
     del q, ribbon
     thickness = np.full(gm.size, np.nan, dtype=np.float32)
     depth = thickness.copy()

@@ -109,12 +109,12 @@ def trilinear(
 
 @dataclass(frozen=True)
 class Ribbon:
-    """A cortical ribbon given by two continuous surfaces on one grid, with the normal field
-    of its white surface and that field's divergence (per mm)."""
+    """A cortical ribbon given by two continuous surfaces on one grid, with the unit direction
+    field T = ∇u/|∇u| of its potential (white → pial) and that field's divergence (per mm)."""
 
     pial: F32
     white: F32
-    normal: tuple[F32, F32, F32]
+    direction: tuple[F32, F32, F32]
     divergence: F32
     inv_affine: NDArray[np.float64]
 
@@ -140,10 +140,10 @@ class Ribbon:
         del u, gap
         norm = np.sqrt(grad[0] ** 2 + grad[1] ** 2 + grad[2] ** 2)
         norm = np.maximum(norm, np.float32(1e-6))
-        normal = tuple((g / norm).astype(np.float32) for g in grad)
+        direction = tuple((g / norm).astype(np.float32) for g in grad)
         del grad, norm
-        div = sum(np.gradient(normal[a], axis=a) / np.float32(lin[a, a]) for a in range(3))
-        return cls(pial, white, normal, np.asarray(div, np.float32), np.linalg.inv(affine))
+        div = sum(np.gradient(direction[a], axis=a) / np.float32(lin[a, a]) for a in range(3))
+        return cls(pial, white, direction, np.asarray(div, np.float32), np.linalg.inv(affine))
 
 
 @dataclass(frozen=True)
@@ -173,7 +173,7 @@ def _march(ribbon: Ribbon, q: tuple[F32, F32, F32], outward: bool, step_mm: floa
     sign = np.float32(1.0 if outward else -1.0)
     h = np.float32(step_mm)
     target = ribbon.pial if outward else ribbon.white
-    vols = (*ribbon.normal, ribbon.divergence, target)
+    vols = (*ribbon.direction, ribbon.divergence, target)
 
     def sample(p: list[F32]) -> tuple[list[F32], F32, F32]:
         """Direction (signed for this march), ±∇·T and the level (> 0 inside) at points."""
@@ -219,7 +219,7 @@ def _march(ribbon: Ribbon, q: tuple[F32, F32, F32], outward: bool, step_mm: floa
     return length, volume
 
 
-def normal_layers(ribbon: Ribbon, q: tuple[F32, F32, F32], step_mm: float = 0.4,
+def flow_layers(ribbon: Ribbon, q: tuple[F32, F32, F32], step_mm: float = 0.4,
                   max_mm: float = 8.0) -> Layers:
     """Thickness and depths at points ``q`` (mm, arrays of one shape) of the ribbon's grey
     matter (``pial ≥ 0`` and ``white < 0``; other points give NaN)."""
