@@ -374,6 +374,50 @@ def test_the_truths_thickness_and_depths_are_the_closed_forms(kind):
     assert np.isnan(outside.thickness_mm).all()
 
 
+def test_the_truth_on_a_folded_sheet_is_the_closed_form():
+    """A folded cortex: the white surface z = 2 sin(2πx/20) mm (curvature ±0.2/mm: crowns and
+    fundi), the pial surface its 3 mm offset along the normals (an exact distance function,
+    so the flow lines are the normals and the thickness is 3 mm everywhere). The equivolume
+    depth has a closed form from the curvature κ at the foot of the normal: the column's area
+    is 1 + κs at height s, so the volume fraction from white matter is
+    (s + κs²/2) / (T + κT²/2). Equivolume and equidistant depth differ by up to 0.1 here."""
+    from scipy.spatial import cKDTree
+
+    from qsmnode.sim.ribbon import Ribbon, flow_layers
+
+    amplitude, k, thickness, step = 2.0, 2 * np.pi / 20.0, 3.0, 0.5
+    xs, ys, zs = (np.arange(lo, hi + 1e-6, step) for lo, hi in ((-24, 24), (-3, 3), (-8, 10)))
+    x, z = np.meshgrid(xs, zs, indexing="ij")
+    curve = np.arange(-40.0, 40.0, 0.005)
+    distance, _ = cKDTree(np.c_[curve, amplitude * np.sin(k * curve)]).query(
+        np.c_[x.ravel(), z.ravel()])
+    above = z.ravel() > amplitude * np.sin(k * x.ravel())
+    d = np.where(above, distance, -distance).reshape(x.shape)  # > 0 towards the CSF
+    d = np.repeat(d[:, None, :], ys.size, axis=1).astype(np.float32)
+    affine = np.diag([step, step, step, 1.0])
+    affine[:3, 3] = (xs[0], ys[0], zs[0])
+    ribbon = Ribbon.from_fields(thickness - d, -d, affine)
+
+    rng = np.random.default_rng(2)
+    foot = rng.uniform(-10, 10, 3000)
+    height = rng.uniform(0.02, thickness - 0.02, 3000)
+    slope = amplitude * k * np.cos(k * foot)
+    norm = np.sqrt(1 + slope**2)
+    curvature = amplitude * k**2 * np.sin(k * foot) / norm**3  # > 0 on a crown
+    pts = (foot - height * slope / norm, rng.uniform(-1, 1, 3000),
+           amplitude * np.sin(k * foot) + height / norm)
+    lay = flow_layers(ribbon, tuple(c.astype(np.float32) for c in pts))
+    equidistant = 1 - height / thickness
+    equivolume = 1 - ((height + curvature * height**2 / 2)
+                      / (thickness + curvature * thickness**2 / 2))
+    assert np.isfinite(lay.thickness_mm).all()
+    assert float(np.max(np.abs(lay.thickness_mm - thickness))) < 0.03
+    assert float(np.max(np.abs(lay.depth_equidistant - equidistant))) < 0.01
+    assert float(np.max(np.abs(lay.depth_equivolume - equivolume))) < 0.015
+    assert float(np.mean(np.abs(lay.depth_equivolume - equivolume))) < 0.003
+    assert float(np.max(np.abs(equivolume - equidistant))) > 0.08
+
+
 def test_the_thickness_truth_on_its_grid_is_converged_and_the_analysis_agrees():
     """At the hand knob: the phantom's truth (computed on a 0.5 mm template grid, then
     interpolated) against the same truth evaluated directly at the points (it barely moves),
