@@ -334,3 +334,46 @@ def test_results_finished_before_the_ris_was_configured_are_not_sent(tmp_path, r
     done_job(store, state, {"m1": m1_record_from_truth(), "version": "new"}, at=1001.0)
     sender.step()
     assert len(messages(store)) == 1 and len(server.wait_received(1)) == 1
+
+
+def test_mllp_over_tls_verifies_the_ris(tmp_path, ris, store):
+    from qsmnode.node.config import ClientTLSConfig
+    from tests.test_receiver import _certificates
+
+    pem = _certificates(tmp_path / "pki")
+    server = ris("aa", tls=(pem["server_crt"], pem["server_key"])).start()
+    clock = Clock(1000.0)
+    done_job(store, tmp_path / "state", {"m1": m1_record_from_truth(), "version": "t"})
+    untrusted = settings_for(tmp_path, server.port, tls=ClientTLSConfig(enabled=True))
+    sender_for(untrusted, store, clock).step()  # the system's CAs do not know the test CA
+    [record] = messages(store)
+    assert record.state == "pending" and "TLS with 127.0.0.1" in record.last_error
+    assert "CERTIFICATE_VERIFY_FAILED" in record.last_error
+    trusted = settings_for(tmp_path, server.port,
+                           tls=ClientTLSConfig(enabled=True, ca_file=pem["ca_crt"]))
+    clock.now = 1010.0
+    sender_for(trusted, store, clock).step()
+    assert messages(store)[0].state == "sent"
+    assert [r["answer"] for r in server.received()] == ["aa"]
+
+
+def test_a_version_5_store_gains_the_hl7_tables_and_keeps_its_rows(tmp_path):
+    import sqlite3
+
+    from qsmnode.node.store import MIGRATIONS, STORE_FILENAME
+
+    folder = tmp_path / "old"
+    folder.mkdir()
+    db = sqlite3.connect(folder / STORE_FILENAME, isolation_level=None)
+    for script in MIGRATIONS[:5]:
+        db.executescript(script)
+    db.execute("PRAGMA user_version = 5")
+    db.execute("INSERT INTO series (series_uid, study_uid, sop_class_uid, received_count, "
+               "first_received_at, last_received_at) VALUES ('1.2.1', '1.2', '1.2.3', 1, 1, 1)")
+    db.close()
+    with Store.in_state_dir(folder, readonly=True) as old:
+        assert HL7Queue(old).messages() == [] and HL7Queue(old).summary() == []
+    with Store.in_state_dir(folder) as migrated:
+        assert migrated.schema_version() == 6 and len(migrated.series()) == 1
+        assert HL7Queue(migrated).register(["ris"], 5.0) == {"ris": 5.0}
+        assert HL7Queue(migrated).register(["ris"], 9.0) == {"ris": 5.0}  # first seen stays
