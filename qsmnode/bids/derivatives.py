@@ -37,6 +37,7 @@ import io
 import json
 import math
 import os
+import resource
 import time
 import uuid
 from collections.abc import Mapping
@@ -327,6 +328,10 @@ def process_acquisition(acquisition: MegreAcquisition, bids_root: Path, output_d
             text = f"{acquisition.name}: {text}"
         record.update(status="failed", error=text)
     record["seconds"] = round(time.perf_counter() - started, 2)
+    # the worker process's peak so far (it may have run other acquisitions before): for
+    # sizing --memory-limit
+    record["worker_peak_rss_mib"] = round(
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     write_json(record_path(root, acquisition), record)
     return record
 
