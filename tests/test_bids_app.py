@@ -94,10 +94,11 @@ pytestmark = pytest.mark.slow
 def test_participant_level_processes_the_good_and_names_the_bad(
         participant: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
     _, done = participant
-    assert done.returncode == 1, done.stderr  # two acquisitions failed
-    assert "Traceback" not in done.stderr
-    assert "5 MEGRE acquisition(s) of 4 subject(s)" in done.stdout
-    assert "3 done, 0 skipped (finished before), 2 failed" in done.stdout
+    said = done.stdout + done.stderr
+    assert done.returncode == 1, said  # two acquisitions failed
+    assert "Traceback" not in done.stderr, said
+    assert "5 MEGRE acquisition(s) of 4 subject(s)" in done.stdout, said
+    assert "3 done, 0 skipped (finished before), 2 failed" in done.stdout, said
     assert "error: sub-03: " in done.stderr
     assert "shape (56, 68, 38) differs from the first echo's (56, 68, 40)" in done.stderr
     assert "error: sub-04: echo 3 has no part-phase file" in done.stderr
