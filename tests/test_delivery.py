@@ -80,8 +80,9 @@ SEED = 71
 JOB = "tests.deliveryutil:truth_job"
 QUICK = {"tracker": {"quiet_period_s": 1, "max_wait_s": 120},
          "sender": {"retry_initial_s": 0.5, "retry_max_s": 2}}
-SERIES_COUNTS = {501: 1, 502: 12, 503: 1, 504: 12, 505: 1, 506: 1, 507: 2}
-"""Instances per derived series (series numbers 100 × 5 + n: the source series are 5 and 6)."""
+SERIES_COUNTS = {501: 1, 502: 12, 503: 1, 504: 12, 505: 1, 506: 1, 507: 2, 508: 1}
+"""Instances per derived series (series numbers 100 × 5 + n: the source series are 5 and 6);
+508 is the key object selection."""
 N_DERIVED = sum(SERIES_COUNTS.values())
 
 

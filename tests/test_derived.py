@@ -154,9 +154,9 @@ def test_objects_are_all_there(study: Study, sim: Simulation, m1: M1Result) -> N
         f"QSM through the hand knob, slice {hand.k + 1} of {nk}",
         f"QSM through the foot area, slice {foot.k + 1} of {nk}",
     ]
-    assert len({ds.SeriesInstanceUID for ds in o.datasets}) == 7
+    assert len({ds.SeriesInstanceUID for ds in o.datasets}) == 8
     numbers = sorted({int(ds.SeriesNumber) for ds in o.datasets})
-    assert numbers == [501, 502, 503, 504, 505, 506, 507]
+    assert numbers == [501, 502, 503, 504, 505, 506, 507, 508]
     assert study.seconds < 30
 
 
@@ -679,7 +679,7 @@ def test_real_philips_sources_make_valid_objects(form: str, shared_data: Path,
     r2s = rng.uniform(10.0, 40.0, loaded.gre.shape).astype(np.float32)
     datasets = build_derived(loaded, chi, r2s, m1_blocks(loaded.gre.shape, chi),
                              source_reader(sources), VERSION)
-    assert {ds.Modality for ds in datasets} == {"MR", "SEG", "SR", "OT"}
+    assert {ds.Modality for ds in datasets} == {"MR", "SEG", "SR", "OT", "KO"}
     paths = save_all(datasets, tmp_path / "derived")
     failures = {p.name: dciodvfy_errors(p) for p in paths}
     assert not any(failures.values()), {n: e for n, e in failures.items() if e}

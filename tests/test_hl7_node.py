@@ -100,7 +100,7 @@ def test_a_study_ends_in_orthanc_and_as_one_acknowledged_oru(
     with node.store() as store:
         derived = {r.sop_instance_uid: r.sop_class_uid for r in store.outbox(job_id=job.id)}
     stored = {i["MainDicomTags"]["SOPInstanceUID"] for i in orthanc.get("/instances?expand")}
-    for code in ("SR-UID", "SEG-UID"):
+    for code in ("SR-UID", "SEG-UID", "KOS-UID"):
         uid = next(r["value"] for r in rows if r["code"] == code)
         assert uid in derived, (code, uid)
         assert uid in stored, (code, uid)

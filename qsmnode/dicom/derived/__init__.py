@@ -16,6 +16,7 @@ R2* derived MR        int16, 1 unit = 0.1 s⁻¹, one image per slice           
 Segmentation          BINARY, one segment per M1 area × depth bin present     100·s + 5
 Comprehensive 3D SR   TID 1500 measurements per region and layer, QC          100·s + 6
 Secondary Capture     RGB key images: QSM + outlines + table (hand, foot)     100·s + 7
+Key Object Selection  "Of Interest": key images, SR, SEG; the finding (kos)   100·s + 8
 ====================  =====================================================  ============
 
 (``s`` is the lowest source series number.) Each builder is usable on its own with a
@@ -43,6 +44,7 @@ from qsmnode.dicom.derived.common import (
 from qsmnode.dicom.derived.derived_mr import QSM_MR, R2STAR_MR, build_derived_mr
 from qsmnode.dicom.derived.iod_cache import install as _install_iod_cache
 from qsmnode.dicom.derived.key_images import build_key_images
+from qsmnode.dicom.derived.kos import build_key_object_selection, kos_reason
 from qsmnode.dicom.derived.parametric_map import QSM, R2STAR, build_parametric_map
 from qsmnode.dicom.derived.segmentation import build_segmentation
 from qsmnode.dicom.derived.sr import build_report
@@ -76,6 +78,7 @@ class DerivedObjects:
     segmentation: hd.seg.Segmentation | None = None
     report: hd.sr.Comprehensive3DSR | None = None
     key_images: list[Dataset] = field(default_factory=list)
+    key_objects: hd.ko.KeyObjectSelectionDocument | None = None
 
     @property
     def datasets(self) -> list[Dataset]:
@@ -87,7 +90,8 @@ class DerivedObjects:
             out.append(self.segmentation)
         if self.report is not None:
             out.append(self.report)
-        return out + list(self.key_images)
+        out += list(self.key_images)
+        return out if self.key_objects is None else [*out, self.key_objects]
 
 
 def build_derived_objects(
@@ -136,6 +140,8 @@ def build_derived_objects(
                 ctx, m1, out.segmentation, evidence=maps, regions_on=qsm_images
             )
         out.key_images = list(build_key_images(ctx, chi_ppm, m1, m1_note))
+        flagged = [*out.key_images, *(o for o in (out.report, out.segmentation) if o)]
+        out.key_objects = build_key_object_selection(ctx, flagged, kos_reason(m1, m1_note))
     return out
 
 

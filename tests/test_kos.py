@@ -1,0 +1,82 @@
+"""The Key Object Selection of an acquisition: in the source study, titled "Of Interest",
+referencing the key images, the SR and the SEG, with the finding as its reason; dciodvfy
+clean (also covered, with every other object, by tests/test_derived.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pydicom
+import pytest
+
+from qsmnode.dicom.derived import build_derived_objects, source_reader
+from qsmnode.dicom.derived.kos import kos_reason
+from qsmnode.dicom.load import load_folder
+from tests.conftest import require_tool
+from tests.derivedutil import dciodvfy_errors, m1_from_truth
+from tests.nodeutil import small_simulation, write_study
+
+
+@pytest.fixture(scope="module")
+def objects(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    folder = tmp_path_factory.mktemp("kos")
+    files = write_study(folder / "source", "siemens", 17)
+    (loaded,) = load_folder(folder / "source")
+    sim = small_simulation()
+    return folder, build_derived_objects(loaded, sim.truth.chi_ppm, sim.truth.r2star_per_s,
+                                         m1_from_truth(sim), source_reader(files), "kos-test")
+
+
+def _referenced(ds: pydicom.Dataset) -> set[str]:
+    return {item.ReferencedSOPInstanceUID
+            for study in ds.CurrentRequestedProcedureEvidenceSequence
+            for series in study.ReferencedSeriesSequence
+            for item in series.ReferencedSOPSequence}
+
+
+def test_the_kos_flags_the_key_images_sr_and_seg(objects) -> None:  # type: ignore[no-untyped-def]
+    folder, o = objects
+    kos = o.key_objects
+    assert kos is not None and kos is o.datasets[-1]
+    assert kos.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.59" and kos.Modality == "KO"
+    assert kos.StudyInstanceUID == o.report.StudyInstanceUID
+    assert kos.PatientID == o.report.PatientID
+    assert int(kos.SeriesNumber) == 508
+    wanted = {ds.SOPInstanceUID for ds in (*o.key_images, o.report, o.segmentation)}
+    assert _referenced(kos) == wanted
+    title = kos.ConceptNameCodeSequence[0]
+    assert (title.CodeValue, title.CodingSchemeDesignator, title.CodeMeaning) == (
+        "113000", "DCM", "Of Interest")
+    texts = [item.TextValue for item in kos.ContentSequence
+             if item.ConceptNameCodeSequence[0].CodeValue == "113012"]  # Key Object Description
+    assert texts == [kos_reason(m1_from_truth(small_simulation()))]
+    require_tool("dciodvfy", "dicom3tools")
+    path = folder / "kos.dcm"
+    kos.save_as(path, enforce_file_format=True)
+    assert dciodvfy_errors(path) == []
+
+
+def test_the_reason_is_the_deep_layer_finding() -> None:
+    m1 = m1_from_truth(small_simulation())
+    unscored = dataclasses.replace(m1, measurements=tuple(
+        dataclasses.replace(m, chi_z=None) for m in m1.measurements))
+    assert "no normative table" in kos_reason(unscored)
+    scored = dataclasses.replace(m1, measurements=tuple(
+        dataclasses.replace(m, chi_z=3.2 if (m.area, m.layer) == ("right_foot", "deep")
+                            else 0.4) for m in m1.measurements))
+    assert kos_reason(scored) == ("Deep-layer susceptibility beyond the norm: right foot area "
+                                  "raised (z 3.2)")
+    assert "within z +/-4" in kos_reason(scored, z_high=4.0)
+    assert kos_reason(None, "the M1 analysis is turned off") == (
+        "QSM maps for review; no M1 analysis: the M1 analysis is turned off")
+
+
+def test_the_kos_is_the_same_for_the_same_input(objects) -> None:  # type: ignore[no-untyped-def]
+    folder, o = objects
+    (loaded,) = load_folder(folder / "source")
+    sim = small_simulation()
+    files = sorted(str(p) for p in (folder / "source").rglob("*") if p.is_file())
+    again = build_derived_objects(loaded, sim.truth.chi_ppm, sim.truth.r2star_per_s,
+                                  m1_from_truth(sim), source_reader(files), "kos-test")
+    assert again.key_objects.SOPInstanceUID == o.key_objects.SOPInstanceUID
+    assert again.key_objects.SeriesInstanceUID == o.key_objects.SeriesInstanceUID
