@@ -15,6 +15,11 @@ missing=()
 for pkg in "${!TOOLS[@]}"; do
     command -v "${TOOLS[$pkg]}" >/dev/null 2>&1 || missing+=("$pkg")
 done
+# The OHIF end-to-end test (tests/test_viewer_ohif.py): headless Chromium, Orthanc's DICOMweb
+# plugin, and npm for the viewer/ folder (installed at the end of this script).
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+[ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || missing+=(orthanc-dicomweb)
+command -v npm >/dev/null 2>&1 || missing+=(npm)
 if [ ${#missing[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ]; then apt_cmd=(apt-get)
     elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then apt_cmd=(sudo apt-get)
@@ -41,4 +46,16 @@ if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ]; then
     "$VENV/bin/python" -m pip install -q --upgrade pip
     "$VENV/bin/python" -m pip install -q -e ".[test]"
     touch "$STAMP"
+fi
+
+# viewer/: puppeteer-core (npm ci, from the lock file) and OHIF's built viewer (install-ohif.sh).
+if command -v npm >/dev/null 2>&1; then
+    if [ ! -f viewer/node_modules/.package-lock.json ] \
+        || [ viewer/package-lock.json -nt viewer/node_modules/.package-lock.json ]; then
+        echo "setup: installing viewer/ (npm ci)"
+        (cd viewer && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error)
+    fi
+    viewer/install-ohif.sh
+else
+    echo "setup: npm missing: the OHIF viewer test will fail and say so" >&2
 fi

@@ -19,7 +19,10 @@ Content tree (root: Imaging Measurement Report, observer = the qsmnode device):
   can draw and jump to. OHIF 3 draws only groups with a SCOORD and merges groups by Tracking UID,
   so each region shows as one measurement with its outline and the values of its group;
 - one "Quality control" group (TID 1501) holding each quality flag as a qualitative evaluation
-  (meets / does not meet the quality control standard) and its value as a measurement.
+  (meets / does not meet the quality control standard) and its value as a measurement, and,
+  with the same tracking UID, the outline of all M1 regions (TID 1410): OHIF 3 stops loading
+  every measurement of an SR at the first group without a SCOORD (it reads
+  ``measurement.coords[0]`` unguarded in ``_checkIfCanAddMeasurementsToDisplaySet``).
 
 Flag names are coded in the private scheme ``99QSMNODE``, declared in the Coding Scheme
 Identification Sequence.
@@ -184,8 +187,9 @@ def _outline_group(
     labels: np.ndarray,
     values: Sequence[int],
     tracking: hd.sr.TrackingIdentifier,
-    site: hd.sr.FindingSite,
+    site: hd.sr.FindingSite | None,
     regions_on: Sequence[Dataset],
+    finding_type: Code = codes.CEREBRAL_CORTEX,
 ) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations | None:
     """The TID 1410 group of a region: its outline on the slice with most of its voxels, on the
     image of ``regions_on`` for that slice (None when the region has no voxel)."""
@@ -203,10 +207,16 @@ def _outline_group(
     return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=tracking,
         referenced_region=region,
-        finding_type=codes.CEREBRAL_CORTEX,
-        finding_category=codes.ANATOMICAL_STRUCTURE,
-        finding_sites=[site],
+        finding_type=finding_type,
+        finding_category=codes.ANATOMICAL_STRUCTURE if site is not None else None,
+        finding_sites=[site] if site is not None else None,
         algorithm_id=_algorithm(ctx),
+    )
+
+
+def _quality_tracking(ctx: BuildContext) -> hd.sr.TrackingIdentifier:
+    return hd.sr.TrackingIdentifier(
+        uid=ctx.uids.uid("sr/quality-control/tracking"), identifier="Quality control"
     )
 
 
@@ -229,9 +239,7 @@ def _quality_group(ctx: BuildContext, flags: Sequence[QualityFlag]) -> hd.sr.Tem
                 hd.sr.Measurement(name=name, value=float(flag.value), unit=codes.NO_UNITS)  # type: ignore[arg-type]
             )
     return hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=ctx.uids.uid("sr/quality-control/tracking"), identifier="Quality control"
-        ),
+        tracking_identifier=_quality_tracking(ctx),
         finding_type=codes.QUALITY_CONTROL,
         algorithm_id=_algorithm(ctx),
         measurements=measurements or None,
@@ -314,6 +322,14 @@ def build_report(
     quality = _quality_group(ctx, m1.flags)
     if quality is not None:
         groups.append(quality)
+        if regions_on:
+            # the checks are of the M1 regions as a whole: their outline, so that a viewer that
+            # shows only groups with a region (OHIF) shows the checks too
+            every = [segment_label(a, x) for a in AREAS for x in LAYERS]
+            outline = _outline_group(ctx, labels, every, _quality_tracking(ctx), None,
+                                     regions_on, finding_type=codes.QUALITY_CONTROL)
+            if outline is not None:
+                groups.append(outline)
 
     observer = hd.sr.ObserverContext(
         observer_type=dicom_codes.DCM.Device,

@@ -1,0 +1,182 @@
+// Drive OHIF in headless Chromium for tests/test_viewer_ohif.py.
+//
+// node drive-ohif.mjs URL PLAN_JSON OUT_DIR CHROMIUM
+//
+// PLAN: {"series": [{"name": <series description>, "key": <file stem>, "before": [<series
+// description shown first>, ...], "query": <appended to URL>, "panel": <data-cy of a panel tab
+// to open>, "waitForColour": <true: wait until the viewport shows colour>}, ...], "waitMs": N}.
+// For each series, in a fresh page at URL (an OHIF /viewer?StudyInstanceUIDs=... address):
+// skip the tour, double-click the series' thumbnail in the study browser, accept a load prompt
+// when one comes, wait for the network and the viewport to settle, then record the console
+// messages, the text of the viewport and side panels, the viewport canvas' pixel statistics and
+// a screenshot (OUT_DIR/<key>.png). Prints one JSON line: {"series": {key: report}}.
+import puppeteer from 'puppeteer-core';
+
+const [url, planText, outDir, chromium] = process.argv.slice(2);
+const plan = JSON.parse(planText);
+const waitMs = plan.waitMs ?? 6000;
+const sleep = ms => new Promise(resolve => setTimeout(resolve, ms));
+
+async function clickText(page, texts) {
+  // Click the first visible button (or clickable element) whose text is one of `texts`.
+  return page.evaluate(wanted => {
+    const items = Array.from(document.querySelectorAll('button, [role="button"], a, span, div'));
+    for (const el of items) {
+      const text = (el.innerText || '').trim();
+      if (!wanted.includes(text) || el.offsetParent === null) continue;
+      if (el.children.length > 2) continue;
+      el.click();
+      return text;
+    }
+    return null;
+  }, texts);
+}
+
+async function thumbnail(page, name) {
+  const handles = await page.$$('[data-cy^="study-browser-thumbnail"]');
+  for (const handle of handles) {
+    const label = await handle.$eval('[data-cy="series-description-label"]', e => e.innerText.trim())
+      .catch(() => null);
+    if (label === name) return handle;
+  }
+  return null;
+}
+
+async function settle(page) {
+  await page.waitForNetworkIdle({idleTime: 1500, timeout: 60000}).catch(() => {});
+  await sleep(waitMs);
+}
+
+function canvasStats() {
+  // Pixel statistics of the largest viewport canvas (Cornerstone draws each viewport on a 2-D
+  // canvas), and a 16 x 16 grey thumbnail to compare viewports.
+  const canvases = Array.from(document.querySelectorAll('.viewport-element canvas, canvas.cornerstone-canvas'));
+  let best = null;
+  for (const c of canvases) if (!best || c.width * c.height > best.width * best.height) best = c;
+  if (!best || !best.width) return null;
+  const ctx = best.getContext('2d');
+  if (!ctx) return {width: best.width, height: best.height, error: 'no 2d context'};
+  const {data, width, height} = ctx.getImageData(0, 0, best.width, best.height);
+  let lit = 0, coloured = 0, sum = 0;
+  const grid = new Array(256).fill(0), counts = new Array(256).fill(0);
+  for (let y = 0; y < height; y++) {
+    for (let x = 0; x < width; x++) {
+      const i = 4 * (y * width + x);
+      const r = data[i], g = data[i + 1], b = data[i + 2];
+      const grey = (r + g + b) / 3;
+      sum += grey;
+      if (grey > 20) lit++;
+      if (Math.max(r, g, b) - Math.min(r, g, b) > 40) coloured++;
+      const cell = Math.floor(16 * y / height) * 16 + Math.floor(16 * x / width);
+      grid[cell] += grey; counts[cell]++;
+    }
+  }
+  const n = width * height;
+  return {width, height, litFraction: lit / n, colouredFraction: coloured / n, mean: sum / n,
+          grid: grid.map((v, i) => Math.round(v / Math.max(counts[i], 1)))};
+}
+
+function panelText() {
+  const pick = sel => Array.from(document.querySelectorAll(sel)).map(e => e.innerText).join('\n');
+  return {
+    viewport: pick('[data-cy="viewport-pane"]'),
+    panels: pick('[data-cy="side-panel-header-right"], .ohif-scrollbar, [data-cy*="panel"], [class*="SidePanel"]'),
+    body: document.body.innerText,
+  };
+}
+
+function ohifState() {
+  // What OHIF's services hold (window.services, as OHIF exposes them): display sets, the
+  // measurements of the measurement service and the segments of the segmentation service.
+  const services = window.services;
+  if (!services) return null;
+  const out = {displaySets: [], measurements: [], segments: []};
+  for (const ds of services.displaySetService.getActiveDisplaySets()) {
+    out.displaySets.push({modality: ds.Modality, series: ds.SeriesNumber, loaded: ds.isLoaded ?? null,
+      srMeasurements: (ds.measurements || []).map(m => ({id: m.TrackingIdentifier, loaded: m.loaded,
+        labels: (m.labels || []).map(l => `${l.label}: ${l.value}`)}))});
+  }
+  for (const m of services.measurementService.getMeasurements()) {
+    out.measurements.push({label: m.label, toolName: m.toolName, displayText: m.displayText,
+      referenceSeriesUID: m.referenceSeriesUID});
+  }
+  const segService = services.segmentationService;
+  for (const seg of (segService.getSegmentations ? segService.getSegmentations() : [])) {
+    for (const [index, segment] of Object.entries(seg.segments || {})) {
+      if (segment) out.segments.push({index: Number(index), label: segment.label});
+    }
+  }
+  return out;
+}
+
+const browser = await puppeteer.launch({
+  executablePath: chromium,
+  headless: true,
+  args: ['--no-sandbox', '--use-angle=swiftshader', '--enable-unsafe-swiftshader',
+         '--disable-dev-shm-usage', '--window-size=1600,1000'],
+  defaultViewport: {width: 1600, height: 1000},
+});
+const report = {series: {}};
+try {
+  for (const item of plan.series) {
+    const page = await browser.newPage();
+    const consoleLines = [];
+    page.on('console', m => { if (m.type() !== 'debug') consoleLines.push(`${m.type()}: ${m.text()}`); });
+    page.on('pageerror', e => consoleLines.push(`pageerror: ${e.message}`));
+    const entry = {name: item.name, console: consoleLines, clicked: []};
+    report.series[item.key] = entry;
+    await page.goto(url + (item.query || ''), {waitUntil: 'networkidle2', timeout: 120000});
+    await page.waitForSelector('[data-cy^="study-browser-thumbnail"]', {timeout: 60000});
+    await settle(page);
+    entry.clicked.push(await clickText(page, ['Skip all']));
+    for (const first of item.before || []) {
+      // series to show first (the viewport type OHIF keeps for the next series)
+      const other = await thumbnail(page, first);
+      if (other) { await other.click({count: 2}); await settle(page); }
+    }
+    const thumb = await thumbnail(page, item.name);
+    if (!thumb) { entry.error = `no thumbnail named ${item.name}`; await page.close(); continue; }
+    const before = consoleLines.length;
+    await thumb.click({count: 2});
+    await settle(page);
+    for (let i = 0; i < 3; i++) {
+      const clicked = await clickText(page, ['Yes', 'Load', 'LOAD', 'Load Segmentation', 'Track']);
+      if (!clicked) break;
+      entry.clicked.push(clicked);
+      await settle(page);
+    }
+    if (item.waitForColour) {
+      // an overlay is drawn once its volume has loaded: poll the viewport (at most 90 s)
+      for (let t = 0; t < 90; t++) {
+        const stats = await page.evaluate(canvasStats);
+        if (stats && stats.colouredFraction > 0) break;
+        await sleep(1000);
+      }
+      await sleep(1000);
+    }
+    if (item.panel) {
+      // open a right-hand panel (e.g. the measurements) by its tab
+      entry.dataCy = await page.evaluate(() => Array.from(document.querySelectorAll('[data-cy]'))
+        .map(e => e.getAttribute('data-cy')));
+      const opened = await page.evaluate(wanted => {
+        const el = Array.from(document.querySelectorAll('[data-cy]'))
+          .find(e => e.getAttribute('data-cy').toLowerCase().includes(wanted));
+        if (!el) return null;
+        el.click();
+        return el.getAttribute('data-cy');
+      }, item.panel.toLowerCase());
+      entry.clicked.push(opened);
+      await sleep(3000);
+    }
+    entry.consoleAfterLoad = consoleLines.slice(before);
+    entry.canvas = await page.evaluate(canvasStats);
+    entry.text = await page.evaluate(panelText);
+    entry.ohif = await page.evaluate(ohifState).catch(e => ({error: String(e)}));
+    await page.screenshot({path: `${outDir}/${item.key}.png`});
+    entry.screenshot = `${outDir}/${item.key}.png`;
+    await page.close();
+  }
+} finally {
+  await browser.close();
+}
+console.log(JSON.stringify(report));
