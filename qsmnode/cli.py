@@ -337,7 +337,8 @@ def _delivery(store: Store, settings: Settings) -> dict[str, Any]:
     from qsmnode.node.store import DestinationSummary
 
     summaries = {d.destination: d for d in store.delivery()}
-    configured = {d.name: f"{d.ae_title}@{d.host}:{d.port}{' TLS' if d.tls.enabled else ''}"
+    configured = {d.name: f"STOW-RS {d.stow_url}" if d.stow_url else
+                  f"{d.ae_title}@{d.host}:{d.port}{' TLS' if d.tls.enabled else ''}"
                   for d in settings.destinations}
     destinations = []
     for name in [*configured, *(n for n in summaries if n not in configured)]:

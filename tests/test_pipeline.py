@@ -38,7 +38,7 @@ def test_real_philips_data_runs_end_to_end(shared_data: Path) -> None:
     files = tuple(sorted(folder.iterdir()))
     result = run_pipeline(loaded, PipelineParams(source_files=files))
     modalities = sorted({ds.Modality for ds in result.datasets})
-    assert modalities == ["MR", "OT"]  # maps and key images; no M1 without an atlas
+    assert modalities == ["KO", "MR", "OT"]  # maps, key images, KOS; no M1 without an atlas
     assert result.qsm_quality["mask_fraction"] > 0.1
     assert result.to_json()["derived_objects"] == len(result.datasets)
 

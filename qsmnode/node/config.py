@@ -330,6 +330,11 @@ class DestinationConfig:
         default="QSMNODE", metadata=_rule(expect=AE_TITLE_EXPECT, check=is_ae_title)
     )
     tls: ClientTLSConfig = field(default_factory=ClientTLSConfig)
+    stow_url: str | None = field(default=None, metadata=_rule(
+        expect="an http:// or https:// DICOMweb base URL (e.g. http://pacs:8042/dicom-web)",
+        check=lambda text: bool(re.fullmatch(r"https?://[^\s]+", text))))
+    """When set, the objects go to this DICOMweb service by STOW-RS instead of C-STORE (the
+    AE title, host and port then only name the PACS in logs)."""
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,9 @@ node killed mid-batch resends little):
   objects, and they are delivered once it is fixed;
 - an outbox file that is gone: ``failed`` at once (retrying cannot bring it back).
 
+A destination with ``stow_url`` gets the same batches by DICOMweb STOW-RS instead
+(:func:`qsmnode.node.stow.stow_files`, same outcomes and retries).
+
 A destination whose association fails is held until the next try of that batch: its other
 sends wait for it too (one association per retry, not one per send), except sends never tried
 (new results, ``qsmnode resend``). An object that was out, unanswered, when an association
@@ -76,11 +79,13 @@ class Peer:
     port: int
     calling_ae_title: str = "QSMNODE"
     tls: ClientTLSConfig = field(default_factory=ClientTLSConfig)
+    stow_url: str | None = None
+    """DICOMweb STOW-RS instead of C-STORE (:mod:`qsmnode.node.stow`)."""
 
     @classmethod
     def from_config(cls, destination: DestinationConfig) -> Peer:
         return cls(destination.name, destination.ae_title, destination.host, destination.port,
-                   destination.calling_ae_title, destination.tls)
+                   destination.calling_ae_title, destination.tls, destination.stow_url)
 
     @classmethod
     def parse(cls, text: str, destinations: Sequence[DestinationConfig] = (),
@@ -102,6 +107,8 @@ class Peer:
         raise ValueError(f"{text!r}: not a configured destination ({names}) nor HOST:PORT:AE")
 
     def __str__(self) -> str:
+        if self.stow_url:
+            return f"{self.name} (STOW-RS {self.stow_url})"
         return (f"{self.name} ({self.ae_title}@{self.host}:{self.port}"
                 f"{', TLS' if self.tls.enabled else ''})")
 
@@ -569,8 +576,12 @@ class Sender:
             if time.monotonic() - saved_at[0] >= self.record_every_s:
                 save()
 
+        if peer.stow_url:
+            from qsmnode.node.stow import stow_files as send
+        else:
+            send = send_files
         try:
-            send_files(peer, files, self.timeout_s, self._stop, on_outcome=on_outcome)
+            send(peer, files, self.timeout_s, self._stop, on_outcome=on_outcome)
         except AssociationFailed as exc:
             outcomes = [self._failed(item, str(exc), None, draw, rejected=exc.rejected)
                         for item in batch]
