@@ -377,3 +377,23 @@ def test_a_version_5_store_gains_the_hl7_tables_and_keeps_its_rows(tmp_path):
         assert migrated.schema_version() == 6 and len(migrated.series()) == 1
         assert HL7Queue(migrated).register(["ris"], 5.0) == {"ris": 5.0}
         assert HL7Queue(migrated).register(["ris"], 9.0) == {"ris": 5.0}  # first seen stays
+
+
+def test_a_ris_no_longer_configured_is_named_and_its_messages_wait(tmp_path, ris, store):
+    from qsmnode.node.hl7_status import hl7_status
+
+    server = ris("ae").start()
+    clock = Clock(1000.0)
+    done_job(store, tmp_path / "state", {"m1": m1_record_from_truth(), "version": "t"})
+    sender_for(settings_for(tmp_path, server.port), store, clock).step()
+    renamed = replace(settings_for(tmp_path, server.port), hl7=HL7Config(destinations=(
+        HL7DestinationConfig("ris2", "127.0.0.1", server.port, "TESTRIS", "TESTHOSP"),)))
+    report = hl7_status(store, renamed)
+    by_name = {d["destination"]: d for d in report["destinations"]}
+    assert by_name["ris"]["peer"] is None and by_name["ris"]["pending"] == 1
+    assert by_name["ris2"]["peer"] == f"TESTRIS@127.0.0.1:{server.port}"
+    clock.now = 4e9  # later than the job (recorded at the real time)
+    other = HL7Sender(renamed, store, clock=clock, jitter=0.0)
+    other.step()  # the new RIS gets nothing of the old one's queue (the job predates it)
+    assert [m.destination for m in messages(store)] == ["ris"]
+    assert len(server.received()) == 1
