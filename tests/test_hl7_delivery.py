@@ -397,3 +397,21 @@ def test_a_ris_no_longer_configured_is_named_and_its_messages_wait(tmp_path, ris
     other.step()  # the new RIS gets nothing of the old one's queue (the job predates it)
     assert [m.destination for m in messages(store)] == ["ris"]
     assert len(server.received()) == 1
+
+
+def test_a_job_whose_images_are_gone_is_failed_with_why_and_sends_nothing(tmp_path, ris,
+                                                                         store):
+    server = ris("aa").start()
+    clock = Clock(1000.0)
+    state = tmp_path / "state"
+    job_id = done_job(store, state, {"m1": m1_record_from_truth(), "version": "t"})
+    for record in store.job_instances(job_id):
+        (state / record.path).unlink()
+    sender = sender_for(settings_for(tmp_path, server.port), store, clock)
+    sender.step()
+    [record] = messages(store)
+    assert record.state == "failed" and record.attempts == 0
+    assert "neither its source images nor its derived objects can be read" in record.last_error
+    clock.now = 1e6
+    sender.step()
+    assert server.received() == []

@@ -32,13 +32,14 @@ from __future__ import annotations
 
 import logging
 import random
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from qsmnode.node.config import HL7DestinationConfig, Settings
-from qsmnode.node.hl7_facts import FactsError, job_facts, result_key
+from qsmnode.node.hl7_facts import job_facts, result_key
 from qsmnode.node.hl7_message import (
     HL7MessageError,
     Parties,
@@ -50,7 +51,7 @@ from qsmnode.node.hl7_message import (
 from qsmnode.node.hl7_observations import FLAG_RANK
 from qsmnode.node.hl7_queue import DueMessage, HL7Queue, MessageOutcome, QueuedMessage
 from qsmnode.node.mllp import MLLPConnection, MLLPError
-from qsmnode.node.redact import Redactor
+from qsmnode.node.redact import Redactor, dataset_values
 from qsmnode.node.sender import backoff_s, client_ssl_context
 from qsmnode.node.store import Store
 
@@ -193,15 +194,18 @@ class HL7Sender:
         try:
             facts = job_facts(self.store, job, self.state_dir, self.settings.hl7)
             text = build_oru(facts, parties)
-        except (FactsError, HL7MessageError) as exc:
+        except sqlite3.Error:
+            raise  # the store: tried again at the next pass
+        except Exception as exc:  # FactsError, HL7MessageError, or a header it cannot use
+            error = self._redacted(job.id, f"{type(exc).__name__}: {exc}")
             key = control_id(result_key(self.store, job))
-            if self.queue.add_unbuildable(key, destination.name, job.id, study_uid, str(exc),
+            if self.queue.add_unbuildable(key, destination.name, job.id, study_uid, error,
                                           now):
                 log.error("hl7: %s: no ORU for job %d (study %s): %s", destination.name,
-                          job.id, study_uid, exc)
+                          job.id, study_uid, error)
                 self.store.audit.record("hl7_failed", destination=destination.name,
                                         control_id=key, job_id=job.id, study_uid=study_uid,
-                                        attempt=0, error=str(exc), given_up=True)
+                                        attempt=0, error=error, given_up=True)
             return 0
         flags = [row.flag for row in facts.observations if row.code == "FINDING" and row.flag]
         abnormal = max(flags, key=lambda f: FLAG_RANK.get(f, 0)) if flags else None
@@ -220,6 +224,13 @@ class HL7Sender:
                                 job_id=job.id, study_uid=facts.study_uid, abnormal=abnormal,
                                 notes=notes)
         return 1
+
+    def _redacted(self, job_id: int, text: str) -> str:
+        """``text`` without the patient and study values of the job's images (an exception
+        may quote one)."""
+        paths = [str(self.state_dir / r.path) for r in self.store.job_instances(job_id)[:3]]
+        paths += [str(self.state_dir / r.path) for r in self.store.outbox(job_id=job_id)[:3]]
+        return Redactor(dataset_values(paths))(text)
 
     # ------------------------------------------------------------------------------- sending
 
