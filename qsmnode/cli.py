@@ -406,6 +406,7 @@ def _resend(args: argparse.Namespace) -> int:
     import time
 
     from qsmnode.node.config import ConfigError, load_settings
+    from qsmnode.node.hl7_queue import HL7Queue
     from qsmnode.node.store import Store, StoreError
 
     try:
@@ -432,12 +433,15 @@ def _resend(args: argparse.Namespace) -> int:
             count = store.requeue_sends(
                 time.time(), study_uid=args.study, failed_only=args.all_failed,
                 destinations=[d.name for d in settings.destinations])
+            oru = HL7Queue(store).requeue_failed(time.time(), study_uid=args.study)
     except (ConfigError, StoreError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     what = f"study {args.study}" if args.study is not None else "failed sends"
     print(f"{count} send{'' if count == 1 else 's'} queued again ({what}); a running node "
           "sends them within a second")
+    if oru:
+        print(f"{oru} failed HL7 ORU message{'' if oru == 1 else 's'} queued again")
     return 0
 
 
@@ -671,7 +675,8 @@ def build_parser() -> argparse.ArgumentParser:
         "resend", help="queue derived objects for sending again",
         description="Queue sends again, due now, with their attempts reset: every send of "
         "one study's derived objects (sent ones too, and to destinations added since), or "
-        "every failed send. Works while the node runs.",
+        "every failed send; failed HL7 ORU messages (of the study, or all) too. Works while "
+        "the node runs.",
     )
     which = resend.add_mutually_exclusive_group(required=True)
     which.add_argument("--study", metavar="UID", help="the study's derived objects")

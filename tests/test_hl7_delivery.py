@@ -415,3 +415,31 @@ def test_a_job_whose_images_are_gone_is_failed_with_why_and_sends_nothing(tmp_pa
     clock.now = 1e6
     sender.step()
     assert server.received() == []
+
+
+def test_resend_queues_a_rejected_oru_again(tmp_path, ris, store):
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    server = ris("ar,aa", reason="order not yet known").start()
+    clock = Clock(1000.0)
+    done_job(store, tmp_path / "state", {"m1": m1_record_from_truth(), "version": "t"})
+    sender = sender_for(settings_for(tmp_path, server.port), store, clock)
+    sender.step()
+    assert messages(store)[0].state == "failed"
+    config = tmp_path / "node.toml"
+    config.write_text(f'[paths]\nstate_dir = "{tmp_path / "state"}"\n')
+    done = subprocess.run([sys.executable, "-m", "qsmnode", "resend", "--all-failed",
+                           "--config", str(config)], capture_output=True, text=True,
+                          timeout=60, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    assert "1 failed HL7 ORU message queued again" in done.stdout
+    clock.now = 4e9
+    sender.step()
+    [record] = messages(store)
+    assert record.state == "sent" and record.attempts == 1
+    received = server.received()
+    assert [r["answer"] for r in received] == ["ar", "aa"]
+    assert received[0]["control_id"] == received[1]["control_id"]
