@@ -708,3 +708,86 @@ def test_a_rejected_registration_is_reported_by_its_failing_check(study: Study, 
     assert any("mask_in_template 0.850 < 0.9" in line for line in failing), failing
     assert "Usable - Does not meet the quality control standard" in out
     assert "normalised mutual information 1.081 >= 1.07" in out
+
+
+# --- what a viewer needs (OHIF 3: tests/test_viewer_ohif.py) -------------------------------
+
+
+def _frame_geometry(ds: Dataset) -> tuple[list[str], dict[str, list[str]]]:
+    """ImageOrientationPatient and each frame's ImagePositionPatient, as the file's strings."""
+    shared = ds.SharedFunctionalGroupsSequence[0]
+    orientation = [str(v) for v in shared.PlaneOrientationSequence[0].ImageOrientationPatient]
+    positions = {}
+    for frame in ds.PerFrameFunctionalGroupsSequence:
+        ipp = [str(v) for v in frame.PlanePositionSequence[0].ImagePositionPatient]
+        positions["\\".join(ipp)] = ipp
+    return orientation, positions
+
+
+def test_maps_and_seg_reference_their_single_volume_series_with_identical_strings(
+    study: Study,
+) -> None:
+    """A viewer overlays a PM or SEG on the series its Referenced Series Sequence names first:
+    that is the derived MR series (one volume), not the multi-echo source; and Cornerstone3D
+    places it only when the orientation strings are identical."""
+    objects = study.objects
+    pairs = [(objects.qsm_map, objects.qsm_images), (objects.r2star_map, objects.r2star_images),
+             (objects.segmentation, objects.qsm_images)]
+    for derived, images in pairs:
+        assert derived is not None
+        ds = pydicom.dcmread(study.out / file_name(derived))
+        mr = [study.read(image) for image in images]
+        assert ds.ReferencedSeriesSequence[0].SeriesInstanceUID == mr[0].SeriesInstanceUID
+        assert {i.ReferencedSOPInstanceUID
+                for i in ds.ReferencedSeriesSequence[0].ReferencedInstanceSequence} == {
+            m.SOPInstanceUID for m in mr}
+        echo1 = {row[0].sop_instance_uid for row in study.loaded.magnitude_sources}
+        referenced = {i.ReferencedSOPInstanceUID for s in ds.ReferencedSeriesSequence
+                      for i in s.ReferencedInstanceSequence}
+        assert echo1 <= referenced  # the acquired images stay further sources
+        orientation, positions = _frame_geometry(ds)
+        mr_positions = {"\\".join(str(v) for v in m.ImagePositionPatient) for m in mr}
+        for m in mr:
+            assert [str(v) for v in m.ImageOrientationPatient] == orientation
+        assert set(positions) <= mr_positions
+        spacing = ds.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing
+        assert [str(v) for v in spacing] == [str(v) for v in mr[0].PixelSpacing]
+
+
+def test_sr_gives_every_region_a_rectangle_on_a_qsm_image(study: Study, m1: M1Result) -> None:
+    """Each region (and the quality control) has a TID 1410 group with the tracking UID of its
+    volumetric or TID 1501 group and a closed 5-point POLYLINE on a QSM derived MR image: what
+    OHIF needs to show an SR's measurements."""
+    sr = study.read(study.objects.report)
+    qsm = {ds.SOPInstanceUID: k for k, ds in enumerate(study.objects.qsm_images)}
+    [container] = [g for g in sr.ContentSequence
+                   if g.ConceptNameCodeSequence[0].CodeValue == "126010"]
+    by_uid: dict[str, list[Dataset]] = {}
+    for group in container.ContentSequence:
+        uid = next(c.UID for c in group.ContentSequence if c.ValueType == "UIDREF")
+        by_uid.setdefault(uid, []).append(group)
+    labels = np.asarray(m1.labels)
+    regions = 0
+    for uid, groups in by_uid.items():
+        coords = [c for g in groups for c in g.ContentSequence if c.ValueType == "SCOORD"]
+        assert len(groups) == 2 and len(coords) == 1, uid
+        scoord = coords[0]
+        assert scoord.GraphicType == "POLYLINE"
+        points = np.asarray(scoord.GraphicData, dtype=float).reshape(-1, 2)
+        assert len(points) == 5 and np.array_equal(points[0], points[-1])
+        [image] = [c for c in scoord.ContentSequence if c.ValueType == "IMAGE"]
+        k = qsm[image.ReferencedSOPSequence[0].ReferencedSOPInstanceUID]
+        name = next(c.TextValue for c in groups[0].ContentSequence if c.ValueType == "TEXT")
+        if name == "Quality control":
+            continue
+        regions += 1
+        area = next(a for a in AREAS if segment_name(a, "deep").rsplit(" ", 1)[0] in name)
+        layers = LAYERS if name.endswith("all layers") else [name.rsplit(" ", 1)[1]]
+        mask = np.isin(labels[:, :, k], [segment_label(area, x) for x in layers])
+        assert mask.sum() == np.isin(labels, [segment_label(area, x) for x in layers]).sum(
+            axis=(0, 1)).max()  # the slice holding most of the region
+        rows, cols = np.nonzero(mask.T)  # pixel matrix = [j, i]
+        x0, y0 = points.min(axis=0)
+        x1, y1 = points.max(axis=0)
+        assert (x0, y0, x1, y1) == (cols.min(), rows.min(), cols.max() + 1, rows.max() + 1)
+    assert regions == 16

@@ -13,8 +13,9 @@ Content tree (root: Imaging Measurement Report, observer = the qsmnode device):
 - "not covered" (``Measurement.covered`` False) is a qualitative evaluation Finding = Anatomy
   coverage incomplete, with the numbers left out (they are NaN);
 - for every region with a voxel (each area × layer and each area's full depth), one Planar ROI
-  group (TID 1410) with the same Tracking Identifier and Tracking UID: the region's outline (a
-  closed POLYLINE) on the slice holding most of it, on the QSM derived MR image of that slice.
+  group (TID 1410) with the same Tracking Identifier and Tracking UID: the rectangle around the
+  region (a closed POLYLINE of 5 points) on the slice holding most of it, on the QSM derived MR
+  image of that slice, its finding the region's name (private scheme).
   The volumetric groups are what a DICOM reader computes with; these outlines are what a viewer
   can draw and jump to. OHIF 3 draws only groups with a SCOORD and merges groups by Tracking UID,
   so each region shows as one measurement with its outline and the values of its group;
@@ -42,7 +43,6 @@ from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes as dicom_codes
 from pydicom.sr.coding import Code
-from skimage.measure import find_contours
 
 from qsmnode.dicom.derived import codes
 from qsmnode.dicom.derived.common import (
@@ -167,19 +167,27 @@ def _group_source_images(
     return refs or None
 
 
-def region_outline(mask: np.ndarray) -> np.ndarray:
-    """The outline of a 2-D mask (``[rows, columns]``) as a closed polyline of SCOORD pixel
-    coordinates ``(column, row)``, the top-left corner of the top-left pixel at (0, 0): the
-    longest iso-contour at half height, around pixel centres at ``index + 0.5``."""
-    padded = np.pad(mask.astype(np.float64), 1)
-    contours = find_contours(padded, 0.5)
-    if not contours:
+def region_box(mask: np.ndarray) -> np.ndarray:
+    """The rectangle around a 2-D mask (``[rows, columns]``) as a closed POLYLINE of five SCOORD
+    points ``(column, row)``, the top-left corner of the top-left pixel at (0, 0), along the
+    outer edges of the outermost pixels. A rectangle (not the region's contour, which the SEG
+    holds): OHIF 3 lists a planar SR region in its measurement panel only as a rectangle (a
+    POLYLINE of 4 or 5 points, its RectangleROI adapter)."""
+    rows, columns = np.nonzero(mask)
+    if rows.size == 0:
         raise ValueError("the mask is empty")
-    rc = max(contours, key=len) - 1.0  # undo the padding
-    points = np.stack([rc[:, 1] + 0.5, rc[:, 0] + 0.5], axis=1)
-    if not np.array_equal(points[0], points[-1]):
-        points = np.vstack([points, points[:1]])
-    return points.astype(np.float32)
+    x0, x1 = float(columns.min()), float(columns.max() + 1)
+    y0, y1 = float(rows.min()), float(rows.max() + 1)
+    return np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]], dtype=np.float32)
+
+
+def region_code(name: str) -> Code:
+    """The finding of a region's outline group: the region by name in the private scheme
+    (``M1 left hand deep`` → ``M1-LH-DEEP``, ``M1 right foot all layers`` → ``M1-RF-ALL``),
+    which OHIF shows as the measurement's label."""
+    words = name.split()
+    value = f"{words[0]}-{words[1][0]}{words[2][0]}-{words[3][:8]}".upper()
+    return Code(value, PRIVATE_SCHEME, name)
 
 
 def _outline_group(
@@ -189,10 +197,11 @@ def _outline_group(
     tracking: hd.sr.TrackingIdentifier,
     site: hd.sr.FindingSite | None,
     regions_on: Sequence[Dataset],
-    finding_type: Code = codes.CEREBRAL_CORTEX,
+    finding_type: Code | None = None,
 ) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations | None:
-    """The TID 1410 group of a region: its outline on the slice with most of its voxels, on the
-    image of ``regions_on`` for that slice (None when the region has no voxel)."""
+    """The TID 1410 group of a region: its rectangle on the slice with most of its voxels, on the
+    image of ``regions_on`` for that slice, with the region's name as the finding (None when
+    the region has no voxel)."""
     mask = np.isin(labels, values)
     counts = mask.sum(axis=(0, 1))
     if counts.max() == 0:
@@ -201,13 +210,13 @@ def _outline_group(
     image = regions_on[k]
     region = hd.sr.ImageRegion(
         graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
-        graphic_data=region_outline(slice_pixels(mask, k)),
+        graphic_data=region_box(slice_pixels(mask, k)),
         source_image=hd.sr.SourceImageForRegion(image.SOPClassUID, image.SOPInstanceUID),
     )
     return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=tracking,
         referenced_region=region,
-        finding_type=finding_type,
+        finding_type=finding_type or region_code(str(tracking[0].TextValue)),
         finding_category=codes.ANATOMICAL_STRUCTURE if site is not None else None,
         finding_sites=[site] if site is not None else None,
         algorithm_id=_algorithm(ctx),
