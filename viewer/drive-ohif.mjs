@@ -4,12 +4,13 @@
 //
 // PLAN: {"series": [{"name": <series description>, "key": <file stem>, "before": [<series
 // description shown first>, ...], "query": <appended to URL>, "panel": <data-cy of a panel tab
-// to open>, "waitForColour": <true: wait until the viewport shows colour>}, ...], "waitMs": N}.
+// to open>, "clickAfter": <text to click then, e.g. a segment>, "waitForColour": <true: wait until the viewport shows colour>}, ...], "waitMs": N}.
 // For each series, in a fresh page at URL (an OHIF /viewer?StudyInstanceUIDs=... address):
 // skip the tour, double-click the series' thumbnail in the study browser, accept a load prompt
 // when one comes, wait for the network and the viewport to settle, then record the console
 // messages, the text of the viewport and side panels, the viewport canvas' pixel statistics and
 // a screenshot (OUT_DIR/<key>.png). Prints one JSON line: {"series": {key: report}}.
+import fs from 'node:fs';
 import puppeteer from 'puppeteer-core';
 
 const [url, planText, outDir, chromium] = process.argv.slice(2);
@@ -168,6 +169,16 @@ try {
       entry.clicked.push(opened);
       await sleep(3000);
     }
+    if (item.clickAfter) {
+      // e.g. a segment or measurement in the panel: OHIF jumps to its slice
+      entry.clicked.push(await clickText(page, [item.clickAfter]));
+      await settle(page);
+      for (let t = 0; item.waitForColour && t < 30; t++) {
+        const stats = await page.evaluate(canvasStats);
+        if (stats && stats.colouredFraction > 0) break;
+        await sleep(1000);
+      }
+    }
     entry.consoleAfterLoad = consoleLines.slice(before);
     entry.canvas = await page.evaluate(canvasStats);
     entry.text = await page.evaluate(panelText);
@@ -179,4 +190,5 @@ try {
 } finally {
   await browser.close();
 }
+fs.writeFileSync(`${outDir}/report.json`, JSON.stringify(report, null, 1));
 console.log(JSON.stringify(report));
