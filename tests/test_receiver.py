@@ -919,15 +919,49 @@ def test_a_p_data_pdu_beyond_the_negotiated_maximum_is_refused(
     event = nodeutil.wait_for(
         lambda: next((e for e in _audit(node) if e.get("kind") == "too_large"), None),
         "the refusal in the audit log", 60, 0.1, node.log)
-    # The flood follows the request without waiting for the accept: on a busy machine it can be
-    # read before the association is up, and is then refused as a pre-association PDU.
-    if event["associated"]:
-        assert "P-DATA-TF PDU of 16777216 bytes refused unread" in event["reason"]
-    else:
-        assert "16777216 bytes refused unread" in event["reason"]
+    assert ("P-DATA-TF PDU of 16777216 bytes refused unread (the negotiated maximum is 65536)"
+            in event["reason"])
     assert node.echoscu().returncode == 0
     node.stop()
     assert "Traceback" not in node.log()
+
+
+def test_p_data_right_after_the_accept_is_read_before_the_association_is_marked_up() -> None:
+    """A scanner sends its first P-DATA as soon as it has the A-ASSOCIATE-AC, which can be
+    before pynetdicom's thread marks the association established (a busy machine, four
+    scanners at once). The gate bounds that P-DATA by the node's Maximum Length, not by the
+    64 KiB allowed before an association; a P-DATA before any request is still refused."""
+    from qsmnode.node.pynetdicom_compat import PduGate
+
+    def gate_on(sock: socket.socket) -> tuple[PduGate, list[object]]:
+        assoc = SimpleNamespace(is_established=False, requestor=None,
+                                dul=SimpleNamespace(socket=SimpleNamespace(socket=sock)))
+        refused: list[object] = []
+        gate = PduGate(assoc, request_limit=64 * 1024, pdata_limit=256 * 1024,
+                       deadline=time.monotonic() + 10, idle_timeout_s=10,
+                       on_refuse=refused.append)
+        gate.install()
+        return gate, refused
+
+    request = _associate_rq()
+    pdv = bytes(150_000)
+    body = struct.pack(">L", 2 + len(pdv)) + b"\x01\x03" + pdv  # one PDV item
+    pdata = struct.pack(">BBL", 0x04, 0, len(body)) + body
+    for prefix, accepted in ((request, True), (b"", False)):
+        ours, theirs = socket.socketpair()
+        with ours, theirs:
+            gate, refused = gate_on(ours)
+            theirs.sendall(prefix + pdata)
+            if prefix:
+                header = gate.recv(6)
+                assert header[:1] == b"\x01" and len(gate.recv(len(prefix) - 6)) == len(prefix) - 6
+            header = gate.recv(6)
+            if accepted:
+                assert header[:1] == b"\x04" and not refused
+                assert len(gate.recv(len(body))) == len(body)
+            else:
+                assert header == bytearray()
+                assert "P-DATA-TF PDU of 150006 bytes refused unread" in refused[0].reason
 
 
 def test_silent_connections_cannot_lock_the_scanner_out(

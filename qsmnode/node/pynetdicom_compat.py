@@ -177,10 +177,12 @@ class PduGate:
     Installed on a new connection (:meth:`install`, at EVT_CONN_OPEN, before pynetdicom reads
     anything), it reads each PDU's 6-byte header and refuses, before reading the body:
 
-    - any PDU longer than ``request_limit`` until the association is established, and any
-      but P-DATA after;
+    - any PDU but P-DATA longer than ``request_limit``, and a P-DATA-TF PDU before any
+      A-ASSOCIATE-RQ too;
     - a P-DATA-TF PDU longer than ``pdata_limit`` (the Maximum Length the node announced;
-      0: no limit) once established;
+      0: no limit) after the request. The peer sends P-DATA once it has the accept, which
+      can be before pynetdicom's thread marks the association established: judging it by
+      that flag would refuse a scanner's first P-DATA on a busy machine.
     - an unknown PDU type.
 
     It then reads the body (waiting at most until ``deadline``, a ``time.monotonic`` value,
@@ -204,6 +206,7 @@ class PduGate:
         self._body: bytearray | None = None
         self._lock = threading.Lock()
         self._closing: str | None = None
+        self._requested = False  # an A-ASSOCIATE-RQ has passed the gate
 
     def install(self) -> None:
         """Read ``assoc``'s PDUs through this gate from now on."""
@@ -248,7 +251,7 @@ class PduGate:
         established = self.established
         if pdu_type not in _PDU_TYPES:
             return self._refuse("undecodable", f"unknown PDU type 0x{pdu_type:02X}")
-        if established and pdu_type == P_DATA_TF:
+        if pdu_type == P_DATA_TF and (established or self._requested):
             limit = self.pdata_limit or (1 << 32)
             what = "the negotiated maximum"
         else:
@@ -267,6 +270,7 @@ class PduGate:
         if problem is not None:
             return problem
         self._body = body
+        self._requested = self._requested or pdu_type == A_ASSOCIATE_RQ
         return header
 
     def _problem(self, pdu_type: int, header: bytes, body: bytearray) -> bytearray | None:
