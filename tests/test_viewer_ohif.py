@@ -341,6 +341,9 @@ def test_every_derived_object_displays_in_ohif(viewer: tuple[ViewerServer, Viewe
     base = report["qsm-mr"]["canvas"]
     for key, shown_on in (("qsm-pm", names["qsm_mr"]), ("r2star-pm", names["r2s_mr"])):
         entry = report[key]
+        pm = {"qsm-pm": names["qsm_pm"], "r2star-pm": names["r2s_pm"]}[key]
+        [active] = [v for v in entry["viewports"] if v["active"]]
+        assert active["series"] == [f"PMAP:{pm}"], entry["viewports"]
         assert shown_on in entry["text"]["viewport"], entry["text"]["viewport"]
         assert "Loading Parametric Map" not in entry["text"]["body"]
         assert entry["canvas"]["colouredFraction"] > 0.001, (key, entry["canvas"])

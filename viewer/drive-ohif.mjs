@@ -4,7 +4,7 @@
 //
 // PLAN: {"series": [{"name": <series description>, "key": <file stem>, "before": [<series
 // description shown first>, ...], "query": <appended to URL>, "panel": <data-cy of a panel tab
-// to open>, "clickAfter": <text to click then, e.g. a segment>, "waitForColour": <true: wait until the viewport shows colour>}, ...], "waitMs": N}.
+// to open>, "clickAfter": <text to click then, e.g. a segment>, "waitForColour": <true: wait until the viewport shows colour, scrolling a slice on and back every 5 s>}, ...], "waitMs": N}.
 // For each series, in a fresh page at URL (an OHIF /viewer?StudyInstanceUIDs=... address):
 // skip the tour, double-click the series' thumbnail in the study browser, accept a load prompt
 // when one comes, wait for the network and the viewport to settle, then record the console
@@ -110,6 +110,63 @@ function ohifState() {
   return out;
 }
 
+async function show(page, name) {
+  // double-click the series' thumbnail until the active viewport holds it (OHIF may drop a
+  // double-click that comes while it is still busy with the previous series): at most 3 tries,
+  // 15 s each
+  for (let attempt = 0; attempt < 3; attempt++) {
+    const thumb = await thumbnail(page, name);
+    if (!thumb) return false;
+    await thumb.click({count: 2});
+    for (let t = 0; t < 15; t++) {
+      await sleep(1000);
+      const grid = await page.evaluate(viewportSeries).catch(() => []);
+      if (grid.some(v => v.active && v.series.some(x => x.endsWith(`:${name}`)))) return true;
+    }
+  }
+  return false;
+}
+
+async function scrollOneSlice(page) {
+  // the mouse wheel over the viewport, one slice on and back, as a radiologist does when an
+  // overlay has not appeared: Cornerstone draws again (OHIF 3.13 may load an overlay's volume
+  // after its last draw and show it only on the next one)
+  const pane = await page.$('[data-cy="viewport-pane"]');
+  const box = pane && await pane.boundingBox();
+  if (!box) return;
+  await page.mouse.move(box.x + box.width / 2, box.y + box.height / 2);
+  await page.mouse.wheel({deltaY: 120});
+  await sleep(500);
+  await page.mouse.wheel({deltaY: -120});
+}
+
+async function waitForColour(page, seconds) {
+  // an overlay is drawn once its volume has loaded: poll the viewport, scrolling a slice on and
+  // back every 5 s without colour
+  for (let t = 1; t <= seconds; t++) {
+    const stats = await page.evaluate(canvasStats);
+    if (stats && stats.colouredFraction > 0) break;
+    await sleep(1000);
+    if (t % 5 === 0) await scrollOneSlice(page);
+  }
+  await sleep(1000);
+}
+
+function viewportSeries() {
+  // what each viewport of OHIF's grid holds: "<Modality>:<SeriesDescription>" per display set
+  const services = window.services;
+  const state = services.viewportGridService.getState();
+  const out = [];
+  for (const [id, viewport] of state.viewports) {
+    out.push({id, active: id === state.activeViewportId,
+      series: (viewport.displaySetInstanceUIDs || []).map(uid => {
+        const ds = services.displaySetService.getDisplaySetByUID(uid);
+        return ds ? `${ds.Modality}:${ds.SeriesDescription}` : uid;
+      })});
+  }
+  return out;
+}
+
 const browser = await puppeteer.launch({
   executablePath: chromium,
   headless: true,
@@ -132,13 +189,14 @@ try {
     entry.clicked.push(await clickText(page, ['Skip all']));
     for (const first of item.before || []) {
       // series to show first (the viewport type OHIF keeps for the next series)
-      const other = await thumbnail(page, first);
-      if (other) { await other.click({count: 2}); await settle(page); }
+      if (!await show(page, first)) entry.error = `${first} never reached the viewport`;
+      await settle(page);
     }
-    const thumb = await thumbnail(page, item.name);
-    if (!thumb) { entry.error = `no thumbnail named ${item.name}`; await page.close(); continue; }
+    if (!await thumbnail(page, item.name)) {
+      entry.error = `no thumbnail named ${item.name}`; await page.close(); continue;
+    }
     const before = consoleLines.length;
-    await thumb.click({count: 2});
+    if (!await show(page, item.name)) entry.error = `${item.name} never reached the viewport`;
     await settle(page);
     for (let i = 0; i < 3; i++) {
       const clicked = await clickText(page, ['Yes', 'Load', 'LOAD', 'Load Segmentation', 'Track']);
@@ -146,15 +204,7 @@ try {
       entry.clicked.push(clicked);
       await settle(page);
     }
-    if (item.waitForColour) {
-      // an overlay is drawn once its volume has loaded: poll the viewport (at most 90 s)
-      for (let t = 0; t < 90; t++) {
-        const stats = await page.evaluate(canvasStats);
-        if (stats && stats.colouredFraction > 0) break;
-        await sleep(1000);
-      }
-      await sleep(1000);
-    }
+    if (item.waitForColour) await waitForColour(page, 90);
     if (item.panel) {
       // open a right-hand panel (e.g. the measurements) by its tab
       entry.dataCy = await page.evaluate(() => Array.from(document.querySelectorAll('[data-cy]'))
@@ -173,12 +223,9 @@ try {
       // e.g. a segment or measurement in the panel: OHIF jumps to its slice
       entry.clicked.push(await clickText(page, [item.clickAfter]));
       await settle(page);
-      for (let t = 0; item.waitForColour && t < 30; t++) {
-        const stats = await page.evaluate(canvasStats);
-        if (stats && stats.colouredFraction > 0) break;
-        await sleep(1000);
-      }
+      if (item.waitForColour) await waitForColour(page, 30);
     }
+    entry.viewports = await page.evaluate(viewportSeries).catch(e => ({error: String(e)}));
     entry.consoleAfterLoad = consoleLines.slice(before);
     entry.canvas = await page.evaluate(canvasStats);
     entry.text = await page.evaluate(panelText);
