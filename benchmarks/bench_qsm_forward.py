@@ -48,6 +48,8 @@ CASES: dict[str, HeadConditions] = {
                                       tilt_deg=35.0),
     "3t-snr50": HeadConditions(field_strength_t=3.0, echo_times_s=ECHOES_3T, peak_snr=50.0),
     "3t-snr30": HeadConditions(field_strength_t=3.0, echo_times_s=ECHOES_3T, peak_snr=30.0),
+    "7t-boxfield": HeadConditions(field_model="box-voxel"),
+    "7t-slab": HeadConditions(slab_below_m1_mm=20.0),
     "3t-tilt35": HeadConditions(field_strength_t=3.0, echo_times_s=ECHOES_3T, peak_snr=50.0,
                                 tilt_deg=35.0),
 }

@@ -495,10 +495,14 @@ def test_process_command_runs_the_pipeline(tmp_path: Path, source: Path) -> None
     written = [p for p in (tmp_path / "out").rglob("*.dcm")]
     assert f"series 5, 6: {len(written)} derived objects written" in done.stdout
     classes = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPClassUID) for p in written}
-    # This toy study (7 mm voxels) is too small for the M1 analysis: the maps are written, and
-    # the reason is said, not skipped in silence.
+    # This toy study (7 mm voxels) is too coarse for a reliable M1 analysis: the maps are
+    # written, and the reason is said, not skipped in silence (the M1 analysis either cannot
+    # run, or runs and its quality checks fail: since the PDF + TV-ADMM default the QSM mask
+    # covers M1 and the analysis runs)
     assert {PARAMETRIC_MAP, MR_IMAGE, SECONDARY_CAPTURE} <= classes
-    assert "the M1 analysis could not run" in done.stderr
+    assert ("the M1 analysis could not run" in done.stderr
+            or ("M1 quality check" in done.stderr and "no z-score is reported" in done.stderr)), \
+        done.stderr
     unsent = cli("process", source, "--out", tmp_path / "out2", "--send",
                  f"127.0.0.1:{free_port()}:PACS")
     assert unsent.returncode == 1 and "not sent to" in unsent.stderr

@@ -9,34 +9,33 @@ Steps (each a module of this package; methods cited there):
 4. ``unwrap.unwrap_temporal``: exact, 2π-congruent unwrapping of every echo against it.
 5. ``fieldfit``: magnitude²-weighted least-squares field through the origin (ppm), then
    ``quality``: voxels with π-jumps in the unwrapped template or a large fit residual are
-   dropped (edge islands) or filled from their neighbours (enclosed holes), and outer mask
-   layers holding strong sources (bone/air partial volume, seen as a high ``|∇²f|``) are
-   peeled.
-6. ``inversion.single_step_tv`` (default): TV-regularised inversion of the total field through
-   its Laplacian (Chatnuntawech 2017, Langkammer 2015), so no separate background removal
-   erodes the cortex. Alternatives: ``background`` (RESHARP+LBV, RESHARP, LBV, iSMV, V-SHARP,
-   PDF) followed by ``inversion.tv_admm`` (Bilgic 2014) or ``inversion.tkd`` (Wharton 2010).
+   dropped (edge islands) or filled from their neighbours (enclosed holes). Optionally
+   (``peel_sources``) outer mask layers holding strong sources (a high ``|∇²f|``) are peeled.
+6. ``background.pdf`` (default): projection onto dipole fields (Liu 2011), weighted by the
+   combined magnitude (the field's inverse noise), then ``inversion.tv_admm`` (Bilgic 2014)
+   with the same weights. Alternatives: RESHARP+LBV, RESHARP, LBV, iSMV, V-SHARP; the
+   single-step ``inversion.single_step_tv`` of the total field (Chatnuntawech 2017) and
+   ``inversion.tkd`` (Wharton 2010).
 7. ``reference``: χ relative to the mean over the QSM mask (or CSF).
 
-Defaults, and why. Measured on the project's simulator (``qsmnode.sim.scanner.simulate``,
-7T, 4 echoes, oblique, SNR 100, phase offsets, receive bias), χ NRMSE after de-meaning over
-the QSM mask ∩ true brain mask, from wrapped phase with our own mask:
+Defaults, and why (issue 11; numbers in ``benchmarks/RESULTS.md``). Measured on an independent
+forward model (``qsmnode.sim.forward_head``: MNI152 head, qsm-forward's field, shim, phase
+offsets and noise), scored by qsm-ci over the true brain without CSF, dropped voxels as 0:
 
-=====================  ==========  ================  ===========================
-preset                 χ NRMSE     deep (>4 voxels)  M1 GM χ (true 0.031–0.033)
-=====================  ==========  ================  ===========================
-brain, 1 mm            0.37        0.21              0.031
-small-slab 0.8×1.2 mm  0.42–0.45   0.26–0.31         0.030–0.031
-slab 0.4×0.8 mm        0.42        0.36              0.026–0.027
-=====================  ==========  ================  ===========================
+===============================  ============================  =============================
+condition                        PDF + TV-ADMM, noise weights  single-step TV + peeling (old)
+===============================  ============================  =============================
+7T whole head, 1 mm              NRMSE 45.3 %, XSIM 0.58       90.3 %, 0.19
+7T slab over the vertex (60 mm)  50.5 %, 0.48                  99.6 %, 0.17
+3T, SNR 30                       45.6 %, 0.48                  95.8 %, 0.15
+7T head, box-voxel field model   53.4 %, 0.52                  72 %, 0.31
+===============================  ============================  =============================
 
-From the true total field and true brain mask, single-step TV gives 0.27 (brain) and 0.29
-(slab) against 0.49–0.75 (brain) and 0.75–0.97 (slab) for the best two-step pipelines
-(RESHARP r = 4 mm, which drops 15% of the mask; V-SHARP; RESHARP+LBV, each with TV-ADMM). The
-QSM-CI leaderboard's best full pipeline is 68% (DOMAIN.md). λ = 1e-4 keeps cortical contrast
-(the M1 values above); ρ_data = 0.01 and 30 iterations trade accuracy for time (20 → 0.49,
-30 → 0.42, 40 → 0.41 on the slab). The slab (320×320×80×4) runs in about 40 s on 2 cores
-with 1.8 GiB peak RSS, of which the inversion takes ~60%.
+Peeling with PDF costs coverage and contrast there (82 % whole head, 95 % slab). The project's
+own simulator disagrees near its mask edge at coarse resolution (tiny preset, 3 × 3 × 3.6 mm:
+χ correlation 0.26 against 0.59 for the old default; small-slab NRMSE 0.95 against 0.84):
+its phantom puts strong sources on the brain surface, where PDF fits part of their field as
+background. PDF: tolerance 3e-3, at most 200 iterations, 20 mm zero padding; TV-ADMM: λ 1e-4.
 """
 
 from __future__ import annotations
@@ -86,16 +85,20 @@ class QSMParams:
     residual_floor_rad: float = 1.0
     residual_factor: float = 10.0
     # background removal (background.*)
-    background_method: bg.Method = "resharp_lbv"
+    background_method: bg.Method = "pdf"
     background_peel_voxels: int = 0
-    peel_sources: bool = True
+    peel_sources: bool = False
     peel_factor: float = 1.0
     peel_max_mm: float = 4.0
     background_radius_mm: float = 10.0
     background_tikhonov: float = 1e-3
     vsharp_radii_mm: tuple[float, ...] | None = None
+    pdf_tol: float = 3e-3
+    pdf_max_iter: int = 200
+    pdf_pad_mm: float = 20.0
+    noise_weighting: bool = True
     # dipole inversion (inversion.*)
-    inversion_method: Literal["single_step_tv", "tv_admm", "tkd"] = "single_step_tv"
+    inversion_method: Literal["single_step_tv", "tv_admm", "tkd"] = "tv_admm"
     tkd_threshold: float = 0.15
     tv_lambda: float = 1e-4
     tv_rho: float | None = None
@@ -158,6 +161,7 @@ def _background(
     vs: NDArray[np.float64],
     b0: NDArray[np.float64],
     p: QSMParams,
+    weight: NDArray[np.float32] | None = None,
 ) -> tuple[NDArray[np.float32], NDArray[np.bool_], dict[str, Any]]:
     method = p.background_method
     options: dict[str, Any] = {}
@@ -167,7 +171,23 @@ def _background(
         options = {"radius_mm": p.background_radius_mm}
     elif method == "vsharp":
         options = {"radii_mm": p.vsharp_radii_mm}
+    elif method == "pdf":
+        options = {"tol": p.pdf_tol, "max_iter": p.pdf_max_iter, "pad_mm": p.pdf_pad_mm,
+                   "weight": weight}
     return bg.remove_background(total, mask, vs, b0, method, **options)
+
+
+def _noise_weight(combined: NDArray[np.float32], mask: NDArray[np.bool_]) -> NDArray[np.float32]:
+    """Inverse-noise weight of the fitted field: its noise SD is ∝ 1 / (magnitude · TE), so the
+    weight is the combined magnitude, capped at its 99th percentile in the mask (vessels and
+    bright fat must not dominate), scaled to mean 1 in the mask, 0 outside."""
+    inside = combined[mask]
+    if not inside.size:
+        return np.zeros(combined.shape, np.float32)
+    cap = float(np.percentile(inside, 99))
+    w = np.clip(combined, 0, cap if cap > 0 else None) * mask
+    mean = float(w[mask].mean())
+    return (w / mean if mean > 0 else mask.astype(np.float32)).astype(np.float32)
 
 
 def run_qsm(
@@ -322,7 +342,8 @@ def run_qsm(
         )
         quality["background"] = {"method": "none (single-step inversion of the total field)"}
     else:
-        local, qsm_mask, info_bg = _background(field_ppm, field_mask, vs, b0, p)
+        weight = _noise_weight(combined, field_mask) if p.noise_weighting else None
+        local, qsm_mask, info_bg = _background(field_ppm, field_mask, vs, b0, p, weight)
         quality["background"] = info_bg
         t0 = tick("background", t0)
         if p.inversion_method == "tkd":
@@ -342,6 +363,7 @@ def run_qsm(
                 max_iter=p.tv_max_iter,
                 tol=p.tv_tol,
                 pad_mm=p.inversion_pad_mm,
+                weight=weight,
             )
         else:
             raise ValueError(f"unknown inversion method {p.inversion_method!r}")

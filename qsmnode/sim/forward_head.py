@@ -30,8 +30,9 @@ from __future__ import annotations
 
 import functools
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Literal
 
 import nibabel as nib
 import numpy as np
@@ -39,6 +40,7 @@ from numpy.typing import NDArray
 from scipy import ndimage
 
 from qsmnode.dicom import templates
+from qsmnode.sim.field import voxel_field
 
 # qsm-ci labels
 CAUDATE, PALLIDUM, PUTAMEN, RED_NUCLEUS, DENTATE, NIGRA, THALAMUS = 1, 2, 3, 4, 5, 6, 7
@@ -86,6 +88,12 @@ class HeadConditions:
         tilt_deg: angle between B0 and the grid's k axis.
         voxel_mm: isotropic voxel size (1 mm is the template's own; coarser is block-averaged).
         deep_m1_change_ppm: χ added to the deep layer of the left hand area.
+        exterior_sigma_mm: Gaussian smoothing of the χ outside the brain before the field.
+        field_model: ``"qsm-forward"`` (its k-space kernel) or ``"box-voxel"`` (the project's
+            simulator kernel, ``qsmnode.sim.field.voxel_field``).
+        slab_below_m1_mm: when set, the acquisition covers only a slab along k, from this far
+            below the lowest M1 voxel to the top of the brain (the clinical M1 protocol); the
+            field is still that of the whole head.
         seed: noise and tilt azimuth.
     """
 
@@ -95,6 +103,9 @@ class HeadConditions:
     tilt_deg: float = 20.0
     voxel_mm: float = 1.0
     deep_m1_change_ppm: float = 0.02
+    exterior_sigma_mm: float = 1.0
+    field_model: Literal["qsm-forward", "box-voxel"] = "qsm-forward"
+    slab_below_m1_mm: float | None = None
     seed: int = 0
 
 
@@ -303,10 +314,15 @@ def simulate_head(cond: HeadConditions = HeadConditions()) -> HeadSimulation:
     # computed: qsm-forward's k-space kernel on a voxel-sharp 9.4 ppm air step rings through the
     # whole brain (its discrete Laplacian 16 mm inside the brain was larger than the local
     # field's), which no continuous head produces. The brain's own χ stays voxel-sharp.
-    exterior = ndimage.gaussian_filter(np.where(brain, 0.0, chi), 1.0 / vs)
-    raw = qf.generate_field(np.where(brain, chi, exterior), brain, voxel_size=list(vs),
-                            B0_dir=list(b0))
-    local = qf.generate_field(chi * brain, brain, voxel_size=list(vs), B0_dir=list(b0))
+    exterior = ndimage.gaussian_filter(np.where(brain, 0.0, chi), cond.exterior_sigma_mm / vs)
+    if cond.field_model == "box-voxel":
+        raw = voxel_field(np.where(brain, chi, exterior), vs, b0, pad_factor=2.0)
+        local = voxel_field(chi * brain, vs, b0, pad_factor=2.0)
+        raw, local = (np.asarray(f, np.float64) for f in (raw, local))
+    else:
+        raw = qf.generate_field(np.where(brain, chi, exterior), brain, voxel_size=list(vs),
+                                B0_dir=list(b0))
+        local = qf.generate_field(chi * brain, brain, voxel_size=list(vs), B0_dir=list(b0))
     _, total, _ = qf.generate_shimmed_field(raw, brain, order=2)
     # the local field is defined up to a constant inside the brain: match it to the total's
     local = np.where(brain, local - local[brain].mean(), 0.0)
@@ -323,7 +339,7 @@ def simulate_head(cond: HeadConditions = HeadConditions()) -> HeadSimulation:
     affine = head["affine"].copy()
     affine[:3] = _rotation_onto_z(b0) @ affine[:3]
     # qsm-forward's phase is 2π·field·B0·42.58·TE: field in ppm, the same convention as here
-    return HeadSimulation(
+    sim = HeadSimulation(
         conditions=cond,
         magnitude=np.stack(mags, -1),
         phase_rad=np.stack(phases, -1),
@@ -336,6 +352,26 @@ def simulate_head(cond: HeadConditions = HeadConditions()) -> HeadSimulation:
         local_field_ppm=local.astype(np.float32),
         r2star_per_s=r2s.astype(np.float32),
         m1_deep={"left": head["left_deep"], "right": head["right_deep"]},
+    )
+    return sim if cond.slab_below_m1_mm is None else _slab(sim, cond.slab_below_m1_mm, vs[2])
+
+
+def _slab(sim: HeadSimulation, below_m1_mm: float, slice_mm: float) -> HeadSimulation:
+    """The simulation cut to slices k0..k1 (k0 that far below the lowest M1 voxel, k1 four
+    slices above the brain), with the affine moved to the first kept slice."""
+    m1 = np.flatnonzero((sim.m1_deep["left"] | sim.m1_deep["right"]).any(axis=(0, 1)))
+    top = int(np.flatnonzero(sim.brain_mask.any(axis=(0, 1))).max())
+    k0 = max(int(m1.min() - round(below_m1_mm / slice_mm)), 0)
+    k1 = min(top + 5, sim.brain_mask.shape[2])
+    cut = np.s_[:, :, k0:k1]
+    affine = sim.affine.copy()
+    affine[:3, 3] += affine[:3, 2] * k0
+    return replace(
+        sim, magnitude=sim.magnitude[cut], phase_rad=sim.phase_rad[cut], affine=affine,
+        chi_ppm=sim.chi_ppm[cut], seg=sim.seg[cut], brain_mask=sim.brain_mask[cut],
+        total_field_ppm=sim.total_field_ppm[cut], local_field_ppm=sim.local_field_ppm[cut],
+        r2star_per_s=sim.r2star_per_s[cut],
+        m1_deep={side: mask[cut] for side, mask in sim.m1_deep.items()},
     )
 
 
