@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -41,6 +40,7 @@ from qsmnode.sim.forward_head import (
     write_bids,
 )
 
+GNU_TIME = "/usr/bin/time"  # Debian package time
 ECHOES_3T = (0.005, 0.010, 0.015, 0.020, 0.025)
 CASES: dict[str, HeadConditions] = {
     "7t": HeadConditions(),
@@ -83,15 +83,21 @@ def rms_field(est: np.ndarray, truth: np.ndarray, mask: np.ndarray) -> float:
 
 
 def run_cli(anat: Path, out: Path) -> dict[str, float]:
-    """``python -m qsmnode qsm`` as a user runs it; wall time and the child's peak RSS."""
-    t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "qsmnode", "qsm", str(anat), "--out", str(out)],
-                          capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise RuntimeError(f"qsmnode qsm failed: {proc.stderr[-2000:]}")
-    rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
-    return {"wall_s": wall, "peak_rss_gib": rss}
+    """``python -m qsmnode qsm`` as a user runs it; wall time and the child's own peak RSS.
+
+    The peak comes from GNU time wrapped around the child: ``RUSAGE_CHILDREN`` is the largest
+    of all children so far and may count pages the child inherited from this process (which
+    holds the phantom), so it reported the same 4.35 GiB for every case."""
+    with tempfile.NamedTemporaryFile("r", suffix=".rss") as rss_file:
+        command = [sys.executable, "-m", "qsmnode", "qsm", str(anat), "--out", str(out)]
+        t0 = time.perf_counter()
+        proc = subprocess.run([GNU_TIME, "-f", "%M", "-o", rss_file.name, *command],
+                              capture_output=True, text=True)
+        wall = time.perf_counter() - t0
+        if proc.returncode != 0:
+            raise RuntimeError(f"qsmnode qsm failed: {proc.stderr[-2000:]}")
+        rss_kib = int(rss_file.read().split()[-1])
+    return {"wall_s": wall, "peak_rss_gib": rss_kib / 2**20}
 
 
 def budget(sim: HeadSimulation, out: Path) -> dict[str, float]:

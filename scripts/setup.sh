@@ -20,6 +20,8 @@ done
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 [ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || missing+=(orthanc-dicomweb)
 command -v npm >/dev/null 2>&1 || missing+=(npm)
+# GNU time: the QSM benchmarks read each child's own peak memory from it
+[ -x /usr/bin/time ] || missing+=(time)
 if [ ${#missing[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ]; then apt_cmd=(apt-get)
     elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then apt_cmd=(sudo apt-get)
