@@ -495,6 +495,40 @@ def test_key_images_are_rgb_with_outlines_and_table(study: Study, m1: M1Result) 
         )
 
 
+def test_the_key_image_names_the_largest_deep_asymmetry_without_norms(m1: M1Result) -> None:
+    from qsmnode.dicom.derived.key_images import findings
+
+    m1 = replace(m1, measurements=tuple(replace(m, chi_z=None) for m in m1.measurements))
+    differences = {}
+    for limb in ("hand", "foot"):
+        left, right = (m1.measurement(f"{side}_{limb}", "deep") for side in ("left", "right"))
+        if left.covered and right.covered:
+            differences[limb] = left.chi_mean_ppm - right.chi_mean_ppm
+    limb = max(differences, key=lambda k: abs(differences[k]))
+    lines = findings(m1)
+    assert lines[0].startswith("no z-scores")
+    assert f"largest left-right deep-layer difference: {limb} {differences[limb]:+.4f} ppm" \
+        in lines[1]
+
+
+def test_the_key_image_flags_rows_beyond_the_z_limit_in_warning_colour(m1: M1Result) -> None:
+    from qsmnode.dicom.derived.key_images import WARN, Z_FLAG, findings, render_summary
+
+    target = m1.measurement("left_hand", "deep")
+    assert target.covered
+    scored = replace(m1, measurements=tuple(
+        replace(m, chi_z=Z_FLAG + 1.0 if m is target else 0.3) for m in m1.measurements))
+    assert [line.split(":")[0] for line in findings(scored)] == ["FLAGGED  left hand deep"]
+    k = int(np.argmax((m1.labels > 0).sum(axis=(0, 1))))
+    args = (np.zeros(m1.labels.shape[:2], np.float32), m1.labels[:, :, k], (1.0, 1.0),
+            ("R", "P"), "QSM", "slice")
+    warned = [int((np.abs(img.astype(int) - WARN).sum(axis=-1) == 0).sum())
+              for img in (render_summary(*args, m1=replace(m1, measurements=tuple(
+                  replace(m, chi_z=0.3) for m in m1.measurements))),
+                          render_summary(*args, m1=scored))]
+    assert warned[1] > warned[0] + 200  # the row and the FLAGGED line in the warning colour
+
+
 # --- edge cases ------------------------------------------------------------------------------
 
 

@@ -106,3 +106,26 @@ class M1Result:
             if m.area == area and m.layer == layer:
                 return m
         raise KeyError(f"no measurement for {area}/{layer}")
+
+    def beyond_z(self, limit: float) -> list[Measurement]:
+        """Covered measurements whose χ z-score is at or beyond ``±limit``."""
+        return [m for m in self.measurements
+                if m.covered and m.chi_z is not None and abs(m.chi_z) >= limit]
+
+    def deep_asymmetry(self) -> tuple[str, float, float] | None:
+        """``(limb, left χ, right χ)`` (ppm) of the limb ("hand" or "foot") whose deep layers
+        differ most between the hemispheres, among limbs covered on both sides; None when no
+        limb is."""
+        best: tuple[str, float, float] | None = None
+        for limb in ("hand", "foot"):
+            try:
+                left = self.measurement(f"left_{limb}", "deep")
+                right = self.measurement(f"right_{limb}", "deep")
+            except KeyError:
+                continue
+            if not (left.covered and right.covered):
+                continue
+            pair = (limb, left.chi_mean_ppm, right.chi_mean_ppm)
+            if best is None or abs(pair[1] - pair[2]) > abs(best[1] - best[2]):
+                best = pair
+        return best

@@ -194,6 +194,31 @@ TABLE_HEADER = [
     "voxels",
 ]
 _COLUMN_CHARS = [11, 12, 9, 8, 9, 6, 10, 9, 9, 7]
+Z_FLAG = 2.0
+"""|z| at or beyond which a row is flagged (the default of ``[[hl7.destinations]] z_high``)."""
+LEGEND = [
+    f"z: chi against the normative table; |z| >= {Z_FLAG:g} flagged; '-': no norm for it,",
+    "   or the M1 measures are not reliable (see the FAIL lines)",
+    "T2* ratio: T2*-weighted signal / cortex at the same depth outside the four areas",
+]
+
+
+def findings(m1: M1Result) -> list[str]:
+    """What the reader should look at first: the rows flagged by z, or without norms the
+    largest left-right difference of the deep layers."""
+    flagged = m1.beyond_z(Z_FLAG)
+    if flagged:
+        return [f"FLAGGED  {AREA_TEXT[m.area]} {m.layer}: chi {m.chi_mean_ppm:+.4f} ppm, "
+                f"z {m.chi_z:+.1f}" for m in flagged]
+    lines = []
+    if not any(m.chi_z is not None for m in m1.measurements):
+        lines.append("no z-scores (no normative table, or measures not reliable)")
+    pair = m1.deep_asymmetry()
+    if pair is not None:
+        limb, left, right = pair
+        lines.append(f"largest left-right deep-layer difference: {limb} {left - right:+.4f} ppm "
+                     f"(left {left:+.4f}, right {right:+.4f})")
+    return lines
 
 
 def render_summary(
@@ -214,7 +239,8 @@ def render_summary(
     table_w = sum(_COLUMN_CHARS) * char_w + 40
     rows = table_lines(m1) if m1 is not None else []
     flags = list(m1.flags) if m1 is not None else []
-    table_h = (len(rows) + len(flags) + 6) * line_h
+    notes = findings(m1) if m1 is not None else []
+    table_h = (len(rows) + len(flags) + len(notes) + len(LEGEND) + 8) * line_h
     top = 70
     margin = 24
     width = margin + panel.width + margin + table_w + margin
@@ -260,9 +286,20 @@ def render_summary(
 
     put_cells(TABLE_HEADER, ty, MUTED)
     ty += line_h
-    for _key, colour, cells in rows:
+    flagged = {(m.area, m.layer) for m in m1.beyond_z(Z_FLAG)}
+    for key, colour, cells in rows:
         draw.rectangle((tx, ty + 4, tx + 10, ty + 14), fill=colour)
-        put_cells(cells, ty, WARN if "not covered" in cells[-1] else TEXT)
+        area, layer = key.split("/")
+        warn = "not covered" in cells[-1] or (area, layer) in flagged
+        put_cells(cells, ty, WARN if warn else TEXT)
+        ty += line_h
+    ty += line_h // 2
+    for line in notes:
+        draw.text((tx, ty), line, font=normal, fill=WARN if line.startswith("FLAGGED") else TEXT)
+        ty += line_h
+    ty += line_h // 2
+    for line in LEGEND:
+        draw.text((tx, ty), line, font=small, fill=MUTED)
         ty += line_h
     ty += line_h // 2
     for flag in flags:
