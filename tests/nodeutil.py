@@ -380,7 +380,9 @@ def scripted_job(spec: Any) -> dict[str, Any]:
     ``$QSMNODE_TEST_SCRIPT`` is ``{"marker_dir": DIR, "actions": [...]}``: each run appends
     ``<pid> <attempt>`` to ``DIR/<job id>`` and does the action of its run number (0-based;
     "ok" past the list): "ok" returns at once, "sigterm"/"sigkill" kill this process with that
-    signal, "hang" ignores SIGTERM and sleeps.
+    signal, "hang" ignores SIGTERM and sleeps, "sleep:S" sleeps S seconds then returns,
+    "sigkill:S" sleeps S seconds then kills this process with SIGKILL. ``"actions"`` may also
+    map a job id (as text) to its own list.
     """
     hooks = json.loads(os.environ.get(SCRIPT_ENV, "{}"))
     marker = Path(hooks["marker_dir"]) / str(spec.job_id)
@@ -388,7 +390,11 @@ def scripted_job(spec: Any) -> dict[str, Any]:
     with open(marker, "a") as out:
         out.write(f"{os.getpid()} {spec.attempt}\n")
     actions = hooks.get("actions", [])
+    if isinstance(actions, dict):
+        actions = actions.get(str(spec.job_id), [])
     action = actions[runs] if runs < len(actions) else "ok"
+    action, _, seconds = action.partition(":")
+    time.sleep(float(seconds or 0))
     if action == "sigterm":
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(30)

@@ -247,11 +247,13 @@ def _run_until_settled(store: Store, pool: WorkerPool) -> dict[str, JobRecord]:
 def test_worker_children_succeed_crash_and_run_out_of_memory(
     tmp_path: Path, queued: dict[str, object], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """A crash uses every attempt; a job that needs more than its memory budget fails after
+    one (it would need as much again), naming the budget and the key to raise."""
     state = _state(tmp_path, queued, (61, 62, 63))
-    marker = tmp_path / "marker"
+    marker, memory_marker = tmp_path / "marker", tmp_path / "memory-marker"
     monkeypatch.setenv(HOOKS_ENV, json.dumps({
         study_uid(62): {"exit": 9, "marker": str(marker)},
-        study_uid(63): {"allocate_mb": 1024},
+        study_uid(63): {"allocate_mb": 1024, "marker": str(memory_marker)},
     }))
     store, pool = _pool(state, processes=2, memory_budget_mb=256, job_attempts=2)
     with store:
@@ -262,9 +264,13 @@ def test_worker_children_succeed_crash_and_run_out_of_memory(
     assert (crash.state, crash.attempts) == ("failed", 2)
     assert crash.last_error == "the worker process exited with status 9 without a result"
     assert len(marker.read_text().splitlines()) == 2  # one line per attempt
-    assert (memory.state, memory.attempts) == ("failed", 2)
+    assert (memory.state, memory.attempts) == ("failed", 1)
+    assert len(memory_marker.read_text().splitlines()) == 1
     assert memory.last_error is not None and memory.last_error.startswith(
-        "out of memory: the job needed more than the memory budget of 256 MiB")
+        "out of memory: the job needed more than the memory budget of 256 MiB "
+        "(workers.memory_budget_mb)")
+    assert memory.last_error.endswith(
+        "not retried: raise workers.memory_budget_mb, then retry the job")
     assert (state / "jobs" / str(ok.id) / "attempt-1" / "result.json").is_file()
 
 
@@ -535,6 +541,63 @@ def test_error_text_never_quotes_the_patients_values(
             assert fragment not in text, (fragment, text)
 
 
+def test_malformed_header_dates_are_found_before_qsm_and_emptied_in_the_derived_objects(
+    tmp_path: Path, queued: dict[str, object], monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Dates and times in the DICOM format that are not real ones (month 13, hour 25) made
+    highdicom raise while building the derived objects, after QSM: the job failed then. They
+    are found when the job starts, before QSM, logged by attribute (never by value), and left
+    empty in the derived objects: the job succeeds."""
+    import logging
+
+    import pydicom
+
+    import qsmnode.pipeline
+
+    bad = {"PatientBirthDate": "19701301", "StudyDate": "20221340", "StudyTime": "250000"}
+    files: dict[int, list[Path]] = queued["files"]  # type: ignore[assignment]
+    copies = []
+    for path in files[61]:
+        ds = pydicom.dcmread(path)
+        for keyword, value in bad.items():
+            setattr(ds, keyword, value)
+        copy = tmp_path / "in" / f"{len(copies)}.dcm"
+        copy.parent.mkdir(exist_ok=True)
+        ds.save_as(copy)
+        copies.append(copy)
+    state = _state(tmp_path, {"files": {61: copies}}, (61,))
+    settings = dataclasses.replace(settings_for(state), pipeline=dataclasses.replace(
+        settings_for(state).pipeline, qsm=True, m1=False))
+    with Store.in_state_dir(state) as store:
+        job = store.claim_job("test:1", 600.0, 2_001.0)
+        assert job is not None
+        spec = job_spec(store, job, settings)
+    real_run_pipeline = qsmnode.pipeline.run_pipeline
+    logged_before_qsm = []
+
+    def run_pipeline(*args: Any, **kwargs: Any) -> Any:
+        logged_before_qsm.append(caplog.text)
+        return real_run_pipeline(*args, **kwargs)
+
+    monkeypatch.setattr(qsmnode.pipeline, "run_pipeline", run_pipeline)
+    with caplog.at_level(logging.INFO):
+        result = execute_job(spec)
+    assert result["derived_objects"] > 0
+    [before] = logged_before_qsm
+    for keyword in bad:
+        assert f"{keyword} not a valid value (left empty)" in before
+    ours = "\n".join(r.getMessage() for r in caplog.records if r.name.startswith("qsmnode"))
+    assert "series 5, 6: the derived objects will not copy the source header as it is" in ours
+    for value in bad.values():
+        assert value not in ours
+    derived = json.loads((spec.derived_dir / MANIFEST_FILENAME).read_text())
+    assert len(derived) == result["derived_objects"]
+    for name in derived:
+        ds = pydicom.dcmread(spec.derived_dir / name, stop_before_pixels=True)
+        assert [ds.get(k) for k in bad] == ["", "", ""], name
+
+
 # ================================================================================================
 # worker pool edge cases: children stopped from outside, store errors while recording an
 # outcome, reused attempt folders, and the shutdown of several children. The children run
@@ -577,7 +640,8 @@ def store(state: Path) -> Iterator[Store]:
         yield opened
 
 
-def _script(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, actions: list[str]) -> Path:
+def _script(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+            actions: list[str] | dict[str, list[str]]) -> Path:
     marker_dir = tmp_path / "markers"
     marker_dir.mkdir()
     monkeypatch.setenv(SCRIPT_ENV, json.dumps({"marker_dir": str(marker_dir),
@@ -635,6 +699,54 @@ def test_a_child_killed_every_time_fails_after_its_attempts_with_a_plain_reason(
     assert [a for _, a in _runs(markers, job_id)] == [1, 2]  # once per attempt, no more
     assert job.last_error == ("the worker process was killed by SIGKILL (the system may have "
                               "run out of memory; the memory budget is 8192 MiB)")
+
+
+def test_a_child_killed_while_another_job_ran_runs_again_alone_without_using_an_attempt(
+    tmp_path: Path, state: Path, store: Store, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """SIGKILL (the OOM killer) while another job ran: the machine's memory, not the job's
+    fault. The job is handed back uncounted and runs again only once it can run alone (job 3,
+    queued behind it, waits too); then it succeeds with its single attempt."""
+    first, beside, behind = (_queue_spooled(store, state, n) for n in (1, 2, 3))
+    markers = _script(monkeypatch, tmp_path, {str(first): ["sigkill:1"],
+                                              str(beside): ["sleep:3"]})
+    pool = WorkerPool(_pool_settings(state, processes=2, job_attempts=1), store, "test-node:1",
+                      job_function=SCRIPTED_JOB)
+    pool.start()
+    try:
+        jobs = [wait_for(_settled(store, j), f"job {j} to end") for j in (first, beside, behind)]
+    finally:
+        pool.stop()
+    killed, other, queued_behind = jobs
+    assert [(j.state, j.attempts, j.last_error) for j in jobs] == [("done", 1, None)] * 3
+    assert [a for _, a in _runs(markers, first)] == [1, 1]  # run twice, one attempt
+    assert killed.started_at is not None and other.finished_at is not None
+    assert killed.started_at >= other.finished_at  # it ran again alone
+    assert queued_behind.started_at is not None and killed.finished_at is not None
+    assert queued_behind.started_at >= killed.finished_at  # one at a time until it had
+    assert ("the worker process was killed by SIGKILL while 1 other job ran (the system may "
+            "have run out of memory); not counted: the job runs again alone") in caplog.text
+
+
+@pytest.mark.parametrize("case", ["killed again alone", "handed back too often"])
+def test_a_child_killed_beside_another_job_does_not_run_forever(
+    case: str, tmp_path: Path, state: Path, store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Killed again when it ran alone: that counts (the job may not fit in the machine).
+    Handed back :data:`MEMORY_RELEASES` times already: the kill beside another job counts."""
+    first, beside = (_queue_spooled(store, state, n) for n in (1, 2))
+    if case == "handed back too often":
+        monkeypatch.setattr(worker_module, "MEMORY_RELEASES", 0)
+    markers = _script(monkeypatch, tmp_path, {str(first): ["sigkill:1", "sigkill"],
+                                              str(beside): ["sleep:3"]})
+    pool = WorkerPool(_pool_settings(state, processes=2, job_attempts=1), store, "test-node:1",
+                      job_function=SCRIPTED_JOB)
+    job = _run_job_until_settled(pool, store, first)
+    assert (job.state, job.attempts) == ("failed", 1)
+    assert job.last_error == ("the worker process was killed by SIGKILL (the system may have "
+                              "run out of memory; the memory budget is 8192 MiB)")
+    assert len(_runs(markers, first)) == (2 if case == "killed again alone" else 1)
 
 
 def test_a_child_stopped_with_sigterm_is_handed_back_without_counting_the_attempt(
@@ -831,3 +943,34 @@ def test_a_child_whose_node_died_exits_at_once(
         if parent.stdin is not None:
             parent.stdin.close()
     assert not (work / "result.json").exists()
+
+
+def test_a_flat_qsm_result_fails_the_job_once_with_nothing_to_send(tmp_path: Path) -> None:
+    """A phase with no field in it (zero but for one corner voxel: it passes the load-time
+    gates) gives a flat χ map: the plausibility gate after QSM fails the job after one of its
+    three attempts, with the reason, and leaves nothing in the outbox."""
+    from qsmnode.node.config import PipelineConfig
+    from qsmnode.sim.vendor_dicom import SimStudyInfo, write_dicom
+    from tests.nodeutil import small_simulation
+
+    gre = small_simulation().gre
+    phase = np.zeros_like(gre.phase)
+    phase[0, 0, 0, :] = 0.5
+    files = write_dicom(dataclasses.replace(gre, phase=phase), tmp_path / "in", "siemens",
+                        SimStudyInfo(seed=65))
+    state = tmp_path / "state"
+    settings = dataclasses.replace(
+        settings_for(state), pipeline=PipelineConfig(qsm=True, m1=False),
+        workers=WorkersConfig(processes=1, job_attempts=3))
+    with Store.in_state_dir(state) as store:
+        ingest(state, store, files, 1_000.0)
+        Tracker(settings, store, clock=Clock(2_000.0)).poll()
+        [job] = _run_until_settled(store, WorkerPool(settings, store, "test-node:1")).values()
+        assert (job.state, job.attempts) == ("failed", 1)
+        assert job.last_error is not None
+        # (the study description's words are redacted from error text: no "QSM" in it)
+        assert job.last_error.startswith("series 5, 6: implausibly flat result: the "
+                                         "susceptibility (χ) map inside the χ mask spans 0 ppm")
+        assert "below the plausibility floor" in job.last_error
+        assert not store.outbox(job_id=job.id) and not store.sends()
+    assert not any((state / "jobs" / str(job.id)).rglob(f"{DERIVED_DIRNAME}/*"))

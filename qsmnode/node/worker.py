@@ -19,10 +19,25 @@ directory's free space is under ``listener.min_free_disk_mb``, hands its job bac
 counting the attempt, and the pool starts no job until the free space has come back (see
 :meth:`WorkerPool._disk_back`); a job handed back so :data:`DISK_RELEASES` times counts from
 then on.
-A child that dies without a result (a crash, a signal, the kernel's OOM killer) fails the
-attempt with its exit status or signal, except SIGTERM or SIGINT from outside (a service
-manager stopping the node signals the children too): that hands the job back to the queue
-without counting the attempt. A store error while recording an outcome leaves it to be recorded
+Memory, the rule: a job that needs more than its own budget will need it again, while a
+machine short of memory because several jobs ran at once is not the job's fault.
+
+- A ``MemoryError`` in the child under its address-space limit (``workers.memory_budget_mb``,
+  see below) fails the job at once (final, one attempt): the same input needs the same memory.
+  The error names the budget and the key to raise (then ``qsmnode retry``). A ``MemoryError``
+  in a child whose limit could not be set is the machine's shortage: treated as a kill below.
+- A child killed by SIGKILL (what the kernel's OOM killer sends; the pool's own kills at a
+  lease's end or a shutdown are recorded apart) while another job ran beside it hands its job
+  back without counting the attempt, and the pool then runs one job at a time until that job
+  has run again, alone (see :meth:`WorkerPool._hold_for_memory`). A job handed back so
+  :data:`MEMORY_RELEASES` times counts from then on. A child killed while it ran alone
+  fails the attempt (retried while attempts are left): alone, the kill says the job itself
+  may not fit in the machine, or something else killed it.
+
+Any other child that dies without a result (a crash, another signal) fails the attempt with its
+exit status or signal, except SIGTERM or SIGINT from outside (a service manager stopping the
+node signals the children too): that hands the job back to the queue without counting the
+attempt. A store error while recording an outcome leaves it to be recorded
 at the next pass. An attempt folder is emptied before a run. A child still running when its lease
 (``workers.lease_s``) runs out is killed and its attempt failed. When the node stops, running
 children are terminated and their jobs handed back to the queue without counting the attempt.
@@ -89,6 +104,11 @@ _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 MIB = 1024 * 1024
 DISK_RELEASES = 20
 """How many times one job is handed back, uncounted, for a full disk before that counts."""
+MEMORY_RELEASES = 3
+"""How many times one job is handed back, uncounted, for a kill while other jobs ran (the
+machine out of memory) before that counts."""
+SYSTEM_MEMORY = "system-memory"
+"""The ``resource`` a child's result names for a ``MemoryError`` not due to its budget."""
 _DISK_FULL = ("No space left on device", "[Errno 28]", "Disk quota exceeded", "[Errno 122]")
 
 
@@ -103,6 +123,8 @@ class _Running:
     process: subprocess.Popen[bytes]
     result_path: Path
     started: float
+    beside: int = 0
+    """How many other children ran while this one did, at most (0: it ran alone)."""
 
 
 def _child_env() -> dict[str, str]:
@@ -151,6 +173,8 @@ class WorkerPool:
         self._disk_space = disk_space or self._state_dir_space
         self._disk_hold: int | None = None  # free bytes needed before jobs start again
         self._disk_releases: dict[int, int] = {}  # job id: attempts handed back for the disk
+        self._memory_hold: int | None = None  # job to run alone again: one child at a time
+        self._memory_releases: dict[int, int] = {}  # job id: handed back for memory
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -203,7 +227,8 @@ class WorkerPool:
             self._check(self._running[job_id])
         if not self._disk_back():
             return
-        while len(self._running) < self.settings.workers.processes and not self._stop.is_set():
+        processes = self.settings.workers.processes if self._memory_back() else 1
+        while len(self._running) < processes and not self._stop.is_set():
             job = self.store.claim_job(self.owner, self.settings.workers.lease_s, self.clock())
             if job is None:
                 break
@@ -244,7 +269,11 @@ class WorkerPool:
         except OSError as exc:
             self._fail(job, f"cannot start a worker process: {exc}")
             return
-        self._running[job.id] = _Running(job, spec, process, result_path, time.monotonic())
+        others = [other for other in self._running.values() if other.process.poll() is None]
+        for other in others:
+            other.beside = max(other.beside, len(others))
+        self._running[job.id] = _Running(job, spec, process, result_path, time.monotonic(),
+                                         len(others))
         acquisition = self.store.acquisition(job.acquisition_id)
         series = acquisition.summary.get("series_numbers") if acquisition else None
         log.info("job %d (acquisition %d, series %s): attempt %d of %d started in worker "
@@ -258,11 +287,15 @@ class WorkerPool:
         """Record the outcome of a child that ended (or ran past its lease). A store error
         while recording leaves the attempt to be recorded at the next pass."""
         code = run.process.poll()
+        if code is not None and self._memory_hold == run.job.id:
+            self._memory_hold = None  # it ran again (alone): other jobs may start beside it
         if code is None:
             expires = run.job.lease_expires_at
             if expires is not None and self.clock() > expires:
                 self._kill(run.process)
                 del self._running[run.job.id]
+                if self._memory_hold == run.job.id:
+                    self._memory_hold = None
                 self._fail(run.job, f"timed out: still running after workers.lease_s "
                                     f"({self.settings.workers.lease_s:g} s); the worker was "
                                     "killed")
@@ -301,6 +334,9 @@ class WorkerPool:
         if outcome is not None and outcome.get("ok") is False:
             error = str(outcome.get("error") or "failed without a message")
             final = outcome.get("final") is True
+            if (outcome.get("resource") == SYSTEM_MEMORY and not final
+                    and self._hold_for_memory(run, error)):
+                return
         elif -code in _STOP_SIGNALS and (self._stopped.get(run.job.id, 0)
                                          < self.settings.workers.job_attempts):
             # not the job's fault: e.g. systemd stopping the node signals every process of
@@ -314,6 +350,8 @@ class WorkerPool:
         elif code < 0:
             error = f"the worker process was killed by {_signal_name(-code)}"
             if -code == signal.SIGKILL:
+                if self._hold_for_memory(run, error):
+                    return
                 error += (" (the system may have run out of memory; the memory budget is "
                           f"{self.settings.workers.memory_budget_mb} MiB)")
         else:
@@ -324,6 +362,41 @@ class WorkerPool:
         """Write the attempt's derived files into the outbox (durably); their records."""
         paths = job_outputs(Path(run.spec.work_dir))
         return self.outbox.import_files(paths, job_id=run.job.id, now=self.clock())
+
+    # ------------------------------------------------------------------ the machine's memory
+
+    def _hold_for_memory(self, run: _Running, error: str) -> bool:
+        """Hand the job of a child that the system killed (or that ran out of the machine's
+        memory) while other jobs ran beside it back, uncounted, and run one job at a time
+        until it has run again; False when it ran alone or was handed back for this
+        :data:`MEMORY_RELEASES` times already (the attempt counts then)."""
+        released = self._memory_releases.get(run.job.id, 0)
+        if run.beside == 0 or released >= MEMORY_RELEASES:
+            return False
+        self._memory_releases[run.job.id] = released + 1
+        if self._memory_hold is None:
+            log.warning("worker pool: job %d ended (%s) while %d other job%s ran, the machine "
+                        "may be out of memory: one job at a time until it has run again",
+                        run.job.id, error, run.beside, "" if run.beside == 1 else "s")
+        self._memory_hold = run.job.id
+        self._release(run.job, f"{error} while {run.beside} other job"
+                               f"{'' if run.beside == 1 else 's'} ran (the system may have run "
+                               "out of memory); not counted: the job runs again alone")
+        return True
+
+    def _memory_back(self) -> bool:
+        """Whether more than one child may run: no job waits to run again alone (a held job
+        that is no longer queued here, e.g. retried or cancelled, lifts the hold)."""
+        held = self._memory_hold
+        if held is None or held in self._running:
+            return held is None
+        try:
+            job = self.store.job(held)
+        except Exception:  # the store is busy: keep the hold until it answers
+            return False
+        if job is None or job.state != "queued":
+            self._memory_hold = None
+        return self._memory_hold is None
 
     # ---------------------------------------------------------------------------- a full disk
 
@@ -599,10 +672,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         text = json.dumps({"ok": True, "result": result})
     except MemoryError as exc:
         detail = f" ({exc})" if str(exc) else ""
-        error = (f"out of memory: the job needed more than the memory budget of "
-                 f"{args.memory_budget_mb} MiB (workers.memory_budget_mb){detail}")
+        if limit is None:  # no budget applied: the machine itself ran out
+            error = f"out of memory: the machine had no more memory for the job{detail}"
+            outcome = {"ok": False, "final": False, "resource": SYSTEM_MEMORY, "error": error}
+        else:  # the same input needs the same memory: another attempt would fail the same way
+            error = (f"out of memory: the job needed more than the memory budget of "
+                     f"{args.memory_budget_mb} MiB (workers.memory_budget_mb){detail}; not "
+                     "retried: raise workers.memory_budget_mb, then retry the job")
+            outcome = {"ok": False, "final": True, "error": error}
         log.error("%s", error)
-        _write_result(args.result, {"ok": False, "error": error})
+        _write_result(args.result, outcome)
         return EXIT_OUT_OF_MEMORY
     except JobError as exc:
         log.error("job failed: %s", exc)
