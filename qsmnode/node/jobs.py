@@ -10,7 +10,10 @@ worker child (:mod:`qsmnode.node.worker`) runs a *job function* on it, by defaul
    them again with the same rules;
 2. take the plan made of exactly the job's series (the same acquisition the tracker found);
 3. :func:`~qsmnode.dicom.load.load_acquisition` it from the spool files, with its T1w;
-4. :func:`qsmnode.pipeline.run_pipeline` it (:func:`process_acquisition`, which ``qsmnode
+4. check the source header the derived objects copy from (:func:`check_source_header`, before
+   QSM: a malformed date or time that the build would choke on is emptied there, and the log
+   names the attribute, never the value);
+5. :func:`qsmnode.pipeline.run_pipeline` it (:func:`process_acquisition`, which ``qsmnode
    process`` calls too), write the derived datasets it returns into the attempt's ``derived``
    folder (:func:`write_job_outputs`), and return the result as JSON.
 
@@ -317,6 +320,30 @@ def _m1_atlas(name: str) -> Any:
     return load_m1_atlas(atlas=name)
 
 
+def check_source_header(loaded: Any) -> list[str]:
+    """What the derived objects will not copy as it is from the acquisition's source header
+    (:func:`~qsmnode.dicom.derived.common.source_fixes`: an absent or invalid Type 2 patient or
+    study value is left empty, an empty sequence left out), logged before the pipeline runs, so
+    that a value the build cannot take is known before QSM spends its time. The phrases name
+    attributes only, never their values (patient data)."""
+    from pydicom.dataset import Dataset
+
+    from qsmnode.dicom.derived.common import source_fixes
+
+    header = getattr(loaded, "header", None)
+    if not isinstance(header, Dataset):
+        return []
+    fixes = source_fixes(header)
+    if fixes:
+        invalid = any("not a valid value" in fix for fix in fixes)
+        log.log(logging.WARNING if invalid else logging.INFO,
+                "series %s: the derived objects will not copy the source header as it is: %s",
+                ", ".join("?" if n is None else str(n)
+                          for n in getattr(loaded, "series_numbers", ()) or ()),
+                "; ".join(fixes))
+    return fixes
+
+
 def process_acquisition(loaded: Any, files: Sequence[str], out_dir: Path | None,
                         qsm: bool = True, m1: bool = True, atlas: str = "hcpex",
                         progress: Callable[[str], None] | None = None,
@@ -334,6 +361,7 @@ def process_acquisition(loaded: Any, files: Sequence[str], out_dir: Path | None,
     from qsmnode.node.normative import NormativeTableError, load_normative_table
     from qsmnode.pipeline import PipelineError, PipelineParams, run_pipeline
 
+    check_source_header(loaded)
     with_m1 = qsm and m1
     normative = None
     if with_m1 and m1_normative_table is not None:

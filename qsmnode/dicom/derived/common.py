@@ -8,6 +8,7 @@ import copy
 import datetime as dt
 import os
 import re
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -68,6 +69,31 @@ _DATE = re.compile(r"^\d{8}$")
 _TIME = re.compile(r"^\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?$")
 _ENUMERATED = {"PatientSex": frozenset({"M", "F", "O"})}
 _FORMATS = {"PatientBirthDate": _DATE, "StudyDate": _DATE, "StudyTime": _TIME}
+_PARSERS: dict[str, Callable[[str], object]] = {
+    "PatientBirthDate": pydicom.valuerep.DA, "StudyDate": pydicom.valuerep.DA,
+    "StudyTime": pydicom.valuerep.TM,
+}
+"""How highdicom reads these values into a derived object: a value in the right format that is
+not a real date or time (month 13, hour 25) raises there, after QSM, unless tidied."""
+
+
+def _invalid(keyword: str, text: str) -> bool:
+    """Whether a Type 2 value (stripped, not empty) cannot go into a derived object as it is:
+    not one of the enumerated values, not in the DA/TM format, or not a real date or time."""
+    allowed = _ENUMERATED.get(keyword)
+    pattern = _FORMATS.get(keyword)
+    if (allowed and text not in allowed) or (pattern and not pattern.match(text)):
+        return True
+    parse = _PARSERS.get(keyword)
+    if parse is None:
+        return False
+    try:
+        with warnings.catch_warnings():  # pydicom's warnings quote the value
+            warnings.simplefilter("ignore")
+            parse(text)
+    except (ValueError, OverflowError):
+        return True
+    return False
 
 
 def _code_item_ok(item: Dataset) -> bool:
@@ -109,9 +135,7 @@ def source_fixes(ds: Dataset) -> list[str]:
             fixes.append(f"{keyword} absent (left empty)")
             continue
         text = str(ds[keyword].value or "").strip()
-        allowed = _ENUMERATED.get(keyword)
-        pattern = _FORMATS.get(keyword)
-        if text and ((allowed and text not in allowed) or (pattern and not pattern.match(text))):
+        if text and _invalid(keyword, text):
             fixes.append(f"{keyword} not a valid value (left empty)")
     for elem in ds:
         if elem.VR != "SQ":
@@ -128,7 +152,8 @@ def source_fixes(ds: Dataset) -> list[str]:
 
 def tidy_source(ds: Dataset) -> Dataset:
     """The source header as the derived objects copy from it: a Type 2 patient or study
-    attribute that is absent or not a valid value becomes empty, and a sequence with no item,
+    attribute that is absent or not a valid value (for a date or time: not in the DICOM format,
+    or not a real date or time) becomes empty, and a sequence with no item,
     or a code sequence with an incomplete item, is left out (an empty Type 3 sequence copied
     into a derived object makes it invalid). A Pixel Measures or Plane Orientation functional
     group that an Enhanced source gives in every frame with one value (Philips) is made shared,
@@ -139,11 +164,7 @@ def tidy_source(ds: Dataset) -> Dataset:
     out = copy.deepcopy(ds)
     for keyword in TYPE2_PATIENT_STUDY:
         text = str(out[keyword].value or "").strip() if keyword in out else ""
-        allowed = _ENUMERATED.get(keyword)
-        pattern = _FORMATS.get(keyword)
-        if keyword not in out or (
-            text and ((allowed and text not in allowed) or (pattern and not pattern.match(text)))
-        ):
+        if keyword not in out or (text and _invalid(keyword, text)):
             setattr(out, keyword, "")
     for elem in list(out):
         if elem.VR == "SQ" and (
