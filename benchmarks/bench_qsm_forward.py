@@ -82,14 +82,15 @@ def rms_field(est: np.ndarray, truth: np.ndarray, mask: np.ndarray) -> float:
     return float(np.sqrt(np.mean(d * d)))
 
 
-def run_cli(anat: Path, out: Path) -> dict[str, float]:
+def run_cli(anat: Path, out: Path, method: str) -> dict[str, float]:
     """``python -m qsmnode qsm`` as a user runs it; wall time and the child's own peak RSS.
 
     The peak comes from GNU time wrapped around the child: ``RUSAGE_CHILDREN`` is the largest
     of all children so far and may count pages the child inherited from this process (which
     holds the phantom), so it reported the same 4.35 GiB for every case."""
     with tempfile.NamedTemporaryFile("r", suffix=".rss") as rss_file:
-        command = [sys.executable, "-m", "qsmnode", "qsm", str(anat), "--out", str(out)]
+        command = [sys.executable, "-m", "qsmnode", "qsm", str(anat), "--out", str(out),
+                   "--method", method]
         t0 = time.perf_counter()
         proc = subprocess.run([GNU_TIME, "-f", "%M", "-o", rss_file.name, *command],
                               capture_output=True, text=True)
@@ -138,19 +139,21 @@ def budget(sim: HeadSimulation, out: Path) -> dict[str, float]:
     return res
 
 
-def run_case(name: str, cond: HeadConditions, tmp: Path, with_budget: bool) -> dict:
+def run_case(name: str, cond: HeadConditions, tmp: Path, with_budget: bool,
+             method: str = "single-step-tv") -> dict:
     t0 = time.perf_counter()
     sim = simulate_head(cond)
     sim_s = time.perf_counter() - t0
     anat = write_bids(sim, tmp / name)
     out = tmp / f"{name}-out"
-    run = run_cli(anat, out)
+    run = run_cli(anat, out, method)
     chi = nib.load(out / "chi_ppm.nii.gz").get_fdata().astype(np.float32)
     quality = json.loads((out / "quality.json").read_text())
     brain_ml = float(nib.load(out / "brain_mask.nii.gz").get_fdata().sum()
                      * np.prod(np.sqrt((sim.affine[:3, :3] ** 2).sum(axis=0))) / 1000)
     dice = _dice(nib.load(out / "brain_mask.nii.gz").get_fdata() > 0, sim.brain_mask)
-    res = {"case": name, "seed": cond.seed, "simulate_s": sim_s, **run, **score(chi, sim),
+    res = {"case": name, "method": method, "seed": cond.seed, "simulate_s": sim_s, **run,
+           **score(chi, sim),
            "mask_ml": brain_ml, "mask_dice": dice,
            "inversion_iterations": quality.get("inversion", {}).get("iterations")}
     if with_budget:
@@ -168,6 +171,8 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--voxel-mm", type=float, default=1.0)
     parser.add_argument("--budget", action="store_true")
+    parser.add_argument("--methods", nargs="+", default=["single-step-tv", "pdf-tv-admm"],
+                        help="qsmnode qsm --method names to compare")
     parser.add_argument("--json", type=Path, help="append results as JSON lines")
     parser.add_argument("--keep", type=Path, help="write the cases here and keep them")
     args = parser.parse_args()
@@ -176,13 +181,14 @@ def main() -> None:
         for name in args.cases:
             for seed in args.seeds:
                 cond = replace(CASES[name], seed=seed, voxel_mm=args.voxel_mm)
-                res = run_case(name, cond, Path(td), args.budget)
-                line = json.dumps({k: (round(v, 4) if isinstance(v, float) else v)
-                                   for k, v in res.items()})
-                print(line, flush=True)
-                if args.json:
-                    with args.json.open("a") as f:
-                        f.write(line + "\n")
+                for method in args.methods:
+                    res = run_case(name, cond, Path(td), args.budget, method)
+                    line = json.dumps({k: (round(v, 4) if isinstance(v, float) else v)
+                                       for k, v in res.items()})
+                    print(line, flush=True)
+                    if args.json:
+                        with args.json.open("a") as f:
+                            f.write(line + "\n")
 
 
 if __name__ == "__main__":

@@ -24,6 +24,11 @@ def error(text: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Dispatch on the form of the command line (see the module docstring)."""
+    from qsmnode.qsm.pipeline import METHODS
+
+    if args.method not in METHODS:
+        error(f"--method {args.method!r}: expected one of {', '.join(METHODS)}")
+        return 2
     level = args.analysis_level
     if level is None:
         if args.output_dir is not None:
@@ -34,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
             error("give --out DIR (one acquisition in a folder), or OUTPUT_DIR and an "
                   "analysis level, participant or group (a BIDS dataset)")
             return 2
-        return single_folder(args.input, args.out)
+        return single_folder(args.input, args.out, args.method)
     if args.out is not None:
         error("--out is for the single-folder form; the BIDS App form writes to OUTPUT_DIR")
         return 2
@@ -43,10 +48,11 @@ def run(args: argparse.Namespace) -> int:
     return group(args)
 
 
-def single_folder(folder: Path, out: Path) -> int:
-    """QSM of the one acquisition in ``folder``; maps as ``out/<quantity>.nii.gz``."""
+def single_folder(folder: Path, out: Path, method: str = "single-step-tv") -> int:
+    """QSM of the one acquisition in ``folder`` with the named pipeline
+    (:data:`qsmnode.qsm.pipeline.METHODS`); maps as ``out/<quantity>.nii.gz``."""
     from qsmnode.dicom.nifti import BidsError, read_megre, write_nifti
-    from qsmnode.qsm.pipeline import run_qsm
+    from qsmnode.qsm.pipeline import METHODS, run_qsm
 
     try:
         gre = read_megre(folder)
@@ -58,7 +64,7 @@ def single_folder(folder: Path, out: Path) -> int:
         error(f"{exc}{hint}")
         return 2
     result = run_qsm(gre.magnitude, gre.phase, gre.echo_times_s, gre.voxel_size_mm,
-                     gre.b0_direction, gre.field_strength_t)
+                     gre.b0_direction, gre.field_strength_t, METHODS[method])
     outputs = {
         "chi_ppm": (result.chi_ppm, "chi (ppm)"),
         "r2star_per_s": (result.r2star_per_s, "R2* (1/s)"),
@@ -71,7 +77,7 @@ def single_folder(folder: Path, out: Path) -> int:
     }
     for name, (volume, what) in outputs.items():
         write_nifti(volume, gre.affine, out / f"{name}.nii.gz", f"qsmnode: {what}")
-    quality = {k: v for k, v in result.quality.items() if k != "params"}
+    quality = {"method": method, **{k: v for k, v in result.quality.items() if k != "params"}}
     (out / "quality.json").write_text(json.dumps(quality, indent=2, default=str) + "\n")
     print(f"{len(outputs)} maps written to {out} "
           f"({gre.n_echoes} echoes, {gre.field_strength_t:g} T, shape {gre.shape})")
@@ -112,7 +118,8 @@ def participant(args: argparse.Namespace) -> int:
     counts = describe(layout)
     print(f"{args.input}: {counts['acquisitions']} MEGRE acquisition(s) of "
           f"{counts['subjects']} subject(s), {counts['sessions']} session(s)")
-    options = Options(m1=args.m1, normative=args.normative.resolve() if args.normative else None)
+    options = Options(m1=args.m1, normative=args.normative.resolve() if args.normative else None,
+                      method=args.method)
     try:
         report = run_participants(layout, args.output_dir, options, args.scheduler,
                                   args.n_workers, args.memory_limit,

@@ -65,10 +65,12 @@ class Options:
     Attributes:
         m1: run the M1 analysis and write its segmentation and measurements.
         normative: a normative table (TOML) for the M1 z-scores; None: no z-scores.
+        method: the QSM pipeline, a name of :data:`qsmnode.qsm.pipeline.METHODS`.
     """
 
     m1: bool = False
     normative: Path | None = None
+    method: str = "single-step-tv"
 
 
 @dataclass(frozen=True)
@@ -185,17 +187,17 @@ def _tsv_cell(value: Any) -> str:
     return str(value)
 
 
-def qsm_params() -> Any:
-    """The QSM engine's parameters (its defaults), read where the engine defines them."""
-    from qsmnode.qsm.pipeline import QSMParams
+def qsm_params(method: str) -> Any:
+    """The QSM engine's parameters of the named pipeline, read where the engine defines them."""
+    from qsmnode.qsm.pipeline import METHODS
 
-    return QSMParams()
+    return METHODS[method]
 
 
 def parameters(options: Options) -> dict[str, Any]:
     """Every parameter of the run, as recorded in ``dataset_description.json`` and each
     record: the QSM engine's (all fields of ``QSMParams``) and the participant options."""
-    return {"qsm": dataclasses.asdict(qsm_params()),
+    return {"qsm_method": options.method, "qsm": dataclasses.asdict(qsm_params(options.method)),
             "m1": options.m1,
             "normative_table": None if options.normative is None else str(options.normative)}
 
@@ -342,7 +344,7 @@ def _process(acquisition: MegreAcquisition, bids_root: Path, root: Path,
     from qsmnode.qsm.pipeline import run_qsm
 
     gre = read_megre_files(acquisition.file_map(), acquisition.name)
-    params = qsm_params()
+    params = qsm_params(options.method)
     result = run_qsm(gre.magnitude, gre.phase, gre.echo_times_s, gre.voxel_size_mm,
                      gre.b0_direction, gre.field_strength_t, params)
     param_dict = dataclasses.asdict(params)

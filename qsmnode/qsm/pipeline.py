@@ -9,33 +9,36 @@ Steps (each a module of this package; methods cited there):
 4. ``unwrap.unwrap_temporal``: exact, 2π-congruent unwrapping of every echo against it.
 5. ``fieldfit``: magnitude²-weighted least-squares field through the origin (ppm), then
    ``quality``: voxels with π-jumps in the unwrapped template or a large fit residual are
-   dropped (edge islands) or filled from their neighbours (enclosed holes). Optionally
-   (``peel_sources``) outer mask layers holding strong sources (a high ``|∇²f|``) are peeled.
-6. ``background.pdf`` (default): projection onto dipole fields (Liu 2011), weighted by the
-   combined magnitude (the field's inverse noise), then ``inversion.tv_admm`` (Bilgic 2014)
-   with the same weights. Alternatives: RESHARP+LBV, RESHARP, LBV, iSMV, V-SHARP; the
-   single-step ``inversion.single_step_tv`` of the total field (Chatnuntawech 2017) and
-   ``inversion.tkd`` (Wharton 2010).
+   dropped (edge islands) or filled from their neighbours (enclosed holes), and outer mask
+   layers holding strong sources (bone/air partial volume, seen as a high ``|∇²f|``) are
+   peeled (``peel_sources``).
+6. ``inversion.single_step_tv`` (default): TV-regularised inversion of the total field through
+   its Laplacian (Chatnuntawech 2017, Langkammer 2015), so no separate background removal
+   erodes the cortex. Alternatives: ``background`` (RESHARP+LBV, RESHARP, LBV, iSMV, V-SHARP,
+   PDF; Liu 2011) followed by ``inversion.tv_admm`` (Bilgic 2014) or ``inversion.tkd``
+   (Wharton 2010); PDF and TV-ADMM take the combined magnitude as inverse-noise weights.
 7. ``reference``: χ relative to the mean over the QSM mask (or CSF).
 
-Defaults, and why (issue 11; numbers in ``benchmarks/RESULTS.md``). Measured on an independent
-forward model (``qsmnode.sim.forward_head``: MNI152 head, qsm-forward's field, shim, phase
-offsets and noise), scored by qsm-ci over the true brain without CSF, dropped voxels as 0:
+:data:`METHODS` names the two measured pipelines (``qsmnode qsm --method``):
+``single-step-tv`` (the default) and ``pdf-tv-admm``. Measured (issue 11, numbers in
+``benchmarks/RESULTS.md``) on an independent forward model (``qsmnode.sim.forward_head``: MNI152
+head, qsm-forward's field, shim, offsets and noise; qsm-ci scores, dropped voxels as 0):
 
-===============================  ============================  =============================
-condition                        PDF + TV-ADMM, noise weights  single-step TV + peeling (old)
-===============================  ============================  =============================
-7T whole head, 1 mm              NRMSE 45.3 %, XSIM 0.58       90.3 %, 0.19
-7T slab over the vertex (60 mm)  50.5 %, 0.48                  99.6 %, 0.17
-3T, SNR 30                       45.6 %, 0.48                  95.8 %, 0.15
-7T head, box-voxel field model   53.4 %, 0.52                  72 %, 0.31
-===============================  ============================  =============================
+==========================================  =======================  ======================
+                                            single-step-tv           pdf-tv-admm
+==========================================  =======================  ======================
+7T head 1 mm: NRMSE, XSIM, deep-M1 error    90.3 %, 0.19, +0.039     45.3 %, 0.58, −0.002
+7T 60 mm slab over M1: NRMSE, XSIM, M1 err  99.6 %, 0.17, −0.004     50.5 %, 0.48, −0.006
+3T SNR 30: NRMSE, XSIM                      95.8 %, 0.15             45.6 %, 0.48
+anatomy phantom small-slab: deep-M1 found   0.0265 of 0.030 ppm      0.0164 of 0.030 ppm
+same: seconds on 2 busy cores               5                        30
+==========================================  =======================  ======================
 
-Peeling with PDF costs coverage and contrast there (82 % whole head, 95 % slab). The project's
-own simulator disagrees near its mask edge at coarse resolution (tiny preset, 3 × 3 × 3.6 mm:
-χ correlation 0.26 against 0.59 for the old default; small-slab NRMSE 0.95 against 0.84):
-its phantom puts strong sources on the brain surface, where PDF fits part of their field as
-background. PDF: tolerance 3e-3, at most 200 iterations, 20 mm zero padding; TV-ADMM: λ 1e-4.
+PDF + TV-ADMM restores the grey/white and deep-grey contrast the single-step TV loses, but on
+the slabs the node is for it finds less of the deep-layer M1 change (the clinical measure) and
+is six times slower, so it is not the default yet: no pipeline wins in every condition.
+Single-step TV: λ = 1e-4, ρ_data = 0.01, 30 iterations; PDF: tolerance 3e-3, at most 200
+iterations, 20 mm padding; TV-ADMM: λ = 1e-4, 50 iterations.
 """
 
 from __future__ import annotations
@@ -85,9 +88,9 @@ class QSMParams:
     residual_floor_rad: float = 1.0
     residual_factor: float = 10.0
     # background removal (background.*)
-    background_method: bg.Method = "pdf"
+    background_method: bg.Method = "resharp_lbv"
     background_peel_voxels: int = 0
-    peel_sources: bool = False
+    peel_sources: bool = True
     peel_factor: float = 1.0
     peel_max_mm: float = 4.0
     background_radius_mm: float = 10.0
@@ -98,7 +101,7 @@ class QSMParams:
     pdf_pad_mm: float = 20.0
     noise_weighting: bool = True
     # dipole inversion (inversion.*)
-    inversion_method: Literal["single_step_tv", "tv_admm", "tkd"] = "tv_admm"
+    inversion_method: Literal["single_step_tv", "tv_admm", "tkd"] = "single_step_tv"
     tkd_threshold: float = 0.15
     tv_lambda: float = 1e-4
     tv_rho: float | None = None
@@ -153,6 +156,14 @@ class QSMResult:
     local_field_ppm: NDArray[np.float32]
     fit_residual_rad: NDArray[np.float32]
     quality: dict[str, Any] = field(default_factory=dict)
+
+
+METHODS: dict[str, QSMParams] = {
+    "single-step-tv": QSMParams(),
+    "pdf-tv-admm": QSMParams(background_method="pdf", peel_sources=False,
+                             inversion_method="tv_admm"),
+}
+"""The pipelines measured against the independent forward model, by name (module docstring)."""
 
 
 def _background(
