@@ -40,12 +40,13 @@ def test_make_demo_from_a_fresh_clone(tmp_path: Path) -> None:
     summary = json.loads(report.read_text())
     assert summary["result"]["m1"]["measurements"] and "error" not in summary["result"]["m1"]
 
-    # Orthanc (the demo's PACS here) holds every derived object once, in the source study
+    # Orthanc (the demo's PACS here) holds the scanner's images, as a scanner archives them,
+    # and every derived object once, in the source study
     pacs = Orthanc(out / "pacs" / "orthanc").start()
     try:
         (study,) = pacs.studies()
         assert study["MainDicomTags"]["StudyInstanceUID"] == SimStudyInfo(seed=7).study_instance_uid
-        assert len(pacs.instances()) == summary["derived"]
+        assert len(pacs.instances()) == summary["derived"] + 48 * 4 * 2
         modalities = {s["MainDicomTags"].get("Modality") for s in pacs.series()}
         assert {"MR", "SEG", "SR"} <= modalities
     finally:

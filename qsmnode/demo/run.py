@@ -196,30 +196,43 @@ def simulate_scan(console: Console, size: str, out: Path) -> tuple[list[Path], d
 
 def send_study(console: Console, files: list[Path], node: NodeProcess, timeline: Timeline
                ) -> None:
+    """The scanner sends the study to the node (the latency clock starts at its last ack)."""
+    line = console.line("receiving")
+    _scanner_send(files, line, "127.0.0.1", node.port, NODE_AE, "the node")
+    timeline.marks["last_image_acknowledged"] = time.time()
+    rate = len(files) / max(line.elapsed_s, 1e-6)
+    line.finish(f"{len(files)} images stored and fsynced by the node in "
+                f"{seconds(line.elapsed_s)} ({rate:.0f}/s)")
+
+
+def send_study_to_pacs(console: Console, files: list[Path], pacs: Pacs) -> None:
+    """The scanner archives the same images in the PACS, as a site's scanner does, so that a
+    viewer opened on the PACS shows the node's maps and segmentation over them."""
+    line = console.line("archiving")
+    _scanner_send(files, line, "127.0.0.1", pacs.dicom_port, pacs.ae_title, "the PACS")
+    line.finish(f"{len(files)} images archived in the PACS too, as the scanner does")
+
+
+def _scanner_send(files: list[Path], line: Line, host: str, port: int, ae_title: str,
+                  who: str) -> None:
     from qsmnode.node.storescu import StoreError as SendError
     from qsmnode.node.storescu import send_files
 
-    line = console.line("receiving")
-
     def sent(done: int, total: int) -> None:
         if done == total or done % 8 == 0:
-            line.update(f"{bar(done, total)}  C-STORE {SCANNER_AE} → {NODE_AE}")
+            line.update(f"{bar(done, total)}  C-STORE {SCANNER_AE} → {ae_title}")
 
     try:
-        report = send_files(files, "127.0.0.1", node.port, NODE_AE, SCANNER_AE, on_sent=sent)
+        report = send_files(files, host, port, ae_title, SCANNER_AE, on_sent=sent)
     except SendError as exc:
         line.fail(str(exc))
-        raise DemoError(f"the scanner could not send: {exc}") from None
-    timeline.marks["last_image_acknowledged"] = time.time()
+        raise DemoError(f"the scanner could not send to {who}: {exc}") from None
     if not report.ok:
         bad = {**{str(p): f"status 0x{s:04X}" for p, s in report.statuses.items() if s},
                **{str(p): e for p, e in report.errors.items()}}
         line.fail(f"{len(bad)} images were not stored")
-        raise DemoError("the node did not store every image: " + "; ".join(
+        raise DemoError(f"{who} did not store every image: " + "; ".join(
             f"{p}: {e}" for p, e in list(bad.items())[:3]))
-    rate = len(files) / max(line.elapsed_s, 1e-6)
-    line.finish(f"{len(files)} images stored and fsynced by the node in "
-                f"{seconds(line.elapsed_s)} ({rate:.0f}/s)")
 
 
 def wait_for_job(console: Console, node: NodeProcess, timeline: Timeline) -> JobRecord:
@@ -433,6 +446,7 @@ def run_demo(out: Path | None, size: str = "slab", pacs_kind: str = "auto",
                     f"http://127.0.0.1:{node.http_port}/")
         files, scan = simulate_scan(console, size, root / "scanner")
         send_study(console, files, node, timeline)
+        send_study_to_pacs(console, files, pacs)
         job = wait_for_job(console, node, timeline)
         job = follow_job(console, node, job.id, timeline)
         n_sent = follow_delivery(console, node, pacs, timeline)
