@@ -8,7 +8,10 @@ in order, each a small function that reads what earlier stages produced from a
    echo times ascending) and summarized (:class:`AcquisitionSummary`).
 2. ``qsm``: susceptibility and R2* (:func:`qsmnode.qsm.pipeline.run_qsm`), only on a 3-D
    volume of contiguous slices: slices further apart than they are thick (a 2-D protocol
-   with a slice gap) stop the pipeline with a reason saying QSM was not computed.
+   with a slice gap) stop the pipeline with a reason saying QSM was not computed. A χ map or
+   field that comes out implausibly flat (:func:`qsmnode.qsm.quality.map_ranges`: a spread
+   below the floor, e.g. from a phase that carries no field) stops it too, before anything is
+   built or sent.
 3. ``m1``: the M1 analysis (:func:`qsmnode.m1.analysis.analyse_m1`) when an atlas is given.
    A failure here is recorded in the result (``m1_error``) and the maps still go out. With a
    same-session T1w (:attr:`PipelineParams.t1w`) the T1w is registered to the template; when
@@ -47,6 +50,7 @@ from qsmnode.m1.analysis import M1Atlas, M1Params, SameSessionT1w, analyse_m1
 from qsmnode.m1.measure import NormativeTable
 from qsmnode.m1.result import M1Result, QualityFlag
 from qsmnode.qsm.pipeline import QSMParams, QSMResult, run_qsm
+from qsmnode.qsm.quality import map_ranges
 
 log = logging.getLogger(__name__)
 
@@ -239,8 +243,29 @@ def _qsm(ctx: _Context) -> None:
             f" mm thick (a gap of {spacing - thickness:.3g} mm between slices, as in a 2-D "
             "protocol with a slice gap); QSM was not computed"
         )
-    ctx.qsm = run_qsm(gre.magnitude, gre.phase, gre.echo_times_s, gre.voxel_size_mm,
-                      gre.b0_direction, gre.field_strength_t, ctx.params.qsm_params)
+    result = run_qsm(gre.magnitude, gre.phase, gre.echo_times_s, gre.voxel_size_mm,
+                     gre.b0_direction, gre.field_strength_t, ctx.params.qsm_params)
+    _check_plausible(loaded, result)
+    ctx.qsm = result
+
+
+def _check_plausible(loaded: LoadedAcquisition, result: QSMResult) -> None:
+    """The plausibility gate after QSM: a χ map or field too flat to come from a head (see
+    :func:`qsmnode.qsm.quality.map_ranges` for the floors) is not a result. The spreads go
+    into the quality record; a flat one stops the pipeline before anything is built."""
+    ranges = map_ranges(result.chi_ppm, result.qsm_mask, result.local_field_ppm,
+                        result.total_field_ppm, result.mask)
+    result.quality["map_ranges_ppm"] = {
+        key: {"p1": r.p1_ppm, "p99": r.p99_ppm, "voxels": r.voxels, "floor": r.floor_ppm}
+        for key, r in zip(("chi", "local_field", "total_field"), ranges, strict=True)}
+    flat = [r for r in ranges if r.flat]
+    if flat:
+        series = ", ".join("?" if n is None else str(n) for n in loaded.series_numbers)
+        raise PipelineError(
+            f"series {series}: implausibly flat result: "
+            + "; ".join(r.text() for r in flat)
+            + ". The phase images carry no usable field (constant or scaled to nothing?); "
+            "the maps are not delivered as a valid result")
 
 
 T1W_FLAG = "t1w_reference"

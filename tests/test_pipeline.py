@@ -83,3 +83,45 @@ def test_slices_with_gaps_are_not_given_to_qsm(style: str, tmp_path: Path) -> No
     with pytest.raises(PipelineError, match=r"QSM needs contiguous slices: these are 3 mm "
                                             r"apart but 1.5 mm thick .*QSM was not computed"):
         run_pipeline(gapped)
+
+
+def test_a_flat_qsm_result_fails_the_job_once_and_nothing_is_built(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A phase that carries no field (zero everywhere but one corner voxel, so it passes the
+    load-time check for a constant phase) gives a χ map with no contrast: the plausibility
+    gate after QSM stops the job with a final reason naming the series, the measured range
+    and the floor, before any derived object is built."""
+    import dataclasses
+
+    import qsmnode.pipeline as pipeline_module
+    from qsmnode.node.jobs import JobError, process_acquisition
+    from qsmnode.qsm.quality import CHI_RANGE_FLOOR_PPM
+
+    gre = simulate(preset("tiny", seed=4)).gre
+    phase = np.zeros_like(gre.phase)
+    phase[0, 0, 0, :] = 0.5
+    files = write_dicom(dataclasses.replace(gre, phase=phase), tmp_path / "in", "siemens",
+                        SimStudyInfo(seed=4))
+    loaded = _one(tmp_path / "in")  # the load-time gates let it through
+    built: list[object] = []
+    monkeypatch.setattr(pipeline_module, "build_derived",
+                        lambda *args, **kwargs: built.append(args) or [])
+    out = tmp_path / "out"
+    with pytest.raises(JobError) as caught:
+        process_acquisition(loaded, [str(f) for f in files], out, m1=False)
+    error = caught.value
+    assert not error.transient  # an input problem: not retried
+    text = str(error)
+    assert text.startswith("series 5, 6: implausibly flat result: the susceptibility (χ) "
+                           "map inside the χ mask spans 0 ppm")
+    assert f"below the plausibility floor of {CHI_RANGE_FLOOR_PPM:g} ppm" in text
+    assert "not delivered" in text
+    assert "SIM^PHANTOM" not in text and "QSMNODE-SIM" not in text  # no patient data
+    assert not built and not any(out.rglob("*"))
+
+    # the same simulation with its own phase: the ranges are recorded and it goes through
+    write_dicom(gre, tmp_path / "normal", "siemens", SimStudyInfo(seed=4))
+    ranges = run_pipeline(_one(tmp_path / "normal")).qsm_quality["map_ranges_ppm"]
+    assert ranges["chi"]["p99"] - ranges["chi"]["p1"] > 2 * CHI_RANGE_FLOOR_PPM
+    assert ranges["chi"]["floor"] == CHI_RANGE_FLOOR_PPM

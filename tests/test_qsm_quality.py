@@ -53,3 +53,45 @@ def test_peel_removes_a_rim_of_strong_sources_but_not_clean_edges() -> None:
     assert (peeled & brain).sum() > 0.85 * brain.sum()
     _, n_clean = peel_source_layers(total, brain, VOX)
     assert n_clean < 0.02 * brain.sum()
+
+
+def test_map_ranges_tell_a_flat_result_from_a_normal_one() -> None:
+    """The plausibility gate: χ and fields that span their normal range pass; a map with no
+    contrast (constant, or noise far below the floors) and an empty mask are flat."""
+    from qsmnode.qsm.quality import (
+        CHI_RANGE_FLOOR_PPM,
+        FIELD_RANGE_FLOOR_PPM,
+        map_range,
+        map_ranges,
+    )
+
+    rng = np.random.default_rng(0)
+    mask = ellipsoid(SHAPE, VOX, (20, 20, 18))
+    chi = (rng.normal(0.0, 0.08, SHAPE) * mask).astype(np.float32)  # about ±0.2 ppm
+    local = forward_field(chi, VOX, B0) * mask
+    total = local + (0.5 * centred_coordinates(SHAPE, VOX)[0] / 20.0) * mask
+    normal = map_ranges(chi, mask, local, total, mask)
+    assert not any(r.flat for r in normal), normal
+    assert normal[0].span_ppm > 10 * CHI_RANGE_FLOOR_PPM
+    assert normal[0].voxels == int(mask.sum())
+
+    flat = map_ranges(np.full(SHAPE, 0.01, np.float32) * mask, mask,
+                      np.zeros(SHAPE, np.float32), np.zeros(SHAPE, np.float32), mask)
+    assert all(r.flat for r in flat)
+    assert flat[0].span_ppm == 0.0 and flat[0].floor_ppm == CHI_RANGE_FLOOR_PPM
+    assert flat[2].floor_ppm == FIELD_RANGE_FLOOR_PPM
+    text = flat[0].text()
+    assert "susceptibility (χ) map inside the χ mask spans 0 ppm" in text
+    assert f"plausibility floor of {CHI_RANGE_FLOOR_PPM:g} ppm" in text
+
+    # noise a tenth of the floor is still flat; 1 % outliers do not make it plausible
+    faint = (rng.normal(0.0, CHI_RANGE_FLOOR_PPM / 40, SHAPE) * mask).astype(np.float32)
+    faint[mask & (rng.random(SHAPE) < 0.005)] = 1.0
+    assert map_range(faint, mask, "χ", "the mask", CHI_RANGE_FLOOR_PPM).flat
+    # only the field flat: still implausible
+    assert [r.flat for r in map_ranges(chi, mask, local * 0, total, mask)] == [
+        False, True, False]
+    # nothing inside the mask, or only NaN
+    empty = map_range(chi, np.zeros(SHAPE, bool), "χ", "the χ mask", CHI_RANGE_FLOOR_PPM)
+    assert empty.flat and empty.voxels == 0 and "no voxels" in empty.text()
+    assert map_range(np.full(SHAPE, np.nan), mask, "χ", "the mask", 0.02).flat

@@ -13,9 +13,14 @@ Two symptoms mark them (the same quantities ROMEO's quality map uses, Dymerska 2
 back enclosed holes (veins, dark nuclei) and fills their field by normalised convolution
 (Knutsson & Westin 1993) from the reliable neighbours, so one outlier of a few ppm cannot spread
 through the background removal and the dipole inversion.
+
+:func:`map_ranges` is the plausibility gate after the whole run: a χ map or field so flat that
+it cannot come from a head (for example a phase that carries no field) is not a result.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
@@ -158,3 +163,100 @@ def peel_source_layers(
     out = np.zeros(mask.shape, bool)
     out[box] = m
     return out, start - int(m.sum())
+
+
+CHI_RANGE_FLOOR_PPM = 0.005
+"""Smallest plausible spread of χ inside the QSM mask, from its 1st to its 99th percentile
+(ppm). A normal run spans about ±0.1..±0.3 ppm (grey and white matter, iron-rich nuclei,
+veins); a phase that carries no field gives exactly 0. The floor sits below every method's
+result on the project's data, the most compressed being single-step TV on the simulator's
+coarse tiny preset. Measured 1st..99th percentile spreads (ppm) of χ / local field in the
+QSM mask / total field in the brain mask, ``run_qsm`` with the method named:
+
+======================================  ======================  ==========================
+method                                  ``preset("tiny")``      Philips 3 T 2-echo sample
+                                        (7 T, 3 mm, seed 0)     (``philips-3t-2echo``)
+======================================  ======================  ==========================
+PDF + TV-ADMM, noise weights            0.244 / 0.052 / 0.609   4.56 / 0.887 / 3.44
+single-step TV                          0.023 / 0.014 / 0.609   2.93 / 0.723 / 3.44
+RESHARP+LBV + TV-ADMM                   0.063 / 0.026 / 0.609   2.73 / 0.677 / 3.44
+RESHARP+LBV + TKD                       0.078 / 0.026 / 0.609   2.39 / 0.677 / 3.44
+======================================  ======================  ==========================
+
+Also: tiny seeds 1 and 2 within 0.003 of seed 0 (PDF + TV-ADMM 0.240..0.244); ``preset(
+"small-slab")`` (0.8 mm slab) with PDF + TV-ADMM 0.256 / 0.062 / 0.179; the tiny preset with
+the echo-1 phase copied to every echo (no field evolution; PDF + TV-ADMM) 0.103 / 0.029 /
+0.083. The floor is 4.6× below the lowest χ spread measured (single-step TV, tiny)."""
+
+FIELD_RANGE_FLOOR_PPM = 0.001
+"""Smallest plausible 1st..99th percentile spread of the local field (inside the QSM mask)
+and of the total field (inside the brain mask), ppm: 14× below the lowest measured (local
+field 0.014 ppm, single-step TV on the tiny preset; see :data:`CHI_RANGE_FLOOR_PPM`). A field
+below it is constant: the phase held no field information."""
+
+
+@dataclass(frozen=True)
+class MapRange:
+    """The spread of one map inside its mask, against the plausibility floor.
+
+    Attributes:
+        what: the map's name in plain words ("susceptibility (χ)", "local field", ...).
+        region: where it was measured ("the χ mask": where χ is defined, "the brain mask").
+        p1_ppm, p99_ppm: 1st and 99th percentiles of the finite values there (0 when none).
+        voxels: finite voxels measured.
+        floor_ppm: the smallest plausible ``p99_ppm - p1_ppm``.
+    """
+
+    what: str
+    region: str
+    p1_ppm: float
+    p99_ppm: float
+    voxels: int
+    floor_ppm: float
+
+    @property
+    def span_ppm(self) -> float:
+        return self.p99_ppm - self.p1_ppm
+
+    @property
+    def flat(self) -> bool:
+        """Implausibly flat: spread below the floor, or nothing to measure."""
+        return self.voxels == 0 or not self.span_ppm >= self.floor_ppm
+
+    def text(self) -> str:
+        """Plain words: what was measured and against which floor."""
+        if self.voxels == 0:
+            return f"the {self.what} has no voxels inside {self.region}"
+        return (f"the {self.what} inside {self.region} spans {self.span_ppm:.3g} ppm from its "
+                f"1st to its 99th percentile ({self.p1_ppm:.3g} to {self.p99_ppm:.3g} ppm, "
+                f"{self.voxels} voxels), below the plausibility floor of {self.floor_ppm:g} ppm")
+
+
+def map_range(values: NDArray[np.floating], mask: NDArray[np.bool_], what: str, region: str,
+              floor_ppm: float) -> MapRange:
+    """The 1st..99th percentile spread of ``values`` over the finite voxels of ``mask``."""
+    inside = np.asarray(values)[np.asarray(mask, dtype=bool)]
+    inside = inside[np.isfinite(inside)]
+    if inside.size == 0:
+        return MapRange(what, region, 0.0, 0.0, 0, floor_ppm)
+    p1, p99 = np.percentile(inside, [1.0, 99.0])
+    return MapRange(what, region, float(p1), float(p99), int(inside.size), floor_ppm)
+
+
+def map_ranges(
+    chi_ppm: NDArray[np.floating],
+    qsm_mask: NDArray[np.bool_],
+    local_field_ppm: NDArray[np.floating],
+    total_field_ppm: NDArray[np.floating],
+    mask: NDArray[np.bool_],
+    *,
+    chi_floor_ppm: float = CHI_RANGE_FLOOR_PPM,
+    field_floor_ppm: float = FIELD_RANGE_FLOOR_PPM,
+) -> tuple[MapRange, MapRange, MapRange]:
+    """The spreads of χ and the local field inside ``qsm_mask`` and of the total field inside
+    ``mask``, each with its floor; a result with any :attr:`MapRange.flat` is not plausible."""
+    return (
+        map_range(chi_ppm, qsm_mask, "susceptibility (χ) map", "the χ mask", chi_floor_ppm),
+        map_range(local_field_ppm, qsm_mask, "local field", "the χ mask", field_floor_ppm),
+        map_range(total_field_ppm, mask, "total field", "the brain mask", field_floor_ppm),
+    )
