@@ -974,34 +974,3 @@ def test_a_flat_qsm_result_fails_the_job_once_with_nothing_to_send(tmp_path: Pat
         assert "below the plausibility floor" in job.last_error
         assert not store.outbox(job_id=job.id) and not store.sends()
     assert not any((state / "jobs" / str(job.id)).rglob(f"{DERIVED_DIRNAME}/*"))
-
-
-def test_a_flat_qsm_result_fails_the_job_once_with_nothing_to_send(tmp_path: Path) -> None:
-    """A phase with no field in it (zero but for one corner voxel: it passes the load-time
-    gates) gives a flat χ map: the plausibility gate after QSM fails the job after one of its
-    three attempts, with the reason, and leaves nothing in the outbox."""
-    from qsmnode.node.config import PipelineConfig
-    from qsmnode.sim.vendor_dicom import SimStudyInfo, write_dicom
-    from tests.nodeutil import small_simulation
-
-    gre = small_simulation().gre
-    phase = np.zeros_like(gre.phase)
-    phase[0, 0, 0, :] = 0.5
-    files = write_dicom(dataclasses.replace(gre, phase=phase), tmp_path / "in", "siemens",
-                        SimStudyInfo(seed=65))
-    state = tmp_path / "state"
-    settings = dataclasses.replace(
-        settings_for(state), pipeline=PipelineConfig(qsm=True, m1=False),
-        workers=WorkersConfig(processes=1, job_attempts=3))
-    with Store.in_state_dir(state) as store:
-        ingest(state, store, files, 1_000.0)
-        Tracker(settings, store, clock=Clock(2_000.0)).poll()
-        [job] = _run_until_settled(store, WorkerPool(settings, store, "test-node:1")).values()
-        assert (job.state, job.attempts) == ("failed", 1)
-        assert job.last_error is not None
-        # (the study description's words are redacted from error text: no "QSM" in it)
-        assert job.last_error.startswith("series 5, 6: implausibly flat result: the "
-                                         "susceptibility (χ) map inside the χ mask spans 0 ppm")
-        assert "below the plausibility floor" in job.last_error
-        assert not store.outbox(job_id=job.id) and not store.sends()
-    assert not any((state / "jobs" / str(job.id)).rglob(f"{DERIVED_DIRNAME}/*"))
