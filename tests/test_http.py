@@ -268,6 +268,61 @@ def test_status_page_lists_studies_jobs_problems_and_deliveries(server: HttpServ
     assert "<td>archive</td><td>1</td><td>0</td><td>1</td>" in page
 
 
+def test_failed_jobs_come_first_with_their_reason_and_the_command_to_run_them_again(
+    tmp_path: Path,
+) -> None:
+    """Failed jobs head the page (before the studies), each with its whole reason, escaped,
+    even one longer than the jobs table shows, and ``qsmnode retry --job N``; they are listed
+    however old their acquisition is. Without a failed job there is no such section."""
+    reason = "series 5, 6: implausibly flat result: <χ> " + "spans 0 ppm; " * 40 + "END"
+    quiet = tmp_path / "quiet"
+    with Store.in_state_dir(quiet) as store:
+        add(store, STUDY, f"{STUDY}.1", f"{STUDY}.1.1", T0)
+        with start_http(settings(), quiet, port=0) as http:
+            page = fetch(http.url + "/")[2]
+        assert '<div class="failed-jobs">' not in page and "Failed jobs" not in page
+    state_dir = tmp_path / "state"
+    with Store.in_state_dir(state_dir) as store:
+        populate(store)  # job 2 failed; job 4 queued
+        third = f"{STUDY}9"
+        series = [f"{third}.{n}" for n in (7, 8)]
+        for n, uid in enumerate(series, start=7):
+            add(store, third, uid, f"{uid}.1", T0 + 400 + n, number=n)
+            assert store.mark_series_complete(uid, T0 + 410)
+        outcome = store.record_grouping(
+            third, 2, [NewAcquisition(third, (uid,), {"series_numbers": [n]})
+                       for n, uid in enumerate(series, start=7)], [], T0 + 420)
+        assert outcome is not None and len(outcome.jobs) == 2
+        long_job = store.claim_job("me", 3600, T0 + 500)  # job 4: a long reason
+        assert long_job is not None
+        assert store.fail_job_attempt(long_job.id, "me", reason, 1, T0 + 510)
+        for attempt in (1, 2, 3):  # job 5: failed on its last of 3 attempts
+            retried_job = store.claim_job("me", 3600, T0 + 600 + attempt)
+            assert retried_job is not None
+            assert store.fail_job_attempt(retried_job.id, "me", f"try {attempt} failed", 3,
+                                          T0 + 610 + attempt)
+        failed_ids = [j.id for j in store.jobs("failed")]
+        with start_http(settings(), state_dir, port=0) as http:
+            page = fetch(http.url + "/")[2]
+        with metrics_module.read_store(state_dir) as db:
+            status = metrics_module.read_status(db, limit=1)
+    assert len(failed_ids) == 3
+    # the oldest failed job's acquisition is not among the 1 most recent, but it is listed
+    assert [j.job_id for j in status.failed_jobs or ()] == [retried_job.id, long_job.id,
+                                                            failed_ids[0]]
+    top, rest = page.split("<h2>Recent studies</h2>")
+    assert '<div class="failed-jobs">' in top and "<h2>Failed jobs: 3</h2>" in top
+    for job_id in failed_ids:
+        assert f"<code>qsmnode retry --job {job_id}</code>" in top
+        assert "qsmnode retry" not in rest
+    assert "<code>qsmnode retry --all-failed</code>" in top
+    assert top.index(f"--job {retried_job.id}<") < top.index(f"--job {long_job.id}<")
+    assert "&lt;χ&gt; spans 0 ppm;" in top and "spans 0 ppm; END" in top  # whole, escaped
+    assert "spans 0 ppm; END" not in rest  # the jobs table cuts it
+    assert "try 3 failed" in top and "QSM failed: &lt;b&gt;mask empty&lt;/b&gt;" in top
+    assert "<script" not in page.lower()
+
+
 def test_status_page_shows_studies_as_a_radiographer_knows_them_and_series_passed_over(
     tmp_path: Path,
 ) -> None:

@@ -10,7 +10,9 @@ another path 404; a query string is ignored, a request body of 1 KiB or more get
 - ``/metrics``: the Prometheus text format (OpenMetrics when the scraper asks for it), from a
   private registry whose collector reads the store at scrape time
   (:mod:`qsmnode.node.metrics` lists the metrics).
-- ``/``: a read-only HTML page (no JavaScript, refreshed every 10 s): recent studies (by
+- ``/``: a read-only HTML page (no JavaScript, refreshed every 10 s): failed jobs first (each
+  with its reason and the command that runs it again, ``qsmnode retry --job N``), then recent
+  studies (by
   accession number, study date and time, study and series descriptions and the sending AE),
   acquisitions and jobs, open problems, series passed over (with why), deliveries and the
   HL7 results to the RIS (acknowledged, pending, failed, the last error). The
@@ -314,6 +316,8 @@ td.text { max-width: 40em; }
 .meta { color: #555; }
 .none { color: #777; font-style: italic; }
 .banner { background: #fdd; border: 1px solid #c00; padding: 0.5em; }
+.failed-jobs { background: #fff4f4; border: 2px solid #c00; padding: 0 0.8em 0.8em; }
+.failed-jobs h2 { color: #a00; margin-top: 0.6em; }
 .state { padding: 0 0.4em; border-radius: 0.3em; }
 .done, .sent, .complete, .accepted { background: #dfd; }
 .running, .open, .pending { background: #ffd; }
@@ -350,6 +354,33 @@ def render_page(status: Status | None, error: str | None, free: int | None,
     return "\n".join(parts)
 
 
+def _failed_jobs(status: Status, labels: dict[str, str]) -> list[str]:
+    """The failed jobs, at the top of the page: nothing was delivered for them. Each with its
+    reason in full and the command that runs it again; nothing when none failed."""
+    failed = [job for job in status.failed_jobs or () if job.job_id is not None]
+    if not failed:
+        return []
+    total = max(status.counts.jobs.get("failed", 0), len(failed))
+    shown = "" if total == len(failed) else f" (the {len(failed)} most recent shown)"
+    rows = [
+        f"<tr><td>{job.job_id}</td>{_study_cell(job.study_uid, labels)}"
+        f"<td>{_e(', '.join('?' if n is None else str(n) for n in job.series_numbers))}</td>"
+        f"<td>{_e(_when(job.finished_at))}</td><td>{_e(job.attempts)}</td>"
+        f'<td class="text">{_e(_cut(job.last_error, PROBLEM_CHARS) or "-")}</td>'
+        f"<td><code>qsmnode retry --job {job.job_id}</code></td></tr>"
+        for job in failed]
+    return [
+        '<div class="failed-jobs">',
+        f"<h2>Failed jobs: {total}{_e(shown)}</h2>",
+        "<p>Nothing was computed or sent for these acquisitions. Once the reason is dealt "
+        "with, run a job again on the node with the command shown (<code>qsmnode retry "
+        "--all-failed</code> runs every failed job again).</p>",
+        _table(("Job", "Study", "Series", "Failed", "Attempts", "Reason", "To run it again"),
+               rows, ""),
+        "</div>",
+    ]
+
+
 def _sections(status: Status, now: float, stages: dict[int, str]) -> list[str]:
     counts = status.counts
     summary = [
@@ -362,8 +393,9 @@ def _sections(status: Status, now: float, stages: dict[int, str]) -> list[str]:
         summary.append(f"open problems: {counts.problems_open}")
     if counts.last_received_at is not None:
         summary.append(f"last image {_when(counts.last_received_at)}")
-    out = ["<p>" + _e(" · ".join(summary)) + "</p>", "<h2>Recent studies</h2>"]
     labels = {s.study_uid: study_label(s) for s in status.studies}
+    out = _failed_jobs(status, labels)
+    out += ["<p>" + _e(" · ".join(summary)) + "</p>", "<h2>Recent studies</h2>"]
     out.append(_table(
         ("Accession", "Study date", "Study description", "Series descriptions", "Sent by",
          "First image", "Last image", "Images", "Series", "Open series", "Study UID"),

@@ -462,6 +462,9 @@ class Status:
     """None on a store without triage (before version 5)."""
     results: list[HL7Summary] | None = None
     """HL7 results to the RIS per destination; None before version 6."""
+    failed_jobs: list[JobRow] | None = None
+    """Failed jobs, most recently failed first (however old their acquisition: they stay
+    until run again); None when the store has no jobs table."""
 
 
 def _plan(summary_text: str | None) -> tuple[tuple[int | None, ...], int | None]:
@@ -479,10 +482,11 @@ def _plan(summary_text: str | None) -> tuple[tuple[int | None, ...], int | None]
             echoes if isinstance(echoes, int) else None)
 
 
-def read_status(db: sqlite3.Connection, limit: int = 25) -> Status:
+def read_status(db: sqlite3.Connection, limit: int = 25,
+                failed_limit: int = 100) -> Status:
     """The status page's rows from one snapshot: the ``limit`` most recent studies,
-    acquisitions with their jobs, and open problems, newest first; and per-destination
-    delivery."""
+    acquisitions with their jobs, and open problems, newest first; up to ``failed_limit``
+    failed jobs, most recently failed first; and per-destination delivery."""
     tables = table_names(db)
     studies = [
         StudyRow(row[0], float(row[1]), float(row[2]), int(row[3]), int(row[4]), int(row[5]))
@@ -491,17 +495,12 @@ def read_status(db: sqlite3.Connection, limit: int = 25) -> Status:
             "sum(received_count), count(*), sum(state = 'open') FROM series "
             "GROUP BY study_uid ORDER BY max(last_received_at) DESC LIMIT ?", (limit,))
     ]
-    jobs = None
+    jobs = failed_jobs = None
     if {"acquisitions", "jobs"} <= tables:
-        jobs = []
-        for row in db.execute(
-                "SELECT a.id, a.study_uid, a.summary, a.state, a.reason, a.created_at, "
-                "j.id, j.state, j.attempts, j.started_at, j.finished_at, j.last_error "
-                "FROM acquisitions a LEFT JOIN jobs j ON j.acquisition_id = a.id "
-                "ORDER BY a.id DESC LIMIT ?", (limit,)):
-            numbers, echoes = _plan(row[2])
-            jobs.append(JobRow(int(row[0]), row[1], numbers, echoes, row[3], row[4],
-                               float(row[5]), row[6], row[7], row[8], row[9], row[10], row[11]))
+        jobs = _job_rows(db, "", "a.id DESC", limit)
+        failed_jobs = _job_rows(db, "WHERE j.state = 'failed'",
+                                "coalesce(j.finished_at, j.updated_at) DESC, j.id DESC",
+                                failed_limit)
     problems = None
     if "problems" in tables:
         problems = [
@@ -537,7 +536,22 @@ def read_status(db: sqlite3.Connection, limit: int = 25) -> Status:
                 "LIMIT ?", (limit * 20,))
         ]
     results = summarize(db) if "hl7_messages" in tables else None
-    return Status(read_counts(db), studies, jobs, problems, deliveries, passed_over, results)
+    return Status(read_counts(db), studies, jobs, problems, deliveries, passed_over, results,
+                  failed_jobs)
+
+
+def _job_rows(db: sqlite3.Connection, where: str, order: str, limit: int) -> list[JobRow]:
+    """Acquisitions with their jobs (``where`` and ``order`` are SQL over ``a`` and ``j``)."""
+    rows = []
+    for row in db.execute(
+            "SELECT a.id, a.study_uid, a.summary, a.state, a.reason, a.created_at, "
+            "j.id, j.state, j.attempts, j.started_at, j.finished_at, j.last_error "
+            f"FROM acquisitions a LEFT JOIN jobs j ON j.acquisition_id = a.id {where} "
+            f"ORDER BY {order} LIMIT ?", (limit,)):
+        numbers, echoes = _plan(row[2])
+        rows.append(JobRow(int(row[0]), row[1], numbers, echoes, row[3], row[4],
+                           float(row[5]), row[6], row[7], row[8], row[9], row[10], row[11]))
+    return rows
 
 
 def _recognisable(db: sqlite3.Connection, tables: frozenset[str],
