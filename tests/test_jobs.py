@@ -968,7 +968,6 @@ def test_a_flat_qsm_result_fails_the_job_once_with_nothing_to_send(tmp_path: Pat
         [job] = _run_until_settled(store, WorkerPool(settings, store, "test-node:1")).values()
         assert (job.state, job.attempts) == ("failed", 1)
         assert job.last_error is not None
-        # (the study description's words are redacted from error text: no "QSM" in it)
         assert job.last_error.startswith("series 5, 6: implausibly flat result: the "
                                          "susceptibility (χ) map inside the χ mask spans 0 ppm")
         assert "below the plausibility floor" in job.last_error

@@ -29,17 +29,29 @@ PATIENT_AND_STUDY_KEYWORDS = (
 free text that may name a person). Sizes, weights and times are left out: short numbers that
 would blank ordinary numbers in a message."""
 
+PERSON_NAME_KEYWORDS = frozenset({
+    "PatientName", "OtherPatientNames", "PatientBirthName", "PatientMotherBirthName",
+    "ReferringPhysicianName", "PerformingPhysicianName", "NameOfPhysiciansReadingStudy",
+    "OperatorsName", "RequestingPhysician",
+})
+"""Person names: their components (family, given names) are redacted one by one too. Other
+values (descriptions, institution names) only whole: their words ("Brain", "QSM") are the
+words of ordinary messages."""
+
 _MIN_LENGTH = 3  # shorter fragments (a sex, "1", a PN suffix) would blank ordinary words
 _SPLIT = re.compile(r"[\^=\\ ]+")
 
 
-def _forms(value: str) -> set[str]:
-    """The forms a value can take in an error: as stored, stripped, and its parts (PN
-    components, multiple values, words)."""
+def _forms(value: str, words: bool) -> set[str]:
+    """The forms a value can take in an error: as stored, stripped, with PN carets as spaces,
+    escaped as ``repr`` writes it, each of its lines, and (``words``, person names) its
+    components."""
     text = value.strip(" \x00")
-    forms = {text, value}
-    forms.update(_SPLIT.split(text))
-    forms.add(text.replace("^", " ").strip())
+    forms = {text, value, text.replace("^", " ").strip()}
+    forms.add(text.encode("unicode_escape").decode("ascii"))  # as repr() quotes it
+    forms.update(line.strip() for line in text.splitlines())
+    if words:
+        forms.update(_SPLIT.split(text))
     return {f for f in forms if len(f) >= _MIN_LENGTH}
 
 
@@ -75,18 +87,21 @@ def dataset_values(paths: Iterable[str]) -> dict[str, str]:
                 raw, (list, tuple, pydicom.multival.MultiValue)) else [
                 raw.decode("latin-1") if isinstance(raw, bytes) else str(raw)]
             for text in texts:
-                for form in _forms(text):
+                for form in _forms(text, element.keyword in PERSON_NAME_KEYWORDS):
                     found.setdefault(form, element.keyword)
     return found
 
 
 class Redactor:
-    """Replaces each known value in a text by ``<Keyword>`` (longest values first)."""
+    """Replaces each known value in a text by ``<Keyword>`` (longest values first), where it
+    stands alone: not inside a longer word or number ("QSM" stays in "QSMNODE")."""
 
     def __init__(self, values: dict[str, str] | None = None) -> None:
         self.values = dict(values or {})
         ordered = sorted(self.values, key=len, reverse=True)
-        self._pattern = re.compile("|".join(map(re.escape, ordered))) if ordered else None
+        alternatives = "|".join(map(re.escape, ordered))
+        self._pattern = (re.compile(rf"(?<![0-9A-Za-z])(?:{alternatives})(?![0-9A-Za-z])")
+                         if ordered else None)
 
     def __call__(self, text: str) -> str:
         if self._pattern is None or not text:
