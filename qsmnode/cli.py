@@ -510,7 +510,7 @@ def run_process(folder: Path, out: Path, send: str | None = None, config: Path |
             pipeline = settings.pipeline if settings is not None else PipelineConfig()
             record, datasets = function(loaded, sources, work,  # type: ignore[call-arg]
                                         pipeline.qsm, pipeline.m1, pipeline.atlas, None,
-                                        pipeline.m1_normative_table)
+                                        pipeline.m1_normative_table, pipeline.z_flag)
         except JobError as exc:
             print(f"series {numbers}: failed: {exc}", file=sys.stderr)
             status = 1

@@ -44,6 +44,7 @@ from pydicom import Dataset
 from qsmnode import __version__
 from qsmnode.dicom.derived import build_derived
 from qsmnode.dicom.derived.common import source_reader
+from qsmnode.dicom.derived.key_images import Z_FLAG
 from qsmnode.dicom.headers import slice_thickness_mm
 from qsmnode.dicom.load import LoadedAcquisition, LoadedT1w
 from qsmnode.m1.analysis import M1Atlas, M1Params, SameSessionT1w, analyse_m1
@@ -82,6 +83,8 @@ class PipelineParams:
         t1w: the same-session T1w to register to the template (None: the GRE magnitude).
         t1w_note: the grouping's note on the study's T1w series (for the record).
         t1w_error: why the chosen T1w could not be loaded (the GRE is registered instead).
+        z_flag: a deep-layer χ z-score at or beyond it (either sign) is flagged on the key
+            images and is the Key Object Selection's finding (``[pipeline] z_flag``).
     """
 
     out_dir: Path | None = None
@@ -94,6 +97,7 @@ class PipelineParams:
     t1w: LoadedT1w | None = None
     t1w_note: str = ""
     t1w_error: str = ""
+    z_flag: float = Z_FLAG
 
 
 @dataclass(frozen=True)
@@ -334,7 +338,7 @@ def _derived(ctx: _Context) -> None:
     ctx.datasets = tuple(build_derived(
         ctx.loaded, ctx.qsm.chi_ppm, ctx.qsm.r2star_per_s, ctx.m1,
         source_reader(ctx.params.source_files), f"{__version__}/{PIPELINE_VERSION}",
-        m1_note=note,
+        m1_note=note, z_flag=ctx.params.z_flag,
     ))
 
 

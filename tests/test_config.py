@@ -325,6 +325,18 @@ BAD = {
         '[pipeline]\nm1_normative_table = "no-such-table.toml"\n',
         "pipeline.m1_normative_table: ",
     ),
+    "z flag zero": (
+        "[pipeline]\nz_flag = 0\n",
+        "pipeline.z_flag: expected a number > 0, got 0",
+    ),
+    "z flag negative": (
+        "[pipeline]\nz_flag = -2.5\n",
+        "pipeline.z_flag: expected a number > 0, got -2.5",
+    ),
+    "z flag a string": (
+        '[pipeline]\nz_flag = "3"\n',
+        'pipeline.z_flag: expected a number > 0, got string "3"',
+    ),
 }
 
 
@@ -335,6 +347,17 @@ def test_bad_file_gives_its_specific_message(tmp_path: Path, case: str) -> None:
     message = error_of(path)
     assert message.startswith(f"{path}: "), message
     assert expected in message, message
+
+
+def test_pipeline_z_flag_is_read_and_defaults_to_the_builders_threshold(tmp_path: Path) -> None:
+    from qsmnode.dicom.derived.key_images import Z_FLAG
+    from qsmnode.dicom.derived.kos import Z_HIGH
+
+    assert Settings().pipeline.z_flag == Z_FLAG == Z_HIGH == 2.0
+    settings = load_settings(write(tmp_path, "[pipeline]\nz_flag = 3\n"), env={})
+    assert settings.pipeline.z_flag == 3.0 and isinstance(settings.pipeline.z_flag, float)
+    settings = load_settings(write(tmp_path, "[pipeline]\nz_flag = 1.5\n"), env={})
+    assert settings.pipeline.z_flag == 1.5
 
 
 def test_retention_and_audit_keys_are_read(tmp_path: Path) -> None:

@@ -529,6 +529,29 @@ def test_the_key_image_flags_rows_beyond_the_z_limit_in_warning_colour(m1: M1Res
     assert warned[1] > warned[0] + 200  # the row and the FLAGGED line in the warning colour
 
 
+def test_the_key_image_flags_at_the_sites_z_flag(m1: M1Result) -> None:
+    """``[pipeline] z_flag``: z 2.5 is flagged at the default 2, not at 3; the legend says
+    which threshold."""
+    from qsmnode.dicom.derived.key_images import WARN, Z_FLAG, findings, legend, render_summary
+
+    target = m1.measurement("left_hand", "deep")
+    assert target.covered and Z_FLAG == 2.0
+    scored = replace(m1, measurements=tuple(
+        replace(m, chi_z=2.5 if m is target else 0.3) for m in m1.measurements))
+    assert [line.split(":")[0] for line in findings(scored)] == ["FLAGGED  left hand deep"]
+    assert not any(line.startswith("FLAGGED") for line in findings(scored, z_flag=3.0))
+    assert [line.split(":")[0] for line in findings(scored, z_flag=2.5)] == [
+        "FLAGGED  left hand deep"]  # at the threshold: flagged
+    assert "|z| >= 3 flagged" in legend(3.0)[0] and "|z| >= 2 flagged" in legend()[0]
+    k = int(np.argmax((m1.labels > 0).sum(axis=(0, 1))))
+    args = (np.zeros(m1.labels.shape[:2], np.float32), m1.labels[:, :, k], (1.0, 1.0),
+            ("R", "P"), "QSM", "slice")
+    warned = [int((np.abs(img.astype(int) - WARN).sum(axis=-1) == 0).sum())
+              for img in (render_summary(*args, m1=scored),
+                          render_summary(*args, m1=scored, z_flag=3.0))]
+    assert warned[0] > warned[1] + 200  # the row and the FLAGGED line only at the default
+
+
 # --- edge cases ------------------------------------------------------------------------------
 
 

@@ -5,7 +5,11 @@ clean (also covered, with every other object, by tests/test_derived.py)."""
 from __future__ import annotations
 
 import dataclasses
+import types
+from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pydicom
 import pytest
 
@@ -80,3 +84,77 @@ def test_the_kos_is_the_same_for_the_same_input(objects) -> None:  # type: ignor
                                   m1_from_truth(sim), source_reader(files), "kos-test")
     assert again.key_objects.SOPInstanceUID == o.key_objects.SOPInstanceUID
     assert again.key_objects.SeriesInstanceUID == o.key_objects.SeriesInstanceUID
+
+
+def _right_foot_at(m1, z: float):  # type: ignore[no-untyped-def]
+    return dataclasses.replace(m1, measurements=tuple(
+        dataclasses.replace(m, chi_z=z if (m.area, m.layer) == ("right_foot", "deep")
+                            else 0.4) for m in m1.measurements))
+
+
+def test_the_sites_z_flag_sets_the_finding_of_the_kos_and_key_images(  # type: ignore[no-untyped-def]
+        objects) -> None:
+    """``[pipeline] z_flag`` through build_derived_objects: z 2.5 is the finding at the default
+    2 and not at 3, in the KOS and on the key images alike."""
+    from qsmnode.dicom.derived.key_images import WARN
+
+    folder, _ = objects
+    (loaded,) = load_folder(folder / "source")
+    sim = small_simulation()
+    files = sorted(str(p) for p in (folder / "source").rglob("*") if p.is_file())
+    m1 = _right_foot_at(m1_from_truth(sim), 2.5)
+    assert m1.measurement("right_foot", "deep").covered
+
+    def build(**kwargs: Any):  # type: ignore[no-untyped-def]
+        return build_derived_objects(loaded, sim.truth.chi_ppm, sim.truth.r2star_per_s, m1,
+                                     source_reader(files), "kos-test", **kwargs)
+
+    def reason(o) -> str:  # type: ignore[no-untyped-def]
+        (text,) = [item.TextValue for item in o.key_objects.ContentSequence
+                   if item.ConceptNameCodeSequence[0].CodeValue == "113012"]
+        return str(text)
+
+    def warned(o) -> int:  # type: ignore[no-untyped-def]
+        return sum(int((np.abs(ds.pixel_array.astype(int) - WARN).sum(axis=-1) == 0).sum())
+                   for ds in o.key_images)
+
+    default, strict = build(), build(z_flag=3.0)
+    assert reason(default) == ("Deep-layer susceptibility beyond the norm: right foot area "
+                               "raised (z 2.5)")
+    assert reason(strict).startswith("QSM and M1 results for review; deep-layer "
+                                     "susceptibility within z +/-3 in the ")
+    assert warned(default) > warned(strict) + 200  # the flagged row, on each key image
+
+
+def test_the_pipeline_z_flag_setting_reaches_the_builders(monkeypatch: Any) -> None:
+    """The job's ``z_flag`` goes into the pipeline's parameters, and from them to the builders."""
+    import qsmnode.pipeline as pipeline_module
+    from qsmnode.node.jobs import JobSpec, process_acquisition
+    from qsmnode.pipeline import PipelineParams
+
+    seen: list[Any] = []
+
+    class Result:
+        datasets: tuple[Any, ...] = ()
+
+        def to_json(self) -> dict[str, Any]:
+            return {}
+
+    monkeypatch.setattr(pipeline_module, "run_pipeline",
+                        lambda loaded, params, progress=None: seen.append(params) or Result())
+    process_acquisition(object(), [], None, True, False, "hcpex", None, None, 3.0)
+    process_acquisition(object(), [], None, True, False, "hcpex")
+    assert [params.z_flag for params in seen] == [3.0, 2.0]
+
+    built: list[dict[str, Any]] = []
+    monkeypatch.setattr(pipeline_module, "build_derived",
+                        lambda *args, **kwargs: built.append(kwargs) or [])
+    ctx = types.SimpleNamespace(
+        loaded=None, qsm=types.SimpleNamespace(chi_ppm=None, r2star_per_s=None), m1=None,
+        m1_record={}, datasets=(),
+        params=PipelineParams(source_files=(Path("x.dcm"),), z_flag=3.0))
+    pipeline_module._derived(ctx)  # type: ignore[arg-type]
+    assert built[0]["z_flag"] == 3.0
+    spec = JobSpec(1, 1, 1, "1.2", ("1.2.1",), ("a.dcm",), 2, True, "w", z_flag=3.0)
+    assert JobSpec.from_json(spec.to_json()).z_flag == 3.0
+    assert JobSpec.from_json(spec.to_json().replace(', "z_flag": 3.0', "")).z_flag == 2.0

@@ -283,6 +283,10 @@ class PipelineConfig:
     (None: no z-scores). It is read and checked with the configuration
     (:func:`qsmnode.node.normative.read_normative_table`), so a bad table stops the node at
     start with the file, the key and the problem named.
+
+    ``z_flag``: a deep-layer χ z-score at or beyond it (either sign) is flagged on the key
+    images and is the finding of the Key Object Selection (the ORU has its own ``[hl7]
+    z_high``).
     """
 
     qsm: bool = True
@@ -290,6 +294,7 @@ class PipelineConfig:
     atlas: str = field(default="hcpex", metadata=_rule(choices=M1_ATLASES))
     m1_normative_table: Path | None = field(default=None,
                                             metadata=_rule(expect="a TOML file path"))
+    z_flag: float = field(default=2.0, metadata=_rule(gt=0))
 
     def _cross_check(self, at: str) -> Iterator[tuple[str, str]]:
         if self.m1_normative_table is None:

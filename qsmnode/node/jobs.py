@@ -117,6 +117,7 @@ class JobSpec:
         min_echoes, require_phase, pass_over, qsm_series: the grouping rules (``[rules]``).
         qsm, m1, atlas: what the pipeline computes (``[pipeline]`` in the configuration).
         m1_normative_table: the normative table file for z-scores (None: no z-scores).
+        z_flag: the |z| at or beyond which the key images and the KOS flag a deep-layer χ.
         work_dir: this attempt's folder (spec, result, ``out/``).
     """
 
@@ -133,6 +134,7 @@ class JobSpec:
     m1: bool = True
     atlas: str = "hcpex"
     m1_normative_table: str | None = None
+    z_flag: float = 2.0
     t1w_series_uid: str | None = None
     t1w_files: tuple[str, ...] = ()
     t1w_error: str = ""
@@ -205,6 +207,7 @@ def job_spec(store: Store, job: JobRecord, settings: Settings) -> JobSpec:
         atlas=settings.pipeline.atlas,
         m1_normative_table=(None if settings.pipeline.m1_normative_table is None
                             else str(settings.pipeline.m1_normative_table)),
+        z_flag=settings.pipeline.z_flag,
         t1w_series_uid=t1w_uid,
         t1w_files=t1w_files,
         t1w_error=t1w_error,
@@ -348,10 +351,12 @@ def process_acquisition(loaded: Any, files: Sequence[str], out_dir: Path | None,
                         qsm: bool = True, m1: bool = True, atlas: str = "hcpex",
                         progress: Callable[[str], None] | None = None,
                         m1_normative_table: str | Path | None = None,
+                        z_flag: float = 2.0,
                         ) -> tuple[dict[str, Any], list[Dataset]]:
     """Run the pipeline on a loaded acquisition: its result as JSON and the derived datasets
-    it made. ``files`` are the acquisition's source files; ``qsm``, ``m1``, ``atlas`` and
-    ``m1_normative_table`` (a file, for z-scores) are the ``[pipeline]`` settings. The
+    it made. ``files`` are the acquisition's source files; ``qsm``, ``m1``, ``atlas``,
+    ``m1_normative_table`` (a file, for z-scores) and ``z_flag`` (the |z| the key images and
+    the KOS flag) are the ``[pipeline]`` settings. The
     acquisition's T1w (``loaded.t1w``, its note and error) goes to the M1 analysis. The node's
     jobs and ``qsmnode process`` both call this, so both make the same datasets.
 
@@ -378,6 +383,7 @@ def process_acquisition(loaded: Any, files: Sequence[str], out_dir: Path | None,
         t1w=getattr(loaded, "t1w", None),
         t1w_note=getattr(loaded, "t1w_note", ""),
         t1w_error=getattr(loaded, "t1w_error", ""),
+        z_flag=z_flag,
     )
     try:
         result = run_pipeline(loaded, params, progress)
@@ -425,7 +431,7 @@ def execute_job(spec: JobSpec) -> dict[str, Any]:
         loaded = load_job_acquisition(spec)
         result, datasets = process_acquisition(loaded, spec.files, spec.out_dir, spec.qsm,
                                                spec.m1, spec.atlas, progress,
-                                               spec.m1_normative_table)
+                                               spec.m1_normative_table, spec.z_flag)
     except (JobError, MemoryError, OSError):
         raise
     except Exception as exc:  # from the input (e.g. a header the builders cannot use): final

@@ -43,7 +43,7 @@ from qsmnode.dicom.derived.common import (
 )
 from qsmnode.dicom.derived.derived_mr import QSM_MR, R2STAR_MR, build_derived_mr
 from qsmnode.dicom.derived.iod_cache import install as _install_iod_cache
-from qsmnode.dicom.derived.key_images import build_key_images
+from qsmnode.dicom.derived.key_images import Z_FLAG, build_key_images
 from qsmnode.dicom.derived.kos import build_key_object_selection, kos_reason
 from qsmnode.dicom.derived.parametric_map import QSM, R2STAR, build_parametric_map
 from qsmnode.dicom.derived.segmentation import build_segmentation
@@ -103,6 +103,7 @@ def build_derived_objects(
     algorithm_version: str,
     created: dt.datetime | None = None,
     m1_note: str | None = None,
+    z_flag: float = Z_FLAG,
 ) -> DerivedObjects:
     """Build every derived object of one acquisition.
 
@@ -118,6 +119,8 @@ def build_derived_objects(
             software versions: a new version gives new UIDs.
         created: series/content date and time (default: now).
         m1_note: without ``m1``, why there is no M1 analysis (shown on the key images).
+        z_flag: a deep-layer χ z-score at or beyond it (either sign) is flagged on the key
+            images and is the finding of the Key Object Selection (``[pipeline] z_flag``).
     """
     with warnings.catch_warnings():
         # highdicom warns of a one-part patient name by quoting it: PHI must not reach the log
@@ -139,9 +142,10 @@ def build_derived_objects(
             out.report = build_report(
                 ctx, m1, out.segmentation, evidence=maps, regions_on=qsm_images
             )
-        out.key_images = list(build_key_images(ctx, chi_ppm, m1, m1_note))
+        out.key_images = list(build_key_images(ctx, chi_ppm, m1, m1_note, z_flag))
         flagged = [*out.key_images, *(o for o in (out.report, out.segmentation) if o)]
-        out.key_objects = build_key_object_selection(ctx, flagged, kos_reason(m1, m1_note))
+        out.key_objects = build_key_object_selection(ctx, flagged,
+                                                     kos_reason(m1, m1_note, z_flag))
     return out
 
 
@@ -158,8 +162,10 @@ def build_derived(
     algorithm_version: str,
     created: dt.datetime | None = None,
     m1_note: str | None = None,
+    z_flag: float = Z_FLAG,
 ) -> list[Dataset]:
     """Every derived object as a list of datasets (see :func:`build_derived_objects`)."""
     return build_derived_objects(
-        loaded, chi_ppm, r2star_per_s, m1, read_source, algorithm_version, created, m1_note
+        loaded, chi_ppm, r2star_per_s, m1, read_source, algorithm_version, created, m1_note,
+        z_flag,
     ).datasets

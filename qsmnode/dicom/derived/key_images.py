@@ -195,18 +195,27 @@ TABLE_HEADER = [
 ]
 _COLUMN_CHARS = [11, 12, 9, 8, 9, 6, 10, 9, 9, 7]
 Z_FLAG = 2.0
-"""|z| at or beyond which a row is flagged (the default of ``[[hl7.destinations]] z_high``)."""
-LEGEND = [
-    f"z: chi against the normative table; |z| >= {Z_FLAG:g} flagged; '-': no norm for it,",
-    "   or the M1 measures are not reliable (see the FAIL lines)",
-    "T2* ratio: T2*-weighted signal / cortex at the same depth outside the four areas",
-]
+"""|z| at or beyond which a row is flagged, by default: the site sets it with ``[pipeline]
+z_flag`` (passed as ``z_flag``; the Key Object Selection uses the same value)."""
 
 
-def findings(m1: M1Result) -> list[str]:
-    """What the reader should look at first: the rows flagged by z, or without norms the
-    largest left-right difference of the deep layers."""
-    flagged = m1.beyond_z(Z_FLAG)
+def legend(z_flag: float = Z_FLAG) -> list[str]:
+    """The legend under the table, naming the threshold ``z_flag``."""
+    return [
+        f"z: chi against the normative table; |z| >= {z_flag:g} flagged; '-': no norm for it,",
+        "   or the M1 measures are not reliable (see the FAIL lines)",
+        "T2* ratio: T2*-weighted signal / cortex at the same depth outside the four areas",
+    ]
+
+
+LEGEND = legend()
+"""The legend with the default threshold."""
+
+
+def findings(m1: M1Result, z_flag: float = Z_FLAG) -> list[str]:
+    """What the reader should look at first: the rows whose |z| is ``z_flag`` or more, or
+    without them the largest left-right difference of the deep layers."""
+    flagged = m1.beyond_z(z_flag)
     if flagged:
         return [f"FLAGGED  {AREA_TEXT[m.area]} {m.layer}: chi {m.chi_mean_ppm:+.4f} ppm, "
                 f"z {m.chi_z:+.1f}" for m in flagged]
@@ -230,8 +239,10 @@ def render_summary(
     subtitle: str,
     m1: M1Result | None,
     m1_note: str | None = None,
+    z_flag: float = Z_FLAG,
 ) -> NDArray[np.uint8]:
-    """The whole key image as ``Rows × Columns × 3`` uint8 RGB."""
+    """The whole key image as ``Rows × Columns × 3`` uint8 RGB; a row whose |z| is ``z_flag``
+    or more is flagged."""
     panel = render_panel(chi_slice, label_slice, pixel_spacing)
     big, normal, small = _font(22), _font(15), _font(13)
     char_w = max(7, round(normal.getlength("0")))
@@ -239,8 +250,9 @@ def render_summary(
     table_w = sum(_COLUMN_CHARS) * char_w + 40
     rows = table_lines(m1) if m1 is not None else []
     flags = list(m1.flags) if m1 is not None else []
-    notes = findings(m1) if m1 is not None else []
-    table_h = (len(rows) + len(flags) + len(notes) + len(LEGEND) + 8) * line_h
+    notes = findings(m1, z_flag) if m1 is not None else []
+    legend_lines = legend(z_flag)
+    table_h = (len(rows) + len(flags) + len(notes) + len(legend_lines) + 8) * line_h
     top = 70
     margin = 24
     width = margin + panel.width + margin + table_w + margin
@@ -286,7 +298,7 @@ def render_summary(
 
     put_cells(TABLE_HEADER, ty, MUTED)
     ty += line_h
-    flagged = {(m.area, m.layer) for m in m1.beyond_z(Z_FLAG)}
+    flagged = {(m.area, m.layer) for m in m1.beyond_z(z_flag)}
     for key, colour, cells in rows:
         draw.rectangle((tx, ty + 4, tx + 10, ty + 14), fill=colour)
         area, layer = key.split("/")
@@ -298,7 +310,7 @@ def render_summary(
         draw.text((tx, ty), line, font=normal, fill=WARN if line.startswith("FLAGGED") else TEXT)
         ty += line_h
     ty += line_h // 2
-    for line in LEGEND:
+    for line in legend_lines:
         draw.text((tx, ty), line, font=small, fill=MUTED)
         ty += line_h
     ty += line_h // 2
@@ -322,10 +334,10 @@ def _reference(ctx: BuildContext, k: int) -> Dataset:
 
 def build_key_images(
     ctx: BuildContext, chi_ppm: NDArray[np.floating], m1: M1Result | None,
-    m1_note: str | None = None,
+    m1_note: str | None = None, z_flag: float = Z_FLAG,
 ) -> list[hd.sc.SCImage]:
     """The summary Secondary Captures (one per chosen slice); ``m1_note`` says why there is
-    no M1 analysis when ``m1`` is None."""
+    no M1 analysis when ``m1`` is None; a row whose |z| is ``z_flag`` or more is flagged."""
     labels = None if m1 is None else np.asarray(m1.labels)
     if labels is not None and not labels.any():
         labels = None
@@ -350,6 +362,7 @@ def build_key_images(
             ),
             m1=m1,
             m1_note=m1_note,
+            z_flag=z_flag,
         )
         sc = hd.sc.SCImage.from_ref_dataset(
             ref_dataset=source0,

@@ -19,14 +19,16 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian
 
 from qsmnode.dicom.derived.common import MANUFACTURER, BuildContext
+from qsmnode.dicom.derived.key_images import Z_FLAG
 from qsmnode.m1.result import M1Result
 
 KOS_ROLE = "kos"
 KOS_SERIES_OFFSET = 8
 """Series number: 100 × the source series number + this (after the key images' 7)."""
-Z_HIGH = 2.0
-"""A deep-layer χ z-score at or beyond this (either sign) is the finding (the ORU uses
-``[hl7] z_high``, 2 by default)."""
+Z_HIGH = Z_FLAG
+"""A deep-layer χ z-score at or beyond this (either sign) is the finding, by default: the site
+sets it with ``[pipeline] z_flag`` (passed as ``z_high``; the key images use the same value;
+the ORU uses ``[hl7] z_high``, 2 by default)."""
 DESCRIPTION_CHARS = 1000
 """The Key Object Description is a TEXT item; it is kept short."""
 
