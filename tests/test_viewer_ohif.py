@@ -316,8 +316,9 @@ def test_every_derived_object_displays_in_ohif(viewer: tuple[ViewerServer, Viewe
          "waitForColour": True},
         # a segment or measurement clicked in its panel: OHIF jumps to its slice
         {"name": names["seg"], "key": "seg", "before": [names["qsm_mr"]],
-         "panel": "panelSegmentation-btn", "clickAfter": expected[0], "waitForColour": True},
-        {"name": names["sr"], "key": "sr", "panel": "trackedMeasurements-btn",
+         "prompt": True, "panel": "panelSegmentation-btn", "clickAfter": expected[0],
+         "waitForColour": True},
+        {"name": names["sr"], "key": "sr", "prompt": True, "panel": "trackedMeasurements-btn",
          "clickAfter": expected[0]},
         # OHIF keeps the viewport type of the viewport a series is dropped on: the first series
         # of the study (the 4-echo source) opens in a volume viewport, where an image without

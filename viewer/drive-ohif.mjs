@@ -4,7 +4,7 @@
 //
 // PLAN: {"series": [{"name": <series description>, "key": <file stem>, "before": [<series
 // description shown first>, ...], "query": <appended to URL>, "panel": <data-cy of a panel tab
-// to open>, "clickAfter": <text to click then, e.g. a segment>, "waitForColour": <true: wait until the viewport shows colour, scrolling a slice on and back every 5 s>}, ...], "waitMs": N}.
+// to open>, "prompt": <true: the series asks to be loaded; wait for the prompt>, "clickAfter": <text to click then, e.g. a segment>, "waitForColour": <true: wait until the viewport shows colour, scrolling a slice on and back every 5 s>}, ...], "waitMs": N}.
 // For each series, in a fresh page at URL (an OHIF /viewer?StudyInstanceUIDs=... address):
 // skip the tour, double-click the series' thumbnail in the study browser, accept a load prompt
 // when one comes, wait for the network and the viewport to settle, then record the console
@@ -15,7 +15,7 @@ import puppeteer from 'puppeteer-core';
 
 const [url, planText, outDir, chromium] = process.argv.slice(2);
 const plan = JSON.parse(planText);
-const waitMs = plan.waitMs ?? 6000;
+const waitMs = plan.waitMs ?? 3000;
 const sleep = ms => new Promise(resolve => setTimeout(resolve, ms));
 
 async function clickText(page, texts) {
@@ -198,8 +198,14 @@ try {
     const before = consoleLines.length;
     if (!await show(page, item.name)) entry.error = `${item.name} never reached the viewport`;
     await settle(page);
+    const prompts = ['Yes', 'Load', 'LOAD', 'Load Segmentation', 'Track'];
     for (let i = 0; i < 3; i++) {
-      const clicked = await clickText(page, ['Yes', 'Load', 'LOAD', 'Load Segmentation', 'Track']);
+      let clicked = await clickText(page, prompts);
+      // a series that asks to be loaded (item.prompt): wait for its prompt (at most 20 s)
+      for (let t = 0; !clicked && i === 0 && item.prompt && t < 40; t++) {
+        await sleep(500);
+        clicked = await clickText(page, prompts);
+      }
       if (!clicked) break;
       entry.clicked.push(clicked);
       await settle(page);
