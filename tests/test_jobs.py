@@ -508,24 +508,31 @@ CANARIES = {
 }
 
 
+def copies_with(paths: list[Path], values: dict[str, object], out: Path) -> list[Path]:
+    """Copies of the files in ``out`` with ``values`` (keyword → value) set in each."""
+    import pydicom
+
+    out.mkdir(parents=True, exist_ok=True)
+    copies = []
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        for keyword, value in values.items():
+            setattr(ds, keyword, value)
+        copy = out / f"{len(copies)}.dcm"
+        ds.save_as(copy)
+        copies.append(copy)
+    return copies
+
+
 def test_error_text_never_quotes_the_patients_values(
     tmp_path: Path, queued: dict[str, object], monkeypatch: pytest.MonkeyPatch,
     capfd: pytest.CaptureFixture[str],
 ) -> None:
     """Canaries in every patient-level attribute (a malformed birth date among them): a job
     whose library error and log line quote them records and logs neither."""
-    import pydicom
 
     files: dict[int, list[Path]] = queued["files"]  # type: ignore[assignment]
-    copies = []
-    for path in files[61]:
-        ds = pydicom.dcmread(path)
-        for keyword, value in CANARIES.items():
-            setattr(ds, keyword, value)
-        copy = tmp_path / "in" / f"{len(copies)}.dcm"
-        copy.parent.mkdir(exist_ok=True)
-        ds.save_as(copy)
-        copies.append(copy)
+    copies = copies_with(files[61], CANARIES, tmp_path / "in")
     state = _state(tmp_path, {"files": {61: copies}}, (61,))
     monkeypatch.setenv(HOOKS_ENV, json.dumps({study_uid(61): {"raise_quoting": list(CANARIES)}}))
     store, pool = _pool(state, processes=1, job_attempts=1)
@@ -557,15 +564,7 @@ def test_malformed_header_dates_are_found_before_qsm_and_emptied_in_the_derived_
 
     bad = {"PatientBirthDate": "19701301", "StudyDate": "20221340", "StudyTime": "250000"}
     files: dict[int, list[Path]] = queued["files"]  # type: ignore[assignment]
-    copies = []
-    for path in files[61]:
-        ds = pydicom.dcmread(path)
-        for keyword, value in bad.items():
-            setattr(ds, keyword, value)
-        copy = tmp_path / "in" / f"{len(copies)}.dcm"
-        copy.parent.mkdir(exist_ok=True)
-        ds.save_as(copy)
-        copies.append(copy)
+    copies = copies_with(files[61], bad, tmp_path / "in")
     state = _state(tmp_path, {"files": {61: copies}}, (61,))
     settings = dataclasses.replace(settings_for(state), pipeline=dataclasses.replace(
         settings_for(state).pipeline, qsm=True, m1=False))
