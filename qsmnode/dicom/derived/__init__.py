@@ -50,6 +50,7 @@ from qsmnode.dicom.derived.segmentation import build_segmentation
 from qsmnode.dicom.derived.sr import build_report
 from qsmnode.dicom.derived.uids import DerivedUids
 from qsmnode.dicom.load import LoadedAcquisition
+from qsmnode.m1.followup import FollowUp
 from qsmnode.m1.result import M1Result
 
 _install_iod_cache()
@@ -104,6 +105,7 @@ def build_derived_objects(
     created: dt.datetime | None = None,
     m1_note: str | None = None,
     z_flag: float = Z_FLAG,
+    follow_up: FollowUp | None = None,
 ) -> DerivedObjects:
     """Build every derived object of one acquisition.
 
@@ -121,6 +123,8 @@ def build_derived_objects(
         m1_note: without ``m1``, why there is no M1 analysis (shown on the key images).
         z_flag: a deep-layer χ z-score at or beyond it (either sign) is flagged on the key
             images and is the finding of the Key Object Selection (``[pipeline] z_flag``).
+        follow_up: the comparison of ``m1`` with the patient's earlier results (the SR's
+            change groups and the key images' trend panel); None: no follow-up.
     """
     with warnings.catch_warnings():
         # highdicom warns of a one-part patient name by quoting it: PHI must not reach the log
@@ -140,7 +144,8 @@ def build_derived_objects(
             out.segmentation = build_segmentation(ctx, m1, reference=qsm_images)
             maps = [m for m in (out.qsm_map, out.r2star_map) if m is not None]
             out.report = build_report(
-                ctx, m1, out.segmentation, evidence=maps, regions_on=qsm_images
+                ctx, m1, out.segmentation, evidence=maps, regions_on=qsm_images,
+                follow_up=follow_up,
             )
         out.key_images = list(build_key_images(ctx, chi_ppm, m1, m1_note, z_flag))
         flagged = [*out.key_images, *(o for o in (out.report, out.segmentation) if o)]
@@ -163,9 +168,10 @@ def build_derived(
     created: dt.datetime | None = None,
     m1_note: str | None = None,
     z_flag: float = Z_FLAG,
+    follow_up: FollowUp | None = None,
 ) -> list[Dataset]:
     """Every derived object as a list of datasets (see :func:`build_derived_objects`)."""
     return build_derived_objects(
         loaded, chi_ppm, r2star_per_s, m1, read_source, algorithm_version, created, m1_note,
-        z_flag,
+        z_flag, follow_up,
     ).datasets

@@ -68,3 +68,15 @@ ABSENT: Final = codes.SCT.Absent
 YES: Final = codes.SCT.Yes
 NO: Final = codes.SCT.No
 ANATOMY_COVERAGE_INCOMPLETE: Final = codes.DCM.AnatomyCoverageIncomplete  # 130576
+
+# --- follow-up and protocol ------------------------------------------------------------------
+
+PRIVATE_SCHEME: Final = "99QSMNODE"
+"""qsmnode's own concepts (quality flags, regions, protocol, follow-up), declared in each SR's
+Coding Scheme Identification Sequence."""
+
+MAGNETIC_FIELD_STRENGTH: Final = codes.DCM.MagneticFieldStrength  # 130542
+TESLA: Final = Code("T", "UCUM", "T")
+MILLISECOND: Final = codes.UCUM.Millisecond
+YEAR: Final = Code("a", "UCUM", "year")
+PRIOR_REPORT: Final = codes.DCM.PriorReportForCurrentPatient  # 122075, CID 3407

@@ -25,6 +25,10 @@ Content tree (root: Imaging Measurement Report, observer = the qsmnode device):
   every measurement of an SR at the first group without a SCOORD (it reads
   ``measurement.coords[0]`` unguarded in ``_checkIfCanAddMeasurementsToDisplaySet``).
 
+- one "Acquisition protocol" group (field strength, voxel size, echo times) and, when the
+  patient has a comparable prior report, one "Change since prior report" group per region
+  compared (:mod:`qsmnode.dicom.derived.followup`), the prior report as other evidence.
+
 Flag names are coded in the private scheme ``99QSMNODE``, declared in the Coding Scheme
 Identification Sequence.
 
@@ -52,6 +56,7 @@ from qsmnode.dicom.derived.common import (
     MODEL_NAME,
     BuildContext,
 )
+from qsmnode.dicom.derived.followup import change_groups, protocol_group
 from qsmnode.dicom.derived.segmentation import (
     AREA_TEXT,
     segment_name,
@@ -59,9 +64,10 @@ from qsmnode.dicom.derived.segmentation import (
     tracking_uid,
 )
 from qsmnode.dicom.geometry import slice_pixels
+from qsmnode.m1.followup import FollowUp
 from qsmnode.m1.result import AREAS, LAYERS, M1Result, Measurement, QualityFlag, segment_label
 
-PRIVATE_SCHEME = "99QSMNODE"
+PRIVATE_SCHEME = codes.PRIVATE_SCHEME
 PRIVATE_SCHEME_ITEM = CodingSchemeIdentificationItem(
     designator=PRIVATE_SCHEME,
     name="qsmnode quality-control flags",
@@ -260,17 +266,32 @@ def _algorithm(ctx: BuildContext) -> hd.sr.AlgorithmIdentification:
     return hd.sr.AlgorithmIdentification(name=ALGORITHM_NAME, version=ctx.algorithm_version)
 
 
+def _prior_evidence(follow_up: FollowUp | None) -> list[Dataset]:
+    """The prior report compared with, as other evidence (a reference, not its content)."""
+    if follow_up is None or follow_up.prior is None:
+        return []
+    prior = follow_up.prior
+    ref = Dataset()
+    ref.StudyInstanceUID = prior.study_uid
+    ref.SeriesInstanceUID = prior.report_series_uid
+    ref.SOPClassUID = prior.report_class_uid
+    ref.SOPInstanceUID = prior.report_uid
+    return [ref]
+
+
 def build_report(
     ctx: BuildContext,
     m1: M1Result,
     seg: hd.seg.Segmentation | None,
     evidence: Sequence[Dataset] = (),
     regions_on: Sequence[Dataset] = (),
+    follow_up: FollowUp | None = None,
 ) -> hd.sr.Comprehensive3DSR:
     """The SR of an M1 analysis. ``seg`` is the SEG of the same result (None when it has no
     region); ``evidence`` lists further derived objects (e.g. the Parametric Maps) to record;
     ``regions_on`` is one image per slice ``k`` (the QSM derived MR images) on which each
-    region's outline is drawn (none without it)."""
+    region's outline is drawn (none without it); ``follow_up`` the comparison with the
+    patient's prior report (its change groups, and the prior report as other evidence)."""
     if regions_on and len(regions_on) != ctx.shape[2]:
         raise ValueError(f"regions_on has {len(regions_on)} images for {ctx.shape[2]} slices")
     labels = np.asarray(m1.labels)
@@ -278,8 +299,11 @@ def build_report(
     voxel_volume = float(np.prod(ctx.loaded.gre.voxel_size_mm))
     groups: list[hd.sr.Template] = []
     outlines: list[hd.sr.Template] = []
+    trackings: dict[tuple[str, str], hd.sr.TrackingIdentifier] = {}
+    sites: dict[str, hd.sr.FindingSite] = {}
     for area in AREAS:
         site = hd.sr.FindingSite(codes.PRIMARY_MOTOR_CORTEX, laterality=_side(area))
+        sites[area] = site
         for layer in (*LAYERS, "all"):
             try:
                 m: Measurement | None = m1.measurement(area, layer)
@@ -296,6 +320,7 @@ def build_report(
                 if layer != "all"
                 else (f"M1 {AREA_TEXT[area]} all layers"),
             )
+            trackings[(area, layer)] = tracking
             common = {
                 "tracking_identifier": tracking,
                 "finding_type": codes.CEREBRAL_CORTEX,
@@ -327,18 +352,21 @@ def build_report(
                 outline = _outline_group(ctx, labels, values, tracking, site, regions_on)
                 if outline is not None:
                     outlines.append(outline)
+    if follow_up is not None:
+        groups += change_groups(follow_up, trackings, sites, _algorithm(ctx))
     groups += outlines
+    groups.append(protocol_group(ctx, _quality_tracking(ctx), _algorithm(ctx)))
     quality = _quality_group(ctx, m1.flags)
     if quality is not None:
         groups.append(quality)
-        if regions_on:
-            # the checks are of the M1 regions as a whole: their outline, so that a viewer that
-            # shows only groups with a region (OHIF) shows the checks too
-            every = [segment_label(a, x) for a in AREAS for x in LAYERS]
-            outline = _outline_group(ctx, labels, every, _quality_tracking(ctx), None,
-                                     regions_on, finding_type=codes.QUALITY_CONTROL)
-            if outline is not None:
-                groups.append(outline)
+    if regions_on:
+        # the checks and the protocol are of the M1 regions as a whole: their outline, so that
+        # a viewer that shows only groups with a region (OHIF) shows them too
+        every = [segment_label(a, x) for a in AREAS for x in LAYERS]
+        outline = _outline_group(ctx, labels, every, _quality_tracking(ctx), None,
+                                 regions_on, finding_type=codes.QUALITY_CONTROL)
+        if outline is not None:
+            groups.append(outline)
 
     observer = hd.sr.ObserverContext(
         observer_type=dicom_codes.DCM.Device,
@@ -356,7 +384,8 @@ def build_report(
         imaging_measurements=groups,
     )
     all_evidence = [
-        *ctx.sources.echo1(), *regions_on, *([seg] if seg is not None else []), *evidence
+        *ctx.sources.echo1(), *regions_on, *([seg] if seg is not None else []), *evidence,
+        *_prior_evidence(follow_up),
     ]
     sr = hd.sr.Comprehensive3DSR(
         evidence=all_evidence,

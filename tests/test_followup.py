@@ -1,0 +1,243 @@
+"""Follow-up (issue 17): the comparison with earlier results (qsmnode.m1.followup), the SR's
+protocol and change groups, and reading an earlier SR back (qsmnode.dicom.prior_report)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import replace
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+
+from qsmnode.dicom.derived import build_derived_objects, source_reader
+from qsmnode.dicom.load import LoadedAcquisition, load_folder
+from qsmnode.dicom.prior_report import PriorReportError, read_prior_report
+from qsmnode.m1.followup import (
+    PriorResult,
+    Protocol,
+    RetestLimits,
+    compare,
+    current_values,
+    why_not_comparable,
+)
+from qsmnode.m1.result import M1Result, Measurement
+from qsmnode.sim.scanner import Simulation, preset, simulate
+from qsmnode.sim.vendor_dicom import SimStudyInfo, write_dicom
+from tests.conftest import require_tool
+from tests.derivedutil import dciodvfy_errors, m1_from_truth
+
+VERSION = "1.2.3/0.1"
+PROTOCOL = Protocol(7.0, (0.5, 0.5, 0.5), (0.005, 0.010, 0.015))
+NAN = float("nan")
+
+
+def _m(area: str, layer: str, chi: float, thickness: float = 2.5, ratio: float = 0.9,
+       covered: bool = True) -> Measurement:
+    return Measurement(area, layer, 100, covered, chi, 0.01, chi, ratio, 40.0, thickness)
+
+
+def _result(*measurements: Measurement) -> M1Result:
+    import numpy as np
+
+    empty = np.zeros((2, 2, 2), np.uint8)
+    return M1Result(empty, empty.astype(np.float32), empty.astype(np.float32),
+                    tuple(measurements), ())
+
+
+def _prior(date: dt.date, values: dict, version: str = VERSION,
+           protocol: Protocol | None = PROTOCOL, study: str | None = None) -> PriorResult:
+    return PriorResult(study or f"1.2.{date.toordinal()}", date, f"9.9.{date.toordinal()}",
+                       "9.8", "1.2.840.10008.5.1.4.1.1.88.34", version, protocol, values)
+
+
+TODAY = dt.date(2026, 6, 1)
+
+
+def test_change_per_year_and_the_retest_limit() -> None:
+    current = _result(_m("left_hand", "deep", 0.050, thickness=2.2),
+                      _m("right_hand", "deep", 0.021))
+    prior = _prior(dt.date(2025, 6, 1), {("left_hand", "deep", "chi_mean_ppm"): 0.030,
+                                         ("left_hand", "deep", "thickness_mean_mm"): 2.6,
+                                         ("right_hand", "deep", "chi_mean_ppm"): 0.020})
+    follow = compare(current, TODAY, PROTOCOL, VERSION, [prior])
+    assert follow.prior is prior
+    assert follow.years == pytest.approx(365 / 365.25)
+    chi = follow.change("left_hand", "deep", "chi_mean_ppm")
+    assert chi is not None and chi.change == pytest.approx(0.020)
+    assert chi.per_year == pytest.approx(0.020 * 365.25 / 365)
+    assert chi.exceeds  # 0.020 > 0.010 ppm
+    thick = follow.change("left_hand", "deep", "thickness_mean_mm")
+    assert thick is not None and thick.change == pytest.approx(-0.4) and thick.exceeds
+    right = follow.change("right_hand", "deep", "chi_mean_ppm")
+    assert right is not None and not right.exceeds  # 0.001 ppm is test–retest noise
+    # a measure the prior did not have is not compared
+    assert follow.change("right_hand", "deep", "thickness_mean_mm") is None
+    assert {c.measure for c in follow.exceeding()} == {"chi_mean_ppm", "thickness_mean_mm"}
+    assert "2 of 3 changes beyond" in follow.note
+    # a site's own limit decides
+    wide = compare(current, TODAY, PROTOCOL, VERSION, [prior],
+                   RetestLimits(chi_mean_ppm=0.05, thickness_mean_mm=1.0))
+    assert wide.exceeding() == []
+
+
+def test_uncovered_areas_are_not_compared() -> None:
+    current = _result(_m("left_foot", "deep", NAN, covered=False))
+    prior = _prior(dt.date(2025, 1, 1), {("left_foot", "deep", "chi_mean_ppm"): 0.03})
+    assert compare(current, TODAY, PROTOCOL, VERSION, [prior]).changes == ()
+    assert current_values(current) == {}
+
+
+@pytest.mark.parametrize(("prior_protocol", "version", "why"), [
+    (PROTOCOL, "0.9/0.1", "algorithm version 0.9/0.1"),
+    (None, VERSION, "does not record the acquisition protocol"),
+    (replace(PROTOCOL, field_strength_t=3.0), VERSION, "3 T, not 7 T"),
+    (replace(PROTOCOL, voxel_size_mm=(0.5, 0.5, 1.0)), VERSION, "voxels of"),
+    (replace(PROTOCOL, echo_times_s=(0.005, 0.010)), VERSION, "echo times"),
+    (replace(PROTOCOL, echo_times_s=(0.005, 0.012, 0.020)), VERSION, "echo times"),
+])
+def test_a_prior_of_another_version_or_protocol_is_not_comparable(prior_protocol, version,
+                                                                  why) -> None:
+    prior = _prior(dt.date(2025, 6, 1), {("left_hand", "deep", "chi_mean_ppm"): 0.03},
+                   version=version, protocol=prior_protocol)
+    assert why in why_not_comparable(PROTOCOL, VERSION, prior)
+    follow = compare(_result(_m("left_hand", "deep", 0.05)), TODAY, PROTOCOL, VERSION, [prior])
+    assert follow.prior is None and follow.changes == ()
+    assert follow.history == (prior,)
+    assert follow.not_comparable[0][0] is prior and why in follow.note
+
+
+def test_within_tolerance_is_comparable() -> None:
+    close = replace(PROTOCOL, voxel_size_mm=(0.52, 0.5, 0.5),
+                    echo_times_s=(0.0051, 0.0102, 0.0148), field_strength_t=6.98)
+    assert why_not_comparable(PROTOCOL, VERSION, _prior(TODAY, {}, protocol=close)) == ""
+
+
+def test_the_newest_comparable_earlier_study_is_compared_and_all_are_history() -> None:
+    key = ("left_hand", "deep", "chi_mean_ppm")
+    oldest = _prior(dt.date(2024, 6, 1), {key: 0.020})
+    older = _prior(dt.date(2025, 6, 1), {key: 0.030})
+    other_version = _prior(dt.date(2025, 12, 1), {key: 0.1}, version="0.9/0.1")
+    later = _prior(dt.date(2026, 7, 1), {key: 0.2})  # after this study: not a prior
+    same_day = _prior(TODAY, {key: 0.2})
+    follow = compare(_result(_m("left_hand", "deep", 0.045)), TODAY, PROTOCOL, VERSION,
+                     [later, older, other_version, oldest, same_day])
+    assert follow.prior is older
+    assert follow.history == (oldest, older, other_version)
+    change = follow.change(*key)
+    assert change is not None and change.change == pytest.approx(0.015)
+
+
+def test_no_prior() -> None:
+    follow = compare(_result(_m("left_hand", "deep", 0.045)), TODAY, PROTOCOL, VERSION, [])
+    assert follow.prior is None and follow.history == ()
+    assert "no earlier result" in follow.note
+
+
+# --- the SR: protocol and change groups written, and read back --------------------------------
+
+
+@pytest.fixture(scope="module")
+def sim() -> Simulation:
+    scan = preset("tiny", shape=(42, 50, 24), voxel_size_mm=(4.0, 4.0, 6.0),
+                  echo_times_s=(0.005, 0.0105, 0.016))
+    return simulate(scan)
+
+
+def _visit(sim: Simulation, root: Path, date: str, study_seed: int) -> tuple[LoadedAcquisition,
+                                                                            list[Path]]:
+    info = SimStudyInfo(seed=study_seed, study_date=date)
+    sources = write_dicom(sim.gre, root / "source", "siemens", info)
+    (loaded,) = load_folder(root / "source")
+    assert isinstance(loaded, LoadedAcquisition)
+    return loaded, sources
+
+
+def _walk(item: Dataset):
+    for child in item.get("ContentSequence") or []:
+        yield child
+        yield from _walk(child)
+
+
+def _code(item: Dataset, attr: str = "ConceptNameCodeSequence") -> str:
+    seq = item.get(attr)
+    return str(seq[0].CodeValue) if seq else ""
+
+
+def test_a_report_reads_back_as_a_prior_and_a_follow_up_report_holds_the_changes(
+        sim: Simulation, tmp_path: Path) -> None:
+    require_tool("dciodvfy", "dicom3tools")
+    first = m1_from_truth(sim)
+    loaded1, sources1 = _visit(sim, tmp_path / "v1", "20250601", 11)
+    objects1 = build_derived_objects(loaded1, sim.truth.chi_ppm, sim.truth.r2star_per_s,
+                                     first, source_reader(sources1), VERSION)
+    path1 = tmp_path / "sr1.dcm"
+    objects1.report.save_as(path1, enforce_file_format=True)
+
+    prior = read_prior_report(pydicom.dcmread(path1))
+    assert prior.study_uid == loaded1.study_uid
+    assert prior.study_date == dt.date(2025, 6, 1)
+    assert prior.report_uid == objects1.report.SOPInstanceUID
+    assert prior.algorithm_version == VERSION
+    gre = loaded1.gre
+    assert prior.protocol is not None
+    assert prior.protocol.field_strength_t == pytest.approx(gre.field_strength_t)
+    assert prior.protocol.voxel_size_mm == pytest.approx(gre.voxel_size_mm)
+    assert prior.protocol.echo_times_s == pytest.approx(gre.echo_times_s)
+    assert prior.values == pytest.approx(current_values(first))
+    assert len(prior.values) > 20
+
+    # a year later, deep left hand χ up by 0.04 ppm
+    second = replace(first, measurements=tuple(
+        replace(m, chi_mean_ppm=m.chi_mean_ppm + 0.04)
+        if (m.area, m.layer) == ("left_hand", "deep") else m for m in first.measurements))
+    loaded2, sources2 = _visit(sim, tmp_path / "v2", "20260601", 12)
+    protocol = Protocol(gre.field_strength_t, tuple(gre.voxel_size_mm), tuple(gre.echo_times_s))
+    follow = compare(second, dt.date(2026, 6, 1), protocol, VERSION, [prior])
+    assert [(c.area, c.layer, c.measure) for c in follow.exceeding()] == [
+        ("left_hand", "deep", "chi_mean_ppm")]
+    objects2 = build_derived_objects(loaded2, sim.truth.chi_ppm, sim.truth.r2star_per_s,
+                                     second, source_reader(sources2), VERSION, follow_up=follow)
+    path2 = tmp_path / "sr2.dcm"
+    objects2.report.save_as(path2, enforce_file_format=True)
+    assert dciodvfy_errors(path2) == []
+    sr2 = pydicom.dcmread(path2)
+    # the prior report is other evidence and each change group references it
+    other = sr2.PertinentOtherEvidenceSequence[0]
+    assert other.StudyInstanceUID == loaded1.study_uid
+    assert (other.ReferencedSeriesSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+            == prior.report_uid)
+    groups = [g for g in _walk(sr2) if g.get("ValueType") == "CONTAINER"
+              and any(_code(c, "ConceptCodeSequence") == "CHANGE"
+                      for c in g.get("ContentSequence") or [])]
+    assert len(groups) == len({(c.area, c.layer) for c in follow.changes})
+    by_tracking = {}
+    for g in groups:
+        items = list(g.ContentSequence)
+        tracking = next(str(c.TextValue) for c in items if _code(c) == "112039")
+        nums = {_code(c): float(c.MeasuredValueSequence[0].NumericValue)
+                for c in items if c.ValueType == "NUM"}
+        beyond = {_code(c): _code(c, "ConceptCodeSequence") for c in items
+                  if c.ValueType == "CODE" and _code(c).endswith("-BEYOND")}
+        refs = [c.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for c in items
+                if c.ValueType == "COMPOSITE"]
+        assert refs == [prior.report_uid]
+        by_tracking[tracking] = (nums, beyond)
+    nums, beyond = by_tracking["M1 left hand deep"]
+    assert nums["CHI-CHANGE"] == pytest.approx(0.04, abs=1e-6)
+    assert nums["CHI-PRIOR"] == pytest.approx(prior.values[("left_hand", "deep", "chi_mean_ppm")])
+    assert nums["CHI-PER-YEAR"] == pytest.approx(0.04 * 365.25 / 365, abs=1e-6)
+    assert nums["INTERVAL"] == pytest.approx(365 / 365.25)
+    assert beyond["CHI-BEYOND"] == "373066001"  # SCT Yes
+    assert by_tracking["M1 right hand deep"][1]["CHI-BEYOND"] == "373067005"  # SCT No
+    # the follow-up report reads back as this visit's values, not the prior's
+    again = read_prior_report(sr2)
+    assert again.values[("left_hand", "deep", "chi_mean_ppm")] == pytest.approx(
+        prior.values[("left_hand", "deep", "chi_mean_ppm")] + 0.04)
+
+
+def test_a_report_that_is_not_qsmnode_tid1500_is_refused() -> None:
+    ds = Dataset()
+    with pytest.raises(PriorReportError, match="not a TID 1500"):
+        read_prior_report(ds)
