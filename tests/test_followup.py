@@ -241,3 +241,39 @@ def test_a_report_that_is_not_qsmnode_tid1500_is_refused() -> None:
     ds = Dataset()
     with pytest.raises(PriorReportError, match="not a TID 1500"):
         read_prior_report(ds)
+
+
+def test_the_key_image_lists_the_changes_and_plots_the_trend(sim: Simulation,
+                                                             tmp_path: Path) -> None:
+    import numpy as np
+
+    from qsmnode.dicom.derived.key_images import WARN, follow_up_lines, render_summary
+
+    first = m1_from_truth(sim)
+    key = ("left_hand", "deep", "chi_mean_ppm")
+    values = current_values(first)
+    old = _prior(dt.date(2024, 6, 1), {**values, key: values[key] - 0.01})
+    prior = _prior(dt.date(2025, 6, 1), {**values, key: values[key] - 0.03})
+    other = _prior(dt.date(2025, 9, 1), values, version="0.9/0.1")
+    follow = compare(first, TODAY, PROTOCOL, VERSION, [old, prior, other])
+    lines = follow_up_lines(follow)
+    assert lines[0].startswith("follow-up: compared with the result of 2025-06-01")
+    assert [x for x in lines if x.startswith("CHANGED")] == [
+        f"CHANGED  left hand deep: chi ppm {values[key] - 0.03:.4g} -> {values[key]:.4g} "
+        f"(+0.03; limit 0.01)".replace("(+0.03;", f"(+0.03, {0.03 * 365.25 / 365:+.4g}/year;")]
+    k = int(np.argmax((first.labels > 0).sum(axis=(0, 1))))
+    args = (sim.truth.chi_ppm[:, :, k].T, first.labels[:, :, k].T, (4.0, 4.0), ("L", "P"),
+            "t", "s", first)
+    plain = render_summary(*args)
+    with_trend = render_summary(*args, follow_up=follow)
+    assert with_trend.shape[0] >= plain.shape[0]
+    warn = np.all(with_trend == np.array(WARN, np.uint8), axis=-1).sum()
+    assert warn > np.all(plain == np.array(WARN, np.uint8), axis=-1).sum() + 50
+    # the trend panel under the image: the left strip (image side) differs only there
+    padded = np.zeros_like(with_trend)
+    padded[:] = with_trend[-1, -1]
+    padded[: plain.shape[0]] = plain
+    left = 24 + 400  # the image panel's side, left of the table
+    differs = np.any(with_trend[:, :left] != padded[:, :left], axis=-1)
+    rows = np.flatnonzero(differs.any(axis=1))
+    assert differs.sum() > 500 and rows.min() > 24 + 70 + 300, rows.min()

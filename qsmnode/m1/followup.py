@@ -143,6 +143,8 @@ class FollowUp:
 
     years: float | None = None
     """Years between the prior compared with and this study; None without a prior."""
+    study_date: dt.date | None = None
+    """This study's date (None: not known, nothing compared)."""
 
 
 def why_not_comparable(current: Protocol, version: str, prior: PriorResult) -> str:
@@ -210,12 +212,13 @@ def compare(current: M1Result, study_date: dt.date, protocol: Protocol, version:
     refused = tuple((p, why) for p, why in zip(history, reasons, strict=True) if why)
     usable = [p for p, why in zip(history, reasons, strict=True) if not why]
     if not history:
-        return FollowUp(None, (), (), (), "no earlier result of this patient was found")
+        return FollowUp(None, (), (), (), "no earlier result of this patient was found",
+                        study_date=study_date)
     if not usable:
         newest, why = refused[-1]
         return FollowUp(None, (), history, refused,
                         f"no comparable earlier result: the newest, of {newest.study_date}, "
-                        f"was {why}")
+                        f"was {why}", study_date=study_date)
     prior = usable[-1]
     days = (study_date - prior.study_date).days
     years = days / DAYS_PER_YEAR
@@ -236,4 +239,4 @@ def compare(current: M1Result, study_date: dt.date, protocol: Protocol, version:
     beyond = sum(c.exceeds for c in changes)
     note = (f"compared with the result of {prior.study_date} ({years:.2f} years earlier): "
             f"{beyond} of {len(changes)} changes beyond the test–retest limit")
-    return FollowUp(prior, tuple(changes), history, refused, note, years)
+    return FollowUp(prior, tuple(changes), history, refused, note, years, study_date)

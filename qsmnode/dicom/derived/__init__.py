@@ -147,7 +147,7 @@ def build_derived_objects(
                 ctx, m1, out.segmentation, evidence=maps, regions_on=qsm_images,
                 follow_up=follow_up,
             )
-        out.key_images = list(build_key_images(ctx, chi_ppm, m1, m1_note, z_flag))
+        out.key_images = list(build_key_images(ctx, chi_ppm, m1, m1_note, z_flag, follow_up))
         flagged = [*out.key_images, *(o for o in (out.report, out.segmentation) if o)]
         out.key_objects = build_key_object_selection(ctx, flagged,
                                                      kos_reason(m1, m1_note, z_flag))

@@ -6,7 +6,11 @@ flags. Two images: the slice with the most hand-area voxels (through the hand kn
 with the most foot-area voxels. Without any M1 region, one image of the middle slice says so.
 
 The slice is shown as a viewer shows the source: rows and columns of the DICOM pixel matrix,
-with the patient-orientation letters of its edges. Text uses Pillow's built-in font (ASCII and
+with the patient-orientation letters of its edges. With a follow-up (the patient's earlier results,
+:mod:`qsmnode.m1.followup`), the changes beyond the test–retest limit are listed in the warning
+colour and a trend panel under the image plots deep-layer χ of each area at every earlier
+study found and now (hollow grey: an earlier result not comparable). Text uses Pillow's
+built-in font (ASCII and
 Latin-1 only: "chi", not the Greek letter).
 """
 
@@ -31,6 +35,7 @@ from qsmnode.dicom.derived.common import (
 )
 from qsmnode.dicom.derived.segmentation import AREA_TEXT, segment_rgb
 from qsmnode.dicom.geometry import slice_pixels
+from qsmnode.m1.followup import FollowUp
 from qsmnode.m1.result import AREAS, LAYERS, M1Result, Measurement, segment_label, segment_of
 
 WINDOW_PPM = (-0.15, 0.15)
@@ -230,6 +235,86 @@ def findings(m1: M1Result, z_flag: float = Z_FLAG) -> list[str]:
     return lines
 
 
+def follow_up_lines(follow_up: FollowUp) -> list[str]:
+    """The follow-up's lines under the findings: what was compared (or why nothing was), then
+    each change beyond its test–retest limit (``CHANGED …``)."""
+    lines = [f"follow-up: {follow_up.note}".translate(_PLAIN)]
+    for c in follow_up.exceeding():
+        per_year = "" if c.per_year is None else f", {c.per_year:+.4g}/year"
+        lines.append(f"CHANGED  {AREA_TEXT[c.area]} {c.layer}: {_MEASURE_TEXT[c.measure]} "
+                     f"{c.prior:.4g} -> {c.current:.4g} ({c.change:+.4g}{per_year}; "
+                     f"limit {c.limit:g})")
+    return lines
+
+
+_MEASURE_TEXT = {"chi_mean_ppm": "chi ppm", "thickness_mean_mm": "thickness mm",
+                 "t2star_signal_ratio": "T2* ratio"}
+TREND_H = 150
+"""Height in pixels of the follow-up trend panel."""
+
+
+def render_trend(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], m1: M1Result,
+                 follow_up: FollowUp) -> None:
+    """Deep-layer χ of each area over time, one small chart per area inside ``box`` (x0, y0,
+    x1, y1): a point per earlier study (filled if comparable, hollow grey if not) and now,
+    joined in time order; each chart's range spans its points."""
+    x0, y0, x1, y1 = box
+    small = _font(12)
+    refused = {p.study_uid for p, _ in follow_up.not_comparable}
+    now = follow_up.study_date
+    gap = 10
+    width = (x1 - x0 - gap * (len(AREAS) - 1)) // len(AREAS)
+    draw.text((x0, y0), "deep-layer chi (ppm) over time", font=small, fill=MUTED)
+    for n, area in enumerate(AREAS):
+        cx0 = x0 + n * (width + gap)
+        cy0, cy1 = y0 + 34, y1 - 18
+        draw.text((cx0, y0 + 16), AREA_TEXT[area], font=small,
+                  fill=segment_rgb(area, "deep"))
+        points: list[tuple[float, float, bool]] = []
+        for p in follow_up.history:
+            value = p.values.get((area, "deep", "chi_mean_ppm"))
+            if value is not None and math.isfinite(value):
+                points.append((p.study_date.toordinal(), value, p.study_uid not in refused))
+        try:
+            m = m1.measurement(area, "deep")
+        except KeyError:
+            m = None
+        current = m.chi_mean_ppm if m is not None and m.covered else float("nan")
+        if now is not None and math.isfinite(current):
+            points.append((now.toordinal(), current, True))
+        draw.rectangle((cx0, cy0, cx0 + width, cy1), outline=(70, 70, 70))
+        if not points:
+            draw.text((cx0 + 4, cy0 + 4), "-", font=small, fill=MUTED)
+            continue
+        xs = [p[0] for p in points]
+        ys = [p[1] for p in points]
+        lo, hi = min(ys), max(ys)
+        pad = max(0.005, 0.15 * (hi - lo))
+        lo, hi = lo - pad, hi + pad
+        span_x = max(xs) - min(xs) or 1.0
+
+        def at(x: float, y: float, cx0: int = cx0, cy0: int = cy0, cy1: int = cy1,
+               lo: float = lo, hi: float = hi, x_min: float = min(xs),
+               span_x: float = span_x) -> tuple[float, float]:
+            return (cx0 + 8 + (width - 16) * (x - x_min) / span_x,
+                    cy1 - 6 - (cy1 - cy0 - 12) * (y - lo) / (hi - lo))
+
+        xy = [at(x, y) for x, y, _ in points]
+        if len(xy) > 1:
+            draw.line(xy, fill=(200, 200, 200), width=1)
+        for (px, py), (_, _, comparable) in zip(xy, points, strict=True):
+            if comparable:
+                draw.ellipse((px - 3, py - 3, px + 3, py + 3), fill=TEXT)
+            else:
+                draw.ellipse((px - 3, py - 3, px + 3, py + 3), outline=MUTED)
+        if math.isfinite(current):
+            px, py = xy[-1]
+            draw.ellipse((px - 4, py - 4, px + 4, py + 4), fill=WARN if any(
+                c.area == area and c.layer == "deep" and c.measure == "chi_mean_ppm"
+                for c in follow_up.exceeding()) else OK)
+        draw.text((cx0 + 2, cy1 + 2), f"{lo:+.3f}..{hi:+.3f}", font=small, fill=MUTED)
+
+
 def render_summary(
     chi_slice: NDArray[np.floating],
     label_slice: NDArray[np.integer],
@@ -240,9 +325,11 @@ def render_summary(
     m1: M1Result | None,
     m1_note: str | None = None,
     z_flag: float = Z_FLAG,
+    follow_up: FollowUp | None = None,
 ) -> NDArray[np.uint8]:
     """The whole key image as ``Rows × Columns × 3`` uint8 RGB; a row whose |z| is ``z_flag``
-    or more is flagged."""
+    or more is flagged; with ``follow_up``, its lines and (with earlier results) the trend
+    panel."""
     panel = render_panel(chi_slice, label_slice, pixel_spacing)
     big, normal, small = _font(22), _font(15), _font(13)
     char_w = max(7, round(normal.getlength("0")))
@@ -251,12 +338,15 @@ def render_summary(
     rows = table_lines(m1) if m1 is not None else []
     flags = list(m1.flags) if m1 is not None else []
     notes = findings(m1, z_flag) if m1 is not None else []
+    if m1 is not None and follow_up is not None:
+        notes += follow_up_lines(follow_up)
+    trend_h = TREND_H if m1 is not None and follow_up is not None and follow_up.history else 0
     legend_lines = legend(z_flag)
     table_h = (len(rows) + len(flags) + len(notes) + len(legend_lines) + 8) * line_h
     top = 70
     margin = 24
     width = margin + panel.width + margin + table_w + margin
-    height = top + max(panel.height + 60, table_h) + margin
+    height = top + max(panel.height + 60 + trend_h, table_h) + margin
     image = Image.new("RGB", (width, height), BACKGROUND)
     draw = ImageDraw.Draw(image)
     draw.text((margin, 12), title, font=big, fill=TEXT)
@@ -277,6 +367,9 @@ def render_summary(
     draw.text((x0, bar_y + 16), f"{lo:+.2f}", font=small, fill=TEXT)
     draw.text((x0 + 112, bar_y + 16), "0", font=small, fill=TEXT)
     draw.text((x0 + 230, bar_y + 16), f"{hi:+.2f} ppm", font=small, fill=TEXT)
+    if trend_h and m1 is not None and follow_up is not None:
+        render_trend(draw, (x0, bar_y + 40, x0 + max(panel.width, 360), bar_y + 40 + trend_h - 10),
+                     m1, follow_up)
 
     # table of values
     tx = x0 + panel.width + margin
@@ -307,7 +400,8 @@ def render_summary(
         ty += line_h
     ty += line_h // 2
     for line in notes:
-        draw.text((tx, ty), line, font=normal, fill=WARN if line.startswith("FLAGGED") else TEXT)
+        warn = line.startswith(("FLAGGED", "CHANGED"))
+        draw.text((tx, ty), line, font=normal, fill=WARN if warn else TEXT)
         ty += line_h
     ty += line_h // 2
     for line in legend_lines:
@@ -334,10 +428,11 @@ def _reference(ctx: BuildContext, k: int) -> Dataset:
 
 def build_key_images(
     ctx: BuildContext, chi_ppm: NDArray[np.floating], m1: M1Result | None,
-    m1_note: str | None = None, z_flag: float = Z_FLAG,
+    m1_note: str | None = None, z_flag: float = Z_FLAG, follow_up: FollowUp | None = None,
 ) -> list[hd.sc.SCImage]:
     """The summary Secondary Captures (one per chosen slice); ``m1_note`` says why there is
-    no M1 analysis when ``m1`` is None; a row whose |z| is ``z_flag`` or more is flagged."""
+    no M1 analysis when ``m1`` is None; a row whose |z| is ``z_flag`` or more is flagged;
+    ``follow_up`` adds the changes since earlier results and their trend."""
     labels = None if m1 is None else np.asarray(m1.labels)
     if labels is not None and not labels.any():
         labels = None
@@ -363,6 +458,7 @@ def build_key_images(
             m1=m1,
             m1_note=m1_note,
             z_flag=z_flag,
+            follow_up=follow_up,
         )
         sc = hd.sc.SCImage.from_ref_dataset(
             ref_dataset=source0,
