@@ -18,6 +18,10 @@ in order, each a small function that reads what earlier stages produced from a
    that raises or its quality is below the acceptable level, or the T1w could not be loaded
    (:attr:`PipelineParams.t1w_error`), the GRE magnitude is registered instead. Either way the
    flag ``t1w_reference`` says which, and why, and ``m1["t1w"]`` in the record.
+   With :attr:`PipelineParams.priors` (the patient's earlier results, found by the service),
+   the result is compared with them (:func:`qsmnode.m1.followup.compare`); the comparison
+   goes into the record (``m1["follow_up"]``), the SR and the key images. Priors that could
+   not be looked up (:attr:`PipelineParams.prior_note`) give no comparison, and say why.
 4. ``derived``: every derived DICOM object (:func:`qsmnode.dicom.derived.build_derived`).
 
 The node's worker calls it in a child process (``qsmnode.node.jobs``), and the offline
@@ -29,6 +33,7 @@ stages, files under :attr:`PipelineParams.out_dir`).
 
 from __future__ import annotations
 
+import datetime as dt
 import itertools
 import json
 import logging
@@ -48,6 +53,7 @@ from qsmnode.dicom.derived.key_images import Z_FLAG
 from qsmnode.dicom.headers import slice_thickness_mm
 from qsmnode.dicom.load import LoadedAcquisition, LoadedT1w
 from qsmnode.m1.analysis import M1Atlas, M1Params, SameSessionT1w, analyse_m1
+from qsmnode.m1.followup import FollowUp, PriorResult, Protocol, RetestLimits, compare
 from qsmnode.m1.measure import NormativeTable
 from qsmnode.m1.result import M1Result, QualityFlag
 from qsmnode.qsm.pipeline import QSMParams, QSMResult, run_qsm
@@ -85,6 +91,11 @@ class PipelineParams:
         t1w_error: why the chosen T1w could not be loaded (the GRE is registered instead).
         z_flag: a deep-layer χ z-score at or beyond it (either sign) is flagged on the key
             images and is the Key Object Selection's finding (``[pipeline] z_flag``).
+        priors: the patient's earlier results to compare with (None: no follow-up; empty:
+            none was found).
+        prior_note: why the earlier results could not be looked up (then no comparison; the
+            report says so).
+        retest_limits: the test–retest limits of the comparison.
     """
 
     out_dir: Path | None = None
@@ -98,6 +109,14 @@ class PipelineParams:
     t1w_note: str = ""
     t1w_error: str = ""
     z_flag: float = Z_FLAG
+    priors: tuple[PriorResult, ...] | None = None
+    prior_note: str = ""
+    retest_limits: RetestLimits = field(default_factory=RetestLimits)
+
+
+def algorithm_version() -> str:
+    """The version that goes into the derived objects (and that a follow-up compares)."""
+    return f"{__version__}/{PIPELINE_VERSION}"
 
 
 @dataclass(frozen=True)
@@ -179,6 +198,7 @@ class _Context:
     qsm: QSMResult | None = None
     m1: M1Result | None = None
     m1_record: dict[str, Any] = field(default_factory=dict)
+    follow_up: FollowUp | None = None
     datasets: tuple[Dataset, ...] = ()
 
 
@@ -326,6 +346,56 @@ def _m1(ctx: _Context) -> None:
     }
     if t1w_record:
         ctx.m1_record["t1w"] = t1w_record
+    _follow_up(ctx, result)
+
+
+def _study_date(loaded: LoadedAcquisition) -> dt.date | None:
+    text = str(loaded.header.get("StudyDate", "") or "").strip()
+    try:
+        return dt.datetime.strptime(text, "%Y%m%d").date()
+    except ValueError:
+        return None
+
+
+def _follow_up(ctx: _Context, result: M1Result) -> None:
+    """Compare the M1 result with the patient's earlier ones (when asked); the record gets
+    ``follow_up``: the note, the prior compared with, every change, the history."""
+    params, gre = ctx.params, ctx.loaded.gre
+    if params.priors is None and not params.prior_note:
+        return
+    date = _study_date(ctx.loaded)
+    if params.prior_note:
+        follow = FollowUp(None, (), (), (), f"no comparison: {params.prior_note}",
+                          study_date=date)
+    elif date is None:
+        follow = FollowUp(None, (), (), (), "no comparison: the study has no valid StudyDate")
+    else:
+        protocol = Protocol(float(gre.field_strength_t),
+                            tuple(float(v) for v in gre.voxel_size_mm),  # type: ignore[arg-type]
+                            tuple(float(t) for t in gre.echo_times_s))
+        follow = compare(result, date, protocol, algorithm_version(), params.priors or (),
+                         params.retest_limits)
+    log.info("study %s: follow-up: %s", ctx.loaded.study_uid, follow.note)
+    ctx.follow_up = follow
+    ctx.m1_record["follow_up"] = follow_up_record(follow)
+
+
+def follow_up_record(follow: FollowUp) -> dict[str, Any]:
+    """The follow-up as JSON for the job record (the status page and the ORU read it)."""
+    prior = follow.prior
+    return {
+        "note": follow.note,
+        "years": follow.years,
+        "prior": None if prior is None else {
+            "study_uid": prior.study_uid, "study_date": prior.study_date.isoformat(),
+            "report_uid": prior.report_uid, "algorithm_version": prior.algorithm_version},
+        "changes": [asdict(c) for c in follow.changes],
+        "history": [{"study_uid": p.study_uid, "study_date": p.study_date.isoformat(),
+                     "report_uid": p.report_uid, "algorithm_version": p.algorithm_version}
+                    for p in follow.history],
+        "not_comparable": [{"study_date": p.study_date.isoformat(), "why": why}
+                           for p, why in follow.not_comparable],
+    }
 
 
 def _derived(ctx: _Context) -> None:
@@ -337,8 +407,8 @@ def _derived(ctx: _Context) -> None:
         note = "the M1 analysis is turned off in this node's configuration (pipeline.m1)"
     ctx.datasets = tuple(build_derived(
         ctx.loaded, ctx.qsm.chi_ppm, ctx.qsm.r2star_per_s, ctx.m1,
-        source_reader(ctx.params.source_files), f"{__version__}/{PIPELINE_VERSION}",
-        m1_note=note, z_flag=ctx.params.z_flag,
+        source_reader(ctx.params.source_files), algorithm_version(),
+        m1_note=note, z_flag=ctx.params.z_flag, follow_up=ctx.follow_up,
     ))
 
 

@@ -188,6 +188,8 @@ ca_file = "tls/ca.crt"
 # ---------------------------------------------------------------------------------------------
 # Bad files: each gives its own message, naming the file, the key and what is expected
 
+_PACS = '[[destinations]]\nname = "pacs"\nae_title = "PACS"\nhost = "pacs"\nport = 104\n'
+
 BAD = {
     "unknown key": (
         "[listener]\nprot = 11112\n",
@@ -337,6 +339,24 @@ BAD = {
         '[pipeline]\nz_flag = "3"\n',
         'pipeline.z_flag: expected a number > 0, got string "3"',
     ),
+    "follow-up pacs unknown": (
+        _PACS + '[follow_up]\npacs = "archive"\n',
+        'follow_up.pacs: expected the name of one of destinations (pacs), got "archive"',
+    ),
+    "follow-up pacs by STOW": (
+        _PACS + 'stow_url = "http://pacs:8042/dicom-web"\n[follow_up]\npacs = "pacs"\n',
+        'follow_up.pacs: destination "pacs" is reached by DICOMweb STOW-RS',
+    ),
+    "follow-up move without a port": (
+        _PACS + '[follow_up]\npacs = "pacs"\nretrieve = "move"\n',
+        'follow_up.move_port: expected a port 1-65535 with retrieve = "move", got 0',
+    ),
+    "follow-up retrieve unknown": (
+        '[follow_up]\nretrieve = "fetch"\n', "follow_up.retrieve: expected one of",
+    ),
+    "follow-up limit zero": (
+        "[follow_up]\nchi_limit_ppm = 0\n", "follow_up.chi_limit_ppm: expected a number",
+    ),
 }
 
 
@@ -358,6 +378,16 @@ def test_pipeline_z_flag_is_read_and_defaults_to_the_builders_threshold(tmp_path
     assert settings.pipeline.z_flag == 3.0 and isinstance(settings.pipeline.z_flag, float)
     settings = load_settings(write(tmp_path, "[pipeline]\nz_flag = 1.5\n"), env={})
     assert settings.pipeline.z_flag == 1.5
+
+
+def test_follow_up_is_off_by_default_and_read(tmp_path: Path) -> None:
+    assert Settings().follow_up.pacs is None
+    settings = load_settings(write(tmp_path, _PACS + '[follow_up]\npacs = "pacs"\n'
+                                   'retrieve = "move"\nmove_port = 11113\n'
+                                   'chi_limit_ppm = 0.02\n'), env={})
+    follow = settings.follow_up
+    assert (follow.pacs, follow.retrieve, follow.move_port, follow.chi_limit_ppm) == (
+        "pacs", "move", 11113, 0.02)
 
 
 def test_retention_and_audit_keys_are_read(tmp_path: Path) -> None:

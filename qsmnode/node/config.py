@@ -457,6 +457,37 @@ class HL7Config:
 
 
 @dataclass(frozen=True)
+class FollowUpConfig:
+    """``[follow_up]``: compare each result with the patient's earlier qsmnode reports in PACS
+    (off until ``pacs`` names a destination).
+
+    ``pacs``: the ``[[destinations]]`` entry (by name) queried by C-FIND and retrieved from by
+    C-GET (``retrieve = "get"``) or C-MOVE to a temporary listener of this node with
+    ``move_ae_title`` on ``move_port`` (``retrieve = "move"``; the PACS must know that AE).
+    ``timeout_s`` bounds each step; a PACS that is down or slow gives results without the
+    comparison, saying why. ``max_studies``: the newest earlier studies looked at.
+    The limits are the test–retest variation of each measure: a change beyond it is flagged
+    (defaults and their sources: :mod:`qsmnode.m1.followup`).
+    """
+
+    pacs: str | None = field(default=None, metadata=_rule(expect="a destination name"))
+    retrieve: str = field(default="get", metadata=_rule(choices=("get", "move")))
+    move_ae_title: str = field(default="QSMNODE_FU",
+                               metadata=_rule(expect=AE_TITLE_EXPECT, check=is_ae_title))
+    move_port: int = field(default=0, metadata=_rule(
+        expect="a port 1-65535 (0: none; needed for retrieve = \"move\")", ge=0, le=65535))
+    timeout_s: float = field(default=30.0, metadata=_rule(unit="seconds", gt=0))
+    max_studies: int = field(default=10, metadata=_rule(ge=1))
+    chi_limit_ppm: float = field(default=0.010, metadata=_rule(unit="ppm", gt=0))
+    thickness_limit_mm: float = field(default=0.25, metadata=_rule(unit="mm", gt=0))
+    t2star_ratio_limit: float = field(default=0.05, metadata=_rule(gt=0))
+
+    def _cross_check(self, at: str) -> Iterator[tuple[str, str]]:
+        if self.pacs is not None and self.retrieve == "move" and self.move_port == 0:
+            yield (f"{at}move_port", 'expected a port 1-65535 with retrieve = "move", got 0')
+
+
+@dataclass(frozen=True)
 class HTTPConfig:
     """``[http]``: the status and health endpoint."""
 
@@ -529,6 +560,7 @@ class Settings:
     destinations: tuple[DestinationConfig, ...] = ()
     sender: SenderConfig = field(default_factory=SenderConfig)
     hl7: HL7Config = field(default_factory=HL7Config)
+    follow_up: FollowUpConfig = field(default_factory=FollowUpConfig)
     http: HTTPConfig = field(default_factory=HTTPConfig)
     retention: RetentionConfig = field(default_factory=RetentionConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
@@ -546,6 +578,16 @@ class Settings:
                     f"(also {at}destinations[{seen[destination.name]}].name)",
                 )
             seen.setdefault(destination.name, index)
+        follow = self.follow_up.pacs
+        if follow is not None:
+            known = {d.name: d for d in self.destinations}
+            if follow not in known:
+                yield (f"{at}follow_up.pacs", f"expected the name of one of {at}destinations "
+                       f"({', '.join(known) or 'none configured'}), got {json.dumps(follow)}")
+            elif known[follow].stow_url:
+                yield (f"{at}follow_up.pacs", f"destination {json.dumps(follow)} is reached "
+                       "by DICOMweb STOW-RS; the follow-up queries by C-FIND and needs a DICOM "
+                       "(DIMSE) destination")
         listener, http = self.listener, self.http
         if http.port == listener.port and (
             http.host == listener.host or {http.host, listener.host} & _WILDCARD_HOSTS
