@@ -458,6 +458,7 @@ def run_process(folder: Path, out: Path, send: str | None = None, config: Path |
 
     from qsmnode.dicom.load import LoadedAcquisition, load_folder
     from qsmnode.node.config import ConfigError, PipelineConfig, SenderConfig, load_settings
+    from qsmnode.node.followup import FollowUpSource
     from qsmnode.node.jobs import JobError
     from qsmnode.node.outbox import write_datasets
     from qsmnode.node.sender import AssociationFailed, OutgoingFile, Peer
@@ -508,9 +509,11 @@ def run_process(folder: Path, out: Path, send: str | None = None, config: Path |
         work = out / "pipeline" / loaded.study_uid / f"series-{numbers.replace(', ', '-')}"
         try:
             pipeline = settings.pipeline if settings is not None else PipelineConfig()
+            follow = FollowUpSource.from_settings(settings) if settings is not None else None
             record, datasets = function(loaded, sources, work,  # type: ignore[call-arg]
                                         pipeline.qsm, pipeline.m1, pipeline.atlas, None,
-                                        pipeline.m1_normative_table, pipeline.z_flag)
+                                        pipeline.m1_normative_table, pipeline.z_flag,
+                                        **({} if follow is None else {"follow_up": follow}))
         except JobError as exc:
             print(f"series {numbers}: failed: {exc}", file=sys.stderr)
             status = 1
@@ -529,6 +532,9 @@ def run_process(folder: Path, out: Path, send: str | None = None, config: Path |
         if m1_error:
             print(f"series {numbers}: {m1_error}; the maps are written without it",
                   file=sys.stderr)
+        follow_up = (record.get("m1") or {}).get("follow_up")
+        if follow_up:
+            print(f"series {numbers}: follow-up: {follow_up['note']}")
         paths = write_datasets(datasets, out)
         written += list(zip(paths, datasets, strict=True))
         print(f"series {numbers}: {len(paths)} derived objects written under {out} "

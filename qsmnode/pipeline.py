@@ -375,9 +375,21 @@ def _follow_up(ctx: _Context, result: M1Result) -> None:
                             tuple(float(t) for t in gre.echo_times_s))
         follow = compare(result, date, protocol, algorithm_version(), params.priors or (),
                          params.retest_limits)
-    log.info("study %s: follow-up: %s", ctx.loaded.study_uid, follow.note)
+    log.info("study %s: follow-up: %s", ctx.loaded.study_uid, _log_text(follow))
     ctx.follow_up = follow
     ctx.m1_record["follow_up"] = follow_up_record(follow)
+
+
+def _log_text(follow: FollowUp) -> str:
+    """The follow-up for the log: report UIDs and counts, no dates (study module values)."""
+    if follow.prior is not None:
+        return (f"compared with report {follow.prior.report_uid}: "
+                f"{len(follow.exceeding())} of {len(follow.changes)} changes beyond the "
+                "test-retest limit")
+    if follow.history:
+        return (f"no comparison: none of {len(follow.history)} earlier results is comparable "
+                f"({'; '.join(sorted({why for _, why in follow.not_comparable}))})")
+    return "no comparison" if follow.note.startswith("no comparison") else follow.note
 
 
 def follow_up_record(follow: FollowUp) -> dict[str, Any]:

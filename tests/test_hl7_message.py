@@ -185,3 +185,43 @@ def test_bad_hl7_configuration_names_the_key(tmp_path: Path, change: tuple[str, 
     old, new = change
     assert old in GOOD
     assert message in config_error(tmp_path, GOOD.replace(old, new, 1))
+
+
+def test_a_follow_up_adds_the_changes_flagged_up_or_down_beyond_the_retest_limit() -> None:
+    import datetime as dt
+
+    from qsmnode.m1.followup import Change, FollowUp, PriorResult
+    from qsmnode.pipeline import follow_up_record
+
+    prior = PriorResult("1.2.1", dt.date(2025, 6, 1), "1.2.9", "1.2.8",
+                        "1.2.840.10008.5.1.4.1.1.88.34", "v1", None, {})
+    changes = (Change("left_hand", "deep", "chi_mean_ppm", 0.03, 0.05, 0.02, 0.02, 0.01, True),
+               Change("right_hand", "deep", "chi_mean_ppm", 0.03, 0.031, 0.001, 0.001, 0.01,
+                      False),
+               Change("left_hand", "all", "thickness_mean_mm", 2.6, 2.2, -0.4, -0.4, 0.25, True),
+               Change("left_hand", "deep", "thickness_mean_mm", 2.6, 2.2, -0.4, None, 0.25, True))
+    follow = FollowUp(prior, changes, (prior,), (), "compared with the result of 2025-06-01",
+                      1.0, dt.date(2026, 6, 1))
+    m1 = {**m1_record_from_truth(), "follow_up": follow_up_record(follow)}
+    rows = observations(m1, Thresholds())
+    by = {(r.code, r.sub_id): r for r in rows}
+    assert by[("FOLLOWUP", "")].value == "compared with the result of 2025-06-01"
+    assert by[("FOLLOWUP", "")].status == "P"
+    up = by[("CHI-CHG", "L-HAND.DEEP")]
+    assert (up.value, up.flag, up.unit) == ("0.02", "U", ("[ppm]", "parts per million"))
+    assert "since 2025-06-01" in up.text
+    assert by[("CHI-CHG-YR", "L-HAND.DEEP")].unit == ("[ppm]/a", "parts per million per year")
+    assert by[("CHI-CHG", "R-HAND.DEEP")].flag == ""  # within the test–retest limit
+    down = by[("THICK-CHG", "L-HAND.ALL")]
+    assert (down.value, down.flag) == ("-0.4", "D")
+    # thickness is reported per area, as the current value is
+    assert ("THICK-CHG", "L-HAND.DEEP") not in by
+    # before the quality checks
+    codes = [r.code for r in rows]
+    assert codes.index("FOLLOWUP") < codes.index("QC")
+    # nothing compared: one row that says why, status X
+    none = FollowUp(None, (), (), (), "no comparison: the PACS did not answer")
+    rows = observations({**m1_record_from_truth(), "follow_up": follow_up_record(none)},
+                        Thresholds())
+    [row] = [r for r in rows if r.code.startswith(("FOLLOWUP", "CHI-CHG"))]
+    assert row.status == "X" and "did not answer" in row.value

@@ -47,6 +47,10 @@ T0 = 1_700_000_000.0
 EVIL = "<script>alert(1)</script>\"'&"
 
 
+FOLLOW_UP = ("compared with the result of 2025-06-01 (1.00 years earlier): 1 of 3 changes "
+             "beyond the test–retest limit")
+
+
 def settings(min_free_disk_mb: int = 0, port: int = 8080) -> Settings:
     return dataclasses.replace(
         Settings(), listener=ListenerConfig(min_free_disk_mb=min_free_disk_mb),
@@ -81,7 +85,8 @@ def populate(store: Store) -> None:
     assert done is not None
     outbox = [OutboxRecord(f"2.25.{n}", MR, STUDY, "2.25.9", EXPLICIT_LE,
                            f"outbox/{STUDY}/2.25.9/2.25.{n}.dcm", 10, T0 + 142) for n in (1, 2)]
-    assert store.finish_job(done.id, "me", {"ok": True}, T0 + 142, outbox=outbox,
+    assert store.finish_job(done.id, "me", {"ok": True, "m1": {"follow_up": {"note": FOLLOW_UP}}},
+                            T0 + 142, outbox=outbox,
                             destinations=["archive", "pacs"])
     store.record_send_outcomes([
         SendOutcome("2.25.1", "pacs", True, 0),
@@ -264,6 +269,7 @@ def test_status_page_lists_studies_jobs_problems_and_deliveries(server: HttpServ
     for state in ("queued", "running", "done", "failed"):
         assert f'<span class="state {state}">{state}</span>' in page
     assert "42 s" in page  # the done job's run time
+    assert f"follow-up: {FOLLOW_UP}" in page  # the done job's comparison with earlier results
     assert "<td>pacs</td><td>0</td><td>2</td><td>0</td>" in page
     assert "<td>archive</td><td>1</td><td>0</td><td>1</td>" in page
 

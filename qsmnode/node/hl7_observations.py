@@ -11,7 +11,12 @@ kept the analysis from running) into :class:`Observation` rows, in order:
    per layer (deep, middle, superficial) χ mean in ppm (``CHI``), its z-score (``CHI-Z``), the
    T2*-weighted signal ratio (``T2S-RATIO``) and its z-score (``T2S-RATIO-Z``), and the
    area's cortical thickness in mm (``THICK``);
-3. the quality-control flags (``QC``), passed or failed with their text.
+3. with a follow-up (``m1["follow_up"]``, issue 17): what was compared (``FOLLOWUP``, status X
+   when nothing could be), then per area and layer the change since the earlier result of χ
+   (``CHI-CHG``), of the T2*-weighted signal ratio (``T2S-RATIO-CHG``) and, per area, of the
+   thickness (``THICK-CHG``), each with its change per year (``…-YR``); a change beyond its
+   test–retest limit is flagged U or D (HL7 table 0078: significant change up, down);
+4. the quality-control flags (``QC``), passed or failed with their text.
 
 Codes are local (coding system ``99QSM``); units are UCUM (``[ppm]``, ``mm``, ``1``,
 ``{z-score}``). The sub-ID (OBX-4) names the area and layer (``L-HAND.DEEP``). Nothing here
@@ -169,6 +174,45 @@ def _measure_rows(m: Mapping[str, Any], sub_id: str, where: str,
     return rows
 
 
+CHANGES = {
+    # measure: (code, text, unit, digits); χ and the ratio per layer, thickness per area
+    "chi_mean_ppm": ("CHI-CHG", "Susceptibility (chi) mean change", UNIT_PPM, 5),
+    "t2star_signal_ratio": ("T2S-RATIO-CHG", "T2*-weighted signal ratio change", UNIT_RATIO, 4),
+    "thickness_mean_mm": ("THICK-CHG", "Cortical thickness change", UNIT_MM, 2),
+}
+
+
+def follow_up_rows(follow: Any) -> list[Observation]:
+    """The OBX rows of a follow-up record (none without one)."""
+    if not isinstance(follow, Mapping):
+        return []
+    prior = follow.get("prior") if isinstance(follow.get("prior"), Mapping) else None
+    rows = [Observation("FOLLOWUP", "Comparison with earlier results", "ST",
+                        str(follow.get("note", "")), status="P" if prior else "X")]
+    since = f" since {prior.get('study_date')}" if prior else ""
+    for c in follow.get("changes", ()):
+        if not isinstance(c, Mapping) or c.get("measure") not in CHANGES:
+            continue
+        area, layer, measure = str(c.get("area")), str(c.get("layer")), str(c["measure"])
+        if area not in AREA_CODES or (layer == "all") != (measure == "thickness_mean_mm"):
+            continue
+        change = _finite(c.get("change"))
+        if change is None:
+            continue
+        code, text, unit, digits = CHANGES[measure]
+        where = AREA_NAMES[area] + ("" if layer == "all" else f", {layer} layer")
+        sub_id = f"{AREA_CODES[area]}.{LAYER_CODES[layer]}"
+        flag = ("U" if change > 0 else "D") if c.get("exceeds") else ""
+        rows.append(Observation(code, f"{text}{since}, {where}", "NM", number(change, digits),
+                                sub_id, unit, flag))
+        per_year = _finite(c.get("per_year"))
+        if per_year is not None:
+            rows.append(Observation(f"{code}-YR", f"{text} per year, {where}", "NM",
+                                    number(per_year, digits), sub_id,
+                                    (f"{unit[0]}/a", f"{unit[1]} per year"), flag))
+    return rows
+
+
 def observations(m1: Mapping[str, Any] | None, thresholds: Thresholds) -> list[Observation]:
     """The OBX rows of one result (see the module docstring), the finding first."""
     found = finding(m1, thresholds)
@@ -202,6 +246,7 @@ def observations(m1: Mapping[str, Any] | None, thresholds: Thresholds) -> list[O
             rows.append(Observation("THICK", f"Cortical thickness, {name}", "NM",
                                     number(thickness, 2), f"{area_code}.{LAYER_CODES['all']}",
                                     UNIT_MM))
+    rows += follow_up_rows(m1.get("follow_up"))
     for index, flag in enumerate(m1.get("flags", ()), start=1):
         if not isinstance(flag, Mapping):
             continue

@@ -296,6 +296,8 @@ def _job_row(job: JobRow, now: float, stage: str | None = None,
         run = now - job.started_at  # so far
     state = job.job_state if job.job_id is not None else job.acquisition_state
     note = job.last_error if job.job_id is not None else job.reason
+    if job.job_state == "done" and job.follow_up:
+        note = f"follow-up: {job.follow_up}"
     if stage is not None:
         note = f"now: {stage}" + (f" (last error: {note})" if note else "")
     return (f"<tr><td>{job.acquisition_id}</td>{_study_cell(job.study_uid, labels or {})}"
@@ -415,7 +417,7 @@ def _sections(status: Status, now: float, stages: dict[int, str]) -> list[str]:
     else:
         out.append(_table(
             ("Acq.", "Study", "Series", "Echoes", "State", "Attempts", "Started", "Run time",
-             "Last error / reason"),
+             "Last error / reason / follow-up"),
             [_job_row(job, now, stages.get(job.job_id or 0), labels) for job in status.jobs],
             "No acquisitions yet."))
     out.append("<h2>Problems</h2>")

@@ -59,8 +59,9 @@ log = logging.getLogger(__name__)
 
 MANIFEST_FILENAME = "manifest.json"
 PROGRESS_FILENAME = "progress.json"
-STAGE_NAMES = {"load": "loading", "check": "checking", "qsm": "QSM", "m1": "M1 analysis",
-               "derived": "derived DICOM", "write": "writing files"}
+STAGE_NAMES = {"load": "loading", "priors": "earlier results", "check": "checking",
+               "qsm": "QSM", "m1": "M1 analysis", "derived": "derived DICOM",
+               "write": "writing files"}
 """What an attempt's progress stages (:func:`execute_job`) are called on screens."""
 
 
@@ -118,6 +119,8 @@ class JobSpec:
         qsm, m1, atlas: what the pipeline computes (``[pipeline]`` in the configuration).
         m1_normative_table: the normative table file for z-scores (None: no z-scores).
         z_flag: the |z| at or beyond which the key images and the KOS flag a deep-layer χ.
+        follow_up: where to look for the patient's earlier results
+            (:meth:`qsmnode.node.followup.FollowUpSource.to_json`); None: no follow-up.
         work_dir: this attempt's folder (spec, result, ``out/``).
     """
 
@@ -140,6 +143,7 @@ class JobSpec:
     t1w_error: str = ""
     pass_over: bool = True
     qsm_series: tuple[str, ...] = ()
+    follow_up: dict[str, Any] | None = None
 
     @property
     def out_dir(self) -> Path:
@@ -213,7 +217,17 @@ def job_spec(store: Store, job: JobRecord, settings: Settings) -> JobSpec:
         t1w_error=t1w_error,
         pass_over=settings.rules.pass_over,
         qsm_series=settings.rules.qsm_series,
+        follow_up=_follow_up_json(settings),
     )
+
+
+def _follow_up_json(settings: Settings) -> dict[str, Any] | None:
+    from qsmnode.node.followup import FollowUpSource
+
+    if not (settings.pipeline.qsm and settings.pipeline.m1):
+        return None
+    source = FollowUpSource.from_settings(settings)
+    return None if source is None else source.to_json()
 
 
 def _t1w_files(store: Store, summary: dict[str, Any], state_dir: Path,
@@ -352,11 +366,14 @@ def process_acquisition(loaded: Any, files: Sequence[str], out_dir: Path | None,
                         progress: Callable[[str], None] | None = None,
                         m1_normative_table: str | Path | None = None,
                         z_flag: float = 2.0,
+                        follow_up: Any = None,
                         ) -> tuple[dict[str, Any], list[Dataset]]:
     """Run the pipeline on a loaded acquisition: its result as JSON and the derived datasets
     it made. ``files`` are the acquisition's source files; ``qsm``, ``m1``, ``atlas``,
     ``m1_normative_table`` (a file, for z-scores) and ``z_flag`` (the |z| the key images and
-    the KOS flag) are the ``[pipeline]`` settings. The
+    the KOS flag) are the ``[pipeline]`` settings; ``follow_up`` (a
+    :class:`~qsmnode.node.followup.FollowUpSource`, or None) is where the patient's earlier
+    results are looked for before the pipeline runs (``[follow_up]``). The
     acquisition's T1w (``loaded.t1w``, its note and error) goes to the M1 analysis. The node's
     jobs and ``qsmnode process`` both call this, so both make the same datasets.
 
@@ -374,6 +391,14 @@ def process_acquisition(loaded: Any, files: Sequence[str], out_dir: Path | None,
             normative = load_normative_table(str(m1_normative_table))
         except NormativeTableError as exc:
             raise JobError(f"pipeline.m1_normative_table: {exc}") from None
+    priors, prior_note, limits = None, "", None
+    if with_m1 and follow_up is not None:
+        from qsmnode.node.followup import find_priors
+
+        if progress is not None:
+            progress("priors")
+        priors, prior_note = find_priors(follow_up, loaded)
+        limits = follow_up.limits
     params = PipelineParams(
         out_dir=out_dir,
         source_files=tuple(Path(f) for f in files),
@@ -384,12 +409,21 @@ def process_acquisition(loaded: Any, files: Sequence[str], out_dir: Path | None,
         t1w_note=getattr(loaded, "t1w_note", ""),
         t1w_error=getattr(loaded, "t1w_error", ""),
         z_flag=z_flag,
+        priors=priors,
+        prior_note=prior_note,
+        **({} if limits is None else {"retest_limits": limits}),
     )
     try:
         result = run_pipeline(loaded, params, progress)
     except PipelineError as exc:
         raise JobError(str(exc)) from None
     return result.to_json(), list(result.datasets)
+
+
+def _follow_up_source(spec: JobSpec) -> Any:
+    from qsmnode.node.followup import FollowUpSource
+
+    return None if spec.follow_up is None else FollowUpSource.from_json(spec.follow_up)
 
 
 def read_progress(state_dir: Path, job_id: int, attempt: int) -> dict[str, Any] | None:
@@ -431,7 +465,8 @@ def execute_job(spec: JobSpec) -> dict[str, Any]:
         loaded = load_job_acquisition(spec)
         result, datasets = process_acquisition(loaded, spec.files, spec.out_dir, spec.qsm,
                                                spec.m1, spec.atlas, progress,
-                                               spec.m1_normative_table, spec.z_flag)
+                                               spec.m1_normative_table, spec.z_flag,
+                                               _follow_up_source(spec))
     except (JobError, MemoryError, OSError):
         raise
     except Exception as exc:  # from the input (e.g. a header the builders cannot use): final

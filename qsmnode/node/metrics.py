@@ -427,6 +427,8 @@ class JobRow:
     started_at: float | None
     finished_at: float | None
     last_error: str | None
+    follow_up: str | None = None
+    """A done job's follow-up note (its comparison with earlier results), if it has one."""
 
 
 @dataclass(frozen=True)
@@ -545,12 +547,14 @@ def _job_rows(db: sqlite3.Connection, where: str, order: str, limit: int) -> lis
     rows = []
     for row in db.execute(
             "SELECT a.id, a.study_uid, a.summary, a.state, a.reason, a.created_at, "
-            "j.id, j.state, j.attempts, j.started_at, j.finished_at, j.last_error "
+            "j.id, j.state, j.attempts, j.started_at, j.finished_at, j.last_error, "
+            "json_extract(j.result, '$.m1.follow_up.note') "
             f"FROM acquisitions a LEFT JOIN jobs j ON j.acquisition_id = a.id {where} "
             f"ORDER BY {order} LIMIT ?", (limit,)):
         numbers, echoes = _plan(row[2])
         rows.append(JobRow(int(row[0]), row[1], numbers, echoes, row[3], row[4],
-                           float(row[5]), row[6], row[7], row[8], row[9], row[10], row[11]))
+                           float(row[5]), row[6], row[7], row[8], row[9], row[10], row[11],
+                           row[12]))
     return rows
 
 
