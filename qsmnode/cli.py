@@ -98,7 +98,8 @@ def _simulate(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from qsmnode.demo.run import run_demo
 
-    return run_demo(args.out, args.size, args.pacs, args.report_json)
+    return run_demo(args.out, args.size, args.pacs, args.report_json,
+                    follow_up=args.follow_up)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -743,6 +744,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="the receiving PACS (default: Orthanc when installed)")
     demo.add_argument("--report-json", type=Path, default=None, metavar="FILE",
                       help="also write the timings and the result as JSON")
+    demo.add_argument("--follow-up", action="store_true",
+                      help="two visits of the same patient a year apart: the second is compared "
+                           "with the first's report, found in the PACS (needs Orthanc)")
     demo.set_defaults(run=_demo)
     return parser
 

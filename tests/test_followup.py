@@ -11,6 +11,7 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 
+from qsmnode.demo.pacs import Orthanc
 from qsmnode.dicom.derived import build_derived_objects, source_reader
 from qsmnode.dicom.load import LoadedAcquisition, load_folder
 from qsmnode.dicom.prior_report import PriorReportError, read_prior_report
@@ -23,6 +24,8 @@ from qsmnode.m1.followup import (
     why_not_comparable,
 )
 from qsmnode.m1.result import M1Result, Measurement
+from qsmnode.node.followup import FollowUpSource, find_priors
+from qsmnode.node.sender import Peer
 from qsmnode.sim.scanner import Simulation, preset, simulate
 from qsmnode.sim.vendor_dicom import SimStudyInfo, write_dicom
 from tests.conftest import require_tool
@@ -277,3 +280,176 @@ def test_the_key_image_lists_the_changes_and_plots_the_trend(sim: Simulation,
     differs = np.any(with_trend[:, :left] != padded[:, :left], axis=-1)
     rows = np.flatnonzero(differs.any(axis=1))
     assert differs.sum() > 500 and rows.min() > 24 + 70 + 300, rows.min()
+
+
+# --- against a real PACS: the node's prior lookup, and the demo's two visits ------------------
+
+
+@pytest.fixture(scope="module")
+def pacs(tmp_path_factory) -> Orthanc:
+    """Debian's Orthanc that lets the node's AE title query and retrieve."""
+    require_tool("Orthanc", "orthanc")
+    server = Orthanc(tmp_path_factory.mktemp("pacs"),
+                     known_modalities={"QSMNODE": ("127.0.0.1", 104)}).start()
+    yield server
+    server.kill()
+
+
+def _source(server: Orthanc, **changes) -> FollowUpSource:
+    peer = Peer("pacs", server.ae_title, "127.0.0.1", server.dicom_port, "QSMNODE")
+    return replace(FollowUpSource(peer=peer, timeout_s=10.0), **changes)
+
+
+def _archive(server: Orthanc, sim: Simulation, root: Path, info: SimStudyInfo, m1: M1Result,
+             version: str) -> Dataset:
+    """A visit processed with ``m1`` (the truth's numbers) by ``version``, its report stored in
+    the PACS by C-STORE; the report."""
+    from qsmnode.node.sender import OutgoingFile, send_files
+
+    sources = write_dicom(sim.gre, root / "source", "siemens", info)
+    (loaded,) = load_folder(root / "source")
+    objects = build_derived_objects(loaded, sim.truth.chi_ppm, sim.truth.r2star_per_s, m1,
+                                    source_reader(sources), version)
+    path = root / "sr.dcm"
+    objects.report.save_as(path, enforce_file_format=True)
+    sr = objects.report
+    outcome = send_files(_source(server).peer, [OutgoingFile(
+        path, path, str(sr.SOPClassUID), str(sr.file_meta.TransferSyntaxUID),
+        str(sr.SOPInstanceUID))])
+    assert all(o.ok for o in outcome.values()), outcome
+    return sr
+
+
+def _current(sim: Simulation, root: Path, info: SimStudyInfo) -> LoadedAcquisition:
+    write_dicom(sim.gre, root / "source", "siemens", info)
+    (loaded,) = load_folder(root / "source")
+    return loaded
+
+
+def _protocol(loaded: LoadedAcquisition) -> Protocol:
+    gre = loaded.gre
+    return Protocol(gre.field_strength_t, tuple(gre.voxel_size_mm), tuple(gre.echo_times_s))
+
+
+def test_the_node_finds_the_patients_earlier_report_in_pacs_and_only_that(
+        pacs: Orthanc, sim: Simulation, tmp_path: Path) -> None:
+    """Orthanc holds: this patient's report of a year ago (smaller ALS change), one of an
+    older algorithm version (earlier still), and another patient's; the lookup before the
+    current visit finds this patient's two, compares with the comparable one, and names why
+    the other one is not compared."""
+    from qsmnode.pipeline import algorithm_version
+
+    version = algorithm_version()
+    truth = m1_from_truth(sim)
+    key = ("left_hand", "deep", "chi_mean_ppm")
+
+    def shifted(delta: float) -> M1Result:
+        return replace(truth, measurements=tuple(
+            replace(m, chi_mean_ppm=m.chi_mean_ppm + delta)
+            if (m.area, m.layer) == key[:2] else m for m in truth.measurements))
+
+    patient = {"patient_id": "FOLLOWUP-0417", "patient_name": "Followup^Ann"}
+    year_ago = _archive(pacs, sim, tmp_path / "v1", SimStudyInfo(
+        seed="fu-1", study_date="20250601", **patient), shifted(0.01), version)
+    _archive(pacs, sim, tmp_path / "v0", SimStudyInfo(
+        seed="fu-0", study_date="20240601", **patient), truth, "0.0.1/0.1")
+    _archive(pacs, sim, tmp_path / "other", SimStudyInfo(
+        seed="fu-x", study_date="20250901", patient_id="FOLLOWUP-9999",
+        patient_name="Other^Bea"), shifted(-0.05), version)
+    current = _current(sim, tmp_path / "v2", SimStudyInfo(
+        seed="fu-2", study_date="20260601", **patient))
+
+    priors, note = find_priors(_source(pacs), current)
+    assert note == "" and priors is not None
+    assert sorted(p.study_date.isoformat() for p in priors) == ["2024-06-01", "2025-06-01"]
+    follow = compare(shifted(0.03), dt.date(2026, 6, 1), _protocol(current), version, priors)
+    assert follow.prior is not None and follow.prior.report_uid == year_ago.SOPInstanceUID
+    change = follow.change(*key)
+    assert change is not None and change.change == pytest.approx(0.02, abs=1e-6)
+    assert change.exceeds
+    assert [(c.area, c.layer, c.measure) for c in follow.exceeding()] == [key]
+    [(old, why)] = follow.not_comparable
+    assert old.study_date == dt.date(2024, 6, 1) and "algorithm version 0.0.1/0.1" in why
+    assert [p.study_date for p in follow.history] == [dt.date(2024, 6, 1), dt.date(2025, 6, 1)]
+
+    # another patient of the PACS has no earlier result
+    stranger = _current(sim, tmp_path / "s", SimStudyInfo(
+        seed="fu-s", study_date="20260601", patient_id="FOLLOWUP-NEW", patient_name="New^Cy"))
+    priors, note = find_priors(_source(pacs), stranger)
+    assert priors == () and note == ""
+    assert "no earlier result" in compare(truth, dt.date(2026, 6, 1), _protocol(stranger),
+                                          version, priors).note
+
+
+def test_a_pacs_that_is_down_gives_no_comparison_and_says_why(sim: Simulation,
+                                                             tmp_path: Path) -> None:
+    from qsmnode.demo.pacs import free_port
+
+    current = _current(sim, tmp_path / "v", SimStudyInfo(seed="fu-d", study_date="20260601"))
+    peer = Peer("pacs", "ORTHANC", "127.0.0.1", free_port(), "QSMNODE")
+    priors, note = find_priors(FollowUpSource(peer=peer, timeout_s=3.0), current)
+    assert priors is None
+    assert note.startswith("prior query to pacs (ORTHANC@127.0.0.1:") and "QSMNODE" not in note
+    # and a study without a Patient ID is not looked up
+    current.header.PatientID = ""
+    priors, note = find_priors(FollowUpSource(peer=peer, timeout_s=3.0), current)
+    assert priors is None and "no Patient ID" in note
+
+
+def test_the_follow_up_source_travels_in_the_job_spec(tmp_path: Path) -> None:
+    from qsmnode.node.config import ClientTLSConfig
+
+    tls = ClientTLSConfig(enabled=True, ca_file=tmp_path / "ca.pem")
+    source = FollowUpSource(Peer("pacs", "PACS", "pacs.example", 11112, "QSMNODE", tls),
+                            retrieve="move", move_port=11113, timeout_s=5.0,
+                            limits=RetestLimits(0.02, 0.3, 0.1))
+    import json
+
+    assert FollowUpSource.from_json(json.loads(json.dumps(source.to_json()))) == source
+
+
+@pytest.mark.slow
+def test_the_demo_follow_up_compares_the_second_visit_with_the_first(tmp_path: Path) -> None:
+    """``qsmnode demo --follow-up``: scanner (storescu) → node → Orthanc, twice; the second
+    visit's job asks Orthanc for the first's report. Only the left hand area's deep layer
+    changed (+0.01 → +0.03 ppm in the simulator's truth): its χ change is positive and beyond
+    the test–retest limit, no other area's deep χ is."""
+    import io
+    import json
+
+    from qsmnode.demo.progress import Console
+    from qsmnode.demo.run import FOLLOW_UP_VISITS, run_demo
+
+    require_tool("Orthanc", "orthanc")
+    require_tool("storescu", "dcmtk")
+    report = tmp_path / "report.json"
+    stream = io.StringIO()
+    assert run_demo(tmp_path / "demo", "small-slab", "orthanc", report, Console(stream),
+                    follow_up=True) == 0, stream.getvalue()[-3000:]
+    first, second = json.loads(report.read_text())["visits"]
+    assert first["m1"]["follow_up"]["prior"] is None  # the first visit has none
+    follow = second["m1"]["follow_up"]
+    first_sr = [p for p in follow["history"]]
+    assert [p["study_date"] for p in first_sr] == ["2025-06-05"]
+    assert follow["prior"]["study_uid"] == first["acquisition"]["study_uid"]
+    truth = {v.label: v.als for v in FOLLOW_UP_VISITS}
+    assert list(truth.values()) == [{"left_hand": 0.01}, {"left_hand": 0.03}]
+    deep = {c["area"]: c for c in follow["changes"]
+            if c["layer"] == "deep" and c["measure"] == "chi_mean_ppm"}
+    assert set(deep) == {"left_hand", "right_hand", "left_foot", "right_foot"}
+    assert deep["left_hand"]["change"] > 0.005 and deep["left_hand"]["exceeds"], deep
+    for area in ("right_hand", "left_foot", "right_foot"):
+        assert abs(deep[area]["change"]) < 0.005 and not deep[area]["exceeds"], deep[area]
+    text = stream.getvalue()
+    assert "Follow-up: compared with the result of 2025-06-05" in text
+    # the second visit's SR, as delivered, references the first visit's SR
+    outbox = tmp_path / "demo" / "node" / "state" / "outbox"
+    reports = [pydicom.dcmread(p) for p in outbox.rglob("*.dcm")
+               if pydicom.dcmread(p, stop_before_pixels=True).Modality == "SR"]
+    by_study = {str(r.StudyInstanceUID): r for r in reports}
+    sr1 = by_study[first["acquisition"]["study_uid"]]
+    sr2 = by_study[second["acquisition"]["study_uid"]]
+    assert follow["prior"]["report_uid"] == sr1.SOPInstanceUID
+    refs = {c.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for c in _walk(sr2)
+            if c.get("ValueType") == "COMPOSITE"}
+    assert refs == {sr1.SOPInstanceUID}

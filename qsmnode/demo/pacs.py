@@ -221,14 +221,16 @@ class BuiltinPacs:
         return f"the built-in receiver's folder {self.folder}"
 
 
-def start_pacs(kind: str, folder: Path) -> Pacs:
+def start_pacs(kind: str, folder: Path,
+               known_modalities: dict[str, tuple[str, int]] | None = None) -> Pacs:
     """Start the receiving PACS: ``orthanc``, ``builtin``, or ``auto`` (Orthanc when it is
-    installed and starts, else the built-in receiver)."""
+    installed and starts, else the built-in receiver). ``known_modalities`` (Orthanc only):
+    AE titles allowed to query and retrieve."""
     if kind not in ("auto", "orthanc", "builtin"):
         raise ValueError(f"unknown PACS {kind!r}: expected auto, orthanc or builtin")
     if kind != "builtin" and orthanc_program() is not None:
         try:
-            return Orthanc(folder / "orthanc").start()
+            return Orthanc(folder / "orthanc", known_modalities=known_modalities).start()
         except RuntimeError as exc:
             if kind == "orthanc":
                 raise

@@ -6,6 +6,11 @@ GRE slab over the motor cortex (the anatomy phantom, with an ALS-like deep-layer
 the left hand area), and follows the study through reception, grouping, QSM, the M1 analysis
 and delivery. It ends with the M1 measurements, where the derived objects are, PNG copies of
 the key images and the latency of each stage.
+
+``--follow-up`` (:data:`FOLLOW_UP_VISITS`): two visits of the same simulated patient a year
+apart, the second with a larger ALS-like change. The PACS is Orthanc (it answers C-FIND and
+C-GET); the node's ``[follow_up]`` asks it for the first visit's report when it processes the
+second, and the demo ends with the change of each area's deep layer since the first visit.
 """
 
 from __future__ import annotations
@@ -33,6 +38,26 @@ SCANNER_AE = "DEMO7T"
 NODE_AE = "QSMNODE"
 ALS_CHANGE = {"left_hand": 0.03}
 """The ALS-like deep-layer χ increase (ppm) the simulated patient has."""
+
+
+@dataclass(frozen=True)
+class Visit:
+    """One simulated study of the demo's patient."""
+
+    seed: int
+    """The study (UIDs) and the scanner noise."""
+    study_date: str
+    als: dict[str, float]
+    label: str
+
+
+VISIT = Visit(7, "20240101", ALS_CHANGE, "")
+FOLLOW_UP_VISITS = (
+    Visit(6, "20250605", {"left_hand": 0.01}, "visit 1 of 2 (2025-06-05)"),
+    Visit(7, "20260605", ALS_CHANGE, "visit 2 of 2 (2026-06-05, a year later)"),
+)
+"""``--follow-up``: the same patient a year apart, the left-hand deep-layer change growing
+from +0.01 to +0.03 ppm."""
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 MARKER = ".qsmnode-demo"
 T = TypeVar("T")
@@ -57,9 +82,11 @@ class Timeline:
 # the node
 
 
-def node_config(state_dir: Path, port: int, http_port: int, pacs: Pacs, workers: int = 1
-                ) -> str:
-    """A complete configuration for the demo's node (TOML)."""
+def node_config(state_dir: Path, port: int, http_port: int, pacs: Pacs, workers: int = 1,
+                follow_up: bool = False) -> str:
+    """A complete configuration for the demo's node (TOML); ``follow_up``: compare with the
+    patient's earlier reports in the PACS."""
+    extra = '\n[follow_up]\npacs = "pacs"\n' if follow_up else ""
     return f"""# written by `qsmnode demo`
 [paths]
 state_dir = {json.dumps(str(state_dir))}
@@ -98,20 +125,21 @@ ae_title = "{pacs.ae_title}"
 host = "127.0.0.1"
 port = {pacs.dicom_port}
 calling_ae_title = "{NODE_AE}"
-"""
+""" + extra
 
 
 class NodeProcess:
     """``qsmnode serve`` in a subprocess, its log in ``<root>/node.log``."""
 
-    def __init__(self, root: Path, pacs: Pacs, workers: int = 1) -> None:
+    def __init__(self, root: Path, pacs: Pacs, workers: int = 1,
+                 follow_up: bool = False) -> None:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
         self.state_dir = root / "state"
         self.port, self.http_port = free_port(), free_port()
         self.config = root / "qsmnode.toml"
         self.config.write_text(node_config(self.state_dir, self.port, self.http_port, pacs,
-                                           workers))
+                                           workers, follow_up))
         self.log_path = root / "node.log"
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -175,19 +203,22 @@ def until(check: Callable[[], Any], timeout_s: float, what: str, node: NodeProce
 # the steps
 
 
-def simulate_scan(console: Console, size: str, out: Path) -> tuple[list[Path], dict[str, Any]]:
-    """Simulate the slab and write it as a Siemens-style study; the files and a summary."""
+def simulate_scan(console: Console, size: str, out: Path, visit: Visit = VISIT
+                  ) -> tuple[list[Path], dict[str, Any]]:
+    """Simulate the slab of one visit and write it as a Siemens-style study; the files and a
+    summary."""
     from qsmnode.sim.anatomy import simulate_anatomy
     from qsmnode.sim.scanner import preset
     from qsmnode.sim.vendor_dicom import SimStudyInfo, write_dicom
 
-    scan = replace(preset(size), seed=7)
+    scan = replace(preset(size), seed=visit.seed)
     text = (f"{scan.shape[0]}×{scan.shape[1]}×{scan.shape[2]} at "
             f"{'×'.join(f'{v:g}' for v in scan.voxel_size_mm)} mm, "
             f"{len(scan.echo_times_s)} echoes, {scan.field_strength_t:g} T")
     with console.working("scanner", f"simulating {text}") as line:
-        sim = simulate_anatomy(scan, pose_seed=1, als=ALS_CHANGE)
-        files = write_dicom(sim.gre, out, "siemens", SimStudyInfo(seed=7))
+        sim = simulate_anatomy(scan, pose_seed=1, als=visit.als)
+        files = write_dicom(sim.gre, out, "siemens",
+                            SimStudyInfo(seed=visit.seed, study_date=visit.study_date))
         line.finish(f"simulated {text}, magnitude and phase: {len(files)} images "
                     f"in {seconds(line.elapsed_s)}")
     return files, {"shape": scan.shape, "voxel_size_mm": scan.voxel_size_mm,
@@ -235,7 +266,9 @@ def _scanner_send(files: list[Path], line: Line, host: str, port: int, ae_title:
             f"{p}: {e}" for p, e in list(bad.items())[:3]))
 
 
-def wait_for_job(console: Console, node: NodeProcess, timeline: Timeline) -> JobRecord:
+def wait_for_job(console: Console, node: NodeProcess, timeline: Timeline,
+                 known: frozenset[int] = frozenset()) -> JobRecord:
+    """The first job not among ``known`` (the jobs of earlier visits)."""
     line = console.line("grouping")
 
     def job() -> JobRecord | None:
@@ -245,7 +278,7 @@ def wait_for_job(console: Console, node: NodeProcess, timeline: Timeline) -> Job
         problems = node.read(lambda s: s.problems())
         if problems:
             raise DemoError(f"the node recorded a problem: {problems[0].reason}")
-        jobs = node.read(lambda s: s.jobs())
+        jobs = [j for j in node.read(lambda s: s.jobs()) or [] if j.id not in known]
         return jobs[0] if jobs else None
 
     found: JobRecord = until(job, 300, "the acquisition to be grouped into a job", node)
@@ -369,8 +402,24 @@ def deep_contrast(m1: dict[str, Any]) -> str | None:
             f"(the simulated patient has {ALS_CHANGE['left_hand']:+.3f} ppm)")
 
 
-def key_image_pngs(node: NodeProcess, out: Path) -> list[Path]:
-    """PNG copies of the key images in the outbox."""
+def follow_up_table(follow: dict[str, Any]) -> list[str]:
+    """The follow-up as text: what was compared, then each area's deep-layer χ change."""
+    rows = [f"Follow-up: {follow.get('note', 'not run')}"]
+    changes = [c for c in follow.get("changes", [])
+               if c["layer"] == "deep" and c["measure"] == "chi_mean_ppm"]
+    if changes:
+        rows.append(f"  {'area':<11} {'deep χ before':>13} {'now':>8} {'change':>8} "
+                    f"{'per year':>9}  beyond test-retest")
+        for c in changes:
+            per_year = "-" if c["per_year"] is None else f"{c['per_year']:+.4f}"
+            rows.append(f"  {c['area']:<11} {c['prior']:>+13.4f} {c['current']:>+8.4f} "
+                        f"{c['change']:>+8.4f} {per_year:>9}  "
+                        f"{'yes' if c['exceeds'] else 'no'} (±{c['limit']:g} ppm)")
+    return rows
+
+
+def key_image_pngs(node: NodeProcess, out: Path, study_uid: str | None = None) -> list[Path]:
+    """PNG copies of the key images in the outbox (of one study, when given)."""
     import pydicom
     from PIL import Image
 
@@ -381,6 +430,8 @@ def key_image_pngs(node: NodeProcess, out: Path) -> list[Path]:
         if record.sop_class_uid != SECONDARY_CAPTURE:
             continue
         ds = pydicom.dcmread(node.state_dir / record.path)
+        if study_uid is not None and ds.StudyInstanceUID != study_uid:
+            continue
         number = int(getattr(ds, "InstanceNumber", len(written) + 1))
         path = out / f"key-image-{number}.png"
         Image.fromarray(ds.pixel_array).save(path)
@@ -415,9 +466,14 @@ def latency_rows(timeline: Timeline) -> list[tuple[str, float]]:
 
 
 def run_demo(out: Path | None, size: str = "slab", pacs_kind: str = "auto",
-             report_json: Path | None = None, console: Console | None = None) -> int:
+             report_json: Path | None = None, console: Console | None = None,
+             follow_up: bool = False) -> int:
     """Run the demo (see the module docstring); 0 on success, 1 with a clear error."""
     console = console or Console()
+    if follow_up and pacs_kind == "builtin":
+        console.say("error: --follow-up needs Orthanc as the PACS (it answers the node's C-FIND "
+                    "and C-GET for the earlier visit's report); not --pacs builtin")
+        return 1
     root = Path(tempfile.mkdtemp(prefix="qsmnode-demo-")) if out is None else out.resolve()
     if root.is_dir() and any(root.iterdir()):
         if not (root / MARKER).exists():
@@ -430,27 +486,40 @@ def run_demo(out: Path | None, size: str = "slab", pacs_kind: str = "auto",
     console.say("qsmnode demo: a 7T scanner sends a multi-echo GRE slab over the motor cortex;")
     console.say("the node receives it, runs QSM and the M1 analysis, and sends the results "
                 "to a PACS.")
+    if follow_up:
+        console.say("Follow-up: two visits of the same patient a year apart; the second is "
+                    "compared with the first's report, found in the PACS.")
     console.say(f"everything goes to {root}")
     console.say()
     timeline = Timeline()
     pacs: Pacs | None = None
     node: NodeProcess | None = None
+    visits = FOLLOW_UP_VISITS if follow_up else (VISIT,)
+    jobs: list[JobRecord] = []
     try:
         line = console.line("PACS")
-        pacs = start_pacs(pacs_kind, root / "pacs")
+        # the node's AE title may query and retrieve (Orthanc refuses unknown AEs a C-FIND)
+        pacs = start_pacs("orthanc" if follow_up else pacs_kind, root / "pacs",
+                          {NODE_AE: ("127.0.0.1", 104)} if follow_up else None)
         line.finish(pacs.where())
-        node = NodeProcess(root / "node", pacs)
+        node = NodeProcess(root / "node", pacs, follow_up=follow_up)
         line = console.line("node")
         node.start()
         line.finish(f"{NODE_AE} listening on 127.0.0.1:{node.port}; status page "
                     f"http://127.0.0.1:{node.http_port}/")
-        files, scan = simulate_scan(console, size, root / "scanner")
-        send_study(console, files, node, timeline)
-        send_study_to_pacs(console, files, pacs)
-        job = wait_for_job(console, node, timeline)
-        job = follow_job(console, node, job.id, timeline)
-        n_sent = follow_delivery(console, node, pacs, timeline)
-    except DemoError as exc:
+        for n, visit in enumerate(visits):
+            if visit.label:
+                console.say()
+                console.say(visit.label)
+            folder = root / "scanner" if len(visits) == 1 else root / f"scanner-visit-{n + 1}"
+            files, scan = simulate_scan(console, size, folder, visit)
+            send_study(console, files, node, timeline)
+            send_study_to_pacs(console, files, pacs)
+            job = wait_for_job(console, node, timeline, frozenset(j.id for j in jobs))
+            job = follow_job(console, node, job.id, timeline)
+            n_sent = follow_delivery(console, node, pacs, timeline)
+            jobs.append(job)
+    except (DemoError, RuntimeError) as exc:
         console.say()
         console.say(f"error: {exc}")
         return 1
@@ -475,7 +544,12 @@ def run_demo(out: Path | None, size: str = "slab", pacs_kind: str = "auto",
         failed = [f for f in m1.get("flags", []) if not f["passed"]]
         for flag in failed:
             console.say(f"  quality flag {flag['name']}: {flag['text']}")
-    pngs = key_image_pngs(node, root / "key-images") if node is not None else []
+    if follow_up:
+        console.say()
+        for row in follow_up_table(m1.get("follow_up") or {}):
+            console.say(row)
+    study = (result.get("acquisition") or {}).get("study_uid")
+    pngs = key_image_pngs(node, root / "key-images", study) if node is not None else []
     console.say()
     console.say(f"derived objects: {n_sent}, delivered to {pacs.kept() if pacs else '-'}")
     console.say(f"  and in the node's outbox {node.state_dir / 'outbox' if node else '-'}")
@@ -489,6 +563,7 @@ def run_demo(out: Path | None, size: str = "slab", pacs_kind: str = "auto",
     if report_json is not None:
         report_json.write_text(json.dumps({"scan": scan, "timeline": timeline.as_dict(),
                                            "latency": dict(rows), "derived": n_sent,
-                                           "result": result}, indent=2, default=str))
+                                           "result": result,
+                                           "visits": [j.result or {} for j in jobs]},
+                                          indent=2, default=str))
     return 0
-
