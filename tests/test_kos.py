@@ -75,6 +75,27 @@ def test_the_reason_is_the_deep_layer_finding() -> None:
         "QSM maps for review; no M1 analysis: the M1 analysis is turned off")
 
 
+def test_the_reason_adds_the_changes_beyond_test_retest_since_the_prior() -> None:
+    import datetime as dt
+
+    from qsmnode.m1.followup import Change, FollowUp, PriorResult
+
+    m1 = m1_from_truth(small_simulation())
+    prior = PriorResult("1.2.1", dt.date(2025, 6, 5), "1.2.9", "1.2.8", "1.2.3", "v", None, {})
+    changes = (Change("left_hand", "deep", "chi_mean_ppm", 0.025, 0.036, 0.011, 0.011, 0.01,
+                      True),
+               Change("right_hand", "deep", "chi_mean_ppm", 0.017, 0.017, 0.0, 0.0, 0.01,
+                      False),
+               Change("left_hand", "all", "thickness_mean_mm", 2.8, 2.4, -0.4, -0.4, 0.25,
+                      True))
+    follow = FollowUp(prior, changes, (prior,), (), "compared", 1.0, dt.date(2026, 6, 5))
+    assert kos_reason(m1, follow_up=follow) == kos_reason(m1) + (
+        "; changed beyond test-retest since 2025-06-05: left hand area deep chi +0.0110 ppm; "
+        "left hand area thickness -0.40 mm")
+    nothing = FollowUp(None, (), (), (), "no earlier result")
+    assert kos_reason(m1, follow_up=nothing) == kos_reason(m1)
+
+
 def test_the_kos_is_the_same_for_the_same_input(objects) -> None:  # type: ignore[no-untyped-def]
     folder, o = objects
     (loaded,) = load_folder(folder / "source")
@@ -151,7 +172,7 @@ def test_the_pipeline_z_flag_setting_reaches_the_builders(monkeypatch: Any) -> N
                         lambda *args, **kwargs: built.append(kwargs) or [])
     ctx = types.SimpleNamespace(
         loaded=None, qsm=types.SimpleNamespace(chi_ppm=None, r2star_per_s=None), m1=None,
-        m1_record={}, datasets=(),
+        m1_record={}, datasets=(), follow_up=None,
         params=PipelineParams(source_files=(Path("x.dcm"),), z_flag=3.0))
     pipeline_module._derived(ctx)  # type: ignore[arg-type]
     assert built[0]["z_flag"] == 3.0

@@ -150,7 +150,8 @@ def build_derived_objects(
         out.key_images = list(build_key_images(ctx, chi_ppm, m1, m1_note, z_flag, follow_up))
         flagged = [*out.key_images, *(o for o in (out.report, out.segmentation) if o)]
         out.key_objects = build_key_object_selection(ctx, flagged,
-                                                     kos_reason(m1, m1_note, z_flag))
+                                                     kos_reason(m1, m1_note, z_flag,
+                                                                follow_up))
     return out
 
 

@@ -20,6 +20,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 from qsmnode.dicom.derived.common import MANUFACTURER, BuildContext
 from qsmnode.dicom.derived.key_images import Z_FLAG
+from qsmnode.m1.followup import FollowUp
 from qsmnode.m1.result import M1Result
 
 KOS_ROLE = "kos"
@@ -36,9 +37,32 @@ _AREA_NAMES = {"left_hand": "left hand area", "right_hand": "right hand area",
                "left_foot": "left foot area", "right_foot": "right foot area"}
 
 
-def kos_reason(m1: M1Result | None, m1_note: str | None = None, z_high: float = Z_HIGH) -> str:
+_UNITS = {"chi_mean_ppm": ("chi", "ppm", 4), "thickness_mean_mm": ("thickness", "mm", 2),
+          "t2star_signal_ratio": ("T2* ratio", "", 3)}
+
+
+def _change_text(follow_up: FollowUp | None) -> str:
+    """The changes since the prior beyond the test–retest limit, as a clause ("" if none)."""
+    if follow_up is None or follow_up.prior is None or not follow_up.exceeding():
+        return ""
+    parts = []
+    for c in follow_up.exceeding():
+        name, unit, digits = _UNITS[c.measure]
+        layer = "" if c.layer == "all" else f" {c.layer}"
+        parts.append(f"{_AREA_NAMES.get(c.area, c.area)}{layer} {name} {c.change:+.{digits}f}"
+                     f"{' ' + unit if unit else ''}")
+    return (f"; changed beyond test-retest since {follow_up.prior.study_date}: "
+            + "; ".join(parts))
+
+
+def kos_reason(m1: M1Result | None, m1_note: str | None = None, z_high: float = Z_HIGH,
+               follow_up: FollowUp | None = None) -> str:
     """Why the objects are flagged, in one line: the deep-layer χ finding, or why there is
-    none."""
+    none, then the changes since the patient's prior report beyond the test–retest limit."""
+    return _finding(m1, m1_note, z_high) + _change_text(follow_up)
+
+
+def _finding(m1: M1Result | None, m1_note: str | None, z_high: float) -> str:
     if m1 is None:
         return f"QSM maps for review; no M1 analysis: {m1_note or 'not run'}"
     scored = [(m, m.chi_z) for m in m1.measurements
