@@ -14,6 +14,7 @@ piece fails the test with its name. Screenshots are kept under ``$TMPDIR/qsmnode
 
 from __future__ import annotations
 
+import datetime as dt
 import http.server
 import json
 import os
@@ -34,6 +35,7 @@ import pytest
 from qsmnode.demo.pacs import free_port
 from qsmnode.dicom.derived import DerivedObjects, build_derived_objects, source_reader
 from qsmnode.dicom.load import LoadedAcquisition, load_folder
+from qsmnode.m1.followup import FollowUp, PriorResult, Protocol, compare, current_values
 from qsmnode.m1.result import M1Result
 from qsmnode.sim.scanner import preset, simulate
 from qsmnode.sim.vendor_dicom import SimStudyInfo, write_dicom
@@ -199,9 +201,25 @@ class ViewerStudy:
     derived: list[Path]
 
 
+def follow_up_of(loaded: LoadedAcquisition, m1: M1Result) -> FollowUp:
+    """A follow-up visit: the patient's prior report (not in the PACS: only referenced) had
+    0.02 ppm less deep-layer χ in the left hand area, a year before."""
+    values = dict(current_values(m1))
+    values[("left_hand", "deep", "chi_mean_ppm")] -= 0.02
+    gre = loaded.gre
+    protocol = Protocol(gre.field_strength_t, tuple(gre.voxel_size_mm), tuple(gre.echo_times_s))
+    prior = PriorResult("1.2.826.0.1.3680043.8.498.1", dt.date(2023, 1, 1),
+                        "1.2.826.0.1.3680043.8.498.3", "1.2.826.0.1.3680043.8.498.2",
+                        "1.2.840.10008.5.1.4.1.1.88.34", VERSION, protocol, values)
+    follow = compare(m1, dt.date(2024, 1, 1), protocol, VERSION, [prior])
+    assert follow.exceeding(), follow.note
+    return follow
+
+
 def make_study(root: Path) -> ViewerStudy:
     """A simulated oblique 4-echo study (classic Siemens files) and its derived objects, with
-    the M1 regions and values of the simulator's truth."""
+    the M1 regions and values of the simulator's truth, as a follow-up visit (the SR with its
+    change groups, the key images with the trend)."""
     sim = simulate(preset("tiny", shape=(42, 50, 24), voxel_size_mm=(4.0, 4.0, 6.0),
                           echo_times_s=(0.005, 0.0105, 0.016, 0.0215)))
     sources = write_dicom(sim.gre, root / "source", "siemens", SimStudyInfo(seed=11))
@@ -212,7 +230,8 @@ def make_study(root: Path) -> ViewerStudy:
     chi = np.where(inside, sim.truth.chi_ppm, np.nan).astype(np.float32)
     r2star = np.where(inside, sim.truth.r2star_per_s, np.nan).astype(np.float32)
     m1 = m1_from_truth(sim)
-    objects = build_derived_objects(loaded, chi, r2star, m1, source_reader(sources), VERSION)
+    objects = build_derived_objects(loaded, chi, r2star, m1, source_reader(sources), VERSION,
+                                    follow_up=follow_up_of(loaded, m1))
     out = root / "derived"
     out.mkdir(parents=True, exist_ok=True)
     derived = []
@@ -372,6 +391,8 @@ def test_every_derived_object_displays_in_ohif(viewer: tuple[ViewerServer, Viewe
         assert any(x.startswith("Magnetic Susceptibility: ") and "ppm" in x
                    for x in measured[label]["labels"]), measured[label]
     assert all(m["loaded"] for m in measured.values()), measured
+    # a follow-up visit: the change since the prior report shows with the region's values
+    assert "Change in mean susceptibility: 0.02 ppm" in measured["M1 left hand deep"]["labels"]
     # OHIF's measurement panel: every region (a rectangle on its slice), named
     panel = report["sr"]["text"]["body"]
     assert f"Measurements ({len(measured)})" in panel, panel[-3000:]
