@@ -1,5 +1,8 @@
 """Follow-up (issue 17): the comparison with earlier results (qsmnode.m1.followup), the SR's
-protocol and change groups, and reading an earlier SR back (qsmnode.dicom.prior_report)."""
+protocol and change groups, reading an earlier SR back (qsmnode.dicom.prior_report), and the
+node's lookup of a patient's earlier reports in a real PACS (Orthanc). The whole flow, two
+visits through scanner, node and PACS (``qsmnode demo --follow-up``), is run by
+tests/test_fresh_clone.py, whose demo is the follow-up one (one slow run for both)."""
 
 from __future__ import annotations
 
@@ -406,50 +409,3 @@ def test_the_follow_up_source_travels_in_the_job_spec(tmp_path: Path) -> None:
     import json
 
     assert FollowUpSource.from_json(json.loads(json.dumps(source.to_json()))) == source
-
-
-@pytest.mark.slow
-def test_the_demo_follow_up_compares_the_second_visit_with_the_first(tmp_path: Path) -> None:
-    """``qsmnode demo --follow-up``: scanner (storescu) → node → Orthanc, twice; the second
-    visit's job asks Orthanc for the first's report. Only the left hand area's deep layer
-    changed (+0.01 → +0.03 ppm in the simulator's truth): its χ change is positive and beyond
-    the test–retest limit, no other area's deep χ is."""
-    import io
-    import json
-
-    from qsmnode.demo.progress import Console
-    from qsmnode.demo.run import FOLLOW_UP_VISITS, run_demo
-
-    require_tool("Orthanc", "orthanc")
-    require_tool("storescu", "dcmtk")
-    report = tmp_path / "report.json"
-    stream = io.StringIO()
-    assert run_demo(tmp_path / "demo", "small-slab", "orthanc", report, Console(stream),
-                    follow_up=True) == 0, stream.getvalue()[-3000:]
-    first, second = json.loads(report.read_text())["visits"]
-    assert first["m1"]["follow_up"]["prior"] is None  # the first visit has none
-    follow = second["m1"]["follow_up"]
-    first_sr = [p for p in follow["history"]]
-    assert [p["study_date"] for p in first_sr] == ["2025-06-05"]
-    assert follow["prior"]["study_uid"] == first["acquisition"]["study_uid"]
-    truth = {v.label: v.als for v in FOLLOW_UP_VISITS}
-    assert list(truth.values()) == [{"left_hand": 0.01}, {"left_hand": 0.03}]
-    deep = {c["area"]: c for c in follow["changes"]
-            if c["layer"] == "deep" and c["measure"] == "chi_mean_ppm"}
-    assert set(deep) == {"left_hand", "right_hand", "left_foot", "right_foot"}
-    assert deep["left_hand"]["change"] > 0.005 and deep["left_hand"]["exceeds"], deep
-    for area in ("right_hand", "left_foot", "right_foot"):
-        assert abs(deep[area]["change"]) < 0.005 and not deep[area]["exceeds"], deep[area]
-    text = stream.getvalue()
-    assert "Follow-up: compared with the result of 2025-06-05" in text
-    # the second visit's SR, as delivered, references the first visit's SR
-    outbox = tmp_path / "demo" / "node" / "state" / "outbox"
-    reports = [pydicom.dcmread(p) for p in outbox.rglob("*.dcm")
-               if pydicom.dcmread(p, stop_before_pixels=True).Modality == "SR"]
-    by_study = {str(r.StudyInstanceUID): r for r in reports}
-    sr1 = by_study[first["acquisition"]["study_uid"]]
-    sr2 = by_study[second["acquisition"]["study_uid"]]
-    assert follow["prior"]["report_uid"] == sr1.SOPInstanceUID
-    refs = {c.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for c in _walk(sr2)
-            if c.get("ValueType") == "COMPOSITE"}
-    assert refs == {sr1.SOPInstanceUID}
