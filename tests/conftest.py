@@ -50,3 +50,12 @@ def orthanc(tmp_path: Path) -> Iterator[Orthanc]:
     yield server
     server.kill()
 
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[Any]:
+    """A real Dask cluster on loopback (``tests.daskutil.Cluster``): a scheduler and two
+    one-thread workers, stopped at the test's end."""
+    from tests.daskutil import start_cluster
+
+    yield from start_cluster(tmp_path)

@@ -313,8 +313,19 @@ class WorkersConfig:
 
     processes: int = field(default=1, metadata=_rule(ge=1))
     memory_budget_mb: int = field(default=8192, metadata=_rule(unit="MiB", ge=256))
+    backend: str = field(default="local", metadata=_rule(choices=("local", "dask")))
+    """Where job attempts run: "local" child processes, or tasks on a Dask cluster
+    (:mod:`qsmnode.node.dask_backend`; ``processes`` then bounds the attempts at once)."""
+    scheduler: str | None = field(default=None, metadata=_rule(
+        expect="a Dask scheduler address tcp://HOST:PORT",
+        check=lambda text: bool(re.fullmatch(r"(tcp|tls)://[^\s:/]+:\d{1,5}", text))))
     job_attempts: int = field(default=3, metadata=_rule(ge=1))
     lease_s: float = field(default=3600.0, metadata=_rule(unit="seconds", gt=0))
+
+    def _cross_check(self, at: str) -> Iterator[tuple[str, str]]:
+        if self.backend == "dask" and self.scheduler is None:
+            yield (f"{at}scheduler", 'expected a Dask scheduler address tcp://HOST:PORT with '
+                   'backend = "dask", got none')
 
 
 @dataclass(frozen=True)

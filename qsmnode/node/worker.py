@@ -55,6 +55,12 @@ can never take the listener down. It
   or ``{"ok": false, "error": ...}`` to ``result.json`` (temporary name, then rename).
 
 The child never opens the store. Its log lines go to the node's stderr, tagged with the job.
+
+With ``[workers] backend = "dask"`` the same child runs on a worker of a Dask cluster instead
+(:mod:`qsmnode.node.dask_backend`): a Dask task starts it there and waits for it; everything on
+the parent side above stays as it is (its log lines then go to the Dask worker's log). A
+scheduler that cannot be reached hands the job back uncounted and the pool tries again after
+:data:`DASK_RETRY_S`.
 """
 
 from __future__ import annotations
@@ -79,6 +85,7 @@ from typing import Any
 
 from qsmnode.node import logtext
 from qsmnode.node.config import Settings
+from qsmnode.node.dask_backend import DaskAttempt
 from qsmnode.node.jobs import (
     DEFAULT_JOB_FUNCTION,
     JobError,
@@ -109,6 +116,8 @@ MEMORY_RELEASES = 3
 machine out of memory) before that counts."""
 SYSTEM_MEMORY = "system-memory"
 """The ``resource`` a child's result names for a ``MemoryError`` not due to its budget."""
+DASK_RETRY_S = 10.0
+"""After the Dask scheduler could not be reached, the pool waits this long to try again."""
 _DISK_FULL = ("No space left on device", "[Errno 28]", "Disk quota exceeded", "[Errno 122]")
 
 
@@ -120,7 +129,7 @@ _DISK_FULL = ("No space left on device", "[Errno 28]", "Disk quota exceeded", "[
 class _Running:
     job: JobRecord
     spec: JobSpec
-    process: subprocess.Popen[bytes]
+    process: subprocess.Popen[bytes] | DaskAttempt
     result_path: Path
     started: float
     beside: int = 0
@@ -178,6 +187,8 @@ class WorkerPool:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._dask: Any = None  # the Dask client (backend "dask"), made at the first job
+        self._dask_retry_at = 0.0  # monotonic: the scheduler was unreachable, try again then
 
     # -------------------------------------------------------------------------------- lifecycle
 
@@ -225,7 +236,7 @@ class WorkerPool:
             (self._release if release else self._fail)(job, error)
         for job_id in list(self._running):
             self._check(self._running[job_id])
-        if not self._disk_back():
+        if not self._disk_back() or time.monotonic() < self._dask_retry_at:
             return
         processes = self.settings.workers.processes if self._memory_back() else 1
         while len(self._running) < processes and not self._stop.is_set():
@@ -262,13 +273,23 @@ class WorkerPool:
             "--parent-pid", str(os.getpid()),
             "--log-level", logging.getLevelName(logging.getLogger().getEffectiveLevel()),
         ]
-        try:
-            process = subprocess.Popen(command, stdin=subprocess.DEVNULL,
-                                       stdout=subprocess.DEVNULL, env=_child_env(),
-                                       start_new_session=True)
-        except OSError as exc:
-            self._fail(job, f"cannot start a worker process: {exc}")
-            return
+        process: subprocess.Popen[bytes] | DaskAttempt
+        if workers.backend == "dask":
+            try:
+                process = DaskAttempt(self._dask_client(), command, _child_env()["PYTHONPATH"],
+                                      work, f"job-{job.id}-{job.attempts}")
+            except OSError as exc:  # the cluster is not the job's fault: try again later
+                self._dask_retry_at = time.monotonic() + DASK_RETRY_S
+                self._release(job, f"{exc}; queued again (tried again in {DASK_RETRY_S:g} s)")
+                return
+        else:
+            try:
+                process = subprocess.Popen(command, stdin=subprocess.DEVNULL,
+                                           stdout=subprocess.DEVNULL, env=_child_env(),
+                                           start_new_session=True)
+            except OSError as exc:
+                self._fail(job, f"cannot start a worker process: {exc}")
+                return
         others = [other for other in self._running.values() if other.process.poll() is None]
         for other in others:
             other.beside = max(other.beside, len(others))
@@ -276,10 +297,12 @@ class WorkerPool:
                                          len(others))
         acquisition = self.store.acquisition(job.acquisition_id)
         series = acquisition.summary.get("series_numbers") if acquisition else None
-        log.info("job %d (acquisition %d, series %s): attempt %d of %d started in worker "
-                 "process %d", job.id, job.acquisition_id,
+        log.info("job %d (acquisition %d, series %s): attempt %d of %d started in %s",
+                 job.id, job.acquisition_id,
                  ", ".join("?" if n is None else str(n) for n in series or ()), job.attempts,
-                 workers.job_attempts, process.pid)
+                 workers.job_attempts,
+                 process.pid if isinstance(process, DaskAttempt) else
+                 f"worker process {process.pid}")
 
     # ------------------------------------------------------------------------------------ results
 
@@ -354,6 +377,8 @@ class WorkerPool:
                     return
                 error += (" (the system may have run out of memory; the memory budget is "
                           f"{self.settings.workers.memory_budget_mb} MiB)")
+        elif isinstance(run.process, DaskAttempt) and run.process.failure:
+            error = run.process.failure
         else:
             error = f"the worker process exited with status {code} without a result"
         self._fail(run.job, error, final)
@@ -498,35 +523,53 @@ class WorkerPool:
 
     # ----------------------------------------------------------------------------------- stopping
 
+    def _dask_client(self) -> Any:
+        """The Dask client of ``workers.scheduler``, made once.
+
+        Raises:
+            OSError: the scheduler cannot be reached.
+        """
+        from qsmnode.node.dask_backend import connect
+
+        if self._dask is None:
+            address = str(self.settings.workers.scheduler)
+            self._dask = connect(address)
+            log.info("worker pool: job attempts run on the Dask cluster at %s", address)
+        return self._dask
+
     @staticmethod
-    def _kill(process: subprocess.Popen[bytes], grace_s: float = 0.0) -> None:
+    def _kill(process: subprocess.Popen[bytes] | DaskAttempt, grace_s: float = 0.0) -> None:
         """End a child and its process group: SIGTERM, ``grace_s``, then SIGKILL."""
         WorkerPool._kill_all([process], grace_s)
 
     @staticmethod
-    def _kill_all(processes: Sequence[subprocess.Popen[bytes]], grace_s: float = 0.0) -> None:
+    def _kill_all(processes: Sequence[subprocess.Popen[bytes] | DaskAttempt],
+                  grace_s: float = 0.0) -> None:
         """End children and their process groups: SIGTERM to all, then at most ``grace_s``
         in all (not each) before SIGKILL to those left."""
         if grace_s > 0:
             live = [p for p in processes if p.poll() is None]
             for process in live:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.pid, signal.SIGTERM)
+                _signal_group(process, signal.SIGTERM)
             deadline = time.monotonic() + grace_s
             for process in live:
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     process.wait(timeout=max(0.0, deadline - time.monotonic()))
         for process in processes:
             if process.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.pid, signal.SIGKILL)
+                _signal_group(process, signal.SIGKILL)
         for process in processes:
-            process.wait()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=None if isinstance(process, subprocess.Popen) else 30)
 
     def _shutdown(self) -> None:
         runs = list(self._running.values())
         self._running.clear()
         self._kill_all([run.process for run in runs], _TERMINATE_GRACE_S)
+        if self._dask is not None:
+            with contextlib.suppress(Exception):
+                self._dask.close()
+            self._dask = None
         for run in runs:  # every child is gone first, whatever the store does now
             try:
                 released = self.store.release_job(
@@ -543,6 +586,15 @@ class WorkerPool:
             except Exception:  # left running: the next start hands it back
                 log.exception("job %d: cannot record the end of its attempt", job.id)
         self._unrecorded.clear()
+
+
+def _signal_group(process: subprocess.Popen[bytes] | DaskAttempt, number: int) -> None:
+    """Send a signal to a child's process group (a Dask attempt's, through its task)."""
+    if isinstance(process, DaskAttempt):
+        process.send_group_signal(number)
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, number)
 
 
 def attempt_ended_well(state_dir: Path, job_id: int, attempt: int) -> bool:
