@@ -1,0 +1,103 @@
+"""Cohort throughput of the BIDS App on Dask (issue 16): subjects per hour with 1 and with 2
+Dask workers, and the ratio (aim ≥ 1.8× from 1 to 2 workers), plus the peak memory of a
+worker.
+
+The cohort: ``--subjects`` whole-head 1 mm simulated brains (the simulator's ``brain`` preset,
+160×200×160, 4 echoes; one scanner noise seed per subject), written as BIDS MEGRE NIfTI. Each
+run is ``qsmnode qsm BIDS OUT participant --n-workers N`` (the embedded LocalCluster) into a
+fresh OUTPUT_DIR, timed from start to exit; the peak resident memory of the Dask worker
+processes is sampled every 0.2 s. Both runs are in the same invocation, one after the other,
+on the same machine. Usage::
+
+    .venv/bin/python benchmarks/bench_cohort.py [--subjects 4] [--size brain|tiny]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import psutil
+
+from qsmnode.dicom.nifti import write_megre
+from qsmnode.sim.scanner import preset, simulate
+
+
+def write_cohort(root: Path, subjects: int, size: str) -> None:
+    for n in range(1, subjects + 1):
+        sim = simulate(replace(preset(size), seed=100 + n))
+        write_megre(sim.gre, root / f"sub-{n:02d}" / "anat", prefix=f"sub-{n:02d}")
+    (root / "dataset_description.json").write_text(
+        json.dumps({"Name": "bench cohort", "BIDSVersion": "1.10.0"}) + "\n")
+
+
+def peak_worker_rss(process: subprocess.Popen[str], stop: threading.Event,
+                    peak: dict[str, float]) -> None:
+    """Largest RSS (MiB) of any descendant of ``process`` that is a Dask worker (a Python
+    process running ``distributed``'s worker), sampled until ``stop``."""
+    parent = psutil.Process(process.pid)
+    while not stop.is_set():
+        try:
+            for child in parent.children(recursive=True):
+                try:
+                    rss = child.memory_info().rss / 2**20
+                except psutil.Error:
+                    continue
+                peak["worker_mib"] = max(peak.get("worker_mib", 0.0), rss)
+        except psutil.Error:
+            pass
+        stop.wait(0.2)
+
+
+def run(bids: Path, out: Path, workers: int) -> dict[str, float]:
+    shutil.rmtree(out, ignore_errors=True)
+    started = time.perf_counter()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "qsmnode", "qsm", str(bids), str(out), "participant",
+         "--n-workers", str(workers)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stop = threading.Event()
+    peak: dict[str, float] = {}
+    sampler = threading.Thread(target=peak_worker_rss, args=(process, stop, peak), daemon=True)
+    sampler.start()
+    _, stderr = process.communicate()
+    seconds = time.perf_counter() - started
+    stop.set()
+    sampler.join()
+    if process.returncode != 0:
+        raise SystemExit(f"{workers} worker(s): exit {process.returncode}\n{stderr[-2000:]}")
+    return {"workers": workers, "seconds": seconds, "peak_worker_mib": peak.get("worker_mib", 0)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--subjects", type=int, default=4)
+    parser.add_argument("--size", default="brain", choices=("brain", "tiny"))
+    args = parser.parse_args()
+    root = Path(tempfile.mkdtemp(prefix="qsmnode-bench-cohort-"))
+    try:
+        started = time.perf_counter()
+        write_cohort(root / "bids", args.subjects, args.size)
+        print(f"cohort: {args.subjects} subjects ({args.size}) written in "
+              f"{time.perf_counter() - started:.1f} s", flush=True)
+        rows = [run(root / "bids", root / f"out-{n}", n) for n in (1, 2)]
+        for row in rows:
+            per_hour = args.subjects / row["seconds"] * 3600
+            print(f"{row['workers']} worker(s): {row['seconds']:.1f} s, {per_hour:.1f} "
+                  f"subjects/hour, peak worker RSS {row['peak_worker_mib']:.0f} MiB", flush=True)
+        print(f"speed-up 1 -> 2 workers: {rows[0]['seconds'] / rows[1]['seconds']:.2f}x")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
