@@ -126,3 +126,64 @@ def test_entities_and_labels() -> None:
         parse_entities("sub-01_run-1_run-2")
     assert normalise_labels(["sub-01", "02"], "sub") == ["01", "02"]
     assert normalise_labels(None, "ses") is None
+
+
+# --- metadata by the BIDS inheritance principle ----------------------------------------------
+
+
+def _inheriting_dataset(root: Path) -> tuple[Path, dict[tuple[int, str], Path]]:
+    """A tiny simulated acquisition in sub-01/anat whose per-echo sidecars hold only EchoTime;
+    the field strength comes from the dataset root (7 T) and sub-01 (overriding: 6.98 T)."""
+    import json
+
+    from qsmnode.dicom.nifti import write_megre
+    from qsmnode.sim.scanner import preset, simulate
+
+    gre = simulate(preset("tiny", seed=2)).gre
+    folder = root / "sub-01" / "anat"
+    write_megre(gre, folder, prefix="sub-01_acq-slow")
+    files = {}
+    for path in sorted(folder.glob("*.nii*")):
+        echo = int(path.name.split("echo-")[1].split("_")[0])
+        part = "mag" if "part-mag" in path.name else "phase"
+        files[(echo, part)] = path
+        side = path.with_name(path.name.split(".nii")[0] + ".json")
+        meta = json.loads(side.read_text())
+        side.write_text(json.dumps({"EchoTime": meta["EchoTime"]}))
+    (root / "MEGRE.json").write_text(json.dumps({"MagneticFieldStrength": 7}))
+    (root / "sub-01" / "sub-01_MEGRE.json").write_text(json.dumps(
+        {"MagneticFieldStrength": 6.98}))
+    # other entities: must not apply
+    (root / "acq-fast_MEGRE.json").write_text(json.dumps({"MagneticFieldStrength": 3}))
+    (root / "sub-01" / "sub-01_T1w.json").write_text(json.dumps({"MagneticFieldStrength": 1.5}))
+    return folder, files
+
+
+def test_sidecar_metadata_is_inherited_from_the_dataset_and_subject_levels(tmp_path: Path
+                                                                           ) -> None:
+    import json
+
+    from qsmnode.dicom.nifti import BidsError, read_megre_files
+
+    _, files = _inheriting_dataset(tmp_path)
+    gre = read_megre_files(files, "sub-01_acq-slow", tmp_path)
+    assert gre.field_strength_t == pytest.approx(6.98)  # sub-01 overrides the root
+    (tmp_path / "sub-01" / "sub-01_MEGRE.json").unlink()
+    assert read_megre_files(files, "sub-01_acq-slow", tmp_path).field_strength_t == 7.0
+    # the files' own sidecars win over every inherited one
+    owns = [path.with_name(path.name.split(".nii")[0] + ".json")
+            for (_, part), path in files.items() if part == "mag"]
+    times = {own: json.loads(own.read_text())["EchoTime"] for own in owns}
+    for own in owns:
+        own.write_text(json.dumps({"EchoTime": times[own], "MagneticFieldStrength": 7.05}))
+    assert read_megre_files(files, "sub-01_acq-slow", tmp_path).field_strength_t == 7.05
+    # without the dataset root (the single-folder form), only the files' own sidecars count
+    for own in owns:
+        own.write_text(json.dumps({"EchoTime": times[own]}))
+    with pytest.raises(BidsError, match="no MagneticFieldStrength"):
+        read_megre_files(files, "sub-01_acq-slow")
+    # a magnitude without a sidecar of its own nor an applicable inherited one: named
+    (tmp_path / "MEGRE.json").unlink()
+    owns[0].unlink()
+    with pytest.raises(BidsError, match=r"_echo-1_part-mag_MEGRE.json: missing JSON sidecar"):
+        read_megre_files(files, "sub-01_acq-slow", tmp_path)

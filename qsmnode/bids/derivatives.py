@@ -343,7 +343,7 @@ def _process(acquisition: MegreAcquisition, bids_root: Path, root: Path,
     from qsmnode.dicom.nifti import read_megre_files, write_nifti
     from qsmnode.qsm.pipeline import run_qsm
 
-    gre = read_megre_files(acquisition.file_map(), acquisition.name)
+    gre = read_megre_files(acquisition.file_map(), acquisition.name, bids_root)
     params = qsm_params(options.method)
     result = run_qsm(gre.magnitude, gre.phase, gre.echo_times_s, gre.voxel_size_mm,
                      gre.b0_direction, gre.field_strength_t, params)

@@ -96,13 +96,16 @@ def read_megre(folder: Path) -> MultiEchoGRE:
     return read_megre_files(found, str(folder))
 
 
-def read_megre_files(files: Mapping[tuple[int, str], Path], name: str) -> MultiEchoGRE:
+def read_megre_files(files: Mapping[tuple[int, str], Path], name: str,
+                     root: Path | None = None) -> MultiEchoGRE:
     """Read one BIDS MEGRE acquisition given its files by ``(echo number, "mag"|"phase")``.
 
     ``name`` says which acquisition in the errors (a folder, or a BIDS name such as
-    ``sub-01_ses-1``). Every echo needs both parts, a sidecar with ``EchoTime`` on its
-    magnitude, and the first echo's shape and affine; phase is taken as :func:`read_megre`
-    says.
+    ``sub-01_ses-1``). Every echo needs both parts, ``EchoTime`` in its magnitude's metadata,
+    and the first echo's shape and affine; phase is taken as :func:`read_megre` says. With
+    ``root`` (the dataset's root folder), a file's metadata follows the BIDS inheritance
+    principle (:func:`inherited_sidecar`): ``MagneticFieldStrength`` in a dataset-level
+    ``MEGRE.json`` serves every echo; without it, only the file's own sidecar is read.
 
     Raises:
         BidsError: naming the acquisition or the file, and the problem.
@@ -135,9 +138,11 @@ def read_megre_files(files: Mapping[tuple[int, str], Path], name: str) -> MultiE
                 raise BidsError(f"{path}: its affine differs from the first echo's")
             if part == "mag":
                 mags.append(data)
-                meta = _sidecar(path)
+                meta = _sidecar(path) if root is None else inherited_sidecar(path, root)
                 if "EchoTime" not in meta:
-                    raise BidsError(f"{_sidecar_path(path)}: no EchoTime")
+                    raise BidsError(f"{_sidecar_path(path)}: no EchoTime"
+                                    + ("" if root is None else " (nor in an inherited "
+                                       "sidecar)"))
                 try:
                     tes.append(float(meta["EchoTime"]))
                     b0 = float(meta.get("MagneticFieldStrength", b0 or 0.0))
@@ -163,10 +168,63 @@ def _sidecar_path(path: Path) -> Path:
     return path.with_name(re.sub(r"\.nii(\.gz)?$", ".json", path.name))
 
 
-def _sidecar(path: Path) -> dict:
-    side = _sidecar_path(path)
-    if not side.exists():
-        raise BidsError(f"{side}: missing JSON sidecar")
+_ENTITY = re.compile(r"^(?P<key>[a-zA-Z0-9]+)-(?P<value>[a-zA-Z0-9]+)$")
+
+
+def _entities_and_suffix(name: str) -> tuple[dict[str, str], str] | None:
+    """``({entity: label}, suffix)`` of a BIDS file name without its extension(s), e.g.
+    ``sub-01_echo-1_part-mag_MEGRE`` → ``({sub: 01, echo: 1, part: mag}, MEGRE)``; None when
+    a part is not ``key-label``."""
+    *pairs, suffix = name.split("_")
+    entities = {}
+    for pair in pairs:
+        m = _ENTITY.match(pair)
+        if m is None:
+            return None
+        entities[m["key"]] = m["value"]
+    return entities, suffix
+
+
+def inherited_sidecar(path: Path, root: Path) -> dict:
+    """The metadata of a BIDS image by the inheritance principle: every JSON file from the
+    dataset ``root`` down to the image's folder with the image's suffix and a subset of its
+    entities applies, a deeper one (and, in one folder, one with more entities) overriding
+    a shallower one; the image's own sidecar, when there is one, last. A missing own sidecar
+    is fine when inherited ones exist.
+
+    Raises:
+        BidsError: no sidecar applies, or one is not a JSON object.
+    """
+    parsed = _entities_and_suffix(re.sub(r"\.nii(\.gz)?$", "", path.name))
+    own = _sidecar_path(path)
+    if parsed is None:
+        return _sidecar(path)
+    entities, suffix = parsed
+    folders = [root, *[root.joinpath(*path.parent.relative_to(root).parts[:n])
+                       for n in range(1, len(path.parent.relative_to(root).parts) + 1)]]
+    applicable: list[tuple[int, int, Path]] = []
+    for depth, folder in enumerate(folders):
+        for candidate in sorted(folder.glob(f"*{suffix}.json")):
+            if candidate == own:
+                continue
+            found = _entities_and_suffix(candidate.name[: -len(".json")])
+            if found is None and candidate.name == f"{suffix}.json":
+                found = ({}, suffix)
+            if found is None or found[1] != suffix:
+                continue
+            if all(entities.get(k) == v for k, v in found[0].items()):
+                applicable.append((depth, len(found[0]), candidate))
+    if own.exists():
+        applicable.append((len(folders), len(entities) + 1, own))
+    if not applicable:
+        raise BidsError(f"{own}: missing JSON sidecar (and none inherited from {root})")
+    meta: dict = {}
+    for _, _, candidate in sorted(applicable):
+        meta.update(_read_json_object(candidate))
+    return meta
+
+
+def _read_json_object(side: Path) -> dict:
     try:
         meta = json.loads(side.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -174,6 +232,13 @@ def _sidecar(path: Path) -> dict:
     if not isinstance(meta, dict):
         raise BidsError(f"{side}: expected a JSON object")
     return meta
+
+
+def _sidecar(path: Path) -> dict:
+    side = _sidecar_path(path)
+    if not side.exists():
+        raise BidsError(f"{side}: missing JSON sidecar")
+    return _read_json_object(side)
 
 
 def _as_radians(phase: NDArray[np.float32]) -> NDArray[np.float32]:
