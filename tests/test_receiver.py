@@ -43,13 +43,13 @@ from pydicom.uid import (
 )
 from pynetdicom import AE
 
+from qsmnode.dicom.headers import MR_IMAGE_STORAGE
 from qsmnode.node import receiver as receiver_module
 from qsmnode.node import spool as spool_module
 from qsmnode.node.config import PathsConfig, Settings
 from qsmnode.node.receiver import (
     CALLED_AE_NOT_RECOGNISED,
     CALLING_AE_NOT_RECOGNISED,
-    MR_IMAGE_STORAGE,
     SPOOL_DIRNAME,
     SPOOL_WRITE_FAILED,
     STORE_COMMIT_FAILED,

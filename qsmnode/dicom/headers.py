@@ -62,15 +62,24 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 
+MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
+ENHANCED_MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4.1"
+ENHANCED_MR_COLOR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4.3"
+LEGACY_CONVERTED_ENHANCED_MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4.4"
+
 ENHANCED_SOP_CLASSES = frozenset(
     {
-        "1.2.840.10008.5.1.4.1.1.4.1",  # Enhanced MR Image Storage
-        "1.2.840.10008.5.1.4.1.1.4.3",  # Enhanced MR Color Image Storage
-        "1.2.840.10008.5.1.4.1.1.4.4",  # Legacy Converted Enhanced MR Image Storage
+        ENHANCED_MR_IMAGE_STORAGE,
+        ENHANCED_MR_COLOR_IMAGE_STORAGE,
+        LEGACY_CONVERTED_ENHANCED_MR_IMAGE_STORAGE,
     }
 )
 """Multi-frame MR SOP classes with functional groups. Enhanced is detected by SOPClassUID
 only, never by NumberOfFrames (DOMAIN.md)."""
+
+MR_SOP_CLASSES = frozenset({MR_IMAGE_STORAGE, *ENHANCED_SOP_CLASSES})
+"""Every MR image SOP class: the receiver always stores these (others only with
+``store_other_sop_classes``), and the tracker groups only these."""
 
 PHILIPS_MR_CREATOR = "Philips MR Imaging DD 001"
 PHILIPS_MR_FRAME_CREATOR = "Philips MR Imaging DD 005"

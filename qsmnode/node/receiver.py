@@ -72,6 +72,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from qsmnode import __version__
+from qsmnode.dicom.headers import MR_SOP_CLASSES
 from qsmnode.node import pynetdicom_compat as compat
 from qsmnode.node.config import Settings
 from qsmnode.node.spool import MIB, Spool, SpoolError, is_uid
@@ -81,16 +82,6 @@ log = logging.getLogger(__name__)
 
 IMPLEMENTATION_CLASS_UID = f"2.25.{uuid.uuid5(uuid.NAMESPACE_URL, 'qsmnode/receiver').int}"
 IMPLEMENTATION_VERSION_NAME = f"QSMNODE_{__version__}"[:16]
-
-MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
-ENHANCED_MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4.1"
-MR_SOP_CLASSES = frozenset({
-    MR_IMAGE_STORAGE,
-    ENHANCED_MR_IMAGE_STORAGE,
-    "1.2.840.10008.5.1.4.1.1.4.3",  # Enhanced MR Color Image Storage
-    "1.2.840.10008.5.1.4.1.1.4.4",  # Legacy Converted Enhanced MR Image Storage
-})
-"""The SOP classes always stored; others only with ``store_other_sop_classes``."""
 
 SPOOL_DIRNAME = "spool"
 QUARANTINE_DIRNAME = "quarantine"

@@ -83,10 +83,14 @@ from typing import Any
 import numpy as np
 from pydicom.errors import InvalidDicomError
 
-from qsmnode.dicom.headers import ENHANCED_SOP_CLASSES, InstanceInfo, summarize
+from qsmnode.dicom.headers import (
+    ENHANCED_SOP_CLASSES,
+    MR_SOP_CLASSES,
+    InstanceInfo,
+    summarize,
+)
 from qsmnode.dicom.load import AcquisitionPlan, PassedOver, Problem, group_acquisitions
 from qsmnode.node.config import Settings
-from qsmnode.node.receiver import MR_SOP_CLASSES
 from qsmnode.node.store import (
     GroupingOutcome,
     InstanceRecord,
