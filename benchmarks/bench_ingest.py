@@ -345,7 +345,7 @@ def durable_write_floor(files: list[Path], work: Path) -> float:
     fsyncs and rename, then the store commit), without the network or parsing."""
     from pydicom.filereader import read_file_meta_info
 
-    from qsmnode.node.receiver import file_prefix, inspect_dataset
+    from qsmnode.dicom.wire import DatasetError, dataset_offset, file_prefix, inspect_dataset
     from qsmnode.node.spool import Spool
     from qsmnode.node.store import InstanceRecord, Store
 
@@ -354,11 +354,10 @@ def durable_write_floor(files: list[Path], work: Path) -> float:
         data = path.read_bytes()
         meta = read_file_meta_info(path)
         syntax = str(meta.TransferSyntaxUID)
-        # the dataset follows the file meta group, whose length (0002,0000) gives
-        if data[132:138] != b"\x02\x00\x00\x00UL":
+        try:
+            payload = data[dataset_offset(data):]
+        except DatasetError:
             sys.exit(f"{path}: no File Meta Information Group Length")
-        offset = 144 + int.from_bytes(data[140:144], "little")
-        payload = data[offset:]
         header = inspect_dataset(payload, syntax)
         assert header.sop_instance_uid and header.study_uid and header.series_uid
         prefix = file_prefix(str(meta.MediaStorageSOPClassUID), header.sop_instance_uid,
