@@ -718,6 +718,38 @@ def test_empty_sequences_and_malformed_values_are_not_copied(sim, m1, tmp_path) 
         assert ds.PatientSex == "" and ds.StudyDate == ""
 
 
+def test_patient_values_malformed_for_their_vr_are_not_copied(sim, m1, tmp_path) -> None:
+    """A person name of six components, one of 70 characters, an age of "45", a weight of
+    "70kg" and a size of "1,75" in the source (as stored, raw): the Type 2 ones go empty, the
+    others are left out, dciodvfy clean, and the log names the attributes, not the values."""
+    from pydicom.dataelem import RawDataElement
+    from pydicom.tag import Tag
+
+    from qsmnode.dicom.derived.common import source_fixes
+
+    require_tool("dciodvfy", "dicom3tools")
+    sources = write_dicom(sim.gre, tmp_path / "source", "siemens", SimStudyInfo(seed=7))
+    for path in sources:
+        ds = pydicom.dcmread(path)
+        ds.PatientName = "Aa^Bb^Cc^Dd^Ee^Ff"
+        ds.ReferringPhysicianName = "X" * 70
+        for tag, vr, value in ((0x00101010, "AS", b"45"), (0x00101030, "DS", b"70kg"),
+                               (0x00101020, "DS", b"1,75")):
+            ds[tag] = RawDataElement(Tag(tag), vr, len(value), value, 0, False, True)
+        ds.save_as(path)
+    fixes = source_fixes(pydicom.dcmread(sources[0], stop_before_pixels=True))
+    assert {"PatientName not a valid value (left empty)",
+            "ReferringPhysicianName not a valid value (left empty)",
+            "PatientAge not a valid value for its VR (left out)",
+            "PatientWeight not a valid value for its VR (left out)",
+            "PatientSize not a valid value for its VR (left out)"} <= set(fixes), fixes
+    assert not any(v in " ".join(fixes) for v in ("Aa", "XXX", "45", "70kg", "1,75"))
+    datasets = _build_and_validate(sources, sim, m1, tmp_path / "derived")
+    for ds in datasets:
+        assert ds.PatientName == "" and ds.ReferringPhysicianName == ""
+        assert not any(k in ds for k in ("PatientAge", "PatientWeight", "PatientSize"))
+
+
 @pytest.mark.parametrize("form", ["classic", "enhanced"])
 def test_real_philips_sources_make_valid_objects(form: str, shared_data: Path,
                                                  tmp_path: Path) -> None:

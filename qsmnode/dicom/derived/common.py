@@ -96,6 +96,52 @@ def _invalid(keyword: str, text: str) -> bool:
     return False
 
 
+COPIED_STUDY_KEYWORDS = (
+    "StudyDate", "StudyTime", "AccessionNumber", "ReferringPhysicianName", "StudyID",
+    "StudyDescription", "PhysiciansOfRecord", "NameOfPhysiciansReadingStudy",
+    "AdmittingDiagnosesDescription",
+)
+"""Study-level attributes the builders copy beside the Patient module (group 0010), whose
+values are checked against their VR (:func:`_malformed`)."""
+_UNCHECKED_VRS = frozenset({"SQ", "OB", "OW", "OF", "OD", "OL", "OV", "UN", "UR"})
+
+
+def _checked_tags(ds: Dataset) -> list[int]:
+    """The tags of the source's patient and study values that the derived objects copy."""
+    study = {pydicom.datadict.tag_for_keyword(k) for k in COPIED_STUDY_KEYWORDS}
+    return [int(tag) for tag in ds.keys() if tag.group == 0x0010 or int(tag) in study]
+
+
+def _malformed(ds: Dataset, tag: int) -> bool:
+    """Whether a value of the source is not valid for its VR (length, characters, format; a
+    person name of more than 3 groups or 5 components), read as it is stored: a raw value
+    pydicom would refuse to convert counts as malformed."""
+    raw = ds.get_item(tag)
+    vr = raw.VR or pydicom.datadict.dictionary_VR(tag)
+    if vr in _UNCHECKED_VRS or raw.value is None:
+        return False
+    value = raw.value
+    if isinstance(value, bytes | bytearray):
+        text = bytes(value).decode("latin-1", "replace").rstrip("\x00 ")
+    elif isinstance(value, list | tuple | pydicom.multival.MultiValue):
+        text = "\\".join(str(v) for v in value)
+    else:
+        text = str(value)
+    if not text.strip():
+        return False
+    for item in text.split("\\"):
+        try:
+            with warnings.catch_warnings():  # pydicom's warnings quote the value
+                warnings.simplefilter("ignore")
+                pydicom.valuerep.validate_value(vr, item, pydicom.config.RAISE)
+        except (ValueError, TypeError):
+            return True
+        if vr == "PN" and (item.count("=") > 2
+                           or any(group.count("^") > 4 for group in item.split("="))):
+            return True
+    return False
+
+
 def _code_item_ok(item: Dataset) -> bool:
     has_value = any(item.get(k) for k in ("CodeValue", "LongCodeValue", "URNCodeValue"))
     needs_scheme = bool(item.get("CodeValue")) or bool(item.get("LongCodeValue"))
@@ -137,6 +183,13 @@ def source_fixes(ds: Dataset) -> list[str]:
         text = str(ds[keyword].value or "").strip()
         if text and _invalid(keyword, text):
             fixes.append(f"{keyword} not a valid value (left empty)")
+    for tag in _checked_tags(ds):
+        keyword = pydicom.datadict.keyword_for_tag(tag) or f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
+        if keyword in TYPE2_PATIENT_STUDY:
+            if _malformed(ds, tag) and f"{keyword} not a valid value (left empty)" not in fixes:
+                fixes.append(f"{keyword} not a valid value (left empty)")
+        elif _malformed(ds, tag):
+            fixes.append(f"{keyword} not a valid value for its VR (left out)")
     for elem in ds:
         if elem.VR != "SQ":
             continue
@@ -153,7 +206,9 @@ def source_fixes(ds: Dataset) -> list[str]:
 def tidy_source(ds: Dataset) -> Dataset:
     """The source header as the derived objects copy from it: a Type 2 patient or study
     attribute that is absent or not a valid value (for a date or time: not in the DICOM format,
-    or not a real date or time) becomes empty, and a sequence with no item,
+    or not a real date or time; for any: not valid for its VR) becomes empty, another patient
+    or study value not valid for its VR (a PatientAge of "45", a PatientSize of "1,75", a
+    person name of six components) is left out, and a sequence with no item,
     or a code sequence with an incomplete item, is left out (an empty Type 3 sequence copied
     into a derived object makes it invalid). A Pixel Measures or Plane Orientation functional
     group that an Enhanced source gives in every frame with one value (Philips) is made shared,
@@ -162,6 +217,12 @@ def tidy_source(ds: Dataset) -> Dataset:
     if not source_fixes(ds):
         return ds
     out = copy.deepcopy(ds)
+    for tag in _checked_tags(out):  # before anything converts a raw value that cannot be
+        if _malformed(out, tag):
+            if pydicom.datadict.keyword_for_tag(tag) in TYPE2_PATIENT_STUDY:
+                out[tag] = pydicom.DataElement(tag, pydicom.datadict.dictionary_VR(tag), "")
+            else:
+                del out[tag]
     for keyword in TYPE2_PATIENT_STUDY:
         text = str(out[keyword].value or "").strip() if keyword in out else ""
         if keyword not in out or (text and _invalid(keyword, text)):
