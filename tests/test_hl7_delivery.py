@@ -443,3 +443,39 @@ def test_resend_queues_a_rejected_oru_again(tmp_path, ris, store):
     received = server.received()
     assert [r["answer"] for r in received] == ["ar", "aa"]
     assert received[0]["control_id"] == received[1]["control_id"]
+
+
+def test_resend_builds_again_an_oru_that_could_not_be_built(tmp_path, ris, store):
+    """The images were gone when the result was to be sent (no ORU, failed with why); once
+    they are back (restored from a backup), ``qsmnode resend`` has the ORU built and sent."""
+    import shutil
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    server = ris("aa").start()
+    clock = Clock(1000.0)
+    state = tmp_path / "state"
+    job_id = done_job(store, state, {"m1": m1_record_from_truth(), "version": "t"})
+    backup = tmp_path / "backup"
+    for record in store.job_instances(job_id):
+        (backup / record.path).parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(state / record.path, backup / record.path)
+    sender = sender_for(settings_for(tmp_path, server.port), store, clock)
+    sender.step()
+    [record] = messages(store)
+    assert (record.state, record.attempts) == ("failed", 0)
+    shutil.copytree(backup, state, dirs_exist_ok=True)
+    config = tmp_path / "node.toml"
+    config.write_text(f'[paths]\nstate_dir = "{state}"\n')
+    done = subprocess.run([sys.executable, "-m", "qsmnode", "resend", "--all-failed",
+                           "--config", str(config)], capture_output=True, text=True,
+                          timeout=60, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    assert "1 failed HL7 ORU message queued again" in done.stdout
+    clock.now = 4e9
+    sender.step()
+    [again] = messages(store)
+    assert again.state == "sent" and again.control_id == record.control_id
+    assert len(server.received()) == 1

@@ -221,17 +221,23 @@ class HL7Queue:
             return cursor.rowcount == 1
 
     def requeue_failed(self, now: float, study_uid: str | None = None) -> int:
-        """Queue failed messages again, due now, attempts reset (``qsmnode resend``): those
-        that still have their text (rejected, or attempts used up; not one that could not be
-        built), of one study or all. Returns how many."""
+        """Queue failed messages again, due now, attempts reset (``qsmnode resend``), of one
+        study or all: those that still have their text (rejected, or attempts used up) under
+        the same control ID; one that could not be built is forgotten, so that the sender
+        builds it again from its job (a fixed configuration, a fixed header) at its next pass.
+        Returns how many."""
         if not self.available:
             return 0
         where, args = ("AND study_uid = ? ", (study_uid,)) if study_uid is not None else ("", ())
         with self.store.transaction() as db:
-            return int(db.execute(
+            again = int(db.execute(
                 "UPDATE hl7_messages SET state = 'pending', attempts = 0, next_try_at = ?, "
                 "updated_at = ? WHERE state = 'failed' AND message IS NOT NULL "
                 f"{where}", (now, now, *args)).rowcount)
+            rebuilt = int(db.execute(
+                "DELETE FROM hl7_messages WHERE state = 'failed' AND message IS NULL "
+                f"AND attempts = 0 {where}", args).rowcount)
+            return again + rebuilt
 
     def messages(self, state: str | None = None, destination: str | None = None,
                  limit: int = 1000) -> list[MessageRecord]:
