@@ -35,7 +35,8 @@ from pynetdicom import AE, _config
 
 from qsmnode.demo.pacs import free_port
 from qsmnode.node.config import PathsConfig, PipelineConfig, RulesConfig, Settings, TrackerConfig
-from qsmnode.node.receiver import SPOOL_DIRNAME, recover
+from qsmnode.node.receiver import SPOOL_DIRNAME
+from qsmnode.node.recovery import recover
 from qsmnode.node.spool import Spool
 from qsmnode.node.store import InstanceRecord, Store, StoreError
 from tests.conftest import REPO, require_tool

@@ -451,7 +451,7 @@ def test_killed_between_recording_and_deleting_nothing_is_lost_at_restart(
     from pydicom.uid import ExplicitVRLittleEndian
 
     from qsmnode.node.outbox import Outbox
-    from qsmnode.node.receiver import recover
+    from qsmnode.node.recovery import recover
     from qsmnode.node.spool import Spool
 
     study = lab.delivered_study(1, T0)

@@ -10,10 +10,11 @@ Durability: the spool file is the durable record of an acknowledged instance. Be
 goes out the file is fsynced under a temporary name, renamed, and its folder fsynced (two
 fsyncs). Its store row is then committed with ``synchronous=NORMAL`` (no fsync of its own:
 :meth:`Store.add_instance` with ``file_is_durable``), which survives a crash of the process;
-after a power loss the last rows may be gone, and :func:`recover`, run at every start, adds
-every spool file the store does not know. So a crash at any point loses no acknowledged
-instance: before the rename nothing was acknowledged (a leftover temporary file is deleted);
-after it the file is complete and durable, and the row is either there or redone from it.
+after a power loss the last rows may be gone, and :func:`~qsmnode.node.recovery.recover`, run
+at every start, adds every spool file the store does not know. So a crash at any point loses
+no acknowledged instance: before the rename nothing was acknowledged (a leftover temporary file
+is deleted); after it the file is complete and durable, and the row is either there or redone
+from it.
 
 Statuses:
 
@@ -31,27 +32,25 @@ Statuses:
 Every failure carries an Error Comment naming the reason, and is logged.
 
 Associations: only the configured calling AE titles (optionally from given hosts) and the node's
-own called AE title are accepted; others get A-ASSOCIATE-RJ (permanent, service user, "calling
-AE title not recognised" or "called AE title not recognised") and a log line. With TLS, the
-handshake runs in the connection's own thread (never in the accept loop), and a failed
-handshake (e.g. no trusted client certificate) closes the connection and is logged.
+own called AE title are accepted (the policy and the TLS context: :mod:`qsmnode.node.access`);
+others get A-ASSOCIATE-RJ (permanent, service user, "calling AE title not recognised" or
+"called AE title not recognised") and a log line. With TLS, the handshake runs in the
+connection's own thread (never in the accept loop), and a failed handshake (e.g. no trusted
+client certificate) closes the connection and is logged.
 
 Logs carry AE titles, addresses and UIDs, never patient names or IDs.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import os
-import socket
 import sqlite3
 import ssl
 import threading
 import time
 from dataclasses import dataclass, field
 from io import BytesIO
-from pathlib import Path
 from typing import Any
 
 from pydicom.dataset import Dataset
@@ -69,9 +68,9 @@ from qsmnode.dicom.wire import (
     file_prefix,
     file_prefix_from_meta,
     inspect_dataset,
-    read_part10,
 )
 from qsmnode.node import pynetdicom_compat as compat
+from qsmnode.node.access import AccessPolicy, server_ssl_context
 from qsmnode.node.config import Settings
 from qsmnode.node.spool import MIB, Spool, SpoolError, is_uid
 from qsmnode.node.store import InstanceRecord, Store, StoreError
@@ -79,7 +78,6 @@ from qsmnode.node.store import InstanceRecord, Store, StoreError
 log = logging.getLogger(__name__)
 
 SPOOL_DIRNAME = "spool"
-QUARANTINE_DIRNAME = "quarantine"
 
 # C-STORE statuses (see the module docstring)
 SUCCESS = 0x0000
@@ -92,8 +90,6 @@ BAD_IDENTIFIERS = 0xC220
 
 # A-ASSOCIATE-RJ: result 1 = rejected-permanent, source 1 = DICOM UL service-user
 _REJECT_PERMANENT, _SOURCE_USER = 0x01, 0x01
-CALLING_AE_NOT_RECOGNISED = 0x03
-CALLED_AE_NOT_RECOGNISED = 0x07
 # A-ASSOCIATE-RJ: result 2 = rejected-transient, source 3 = service-provider (presentation)
 _REJECT_TRANSIENT, _SOURCE_PRESENTATION, LOCAL_LIMIT_EXCEEDED = 0x02, 0x03, 0x02
 
@@ -112,115 +108,6 @@ out, since its own connection sends its request at once."""
 _LOGGERS_KEPT_QUIET = ("pynetdicom", "pydicom")  # their INFO/DEBUG lines can carry dataset text
 
 
-# ------------------------------------------------------------------------------------------------
-# Who may associate
-
-
-@dataclass(frozen=True)
-class Refusal:
-    """Why an association request is refused: the A-ASSOCIATE-RJ diagnostic and the log text."""
-
-    diagnostic: int
-    reason: str
-
-
-def _normal_ip(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    try:
-        ip = ipaddress.ip_address(address.split("%")[0])
-    except ValueError:
-        return None
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped
-    return ip
-
-
-def _resolve(host: str) -> set[ipaddress.IPv4Address | ipaddress.IPv6Address]:
-    ip = _normal_ip(host)
-    if ip is not None:
-        return {ip}
-    try:
-        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
-    except OSError as exc:
-        log.warning("cannot resolve allowed sender host %s: %s", host, exc)
-        return set()
-    return {ip for info in infos if (ip := _normal_ip(str(info[4][0]))) is not None}
-
-
-@dataclass(frozen=True)
-class AccessPolicy:
-    """Which associations are accepted: our called AE title, and the allowed calling AE titles
-    (each optionally tied to hosts). An empty ``senders`` mapping accepts any calling AE.
-
-    ``senders`` maps a calling AE title to its hosts (empty: any address). Hostnames are
-    resolved at each request, so DNS changes apply without a restart.
-    """
-
-    called_ae: str
-    senders: dict[str, tuple[str, ...]] = field(default_factory=dict)
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> AccessPolicy:
-        listener = settings.listener
-        return cls(listener.ae_title, {s.ae_title: s.hosts for s in listener.allowed_senders})
-
-    def check(self, calling_ae: str, called_ae: str, address: str) -> Refusal | None:
-        """None to accept, else the refusal."""
-        calling, called = calling_ae.strip(), called_ae.strip()
-        if called != self.called_ae:
-            return Refusal(CALLED_AE_NOT_RECOGNISED,
-                           f"called AE title {called!r} is not ours ({self.called_ae!r})")
-        if not self.senders:
-            return None
-        if calling not in self.senders:
-            return Refusal(CALLING_AE_NOT_RECOGNISED,
-                           f"calling AE title {calling!r} is not an allowed sender")
-        hosts = self.senders[calling]
-        if not hosts:
-            return None
-        peer = _normal_ip(address)
-        if peer is not None and any(peer in _resolve(host) for host in hosts):
-            return None
-        return Refusal(CALLING_AE_NOT_RECOGNISED,
-                       f"calling AE title {calling!r} is not allowed from {address}")
-
-
-# ------------------------------------------------------------------------------------------------
-# TLS
-
-
-class _LazyHandshakeContext(ssl.SSLContext):
-    """An SSLContext whose server sockets defer the handshake.
-
-    pynetdicom wraps accepted sockets in its accept loop, where a default handshake would let
-    one slow or silent client stall every other connection. The receiver runs the handshake in
-    the connection's thread instead (see ``Receiver._on_conn_open``).
-    """
-
-    def wrap_socket(self, sock: socket.socket, *args: Any, **kwargs: Any) -> ssl.SSLSocket:
-        kwargs["do_handshake_on_connect"] = False
-        return super().wrap_socket(sock, *args, **kwargs)
-
-
-def server_ssl_context(settings: Settings) -> ssl.SSLContext | None:
-    """The listener's TLS context from ``[listener.tls]``, or None when TLS is off."""
-    tls = settings.listener.tls
-    if not tls.enabled:
-        return None
-    context = _LazyHandshakeContext(ssl.PROTOCOL_TLS_SERVER)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    assert tls.cert_file is not None and tls.key_file is not None  # checked by the config
-    context.load_cert_chain(tls.cert_file, tls.key_file)
-    if tls.ca_file is not None:
-        context.load_verify_locations(cafile=tls.ca_file)
-    if tls.require_client_cert:
-        context.verify_mode = ssl.CERT_REQUIRED
-    elif tls.ca_file is not None:
-        context.verify_mode = ssl.CERT_OPTIONAL
-    return context
-
-
-# ------------------------------------------------------------------------------------------------
-# The receiver
 
 
 DUL_IDLE_SLEEP_S = 0.0002
@@ -595,7 +482,7 @@ class Receiver:
             why = os.strerror(exc.errno) if exc.errno else "I/O error"
             return self._fail(event, SPOOL_WRITE_FAILED, sop_uid, f"spool write failed: {why}",
                               f" ({exc.strerror})")
-        record = _record(header, sop_class, sop_uid, transfer_syntax,
+        record = instance_record(header, sop_class, sop_uid, transfer_syntax,
                          path.relative_to(self.state_dir).as_posix(), size, calling_ae,
                          _address_of(event.assoc), time.time())
         try:
@@ -612,8 +499,10 @@ class Receiver:
         return SUCCESS
 
 
-def _record(header: InstanceHeader, sop_class: str, sop_uid: str, transfer_syntax: str,
-            path: str, size: int, calling_ae: str, peer: str, at: float) -> InstanceRecord:
+def instance_record(header: InstanceHeader, sop_class: str, sop_uid: str, transfer_syntax: str,
+                    path: str, size: int, calling_ae: str, peer: str,
+                    at: float) -> InstanceRecord:
+    """The store's record of an instance from its header (the receiver's, and recovery's)."""
     assert header.study_uid is not None and header.series_uid is not None
     return InstanceRecord(
         sop_instance_uid=sop_uid, sop_class_uid=sop_class, study_uid=header.study_uid,
@@ -647,82 +536,6 @@ def _peer_of(assoc: Any) -> str:
         return f"{ae}@{assoc.requestor.address}:{assoc.requestor.port}"
     except (ValueError, AttributeError):
         return f"{ae}@?"
-
-
-# ------------------------------------------------------------------------------------------------
-# Recovery after a crash
-
-
-@dataclass(frozen=True)
-class Recovery:
-    """What :func:`recover` found: temp files removed, spool files added to the store, files
-    quarantined (unreadable), and store entries whose file is missing."""
-
-    temp_files_removed: int
-    adopted: int
-    quarantined: int
-    missing: tuple[str, ...]
-
-
-def recover(store: Store, spool: Spool, state_dir: Path) -> Recovery:
-    """Make the spool and the store agree after a crash.
-
-    A crash between a file's rename and its commit leaves a complete, fsynced file that the
-    store does not know (and that the scanner was not told about); so does a power loss that
-    takes the last instance rows, committed without fsync (acknowledged: see the module
-    docstring). Either way the file is added to the store. Temporary files are deleted. A
-    stored instance whose file is missing is reported.
-    """
-    removed = spool.remove_temp_files()
-    known = store.instance_paths()
-    adopted = quarantined = 0
-    for path in sorted(spool.instance_files()):
-        relative = path.relative_to(state_dir).as_posix()
-        if relative in known:
-            continue
-        try:
-            record = _record_of_file(path, relative)
-        except Exception as exc:  # pydicom raises many types on a damaged file meta
-            folder = state_dir / QUARANTINE_DIRNAME
-            folder.mkdir(parents=True, exist_ok=True)
-            target = folder / path.name
-            n = 1
-            while target.exists():  # an earlier file of the same name stays too
-                target = folder / f"{path.stem}.{n}{path.suffix}"
-                n += 1
-            os.replace(path, target)
-            log.error("moved unreadable spool file %s to %s: %s", relative, target, exc)
-            quarantined += 1
-            continue
-        store.add_instance(record)
-        adopted += 1
-    present = {p.relative_to(state_dir).as_posix() for p in spool.instance_files()}
-    missing = tuple(sorted(known - present))
-    for relative in missing:
-        log.error("stored instance file is missing: %s", relative)
-    if removed or adopted or quarantined:
-        log.info("recovery: %d temporary files removed, %d spool files added to the store, "
-                 "%d quarantined", removed, adopted, quarantined)
-    return Recovery(removed, adopted, quarantined, missing)
-
-
-def _record_of_file(path: Path, relative: str) -> InstanceRecord:
-    """The record of a spool file. Its dataset is read as the receiver read it when it came in
-    (:func:`inspect_dataset`, not pydicom's reader, which refuses some datasets the receiver
-    accepts), so that whatever was acknowledged is adopted again."""
-    instance = read_part10(path)
-    header = instance.header
-    sop_uid = header.sop_instance_uid or instance.media_sop_instance_uid
-    sop_class = instance.media_sop_class_uid or header.sop_class_uid
-    if (header.study_uid is None or header.series_uid is None or sop_uid is None
-            or sop_class is None or path.stem != sop_uid):
-        raise DatasetError("identifying UIDs missing or not matching the file name")
-    return _record(header, sop_class, sop_uid, instance.transfer_syntax, relative,
-                   instance.size, instance.source_ae or "", "", path.stat().st_mtime)
-
-
-# ------------------------------------------------------------------------------------------------
-# Running the node
 
 
 def quiet_library_loggers(level: int) -> None:

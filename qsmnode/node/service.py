@@ -1,7 +1,7 @@
 """The node: what ``qsmnode serve`` runs.
 
 :func:`serve` holds the state directory's lock, opens the store, makes the spool and the store
-agree (:func:`~qsmnode.node.receiver.recover`), hands the jobs that a previous run left running
+agree (:func:`~qsmnode.node.recovery.recover`), hands the jobs that a previous run left running
 back to the queue, then runs four parts until told to stop:
 
 - the **receiver** (:class:`~qsmnode.node.receiver.Receiver`): the DICOM listener, in
@@ -57,7 +57,8 @@ from qsmnode.node.jobs import DEFAULT_JOB_FUNCTION
 from qsmnode.node.normative import NormativeTableError, load_normative_table
 from qsmnode.node.outbox import Outbox
 from qsmnode.node.pynetdicom_compat import IncompatibleLibrary
-from qsmnode.node.receiver import SPOOL_DIRNAME, Receiver, quiet_library_loggers, recover
+from qsmnode.node.receiver import SPOOL_DIRNAME, Receiver, quiet_library_loggers
+from qsmnode.node.recovery import recover
 from qsmnode.node.retention import Retention
 from qsmnode.node.sender import Sender
 from qsmnode.node.spool import MIB, Spool

@@ -757,7 +757,7 @@ class Store:
 
         ``file_is_durable``: the caller has made the instance's file durable (fsynced, renamed
         into the spool, folder fsynced) and the node adds spool files missing from the store at
-        start (:func:`qsmnode.node.receiver.recover`). Then this commit is made with
+        start (:func:`qsmnode.node.recovery.recover`). Then this commit is made with
         ``synchronous=NORMAL``: durable when the process dies (the WAL is in the OS's cache),
         and after a power loss either still there or redone from the file at the next start.
         It skips one fsync per instance. Any later ``synchronous=FULL`` commit (every other
