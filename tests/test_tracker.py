@@ -431,3 +431,31 @@ def test_a_non_mr_series_is_passed_over_with_its_sop_class(tmp_path: Path) -> No
         assert series.passed_over == ("not an MR image (Enhanced SR Storage): not a QSM "
                                       "acquisition")
         assert not store.problems()
+
+
+def test_an_unexpected_grouping_error_is_logged_without_patient_values(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A library error quoting a value of the study's files (as highdicom's do): the log line
+    names the attribute instead, and where in the code it was raised; no traceback."""
+    import logging
+
+    files = write_study(tmp_path / "source", "siemens-xa", 25)
+    ds = pydicom.dcmread(files[0], stop_before_pixels=True)
+    name, birth = str(ds.PatientName), "19450317"
+    for path in files:
+        one = pydicom.dcmread(path)
+        one.PatientBirthDate = birth
+        one.save_as(path)
+
+    def fails(self, ready, now):  # type: ignore[no-untyped-def]
+        raise ValueError(f"Unable to use {name!r} born {birth}")
+
+    monkeypatch.setattr(Tracker, "group_study", fails)
+    with Store.in_state_dir(tmp_path) as store, caplog.at_level(logging.INFO):
+        ingest(tmp_path, store, files, 9_000.0)
+        Tracker(settings_for(tmp_path), store, clock=Clock(10_000.0)).poll()
+    text = caplog.text
+    assert "grouping failed (ValueError: Unable to use '<PatientName>' born " \
+           "<PatientBirthDate> at test_tracker.py:" in text, text
+    assert name not in text and birth not in text and "Traceback" not in text

@@ -69,26 +69,31 @@ def dataset_values(paths: Iterable[str]) -> dict[str, str]:
             warnings.simplefilter("ignore")
             try:
                 ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=tags)
-                elements = list(ds)
-                for element in elements:
-                    element.value  # noqa: B018 - converted here, warnings silenced
             except Exception:  # a damaged file: its job reports that (without its values)
                 continue
-        for element in elements:
-            raw = element.value
+            elements = []
+            for tag in list(ds.keys()):
+                try:
+                    elements.append((ds[tag].keyword, ds[tag].value))
+                except Exception:  # a value pydicom cannot convert: as stored
+                    raw_element = ds.get_item(tag)
+                    elements.append((pydicom.datadict.keyword_for_tag(tag), raw_element.value))
+        for keyword, raw in elements:
+            if raw is None or raw in ("", b""):
+                continue
             if isinstance(raw, bytes):
                 key = raw
             else:
                 key = repr(raw).encode(errors="replace")
-            if key in seen or element.keyword not in PATIENT_AND_STUDY_KEYWORDS:
+            if key in seen or keyword not in PATIENT_AND_STUDY_KEYWORDS:
                 continue
             seen.add(key)
             texts = [str(v) for v in raw] if isinstance(
                 raw, (list, tuple, pydicom.multival.MultiValue)) else [
                 raw.decode("latin-1") if isinstance(raw, bytes) else str(raw)]
             for text in texts:
-                for form in _forms(text, element.keyword in PERSON_NAME_KEYWORDS):
-                    found.setdefault(form, element.keyword)
+                for form in _forms(text, keyword in PERSON_NAME_KEYWORDS):
+                    found.setdefault(form, keyword)
     return found
 
 

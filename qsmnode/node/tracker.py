@@ -74,6 +74,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import traceback
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -91,6 +92,7 @@ from qsmnode.dicom.headers import (
 )
 from qsmnode.dicom.load import AcquisitionPlan, PassedOver, Problem, group_acquisitions
 from qsmnode.node.config import Settings
+from qsmnode.node.redact import Redactor, dataset_values
 from qsmnode.node.store import (
     GroupingOutcome,
     InstanceRecord,
@@ -303,12 +305,12 @@ class Tracker:
                 continue
             try:
                 outcome = self.group_study(ready, now)
-            except Exception:
+            except Exception as exc:
                 # one study's fault never holds up the others; it is tried again later
                 if failed_at is None:
-                    log.exception("study %s: grouping failed; tried again every %g s, and "
-                                  "when an image of it arrives", ready.study_uid,
-                                  FAILED_RETRY_S)
+                    log.error("study %s: grouping failed (%s); tried again every %g s, and "
+                              "when an image of it arrives", ready.study_uid,
+                              self._redacted_error(ready.study_uid, exc), FAILED_RETRY_S)
                 self._failed[key] = now
                 outcome = None
             if outcome is None:
@@ -451,7 +453,8 @@ class Tracker:
                 try:
                     summary = summarize(path)
                 except (InvalidDicomError, OSError, EOFError, ValueError) as exc:
-                    summary = f"{type(exc).__name__}: {exc}"
+                    # the reason becomes a problem (store, status page): no patient value
+                    summary = Redactor(dataset_values([path]))(f"{type(exc).__name__}: {exc}")
                 self._summaries[path] = summary
             if isinstance(summary, str):
                 unreadable[record.series_uid].append(summary)
@@ -463,6 +466,19 @@ class Tracker:
             name = sop_class_name(sop_class)
             passed_over[series_uid] = f"not an MR image ({name}): not a QSM acquisition"
         return infos, dict(unreadable)
+
+    def _redacted_error(self, study_uid: str, exc: BaseException) -> str:
+        """An unexpected grouping error for the log: its type, its message without the
+        study's patient and study values, and where in the code it was raised (no traceback:
+        its frames could quote a dataset's values)."""
+        first: dict[str, str] = {}  # one file per series: the patient and study values
+        for record in self.store.study_instances(study_uid):
+            first.setdefault(record.series_uid, str(self.state_dir / record.path))
+        paths = list(first.values())
+        text = Redactor(dataset_values(paths))(f"{type(exc).__name__}: {exc}")
+        frame = traceback.extract_tb(exc.__traceback__)[-1:] if exc.__traceback__ else []
+        where = f" at {Path(frame[0].filename).name}:{frame[0].lineno}" if frame else ""
+        return text + where
 
     def _forget(self, instances: list[InstanceRecord]) -> None:
         for record in instances:
