@@ -32,13 +32,13 @@ JOB = "tests.test_worker_dask:marked_job"
 def marked_job(spec: Any) -> dict[str, Any]:
     """The truth job (``tests.deliveryutil.truth_job``), after appending ``<pid> <parent pid>
     <job> <attempt>`` to the file ``$QSMNODE_TEST_DASK_MARKER`` names and, on the first run,
-    sleeping 20 s (time for the test to kill the Dask worker running it)."""
+    sleeping 8 s (time for the test to kill the Dask worker running it)."""
     marker = Path(os.environ[MARKER_ENV])
     first = not marker.exists()
     with marker.open("a") as out:
         out.write(f"{os.getpid()} {os.getppid()} {spec.job_id} {spec.attempt}\n")
     if first:
-        time.sleep(20)
+        time.sleep(8)
     return truth_job(spec)
 
 

@@ -37,6 +37,9 @@ CONTROL_FILENAME = "signal"
 LOST = 75
 """The exit status an attempt gets when Dask lost its task (``failure`` says why)."""
 _POLL_S = 0.2
+CONNECT_TIMEOUT_S = 5.0
+"""How long the pool tries to reach the scheduler before handing the job back (the pool's
+thread waits meanwhile)."""
 
 
 def run_attempt(command: list[str], pythonpath: str, control: str) -> int:
@@ -125,7 +128,7 @@ class DaskAttempt:
             self.future.cancel()
 
 
-def connect(address: str, timeout_s: float = 30.0) -> Any:
+def connect(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> Any:
     """A Dask client of the scheduler at ``address``.
 
     Raises:
