@@ -592,100 +592,162 @@ def _judge(
     return result
 
 
-def _evaluate(
-    cand: _Candidate, min_echoes: int, require_phase: bool, pos_key: _PositionKeys
-) -> AcquisitionPlan | Problem:
-    refs = cand.refs
-    table: dict[Part, dict[_EchoKey, dict[_PosKey, list[FrameRef]]]] = {
-        Part.MAGNITUDE: defaultdict(lambda: defaultdict(list)),
-        Part.PHASE: defaultdict(lambda: defaultdict(list)),
-    }
-    others: dict[Part, int] = defaultdict(int)
-    no_te = 0
-    actual_position: dict[_PosKey, tuple[float, float, float]] = {}
+@dataclass
+class _EchoTable:
+    """A candidate's frames by part, echo time and slice position, and what does not fit."""
+
+    mag: dict[_EchoKey, dict[_PosKey, list[FrameRef]]]
+    pha: dict[_EchoKey, dict[_PosKey, list[FrameRef]]]
+    others: dict[Part, int]
+    """Frames of any other part (e.g. a B0 field map), counted per part."""
+    no_te: int
+    """Magnitude and phase frames without a usable echo time."""
+    positions: dict[_PosKey, tuple[float, float, float]]
+    """A slice position as written, per position key."""
+
+    @property
+    def parts(self) -> dict[Part, dict[_EchoKey, dict[_PosKey, list[FrameRef]]]]:
+        return {Part.MAGNITUDE: self.mag, Part.PHASE: self.pha}
+
+    @property
+    def mag_tes(self) -> list[_EchoKey]:
+        return sorted(self.mag)
+
+    @property
+    def pha_tes(self) -> list[_EchoKey]:
+        return sorted(self.pha)
+
+    def slice_keys(self) -> set[_PosKey]:
+        """Every slice position of any echo of magnitude or phase."""
+        return {pk for echoes in self.parts.values() for per_pos in echoes.values()
+                for pk in per_pos}
+
+
+def _tabulate(refs: list[FrameRef], pos_key: _PositionKeys) -> _EchoTable:
+    """Sort the frames into magnitude and phase by echo time and slice position."""
+    table = _EchoTable(defaultdict(lambda: defaultdict(list)),
+                       defaultdict(lambda: defaultdict(list)), defaultdict(int), 0, {})
+    parts = table.parts
     for r in refs:
         f = r.frame
         assert f.position is not None
-        actual_position.setdefault(pos_key(f.position), f.position)
-        if f.part not in table:
-            others[f.part] += 1
+        table.positions.setdefault(pos_key(f.position), f.position)
+        if f.part not in parts:
+            table.others[f.part] += 1
             continue
         te = _te_key(f)
         if te is None:
-            no_te += 1
+            table.no_te += 1
             continue
-        table[f.part][te][pos_key(f.position)].append(r)
-    mag, pha = table[Part.MAGNITUDE], table[Part.PHASE]
-    reasons: list[str] = []
+        parts[f.part][te][pos_key(f.position)].append(r)
+    return table
 
-    if no_te:
-        reasons.append(f"{_plural(no_te, 'image')} without an echo time")
-    if not mag:
-        extra = ""
-        if others:
-            listed = ", ".join(f"{n} {p.value}" for p, n in sorted(others.items()))
-            extra = f" (found {listed} images; these are not combined)"
-        what = "only phase images, no magnitude" if pha else "no magnitude or phase images"
-        if no_te:
-            what = f"{_plural(no_te, 'image')} without an echo time, and {what} with one"
-        return cand.problem(f"{what}{extra}")
+
+def _without_echo_time(table: _EchoTable) -> str | None:
+    """Images that have no usable echo time."""
+    return f"{_plural(table.no_te, 'image')} without an echo time" if table.no_te else None
+
+
+def _no_magnitude(table: _EchoTable) -> str | None:
+    """Why there is nothing to build on: no magnitude image with an echo time."""
+    if table.mag:
+        return None
+    extra = ""
+    if table.others:
+        listed = ", ".join(f"{n} {p.value}" for p, n in sorted(table.others.items()))
+        extra = f" (found {listed} images; these are not combined)"
+    what = "only phase images, no magnitude" if table.pha else "no magnitude or phase images"
+    if table.no_te:
+        what = f"{_plural(table.no_te, 'image')} without an echo time, and {what} with one"
+    return f"{what}{extra}"
+
+
+def _phase_difference_phase(refs: list[FrameRef]) -> str | None:
+    """Why the phase is a phase-difference field map (its headers say so), not per-echo phase."""
     fieldmap = [r for r in refs if r.frame.part is Part.PHASE and r.instance.phase_difference]
-    if fieldmap:
-        names = sorted({r.instance.sequence_name for r in fieldmap if r.instance.sequence_name})
-        how = f" (sequence {', '.join(names)})" if names else ""
-        return cand.problem(
-            f"the phase in series {_series_of(fieldmap, Part.PHASE)} is a phase-difference "
-            f"field map{how}, not a per-echo phase; QSM needs the phase of every echo"
-        )
-    mag_tes, pha_tes = sorted(mag), sorted(pha)
-    not_positive = sorted({k for k in (*mag_tes, *pha_tes) if k <= 0})
-    if not_positive:
-        reasons.append(
-            f"echo time of 0 or less ({', '.join(_ms(k) for k in not_positive)}): not the "
-            "echo of a gradient echo"
-        )
-    if not pha:
-        if require_phase and others.get(Part.FIELD_MAP):
-            reasons.append(
-                f"no per-echo phase: magnitude ({_plural(len(mag_tes), 'echo', 'echoes')}) and "
-                f"a B0 field map ({_plural(others[Part.FIELD_MAP], 'image')}) were found; QSM "
-                "needs the phase of every echo"
-            )
-        elif require_phase:
-            reasons.append(
-                f"no phase: only magnitude images ({_plural(len(mag_tes), 'echo', 'echoes')}) "
-                "were found; QSM needs the phase of every echo"
-            )
-    elif mag_tes != pha_tes:
-        first = refs[0].instance
-        if first.vendor is Vendor.SIEMENS and len(mag_tes) == 2 and pha_tes == [mag_tes[1]]:
-            return cand.problem(
-                f"magnitude has 2 echoes ({_ms(mag_tes[0])}, {_ms(mag_tes[1])}) but phase "
-                f"only one, at the second echo time: this looks like a Siemens "
-                f"phase-difference field map, not a per-echo phase"
-            )
-        only_m = [k for k in mag_tes if k not in pha]
-        only_p = [k for k in pha_tes if k not in mag]
-        detail = []
-        if only_m:
-            detail.append(
-                f"magnitude (series {_series_of(refs, Part.MAGNITUDE)}) has TE "
-                f"{', '.join(_ms(k) for k in only_m)} with no matching phase"
-            )
-        if only_p:
-            detail.append(
-                f"phase (series {_series_of(refs, Part.PHASE)}) has TE "
-                f"{', '.join(_ms(k) for k in only_p)} with no matching magnitude"
-            )
-        reasons.append("mismatched echo times between magnitude and phase: " + "; ".join(detail))
-    n_echoes = len(mag_tes)
-    if n_echoes < min_echoes:
-        reasons.append(
-            f"{_plural(n_echoes, 'echo', 'echoes')}, the rule needs at least {min_echoes}"
-        )
+    if not fieldmap:
+        return None
+    names = sorted({r.instance.sequence_name for r in fieldmap if r.instance.sequence_name})
+    how = f" (sequence {', '.join(names)})" if names else ""
+    return (
+        f"the phase in series {_series_of(fieldmap, Part.PHASE)} is a phase-difference "
+        f"field map{how}, not a per-echo phase; QSM needs the phase of every echo"
+    )
 
-    # one image per slice, echo and part
-    for part, echoes in table.items():
+
+def _siemens_field_map(refs: list[FrameRef], table: _EchoTable) -> str | None:
+    """Why two magnitude echoes with one phase at the second echo time is a Siemens
+    phase-difference field map (its headers do not say so), not per-echo phase."""
+    mag_tes = table.mag_tes
+    if not (refs[0].instance.vendor is Vendor.SIEMENS and len(mag_tes) == 2
+            and table.pha_tes == [mag_tes[1]]):
+        return None
+    return (
+        f"magnitude has 2 echoes ({_ms(mag_tes[0])}, {_ms(mag_tes[1])}) but phase "
+        f"only one, at the second echo time: this looks like a Siemens "
+        f"phase-difference field map, not a per-echo phase"
+    )
+
+
+def _non_positive_echo_times(table: _EchoTable) -> str | None:
+    """Echo times of 0 or less (not the echo of a gradient echo)."""
+    not_positive = sorted({k for k in (*table.mag_tes, *table.pha_tes) if k <= 0})
+    if not not_positive:
+        return None
+    return (
+        f"echo time of 0 or less ({', '.join(_ms(k) for k in not_positive)}): not the "
+        "echo of a gradient echo"
+    )
+
+
+def _phase_pairing(table: _EchoTable, refs: list[FrameRef], require_phase: bool) -> str | None:
+    """Magnitude/phase pairing: phase missing (when required), or echo times that do not
+    match between magnitude and phase."""
+    mag_tes, pha_tes = table.mag_tes, table.pha_tes
+    if not table.pha:
+        if not require_phase:
+            return None
+        if table.others.get(Part.FIELD_MAP):
+            return (
+                f"no per-echo phase: magnitude ({_plural(len(mag_tes), 'echo', 'echoes')}) and "
+                f"a B0 field map ({_plural(table.others[Part.FIELD_MAP], 'image')}) were "
+                "found; QSM needs the phase of every echo"
+            )
+        return (
+            f"no phase: only magnitude images ({_plural(len(mag_tes), 'echo', 'echoes')}) "
+            "were found; QSM needs the phase of every echo"
+        )
+    if mag_tes == pha_tes:
+        return None
+    only_m = [k for k in mag_tes if k not in table.pha]
+    only_p = [k for k in pha_tes if k not in table.mag]
+    detail = []
+    if only_m:
+        detail.append(
+            f"magnitude (series {_series_of(refs, Part.MAGNITUDE)}) has TE "
+            f"{', '.join(_ms(k) for k in only_m)} with no matching phase"
+        )
+    if only_p:
+        detail.append(
+            f"phase (series {_series_of(refs, Part.PHASE)}) has TE "
+            f"{', '.join(_ms(k) for k in only_p)} with no matching magnitude"
+        )
+    return "mismatched echo times between magnitude and phase: " + "; ".join(detail)
+
+
+def _too_few_echoes(table: _EchoTable, min_echoes: int) -> str | None:
+    """Fewer echoes than the rule needs."""
+    n_echoes = len(table.mag_tes)
+    if n_echoes >= min_echoes:
+        return None
+    return f"{_plural(n_echoes, 'echo', 'echoes')}, the rule needs at least {min_echoes}"
+
+
+def _repeated_slices(table: _EchoTable) -> list[str]:
+    """One image per slice, echo and part: each echo of a part with more than one image at a
+    slice position."""
+    reasons = []
+    for part, echoes in table.parts.items():
         for key in sorted(echoes):
             dups = {p: rs for p, rs in echoes[key].items() if len(rs) > 1}
             if not dups:
@@ -703,47 +765,63 @@ def _evaluate(
                 f"{part.value} TE {_ms(key)} has more than one image at "
                 f"{_plural(len(dups), 'slice position')}{note}"
             )
+    return reasons
 
-    # every slice for every echo and part
-    expected = {pk for echoes in table.values() for per_pos in echoes.values() for pk in per_pos}
-    n_expected = len(expected)
+
+def _missing_slices(table: _EchoTable, refs: list[FrameRef]) -> str | None:
+    """Every slice for every echo and part: which echoes of which part lack slices (led by
+    "phase is one slice short of magnitude" when that is what happened)."""
+    n_expected = len(table.slice_keys())
     short: list[tuple[Part, _EchoKey, int]] = []
-    for part, echoes in table.items():
+    for part, echoes in table.parts.items():
         for key in sorted(echoes):
             have = len(echoes[key])
             if have < n_expected:
                 short.append((part, key, have))
-    if short:
-        echo_index = {k: i + 1 for i, k in enumerate(mag_tes or pha_tes)}
-        lines = []
-        for part, key, have in short:
-            missing = n_expected - have
-            number = echo_index.get(key)
-            which = f"echo {number} " if number else ""
-            lines.append(
-                f"{part.value} {which}(TE {_ms(key)}, series "
-                f"{_series_of(refs, part, key)}) has {have} of {n_expected} slices, "
-                f"{_plural(missing, 'slice')} missing"
-            )
-        mag_complete = all(len(mag[k]) == n_expected for k in mag)
-        phase_short = [s for s in short if s[0] is Part.PHASE]
-        if pha and mag_complete and phase_short and all(s[2] == n_expected - 1 for s in short):
-            lead = (
-                "phase is one slice short of magnitude"
-                if len(phase_short) == len(pha)
-                else "a phase slice is missing"
-            )
-        else:
-            lead = "missing slices"
-        reasons.append(f"{lead}: " + "; ".join(lines))
-    if reasons:
-        return cand.problem("; ".join(reasons))
+    if not short:
+        return None
+    echo_index = {k: i + 1 for i, k in enumerate(table.mag_tes or table.pha_tes)}
+    lines = []
+    for part, key, have in short:
+        missing = n_expected - have
+        number = echo_index.get(key)
+        which = f"echo {number} " if number else ""
+        lines.append(
+            f"{part.value} {which}(TE {_ms(key)}, series "
+            f"{_series_of(refs, part, key)}) has {have} of {n_expected} slices, "
+            f"{_plural(missing, 'slice')} missing"
+        )
+    mag_complete = all(len(table.mag[k]) == n_expected for k in table.mag)
+    phase_short = [s for s in short if s[0] is Part.PHASE]
+    if (table.pha and mag_complete and phase_short
+            and all(s[2] == n_expected - 1 for s in short)):
+        lead = (
+            "phase is one slice short of magnitude"
+            if len(phase_short) == len(table.pha)
+            else "a phase slice is missing"
+        )
+    else:
+        lead = "missing slices"
+    return f"{lead}: " + "; ".join(lines)
 
-    # geometry
-    first_mag = mag[mag_tes[0]]
-    some = next(iter(first_mag.values()))[0]
+
+def _left_out(others: dict[Part, int]) -> str:
+    """The images of other parts the acquisition leaves out, in words."""
+    return "; ".join(
+        f"{_plural(n, f'{p.value} image')} left out"
+        + (" (a B0 field map, not the phase of every echo)" if p is Part.FIELD_MAP else "")
+        for p, n in sorted(others.items())
+    )
+
+
+def _plan(cand: _Candidate, table: _EchoTable) -> AcquisitionPlan | Problem:
+    """The plan of a candidate whose echoes and slices are complete, or the problem with its
+    slice geometry (not a regular stack)."""
+    mag_tes = table.mag_tes
+    some = next(iter(table.mag[mag_tes[0]].values()))[0]
     try:
-        affine, ordered = _stack_affine({k: actual_position[k] for k in expected}, some.frame)
+        affine, ordered = _stack_affine(
+            {k: table.positions[k] for k in table.slice_keys()}, some.frame)
     except ValueError as exc:
         reason = str(exc)
         if "not evenly spaced" in reason:
@@ -755,7 +833,7 @@ def _evaluate(
 
     uids, numbers = cand.series()
     info = some.instance
-    strengths = [r.instance.field_strength_t for r in refs if r.instance.field_strength_t]
+    strengths = [r.instance.field_strength_t for r in cand.refs if r.instance.field_strength_t]
     return AcquisitionPlan(
         study_uid=info.study_uid,
         frame_of_reference_uid=info.frame_of_reference_uid,
@@ -767,15 +845,35 @@ def _evaluate(
         rows=int(info.rows or 0),
         columns=int(info.columns or 0),
         affine=affine,
-        magnitude=grid(mag),
-        phase=grid(pha) if pha else None,
+        magnitude=grid(table.mag),
+        phase=grid(table.pha) if table.pha else None,
         field_strength_t=strengths[0] if strengths else None,
-        left_out="; ".join(
-            f"{_plural(n, f'{p.value} image')} left out"
-            + (" (a B0 field map, not the phase of every echo)" if p is Part.FIELD_MAP else "")
-            for p, n in sorted(others.items())
-        ),
+        left_out=_left_out(table.others),
     )
+
+
+def _evaluate(
+    cand: _Candidate, min_echoes: int, require_phase: bool, pos_key: _PositionKeys
+) -> AcquisitionPlan | Problem:
+    """The candidate as a plan (rule 5), or a problem: the first reason that leaves nothing to
+    check (no magnitude; a phase-difference field map), else every reason found, in order."""
+    refs = cand.refs
+    table = _tabulate(refs, pos_key)
+    stop = (_no_magnitude(table) or _phase_difference_phase(refs)
+            or _siemens_field_map(refs, table))
+    if stop:
+        return cand.problem(stop)
+    reasons = [reason for reason in (
+        _without_echo_time(table),
+        _non_positive_echo_times(table),
+        _phase_pairing(table, refs, require_phase),
+        _too_few_echoes(table, min_echoes),
+        *_repeated_slices(table),
+        _missing_slices(table, refs),
+    ) if reason]
+    if reasons:
+        return cand.problem("; ".join(reasons))
+    return _plan(cand, table)
 
 
 def _stack_affine(
