@@ -72,7 +72,9 @@ import fnmatch
 import math
 import re
 from collections import defaultdict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -563,11 +565,8 @@ def _field_map_evidence(refs: list[FrameRef]) -> str:
 
 def _asked_for(cand: _Candidate, qsm_series: tuple[str, ...]) -> bool:
     """Whether a series of the candidate matches the site's QSM protocol names."""
-    return any(
-        fnmatch.fnmatchcase(u.refs[0].instance.series_description.casefold(), p.casefold())
-        for u in cand.units
-        for p in qsm_series
-    )
+    return any(_matches_protocol(u.refs[0].instance.series_description, qsm_series)
+               for u in cand.units)
 
 
 def _judge(
@@ -1038,6 +1037,288 @@ def _geometry_difference(a: _Candidate, b: _Candidate, clusters: list[_Cluster])
     return "; ".join(diffs) or "geometry differs"
 
 
+_Judge = Callable[[_Candidate], AcquisitionPlan | Problem]
+_UnitKey = tuple[str, bool, int]  # series UID, Enhanced, cluster
+
+
+def _cluster_of(
+    info: InstanceInfo, frame: FrameInfo, clusters: list[_Cluster], cache: dict[tuple, int]
+) -> int:
+    """Rule 2: the geometry cluster of a frame (by its exact geometry as seen before, else the
+    first cluster that accepts it within the tolerances, else a new one)."""
+    ckey = (
+        info.study_uid,
+        info.frame_of_reference_uid,
+        info.rows,
+        info.columns,
+        info.derived,
+        frame.orientation,
+        frame.pixel_spacing,
+    )
+    cid = cache.get(ckey)
+    if cid is None:
+        cid = next((i for i, c in enumerate(clusters) if c.accepts(info, frame)), None)
+        if cid is None:
+            cid = len(clusters)
+            clusters.append(
+                _Cluster(
+                    info.study_uid,
+                    info.frame_of_reference_uid,
+                    int(info.rows),
+                    int(info.columns),
+                    frame.orientation,
+                    frame.pixel_spacing,
+                    info.derived,
+                )
+            )
+        cache[ckey] = cid
+    return cid
+
+
+def _collect_units(
+    infos: list[InstanceInfo], pos_key: _PositionKeys
+) -> tuple[list[_Cluster], dict[_UnitKey, _Unit], dict[str, list[InstanceInfo]]]:
+    """Rules 1 to 3: each frame of each instance (once per SOP Instance UID) into the unit of
+    its series and geometry cluster; the clusters, the units, and per series the instances
+    with a frame without image plane geometry."""
+    seen_uids: set[str] = set()
+    clusters: list[_Cluster] = []
+    cluster_cache: dict[tuple, int] = {}
+    units: dict[_UnitKey, _Unit] = {}
+    no_geometry: dict[str, list[InstanceInfo]] = defaultdict(list)
+    for info in infos:
+        if info.sop_instance_uid in seen_uids:
+            continue
+        seen_uids.add(info.sop_instance_uid)
+        for frame in info.frames:
+            if not _plane_ok(info, frame):
+                bad = no_geometry[info.series_uid]
+                if not bad or bad[-1] is not info:
+                    bad.append(info)
+                continue
+            cid = _cluster_of(info, frame, clusters, cluster_cache)
+            ukey = (info.series_uid, info.enhanced, cid)
+            unit = units.get(ukey)
+            if unit is None:
+                unit = units[ukey] = _Unit(cid, info.series_uid, info.series_number)
+            unit.refs.append(FrameRef(info, frame))
+            unit.t1 = unit.t1 and bool(info.t1_evidence)
+            te = _te_key(frame)
+            unit.keys.add((frame.part, te))
+            unit.positions.add(pos_key(frame.position))
+    return clusters, units, no_geometry
+
+
+def _takes(cand: _Candidate, unit: _Unit) -> bool:
+    """Rule 3: whether the unit joins the candidate (same cluster and T1 weighting, slice
+    positions that overlap, none of its (part, echo) keys yet, and the same echo train)."""
+    return (
+        cand.cluster == unit.cluster
+        and cand.t1 == unit.t1
+        and bool(cand.positions & unit.positions)
+        and not cand.keys & unit.keys
+        and _same_echo_train(cand, unit)
+    )
+
+
+def _assemble_candidates(units: Iterable[_Unit]) -> list[_Candidate]:
+    """Rule 3: the units, in series-number order per cluster, each joining the first candidate
+    that takes it, else starting one."""
+    candidates: list[_Candidate] = []
+    ordered_units = sorted(
+        units,
+        key=lambda u: (u.cluster, u.series_number is None, u.series_number or 0, u.series_uid),
+    )
+    for unit in ordered_units:
+        target = next((c for c in candidates if _takes(c, unit)), None)
+        if target is None:
+            target = _Candidate(unit.cluster, unit.t1)
+            candidates.append(target)
+        target.add(unit)
+    return candidates
+
+
+@dataclass
+class _T1wFound:
+    """Rule 6: the T1-weighted magnitude-only candidates, as references or why not."""
+
+    references: list[T1wReference] = field(default_factory=list)
+    unusable: list[tuple[str, str, str]] = field(default_factory=list)
+    """(label, study UID, why) of each T1-weighted candidate that is not a usable reference."""
+    candidates: list[tuple[_Candidate, T1wReference | str]] = field(default_factory=list)
+    indices: set[int] = field(default_factory=set)
+    """Their indices among all candidates (they become neither plans nor problems)."""
+
+
+def _t1w_references(candidates: list[_Candidate], pos_key: _PositionKeys) -> _T1wFound:
+    """Rule 6: T1-weighted magnitude-only candidates are references for the plans, never
+    problems."""
+    found = _T1wFound()
+    for i, cand in enumerate(candidates):
+        if not _is_t1w_candidate(cand):
+            continue
+        found.indices.add(i)
+        evaluated = _evaluate_t1w(cand, pos_key)
+        found.candidates.append((cand, evaluated))
+        if isinstance(evaluated, T1wReference):
+            found.references.append(evaluated)
+        else:
+            first = cand.units[0].refs[0].instance
+            found.unusable.append((cand.label(), first.study_uid, evaluated))
+    return found
+
+
+def _only(cand: _Candidate, part: Part) -> bool:
+    """Of magnitude and phase, the candidate holds ``part`` only."""
+    return cand.parts() & {Part.MAGNITUDE, Part.PHASE} == {part}
+
+
+def _phase_partner(
+    i: int, candidates: list[_Candidate], paired: set[int]
+) -> tuple[int, bool] | None:
+    """The first unpaired phase-only candidate that goes with the magnitude-only candidate
+    ``i``: of the same geometry (kept apart by their echo times), or of the same study, Frame
+    of Reference and series description (mixed geometry); its index and whether the geometry
+    is the same."""
+    a = candidates[i]
+    ia = a.units[0].refs[0].instance
+    for j, b in enumerate(candidates):
+        if j == i or j in paired or not _only(b, Part.PHASE):
+            continue
+        ib = b.units[0].refs[0].instance
+        same_grid = a.cluster == b.cluster and a.t1 == b.t1 and bool(a.positions & b.positions)
+        if same_grid or (ia.study_uid, ia.frame_of_reference_uid, ia.series_description) == (
+            ib.study_uid, ib.frame_of_reference_uid, ib.series_description
+        ):
+            return j, same_grid
+    return None
+
+
+def _together(a: _Candidate, b: _Candidate) -> _Candidate:
+    """One candidate of the units of both (same geometry), in series order."""
+    both = _Candidate(a.cluster, a.t1)
+    for unit in sorted(
+        a.units + b.units,
+        key=lambda u: (u.series_number is None, u.series_number or 0, u.series_uid),
+    ):
+        both.add(unit)
+    return both
+
+
+def _mixed_geometry(a: _Candidate, b: _Candidate, clusters: list[_Cluster]) -> Problem:
+    """The problem of a magnitude and a phase of one series description whose geometries
+    differ, saying how."""
+    ua, na = a.series()
+    ub, nb = b.series()
+    return Problem(
+        reason=(
+            f"magnitude {a.label()} and phase {b.label()} cannot be combined: "
+            f"mixed geometry ({_geometry_difference(a, b, clusters)})"
+        ),
+        study_uid=a.units[0].refs[0].instance.study_uid,
+        series_uids=ua + ub,
+        series_numbers=na + nb,
+    )
+
+
+def _magnitude_with_phase(
+    candidates: list[_Candidate], paired: set[int], clusters: list[_Cluster], judge: _Judge
+) -> list[tuple[tuple, AcquisitionPlan | Problem]]:
+    """Magnitude-only and phase-only candidates that go together (:func:`_phase_partner`):
+    of one geometry, evaluated together; of mixed geometry, a problem. Adds both to
+    ``paired``."""
+    results: list[tuple[tuple, AcquisitionPlan | Problem]] = []
+    for i, a in enumerate(candidates):
+        if not _only(a, Part.MAGNITUDE) or i in paired:
+            continue
+        partner = _phase_partner(i, candidates, paired)
+        if partner is None:
+            continue
+        j, same_grid = partner
+        b = candidates[j]
+        paired.update((i, j))
+        if same_grid:
+            both = _together(a, b)
+            results.append((_sort_key(both), judge(both)))
+        else:
+            results.append((_sort_key(a), _mixed_geometry(a, b, clusters)))
+    return results
+
+
+def _matches_protocol(series_description: str, qsm_series: tuple[str, ...]) -> bool:
+    """Whether a series description matches one of the site's QSM protocol names."""
+    return any(
+        fnmatch.fnmatchcase(series_description.casefold(), p.casefold()) for p in qsm_series
+    )
+
+
+def _without_geometry(
+    series_uid: str, bad: list[InstanceInfo], pass_over: bool, qsm_series: tuple[str, ...]
+) -> tuple[tuple, Problem]:
+    """A series with instances without image plane geometry: passed over (rule 7), or a
+    problem when triage is off or the series is one of the site's QSM protocol."""
+    first = bad[0]
+    label = (
+        f"series {first.series_number} '{first.series_description}' "
+        f"(series UID {series_uid})"
+    )
+    why = (
+        f"{_plural(len(bad), 'instance')} without image plane geometry (position, "
+        "orientation, pixel spacing or matrix missing or invalid); not an image series "
+        "that can be processed"
+    )
+    kind = PassedOver if pass_over and not _matches_protocol(
+        first.series_description, qsm_series
+    ) else Problem
+    item = Problem(
+        reason=f"{label}: {why}",
+        study_uid=first.study_uid,
+        series_uids=(series_uid,),
+        series_numbers=(first.series_number,),
+    )
+    if kind is PassedOver:
+        item = PassedOver(**{**vars(item), "reason": f"{label}: passed over: {why}"}, why=why)
+    return (first.study_uid, first.series_number is None, first.series_number or 0), item
+
+
+def _unused_t1w(cand: _Candidate, evaluated: T1wReference | str, used: set[str]) -> str | None:
+    """Why a T1-weighted series is passed over: no acquisition uses it, or it is not usable
+    as a reference (None: an acquisition uses it)."""
+    if isinstance(evaluated, T1wReference):
+        if evaluated.series_uid in used:
+            return None
+        return (
+            f"T1-weighted ({evaluated.evidence}): an anatomical reference, not a QSM "
+            "acquisition; no acquisition of its study uses it"
+        )
+    evidence = cand.units[0].refs[0].instance.t1_evidence
+    return (
+        f"T1-weighted ({evidence}), not a QSM acquisition, and not usable as a "
+        f"reference: {evaluated}"
+    )
+
+
+def _in_order(
+    results: list[tuple[tuple, AcquisitionPlan | Problem]], t1w: _T1wFound
+) -> list[AcquisitionPlan | Problem]:
+    """The results by study and first series number, each plan with its T1w reference, and
+    the T1-weighted series no acquisition uses, passed over."""
+    results.sort(key=lambda item: item[0])
+    out = [
+        _with_t1w(r, t1w.references, t1w.unusable) if isinstance(r, AcquisitionPlan) else r
+        for _, r in results
+    ]
+    used = {p.t1w.series_uid for p in out if isinstance(p, AcquisitionPlan) and p.t1w}
+    for cand, evaluated in t1w.candidates:
+        why = _unused_t1w(cand, evaluated, used)
+        if why is not None:
+            out.append(cand.passed_over(why))
+    order = {id(r): key for key, r in results}
+    out.sort(key=lambda r: order.get(id(r)) or (r.study_uid, r.series_numbers[0] is None,
+                                                  r.series_numbers[0] or 0))
+    return out
+
+
 def group_acquisitions(
     infos: list[InstanceInfo],
     min_echoes: int = 2,
@@ -1061,216 +1342,19 @@ def group_acquisitions(
     Returns:
         Plans, problems and passed-over series, ordered by study and first series number.
     """
-    seen_uids: set[str] = set()
-    clusters: list[_Cluster] = []
-    cluster_cache: dict[tuple, int] = {}
-    units: dict[tuple[str, bool, int], _Unit] = {}
-    no_geometry: dict[str, list[InstanceInfo]] = defaultdict(list)
     pos_key = _PositionKeys()
-    for info in infos:
-        if info.sop_instance_uid in seen_uids:
-            continue
-        seen_uids.add(info.sop_instance_uid)
-        for frame in info.frames:
-            if not _plane_ok(info, frame):
-                bad = no_geometry[info.series_uid]
-                if not bad or bad[-1] is not info:
-                    bad.append(info)
-                continue
-            ckey = (
-                info.study_uid,
-                info.frame_of_reference_uid,
-                info.rows,
-                info.columns,
-                info.derived,
-                frame.orientation,
-                frame.pixel_spacing,
-            )
-            cid = cluster_cache.get(ckey)
-            if cid is None:
-                cid = next((i for i, c in enumerate(clusters) if c.accepts(info, frame)), None)
-                if cid is None:
-                    cid = len(clusters)
-                    clusters.append(
-                        _Cluster(
-                            info.study_uid,
-                            info.frame_of_reference_uid,
-                            int(info.rows),
-                            int(info.columns),
-                            frame.orientation,
-                            frame.pixel_spacing,
-                            info.derived,
-                        )
-                    )
-                cluster_cache[ckey] = cid
-            ukey = (info.series_uid, info.enhanced, cid)
-            unit = units.get(ukey)
-            if unit is None:
-                unit = units[ukey] = _Unit(cid, info.series_uid, info.series_number)
-            unit.refs.append(FrameRef(info, frame))
-            unit.t1 = unit.t1 and bool(info.t1_evidence)
-            te = _te_key(frame)
-            unit.keys.add((frame.part, te))
-            unit.positions.add(pos_key(frame.position))
-
-    # assemble candidates, series by series
-    candidates: list[_Candidate] = []
-    ordered_units = sorted(
-        units.values(),
-        key=lambda u: (u.cluster, u.series_number is None, u.series_number or 0, u.series_uid),
-    )
-    for unit in ordered_units:
-        target = next(
-            (
-                c
-                for c in candidates
-                if c.cluster == unit.cluster
-                and c.t1 == unit.t1
-                and c.positions & unit.positions
-                and not c.keys & unit.keys
-                and _same_echo_train(c, unit)
-            ),
-            None,
-        )
-        if target is None:
-            target = _Candidate(unit.cluster, unit.t1)
-            candidates.append(target)
-        target.add(unit)
-
-    # T1-weighted magnitude-only candidates: references for the plans, never problems
-    references: list[T1wReference] = []
-    unusable: list[tuple[str, str, str]] = []
-    t1w_candidates: list[tuple[_Candidate, T1wReference | str]] = []
-    paired: set[int] = set()
-    for i, cand in enumerate(candidates):
-        if not _is_t1w_candidate(cand):
-            continue
-        paired.add(i)
-        evaluated = _evaluate_t1w(cand, pos_key)
-        t1w_candidates.append((cand, evaluated))
-        if isinstance(evaluated, T1wReference):
-            references.append(evaluated)
-        else:
-            first = cand.units[0].refs[0].instance
-            unusable.append((cand.label(), first.study_uid, evaluated))
-
-    # magnitude-only and phase-only candidates of one series description: mixed geometry;
-    # of one geometry (kept apart by their echo times): evaluated together
-    results: list[tuple[tuple, AcquisitionPlan | Problem]] = []
-    for i, a in enumerate(candidates):
-        if a.parts() & {Part.MAGNITUDE, Part.PHASE} != {Part.MAGNITUDE} or i in paired:
-            continue
-        ia = a.units[0].refs[0].instance
-        for j, b in enumerate(candidates):
-            if j == i or j in paired:
-                continue
-            if b.parts() & {Part.MAGNITUDE, Part.PHASE} != {Part.PHASE}:
-                continue
-            ib = b.units[0].refs[0].instance
-            same_grid = a.cluster == b.cluster and a.t1 == b.t1 and bool(a.positions & b.positions)
-            if not same_grid and (
-                ia.study_uid,
-                ia.frame_of_reference_uid,
-                ia.series_description,
-            ) != (
-                ib.study_uid,
-                ib.frame_of_reference_uid,
-                ib.series_description,
-            ):
-                continue
-            paired.update((i, j))
-            if same_grid:
-                # same geometry, kept apart by their echo times: say how they differ
-                both = _Candidate(a.cluster, a.t1)
-                for unit in sorted(
-                    a.units + b.units,
-                    key=lambda u: (u.series_number is None, u.series_number or 0, u.series_uid),
-                ):
-                    both.add(unit)
-                results.append(
-                    (
-                        _sort_key(both),
-                        _judge(both, min_echoes, require_phase, pos_key, pass_over, qsm_series),
-                    )
-                )
-                break
-            ua, na = a.series()
-            ub, nb = b.series()
-            results.append(
-                (
-                    _sort_key(a),
-                    Problem(
-                        reason=(
-                            f"magnitude {a.label()} and phase {b.label()} cannot be combined: "
-                            f"mixed geometry ({_geometry_difference(a, b, clusters)})"
-                        ),
-                        study_uid=ia.study_uid,
-                        series_uids=ua + ub,
-                        series_numbers=na + nb,
-                    ),
-                )
-            )
-            break
-    for i, cand in enumerate(candidates):
-        if i not in paired:
-            results.append(
-                (
-                    _sort_key(cand),
-                    _judge(cand, min_echoes, require_phase, pos_key, pass_over, qsm_series),
-                )
-            )
-    for series_uid, bad in no_geometry.items():
-        first = bad[0]
-        label = (
-            f"series {first.series_number} '{first.series_description}' "
-            f"(series UID {series_uid})"
-        )
-        why = (
-            f"{_plural(len(bad), 'instance')} without image plane geometry (position, "
-            "orientation, pixel spacing or matrix missing or invalid); not an image series "
-            "that can be processed"
-        )
-        kind = PassedOver if pass_over and not any(
-            fnmatch.fnmatchcase(first.series_description.casefold(), p.casefold())
-            for p in qsm_series
-        ) else Problem
-        item = Problem(
-            reason=f"{label}: {why}",
-            study_uid=first.study_uid,
-            series_uids=(series_uid,),
-            series_numbers=(first.series_number,),
-        )
-        if kind is PassedOver:
-            item = PassedOver(**{**vars(item), "reason": f"{label}: passed over: {why}"}, why=why)
-        results.append(
-            ((first.study_uid, first.series_number is None, first.series_number or 0), item)
-        )
-    results.sort(key=lambda item: item[0])
-    out = [
-        _with_t1w(r, references, unusable) if isinstance(r, AcquisitionPlan) else r
-        for _, r in results
-    ]
-    # T1-weighted series no acquisition uses: passed over, with why (never a problem)
-    used = {p.t1w.series_uid for p in out if isinstance(p, AcquisitionPlan) and p.t1w}
-    for cand, evaluated in t1w_candidates:
-        if isinstance(evaluated, T1wReference):
-            if evaluated.series_uid in used:
-                continue
-            why = (
-                f"T1-weighted ({evaluated.evidence}): an anatomical reference, not a QSM "
-                "acquisition; no acquisition of its study uses it"
-            )
-        else:
-            evidence = cand.units[0].refs[0].instance.t1_evidence
-            why = (
-                f"T1-weighted ({evidence}), not a QSM acquisition, and not usable as a "
-                f"reference: {evaluated}"
-            )
-        out.append(cand.passed_over(why))
-    order = {id(r): key for key, r in results}
-    out.sort(key=lambda r: order.get(id(r)) or (r.study_uid, r.series_numbers[0] is None,
-                                                  r.series_numbers[0] or 0))
-    return out
+    clusters, units, no_geometry = _collect_units(infos, pos_key)
+    candidates = _assemble_candidates(units.values())
+    t1w = _t1w_references(candidates, pos_key)
+    judge: _Judge = partial(_judge, min_echoes=min_echoes, require_phase=require_phase,
+                            pos_key=pos_key, pass_over=pass_over, qsm_series=qsm_series)
+    paired = set(t1w.indices)
+    results = _magnitude_with_phase(candidates, paired, clusters, judge)
+    results += [(_sort_key(cand), judge(cand))
+                for i, cand in enumerate(candidates) if i not in paired]
+    results += [_without_geometry(series_uid, bad, pass_over, qsm_series)
+                for series_uid, bad in no_geometry.items()]
+    return _in_order(results, t1w)
 
 
 def _sort_key(cand: _Candidate) -> tuple:
