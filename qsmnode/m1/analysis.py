@@ -232,7 +232,12 @@ def analyse_m1(
     times overlap and their sum exceeds the wall time.
 
     Args:
-        chi_ppm, r2star_per_s: the QSM engine's χ and R2* maps.
+        chi_ppm, r2star_per_s: the QSM engine's χ and R2* maps. χ is all NaN when QSM was
+            not computed (a 2-D protocol with slice gaps): the segmentation then works from
+            magnitude and R2* (``segment``, "Without χ") and the χ measures are NaN; R2*, the
+            T2*-weighted signal ratio and thickness are measured as usual. On thick slices the
+            thickness is the layer code's on that anisotropic grid (``qsmnode.pipeline``
+            states its limits).
         magnitude: the echo-combined magnitude.
         brain_mask: the QSM brain mask (also the registration's metric mask).
         affine: voxel-to-RAS affine of the acquisition.

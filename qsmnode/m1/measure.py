@@ -430,7 +430,8 @@ def _measure_region(
     c = np.asarray(chi)[region].astype(np.float64)
     ratio = float(np.mean(mag[region], dtype=np.float64)) / ref_level if ref_level > 0 else (
         math.nan)
-    chi_mean = float(np.nanmean(c))
+    has_chi = bool(np.isfinite(c).any())  # no χ where QSM was not computed: NaN
+    chi_mean = float(np.nanmean(c)) if has_chi else math.nan
     th = np.asarray(thickness)[region]
     m = Measurement(
         area=area,
@@ -438,8 +439,8 @@ def _measure_region(
         voxel_count=count,
         covered=True,
         chi_mean_ppm=chi_mean,
-        chi_sd_ppm=float(np.nanstd(c, ddof=1)),
-        chi_median_ppm=float(np.nanmedian(c)),
+        chi_sd_ppm=float(np.nanstd(c, ddof=1)) if has_chi else math.nan,
+        chi_median_ppm=float(np.nanmedian(c)) if has_chi else math.nan,
         t2star_signal_ratio=ratio,
         r2star_mean_per_s=float(np.nanmean(np.asarray(r2star)[region], dtype=np.float64)),
         thickness_mean_mm=float(np.nanmean(th, dtype=np.float64)) if np.isfinite(th).any()

@@ -35,6 +35,28 @@ Method:
    magnitude grey from white. White-matter islands smaller than ``min_wm_island_mm3`` are
    relabelled grey matter.
 
+**Without χ** (an acquisition QSM was not computed on, e.g. a 2-D protocol with slice gaps:
+``chi_ppm`` all NaN) the classes come from the bias-corrected log magnitude and R2* alone,
+there is no vein detection (its seeds need χ), and grey/white matter start from the upper
+and lower half of the magnitude. Iron-rich deep cortex then has a T2*-weighted signal like
+white matter's and nothing but its R2* to tell it apart: the mixture alone calls it white
+matter (the area's cortex comes out thinner by its deep third, and its deep layer no darker
+than the rest). So white matter is gated by R2* instead of χ: its likelihood is multiplied by
+a logistic that falls above white matter's R2* median plus ``r2star_gate_sd`` (2) robust SDs
+(1.4826 · MAD over the voxels white matter wins, at least 2 s⁻¹; the mixture's own variance
+is inflated by what it absorbs), width a quarter of that SD, on R2* smoothed by 0.7 of the
+finest voxel edge in mm along every axis (thick slices are not smoothed across). Measured
+(tests/test_m1_segment.py, tests/test_pipeline.py): on the small slab with R2* noise of
+3 s⁻¹ and the deep layer at +21 s⁻¹, deep M1 called white matter 20% (no gate: 80%), true
+white matter called grey 0.02%; on the noise-free 2-D slab (0.6 × 0.6 × 2.4 mm, +28 s⁻¹)
+0.8% and 0.03%. A lower gate catches more of the deep layer but pulls the white matter next
+to it (whose smoothed R2* the layer raises) into the cortex, thickening it. The limits:
+white matter whose R2* is raised beyond the gate (veins, iron-rich tracts, strong orientation
+effects) becomes grey matter; and a deep-layer R2* rise that stays within white matter's
+spread is not caught, so that area's cortex is measured thinner and its deep layer less dark
+than it is. Real white matter is more heterogeneous than the phantom's: the
+gate is checked on the phantom only.
+
 The gate assumes QSM good enough to separate grey from white matter by χ; white matter
 whose χ approaches cortex's (fibres along B0, where anisotropy makes it less diamagnetic) may
 be called grey matter. This has only been checked on the analytic phantom, where every tissue
@@ -88,6 +110,14 @@ class SegmentParams:
     gate_width_fraction: float | None = 0.04
     """Width of the χ gate's logistic, as a fraction of the GM−WM χ difference; None turns
     the gate off (for comparison only: deep iron-rich cortex then becomes white matter)."""
+    r2star_gate_sd: float = 2.0
+    """Without χ: the white-matter likelihood falls off (a logistic) above white matter's
+    median R2* plus this many of its robust SDs (see the module, "Without χ")."""
+    r2star_gate_min_sd: float = 2.0
+    """Without χ: the least SD (s⁻¹) the gate takes for white matter's R2* (noise-free or
+    very smooth data would otherwise put the gate at white matter's edge)."""
+    r2star_gate_width_sd: float = 0.25
+    """Without χ: the gate's logistic width, in white matter's R2* SDs."""
     z2_cap: float = 9.0
     """Cap of each feature's squared z-score in the classification (3σ)."""
     min_wm_island_mm3: float = 8.0
@@ -202,10 +232,12 @@ def _posteriors(logp: NDArray[np.float32]) -> NDArray[np.float32]:
 
 
 def _initial_means(x: F32) -> NDArray[np.float64]:
-    """CSF: the lowest R2*; of the rest, WM: the lower half of χ, GM: the upper half."""
+    """CSF: the lowest R2*; of the rest, WM: the lower half of χ, GM: the upper half (without
+    χ, two features: of the magnitude)."""
     csf = x[1] < np.quantile(x[1], 0.12)
     rest = x[:, ~csf]
-    upper = rest[2] >= np.median(rest[2])
+    split = rest[2] if x.shape[0] > 2 else rest[0]
+    upper = split >= np.median(split)
     return np.stack([
         x[:, csf].mean(axis=1), rest[:, upper].mean(axis=1), rest[:, ~upper].mean(axis=1)
     ]).astype(np.float64)
@@ -234,9 +266,12 @@ def _fit_mixture(
     return mean, var, weight
 
 
-def _features(log_m: F32, bias_log: F32, r2: F32, chi: F32, idx: NDArray[np.intp]) -> F32:
-    return np.stack([log_m.ravel()[idx] - bias_log.ravel()[idx], r2.ravel()[idx],
-                     chi.ravel()[idx]])
+def _features(log_m: F32, bias_log: F32, r2: F32, chi: F32 | None,
+              idx: NDArray[np.intp]) -> F32:
+    rows = [log_m.ravel()[idx] - bias_log.ravel()[idx], r2.ravel()[idx]]
+    if chi is not None:
+        rows.append(chi.ravel()[idx])
+    return np.stack(rows)
 
 
 def _gated_log_likelihood(
@@ -255,6 +290,27 @@ def _gated_log_likelihood(
     return logp
 
 
+def _r2star_gated_log_likelihood(
+    feats: F32, r2_s: F32, model: tuple[NDArray, NDArray, NDArray], p: SegmentParams,
+) -> NDArray[np.float32]:
+    """Without χ: class log-likelihoods with white matter gated by the smoothed R2* (see the
+    module, "Without χ")."""
+    mean, var, weight = model
+    logp = _log_gauss(feats, mean, var, weight, p.z2_cap)
+    # white matter's R2* centre and spread from the voxels it wins, robustly (median, MAD):
+    # the mixture's own variance is inflated by what it absorbs (iron-rich cortex, veins,
+    # partial volume), which would put the gate beyond the cortex it is to protect
+    wm_r2 = r2_s[np.argmax(logp, axis=0) == 2]
+    if wm_r2.size < 100:
+        return logp
+    centre = float(np.median(wm_r2))
+    sd = max(1.4826 * float(np.median(np.abs(wm_r2 - centre))), p.r2star_gate_min_sd)
+    width = p.r2star_gate_width_sd * sd
+    z = (r2_s - np.float32(centre + p.r2star_gate_sd * sd)) / np.float32(width)
+    logp[2] -= np.logaddexp(np.float32(0), z)
+    return logp
+
+
 def segment_tissue(
     magnitude: NDArray[np.floating],
     r2star_per_s: NDArray[np.floating],
@@ -268,14 +324,18 @@ def segment_tissue(
     Args:
         magnitude: echo-combined magnitude (e.g. root-sum-of-squares over echoes), any scale.
         r2star_per_s: R2* (s⁻¹).
-        chi_ppm: χ (ppm), any reference (the class means are estimated).
+        chi_ppm: χ (ppm), any reference (the class means are estimated); all NaN when QSM
+            was not computed (see the module: "Without χ").
         mask: the brain mask (brain and some CSF), e.g. the QSM engine's.
         voxel_size_mm: voxel edge lengths.
     """
     p = params or SegmentParams()
     mag = np.asarray(magnitude, dtype=np.float32)
     r2 = np.nan_to_num(np.asarray(r2star_per_s, dtype=np.float32))
-    chi = np.nan_to_num(np.asarray(chi_ppm, dtype=np.float32))
+    chi_in = np.asarray(chi_ppm, dtype=np.float32)
+    has_chi = bool(np.isfinite(chi_in).any())
+    chi = np.nan_to_num(chi_in)
+    del chi_in
     h = np.asarray(voxel_size_mm, dtype=np.float64)
     if not (mag.shape == r2.shape == chi.shape == np.shape(mask)) or mag.ndim != 3:
         raise ValueError("magnitude, R2*, χ and mask must be 3-D arrays of one shape")
@@ -283,17 +343,27 @@ def segment_tissue(
     if mask.sum() < 1000:
         raise ValueError("the mask holds too few voxels to segment")
 
-    vein = _veins(chi, r2, mask, p)
+    vein = _veins(chi, r2, mask, p) if has_chi else np.zeros(mask.shape, dtype=bool)
     tissue = mask & ~vein
     tissue_w = tissue.astype(np.float32)
     idx = np.flatnonzero(tissue)
     log_m = np.zeros(mag.shape, dtype=np.float32)
     log_m[mask] = np.log(mag[mask])
-    chi_s = chi.ravel()[idx]
+    # what gates white matter, lightly smoothed: χ, or without it R2* (see the module), then
+    # by the same length in mm along every axis (thick slices are not smoothed across)
+    gate_map = chi if has_chi else r2
+    sigma = (p.chi_smooth_voxels if has_chi
+             else p.chi_smooth_voxels * float(h.min()) / h)
+    chi_s = gate_map.ravel()[idx]
     if p.chi_smooth_voxels > 0:
-        w = ndimage.gaussian_filter(tissue_w, p.chi_smooth_voxels).ravel()[idx]
-        cs = ndimage.gaussian_filter(np.where(tissue, chi, 0), p.chi_smooth_voxels).ravel()[idx]
+        w = ndimage.gaussian_filter(tissue_w, sigma).ravel()[idx]
+        cs = ndimage.gaussian_filter(np.where(tissue, gate_map, 0), sigma).ravel()[idx]
         chi_s = np.where(w > 1e-3, cs / np.maximum(w, 1e-3), chi_s).astype(np.float32)
+
+    def likelihood(feats: F32, model: tuple[NDArray, NDArray, NDArray]) -> NDArray[np.float32]:
+        if has_chi:
+            return _gated_log_likelihood(feats, chi_s, model, p.gate_width_fraction, p.z2_cap)
+        return _r2star_gated_log_likelihood(feats, chi_s, model, p)
 
     rng = np.random.default_rng(p.seed)
     n_sample = min(idx.size, p.em_samples)
@@ -301,22 +371,20 @@ def segment_tissue(
 
     bias_log = smooth_in_mask(log_m, tissue_w, h, p.bias_sigma_mm, p.bias_grid_mm)
     model = None
-    feats = _features(log_m, bias_log, r2, chi, idx)
+    feats = _features(log_m, bias_log, r2, chi if has_chi else None, idx)
     for it in range(max(1, p.bias_iterations)):
         model = _fit_mixture(feats[:, sample], p.em_iterations if it == 0 else
                              max(3, p.em_iterations // 3), model)
         if it + 1 >= p.bias_iterations:
             break
-        cls = np.argmax(_gated_log_likelihood(feats, chi_s, model, p.gate_width_fraction,
-                                 p.z2_cap), axis=0)
+        cls = np.argmax(likelihood(feats, model), axis=0)
         resid = np.zeros(mag.shape, dtype=np.float32)
         resid.ravel()[idx] = log_m.ravel()[idx] - model[0][cls, 0].astype(np.float32)
         bias_log = smooth_in_mask(resid, tissue_w, h, p.bias_sigma_mm, p.bias_grid_mm)
         del resid, cls
-        feats = _features(log_m, bias_log, r2, chi, idx)
+        feats = _features(log_m, bias_log, r2, chi if has_chi else None, idx)
 
-    logp = _gated_log_likelihood(feats, chi_s, model, p.gate_width_fraction,
-                                 p.z2_cap)
+    logp = likelihood(feats, model)
     del feats
     post = _posteriors(logp.copy())
     box = _bounding_box(tissue, pad=3)
@@ -346,6 +414,8 @@ def segment_tissue(
     bias = np.where(mask, np.exp(bias_log), 1.0).astype(np.float32)
     corrected = np.where(mask, mag / bias, 0.0).astype(np.float32)
     mean = model[0]
+    if not has_chi:
+        mean = np.concatenate([mean, np.full((mean.shape[0], 1), np.nan)], axis=1)
     return Segmentation(
         labels=labels,
         bias=bias,

@@ -400,3 +400,73 @@ def run_qsm(
         fit_residual_rad=fit.residual_rad,
         quality=quality,
     )
+
+
+def run_relaxometry(
+    magnitude: NDArray[np.floating],
+    echo_times_s: ArrayLike,
+    voxel_size_mm: ArrayLike,
+    params: QSMParams = QSMParams(),
+    *,
+    mask: NDArray[np.bool_] | None = None,
+) -> QSMResult:
+    """Steps 1 and 2 of the engine alone (R2*, the combined T2*-weighted magnitude and the
+    brain mask), for an acquisition QSM cannot be computed on (e.g. a 2-D protocol whose
+    slices have gaps: the dipole model needs contiguous voxels).
+
+    The result is a :class:`QSMResult` without susceptibility: ``chi_ppm``, the fields and the
+    fit residual are NaN everywhere and ``qsm_mask`` is empty; ``quality["qsm_computed"]`` is
+    False. The mask uses the magnitude only (no phase coherence: on slices with gaps the
+    through-plane neighbours of the coherence measure are not neighbours)."""
+    p = params
+    te = np.asarray(echo_times_s, dtype=np.float64)
+    vs = np.asarray(voxel_size_mm, dtype=np.float64)
+    mag = np.asarray(magnitude, dtype=np.float32)
+    if mag.ndim == 3:
+        mag = mag[..., None]
+    if mag.shape[-1] != te.size:
+        raise ValueError(f"magnitude {mag.shape} and {te.size} echo times disagree")
+    order = np.argsort(te)
+    if np.any(order != np.arange(te.size)):
+        mag, te = mag[..., order], te[order]
+    finite = np.isfinite(mag).all(axis=-1)
+    if not finite.all():
+        mag = np.where(finite[..., None], mag, 0.0).astype(np.float32)
+    timings: dict[str, float] = {}
+    quality: dict[str, Any] = {"params": asdict(p), "shape": tuple(mag.shape),
+                               "qsm_computed": False}
+    t0 = t_start = time.perf_counter()
+    combined = combine_magnitude(mag, te, method=p.combine_method)
+    if te.size >= 2:
+        r2s, t2s = r2star_map(mag, te, method=p.r2star_method, r2star_max_per_s=p.r2star_max_per_s)
+    else:
+        r2s = np.zeros(mag.shape[:-1], np.float32)
+        t2s = np.zeros_like(r2s)
+    timings["relaxometry"] = round(time.perf_counter() - t0, 3)
+    t0 = time.perf_counter()
+    if mask is None:
+        m = brain_mask(mag, vs, phase=None, threshold=p.mask_threshold,
+                       bias_sigma_mm=p.mask_bias_sigma_mm, separate_mm=p.mask_separate_mm)
+    else:
+        m = np.asarray(mask, dtype=bool).copy()
+    m &= finite
+    r2s[~m] = 0.0
+    t2s[~m] = 0.0
+    quality["mask_fraction"] = float(m.mean())
+    quality["mask_voxels"] = int(m.sum())
+    timings["mask"] = round(time.perf_counter() - t0, 3)
+    timings["total"] = round(time.perf_counter() - t_start, 3)
+    quality["timings_s"] = timings
+    nan = np.full(m.shape, np.nan, dtype=np.float32)
+    return QSMResult(
+        chi_ppm=nan,
+        r2star_per_s=r2s,
+        t2star_s=t2s,
+        magnitude=combined,
+        mask=m,
+        qsm_mask=np.zeros(m.shape, dtype=bool),
+        total_field_ppm=nan.copy(),
+        local_field_ppm=nan.copy(),
+        fit_residual_rad=nan.copy(),
+        quality=quality,
+    )
