@@ -882,3 +882,46 @@ def test_sr_gives_every_region_a_rectangle_on_a_qsm_image(study: Study, m1: M1Re
         x1, y1 = points.max(axis=0)
         assert (x0, y0, x1, y1) == (cols.min(), rows.min(), cols.max() + 1, rows.max() + 1)
     assert regions == 16
+
+
+def test_without_qsm_r2star_takes_its_place_and_every_object_says_why(
+    sim: Simulation, m1: M1Result, tmp_path: Path
+) -> None:
+    """QSM not computed (a 2-D protocol with slice gaps, issue 13 item 4): no QSM objects; the
+    R2* maps, the SEG and the SR (regions drawn on the R2* images, no χ items) are there, with
+    the M1 result's failed ``qsm_computed`` flag; the key images show R2* and say why, and so
+    does the KOS; every object passes dciodvfy."""
+    from qsmnode.m1.result import QualityFlag
+
+    why = "QSM was not computed: the slices have gaps (test)"
+    no_chi = replace(
+        m1, flags=(*m1.flags, QualityFlag("qsm_computed", False, None, why)),
+        measurements=tuple(replace(x, chi_mean_ppm=math.nan, chi_sd_ppm=math.nan,
+                                               chi_median_ppm=math.nan, chi_z=None)
+                           for x in m1.measurements))
+    sources = write_dicom(sim.gre, tmp_path / "source", "enhanced", SimStudyInfo(seed=7))
+    (loaded,) = load_folder(tmp_path / "source")
+    nan = np.full(sim.truth.chi_ppm.shape, np.nan, dtype=np.float32)
+    objects = build_derived_objects(loaded, nan, sim.truth.r2star_per_s, no_chi,
+                                    source_reader(sources), VERSION, qsm_note=why)
+    assert objects.qsm_map is None and not objects.qsm_images
+    assert objects.r2star_map is not None and len(objects.r2star_images) == sim.gre.shape[2]
+    assert objects.segmentation is not None and objects.report is not None
+    r2star_uids = {ds.SOPInstanceUID for ds in objects.r2star_images}
+    seg_refs = {ref.ReferencedSOPInstanceUID
+                for ref in objects.segmentation.ReferencedSeriesSequence[0]
+                .ReferencedInstanceSequence}
+    assert seg_refs <= r2star_uids
+    report = str(objects.report)
+    assert "qsm_computed: QSM was not computed: the slices have gaps" in report
+    assert "magnetic susceptibility" not in report.lower()  # χ items are left out (NaN)
+    assert objects.key_images and all(
+        ds.ImageComments.startswith("R2* through the ") and why in ds.ImageComments
+        for ds in objects.key_images)
+    assert objects.key_objects is not None
+    (reason,) = [item.TextValue for item in objects.key_objects.ContentSequence
+                 if item.ConceptNameCodeSequence[0].CodeValue == "113012"]  # its description
+    assert reason == f"{why}; R2* maps and the M1 T2* signal and thickness for review"
+    require_tool("dciodvfy", "dicom3tools")
+    for path in save_all(objects.datasets, tmp_path / "derived"):
+        assert dciodvfy_errors(path) == [], path.name

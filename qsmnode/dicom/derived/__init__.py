@@ -21,6 +21,12 @@ Key Object Selection  "Of Interest": key images, SR, SEG; the finding (kos)   10
 
 (``s`` is the lowest source series number.) Each builder is usable on its own with a
 :class:`BuildContext`.
+
+When QSM was not computed (``qsm_note``: e.g. a 2-D protocol whose slices have gaps) there are
+no QSM objects: the SEG and the SR's region outlines reference the R2* derived MR images, the SR
+leaves the χ items out (they are NaN) and carries the failed ``qsm_computed`` flag of the M1
+result, the key images show R2* with the reason, and the Key Object Selection's reason starts
+with it.
 """
 
 from __future__ import annotations
@@ -72,7 +78,8 @@ __all__ = [
 class DerivedObjects:
     """Every derived object of one acquisition, by kind."""
 
-    qsm_map: hd.pm.ParametricMap
+    qsm_map: hd.pm.ParametricMap | None
+    """None when QSM was not computed."""
     qsm_images: list[Dataset]
     r2star_map: hd.pm.ParametricMap | None = None
     r2star_images: list[Dataset] = field(default_factory=list)
@@ -84,7 +91,8 @@ class DerivedObjects:
     @property
     def datasets(self) -> list[Dataset]:
         """All of them, maps first, then images, SEG, SR and key images."""
-        out: list[Dataset] = [self.qsm_map, *self.qsm_images]
+        out: list[Dataset] = [*([self.qsm_map] if self.qsm_map is not None else []),
+                              *self.qsm_images]
         if self.r2star_map is not None:
             out += [self.r2star_map, *self.r2star_images]
         if self.segmentation is not None:
@@ -106,6 +114,7 @@ def build_derived_objects(
     m1_note: str | None = None,
     z_flag: float = Z_FLAG,
     follow_up: FollowUp | None = None,
+    qsm_note: str | None = None,
 ) -> DerivedObjects:
     """Build every derived object of one acquisition.
 
@@ -125,33 +134,42 @@ def build_derived_objects(
             images and is the finding of the Key Object Selection (``[pipeline] z_flag``).
         follow_up: the comparison of ``m1`` with the patient's earlier results (the SR's
             change groups and the key images' trend panel); None: no follow-up.
+        qsm_note: why QSM was not computed (``chi_ppm`` is then unused and ``r2star_per_s``
+            required): no QSM objects, R2* in their place (see the module).
     """
+    if qsm_note and r2star_per_s is None:
+        raise ValueError("without QSM the derived objects are built on R2*: give r2star_per_s")
     with warnings.catch_warnings():
         # highdicom warns of a one-part patient name by quoting it: PHI must not reach the log
         warnings.filterwarnings("ignore", message=PERSON_NAME_WARNING, category=UserWarning)
         ctx = BuildContext.create(loaded, read_source, algorithm_version, created)
-        qsm_images = list(build_derived_mr(ctx, chi_ppm, QSM_MR))
-        out = DerivedObjects(
-            qsm_map=build_parametric_map(ctx, chi_ppm, QSM, reference=qsm_images),
-            qsm_images=qsm_images,
-        )
+        if qsm_note:
+            out = DerivedObjects(qsm_map=None, qsm_images=[])
+        else:
+            qsm_images = list(build_derived_mr(ctx, chi_ppm, QSM_MR))
+            out = DerivedObjects(
+                qsm_map=build_parametric_map(ctx, chi_ppm, QSM, reference=qsm_images),
+                qsm_images=qsm_images,
+            )
         if r2star_per_s is not None:
             out.r2star_images = list(build_derived_mr(ctx, r2star_per_s, R2STAR_MR))
             out.r2star_map = build_parametric_map(
                 ctx, r2star_per_s, R2STAR, reference=out.r2star_images
             )
+        shown_on = out.qsm_images or out.r2star_images  # the images regions are drawn on
         if m1 is not None:
-            out.segmentation = build_segmentation(ctx, m1, reference=qsm_images)
+            out.segmentation = build_segmentation(ctx, m1, reference=shown_on)
             maps = [m for m in (out.qsm_map, out.r2star_map) if m is not None]
             out.report = build_report(
-                ctx, m1, out.segmentation, evidence=maps, regions_on=qsm_images,
+                ctx, m1, out.segmentation, evidence=maps, regions_on=shown_on,
                 follow_up=follow_up,
             )
-        out.key_images = list(build_key_images(ctx, chi_ppm, m1, m1_note, z_flag, follow_up))
+        out.key_images = list(build_key_images(ctx, chi_ppm, m1, m1_note, z_flag, follow_up,
+                                               qsm_note=qsm_note, r2star_per_s=r2star_per_s))
         flagged = [*out.key_images, *(o for o in (out.report, out.segmentation) if o)]
         out.key_objects = build_key_object_selection(ctx, flagged,
                                                      kos_reason(m1, m1_note, z_flag,
-                                                                follow_up))
+                                                                follow_up, qsm_note))
     return out
 
 
@@ -170,9 +188,10 @@ def build_derived(
     m1_note: str | None = None,
     z_flag: float = Z_FLAG,
     follow_up: FollowUp | None = None,
+    qsm_note: str | None = None,
 ) -> list[Dataset]:
     """Every derived object as a list of datasets (see :func:`build_derived_objects`)."""
     return build_derived_objects(
         loaded, chi_ppm, r2star_per_s, m1, read_source, algorithm_version, created, m1_note,
-        z_flag, follow_up,
+        z_flag, follow_up, qsm_note,
     ).datasets

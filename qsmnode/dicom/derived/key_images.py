@@ -12,6 +12,10 @@ colour and a trend panel under the image plots deep-layer χ of each area at eve
 study found and now (hollow grey: an earlier result not comparable). Text uses Pillow's
 built-in font (ASCII and
 Latin-1 only: "chi", not the Greek letter).
+
+When QSM was not computed (e.g. a 2-D protocol with slice gaps: ``qsm_note`` says why), the
+images show R2* (grey, window 0..80 s⁻¹) in place of χ, say so in the title and, in the warning
+colour above the table, why; the table's χ cells are "-".
 """
 
 from __future__ import annotations
@@ -39,6 +43,8 @@ from qsmnode.m1.followup import FollowUp
 from qsmnode.m1.result import AREAS, LAYERS, M1Result, Measurement, segment_label, segment_of
 
 WINDOW_PPM = (-0.15, 0.15)
+WINDOW_R2STAR = (0.0, 80.0)
+"""Grey window of R2* (s⁻¹) when the key images show R2* because QSM was not computed."""
 PANEL_PX = 512
 """Longest edge of the image panel in pixels."""
 BACKGROUND = (16, 16, 16)
@@ -131,14 +137,15 @@ def render_panel(
     chi_slice: NDArray[np.floating],
     label_slice: NDArray[np.integer],
     pixel_spacing: tuple[float, float],
+    window: tuple[float, float] = WINDOW_PPM,
 ) -> Image.Image:
-    """The QSM slice (``Rows × Columns``) in grey with coloured region outlines, resized to
-    :data:`PANEL_PX` on its longest physical edge."""
+    """The QSM slice (``Rows × Columns``; or any map, with its grey ``window``) in grey with
+    coloured region outlines, resized to :data:`PANEL_PX` on its longest physical edge."""
     rows, cols = chi_slice.shape
     height_mm, width_mm = rows * pixel_spacing[0], cols * pixel_spacing[1]
     px_per_mm = PANEL_PX / max(height_mm, width_mm)
     size = (max(1, round(width_mm * px_per_mm)), max(1, round(height_mm * px_per_mm)))
-    grey = Image.fromarray(_grey(chi_slice, *WINDOW_PPM)).resize(size, Image.Resampling.BILINEAR)
+    grey = Image.fromarray(_grey(chi_slice, *window)).resize(size, Image.Resampling.BILINEAR)
     rgb = np.stack([np.asarray(grey)] * 3, axis=-1)
     labels = np.asarray(
         Image.fromarray(label_slice.astype(np.uint8)).resize(size, Image.Resampling.NEAREST)
@@ -228,11 +235,36 @@ def findings(m1: M1Result, z_flag: float = Z_FLAG) -> list[str]:
     if not any(m.chi_z is not None for m in m1.measurements):
         lines.append("no z-scores (no normative table, or measures not reliable)")
     pair = m1.deep_asymmetry()
-    if pair is not None:
+    if pair is not None and not (math.isfinite(pair[1]) and math.isfinite(pair[2])):
+        ratio = _deep_ratio_asymmetry(m1)  # no χ (QSM not computed): the T2* signal ratio
+        if ratio is not None:
+            limb, left, right = ratio
+            lines.append(f"largest left-right deep-layer T2* ratio difference: {limb} "
+                         f"{left - right:+.2f} (left {left:.2f}, right {right:.2f})")
+    elif pair is not None:
         limb, left, right = pair
         lines.append(f"largest left-right deep-layer difference: {limb} {left - right:+.4f} ppm "
                      f"(left {left:+.4f}, right {right:+.4f})")
     return lines
+
+
+def _deep_ratio_asymmetry(m1: M1Result) -> tuple[str, float, float] | None:
+    """``(limb, left, right)`` deep-layer T2* signal ratios of the limb whose hemispheres
+    differ most, among limbs covered on both sides with finite ratios."""
+    best: tuple[str, float, float] | None = None
+    for limb in ("hand", "foot"):
+        try:
+            left = m1.measurement(f"left_{limb}", "deep")
+            right = m1.measurement(f"right_{limb}", "deep")
+        except KeyError:
+            continue
+        pair = (limb, left.t2star_signal_ratio, right.t2star_signal_ratio)
+        if not (left.covered and right.covered and math.isfinite(pair[1])
+                and math.isfinite(pair[2])):
+            continue
+        if best is None or abs(pair[1] - pair[2]) > abs(best[1] - best[2]):
+            best = pair
+    return best
 
 
 def follow_up_lines(follow_up: FollowUp) -> list[str]:
@@ -326,11 +358,14 @@ def render_summary(
     m1_note: str | None = None,
     z_flag: float = Z_FLAG,
     follow_up: FollowUp | None = None,
+    qsm_note: str | None = None,
 ) -> NDArray[np.uint8]:
     """The whole key image as ``Rows × Columns × 3`` uint8 RGB; a row whose |z| is ``z_flag``
     or more is flagged; with ``follow_up``, its lines and (with earlier results) the trend
-    panel."""
-    panel = render_panel(chi_slice, label_slice, pixel_spacing)
+    panel. With ``qsm_note`` (why QSM was not computed), ``chi_slice`` is R2* (s⁻¹), shown
+    in :data:`WINDOW_R2STAR`, and the note is written above the table."""
+    window, unit = (WINDOW_R2STAR, "1/s") if qsm_note else (WINDOW_PPM, "ppm")
+    panel = render_panel(chi_slice, label_slice, pixel_spacing, window)
     big, normal, small = _font(22), _font(15), _font(13)
     char_w = max(7, round(normal.getlength("0")))
     line_h = 20
@@ -342,7 +377,9 @@ def render_summary(
         notes += follow_up_lines(follow_up)
     trend_h = TREND_H if m1 is not None and follow_up is not None and follow_up.history else 0
     legend_lines = legend(z_flag)
-    table_h = (len(rows) + len(flags) + len(notes) + len(legend_lines) + 8) * line_h
+    qsm_lines = textwrap.wrap(qsm_note.translate(_PLAIN), width=70)[:4] if qsm_note else []
+    table_h = (len(rows) + len(flags) + len(notes) + len(legend_lines) + len(qsm_lines) + 8
+               ) * line_h
     top = 70
     margin = 24
     width = margin + panel.width + margin + table_w + margin
@@ -363,10 +400,15 @@ def render_summary(
     bar_y = y0 + panel.height + 12
     bar = np.tile(np.linspace(0, 255, 256).astype(np.uint8), (12, 1))
     image.paste(Image.fromarray(bar).convert("RGB"), (x0, bar_y))
-    lo, hi = WINDOW_PPM
-    draw.text((x0, bar_y + 16), f"{lo:+.2f}", font=small, fill=TEXT)
-    draw.text((x0 + 112, bar_y + 16), "0", font=small, fill=TEXT)
-    draw.text((x0 + 230, bar_y + 16), f"{hi:+.2f} ppm", font=small, fill=TEXT)
+    lo, hi = window
+    if qsm_note:
+        draw.text((x0, bar_y + 16), f"{lo:g}", font=small, fill=TEXT)
+        draw.text((x0 + 112, bar_y + 16), f"{(lo + hi) / 2:g}", font=small, fill=TEXT)
+        draw.text((x0 + 230, bar_y + 16), f"{hi:g} {unit}", font=small, fill=TEXT)
+    else:
+        draw.text((x0, bar_y + 16), f"{lo:+.2f}", font=small, fill=TEXT)
+        draw.text((x0 + 112, bar_y + 16), "0", font=small, fill=TEXT)
+        draw.text((x0 + 230, bar_y + 16), f"{hi:+.2f} {unit}", font=small, fill=TEXT)
     if trend_h and m1 is not None and follow_up is not None:
         render_trend(draw, (x0, bar_y + 40, x0 + max(panel.width, 360), bar_y + 40 + trend_h - 10),
                      m1, follow_up)
@@ -374,6 +416,11 @@ def render_summary(
     # table of values
     tx = x0 + panel.width + margin
     ty = top
+    for line in qsm_lines:
+        draw.text((tx, ty), line, font=normal, fill=WARN)
+        ty += line_h
+    if qsm_lines:
+        ty += line_h // 2
     if m1 is None:
         draw.text((tx, ty), "M1 analysis not available", font=normal, fill=WARN)
         for line in textwrap.wrap((m1_note or "").translate(_PLAIN), width=60)[:12]:
@@ -429,10 +476,19 @@ def _reference(ctx: BuildContext, k: int) -> Dataset:
 def build_key_images(
     ctx: BuildContext, chi_ppm: NDArray[np.floating], m1: M1Result | None,
     m1_note: str | None = None, z_flag: float = Z_FLAG, follow_up: FollowUp | None = None,
+    *, qsm_note: str | None = None, r2star_per_s: NDArray[np.floating] | None = None,
 ) -> list[hd.sc.SCImage]:
     """The summary Secondary Captures (one per chosen slice); ``m1_note`` says why there is
     no M1 analysis when ``m1`` is None; a row whose |z| is ``z_flag`` or more is flagged;
-    ``follow_up`` adds the changes since earlier results and their trend."""
+    ``follow_up`` adds the changes since earlier results and their trend. With ``qsm_note``
+    (why QSM was not computed; ``chi_ppm`` is then unused) the images show ``r2star_per_s``
+    and say why (see the module)."""
+    shown = "QSM"
+    if qsm_note:
+        if r2star_per_s is None:
+            raise ValueError("without QSM the key images show R2*: give r2star_per_s")
+        chi_ppm, shown = r2star_per_s, "R2*"
+    window, unit = (WINDOW_R2STAR, "1/s") if qsm_note else (WINDOW_PPM, "ppm")
     labels = None if m1 is None else np.asarray(m1.labels)
     if labels is not None and not labels.any():
         labels = None
@@ -450,15 +506,17 @@ def build_key_images(
             label_slice=label_slice,
             pixel_spacing=ctx.geometry.pixel_spacing,
             orientation=orientation,
-            title=f"QSM through the {choice.purpose}",
+            title=f"{shown} through the {choice.purpose}"
+            + (" (QSM not computed)" if qsm_note else ""),
             subtitle=(
-                f"slice {k + 1}/{nk}, window {WINDOW_PPM[0]:+.2f}..{WINDOW_PPM[1]:+.2f} ppm; "
+                f"slice {k + 1}/{nk}, window {window[0]:+.2f}..{window[1]:+.2f} {unit}; "
                 f"{ctx.software_versions}; not for diagnosis without review"
             ),
             m1=m1,
             m1_note=m1_note,
             z_flag=z_flag,
             follow_up=follow_up,
+            qsm_note=qsm_note,
         )
         sc = hd.sc.SCImage.from_ref_dataset(
             ref_dataset=source0,
@@ -468,7 +526,8 @@ def build_key_images(
             coordinate_system=hd.CoordinateSystemNames.PATIENT,
             patient_orientation=orientation,
             transfer_syntax_uid=ExplicitVRLittleEndian,
-            series_description="QSM M1 summary (key images)",
+            series_description=("QSM M1 summary (key images)" if not qsm_note
+                                else "M1 R2* summary (key images; no QSM)"),
             manufacturer_model_name=MODEL_NAME,
             software_versions=ctx.software_versions,
             device_serial_number=DEVICE_SERIAL_NUMBER,
@@ -477,11 +536,13 @@ def build_key_images(
         )
         sc.copy_patient_and_study_information(source0)  # from_ref_dataset copies only some
         sc.BodyPartExamined = ctx.body_part
-        sc.ImageComments = f"QSM through the {choice.purpose}, slice {k + 1} of {nk}"
+        sc.ImageComments = f"{shown} through the {choice.purpose}, slice {k + 1} of {nk}"
+        if qsm_note:
+            sc.ImageComments += f"; {qsm_note}"[:10240 - len(sc.ImageComments)]
         sc.DerivationDescription = (
-            f"QSM slice {k + 1} with M1 region outlines and the table of values, "
+            f"{shown} slice {k + 1} with M1 region outlines and the table of values, "
             f"by {ctx.software_versions}"
-        )
+        )[:1024]
         sc.ReferencedImageSequence = [_reference(ctx, k)]
         source = _reference(ctx, k)
         purpose = Dataset()

@@ -56,9 +56,14 @@ def _change_text(follow_up: FollowUp | None) -> str:
 
 
 def kos_reason(m1: M1Result | None, m1_note: str | None = None, z_high: float = Z_HIGH,
-               follow_up: FollowUp | None = None) -> str:
+               follow_up: FollowUp | None = None, qsm_note: str | None = None) -> str:
     """Why the objects are flagged, in one line: the deep-layer χ finding, or why there is
-    none, then the changes since the patient's prior report beyond the test–retest limit."""
+    none, then the changes since the patient's prior report beyond the test–retest limit.
+    With ``qsm_note`` (QSM was not computed) it says so and why, and what there is instead."""
+    if qsm_note:
+        what = ("R2* maps and the M1 T2* signal and thickness for review" if m1 is not None
+                else f"R2* maps for review; no M1 analysis: {m1_note or 'not run'}")
+        return f"{qsm_note}; {what}" + _change_text(follow_up)
     return _finding(m1, m1_note, z_high) + _change_text(follow_up)
 
 
