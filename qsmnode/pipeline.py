@@ -7,8 +7,15 @@ in order, each a small function that reads what earlier stages produced from a
 1. ``check``: the loaded arrays are sane (finite magnitude, phase in [-π, π) when present,
    echo times ascending) and summarized (:class:`AcquisitionSummary`).
 2. ``qsm``: susceptibility and R2* (:func:`qsmnode.qsm.pipeline.run_qsm`), only on a 3-D
-   volume of contiguous slices: slices further apart than they are thick (a 2-D protocol
-   with a slice gap) stop the pipeline with a reason saying QSM was not computed. A χ map or
+   volume of contiguous slices. Slices further apart than they are thick (a 2-D protocol
+   with a slice gap, as the seed study's targeted M1 acquisition, Cosottini 2016) get no QSM:
+   the dipole model needs contiguous voxels. R2*, the T2*-weighted combined magnitude and
+   the brain mask are still computed (:func:`qsmnode.qsm.pipeline.run_relaxometry`, χ NaN),
+   and the rest of the pipeline runs on them: the M1 analysis measures R2*, the T2*-weighted
+   signal ratio and thickness (χ NaN, left out of the report), its flags carry a failed
+   ``qsm_computed`` flag saying why, and the derived objects are the R2* maps, the SEG, the
+   SR and key images showing R2* (with that reason) in place of χ
+   (:attr:`PipelineResult.qsm_not_computed` holds the reason for the record). A χ map or
    field that comes out implausibly flat (:func:`qsmnode.qsm.quality.map_ranges`: a spread
    below the floor, e.g. from a phase that carries no field) stops it too, before anything is
    built or sent.
@@ -16,7 +23,16 @@ in order, each a small function that reads what earlier stages produced from a
    A failure here is recorded in the result (``m1_error``) and the maps still go out. With a
    same-session T1w (:attr:`PipelineParams.t1w`) the T1w is registered to the template; when
    that raises or its quality is below the acceptable level, or the T1w could not be loaded
-   (:attr:`PipelineParams.t1w_error`), the GRE magnitude is registered instead. Either way the
+   (:attr:`PipelineParams.t1w_error`), the GRE magnitude is registered instead.
+   **Thickness on a 2-D slab with thick slices** is what the layer code gives on that grid
+   (Laplace depth and Yezzi–Prince thickness with the true, anisotropic voxel size): cortex
+   running within a slice is resolved at the in-plane voxel size, but where the ribbon runs
+   through the slices (cut obliquely, or along the slice direction) one thick voxel holds
+   the whole ribbon and the gaps hold nothing, so the thickness there is coarse and biased
+   towards partial-volume widths; the through-slice blur of a real 2-D slice profile is not
+   modelled either (the simulated slab samples the slice centres). Measured on the simulated
+   0.6 × 0.6 mm slab with 2.4 mm slices (2.0 mm thick, 0.4 mm gaps): area thickness within
+   0.2 mm of the simulator's truth (tests/test_pipeline.py). Either way the
    flag ``t1w_reference`` says which, and why, and ``m1["t1w"]`` in the record.
    With :attr:`PipelineParams.priors` (the patient's earlier results, found by the service),
    the result is compared with them (:func:`qsmnode.m1.followup.compare`); the comparison
@@ -56,7 +72,7 @@ from qsmnode.m1.analysis import M1Atlas, M1Params, SameSessionT1w, analyse_m1
 from qsmnode.m1.followup import FollowUp, PriorResult, Protocol, RetestLimits, compare
 from qsmnode.m1.measure import NormativeTable
 from qsmnode.m1.result import M1Result, QualityFlag
-from qsmnode.qsm.pipeline import QSMParams, QSMResult, run_qsm
+from qsmnode.qsm.pipeline import QSMParams, QSMResult, run_qsm, run_relaxometry
 from qsmnode.qsm.quality import map_ranges
 
 log = logging.getLogger(__name__)
@@ -162,6 +178,8 @@ class PipelineResult:
     acquisition: AcquisitionSummary
     stages: tuple[StageRecord, ...]
     version: str = PIPELINE_VERSION
+    qsm_not_computed: str = ""
+    """Why QSM was not computed although R2* and the M1 analysis were ("" when it was)."""
     qsm_quality: dict[str, Any] = field(default_factory=dict)
     m1: dict[str, Any] = field(default_factory=dict)
     datasets: tuple[Dataset, ...] = field(default=(), compare=False, repr=False)
@@ -172,6 +190,7 @@ class PipelineResult:
             "acquisition": asdict(self.acquisition),
             "stages": [asdict(stage) for stage in self.stages],
             "version": self.version,
+            "qsm_not_computed": self.qsm_not_computed,
             "qsm_quality": self.qsm_quality,
             "m1": self.m1,
             "derived_objects": len(self.datasets),
@@ -196,6 +215,8 @@ class _Context:
     summary: AcquisitionSummary | None = None
     stages: list[StageRecord] = field(default_factory=list)
     qsm: QSMResult | None = None
+    qsm_not_computed: str = ""
+    """Why ``qsm`` holds R2* and the mask but no χ (see the module docstring)."""
     m1: M1Result | None = None
     m1_record: dict[str, Any] = field(default_factory=dict)
     follow_up: FollowUp | None = None
@@ -258,19 +279,35 @@ def _qsm(ctx: _Context) -> None:
             f"QSM needs a 3-D volume: this acquisition is {gre.shape[0]}×{gre.shape[1]}×"
             f"{gre.shape[2]} voxels (at least {MIN_SLICES_FOR_QSM} along every axis)"
         )
-    spacing = float(gre.voxel_size_mm[2])
-    thickness = slice_thickness_mm(loaded.header)
-    if thickness is not None and spacing - thickness > max(SLICE_GAP_TOLERANCE * thickness,
-                                                           0.01):
-        raise PipelineError(
-            f"QSM needs contiguous slices: these are {spacing:.3g} mm apart but {thickness:.3g}"
-            f" mm thick (a gap of {spacing - thickness:.3g} mm between slices, as in a 2-D "
-            "protocol with a slice gap); QSM was not computed"
-        )
+    gap = slice_gap_reason(loaded)
+    if gap:
+        log.warning("study %s: %s; R2* and the T2*-weighted M1 analysis go on without χ",
+                    loaded.study_uid, gap)
+        ctx.qsm = run_relaxometry(gre.magnitude, gre.echo_times_s, gre.voxel_size_mm,
+                                  ctx.params.qsm_params)
+        ctx.qsm.quality["qsm_not_computed"] = gap
+        ctx.qsm_not_computed = gap
+        return
     result = run_qsm(gre.magnitude, gre.phase, gre.echo_times_s, gre.voxel_size_mm,
                      gre.b0_direction, gre.field_strength_t, ctx.params.qsm_params)
     _check_plausible(loaded, result)
     ctx.qsm = result
+
+
+def slice_gap_reason(loaded: LoadedAcquisition) -> str:
+    """Why QSM cannot be computed on slices with gaps ("" when the slices are contiguous, or
+    their thickness is not recorded)."""
+    spacing = float(loaded.gre.voxel_size_mm[2])
+    thickness = slice_thickness_mm(loaded.header)
+    if thickness is None or spacing - thickness <= max(SLICE_GAP_TOLERANCE * thickness, 0.01):
+        return ""
+    return (f"QSM was not computed: the slices have gaps ({spacing:.3g} mm apart but "
+            f"{thickness:.3g} mm thick, a gap of {spacing - thickness:.3g} mm, as in a 2-D "
+            "protocol with a slice gap) and QSM needs contiguous slices")
+
+
+QSM_FLAG = "qsm_computed"
+"""Name of the quality flag that says QSM was not computed, and why (present only then)."""
 
 
 def _check_plausible(loaded: LoadedAcquisition, result: QSMResult) -> None:
@@ -308,7 +345,8 @@ def _m1(ctx: _Context) -> None:
         t1w_record.update(t1w.to_json())
     try:
         result, seconds = analyse_m1(
-            q.chi_ppm, q.r2star_per_s, q.magnitude, q.qsm_mask, ctx.loaded.gre.affine,
+            q.chi_ppm, q.r2star_per_s, q.magnitude,
+            q.mask if ctx.qsm_not_computed else q.qsm_mask, ctx.loaded.gre.affine,
             params.m1_atlas, params.m1_params, params.normative,
             t1w=None if t1w is None else SameSessionT1w(t1w.image, t1w.affine))
     except (ValueError, RuntimeError) as exc:
@@ -331,11 +369,15 @@ def _m1(ctx: _Context) -> None:
                            f"registered through the same-session T1w {t1w.reference.brief()}")
     if flag is not None:
         result = replace(result, flags=(*result.flags, flag))
+    if ctx.qsm_not_computed:
+        result = replace(result, flags=(*result.flags, QualityFlag(
+            QSM_FLAG, False, None, ctx.qsm_not_computed)))
     if t1w_record or flag is not None:
         t1w_record["used"] = flag is not None and flag.passed
         if why_not:
             t1w_record["why_not"] = why_not
-    for failed in (f for f in result.flags if not f.passed and f.name != T1W_FLAG):
+    for failed in (f for f in result.flags
+                   if not f.passed and f.name not in (T1W_FLAG, QSM_FLAG)):
         log.warning("study %s: M1 quality check %s failed: %s", ctx.loaded.study_uid,
                     failed.name, failed.text)
     ctx.m1 = result
@@ -421,6 +463,7 @@ def _derived(ctx: _Context) -> None:
         ctx.loaded, ctx.qsm.chi_ppm, ctx.qsm.r2star_per_s, ctx.m1,
         source_reader(ctx.params.source_files), algorithm_version(),
         m1_note=note, z_flag=ctx.params.z_flag, follow_up=ctx.follow_up,
+        qsm_note=ctx.qsm_not_computed or None,
     ))
 
 
@@ -454,4 +497,5 @@ def run_pipeline(loaded: LoadedAcquisition, params: PipelineParams | None = None
     quality = dict(ctx.qsm.quality) if ctx.qsm is not None else {}
     quality.pop("params", None)
     return PipelineResult(acquisition=ctx.summary, stages=tuple(ctx.stages),
-                          qsm_quality=quality, m1=ctx.m1_record, datasets=ctx.datasets)
+                          qsm_not_computed=ctx.qsm_not_computed, qsm_quality=quality,
+                          m1=ctx.m1_record, datasets=ctx.datasets)

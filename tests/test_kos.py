@@ -172,7 +172,7 @@ def test_the_pipeline_z_flag_setting_reaches_the_builders(monkeypatch: Any) -> N
                         lambda *args, **kwargs: built.append(kwargs) or [])
     ctx = types.SimpleNamespace(
         loaded=None, qsm=types.SimpleNamespace(chi_ppm=None, r2star_per_s=None), m1=None,
-        m1_record={}, datasets=(), follow_up=None,
+        m1_record={}, datasets=(), follow_up=None, qsm_not_computed="",
         params=PipelineParams(source_files=(Path("x.dcm"),), z_flag=3.0))
     pipeline_module._derived(ctx)  # type: ignore[arg-type]
     assert built[0]["z_flag"] == 3.0

@@ -121,6 +121,11 @@ class SimStudyInfo:
     pixel_bandwidth_hz: float = 260.0
     institution_name: str = "QSMNODE SIMULATOR"
     station_name: str = "SIM7T"
+    slice_thickness_mm: float | None = None
+    """None: the slice spacing (contiguous slices, as a 3-D slab). Thinner than the spacing:
+    slices with gaps, as a 2-D protocol writes them (with ``acquisition_type`` "2D")."""
+    acquisition_type: str = "3D"
+    """MRAcquisitionType: "3D", or "2D" for a 2-D multi-slice protocol."""
 
     @property
     def study_instance_uid(self) -> str:
@@ -327,7 +332,7 @@ def _common(gre: MultiEchoGRE, study: SimStudyInfo, style: str, series_number: i
     ds.PatientBirthDate = study.patient_birth_date
     ds.PatientSex = study.patient_sex
     ds.BodyPartExamined = "HEAD"
-    ds.MRAcquisitionType = "3D"
+    ds.MRAcquisitionType = study.acquisition_type
     ds.MagneticFieldStrength = _ds(gre.field_strength_t)
     ds.DeviceSerialNumber = vendor.serial
     ds.SoftwareVersions = vendor.software.split("\\")
@@ -358,9 +363,9 @@ def _classic_mr(gre: MultiEchoGRE, study: SimStudyInfo, geo: PlaneGeometry, phil
         "ScanningSequence": "GR",
         "SequenceVariant": ["SP"] if philips else ["SP", "OSP"],
         "ScanOptions": "FC" if philips else "",
-        "SequenceName": "" if philips else f"*fl3d{gre.n_echoes}",
+        "SequenceName": "" if philips else f"*fl{study.acquisition_type.lower()}{gre.n_echoes}",
         "AngioFlag": "N",
-        "SliceThickness": _ds(geo.slice_spacing),
+        "SliceThickness": _ds(study.slice_thickness_mm or geo.slice_spacing),
         "RepetitionTime": _ds(_tr_ms(gre, study)),
         "NumberOfAverages": "1",
         "ImagingFrequency": _ds(GAMMA_BAR_HZ_PER_T * gre.field_strength_t / 1e6),
@@ -661,7 +666,7 @@ def _write_enhanced(
         PlaneOrientationSequence=_seq(_item(ImageOrientationPatient=_ds_list(geo.orientation))),
         PixelMeasuresSequence=_seq(
             _item(
-                SliceThickness=_ds(geo.slice_spacing),
+                SliceThickness=_ds(study.slice_thickness_mm or geo.slice_spacing),
                 SpacingBetweenSlices=_ds(geo.slice_spacing),
                 PixelSpacing=_ds_list(geo.pixel_spacing),
             )
