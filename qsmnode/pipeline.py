@@ -15,7 +15,9 @@ in order, each a small function that reads what earlier stages produced from a
    signal ratio and thickness (χ NaN, left out of the report), its flags carry a failed
    ``qsm_computed`` flag saying why, and the derived objects are the R2* maps, the SEG, the
    SR and key images showing R2* (with that reason) in place of χ
-   (:attr:`PipelineResult.qsm_not_computed` holds the reason for the record). A χ map or
+   (:attr:`PipelineResult.qsm_not_computed` holds the reason for the record). This holds
+   whatever the slice count: with too few slices for the M1 analysis its error is recorded
+   and the R2* objects still go out. A χ map or
    field that comes out implausibly flat (:func:`qsmnode.qsm.quality.map_ranges`: a spread
    below the floor, e.g. from a phase that carries no field) stops it too, before anything is
    built or sent.
@@ -274,12 +276,7 @@ def _qsm(ctx: _Context) -> None:
     loaded, gre = ctx.loaded, ctx.loaded.gre
     if not loaded.has_phase:
         raise PipelineError("QSM needs the phase images, and this acquisition has none")
-    if min(gre.shape) < MIN_SLICES_FOR_QSM:
-        raise PipelineError(
-            f"QSM needs a 3-D volume: this acquisition is {gre.shape[0]}×{gre.shape[1]}×"
-            f"{gre.shape[2]} voxels (at least {MIN_SLICES_FOR_QSM} along every axis)"
-        )
-    gap = slice_gap_reason(loaded)
+    gap = slice_gap_reason(loaded)  # a 2-D protocol: R2* needs no 3-D volume, so first
     if gap:
         log.warning("study %s: %s; R2* and the T2*-weighted M1 analysis go on without χ",
                     loaded.study_uid, gap)
@@ -288,6 +285,11 @@ def _qsm(ctx: _Context) -> None:
         ctx.qsm.quality["qsm_not_computed"] = gap
         ctx.qsm_not_computed = gap
         return
+    if min(gre.shape) < MIN_SLICES_FOR_QSM:
+        raise PipelineError(
+            f"QSM needs a 3-D volume: this acquisition is {gre.shape[0]}×{gre.shape[1]}×"
+            f"{gre.shape[2]} voxels (at least {MIN_SLICES_FOR_QSM} along every axis)"
+        )
     result = run_qsm(gre.magnitude, gre.phase, gre.echo_times_s, gre.voxel_size_mm,
                      gre.b0_direction, gre.field_strength_t, ctx.params.qsm_params)
     _check_plausible(loaded, result)

@@ -94,6 +94,31 @@ def test_slices_with_gaps_are_not_given_to_qsm(style: str, tmp_path: Path) -> No
         "qsm_quality"]
 
 
+def test_a_2d_protocol_with_two_slices_still_gets_its_r2star_objects(tmp_path: Path) -> None:
+    """Too few slices with gaps for QSM or the M1 analysis: R2* is still computed and
+    delivered; the record, the key image and the KOS say why there is neither."""
+    scan = preset("tiny", shape=(56, 68, 2), voxel_size_mm=(3.0, 3.0, 6.0),
+                  centre_mm=(0.0, -18.0, 55.0))
+    files = write_dicom(simulate(scan).gre, tmp_path, "siemens",
+                        SimStudyInfo(seed=3, slice_thickness_mm=4.0, acquisition_type="2D"))
+    result = run_pipeline(_one(tmp_path), PipelineParams(source_files=tuple(files),
+                                                         m1_atlas=load_m1_atlas()))
+    assert result.qsm_not_computed.startswith("QSM was not computed: the slices have gaps")
+    assert result.m1["error"].startswith("the M1 analysis could not run")
+    kinds = sorted(ds.SOPClassUID.name for ds in result.datasets)
+    assert kinds == ["Key Object Selection Document Storage", "MR Image Storage",
+                     "MR Image Storage", "Parametric Map Storage",
+                     "Secondary Capture Image Storage"]
+    (key,) = [ds for ds in result.datasets
+              if ds.SOPClassUID.name == "Secondary Capture Image Storage"]
+    assert result.qsm_not_computed in key.ImageComments
+    (kos,) = [ds for ds in result.datasets if ds.Modality == "KO"]
+    (reason,) = [item.TextValue for item in kos.ContentSequence
+                 if item.ConceptNameCodeSequence[0].CodeValue == "113012"]
+    assert reason.startswith(result.qsm_not_computed + "; R2* maps for review; no M1 analysis: "
+                             "the M1 analysis could not run")
+
+
 SLAB_2D_ALS_PPM = 0.04
 """Deep-layer change of the simulated 2-D slab's left hand area (χ, and R2* with it)."""
 RATIO_TOL = 0.05
@@ -136,7 +161,7 @@ def test_a_2d_slab_with_slice_gaps_gets_the_t2star_and_thickness_analysis(
     study = SimStudyInfo(seed=13, slice_thickness_mm=2.0, acquisition_type="2D",
                          series_description="gre_2d_m1", protocol_name="gre_2d_m1")
     files = write_dicom(sim.gre, tmp_path / "in", "enhanced", study)
-    loaded = _one(tmp_path / "in")  # grouped: one acquisition, every echo
+    loaded = _one(tmp_path / "in")  # grouped (the node's default rules): one acquisition
     assert loaded.gre.shape == (200, 200, 20) and loaded.gre.n_echoes == 4
     assert loaded.header.MRAcquisitionType == "2D"
     result = run_pipeline(loaded, PipelineParams(source_files=tuple(files),
