@@ -15,7 +15,8 @@ import pytest
 
 from qsmnode.dicom.templates import load_m1_atlas
 from qsmnode.m1.analysis import analyse_m1
-from qsmnode.m1.result import AREAS, LAYERS, segment_of
+from qsmnode.m1.measure import NormativeTable, NormativeValue
+from qsmnode.m1.result import AREAS, LAYERS, RELIABILITY_FLAG, segment_of
 from qsmnode.sim.anatomy import simulate_anatomy
 from qsmnode.sim.phantom import DEFAULT_PROPERTIES, Tissue
 from qsmnode.sim.scanner import ScanParams, preset
@@ -46,14 +47,20 @@ ALS_AREA = {1: "left_hand", 2: "right_foot", 3: "right_hand"}
 """Pose seed → the area that gets the deep-layer χ increase."""
 
 
-def _analyse(sim, seed: int = 0):
+def _analyse(sim, seed: int = 0, normative=None, affine=None, mirror_axis=None):
+    """The analysis of a simulation; ``affine`` replaces the header's geometry and
+    ``mirror_axis`` mirrors every image along that voxel axis (the header unchanged)."""
     rng = np.random.default_rng(seed)
     t = sim.truth
     chi = (t.chi_ppm + rng.normal(0, 0.01, t.chi_ppm.shape)).astype(np.float32)
     r2star = (t.r2star_per_s + rng.normal(0, 2.0, t.chi_ppm.shape)).astype(np.float32)
     magnitude = np.sqrt((sim.gre.magnitude.astype(np.float32) ** 2).mean(axis=-1))
     mask = t.brain_mask & (t.labels != Tissue.BONE)
-    return analyse_m1(chi, r2star, magnitude, mask, sim.gre.affine, _atlas())
+    images = [chi, r2star, magnitude, mask]
+    if mirror_axis is not None:
+        images = [np.ascontiguousarray(np.flip(a, mirror_axis)) for a in images]
+    return analyse_m1(*images, sim.gre.affine if affine is None else affine, _atlas(),
+                      normative=normative)
 
 
 _ATLAS = []
@@ -174,12 +181,28 @@ def test_flags_and_timings(analysed) -> None:
     assert set(seconds) == {"segmentation", "registration", "layers", "measurements"}
 
 
-def test_slab_that_misses_the_foot_area_reports_foot_not_covered() -> None:
-    """A narrow oblique slab over the left lateral convexity: the hand knob, no midline."""
-    scan = ScanParams(shape=(60, 160, 48), voxel_size_mm=(0.8, 0.8, 1.2),
-                      centre_mm=(-48.0, -20.0, 45.0), rotation_deg=(18.0, 0.0, 0.0))
-    sim = simulate_anatomy(scan, pose_seed=7, with_field=False)
-    result, _ = _analyse(sim)
+LATERAL_SCAN = ScanParams(shape=(60, 160, 48), voxel_size_mm=(0.8, 0.8, 1.2),
+                          centre_mm=(-48.0, -20.0, 45.0), rotation_deg=(18.0, 0.0, 0.0))
+"""A narrow oblique slab over the left lateral convexity: the hand knob, no midline. Its
+voxel axis i is the scanner's x (the slab is tilted about x): left to right."""
+
+
+@pytest.fixture(scope="module")
+def lateral_sim():
+    return simulate_anatomy(LATERAL_SCAN, pose_seed=7, with_field=False)
+
+
+def _normative() -> NormativeTable:
+    """A table for every area and layer, so that any reliable covered area gets z-scores."""
+    return NormativeTable({(a, layer): NormativeValue(0.0, 0.01, 1.0, 0.1)
+                           for a in AREAS for layer in (*LAYERS, "all")})
+
+
+def test_slab_that_misses_the_foot_area_reports_foot_not_covered(lateral_sim) -> None:
+    """A narrow oblique slab over the left lateral convexity: the hand knob, no midline.
+    With a normative table, the covered left hand gets z-scores (the control for the
+    misplaced slabs below, which get none)."""
+    result, _ = _analyse(lateral_sim, normative=_normative())
     flags = {f.name: f for f in result.flags}
     for area in ("left_foot", "right_foot", "right_hand"):
         assert not flags[f"coverage_{area}"].passed, flags[f"coverage_{area}"]
@@ -188,6 +211,55 @@ def test_slab_that_misses_the_foot_area_reports_foot_not_covered() -> None:
             assert not m.covered and np.isnan(m.chi_mean_ppm), (area, layer)
     assert flags["coverage_left_hand"].passed
     assert result.measurement("left_hand", "deep").covered
+    assert result.measurement("left_hand", "deep").chi_z is not None
+    assert all(f.passed for f in result.flags if f.name.startswith("registration_")), [
+        f.text for f in result.flags if f.name.startswith("registration_")]
+    assert RELIABILITY_FLAG not in flags
+
+
+def _assert_not_reliable(result, failed: tuple[str, ...]) -> None:
+    """The result says the M1 measures are not reliable, names ``failed`` among the failed
+    checks, and carries no z-score (the SR and key image print these flags)."""
+    flags = {f.name: f for f in result.flags}
+    print(*(f.text for f in result.flags if f.name.startswith("registration_")), sep="\n")
+    for name in failed:
+        assert not flags[name].passed, flags[name]
+        assert name in flags[RELIABILITY_FLAG].text
+    assert not flags[RELIABILITY_FLAG].passed
+    assert "not reliable" in flags[RELIABILITY_FLAG].text
+    assert all(m.chi_z is None and m.t2star_signal_ratio_z is None
+               for m in result.measurements)
+
+
+def test_a_slab_mirrored_left_right_is_not_reliable(lateral_sim) -> None:
+    """The lateral slab with its pixel data mirrored left-right and its header unchanged
+    (an export that reversed the rows): the left hand knob's slab shows a right hemisphere
+    where the scanner says the left one is. A proper transform cannot undo a mirror, and the
+    registration, which starts from the scanner geometry, finds no good fit there: measured
+    (2026-12-06) NMI 1.0095 and mask_in_template 0.862 (the unmirrored slab: 1.110 and
+    1.000), so the registration checks fail and the measures are not reliable.
+
+    A mirrored slab centred on the midline is NOT caught: the vertex small slab (pose 1)
+    mirrored registered with NMI 1.125 and mask_in_template 1.000 (unmirrored 1.124, 1.000).
+    The phantom's brain is the symmetric ICBM 2009a template, so its mirror image is as good
+    a brain as itself; a real brain is nearly symmetric too (see
+    ``test_m1_register.test_a_vertex_slab_mirrored_left_right_is_not_detected``)."""
+    result, _ = _analyse(lateral_sim, normative=_normative(), mirror_axis=0)
+    _assert_not_reliable(result, ("registration_nmi",))
+
+
+def test_a_slab_the_header_puts_on_the_wrong_hemisphere_is_not_reliable(lateral_sim) -> None:
+    """The lateral slab over the LEFT hand knob with a header that puts it 96 mm to the
+    right (its centre at x = +52 mm instead of -44 mm): the anatomy of a left lateral
+    convexity on the right side of the head. The registration starts from the geometry and
+    does not travel 96 mm (its capture range, measured on the template itself, is under
+    45 mm: a 50 mm offset ended at NMI 1.024, an 85 mm one at 1.007); measured (2026-12-06):
+    NMI 1.009, mask_in_template 0.953. The NMI check fails and the measures are not
+    reliable, rather than the left hand being reported as the right one."""
+    affine = lateral_sim.gre.affine.copy()
+    affine[0, 3] += 96.0
+    result, _ = _analyse(lateral_sim, normative=_normative(), affine=affine)
+    _assert_not_reliable(result, ("registration_nmi",))
 
 
 def test_registration_flags_name_each_check_and_its_threshold() -> None:
@@ -228,8 +300,6 @@ def test_a_water_sphere_is_not_reported_as_reliable_m1_measures() -> None:
     """A uniform sphere with a 7T-like bright centre, on the small slab's grid, with a
     normative table: the registration or segmentation checks fail, the result says the M1
     measures are not reliable (naming the failed checks), and no z-score is reported."""
-    from qsmnode.m1.result import RELIABILITY_FLAG
-
     scan = preset("small-slab")
     sim = simulate_anatomy(scan, pose_seed=1, with_field=False)
     affine, shape = sim.gre.affine, sim.gre.magnitude.shape[:3]
@@ -255,7 +325,7 @@ def test_unreliable_measures_carry_no_z_score() -> None:
     """A failed check the measures rest on: z-scores withheld and a flag saying why; a failed
     coverage alone changes nothing (an area out of view is "not covered", not unreliable)."""
     from qsmnode.m1.analysis import withhold_if_unreliable
-    from qsmnode.m1.result import RELIABILITY_FLAG, Measurement, QualityFlag
+    from qsmnode.m1.result import Measurement, QualityFlag
 
     measured = (Measurement("left_hand", "deep", 40, True, 0.02, 0.01, 0.02, 0.9, 30.0, 2.5,
                             chi_z=2.5, t2star_signal_ratio_z=-1.2),)
