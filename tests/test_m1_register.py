@@ -254,9 +254,10 @@ def test_a_vertex_slab_mirrored_left_right_is_rejected(target):
     its mirror image is as good a brain as itself. Registering also to the left-right
     mirrored 2009c (asymmetric) template and comparing (rigid + affine, NMI with the
     template minus NMI with its mirror) gave +0.0036 / -0.0038 / -0.0002 on the unmirrored
-    poses 1-3 and -0.0036 / +0.0038 mirrored: noise, no margin. On a real whole-head T1w
-    (Siemens XA30 sample, 2 mm) the same difference was -0.0009 unmirrored and -0.0004
-    mirrored with a crude brain mask. A real brain's left-right asymmetries are small
+    poses 1-3 and -0.0036 / +0.0038 mirrored: noise, no margin. On real whole-head images
+    the same difference was, unmirrored / mirrored, +0.0016 / -0.0012 (Philips 3T GRE
+    sample) and -0.0009 / -0.0004 (Siemens XA30 T1w, 2 mm), with crude brain masks. A real
+    brain's left-right asymmetries are small
     beside the registration's residual misfit at 2 mm; a threshold on them would reject
     real brains. Mirrored slabs off the midline are caught (``test_m1_analysis``:
     ``test_a_slab_mirrored_left_right_is_not_reliable``). If a detector is added, this test

@@ -22,6 +22,25 @@ Method (``register``):
   1 = independent, 2 = identical) of subject and warped template in the subject mask, and the
   fraction of the mask that the template's brain covers.
 
+What the quality figures can and cannot catch (measured 2026-12-06, issue 13):
+- non-brain input (a water sphere) and a slab far from where its header puts it: the
+  registration starts from the DICOM geometry and does not travel far (on the template
+  itself, a 50 mm offset ended at NMI 1.024, an 85 mm one at 1.007), so a slab whose header
+  puts it on the other hemisphere ends with a low NMI (1.009) rather than on the wrong
+  hemisphere with a good one; a lateral slab whose pixels are mirrored left-right (a right
+  hemisphere where the scanner says left) fits nowhere (NMI 1.009, mask_in_template 0.86);
+- a slab mirrored left-right about the midline is NOT caught: a proper transform cannot undo
+  a mirror, but a brain is nearly symmetric, so the mirror image registers as well (vertex
+  slab: NMI 1.125, mask 1.000, as unmirrored). Registering also to the mirrored template
+  and comparing (NMI with the template minus NMI with its mirror, rigid + affine) gave no
+  usable margin: on the anatomy phantom (built on a symmetric template) ±0.004 either way;
+  on real whole-head images, unmirrored / mirrored, Philips GRE +0.002 / -0.001 and
+  Siemens T1w -0.001 / -0.000 (+0.014 / -0.001 only with a brain mask taken from the
+  unmirrored registration, which favours it). No such check is made: a threshold there
+  would reject real brains or pass mirrored ones at random. Nor can any image check catch
+  a mirror made consistently in pixels and header (the data then say "the other
+  hemisphere"): left and right rest on the DICOM geometry.
+
 ``warp_labels`` then samples MNI labels (e.g. the hand and foot areas of
 ``qsmnode.m1.atlas.split_areas``) at every subject voxel through the transform, by nearest
 neighbour.
