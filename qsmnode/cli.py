@@ -529,6 +529,9 @@ def run_process(folder: Path, out: Path, send: str | None = None, config: Path |
             for empty in (work, work.parent, work.parent.parent):
                 if empty.is_dir() and not any(empty.iterdir()):
                     empty.rmdir()
+        if record.get("qsm_not_computed"):
+            print(f"series {numbers}: {record['qsm_not_computed']}; R2* and the M1 T2*-signal "
+                  "and thickness analysis are written instead", file=sys.stderr)
         m1_error = (record.get("m1") or {}).get("error")
         if m1_error:
             print(f"series {numbers}: {m1_error}; the maps are written without it",

@@ -200,3 +200,21 @@ def test_status_shows_studies_by_accession_and_what_became_of_each_series(
                                   "study_date": "20220711", "study_time": "120500",
                                   "study_description": "Neuro 7T", "senders": ["SCANNER7T"]}]
     assert report["series"][0]["passed_over"].startswith("BOLD")
+
+
+def test_process_says_when_qsm_was_not_computed(tmp_path: Path) -> None:
+    """``qsmnode process`` on a 2-D protocol with slice gaps: it says QSM was not computed and
+    why, and writes the R2* objects (issue 13 item 4)."""
+    from qsmnode.sim.scanner import preset, simulate
+    from qsmnode.sim.vendor_dicom import SimStudyInfo, write_dicom
+
+    scan = preset("tiny", shape=(56, 68, 2), voxel_size_mm=(3.0, 3.0, 6.0),
+                  centre_mm=(0.0, -18.0, 55.0))
+    write_dicom(simulate(scan).gre, tmp_path / "in", "siemens",
+                SimStudyInfo(seed=3, slice_thickness_mm=4.0, acquisition_type="2D"))
+    done = qsmnode("process", str(tmp_path / "in"), "--out", str(tmp_path / "out"))
+    assert done.returncode == 0, done.stderr
+    assert ("series 5, 6: QSM was not computed: the slices have gaps (6 mm apart but 4 mm "
+            "thick") in done.stderr
+    assert "R2* and the M1 T2*-signal and thickness analysis are written instead" in done.stderr
+    assert list((tmp_path / "out").rglob("*.dcm"))
