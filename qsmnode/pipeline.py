@@ -14,7 +14,8 @@ in order, each a small function that reads what earlier stages produced from a
    and the rest of the pipeline runs on them: the M1 analysis measures R2*, the T2*-weighted
    signal ratio and thickness (χ NaN, left out of the report), its flags carry a failed
    ``qsm_computed`` flag saying why, and the derived objects are the R2* maps, the SEG, the
-   SR and key images showing R2* (with that reason) in place of χ
+   SR and key images showing R2* (with that reason) in place of χ; a normative table is not
+   applied (it is of the QSM protocol: it holds χ norms), so there is no z-score
    (:attr:`PipelineResult.qsm_not_computed` holds the reason for the record). This holds
    whatever the slice count: with too few slices for the M1 analysis its error is recorded
    and the R2* objects still go out. A χ map or
@@ -342,6 +343,8 @@ def _m1(ctx: _Context) -> None:
     if ctx.qsm is None or ctx.params.m1_atlas is None:
         return
     q, params, t1w = ctx.qsm, ctx.params, ctx.params.t1w
+    # the normative table needs χ norms: it was made on the QSM protocol, not on this one
+    normative = None if ctx.qsm_not_computed else params.normative
     t1w_record: dict[str, Any] = {"note": params.t1w_note} if params.t1w_note else {}
     if t1w is not None:
         t1w_record.update(t1w.to_json())
@@ -349,7 +352,7 @@ def _m1(ctx: _Context) -> None:
         result, seconds = analyse_m1(
             q.chi_ppm, q.r2star_per_s, q.magnitude,
             q.mask if ctx.qsm_not_computed else q.qsm_mask, ctx.loaded.gre.affine,
-            params.m1_atlas, params.m1_params, params.normative,
+            params.m1_atlas, params.m1_params, normative,
             t1w=None if t1w is None else SameSessionT1w(t1w.image, t1w.affine))
     except (ValueError, RuntimeError) as exc:
         ctx.m1_record = {"error": f"the M1 analysis could not run: {exc}"}
@@ -374,6 +377,10 @@ def _m1(ctx: _Context) -> None:
     if ctx.qsm_not_computed:
         result = replace(result, flags=(*result.flags, QualityFlag(
             QSM_FLAG, False, None, ctx.qsm_not_computed)))
+        if params.normative is not None:
+            ctx.m1_record["normative"] = (
+                "not applied: the normative table is of the QSM protocol (it holds χ norms), "
+                "and this acquisition is not; no z-scores")
     if t1w_record or flag is not None:
         t1w_record["used"] = flag is not None and flag.passed
         if why_not:
@@ -384,6 +391,7 @@ def _m1(ctx: _Context) -> None:
                     failed.name, failed.text)
     ctx.m1 = result
     ctx.m1_record = {
+        **ctx.m1_record,
         "seconds": seconds,
         "measurements": [asdict(m) for m in result.measurements],
         "flags": [asdict(f) for f in result.flags],

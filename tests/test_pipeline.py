@@ -148,6 +148,9 @@ def test_a_2d_slab_with_slice_gaps_gets_the_t2star_and_thickness_analysis(
     The phase carries no field (``with_field=False``: QSM is not run on it, and the field
     simulation of this grid would double the test's time); the magnitude is the full signal
     model. The simulated slices sample the slice centres (no through-slice profile)."""
+    import tomllib
+
+    from qsmnode.m1.measure import NormativeTable
     from qsmnode.m1.result import AREAS
     from qsmnode.sim.anatomy import simulate_anatomy
     from qsmnode.sim.phantom import M1_AREA_NAMES, DepthBin, Tissue
@@ -164,10 +167,17 @@ def test_a_2d_slab_with_slice_gaps_gets_the_t2star_and_thickness_analysis(
     loaded = _one(tmp_path / "in")  # grouped (the node's default rules): one acquisition
     assert loaded.gre.shape == (200, 200, 20) and loaded.gre.n_echoes == 4
     assert loaded.header.MRAcquisitionType == "2D"
+    with open(Path(__file__).parent.parent / "config" / "m1_normative.example.toml",
+              "rb") as f:
+        normative = NormativeTable.from_mapping(tomllib.load(f))
     result = run_pipeline(loaded, PipelineParams(source_files=tuple(files),
-                                                 m1_atlas=load_m1_atlas()))
+                                                 m1_atlas=load_m1_atlas(),
+                                                 normative=normative))
 
-    # the record: QSM not computed, and why; R2* and the M1 analysis are there
+    # the record: QSM not computed, and why; R2* and the M1 analysis are there; the normative
+    # table (of the QSM protocol: it holds χ norms) is not applied
+    assert result.m1["normative"].startswith("not applied: the normative table is of the QSM "
+                                             "protocol")
     why = result.qsm_not_computed
     assert why.startswith("QSM was not computed: the slices have gaps (2.4 mm apart but 2 mm "
                           "thick, a gap of 0.4 mm")
@@ -177,6 +187,7 @@ def test_a_2d_slab_with_slice_gaps_gets_the_t2star_and_thickness_analysis(
     assert flags["registration_nmi"]["passed"] and flags["cortical_thickness"]["passed"]
     by = {(m["area"], m["layer"]): m for m in result.m1["measurements"]}
     assert all(np.isnan(m["chi_mean_ppm"]) for m in by.values())
+    assert all(m["chi_z"] is None and m["t2star_signal_ratio_z"] is None for m in by.values())
 
     # against the simulator's truth
     t = sim.truth
