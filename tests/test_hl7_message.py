@@ -93,6 +93,25 @@ def test_without_z_scores_nothing_is_graded() -> None:
     assert not [r for r in observations(m1, Thresholds()) if r.code == "CHI-Z"]
 
 
+def test_without_qsm_the_finding_says_why_and_grades_nothing() -> None:
+    """A 2-D protocol with slice gaps (issue 13 item 4): the failed ``qsm_computed`` flag's
+    reason is the finding; no χ is graded (and no "no normative table" claim is made)."""
+    m1 = m1_record_from_truth()
+    why = "QSM was not computed: the slices have gaps (2.4 mm apart but 2 mm thick)"
+    for m in m1["measurements"]:
+        m["chi_z"] = None
+        m["chi_mean_ppm"] = m["chi_sd_ppm"] = m["chi_median_ppm"] = float("nan")
+    m1["flags"].append({"name": "qsm_computed", "passed": False, "value": None, "text": why})
+    found = finding(m1, Thresholds())
+    assert found.assessable and found.flag == ""
+    assert found.text == (f"{why}; deep-layer susceptibility not graded; R2*, T2* signal ratio "
+                          "and thickness reported")
+    rows = observations(m1, Thresholds())
+    assert not [r for r in rows if r.code in ("CHI", "CHI-Z")]
+    assert not [r for r in rows if "nan" in str(r.value).lower()]
+    assert any(r.code == "QC" and r.value == f"FAILED: {why}" for r in rows)
+
+
 def test_unreliable_measures_are_not_assessable() -> None:
     m1 = m1_record_from_truth()
     m1["flags"].append({"name": "registration_nmi", "passed": False, "value": 0.1,

@@ -137,6 +137,11 @@ def finding(m1: Mapping[str, Any] | None, thresholds: Thresholds) -> Finding:
     if unreliable:
         return Finding(f"{NOT_ASSESSABLE}: the M1 measures are not reliable (failed checks: "
                        f"{', '.join(unreliable)})", "", False)
+    no_qsm = [f for f in m1.get("flags", ())
+              if f.get("name") == "qsm_computed" and not f.get("passed")]
+    if no_qsm:  # a 2-D protocol with slice gaps: R2*, T2* signal and thickness, no χ
+        return Finding(f"{no_qsm[0].get('text')}; deep-layer susceptibility not graded; "
+                       "R2*, T2* signal ratio and thickness reported", "", True)
     deep = [m for m in measurements if m.get("layer") == "deep" and m.get("covered")]
     scored = [(m, z) for m in deep if (z := _finite(m.get("chi_z"))) is not None]
     if not scored:
