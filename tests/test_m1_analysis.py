@@ -339,3 +339,28 @@ def test_unreliable_measures_carry_no_z_score() -> None:
     assert flags[-1].name == RELIABILITY_FLAG and not flags[-1].passed
     assert flags[-1].text == ("the M1 measures are not reliable (cortical_thickness failed); "
                               "no z-score is reported")
+
+
+def test_a_slab_with_the_patient_position_prone_for_supine_is_not_reliable(lateral_sim) -> None:
+    """A wrong patient position in the header (prone entered for supine: x and y negated, a
+    proper 180-degree rotation about the scanner's z, which the registration from the
+    geometry does not undo): measured (2026-12-06) NMI 1.049 and mask_in_template 0.538 on
+    the lateral slab (the vertex small slab: NMI 1.041), so the measures are not reliable."""
+    affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lateral_sim.gre.affine
+    result, _ = _analyse(lateral_sim, normative=_normative(), affine=affine)
+    _assert_not_reliable(result, ("registration_nmi", "registration_mask"))
+
+
+def test_a_slab_with_feet_first_for_head_first_fails_with_a_plain_reason(lateral_sim) -> None:
+    """Feet first entered for head first (x and z negated): the lateral slab lands upside
+    down below the brain, and the optimiser carries it off the template (ITK: "All samples
+    map outside moving image buffer"). The analysis fails with a plain reason that names
+    the likely cause (the pipeline records it as the M1 error; the maps still go out), not
+    with ITK's text. (The vertex small slab stays on the template: NMI 1.008, rejected.)"""
+    from qsmnode.m1.register import RegistrationLost
+
+    affine = np.diag([-1.0, 1.0, -1.0, 1.0]) @ lateral_sim.gre.affine
+    with pytest.raises(RegistrationLost, match="no longer overlapped the template") as caught:
+        _analyse(lateral_sim, affine=affine)
+    assert "ITK" not in str(caught.value) and "patient position" in str(caught.value)
+    assert isinstance(caught.value, ValueError)

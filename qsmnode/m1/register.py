@@ -29,6 +29,11 @@ What the quality figures can and cannot catch (measured 2026-12-06, issue 13):
   puts it on the other hemisphere ends with a low NMI (1.009) rather than on the wrong
   hemisphere with a good one; a lateral slab whose pixels are mirrored left-right (a right
   hemisphere where the scanner says left) fits nowhere (NMI 1.009, mask_in_template 0.86);
+  a wrong patient position in the header (a proper rotation of 180 degrees, which the
+  registration does not undo): vertex slab with x, z negated (feet first entered for head
+  first) NMI 1.008, with x, y negated (prone for supine) 1.041; the lateral slab with x, y
+  negated 1.049, and with x, z negated the optimiser leaves the template altogether
+  (``RegistrationLost``, a plain reason instead of ITK's "samples map outside" error);
 - a slab mirrored left-right about the midline is NOT caught: a proper transform cannot undo
   a mirror, but a brain is nearly symmetric, so the mirror image registers as well (vertex
   slab: NMI 1.125, mask 1.000, as unmirrored). Registering also to the mirrored template
@@ -240,9 +245,30 @@ def _method(params: RegistrationParams, fixed_mask: sitk.Image, n_mask: int,
     return reg
 
 
+class RegistrationLost(ValueError):
+    """The registration's optimiser carried the subject off the template (ITK: "All samples
+    map outside moving image buffer"): a gross misplacement of the input, e.g. a wrong
+    patient position or slab position in the DICOM header, not a transient error."""
+
+
+def _execute(reg: sitk.ImageRegistrationMethod, fixed: sitk.Image, moving: sitk.Image,
+             stage: str) -> None:
+    """``reg.Execute``, with ITK's no-overlap error as a :class:`RegistrationLost` in plain
+    words (ASCII: the text may reach a DICOM report); other errors as they are."""
+    try:
+        reg.Execute(fixed, moving)
+    except RuntimeError as exc:
+        if "overlap" not in str(exc):
+            raise
+        raise RegistrationLost(
+            f"the registration to the MNI template failed at its {stage} stage: the subject "
+            "image no longer overlapped the template (a gross misplacement; check the slab "
+            "and patient position in the DICOM header)") from None
+
+
 def _linear_stage(params: RegistrationParams, fixed_mask: sitk.Image, n_mask: int,
                   fixed: sitk.Image, moving: sitk.Image, transform: sitk.Transform,
-                  learning_rate: float) -> float:
+                  learning_rate: float, stage: str = "linear") -> float:
     """One rigid or affine stage on the pyramid (regular-step gradient descent, scales from
     physical shifts); optimises ``transform`` in place and returns the final metric."""
     reg = _method(params, fixed_mask, n_mask)
@@ -251,7 +277,7 @@ def _linear_stage(params: RegistrationParams, fixed_mask: sitk.Image, n_mask: in
         relaxationFactor=0.6, gradientMagnitudeTolerance=1e-6)
     reg.SetOptimizerScalesFromPhysicalShift()
     reg.SetInitialTransform(transform, inPlace=True)
-    reg.Execute(fixed, moving)
+    _execute(reg, fixed, moving, stage)
     return float(reg.GetMetricValue())
 
 
@@ -271,7 +297,11 @@ def register(
     mask). The template is a brain-extracted image (0 outside the brain).
     Sets SimpleITK's global thread count to ``params.threads`` (the registration method's own
     thread setting leaves its pyramid and metric filters threaded, and the transform then
-    differed by 1e-9 mm run to run); the same input then gives the same transform."""
+    differed by 1e-9 mm run to run); the same input then gives the same transform.
+
+    Raises:
+        ValueError: the mask is (nearly) empty; :class:`RegistrationLost` (a ValueError)
+            when the optimiser carries the subject off the template."""
     params = params or RegistrationParams()
     t0 = time.perf_counter()
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(params.threads)
@@ -294,7 +324,8 @@ def register(
     centre = subj_aff[:3, :3] @ np.argwhere(mask).mean(axis=0) + subj_aff[:3, 3]
     rigid = sitk.Euler3DTransform()
     rigid.SetCenter(tuple(float(c) for c in centre))
-    metric = _linear_stage(params, fixed_mask, n_mask, fixed, moving, rigid, learning_rate=2.0)
+    metric = _linear_stage(params, fixed_mask, n_mask, fixed, moving, rigid, learning_rate=2.0,
+                           stage="rigid")
     transform: sitk.Transform = rigid
 
     stages.append(("rigid", time.perf_counter() - t0 - sum(v for _, v in stages)))
@@ -304,7 +335,7 @@ def register(
         affine.SetMatrix(rigid.GetMatrix())
         affine.SetTranslation(rigid.GetTranslation())
         metric = _linear_stage(params, fixed_mask, n_mask, fixed, moving, affine,
-                               learning_rate=1.0)
+                               learning_rate=1.0, stage="affine")
         transform = affine
 
     stages.append(("affine", time.perf_counter() - t0 - sum(v for _, v in stages)))
@@ -320,7 +351,7 @@ def register(
                                  maximumNumberOfFunctionEvaluations=2 * params.bspline_iterations)
         reg.SetMovingInitialTransform(transform)
         reg.SetInitialTransform(bspline, inPlace=True)
-        reg.Execute(fixed, moving)
+        _execute(reg, fixed, moving, "B-spline")
         metric = reg.GetMetricValue()
         transform = sitk.CompositeTransform([transform, bspline])
 
