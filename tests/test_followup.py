@@ -237,6 +237,14 @@ def test_a_report_reads_back_as_a_prior_and_a_follow_up_report_holds_the_changes
     assert nums["INTERVAL"] == pytest.approx(365 / 365.25)
     assert beyond["CHI-BEYOND"] == "373066001"  # SCT Yes
     assert by_tracking["M1 right hand deep"][1]["CHI-BEYOND"] == "373067005"  # SCT No
+    # the finding in words, the same as the KOS's reason, names the change
+    from qsmnode.dicom.derived.kos import kos_reason
+
+    [evaluations] = [c for c in sr2.ContentSequence if _code(c) == "C0034375"]
+    [text] = evaluations.ContentSequence
+    assert _code(text) == "121071" and text.TextValue == kos_reason(second, follow_up=follow)
+    assert "changed beyond test-retest since 2025-06-01: left hand area deep chi +0.0400 ppm" \
+        in text.TextValue
     # the follow-up report reads back as this visit's values, not the prior's
     again = read_prior_report(sr2)
     assert again.values[("left_hand", "deep", "chi_mean_ppm")] == pytest.approx(

@@ -157,19 +157,19 @@ def build_derived_objects(
                 ctx, r2star_per_s, R2STAR, reference=out.r2star_images
             )
         shown_on = out.qsm_images or out.r2star_images  # the images regions are drawn on
+        # the finding, in the same words in the SR and the KOS
+        finding = kos_reason(m1, m1_note, z_flag, follow_up, qsm_note)
         if m1 is not None:
             out.segmentation = build_segmentation(ctx, m1, reference=shown_on)
             maps = [m for m in (out.qsm_map, out.r2star_map) if m is not None]
             out.report = build_report(
                 ctx, m1, out.segmentation, evidence=maps, regions_on=shown_on,
-                follow_up=follow_up,
+                follow_up=follow_up, finding=finding,
             )
         out.key_images = list(build_key_images(ctx, chi_ppm, m1, m1_note, z_flag, follow_up,
                                                qsm_note=qsm_note, r2star_per_s=r2star_per_s))
         flagged = [*out.key_images, *(o for o in (out.report, out.segmentation) if o)]
-        out.key_objects = build_key_object_selection(ctx, flagged,
-                                                     kos_reason(m1, m1_note, z_flag,
-                                                                follow_up, qsm_note))
+        out.key_objects = build_key_object_selection(ctx, flagged, finding)
     return out
 
 

@@ -25,6 +25,9 @@ Content tree (root: Imaging Measurement Report, observer = the qsmnode device):
   every measurement of an SR at the first group without a SCOORD (it reads
   ``measurement.coords[0]`` unguarded in ``_checkIfCanAddMeasurementsToDisplaySet``).
 
+- the finding in words (the Key Object Selection's reason: the deep-layer χ finding, or why
+  there is none, and the changes since a prior report), as TEXT in TID 1500's "Qualitative
+  Evaluations" container;
 - one "Acquisition protocol" group (field strength, voxel size, echo times) and, when the
   patient has a comparable prior report, one "Change since prior report" group per region
   compared (:mod:`qsmnode.dicom.derived.followup`), the prior report as other evidence.
@@ -266,6 +269,20 @@ def _algorithm(ctx: BuildContext) -> hd.sr.AlgorithmIdentification:
     return hd.sr.AlgorithmIdentification(name=ALGORITHM_NAME, version=ctx.algorithm_version)
 
 
+QUALITATIVE_EVALUATIONS = Code("C0034375", "UMLS", "Qualitative Evaluations")
+
+
+def _finding_container(finding: str) -> hd.sr.ContainerContentItem:
+    """TID 1500's "Qualitative Evaluations" container holding the finding as TEXT."""
+    container = hd.sr.ContainerContentItem(
+        name=QUALITATIVE_EVALUATIONS,
+        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
+    container.ContentSequence = [hd.sr.TextContentItem(
+        name=dicom_codes.DCM.Finding, value=finding,
+        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)]
+    return container
+
+
 def _prior_evidence(follow_up: FollowUp | None) -> list[Dataset]:
     """The prior report compared with, as other evidence (a reference, not its content)."""
     if follow_up is None or follow_up.prior is None:
@@ -286,12 +303,15 @@ def build_report(
     evidence: Sequence[Dataset] = (),
     regions_on: Sequence[Dataset] = (),
     follow_up: FollowUp | None = None,
+    finding: str | None = None,
 ) -> hd.sr.Comprehensive3DSR:
     """The SR of an M1 analysis. ``seg`` is the SEG of the same result (None when it has no
     region); ``evidence`` lists further derived objects (e.g. the Parametric Maps) to record;
     ``regions_on`` is one image per slice ``k`` (the QSM derived MR images) on which each
     region's outline is drawn (none without it); ``follow_up`` the comparison with the
-    patient's prior report (its change groups, and the prior report as other evidence)."""
+    patient's prior report (its change groups, and the prior report as other evidence);
+    ``finding`` the result's finding in words (the KOS's reason), as the report's qualitative
+    evaluation."""
     if regions_on and len(regions_on) != ctx.shape[2]:
         raise ValueError(f"regions_on has {len(regions_on)} images for {ctx.shape[2]} slices")
     labels = np.asarray(m1.labels)
@@ -383,6 +403,8 @@ def build_report(
         procedure_reported=codes.IMAGING_PROCEDURE,
         imaging_measurements=groups,
     )
+    if finding:
+        report[0].ContentSequence.append(_finding_container(finding))
     all_evidence = [
         *ctx.sources.echo1(), *regions_on, *([seg] if seg is not None else []), *evidence,
         *_prior_evidence(follow_up),
