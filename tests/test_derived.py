@@ -552,6 +552,29 @@ def test_the_key_image_flags_at_the_sites_z_flag(m1: M1Result) -> None:
     assert warned[0] > warned[1] + 200  # the row and the FLAGGED line only at the default
 
 
+def test_the_key_image_flags_the_deep_layer_finding_as_the_kos_does(m1: M1Result) -> None:
+    """A middle layer beyond the threshold is shown (its row, a "beyond z" line) but is not the
+    FLAGGED finding; the KOS's reason (deep layers) agrees."""
+    from qsmnode.dicom.derived.key_images import findings
+    from qsmnode.dicom.derived.kos import kos_reason
+
+    middle = m1.measurement("left_hand", "middle")
+    assert middle.covered
+    scored = replace(m1, measurements=tuple(
+        replace(m, chi_z=2.6 if m is middle else 0.3) for m in m1.measurements))
+    lines = findings(scored)
+    assert not any(line.startswith("FLAGGED") for line in lines)
+    assert "beyond z (not the deep-layer finding): left hand middle, z +2.6" in lines
+    assert "within z +/-2" in kos_reason(scored)
+    both = replace(scored, measurements=tuple(
+        replace(m, chi_z=3.1) if (m.area, m.layer) == ("left_hand", "deep") else m
+        for m in scored.measurements))
+    lines = findings(both)
+    assert [line.split(":")[0] for line in lines] == [
+        "FLAGGED  left hand deep", "beyond z (not the deep-layer finding)"]
+    assert kos_reason(both).startswith("Deep-layer susceptibility beyond the norm: left hand")
+
+
 # --- edge cases ------------------------------------------------------------------------------
 
 

@@ -225,13 +225,19 @@ LEGEND = legend()
 
 
 def findings(m1: M1Result, z_flag: float = Z_FLAG) -> list[str]:
-    """What the reader should look at first: the rows whose |z| is ``z_flag`` or more, or
-    without them the largest left-right difference of the deep layers."""
-    flagged = m1.beyond_z(z_flag)
+    """What the reader should look at first: the finding, i.e. the deep layers whose |z| is
+    ``z_flag`` or more (``FLAGGED``, as the Key Object Selection and the ORU say it), then the
+    other layers beyond it (``beyond z``: their rows are in the warning colour too, but they are
+    not the finding); without a deep layer beyond it, the largest left-right difference of the
+    deep layers."""
+    beyond = m1.beyond_z(z_flag)
+    flagged = [m for m in beyond if m.layer == "deep"]
+    others = [f"beyond z (not the deep-layer finding): {AREA_TEXT[m.area]} {m.layer}, "
+              f"z {m.chi_z:+.1f}" for m in beyond if m.layer != "deep"]
     if flagged:
         return [f"FLAGGED  {AREA_TEXT[m.area]} {m.layer}: chi {m.chi_mean_ppm:+.4f} ppm, "
-                f"z {m.chi_z:+.1f}" for m in flagged]
-    lines = []
+                f"z {m.chi_z:+.1f}" for m in flagged] + others
+    lines = list(others)
     if not any(m.chi_z is not None for m in m1.measurements):
         lines.append("no z-scores (no normative table, or measures not reliable)")
     pair = m1.deep_asymmetry()
