@@ -7,6 +7,7 @@ cortical depth, deep being next to white matter (Costagli et al. 2016, Cosottini
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Final
 
@@ -112,10 +113,11 @@ class M1Result:
         return [m for m in self.measurements
                 if m.covered and m.chi_z is not None and abs(m.chi_z) >= limit]
 
-    def deep_asymmetry(self) -> tuple[str, float, float] | None:
-        """``(limb, left χ, right χ)`` (ppm) of the limb ("hand" or "foot") whose deep layers
-        differ most between the hemispheres, among limbs covered on both sides; None when no
-        limb is."""
+    def deep_asymmetry(self, measure: str = "chi_mean_ppm") -> tuple[str, float, float] | None:
+        """``(limb, left, right)`` values of ``measure`` (a :class:`Measurement` field; χ mean
+        in ppm by default) for the limb ("hand" or "foot") whose deep layers differ most
+        between the hemispheres, among limbs covered on both sides with finite values; None
+        when no limb is."""
         best: tuple[str, float, float] | None = None
         for limb in ("hand", "foot"):
             try:
@@ -123,9 +125,10 @@ class M1Result:
                 right = self.measurement(f"right_{limb}", "deep")
             except KeyError:
                 continue
-            if not (left.covered and right.covered):
+            pair = (limb, float(getattr(left, measure)), float(getattr(right, measure)))
+            if not (left.covered and right.covered and math.isfinite(pair[1])
+                    and math.isfinite(pair[2])):
                 continue
-            pair = (limb, left.chi_mean_ppm, right.chi_mean_ppm)
             if best is None or abs(pair[1] - pair[2]) > abs(best[1] - best[2]):
                 best = pair
         return best

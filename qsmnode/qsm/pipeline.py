@@ -201,6 +201,26 @@ def _noise_weight(combined: NDArray[np.float32], mask: NDArray[np.bool_]) -> NDA
     return (w / mean if mean > 0 else mask.astype(np.float32)).astype(np.float32)
 
 
+def _masked(mag: np.ndarray, vs: np.ndarray, phase: np.ndarray | None,
+            mask: np.ndarray | None, finite: np.ndarray, maps: tuple[np.ndarray, ...],
+            p: QSMParams, quality: dict) -> np.ndarray:
+    """The brain mask (``mask`` when given, else :func:`brain_mask` of the magnitude, with the
+    phase's coherence when ``phase`` is given), restricted to finite voxels; ``maps`` are set
+    to 0 outside it and ``quality`` records its size."""
+    if mask is None:
+        m = brain_mask(mag, vs, phase=phase, threshold=p.mask_threshold,
+                       coherence_threshold=p.mask_coherence_threshold,
+                       bias_sigma_mm=p.mask_bias_sigma_mm, separate_mm=p.mask_separate_mm)
+    else:
+        m = np.asarray(mask, dtype=bool).copy()
+    m &= finite
+    for values in maps:
+        values[~m] = 0.0
+    quality["mask_fraction"] = float(m.mean())
+    quality["mask_voxels"] = int(m.sum())
+    return m
+
+
 def run_qsm(
     magnitude: NDArray[np.floating],
     phase: NDArray[np.floating],
@@ -267,23 +287,8 @@ def run_qsm(
     t0 = tick("relaxometry", t0)
 
     # 2. mask
-    if mask is None:
-        m = brain_mask(
-            mag,
-            vs,
-            phase=ph if (p.mask_use_phase and te.size >= 2) else None,
-            threshold=p.mask_threshold,
-            coherence_threshold=p.mask_coherence_threshold,
-            bias_sigma_mm=p.mask_bias_sigma_mm,
-            separate_mm=p.mask_separate_mm,
-        )
-    else:
-        m = np.asarray(mask, dtype=bool).copy()
-    m &= finite
-    r2s[~m] = 0.0
-    t2s[~m] = 0.0
-    quality["mask_fraction"] = float(m.mean())
-    quality["mask_voxels"] = int(m.sum())
+    m = _masked(mag, vs, ph if (p.mask_use_phase and te.size >= 2) else None, mask, finite,
+                (r2s, t2s), p, quality)
     t0 = tick("mask", t0)
 
     # 3-4. offsets and unwrapping
@@ -444,16 +449,7 @@ def run_relaxometry(
         t2s = np.zeros_like(r2s)
     timings["relaxometry"] = round(time.perf_counter() - t0, 3)
     t0 = time.perf_counter()
-    if mask is None:
-        m = brain_mask(mag, vs, phase=None, threshold=p.mask_threshold,
-                       bias_sigma_mm=p.mask_bias_sigma_mm, separate_mm=p.mask_separate_mm)
-    else:
-        m = np.asarray(mask, dtype=bool).copy()
-    m &= finite
-    r2s[~m] = 0.0
-    t2s[~m] = 0.0
-    quality["mask_fraction"] = float(m.mean())
-    quality["mask_voxels"] = int(m.sum())
+    m = _masked(mag, vs, None, mask, finite, (r2s, t2s), p, quality)
     timings["mask"] = round(time.perf_counter() - t0, 3)
     timings["total"] = round(time.perf_counter() - t_start, 3)
     quality["timings_s"] = timings

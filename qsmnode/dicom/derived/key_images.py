@@ -241,36 +241,16 @@ def findings(m1: M1Result, z_flag: float = Z_FLAG) -> list[str]:
     if not any(m.chi_z is not None for m in m1.measurements):
         lines.append("no z-scores (no normative table, or measures not reliable)")
     pair = m1.deep_asymmetry()
-    if pair is not None and not (math.isfinite(pair[1]) and math.isfinite(pair[2])):
-        ratio = _deep_ratio_asymmetry(m1)  # no χ (QSM not computed): the T2* signal ratio
-        if ratio is not None:
-            limb, left, right = ratio
-            lines.append(f"largest left-right deep-layer T2* ratio difference: {limb} "
-                         f"{left - right:+.2f} (left {left:.2f}, right {right:.2f})")
-    elif pair is not None:
+    ratio = None if pair is not None else m1.deep_asymmetry("t2star_signal_ratio")
+    if pair is not None:
         limb, left, right = pair
         lines.append(f"largest left-right deep-layer difference: {limb} {left - right:+.4f} ppm "
                      f"(left {left:+.4f}, right {right:+.4f})")
+    elif ratio is not None:  # no χ (QSM not computed): the T2* signal ratio
+        limb, left, right = ratio
+        lines.append(f"largest left-right deep-layer T2* ratio difference: {limb} "
+                     f"{left - right:+.2f} (left {left:.2f}, right {right:.2f})")
     return lines
-
-
-def _deep_ratio_asymmetry(m1: M1Result) -> tuple[str, float, float] | None:
-    """``(limb, left, right)`` deep-layer T2* signal ratios of the limb whose hemispheres
-    differ most, among limbs covered on both sides with finite ratios."""
-    best: tuple[str, float, float] | None = None
-    for limb in ("hand", "foot"):
-        try:
-            left = m1.measurement(f"left_{limb}", "deep")
-            right = m1.measurement(f"right_{limb}", "deep")
-        except KeyError:
-            continue
-        pair = (limb, left.t2star_signal_ratio, right.t2star_signal_ratio)
-        if not (left.covered and right.covered and math.isfinite(pair[1])
-                and math.isfinite(pair[2])):
-            continue
-        if best is None or abs(pair[1] - pair[2]) > abs(best[1] - best[2]):
-            best = pair
-    return best
 
 
 def follow_up_lines(follow_up: FollowUp) -> list[str]:
