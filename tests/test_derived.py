@@ -773,6 +773,84 @@ def test_patient_values_malformed_for_their_vr_are_not_copied(sim, m1, tmp_path)
         assert not any(k in ds for k in ("PatientAge", "PatientWeight", "PatientSize"))
 
 
+_RAW_PATIENT_VALUES = (
+    (0x00100010, "PN", b"Zqxdoe^Jane\x07"),  # PatientName with a control character
+    (0x00080090, "PN", b"Zqxdr\x0bWho"),  # ReferringPhysicianName, one too
+    (0x00101001, "PN", b"Zqxa^Zqxb\r\nZqxc"),  # OtherPatientNames across two lines
+    (0x00101010, "AS", b"045Y "),  # PatientAge with its padding: stays, as 045Y
+    (0x00081030, "LO", b"Zqxstudy\x1b[31m"),  # StudyDescription with a terminal escape
+)
+"""Raw source values (as a careless scanner stores them) that are not valid for their VR
+but that pydicom reads without a word: control characters in names and text."""
+
+
+@pytest.mark.parametrize(("tag", "vr", "raw", "fix"), [
+    (0x00100010, "PN", b"Zqxdoe^Jane\x07", "PatientName not a valid value (left empty)"),
+    (0x00100010, "PN", b"Zqxdoe^Jane\tX", "PatientName not a valid value (left empty)"),
+    (0x00100010, "PN", b"Zqxa^B^C^D^E^F", "PatientName not a valid value (left empty)"),
+    (0x00101010, "AS", b"45", "PatientAge not a valid value for its VR (left out)"),
+    (0x00101010, "AS", b"abc ", "PatientAge not a valid value for its VR (left out)"),
+    (0x00101010, "AS", b"045y", "PatientAge not a valid value for its VR (left out)"),
+    (0x00101010, "AS", b"045Y ", None),
+    (0x00100020, "LO", b"Zqx\x01Qzid", "PatientID not a valid value (left empty)"),
+    (0x00081030, "LO", b"Zqxstudy\x1b[31m",
+     "StudyDescription not a valid value for its VR (left out)"),
+])
+def test_patient_values_with_control_characters_or_bad_forms_are_tidied(
+        tag: int, vr: str, raw: bytes, fix: str | None, caplog) -> None:
+    """Each bad PN, AS or LO form in the source: named by attribute in the header check (and
+    its log line), never by value, and the tidied header holds only values valid for their
+    VR; a value valid once its padding is stripped ("045Y ") is kept."""
+    import logging
+    from types import SimpleNamespace
+
+    from pydicom.dataelem import RawDataElement
+    from pydicom.tag import Tag
+
+    from qsmnode.dicom.derived.common import tidy_source
+    from qsmnode.node.jobs import check_source_header
+
+    ds = Dataset()
+    ds.PatientName, ds.PatientID, ds.StudyDate = "Plain^Name", "P1", "20220711"
+    ds[tag] = RawDataElement(Tag(tag), vr, len(raw), raw, 0, False, True)
+    keyword = pydicom.datadict.keyword_for_tag(tag)
+    with caplog.at_level(logging.INFO, logger="qsmnode"):
+        fixes = check_source_header(SimpleNamespace(header=ds, series_numbers=(5,)))
+    assert (fix in fixes) if fix else not any(f.startswith(keyword) for f in fixes), fixes
+    stored = raw.decode("latin-1")
+    words = {w for w in re.split(r"[\^\s\x00-\x1f]+", stored) if len(w) >= 2}
+    text = " ".join(fixes) + caplog.text
+    assert not [w for w in words if w in text and w != "Y"], text
+    tidied = tidy_source(ds)
+    if fix is None:
+        assert tidied[tag].value == stored.strip()
+    elif "(left empty)" in fix:
+        assert tidied[tag].value in ("", None)
+    else:
+        assert tag not in tidied
+
+
+def test_control_characters_in_patient_values_are_not_copied(sim, m1, tmp_path) -> None:
+    """Names and a study description with control characters, and a padded age, in the
+    source: every derived object passes dciodvfy and holds none of those values; the age
+    is copied as 045Y."""
+    from pydicom.dataelem import RawDataElement
+    from pydicom.tag import Tag
+
+    require_tool("dciodvfy", "dicom3tools")
+    sources = write_dicom(sim.gre, tmp_path / "source", "siemens", SimStudyInfo(seed=7))
+    for path in sources:
+        ds = pydicom.dcmread(path)
+        for tag, vr, value in _RAW_PATIENT_VALUES:
+            ds[tag] = RawDataElement(Tag(tag), vr, len(value), value, 0, False, True)
+        ds.save_as(path)
+    datasets = _build_and_validate(sources, sim, m1, tmp_path / "derived")
+    for ds in datasets:
+        assert ds.PatientName == "" and ds.ReferringPhysicianName == ""
+        assert "OtherPatientNames" not in ds and "Zqx" not in str(ds.get("StudyDescription"))
+        assert ds.get("PatientAge", "045Y") == "045Y"
+
+
 @pytest.mark.parametrize("form", ["classic", "enhanced"])
 def test_real_philips_sources_make_valid_objects(form: str, shared_data: Path,
                                                  tmp_path: Path) -> None:

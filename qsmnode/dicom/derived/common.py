@@ -104,6 +104,20 @@ COPIED_STUDY_KEYWORDS = (
 """Study-level attributes the builders copy beside the Patient module (group 0010), whose
 values are checked against their VR (:func:`_malformed`)."""
 _UNCHECKED_VRS = frozenset({"SQ", "OB", "OW", "OF", "OD", "OL", "OV", "UN", "UR"})
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_TEXT_CONTROLS = {"LT": "\t\n\f\r", "ST": "\t\n\f\r", "UT": "\t\n\f\r"}
+"""Control characters a value of these VRs may hold; no other VR may hold any but ESC, and
+ESC only with an ISO 2022 character set (PS3.5 6.1.2)."""
+
+
+def _bad_controls(ds: Dataset, vr: str, text: str) -> bool:
+    """Whether ``text`` holds a control character its VR does not allow (a bell, tab or
+    newline in a person name, a terminal escape in a description): pydicom's VR rules let
+    them through, dciodvfy does not, and a log line would carry them."""
+    allowed = _TEXT_CONTROLS.get(vr, "")
+    if "2022" in str(ds.get("SpecificCharacterSet", "")):
+        allowed += "\x1b"
+    return any(c not in allowed for c in _CONTROL.findall(text))
 
 
 def _checked_tags(ds: Dataset) -> list[int]:
@@ -114,8 +128,9 @@ def _checked_tags(ds: Dataset) -> list[int]:
 
 def _malformed(ds: Dataset, tag: int) -> bool:
     """Whether a value of the source is not valid for its VR (length, characters, format; a
-    person name of more than 3 groups or 5 components), read as it is stored: a raw value
-    pydicom would refuse to convert counts as malformed."""
+    person name of more than 3 groups or 5 components; a control character its VR does not
+    allow), read as it is stored: a raw value pydicom would refuse to convert counts as
+    malformed."""
     raw = ds.get_item(tag)
     vr = raw.VR or pydicom.datadict.dictionary_VR(tag)
     if vr in _UNCHECKED_VRS or raw.value is None:
@@ -129,6 +144,8 @@ def _malformed(ds: Dataset, tag: int) -> bool:
         text = str(value)
     if not text.strip():
         return False
+    if _bad_controls(ds, vr, text):
+        return True
     for item in text.split("\\"):
         try:
             with warnings.catch_warnings():  # pydicom's warnings quote the value
