@@ -129,6 +129,7 @@ def _status(args: argparse.Namespace) -> int:
 
     from qsmnode.node.config import ConfigError, load_settings
     from qsmnode.node.hl7_status import hl7_status, print_hl7_status
+    from qsmnode.node.metrics import result_notes
     from qsmnode.node.store import Store, StoreError, StudyInfo, describe_summary, study_when
 
     try:
@@ -160,7 +161,7 @@ def _status(args: argparse.Namespace) -> int:
                 for uid in dict.fromkeys(s.study_uid for s in series)],
             "series": [s.as_dict() for s in series],
             "acquisitions": [a.as_dict() for a in acquisitions],
-            "jobs": [j.as_dict() for j in jobs],
+            "jobs": [{**j.as_dict(), "notes": list(result_notes(j.result))} for j in jobs],
             "problems": [p.as_dict() for p in problems],
             "delivery": delivery,
             "retention": retention,
@@ -231,10 +232,11 @@ def _status(args: argparse.Namespace) -> int:
     if jobs:
         print()
         _table(
-            ("JOB", "ACQ", "STATE", "ATTEMPTS", "UPDATED", "LAST ERROR"),
+            ("JOB", "ACQ", "STATE", "ATTEMPTS", "UPDATED", "LAST ERROR / RESULT NOTES"),
             [
                 (str(j.id), str(j.acquisition_id), j.state, str(j.attempts), when(j.updated_at),
-                 j.last_error or "-")
+                 j.last_error or "; ".join(result_notes(j.result if j.state == "done" else None))
+                 or "-")
                 for j in jobs
             ],
         )

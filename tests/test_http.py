@@ -359,6 +359,76 @@ def test_status_page_shows_studies_as_a_radiographer_knows_them_and_series_passe
     assert "No open problems." in page
 
 
+def test_a_2d_acquisition_without_qsm_says_so_on_the_page_and_in_qsmnode_status(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Issue 13 item 4: a 2-D protocol with slice gaps gets no QSM. The job is done (R2* and
+    the rest were delivered), and the status page and ``qsmnode status`` say beside "done"
+    that QSM was not computed and why, not only quality.json and the SR. The job's result is
+    the pipeline's own record of a simulated 2-D slab (2 slices, 4 mm thick, 6 mm apart: too
+    few for the M1 analysis too, which says so as well)."""
+    from qsmnode.cli import main
+    from qsmnode.dicom.load import LoadedAcquisition, load_folder
+    from qsmnode.dicom.templates import load_m1_atlas
+    from qsmnode.pipeline import PipelineParams, run_pipeline
+    from qsmnode.sim.scanner import preset, simulate
+    from qsmnode.sim.vendor_dicom import SimStudyInfo, write_dicom
+
+    scan = preset("tiny", shape=(56, 68, 2), voxel_size_mm=(3.0, 3.0, 6.0),
+                  centre_mm=(0.0, -18.0, 55.0))
+    write_dicom(simulate(scan).gre, tmp_path / "in", "siemens",
+                SimStudyInfo(seed=3, slice_thickness_mm=4.0, acquisition_type="2D"))
+    (loaded,) = load_folder(tmp_path / "in")
+    assert isinstance(loaded, LoadedAcquisition)
+    record = run_pipeline(loaded, PipelineParams(m1_atlas=load_m1_atlas())).to_json()
+    why = record["qsm_not_computed"]
+    assert why.startswith("QSM was not computed: the slices have gaps (6 mm apart but 4 mm "
+                          "thick, a gap of 2 mm")
+    m1_error = record["m1"]["error"]
+    assert m1_error.startswith("the M1 analysis could not run")
+
+    state_dir = tmp_path / "state"
+    config = tmp_path / "qsmnode.toml"
+    config.write_text(f'[paths]\nstate_dir = "{state_dir}"\n')
+    with Store.in_state_dir(state_dir) as store:
+        uid = f"{STUDY}.5"
+        add(store, STUDY, uid, f"{uid}.1", T0, number=5)
+        assert store.mark_series_complete(uid, T0 + 10)
+        assert store.record_grouping(STUDY, 1, [NewAcquisition(
+            STUDY, (uid,), {"series_numbers": [5], "n_echoes": 4})], [], T0 + 20) is not None
+        job = store.claim_job("me", 3600, T0 + 30)
+        assert job is not None and store.finish_job(job.id, "me", record, T0 + 60)
+        with start_http(settings(), state_dir, port=0) as http:
+            page = fetch(http.url + "/")[2]
+    [row] = [line for line in page.splitlines() if '<span class="state done">' in line]
+    assert f"{why}; R2*, T2* signal ratio and thickness computed instead; {m1_error}" in row
+
+    assert main(["status", "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    [line] = [line for line in out.splitlines() if line.split()[:3] == [str(job.id), "1", "done"]]
+    assert f"{why}; R2*, T2* signal ratio and thickness computed instead; {m1_error}" in line
+    assert main(["status", "--config", str(config), "--json"]) == 0
+    [job_json] = json.loads(capsys.readouterr().out)["jobs"]
+    assert job_json["notes"][0].startswith(why)
+
+
+def test_result_notes_name_an_unreliable_m1_and_the_follow_up() -> None:
+    """A done job's notes: the failed reliability flag's text (naming the failed checks) and
+    the follow-up; an odd or older record gives what it holds, never an error."""
+    from qsmnode.m1.result import RELIABILITY_FLAG
+    from qsmnode.node.metrics import result_notes
+
+    text = "the M1 measures are not reliable (registration_mask failed); no z-score is reported"
+    record = {"qsm_not_computed": "", "m1": {
+        "flags": [{"name": "registration_mask", "passed": False, "value": 0.5, "text": "x"},
+                  {"name": RELIABILITY_FLAG, "passed": False, "value": None, "text": text}],
+        "follow_up": {"note": FOLLOW_UP}}}
+    assert result_notes(record) == (text, f"follow-up: {FOLLOW_UP}")
+    assert result_notes({"m1": {"flags": [{"name": RELIABILITY_FLAG, "passed": True}]}}) == ()
+    for odd in (None, {}, {"m1": None}, {"m1": {"flags": "?", "follow_up": 3}}, []):
+        assert result_notes(odd) == ()  # type: ignore[arg-type]
+
+
 def test_unknown_paths_are_404_and_other_methods_405(server: HttpServer) -> None:
     assert fetch(server.url + "/nope")[0] == 404
     assert fetch(server.url + "/health/")[0] == 404

@@ -295,15 +295,17 @@ def _job_row(job: JobRow, now: float, stage: str | None = None,
     elif job.started_at is not None and job.job_state == "running":
         run = now - job.started_at  # so far
     state = job.job_state if job.job_id is not None else job.acquisition_state
-    note = job.last_error if job.job_id is not None else job.reason
-    if job.job_state == "done" and job.follow_up:
-        note = f"follow-up: {job.follow_up}"
+    note = _cut(job.last_error if job.job_id is not None else job.reason)
+    if job.job_state == "done" and (job.notes or job.follow_up):
+        # what the result says beyond "done" (QSM not computed and why, M1 not reliable,
+        # the follow-up), each note cut on its own so that a long one hides no other
+        note = "; ".join(_cut(n) or "" for n in job.notes or (f"follow-up: {job.follow_up}",))
     if stage is not None:
         note = f"now: {stage}" + (f" (last error: {note})" if note else "")
     return (f"<tr><td>{job.acquisition_id}</td>{_study_cell(job.study_uid, labels or {})}"
             f"<td>{_e(series)}</td><td>{_e(job.echoes)}</td>{_state(state)}"
             f"<td>{_e(job.attempts)}</td><td>{_e(_when(job.started_at))}</td>"
-            f"<td>{_e(_duration(run))}</td><td class=\"text\">{_e(_cut(note))}</td></tr>")
+            f"<td>{_e(_duration(run))}</td><td class=\"text\">{_e(note)}</td></tr>")
 
 
 _STYLE = """
@@ -417,7 +419,7 @@ def _sections(status: Status, now: float, stages: dict[int, str]) -> list[str]:
     else:
         out.append(_table(
             ("Acq.", "Study", "Series", "Echoes", "State", "Attempts", "Started", "Run time",
-             "Last error / reason / follow-up"),
+             "Last error / reason / result notes"),
             [_job_row(job, now, stages.get(job.job_id or 0), labels) for job in status.jobs],
             "No acquisitions yet."))
     out.append("<h2>Problems</h2>")

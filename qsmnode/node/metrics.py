@@ -51,7 +51,7 @@ import dataclasses
 import json
 import shutil
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -429,6 +429,9 @@ class JobRow:
     last_error: str | None
     follow_up: str | None = None
     """A done job's follow-up note (its comparison with earlier results), if it has one."""
+    notes: tuple[str, ...] = ()
+    """What a done job's result says beyond "done" (:func:`result_notes`): why QSM was not
+    computed, why the M1 analysis did not run or is not reliable, the follow-up."""
 
 
 @dataclass(frozen=True)
@@ -467,6 +470,49 @@ class Status:
     failed_jobs: list[JobRow] | None = None
     """Failed jobs, most recently failed first (however old their acquisition: they stay
     until run again); None when the store has no jobs table."""
+
+
+def result_notes(result: Mapping[str, Any] | None) -> tuple[str, ...]:
+    """What a done job's result (:meth:`qsmnode.pipeline.PipelineResult.to_json`) says that a
+    physicist must see beside "done", one line each, in this order:
+
+    - why QSM was not computed (``qsm_not_computed``: a 2-D protocol with slice gaps gets R2*
+      and the M1 T2*-signal and thickness analysis instead, and says so);
+    - why the M1 analysis could not run (``m1.error``), or that its measures are not reliable
+      (the failed ``m1_measures_reliable`` flag, naming the failed checks);
+    - the follow-up note (``m1.follow_up.note``), prefixed "follow-up: ".
+
+    Tolerant: an older, partial or odd record gives what it holds, never an error."""
+    from qsmnode.m1.result import RELIABILITY_FLAG
+
+    if not isinstance(result, Mapping):
+        return ()
+    notes = []
+    qsm = result.get("qsm_not_computed")
+    if isinstance(qsm, str) and qsm:
+        notes.append(qsm + "; R2*, T2* signal ratio and thickness computed instead")
+    m1 = result.get("m1")
+    m1 = m1 if isinstance(m1, Mapping) else {}
+    error = m1.get("error")
+    if isinstance(error, str) and error:
+        notes.append(error)
+    flags = m1.get("flags")
+    for flag in flags if isinstance(flags, list) else ():
+        if (isinstance(flag, Mapping) and flag.get("name") == RELIABILITY_FLAG
+                and not flag.get("passed")):
+            notes.append(str(flag.get("text") or "the M1 measures are not reliable"))
+    follow = m1.get("follow_up")
+    note = follow.get("note") if isinstance(follow, Mapping) else None
+    if isinstance(note, str) and note:
+        notes.append(f"follow-up: {note}")
+    return tuple(notes)
+
+
+def _json_or_none(text: str | None) -> Any:
+    try:
+        return None if text is None else json.loads(text)
+    except ValueError:
+        return None
 
 
 def _plan(summary_text: str | None) -> tuple[tuple[int | None, ...], int | None]:
@@ -548,13 +594,19 @@ def _job_rows(db: sqlite3.Connection, where: str, order: str, limit: int) -> lis
     for row in db.execute(
             "SELECT a.id, a.study_uid, a.summary, a.state, a.reason, a.created_at, "
             "j.id, j.state, j.attempts, j.started_at, j.finished_at, j.last_error, "
-            "json_extract(j.result, '$.m1.follow_up.note') "
+            "json_extract(j.result, '$.m1.follow_up.note'), "
+            "json_extract(j.result, '$.qsm_not_computed'), json_extract(j.result, '$.m1.error'), "
+            "json_extract(j.result, '$.m1.flags') "
             f"FROM acquisitions a LEFT JOIN jobs j ON j.acquisition_id = a.id {where} "
             f"ORDER BY {order} LIMIT ?", (limit,)):
         numbers, echoes = _plan(row[2])
+        notes = () if row[7] != "done" else result_notes({
+            "qsm_not_computed": row[13],
+            "m1": {"error": row[14], "flags": _json_or_none(row[15]),
+                   "follow_up": {"note": row[12]}}})
         rows.append(JobRow(int(row[0]), row[1], numbers, echoes, row[3], row[4],
                            float(row[5]), row[6], row[7], row[8], row[9], row[10], row[11],
-                           row[12]))
+                           row[12], notes))
     return rows
 
 
