@@ -459,3 +459,44 @@ def test_an_unexpected_grouping_error_is_logged_without_patient_values(
     assert "grouping failed (ValueError: Unable to use '<PatientName>' born " \
            "<PatientBirthDate> at test_tracker.py:" in text, text
     assert name not in text and birth not in text and "Traceback" not in text
+
+
+def test_problem_and_passed_over_reasons_carry_no_patient_values(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Series descriptions that carry the patient's name and ID (a technologist's habit): the
+    problem of a slice missing from them, and the reason a diffusion series of the study is
+    passed over, are recorded and logged with ``<PatientName>``/``<PatientID>`` in their
+    place, as job errors are (issue 14)."""
+    import logging
+
+    from pydicom.uid import generate_uid
+
+    family, given, mrn = "Zqxfamily", "Zqxgiven", "ZQX40417"
+    files = write_study(tmp_path / "source", "siemens", 26)
+    diffusion = []
+    series_uid = generate_uid()
+    for path in files:
+        ds = pydicom.dcmread(path)
+        ds.PatientName, ds.PatientID = f"{family}^{given}", mrn
+        ds.SeriesDescription = f"gre {family} {given} {mrn}"
+        ds.save_as(path)
+        if path.parent.name.endswith("_P"):  # a copy of the phase as a diffusion series
+            ds.SeriesInstanceUID, ds.SeriesNumber = series_uid, 9
+            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+            ds.SeriesDescription = f"DWI {given} {family}"
+            copy = tmp_path / "dwi" / path.name
+            copy.parent.mkdir(exist_ok=True)
+            ds.save_as(copy)
+            diffusion.append(copy)
+    missing = by_instance_number([f for f in files if f.parent.name.endswith("_M")], 18)
+    state = tmp_path / "state"
+    with Store.in_state_dir(state) as store, caplog.at_level(logging.INFO):
+        ingest(state, store, [f for f in files if f not in missing] + diffusion, 9_000.0)
+        Tracker(settings_for(state), store, clock=Clock(10_000.0)).poll()
+        [problem] = store.problems()
+        passed = {s.series_number: s.passed_over for s in store.series()}
+    assert "missing slices" in problem.reason
+    assert "'gre <PatientName> <PatientID>'" in problem.reason, problem.reason
+    assert passed[9] is not None and "'DWI <PatientName> <PatientName>'" in passed[9], passed
+    for text in (problem.reason, passed[9], caplog.text):
+        assert not any(value in text for value in (family, given, mrn)), text

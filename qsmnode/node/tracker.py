@@ -71,6 +71,7 @@ grouped without them, and a problem says that they were removed.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -361,6 +362,7 @@ class Tracker:
                 f"series UID {series_uid}: {len(reasons)} spool file"
                 f"{'' if len(reasons) == 1 else 's'} could not be read ({reasons[0]})"))
         strengths = self._field_strengths(infos)
+        redact = functools.cache(lambda: self._study_redactor(ready.study_uid))  # once, if needed
         for item in results:
             if isinstance(item, AcquisitionPlan):
                 summary = plan_summary(item)
@@ -371,10 +373,11 @@ class Tracker:
                 acquisitions.append(NewAcquisition(item.study_uid or ready.study_uid,
                                                    tuple(item.series_uids), summary, refusal))
             elif isinstance(item, PassedOver):
-                for series_uid in item.series_uids:
-                    passed_over[series_uid] = item.why
+                for series_uid in item.series_uids:  # the why can quote a description
+                    passed_over[series_uid] = redact()(item.why)
             else:
-                self._add_problem(item, ready.study_uid, strengths, problems, passed_over)
+                self._add_problem(item, redact()(item.reason), ready.study_uid, strengths,
+                                  problems, passed_over)
         if problems and (now - ready.last_received_at < tracker.quiet_period_s
                          and now - ready.opened_at < tracker.max_wait_s):
             key = (ready.study_uid, ready.instance_count)
@@ -399,9 +402,11 @@ class Tracker:
             self.on_jobs()
         return outcome
 
-    def _add_problem(self, problem: Problem, study_uid: str,
+    def _add_problem(self, problem: Problem, reason: str, study_uid: str,
                      strengths: dict[str, float | None], problems: list[NewProblem],
                      passed_over: dict[str, str]) -> None:
+        """Record ``problem`` with ``reason`` (its reason redacted), or pass its series over
+        when their field strength is not accepted."""
         values = [strengths.get(uid) for uid in problem.series_uids]
         known = [v for v in values if v is not None]
         refused = [v for v in known if self._field_strength_refusal(v) is not None]
@@ -409,13 +414,13 @@ class Tracker:
             listed = ", ".join(f"{v:g}" for v in sorted(set(refused)))
             log.info("study %s: ignored series %s: field strength %s T is not among "
                      "rules.field_strengths_t (not processed: %s)", study_uid,
-                     series_numbers_text(problem.series_numbers), listed, problem.reason)
+                     series_numbers_text(problem.series_numbers), listed, reason)
             for series_uid in problem.series_uids:
                 passed_over[series_uid] = (f"field strength {listed} T is not among "
                                            "rules.field_strengths_t")
             return
         problems.append(NewProblem(problem.study_uid or study_uid, tuple(problem.series_uids),
-                                   problem.reason))
+                                   reason))
 
     def _field_strength_refusal(self, value: float | None) -> str | None:
         """Why the field-strength rule leaves an acquisition out (None: it does not)."""
@@ -467,15 +472,21 @@ class Tracker:
             passed_over[series_uid] = f"not an MR image ({name}): not a QSM acquisition"
         return infos, dict(unreadable)
 
+    def _study_redactor(self, study_uid: str) -> Redactor:
+        """What keeps the study's patient and study values (names, IDs, dates, descriptions:
+        :mod:`qsmnode.node.redact`) out of a text, read from one file per series, as a job's
+        errors are kept free of its acquisition's: for the reasons of problems and of series
+        passed over, which can quote a series description that names the patient."""
+        first: dict[str, str] = {}  # one file per series: the patient and study values
+        for record in self.store.study_instances(study_uid):
+            first.setdefault(record.series_uid, str(self.state_dir / record.path))
+        return Redactor(dataset_values(list(first.values())))
+
     def _redacted_error(self, study_uid: str, exc: BaseException) -> str:
         """An unexpected grouping error for the log: its type, its message without the
         study's patient and study values, and where in the code it was raised (no traceback:
         its frames could quote a dataset's values)."""
-        first: dict[str, str] = {}  # one file per series: the patient and study values
-        for record in self.store.study_instances(study_uid):
-            first.setdefault(record.series_uid, str(self.state_dir / record.path))
-        paths = list(first.values())
-        text = Redactor(dataset_values(paths))(f"{type(exc).__name__}: {exc}")
+        text = self._study_redactor(study_uid)(f"{type(exc).__name__}: {exc}")
         frame = traceback.extract_tb(exc.__traceback__)[-1:] if exc.__traceback__ else []
         where = f" at {Path(frame[0].filename).name}:{frame[0].lineno}" if frame else ""
         return text + where
