@@ -409,10 +409,21 @@ def _study_date(loaded: LoadedAcquisition) -> dt.date | None:
         return None
 
 
+def acquisition_protocol(loaded: LoadedAcquisition) -> Protocol:
+    """What a follow-up compares of this acquisition with an earlier one's (field strength,
+    voxel size, echo times and slice thickness): the same values its SR's protocol group
+    records (:mod:`qsmnode.dicom.derived.followup`)."""
+    gre = loaded.gre
+    return Protocol(float(gre.field_strength_t),
+                    tuple(float(v) for v in gre.voxel_size_mm),  # type: ignore[arg-type]
+                    tuple(float(t) for t in gre.echo_times_s),
+                    slice_thickness_mm(loaded.header))
+
+
 def _follow_up(ctx: _Context, result: M1Result) -> None:
     """Compare the M1 result with the patient's earlier ones (when asked); the record gets
     ``follow_up``: the note, the prior compared with, every change, the history."""
-    params, gre = ctx.params, ctx.loaded.gre
+    params = ctx.params
     if params.priors is None and not params.prior_note:
         return
     date = _study_date(ctx.loaded)
@@ -422,11 +433,8 @@ def _follow_up(ctx: _Context, result: M1Result) -> None:
     elif date is None:
         follow = FollowUp(None, (), (), (), "no comparison: the study has no valid StudyDate")
     else:
-        protocol = Protocol(float(gre.field_strength_t),
-                            tuple(float(v) for v in gre.voxel_size_mm),  # type: ignore[arg-type]
-                            tuple(float(t) for t in gre.echo_times_s))
-        follow = compare(result, date, protocol, algorithm_version(), params.priors or (),
-                         params.retest_limits)
+        follow = compare(result, date, acquisition_protocol(ctx.loaded), algorithm_version(),
+                         params.priors or (), params.retest_limits)
     log.info("study %s: follow-up: %s", ctx.loaded.study_uid, _log_text(follow))
     ctx.follow_up = follow
     ctx.m1_record["follow_up"] = follow_up_record(follow)

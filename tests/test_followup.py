@@ -141,6 +141,44 @@ def test_no_prior() -> None:
     assert "no earlier result" in follow.note
 
 
+# --- two visits of a 2-D protocol (slice gaps, no QSM): T2* signal ratio and thickness -------
+
+PROTOCOL_2D = Protocol(7.0, (0.3, 0.3, 2.4), (0.005, 0.010, 0.015), slice_thickness_mm=2.0)
+"""The seed study's targeted M1 protocol in 2-D: 2 mm slices 2.4 mm apart."""
+LEFT_DEEP = ("left_hand", "deep")
+
+
+def test_two_2d_visits_compare_the_t2star_ratio_and_thickness_only() -> None:
+    """Neither 2-D result has χ (QSM is not computed with slice gaps): the ratio and thickness
+    are compared, nothing is "not comparable", and the note says why χ was not."""
+    current = _result(_m("left_hand", "deep", NAN, thickness=2.2, ratio=0.80),
+                      _m("right_hand", "deep", NAN, ratio=0.90))
+    prior = _prior(dt.date(2025, 6, 1), {
+        (*LEFT_DEEP, "thickness_mean_mm"): 2.3, (*LEFT_DEEP, "t2star_signal_ratio"): 0.90,
+        ("right_hand", "deep", "t2star_signal_ratio"): 0.91}, protocol=PROTOCOL_2D)
+    follow = compare(current, TODAY, PROTOCOL_2D, VERSION, [prior])
+    assert follow.prior is prior and follow.not_comparable == ()
+    assert sorted((c.area, c.measure) for c in follow.changes) == [
+        ("left_hand", "t2star_signal_ratio"), ("left_hand", "thickness_mean_mm"),
+        ("right_hand", "t2star_signal_ratio")]
+    assert [(c.area, c.layer, c.measure) for c in follow.exceeding()] == [
+        (*LEFT_DEEP, "t2star_signal_ratio")]  # −0.10 beyond 0.05; thickness −0.1 mm within
+    assert follow.note == ("compared with the result of 2025-06-01 (1.00 years earlier): 1 of 3 "
+                           "changes beyond the test–retest limit; χ not compared: either "
+                           "result has none (QSM was not computed)")
+    # a 3-D visit with χ after a 2-D one on the same grid: the slice thickness tells them apart
+    three_d = replace(PROTOCOL_2D, slice_thickness_mm=2.4)
+    assert why_not_comparable(three_d, VERSION, prior) == "slices 2 mm thick, not 2.4 mm"
+    # a report made before the slice thickness was recorded: not compared on it
+    old = replace(prior, protocol=replace(PROTOCOL_2D, slice_thickness_mm=None))
+    assert why_not_comparable(PROTOCOL_2D, VERSION, old) == ""
+    with_chi = _result(_m("left_hand", "deep", 0.05, thickness=2.2, ratio=0.80))
+    follow = compare(with_chi, TODAY, PROTOCOL_2D, VERSION, [old])
+    assert {c.measure for c in follow.changes} == {"thickness_mean_mm", "t2star_signal_ratio"}
+    assert follow.note.endswith("; χ not compared: the earlier result has none (QSM was not "
+                                "computed)")
+
+
 # --- the SR: protocol and change groups written, and read back --------------------------------
 
 
@@ -251,6 +289,105 @@ def test_a_report_reads_back_as_a_prior_and_a_follow_up_report_holds_the_changes
         prior.values[("left_hand", "deep", "chi_mean_ppm")] + 0.04)
 
 
+QSM_NOTE = ("QSM was not computed: the slices have gaps (6 mm apart but 4 mm thick, a gap of "
+            "2 mm, as in a 2-D protocol with a slice gap) and QSM needs contiguous slices")
+
+
+def _without_chi(m1: M1Result, ratio_change: float = 0.0) -> M1Result:
+    """``m1`` as the analysis of a 2-D protocol gives it: χ NaN; the left hand deep T2* signal
+    ratio changed by ``ratio_change``."""
+    return replace(m1, measurements=tuple(
+        replace(m, chi_mean_ppm=NAN, chi_sd_ppm=NAN, chi_median_ppm=NAN,
+                t2star_signal_ratio=m.t2star_signal_ratio
+                + (ratio_change if (m.area, m.layer) == LEFT_DEEP else 0.0))
+        for m in m1.measurements))
+
+
+def _visit_2d(sim: Simulation, root: Path, date: str, seed: int) -> tuple[LoadedAcquisition,
+                                                                         list[Path]]:
+    info = SimStudyInfo(seed=seed, study_date=date, slice_thickness_mm=4.0,
+                        acquisition_type="2D")
+    sources = write_dicom(sim.gre, root / "source", "siemens", info)
+    (loaded,) = load_folder(root / "source")
+    assert isinstance(loaded, LoadedAcquisition)
+    return loaded, sources
+
+
+def test_a_2d_visit_is_followed_up_by_ratio_and_thickness_in_every_object(
+        sim: Simulation, tmp_path: Path) -> None:
+    """Two visits of a 2-D protocol with slice gaps (4 mm slices 6 mm apart), a year apart,
+    the left hand deep T2* signal ratio down by 0.10: the first visit's SR (R2*, no χ) reads
+    back with its slice thickness and without χ; the second is compared with it on the ratio
+    and thickness only, with no "not comparable"; its SR change groups, KOS reason, key image
+    trend (the ratio, not χ) and HL7 rows carry that and no χ; dciodvfy is clean."""
+    import numpy as np
+
+    from qsmnode.dicom.derived.key_images import OK, WARN, follow_up_lines, render_summary
+    from qsmnode.dicom.derived.kos import kos_reason
+    from qsmnode.node.hl7_observations import follow_up_rows
+    from qsmnode.pipeline import acquisition_protocol, follow_up_record
+
+    require_tool("dciodvfy", "dicom3tools")
+    r2star = sim.truth.r2star_per_s
+    first = _without_chi(m1_from_truth(sim))
+    loaded1, sources1 = _visit_2d(sim, tmp_path / "v1", "20250601", 21)
+    objects1 = build_derived_objects(loaded1, sim.truth.chi_ppm, r2star, first,
+                                     source_reader(sources1), VERSION, qsm_note=QSM_NOTE)
+    assert objects1.qsm_map is None and objects1.report is not None
+    prior = read_prior_report(objects1.report)
+    assert prior.protocol == acquisition_protocol(loaded1)
+    assert prior.protocol.slice_thickness_mm == pytest.approx(4.0)
+    assert prior.protocol.voxel_size_mm[2] == pytest.approx(6.0)
+    assert prior.values and {key[2] for key in prior.values} == {"thickness_mean_mm",
+                                                                  "t2star_signal_ratio"}
+
+    second = _without_chi(m1_from_truth(sim), ratio_change=-0.10)
+    loaded2, sources2 = _visit_2d(sim, tmp_path / "v2", "20260601", 22)
+    follow = compare(second, dt.date(2026, 6, 1), acquisition_protocol(loaded2), VERSION,
+                     [prior])
+    assert follow.prior is not None and follow.not_comparable == ()
+    assert {c.measure for c in follow.changes} == {"thickness_mean_mm", "t2star_signal_ratio"}
+    assert [(c.area, c.layer, c.measure) for c in follow.exceeding()] == [
+        (*LEFT_DEEP, "t2star_signal_ratio")]
+    assert "χ not compared: either result has none (QSM was not computed)" in follow.note
+    objects2 = build_derived_objects(loaded2, sim.truth.chi_ppm, r2star, second,
+                                     source_reader(sources2), VERSION, follow_up=follow,
+                                     qsm_note=QSM_NOTE)
+    path = tmp_path / "sr2.dcm"
+    assert objects2.report is not None
+    objects2.report.save_as(path, enforce_file_format=True)
+    assert dciodvfy_errors(path) == []
+    changed = {_code(c) for g in _walk(objects2.report) if g.get("ValueType") == "CONTAINER"
+               and any(_code(x, "ConceptCodeSequence") == "CHANGE"
+                       for x in g.get("ContentSequence") or [])
+               for c in g.ContentSequence if c.ValueType in ("NUM", "CODE")}
+    assert {"T2S-CHANGE", "THK-CHANGE", "T2S-BEYOND", "THK-BEYOND"} <= changed
+    assert not {code for code in changed if code.startswith("CHI")}
+    reason = kos_reason(second, follow_up=follow, qsm_note=QSM_NOTE)
+    assert reason.startswith(QSM_NOTE) and reason.endswith(
+        "changed beyond test-retest since 2025-06-01: left hand area deep T2* ratio -0.100")
+    rows = follow_up_rows(follow_up_record(follow))
+    assert {r.code for r in rows} >= {"FOLLOWUP", "T2S-RATIO-CHG", "THICK-CHG"}
+    assert not [r for r in rows if r.code.startswith("CHI")]
+
+    # the key image's trend panel plots the ratio: without χ the χ trend would be empty
+    k = int(np.argmax((second.labels > 0).sum(axis=(0, 1))))
+    args = (r2star[:, :, k].T, second.labels[:, :, k].T, (4.0, 4.0), ("L", "P"), "t", "s",
+            second)
+    trend = render_summary(*args, follow_up=follow, qsm_note=QSM_NOTE)
+    plain = render_summary(*args, follow_up=replace(follow, history=()), qsm_note=QSM_NOTE)
+
+    def count(image: np.ndarray, colour: tuple[int, int, int]) -> int:
+        return int(np.all(image[:, :24 + 400] == np.array(colour, np.uint8), axis=-1).sum())
+
+    # this visit's point per area: green (within the limit), the left hand's in the warning
+    # colour (its ratio fell beyond it); with χ plotted there would be none (NaN)
+    assert count(trend, OK) >= 3 * 30 and count(plain, OK) == 0
+    assert count(trend, WARN) >= count(plain, WARN) + 30
+    assert any(line.startswith("CHANGED  left hand deep: T2* ratio")
+               for line in follow_up_lines(follow))
+
+
 def test_a_report_that_is_not_qsmnode_tid1500_is_refused() -> None:
     ds = Dataset()
     with pytest.raises(PriorReportError, match="not a TID 1500"):
@@ -312,15 +449,15 @@ def _source(server: Orthanc, **changes) -> FollowUpSource:
 
 
 def _archive(server: Orthanc, sim: Simulation, root: Path, info: SimStudyInfo, m1: M1Result,
-             version: str) -> Dataset:
-    """A visit processed with ``m1`` (the truth's numbers) by ``version``, its report stored in
-    the PACS by C-STORE; the report."""
+             version: str, qsm_note: str | None = None) -> Dataset:
+    """A visit processed with ``m1`` (the truth's numbers) by ``version`` (``qsm_note``: as a
+    2-D protocol without QSM), its report stored in the PACS by C-STORE; the report."""
     from qsmnode.node.sender import OutgoingFile, send_files
 
     sources = write_dicom(sim.gre, root / "source", "siemens", info)
     (loaded,) = load_folder(root / "source")
     objects = build_derived_objects(loaded, sim.truth.chi_ppm, sim.truth.r2star_per_s, m1,
-                                    source_reader(sources), version)
+                                    source_reader(sources), version, qsm_note=qsm_note)
     path = root / "sr.dcm"
     objects.report.save_as(path, enforce_file_format=True)
     sr = objects.report
@@ -390,6 +527,38 @@ def test_the_node_finds_the_patients_earlier_report_in_pacs_and_only_that(
     assert priors == () and note == ""
     assert "no earlier result" in compare(truth, dt.date(2026, 6, 1), _protocol(stranger),
                                           version, priors).note
+
+
+def test_the_node_follows_up_a_2d_visit_with_the_patients_2d_report_in_pacs(
+        pacs: Orthanc, sim: Simulation, tmp_path: Path) -> None:
+    """The service glue with 2-D reports (issue 13): Orthanc holds this patient's 2-D report
+    of a year ago (no χ) and a 3-D report (with χ) on the same grid before it. Before the
+    current 2-D visit the node finds both; the 2-D one is compared on the T2* signal ratio and
+    thickness, the 3-D one is not comparable because of its slice thickness."""
+    from qsmnode.pipeline import acquisition_protocol, algorithm_version
+
+    version = algorithm_version()
+    patient = {"patient_id": "FOLLOWUP-2D-0815", "patient_name": "Twod^Eva"}
+    two_d = {"slice_thickness_mm": 4.0, "acquisition_type": "2D"}
+    year_ago = _archive(pacs, sim, tmp_path / "v1", SimStudyInfo(
+        seed="fu2d-1", study_date="20250601", **patient, **two_d),
+        _without_chi(m1_from_truth(sim)), version, qsm_note=QSM_NOTE)
+    _archive(pacs, sim, tmp_path / "v0", SimStudyInfo(
+        seed="fu2d-0", study_date="20240601", **patient),
+        m1_from_truth(sim), version)
+    current = _current(sim, tmp_path / "v2", SimStudyInfo(
+        seed="fu2d-2", study_date="20260601", **patient, **two_d))
+
+    priors, note = find_priors(_source(pacs), current)
+    assert note == "" and priors is not None and len(priors) == 2
+    follow = compare(_without_chi(m1_from_truth(sim), ratio_change=-0.10), dt.date(2026, 6, 1),
+                     acquisition_protocol(current), version, priors)
+    assert follow.prior is not None and follow.prior.report_uid == year_ago.SOPInstanceUID
+    assert {c.measure for c in follow.changes} == {"thickness_mean_mm", "t2star_signal_ratio"}
+    assert [(c.area, c.layer, c.measure) for c in follow.exceeding()] == [
+        (*LEFT_DEEP, "t2star_signal_ratio")]
+    [(old, why)] = follow.not_comparable
+    assert old.study_date == dt.date(2024, 6, 1) and why == "slices 6 mm thick, not 4 mm"
 
 
 def test_a_pacs_that_is_down_gives_no_comparison_and_says_why(sim: Simulation,

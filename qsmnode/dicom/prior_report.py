@@ -3,7 +3,8 @@
 :func:`read_prior_report` turns the SR a previous run of qsmnode stored in PACS into a
 :class:`~qsmnode.m1.followup.PriorResult`: the study, the report's UIDs, the algorithm version
 (its Algorithm Identification), the acquisition protocol (the "Acquisition protocol" group of
-:mod:`qsmnode.dicom.derived.followup`; None in reports made before it existed) and, per area
+:mod:`qsmnode.dicom.derived.followup`; None in reports made before it existed, and its slice
+thickness None in reports made before that was recorded) and, per area
 and layer (by the groups' Tracking Identifier), χ mean, thickness and T2*-weighted signal ratio.
 It reads the content tree with pydicom, by concept codes, the same ones the writer uses.
 """
@@ -17,7 +18,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.coding import Code
 
 from qsmnode.dicom.derived import codes
-from qsmnode.dicom.derived.followup import PROTOCOL, VOXEL_SIZE, echo_time_code
+from qsmnode.dicom.derived.followup import PROTOCOL, SLICE_THICKNESS, VOXEL_SIZE, echo_time_code
 from qsmnode.dicom.derived.segmentation import AREA_TEXT
 from qsmnode.m1.followup import PriorResult, Protocol
 from qsmnode.m1.result import LAYERS
@@ -98,8 +99,10 @@ def _protocol(group: Dataset) -> Protocol | None:
         n += 1
     if field is None or any(v is None for v in voxels) or not tes:
         return None
+    thickness = values.get((SLICE_THICKNESS.value, SLICE_THICKNESS.scheme_designator))
     return Protocol(float(field), tuple(float(v) for v in voxels),  # type: ignore[arg-type]
-                    tuple(float(t) / 1e3 for t in tes if t is not None))
+                    tuple(float(t) / 1e3 for t in tes if t is not None),
+                    None if thickness is None else float(thickness))
 
 
 def read_prior_report(ds: Dataset) -> PriorResult:

@@ -9,9 +9,15 @@ current value, the change, the change per year, and whether the change is beyond
 test–retest limit of that measure.
 
 Only a comparable prior is compared: one made by the same algorithm version, at the same
-field strength, with voxels and echo times within :data:`VOXEL_TOLERANCE` and
-:data:`ECHO_TIME_TOLERANCE`. A prior that is not comparable is kept (it appears in the history)
-with the reason, and never compared.
+field strength, with voxels, slice thickness (where both reports record it) and echo times
+within :data:`VOXEL_TOLERANCE` and :data:`ECHO_TIME_TOLERANCE`. A prior that is not comparable
+is kept (it appears in the history) with the reason, and never compared.
+
+A measure is compared where both results have it. A 2-D protocol with slice gaps has no χ (QSM
+is not computed on it, :mod:`qsmnode.pipeline`): two such visits compare the T2* signal ratio
+and thickness only, and the note says that χ was not compared and why. The slice thickness
+keeps a 2-D acquisition (thin slices with gaps) from being compared with a 3-D one on the same
+grid: their T2*-weighted signal and partial volume differ.
 
 The default test–retest limits (:class:`RetestLimits`) are *approx.* starting points, to be
 replaced by a site's own repeatability measurements:
@@ -57,6 +63,9 @@ class Protocol:
     field_strength_t: float
     voxel_size_mm: tuple[float, float, float]
     echo_times_s: tuple[float, ...]
+    slice_thickness_mm: float | None = None
+    """The slices' thickness (less than the third voxel size with slice gaps); None: not
+    recorded (reports made before it was), and then not compared."""
 
 
 @dataclass(frozen=True)
@@ -162,6 +171,11 @@ def why_not_comparable(current: Protocol, version: str, prior: PriorResult) -> s
            for a, b in zip(p.voxel_size_mm, current.voxel_size_mm, strict=True)):
         return ("voxels of " + "×".join(f"{v:.3g}" for v in p.voxel_size_mm) + " mm, not "
                 + "×".join(f"{v:.3g}" for v in current.voxel_size_mm) + " mm")
+    if (p.slice_thickness_mm is not None and current.slice_thickness_mm is not None
+            and abs(p.slice_thickness_mm - current.slice_thickness_mm)
+            > VOXEL_TOLERANCE * current.slice_thickness_mm):
+        return (f"slices {p.slice_thickness_mm:.3g} mm thick, not "
+                f"{current.slice_thickness_mm:.3g} mm")
     if (len(p.echo_times_s) != len(current.echo_times_s)
             or any(abs(a - b) > ECHO_TIME_TOLERANCE * b
                    for a, b in zip(p.echo_times_s, current.echo_times_s, strict=True))):
@@ -238,5 +252,26 @@ def compare(current: M1Result, study_date: dt.date, protocol: Protocol, version:
                                       abs(delta) > limit))
     beyond = sum(c.exceeds for c in changes)
     note = (f"compared with the result of {prior.study_date} ({years:.2f} years earlier): "
-            f"{beyond} of {len(changes)} changes beyond the test–retest limit")
+            f"{beyond} of {len(changes)} changes beyond the test–retest limit"
+            + _not_compared(now, prior))
     return FollowUp(prior, tuple(changes), history, refused, note, years, study_date)
+
+
+def _not_compared(now: Mapping[tuple[str, str, str], float], prior: PriorResult) -> str:
+    """A clause of the note for each measure that one result has and the other has none of
+    (χ of a 2-D protocol, where QSM is not computed); "" when both have every measure, or
+    one has no measure at all (nothing was compared, and the count says so)."""
+    if not now or not prior.values:
+        return ""
+    parts = []
+    for measure in MEASURES:
+        here = any(key[2] == measure for key in now)
+        there = any(key[2] == measure for key in prior.values)
+        if here and there:
+            continue
+        whose = ("either result" if not here and not there
+                 else "this result" if not here else "the earlier result")
+        why = " (QSM was not computed)" if measure == "chi_mean_ppm" else ""
+        parts.append(f"{MEASURE_TEXT[measure].split(' (')[0]} not compared: {whose} has "
+                     f"none{why}")
+    return "".join(f"; {part}" for part in parts)

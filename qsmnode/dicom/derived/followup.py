@@ -3,10 +3,12 @@
 Both are TID 1501 measurement groups of the report (:mod:`qsmnode.dicom.derived.sr`):
 
 - **Acquisition protocol**: magnetic field strength (DCM 130542, T), the voxel size along i, j
-  and k (mm) and every echo time (ms): what a later study needs to know whether it can be
-  compared with this one (:func:`qsmnode.m1.followup.why_not_comparable`). Its tracking
-  identifier is the quality-control group's (OHIF merges groups by tracking UID and stops at
-  a tracking UID without an outline).
+  and k (mm), the slice thickness (mm, where the source records it: less than the voxel size
+  along k with slice gaps, as in a 2-D protocol) and every echo time (ms): what a later study
+  needs to know whether it can be compared with this one
+  (:func:`qsmnode.m1.followup.why_not_comparable`). Its tracking identifier is the
+  quality-control group's (OHIF merges groups by tracking UID and stops at a tracking UID
+  without an outline).
 - **Change since prior report**, one group per area and layer compared, with that region's
   tracking identifier and UID (the same finding tracked over time): per measure the prior
   value, the change, the change per year and the test–retest limit (NUM), whether the change
@@ -24,6 +26,7 @@ from pydicom.sr.coding import Code
 
 from qsmnode.dicom.derived import codes
 from qsmnode.dicom.derived.common import BuildContext
+from qsmnode.dicom.headers import slice_thickness_mm
 from qsmnode.m1.followup import MEASURES, Change, FollowUp
 
 PRIVATE_SCHEME = codes.PRIVATE_SCHEME
@@ -31,6 +34,8 @@ PRIVATE_SCHEME = codes.PRIVATE_SCHEME
 PROTOCOL = Code("PROTOCOL", PRIVATE_SCHEME, "Acquisition protocol")
 VOXEL_SIZE = tuple(Code(f"VOXEL-{axis.upper()}", PRIVATE_SCHEME, f"Voxel size along {axis}")
                    for axis in "ijk")
+
+SLICE_THICKNESS = Code("SLICE-THICKNESS", PRIVATE_SCHEME, "Slice thickness")
 
 
 def echo_time_code(n: int) -> Code:
@@ -78,6 +83,9 @@ def protocol_group(ctx: BuildContext, tracking: hd.sr.TrackingIdentifier,
     items = [_num(codes.MAGNETIC_FIELD_STRENGTH, gre.field_strength_t, codes.TESLA)]
     items += [_num(code, size, codes.MILLIMETER)
               for code, size in zip(VOXEL_SIZE, gre.voxel_size_mm, strict=True)]
+    thickness = slice_thickness_mm(ctx.loaded.header)
+    if thickness is not None:
+        items.append(_num(SLICE_THICKNESS, thickness, codes.MILLIMETER))
     items += [_num(echo_time_code(n), te * 1e3, codes.MILLISECOND)
               for n, te in enumerate(gre.echo_times_s, start=1)]
     return hd.sr.MeasurementsAndQualitativeEvaluations(

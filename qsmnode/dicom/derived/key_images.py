@@ -254,9 +254,11 @@ def findings(m1: M1Result, z_flag: float = Z_FLAG) -> list[str]:
 
 
 def follow_up_lines(follow_up: FollowUp) -> list[str]:
-    """The follow-up's lines under the findings: what was compared (or why nothing was), then
-    each change beyond its test–retest limit (``CHANGED …``)."""
-    lines = [f"follow-up: {follow_up.note}".translate(_PLAIN)]
+    """The follow-up's lines under the findings: what was compared (or why nothing was,
+    wrapped to the table's width), then each change beyond its test–retest limit
+    (``CHANGED …``)."""
+    lines = textwrap.wrap(f"follow-up: {follow_up.note}".translate(_PLAIN), width=NOTE_CHARS,
+                          subsequent_indent="  ")
     for c in follow_up.exceeding():
         per_year = "" if c.per_year is None else f", {c.per_year:+.4g}/year"
         lines.append(f"CHANGED  {AREA_TEXT[c.area]} {c.layer}: {_MEASURE_TEXT[c.measure]} "
@@ -265,24 +267,36 @@ def follow_up_lines(follow_up: FollowUp) -> list[str]:
     return lines
 
 
+NOTE_CHARS = 100
+"""Longest line of the follow-up note on the key image (the table's width)."""
 _MEASURE_TEXT = {"chi_mean_ppm": "chi ppm", "thickness_mean_mm": "thickness mm",
                  "t2star_signal_ratio": "T2* ratio"}
 TREND_H = 150
 """Height in pixels of the follow-up trend panel."""
 
 
+_TREND = {
+    # measure: (title, least half-range padding, value format)
+    "chi_mean_ppm": ("deep-layer chi (ppm) over time", 0.005, "+.3f"),
+    "t2star_signal_ratio": ("deep-layer T2* signal ratio over time (no QSM)", 0.01, ".3f"),
+}
+"""What the trend panel can plot: deep-layer χ, or the T2* signal ratio without QSM."""
+
+
 def render_trend(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], m1: M1Result,
-                 follow_up: FollowUp) -> None:
-    """Deep-layer χ of each area over time, one small chart per area inside ``box`` (x0, y0,
-    x1, y1): a point per earlier study (filled if comparable, hollow grey if not) and now,
-    joined in time order; each chart's range spans its points."""
+                 follow_up: FollowUp, measure: str = "chi_mean_ppm") -> None:
+    """Deep-layer ``measure`` (χ by default; the T2* signal ratio of a 2-D protocol without
+    QSM) of each area over time, one small chart per area inside ``box`` (x0, y0, x1, y1): a
+    point per earlier study (filled if comparable, hollow grey if not) and now, joined in time
+    order; each chart's range spans its points."""
+    title, least_pad, fmt = _TREND[measure]
     x0, y0, x1, y1 = box
     small = _font(12)
     refused = {p.study_uid for p, _ in follow_up.not_comparable}
     now = follow_up.study_date
     gap = 10
     width = (x1 - x0 - gap * (len(AREAS) - 1)) // len(AREAS)
-    draw.text((x0, y0), "deep-layer chi (ppm) over time", font=small, fill=MUTED)
+    draw.text((x0, y0), title, font=small, fill=MUTED)
     for n, area in enumerate(AREAS):
         cx0 = x0 + n * (width + gap)
         cy0, cy1 = y0 + 34, y1 - 18
@@ -290,14 +304,14 @@ def render_trend(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], m1: 
                   fill=segment_rgb(area, "deep"))
         points: list[tuple[float, float, bool]] = []
         for p in follow_up.history:
-            value = p.values.get((area, "deep", "chi_mean_ppm"))
+            value = p.values.get((area, "deep", measure))
             if value is not None and math.isfinite(value):
                 points.append((p.study_date.toordinal(), value, p.study_uid not in refused))
         try:
             m = m1.measurement(area, "deep")
         except KeyError:
             m = None
-        current = m.chi_mean_ppm if m is not None and m.covered else float("nan")
+        current = float(getattr(m, measure)) if m is not None and m.covered else float("nan")
         if now is not None and math.isfinite(current):
             points.append((now.toordinal(), current, True))
         draw.rectangle((cx0, cy0, cx0 + width, cy1), outline=(70, 70, 70))
@@ -307,7 +321,7 @@ def render_trend(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], m1: 
         xs = [p[0] for p in points]
         ys = [p[1] for p in points]
         lo, hi = min(ys), max(ys)
-        pad = max(0.005, 0.15 * (hi - lo))
+        pad = max(least_pad, 0.15 * (hi - lo))
         lo, hi = lo - pad, hi + pad
         span_x = max(xs) - min(xs) or 1.0
 
@@ -328,9 +342,9 @@ def render_trend(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], m1: 
         if math.isfinite(current):
             px, py = xy[-1]
             draw.ellipse((px - 4, py - 4, px + 4, py + 4), fill=WARN if any(
-                c.area == area and c.layer == "deep" and c.measure == "chi_mean_ppm"
+                c.area == area and c.layer == "deep" and c.measure == measure
                 for c in follow_up.exceeding()) else OK)
-        draw.text((cx0 + 2, cy1 + 2), f"{lo:+.3f}..{hi:+.3f}", font=small, fill=MUTED)
+        draw.text((cx0 + 2, cy1 + 2), f"{lo:{fmt}}..{hi:{fmt}}", font=small, fill=MUTED)
 
 
 def render_summary(
@@ -349,7 +363,8 @@ def render_summary(
     """The whole key image as ``Rows × Columns × 3`` uint8 RGB; a row whose |z| is ``z_flag``
     or more is flagged; with ``follow_up``, its lines and (with earlier results) the trend
     panel. With ``qsm_note`` (why QSM was not computed), ``chi_slice`` is R2* (s⁻¹), shown
-    in :data:`WINDOW_R2STAR`, and the note is written above the table."""
+    in :data:`WINDOW_R2STAR`, the note is written above the table, and the trend panel plots
+    the deep-layer T2* signal ratio (there is no χ)."""
     window, unit = (WINDOW_R2STAR, "1/s") if qsm_note else (WINDOW_PPM, "ppm")
     panel = render_panel(chi_slice, label_slice, pixel_spacing, window)
     big, normal, small = _font(22), _font(15), _font(13)
@@ -397,7 +412,7 @@ def render_summary(
         draw.text((x0 + 230, bar_y + 16), f"{hi:+.2f} {unit}", font=small, fill=TEXT)
     if trend_h and m1 is not None and follow_up is not None:
         render_trend(draw, (x0, bar_y + 40, x0 + max(panel.width, 360), bar_y + 40 + trend_h - 10),
-                     m1, follow_up)
+                     m1, follow_up, "t2star_signal_ratio" if qsm_note else "chi_mean_ppm")
 
     # table of values
     tx = x0 + panel.width + margin
