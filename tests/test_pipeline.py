@@ -148,10 +148,13 @@ def test_a_2d_slab_with_slice_gaps_gets_the_t2star_and_thickness_analysis(
     The phase carries no field (``with_field=False``: QSM is not run on it, and the field
     simulation of this grid would double the test's time); the magnitude is the full signal
     model. The simulated slices sample the slice centres (no through-slice profile)."""
+    import datetime as dt
     import tomllib
 
+    from qsmnode.m1.followup import PriorResult
     from qsmnode.m1.measure import NormativeTable
     from qsmnode.m1.result import AREAS
+    from qsmnode.pipeline import acquisition_protocol, algorithm_version
     from qsmnode.sim.anatomy import simulate_anatomy
     from qsmnode.sim.phantom import M1_AREA_NAMES, DepthBin, Tissue
     from tests.conftest import require_tool
@@ -170,9 +173,17 @@ def test_a_2d_slab_with_slice_gaps_gets_the_t2star_and_thickness_analysis(
     with open(Path(__file__).parent.parent / "config" / "m1_normative.example.toml",
               "rb") as f:
         normative = NormativeTable.from_mapping(tomllib.load(f))
+    # an earlier visit of the same 2-D protocol, as its report reads back: no χ
+    prior = PriorResult(
+        "1.2.3.4", dt.date(2023, 1, 1), "1.2.3.5", "1.2.3.6", "1.2.840.10008.5.1.4.1.1.88.34",
+        algorithm_version(), acquisition_protocol(loaded),
+        {**{(a, layer, "t2star_signal_ratio"): 1.0 for a in AREAS
+            for layer in ("deep", "middle", "superficial", "all")},
+         **{(a, "all", "thickness_mean_mm"): 2.5 for a in AREAS}})
+    assert prior.protocol is not None and prior.protocol.slice_thickness_mm == 2.0
     result = run_pipeline(loaded, PipelineParams(source_files=tuple(files),
                                                  m1_atlas=load_m1_atlas(),
-                                                 normative=normative))
+                                                 normative=normative, priors=(prior,)))
 
     # the record: QSM not computed, and why; R2* and the M1 analysis are there; the normative
     # table (of the QSM protocol: it holds χ norms) is not applied
@@ -188,6 +199,14 @@ def test_a_2d_slab_with_slice_gaps_gets_the_t2star_and_thickness_analysis(
     by = {(m["area"], m["layer"]): m for m in result.m1["measurements"]}
     assert all(np.isnan(m["chi_mean_ppm"]) for m in by.values())
     assert all(m["chi_z"] is None and m["t2star_signal_ratio_z"] is None for m in by.values())
+    # followed up against the earlier 2-D visit: T2* signal ratio and thickness, no χ
+    follow = result.m1["follow_up"]
+    assert follow["prior"]["report_uid"] == "1.2.3.5" and follow["not_comparable"] == []
+    assert {c["measure"] for c in follow["changes"]} == {"t2star_signal_ratio",
+                                                          "thickness_mean_mm"}
+    assert len(follow["changes"]) == sum(m["covered"] for m in by.values()) + len(AREAS)
+    assert follow["note"].endswith("; χ not compared: either result has none (QSM was not "
+                                   "computed)")
 
     # against the simulator's truth
     t = sim.truth
@@ -234,7 +253,7 @@ def test_a_2d_slab_with_slice_gaps_gets_the_t2star_and_thickness_analysis(
     (kos,) = kinds["Key Object Selection Document Storage"]
     (reason,) = [item.TextValue for item in kos.ContentSequence
                  if item.ConceptNameCodeSequence[0].CodeValue == "113012"]  # its description
-    assert reason == f"{why}; R2* maps and the M1 T2* signal and thickness for review"
+    assert reason.startswith(f"{why}; R2* maps and the M1 T2* signal and thickness for review")
     (sr,) = kinds["Comprehensive 3D SR Storage"]
     assert "qsm_computed: QSM was not computed: the slices have gaps" in str(sr)
     assert kinds["Segmentation Storage"]
