@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -456,7 +456,28 @@ def run_process(folder: Path, out: Path, send: str | None = None, config: Path |
     and write the derived objects under ``out`` (``<study>/<series>/<sop>.dcm``); with
     ``send``, C-STORE them to that destination (a configured name, or HOST:PORT:AE). Returns
     the exit status: 0 done, 1 an acquisition or the send failed, 2 bad arguments or
-    configuration."""
+    configuration.
+
+    As in a worker child, the patient and study values of the folder's files never reach the
+    output: library warnings and log records are redacted
+    (:func:`~qsmnode.node.logtext.redacted_library_output`), and so are the reasons printed
+    (each ``<Keyword>`` instead of the value, control characters escaped)."""
+    from qsmnode.node import logtext
+    from qsmnode.node.redact import Redactor, dataset_values
+
+    sources = [str(p) for p in sorted(folder.rglob("*")) if p.is_file()] if (
+        folder.is_dir()) else []
+    redactor = Redactor(dataset_values(sources))
+    with logtext.redacted_library_output(redactor):
+        return _run_process(folder, out, send, config, processor, calling_ae, sources,
+                            lambda text: logtext.printable(redactor(text)))
+
+
+def _run_process(folder: Path, out: Path, send: str | None, config: Path | None,
+                 processor: str, calling_ae: str | None, sources: list[str],
+                 clean: Callable[[str], str]) -> int:
+    """:func:`run_process` within its redaction: ``sources`` are the folder's files, and
+    ``clean`` makes a reason fit to print."""
     import time
 
     from qsmnode.dicom.load import LoadedAcquisition, load_folder
@@ -494,20 +515,19 @@ def run_process(folder: Path, out: Path, send: str | None = None, config: Path |
                         require_phase=rules.require_phase if rules else True)
     for item in found:
         if not isinstance(item, LoadedAcquisition):
-            print(f"skipped: {item.reason}", file=sys.stderr)
+            print(f"skipped: {clean(item.reason)}", file=sys.stderr)
     acquisitions = [item for item in found if isinstance(item, LoadedAcquisition)]
     if not acquisitions:
         print(f"error: {folder}: no acquisition to process", file=sys.stderr)
         return 1
-    sources = [str(p) for p in sorted(folder.rglob("*")) if p.is_file()]
     status = 0
     written: list[tuple[Path, Any]] = []
     for loaded in acquisitions:
         numbers = ", ".join("?" if n is None else str(n) for n in loaded.series_numbers)
         if loaded.t1w_note:
-            print(f"series {numbers}: {loaded.t1w_note}")
+            print(f"series {numbers}: {clean(loaded.t1w_note)}")
         if loaded.t1w_error:
-            print(f"series {numbers}: {loaded.t1w_error}; the GRE is registered instead",
+            print(f"series {numbers}: {clean(loaded.t1w_error)}; the GRE is registered instead",
                   file=sys.stderr)
         work = out / "pipeline" / loaded.study_uid / f"series-{numbers.replace(', ', '-')}"
         try:
@@ -518,13 +538,13 @@ def run_process(folder: Path, out: Path, send: str | None = None, config: Path |
                                         pipeline.m1_normative_table, pipeline.z_flag,
                                         **({} if follow is None else {"follow_up": follow}))
         except JobError as exc:
-            print(f"series {numbers}: failed: {exc}", file=sys.stderr)
+            print(f"series {numbers}: failed: {clean(str(exc))}", file=sys.stderr)
             status = 1
             continue
         except (ValueError, LookupError, AttributeError, TypeError) as exc:
             # from the input (a header the builders cannot use): a reason, not a traceback
             print(f"series {numbers}: failed: the input could not be handled "
-                  f"({type(exc).__name__}: {exc})", file=sys.stderr)
+                  f"({type(exc).__name__}: {clean(str(exc))})", file=sys.stderr)
             status = 1
             continue
         finally:
@@ -532,15 +552,15 @@ def run_process(folder: Path, out: Path, send: str | None = None, config: Path |
                 if empty.is_dir() and not any(empty.iterdir()):
                     empty.rmdir()
         if record.get("qsm_not_computed"):
-            print(f"series {numbers}: {record['qsm_not_computed']}; R2* and the M1 T2*-signal "
-                  "and thickness analysis are written instead", file=sys.stderr)
+            print(f"series {numbers}: {clean(record['qsm_not_computed'])}; R2* and the M1 "
+                  "T2*-signal and thickness analysis are written instead", file=sys.stderr)
         m1_error = (record.get("m1") or {}).get("error")
         if m1_error:
-            print(f"series {numbers}: {m1_error}; the maps are written without it",
+            print(f"series {numbers}: {clean(m1_error)}; the maps are written without it",
                   file=sys.stderr)
         follow_up = (record.get("m1") or {}).get("follow_up")
         if follow_up:
-            print(f"series {numbers}: follow-up: {follow_up['note']}")
+            print(f"series {numbers}: follow-up: {clean(follow_up['note'])}")
         paths = write_datasets(datasets, out)
         written += list(zip(paths, datasets, strict=True))
         print(f"series {numbers}: {len(paths)} derived objects written under {out} "

@@ -218,3 +218,101 @@ def test_process_says_when_qsm_was_not_computed(tmp_path: Path) -> None:
             "thick") in done.stderr
     assert "R2* and the M1 T2*-signal and thickness analysis are written instead" in done.stderr
     assert list((tmp_path / "out").rglob("*.dcm"))
+
+
+def _slab_2d(out: Path, values: tuple[tuple[int, str, bytes], ...]) -> Path:
+    """A 2-D multi-echo slab (quick: QSM is not computed) written to ``out`` with raw
+    ``values`` (tag, VR, bytes as a careless scanner stores them) in every file."""
+    import pydicom
+    from pydicom.dataelem import RawDataElement
+    from pydicom.tag import Tag
+
+    from qsmnode.sim.scanner import preset, simulate
+    from qsmnode.sim.vendor_dicom import SimStudyInfo, write_dicom
+
+    scan = preset("tiny", shape=(56, 68, 2), voxel_size_mm=(3.0, 3.0, 6.0),
+                  centre_mm=(0.0, -18.0, 55.0))
+    paths = write_dicom(simulate(scan).gre, out, "siemens",
+                        SimStudyInfo(seed=3, slice_thickness_mm=4.0, acquisition_type="2D"))
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        for tag, vr, raw in values:
+            ds[tag] = RawDataElement(Tag(tag), vr, len(raw), raw, 0, False, True)
+        ds.save_as(path)
+    return out
+
+
+_NAME, _MRN = b"Zqxfamily^Zqxgiven", b"ZQ40417 "
+_QUOTED = (0x00100010, "PN", _NAME), (0x00100020, "IS", _MRN)
+"""A PatientID the scanner declared IS (explicit VR): pydicom's reader warns quoting it."""
+
+
+def _assert_no_value(*texts: str) -> None:
+    for text in texts:
+        for value in ("Zqxfamily", "Zqxgiven", "ZQ40417"):
+            assert value not in text, (value, text)
+
+
+def test_process_output_never_quotes_a_patient_value_pydicom_warns_of(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        caplog: pytest.LogCaptureFixture) -> None:
+    """In-process ``qsmnode process`` on files whose PatientID is declared IS: pydicom's
+    reader warning quoted it (``Invalid value for VR IS: 'ZQ40417'``); now the output names
+    the attribute (the header check) and carries no value, in stdout, stderr, the log and
+    the warnings (issue 14)."""
+    import logging
+    import warnings
+
+    from qsmnode.cli import run_process
+
+    folder = _slab_2d(tmp_path / "in", _QUOTED)
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.INFO):
+        warnings.simplefilter("always")
+        status = run_process(folder, tmp_path / "out")
+    out, err = capsys.readouterr()
+    assert status == 0, err
+    assert "PatientID not a valid value (left empty)" in err + caplog.text
+    _assert_no_value(out, err, caplog.text, *(str(w.message) for w in caught))
+
+
+def quoting_processor(loaded: object, files: list[str], *args: object,
+                      **kwargs: object) -> tuple[dict[str, object], list[object]]:
+    """A pipeline whose libraries quote the patient's values in a warning, in pydicom's log
+    and in the error it raises (as highdicom's ``Unable to convert`` does)."""
+    import logging
+    import warnings
+
+    import pydicom
+
+    ds = pydicom.dcmread(files[0], stop_before_pixels=True)
+    name, mrn = str(ds.PatientName), ds.get_item("PatientID").value.decode().strip()
+    warnings.warn(f"cannot use {name!r}", UserWarning, stacklevel=1)
+    logging.getLogger("pydicom").warning("value %r of %s", mrn, "PatientID")
+    logging.getLogger("highdicom.sr").warning("no %s", name)
+    raise ValueError(f"Unable to convert {mrn!r} for {name}")
+
+
+def test_process_redacts_what_its_libraries_quote(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Warnings, library log records and the failure reason of an in-process run show
+    ``<PatientName>``/``<PatientID>`` where a library quoted the values, as a worker
+    child's do."""
+    import logging
+    import warnings
+
+    from qsmnode.cli import run_process
+
+    folder = _slab_2d(tmp_path / "in", _QUOTED)
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.INFO):
+        warnings.simplefilter("always")
+        status = run_process(folder, tmp_path / "out",
+                             processor="tests.test_cli:quoting_processor")
+    out, err = capsys.readouterr()
+    assert status == 1
+    assert "failed: the input could not be handled (ValueError: Unable to convert " \
+           "'<PatientID>' for <PatientName>)" in err, err
+    assert "UserWarning: cannot use '<PatientName>'" in caplog.text, caplog.text
+    assert "value '<PatientID>' of PatientID" in caplog.text
+    assert "no <PatientName>" in caplog.text
+    _assert_no_value(out, err, caplog.text, *(str(w.message) for w in caught))

@@ -40,3 +40,24 @@ def test_a_value_inside_a_longer_word_or_number_is_left(tmp_path: Path) -> None:
     redact = Redactor(dataset_values([path]))
     assert redact("series 123456 of Finchley; id 12345.") == (
         "series 123456 of Finchley; id <PatientID>.")
+
+
+def test_reading_the_values_logs_none_of_them(tmp_path: Path, caplog) -> None:
+    """A PatientID a scanner declared IS (explicit VR): pydicom's validation of it on reading
+    both warns and logs (``pydicom`` logger) with the value quoted; reading the values to
+    redact must do neither (a worker child reads them with its log already open)."""
+    import logging
+    import warnings
+
+    from pydicom.dataelem import RawDataElement
+    from pydicom.tag import Tag
+
+    path = write(tmp_path / "a.dcm", PatientName="Kestrel^Finch")
+    ds = pydicom.dcmread(path)
+    ds[0x00100020] = RawDataElement(Tag(0x00100020), "IS", 8, b"ZQ40417 ", 0, False, True)
+    ds.save_as(path)
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.INFO):
+        warnings.simplefilter("always")
+        values = dataset_values([path])
+    assert values["ZQ40417"] == "PatientID"
+    assert "ZQ40417" not in caplog.text and not [w for w in caught if "ZQ40417" in str(w.message)]

@@ -9,7 +9,10 @@ traceback: the exception is named on the same line, with the peer it concerns wh
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import warnings
+from collections.abc import Iterator
 from typing import IO
 
 from qsmnode.node import pynetdicom_compat as compat
@@ -69,3 +72,54 @@ def configure(stream: IO[str], level: int | str, fmt: str = FORMAT) -> None:
     handler.setFormatter(EscapingFormatter(fmt))
     logging.basicConfig(level=level, handlers=[handler])
     logging.captureWarnings(True)  # library warnings too: one line, escaped, redacted
+
+
+class _RedactingFilter(logging.Filter):
+    """Makes each record's message one escaped line without the values ``redactor`` knows
+    (each becomes ``<Keyword>``): for the handlers of an in-process run."""
+
+    def __init__(self, redactor: Redactor) -> None:
+        super().__init__()
+        self.redactor = redactor
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg = printable(self.redactor(record.getMessage()))
+        record.args = None
+        return True
+
+
+def _warning_to_log(message: Warning | str, category: type[Warning], filename: str,
+                    lineno: int, file: object = None, line: str | None = None) -> None:
+    """``warnings.showwarning`` that logs a warning as one record of ``py.warnings`` (its
+    category and message; no source line, which can be the library's code quoting values)."""
+    logging.getLogger("py.warnings").warning("%s: %s", category.__name__, message)
+
+
+@contextlib.contextmanager
+def redacted_library_output(redactor: Redactor) -> Iterator[None]:
+    """Library output of an in-process run (``qsmnode process``) as a worker child's is: within
+    the block, pydicom reads values without its validation warnings, which quote the value
+    (``Invalid value for VR IS: '…'`` for a PatientID a scanner declared IS; the node and its
+    workers read so too, and the header check names such attributes); any warning still
+    raised (pydicom, highdicom, ours) is routed to the log; and every record the root
+    logger's handlers (or Python's last-resort handler) print is one escaped line with the
+    values ``redactor`` knows shown as ``<Keyword>``. Everything is restored on exit."""
+    import pydicom.config
+
+    settings = pydicom.config.settings
+    mode = settings.reading_validation_mode
+    record_filter = _RedactingFilter(redactor)
+    handlers = [*logging.getLogger().handlers, logging.lastResort]
+    settings.reading_validation_mode = pydicom.config.IGNORE
+    for handler in handlers:
+        if handler is not None:
+            handler.addFilter(record_filter)
+    try:
+        with warnings.catch_warnings():
+            warnings.showwarning = _warning_to_log
+            yield
+    finally:
+        settings.reading_validation_mode = mode
+        for handler in handlers:
+            if handler is not None:
+                handler.removeFilter(record_filter)

@@ -10,9 +10,10 @@ form of the value (valid or not): each becomes ``<Keyword>``.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 PATIENT_AND_STUDY_KEYWORDS = (
     "PatientName", "PatientID", "IssuerOfPatientID", "OtherPatientIDs", "OtherPatientNames",
@@ -55,6 +56,23 @@ def _forms(value: str, words: bool) -> set[str]:
     return {f for f in forms if len(f) >= _MIN_LENGTH}
 
 
+@contextlib.contextmanager
+def _quiet_reading() -> Iterator[None]:
+    """pydicom reads without validating what it reads: its validation warns *and* logs (to
+    the ``pydicom`` logger, which no warnings filter silences) with the value quoted."""
+    import pydicom.config
+
+    settings = pydicom.config.settings
+    mode = settings.reading_validation_mode
+    settings.reading_validation_mode = pydicom.config.IGNORE
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        settings.reading_validation_mode = mode
+
+
 def dataset_values(paths: Iterable[str]) -> dict[str, str]:
     """The values of :data:`PATIENT_AND_STUDY_KEYWORDS` in the files at ``paths`` (each form,
     to the keyword it came from). Unreadable files are skipped."""
@@ -65,8 +83,7 @@ def dataset_values(paths: Iterable[str]) -> dict[str, str]:
     found: dict[str, str] = {}
     seen: set[bytes] = set()
     for path in paths:
-        with warnings.catch_warnings():  # pydicom's warnings quote the invalid values
-            warnings.simplefilter("ignore")
+        with _quiet_reading():  # pydicom's warnings and log records quote the invalid values
             try:
                 ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=tags)
             except Exception:  # a damaged file: its job reports that (without its values)
