@@ -54,6 +54,7 @@ neighbour.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -409,3 +410,81 @@ def warp_labels(
     src = _to_sitk(np.asarray(labels).astype(np.uint8), labels_affine)
     out = sitk.Resample(src, _reference(shape, affine), transform, sitk.sitkNearestNeighbor, 0)
     return _from_sitk(out).astype(np.asarray(labels).dtype)
+
+
+BRAIN_PRIOR_PARAMS = RegistrationParams(resolution_mm=4.0, levels=(1,), bspline_mesh_mm=0.0)
+"""Registration for :func:`template_brain_prior`: rigid + affine on one 4 mm level, no
+B-spline. On the Philips 3T 3 mm whole head (issue 11) it gave NMI 1.119 in 14 s on busy
+cores, against 1.100 in 97 s for the two-level 2 mm affine and 1.108 in 153 s with the
+B-spline; the warped brains were 1422, 1434 and 1441 mL."""
+
+
+def template_brain_prior(
+    image: F32,
+    affine: NDArray[np.float64],
+    head_mask: NDArray[np.bool_],
+    template: F32,
+    template_affine: NDArray[np.float64],
+    params: RegistrationParams = BRAIN_PRIOR_PARAMS,
+) -> tuple[NDArray[np.bool_], Registration]:
+    """The template's brain carried onto a subject image: a brain prior for masking.
+
+    Atlas-based brain extraction (Iglesias 2011, ROBEX; the registration step of ANTs'
+    ``antsBrainExtraction``): :func:`register` the subject (e.g. the first-echo magnitude),
+    with its whole-head signal mask as the metric mask, to the brain-extracted template; then
+    :func:`warp_labels` the template's brain (``template > 0``) back onto the subject grid.
+    The mutual information pairs the template's zero exterior with scalp and skull, so the
+    brain's outline is what aligns.
+
+    Args:
+        image: subject image ``[i, j, k]``.
+        affine: its voxel-to-RAS affine.
+        head_mask: the subject's signal mask (head), the registration's metric mask.
+        template: brain-extracted template (0 outside the brain).
+        template_affine: its affine.
+        params: registration settings (default :data:`BRAIN_PRIOR_PARAMS`).
+
+    Returns:
+        The prior (bool, on the subject grid) and the registration (for its quality).
+
+    Raises:
+        ValueError: as :func:`register` (empty mask, :class:`RegistrationLost`).
+    """
+    registration = register(image, affine, head_mask, template, template_affine, params)
+    brain = (np.asarray(template) > 0).astype(np.uint8)
+    prior = warp_labels(registration, brain, template_affine,
+                        tuple(int(n) for n in image.shape[:3]), affine) > 0  # type: ignore[arg-type]
+    return prior, registration
+
+
+def brain_prior_function(
+    affine: NDArray[np.float64],
+    template: F32,
+    template_affine: NDArray[np.float64],
+    params: RegistrationParams = BRAIN_PRIOR_PARAMS,
+) -> Callable[[F32, NDArray[np.bool_]], NDArray[np.bool_]]:
+    """A ``brain_prior`` for :func:`qsmnode.qsm.pipeline.run_qsm`, which knows no affine nor
+    template: ``f(image, head_mask)`` is :func:`template_brain_prior`'s prior for an image on
+    the grid of ``affine``.
+
+    Args:
+        affine: the subject grid's voxel-to-RAS affine.
+        template: brain-extracted template (e.g. ``M1Atlas.template``).
+        template_affine: its affine.
+        params: registration settings (default :data:`BRAIN_PRIOR_PARAMS`).
+
+    Returns:
+        The function. It raises ``ValueError`` when the registration fails or its normalised
+        mutual information is below :data:`MIN_QUALITY_NMI` (then the prior is not used).
+    """
+
+    def prior(image: F32, head_mask: NDArray[np.bool_]) -> NDArray[np.bool_]:
+        brain, registration = template_brain_prior(image, affine, head_mask, template,
+                                                   template_affine, params)
+        if registration.quality_nmi < MIN_QUALITY_NMI:
+            raise ValueError(f"registration to the template for the brain prior: normalised "
+                             f"mutual information {registration.quality_nmi:.3f} < "
+                             f"{MIN_QUALITY_NMI:g}")
+        return brain
+
+    return prior

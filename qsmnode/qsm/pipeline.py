@@ -3,7 +3,8 @@
 Steps (each a module of this package; methods cited there):
 
 1. ``relaxometry``: R2*/T2* (ARLO, Pei 2015) and the combined magnitude (root sum of squares).
-2. ``mask``: brain mask robust to 7T receive bias, without eroding the cortex.
+2. ``mask``: brain mask robust to 7T receive bias, without eroding the cortex; on a whole
+   head, restricted to a template's brain registered to the first echo (``brain_prior``).
 3. ``offsets``: MCPC-3D-S phase offset removal (Eckstein 2018), with the echo-2/echo-1 phase
    difference unwrapped once by ``unwrap.unwrap_spatial`` (best-path, Herráez 2002).
 4. ``unwrap.unwrap_temporal``: exact, 2π-congruent unwrapping of every echo against it.
@@ -44,6 +45,7 @@ iterations, 20 mm padding; TV-ADMM: λ = 1e-4, 50 iterations.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -54,7 +56,7 @@ from scipy import ndimage
 from qsmnode.qsm import background as bg
 from qsmnode.qsm import inversion as inv
 from qsmnode.qsm.fieldfit import fit_field
-from qsmnode.qsm.mask import brain_mask
+from qsmnode.qsm.mask import brain_mask, covers_whole_head, restrict_to_prior
 from qsmnode.qsm.offsets import echo_difference, mcpc3ds_offset, remove_offset
 from qsmnode.qsm.quality import (
     peel_source_layers,
@@ -77,6 +79,10 @@ class QSMParams:
     mask_coherence_threshold: float = 0.5
     mask_bias_sigma_mm: float = 20.0
     mask_separate_mm: float = 3.0
+    mask_prior: bool = True
+    mask_prior_min_extent_mm: float = 130.0
+    mask_prior_min_volume_ml: float = 2000.0
+    mask_prior_margin_mm: float = 3.0
     # phase offsets (offsets.mcpc3ds_offset)
     remove_offsets: bool = True
     offset_sigma_mm: float = 4.0
@@ -201,16 +207,56 @@ def _noise_weight(combined: NDArray[np.float32], mask: NDArray[np.bool_]) -> NDA
     return (w / mean if mean > 0 else mask.astype(np.float32)).astype(np.float32)
 
 
+BrainPrior = Callable[[NDArray[np.float32], NDArray[np.bool_]], NDArray[np.bool_]]
+"""``f(first-echo magnitude, signal mask) -> brain prior`` on the same grid (bool); raises
+``ValueError`` or ``RuntimeError`` when it cannot give one. Made at the edge, where the affine
+and a template are (:func:`qsmnode.m1.register.brain_prior_function`)."""
+
+
+def _apply_prior(m: NDArray[np.bool_], first_echo: NDArray[np.float32], vs: NDArray[np.float64],
+                 prior: BrainPrior | None, p: QSMParams, quality: dict) -> NDArray[np.bool_]:
+    """``m`` restricted to the brain prior (:func:`restrict_to_prior`) when there is one, it is
+    enabled and the signal mask spans a whole head (:func:`covers_whole_head`; slabs keep the
+    signal mask); ``quality["mask_prior"]`` says what was done and why."""
+    record: dict[str, Any] = {"signal_mask_voxels": int(m.sum())}
+    quality["mask_prior"] = record
+    if not p.mask_prior or prior is None:
+        record["applied"] = False
+        record["why_not"] = "disabled" if not p.mask_prior else "no template given"
+        return m
+    if not covers_whole_head(m, vs, p.mask_prior_min_extent_mm, p.mask_prior_min_volume_ml):
+        record["applied"] = False
+        record["why_not"] = (f"not a whole head (the signal mask is under "
+                             f"{p.mask_prior_min_extent_mm:g} mm along an axis or "
+                             f"{p.mask_prior_min_volume_ml:g} mL)")
+        return m
+    t0 = time.perf_counter()
+    try:
+        brain = np.asarray(prior(first_echo, m), dtype=bool)
+    except (ValueError, RuntimeError) as exc:
+        record.update(applied=False, why_not=str(exc))
+        return m
+    restricted = restrict_to_prior(m, brain, vs, p.mask_prior_margin_mm)
+    record.update(seconds=round(time.perf_counter() - t0, 2), prior_voxels=int(brain.sum()))
+    if not restricted.any():
+        record.update(applied=False, why_not="the prior does not overlap the signal mask")
+        return m
+    record["applied"] = True
+    return restricted
+
+
 def _masked(mag: np.ndarray, vs: np.ndarray, phase: np.ndarray | None,
             mask: np.ndarray | None, finite: np.ndarray, maps: tuple[np.ndarray, ...],
-            p: QSMParams, quality: dict) -> np.ndarray:
+            p: QSMParams, quality: dict, prior: BrainPrior | None = None) -> np.ndarray:
     """The brain mask (``mask`` when given, else :func:`brain_mask` of the magnitude, with the
-    phase's coherence when ``phase`` is given), restricted to finite voxels; ``maps`` are set
-    to 0 outside it and ``quality`` records its size."""
+    phase's coherence when ``phase`` is given, restricted to ``prior`` on a whole head:
+    :func:`_apply_prior`), restricted to finite voxels; ``maps`` are set to 0 outside it and
+    ``quality`` records its size."""
     if mask is None:
         m = brain_mask(mag, vs, phase=phase, threshold=p.mask_threshold,
                        coherence_threshold=p.mask_coherence_threshold,
                        bias_sigma_mm=p.mask_bias_sigma_mm, separate_mm=p.mask_separate_mm)
+        m = _apply_prior(m, mag[..., 0], vs, prior, p, quality)
     else:
         m = np.asarray(mask, dtype=bool).copy()
     m &= finite
@@ -232,6 +278,7 @@ def run_qsm(
     *,
     mask: NDArray[np.bool_] | None = None,
     csf_mask: NDArray[np.bool_] | None = None,
+    brain_prior: BrainPrior | None = None,
 ) -> QSMResult:
     """Run the QSM engine on one multi-echo GRE acquisition.
 
@@ -246,6 +293,9 @@ def run_qsm(
         params: every method choice and setting.
         mask: brain mask to use instead of computing one.
         csf_mask: CSF mask for ``params.reference == "csf"``.
+        brain_prior: a template's brain on this grid (:data:`BrainPrior`; None: none). On a
+            whole head the signal mask is restricted to it (``params.mask_prior*``), so
+            scalp, skull, orbits and sinuses leave the mask; a slab keeps the signal mask.
     """
     p = params
     te = np.asarray(echo_times_s, dtype=np.float64)
@@ -288,7 +338,7 @@ def run_qsm(
 
     # 2. mask
     m = _masked(mag, vs, ph if (p.mask_use_phase and te.size >= 2) else None, mask, finite,
-                (r2s, t2s), p, quality)
+                (r2s, t2s), p, quality, brain_prior)
     t0 = tick("mask", t0)
 
     # 3-4. offsets and unwrapping
