@@ -71,6 +71,7 @@ from qsmnode.dicom.derived.common import source_reader
 from qsmnode.dicom.derived.key_images import Z_FLAG
 from qsmnode.dicom.headers import slice_thickness_mm
 from qsmnode.dicom.load import LoadedAcquisition, LoadedT1w
+from qsmnode.dicom.templates import brain_prior_for
 from qsmnode.m1.analysis import M1Atlas, M1Params, SameSessionT1w, analyse_m1
 from qsmnode.m1.followup import FollowUp, PriorResult, Protocol, RetestLimits, compare
 from qsmnode.m1.measure import NormativeTable
@@ -292,9 +293,10 @@ def _qsm(ctx: _Context) -> None:
             f"QSM needs a 3-D volume: this acquisition is {gre.shape[0]}×{gre.shape[1]}×"
             f"{gre.shape[2]} voxels (at least {MIN_SLICES_FOR_QSM} along every axis)"
         )
-    atlas = ctx.params.m1_atlas  # its template gives a whole head's mask the brain's outline
-    prior = None if atlas is None else brain_prior_function(
-        np.asarray(gre.affine, dtype=np.float64), atlas.template, atlas.template_affine)
+    atlas = ctx.params.m1_atlas  # a template gives a whole head's mask the brain's outline
+    affine = np.asarray(gre.affine, dtype=np.float64)
+    prior = (brain_prior_for(affine) if atlas is None
+             else brain_prior_function(affine, atlas.template, atlas.template_affine))
     result = run_qsm(gre.magnitude, gre.phase, gre.echo_times_s, gre.voxel_size_mm,
                      gre.b0_direction, gre.field_strength_t, ctx.params.qsm_params,
                      brain_prior=prior)

@@ -138,3 +138,19 @@ def test_real_philips_whole_head_gets_a_brain_sized_mask(shared_data: Path) -> N
     assert -0.3 < p1 < 0 < p99 < 0.3, (p1, p99)
     # the magnitude-only mask, which this test would have failed on, is the whole head
     assert _ml(run_qsm(*args).mask, gre.voxel_size_mm) > 3000
+
+
+@pytest.mark.slow
+def test_the_pipeline_without_an_m1_atlas_reads_the_template_itself(shared_data: Path) -> None:
+    """``run_pipeline`` without the M1 analysis (``qsmnode process`` without an atlas, and the
+    same ``brain_prior_for`` in ``qsmnode qsm``) masks the Philips whole head the same way: it
+    reads the default template only for a whole head. Measured: 58311 voxels (1574 mL), as
+    with the M1 atlas's template."""
+    from qsmnode.dicom.load import load_folder
+    from qsmnode.pipeline import PipelineParams, run_pipeline
+
+    (loaded,) = load_folder(shared_data / "philips-3t-2echo" / "classic")
+    quality = run_pipeline(loaded, PipelineParams()).qsm_quality
+    assert quality["mask_prior"]["applied"] is True, quality["mask_prior"]
+    volume = quality["mask_voxels"] * float(np.prod(loaded.gre.voxel_size_mm)) / 1000.0
+    assert BRAIN_ML[0] <= volume <= BRAIN_ML[1], volume

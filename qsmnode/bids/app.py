@@ -52,6 +52,7 @@ def single_folder(folder: Path, out: Path, method: str = "single-step-tv") -> in
     """QSM of the one acquisition in ``folder`` with the named pipeline
     (:data:`qsmnode.qsm.pipeline.METHODS`); maps as ``out/<quantity>.nii.gz``."""
     from qsmnode.dicom.nifti import BidsError, read_megre, write_nifti
+    from qsmnode.dicom.templates import brain_prior_for
     from qsmnode.qsm.pipeline import METHODS, run_qsm
 
     try:
@@ -64,7 +65,8 @@ def single_folder(folder: Path, out: Path, method: str = "single-step-tv") -> in
         error(f"{exc}{hint}")
         return 2
     result = run_qsm(gre.magnitude, gre.phase, gre.echo_times_s, gre.voxel_size_mm,
-                     gre.b0_direction, gre.field_strength_t, METHODS[method])
+                     gre.b0_direction, gre.field_strength_t, METHODS[method],
+                     brain_prior=brain_prior_for(gre.affine))
     outputs = {
         "chi_ppm": (result.chi_ppm, "chi (ppm)"),
         "r2star_per_s": (result.r2star_per_s, "R2* (1/s)"),

@@ -341,12 +341,14 @@ def process_acquisition(acquisition: MegreAcquisition, bids_root: Path, output_d
 def _process(acquisition: MegreAcquisition, bids_root: Path, root: Path,
              options: Options) -> dict[str, Any]:
     from qsmnode.dicom.nifti import read_megre_files, write_nifti
+    from qsmnode.dicom.templates import brain_prior_for
     from qsmnode.qsm.pipeline import run_qsm
 
     gre = read_megre_files(acquisition.file_map(), acquisition.name, bids_root)
     params = qsm_params(options.method)
     result = run_qsm(gre.magnitude, gre.phase, gre.echo_times_s, gre.voxel_size_mm,
-                     gre.b0_direction, gre.field_strength_t, params)
+                     gre.b0_direction, gre.field_strength_t, params,
+                     brain_prior=brain_prior_for(gre.affine))
     param_dict = dataclasses.asdict(params)
     quality = {k: v for k, v in result.quality.items() if k != "params"}
     facts = _header_facts(gre, acquisition, bids_root, param_dict)

@@ -12,6 +12,7 @@ an ``M1LabelSpec``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -246,3 +247,35 @@ def load_m1_atlas(
     volume, info = load_atlas(atlas)
     areas = split_areas(m1_hemispheres(volume.data, volume.affine, info.m1), volume.affine, split)
     return M1Atlas(target.data, target.affine, areas, volume.affine)
+
+
+def brain_prior_for(
+    affine: NDArray[np.float64], template: str = DEFAULT_TEMPLATE
+) -> Callable[[NDArray[np.float32], NDArray[np.bool_]], NDArray[np.bool_]]:
+    """A ``brain_prior`` for :func:`qsmnode.qsm.pipeline.run_qsm` on the grid of ``affine``
+    that reads the template only when it is asked for (a whole head): the brain of
+    ``template`` (default :data:`DEFAULT_TEMPLATE`, the M1 registration's target) registered
+    to the image (:func:`qsmnode.m1.register.brain_prior_function`; atlas-based brain
+    extraction, Iglesias 2011).
+
+    Args:
+        affine: the subject grid's voxel-to-RAS affine.
+        template: key of the brain-extracted template in :data:`FILES`.
+
+    Returns:
+        ``f(image, head_mask) -> prior``; it raises ``ValueError`` when the template is not
+        installed or the registration is not good enough (``run_qsm`` then keeps the signal
+        mask and records why).
+    """
+    from qsmnode.m1.register import brain_prior_function
+
+    grid = np.asarray(affine, dtype=np.float64)
+
+    def prior(image: NDArray[np.float32], head_mask: NDArray[np.bool_]) -> NDArray[np.bool_]:
+        try:
+            volume = load_template(template)
+        except TemplateNotFound as exc:
+            raise ValueError(f"no brain prior: {exc}") from None
+        return brain_prior_function(grid, volume.data, volume.affine)(image, head_mask)
+
+    return prior
