@@ -59,6 +59,17 @@ def test_a_whole_head_and_a_slab_are_told_apart(head: dict[str, np.ndarray]) -> 
     assert not covers_whole_head(head["brain"], VOX)  # 1.4 L: no prior needed
 
 
+@pytest.mark.parametrize("size", ["slab", "small-slab"])
+def test_the_simulated_7t_slabs_are_never_whole_heads(size: str) -> None:
+    """The simulator's 7T slabs keep their signal mask whatever they hold: even a mask filling
+    the whole field of view is not a whole head (they are under 130 mm along an axis)."""
+    from qsmnode.sim.scanner import preset
+
+    scan = preset(size)
+    assert not covers_whole_head(np.ones(scan.shape, bool), scan.voxel_size_mm,
+                                 min_volume_ml=0.0)
+
+
 def test_restriction_to_a_misplaced_prior_keeps_the_brain_and_drops_the_scalp(
     head: dict[str, np.ndarray],
 ) -> None:
