@@ -79,6 +79,8 @@ class QSMParams:
     mask_coherence_threshold: float = 0.5
     mask_bias_sigma_mm: float = 20.0
     mask_separate_mm: float = 3.0
+    # whole head: restrict to a template's brain (mask.covers_whole_head, restrict_to_prior;
+    # only with run_qsm's brain_prior)
     mask_prior: bool = True
     mask_prior_min_extent_mm: float = 130.0
     mask_prior_min_volume_ml: float = 2000.0
