@@ -49,6 +49,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -256,6 +257,128 @@ def _uid_name(uid: str) -> str:
     return uid if name == uid else f"{name} ({uid})"
 
 
+def _syntaxes_by_class(files: Sequence[OutgoingFile]) -> dict[str, set[str]]:
+    """The transfer syntaxes of the files, per SOP class: one presentation context each.
+
+    Raises:
+        ValueError: more SOP classes than one association can carry (:data:`MAX_CONTEXTS`).
+    """
+    syntaxes: dict[str, set[str]] = defaultdict(set)
+    for item in files:
+        syntaxes[item.sop_class_uid].add(item.transfer_syntax_uid)
+    if len(syntaxes) > MAX_CONTEXTS:
+        raise ValueError(f"{len(syntaxes)} SOP classes: more than one association can carry")
+    return syntaxes
+
+
+def _on_open(connected: threading.Event, event: Any) -> None:
+    """The connection is open: say so, and send each PDU at once."""
+    connected.set()
+    # one PDU per C-STORE: without TCP_NODELAY each waits for the peer's delayed ACK
+    with contextlib.suppress(AttributeError, OSError):
+        event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def _on_transition(event: Any) -> None:
+    """The connection closed (Evt17: the peer died or aborted). pynetdicom would notice it
+    only after the DIMSE timeout when it happens while a C-STORE awaits its response; an
+    empty message wakes that wait now (it reads as "no response")."""
+    if event.fsm_event == "Evt17":
+        with contextlib.suppress(AttributeError):
+            event.assoc.dimse.msg_queue.put((None, None))
+
+
+def _association_failure(peer: Peer, assoc: Any, connected: bool,
+                         connect_errors: list[str]) -> AssociationFailed:
+    """Why no association was established with ``peer``, as the error to raise."""
+    where = f"{peer.ae_title}@{peer.host}:{peer.port}"
+    if assoc.is_rejected:
+        return AssociationFailed(f"association rejected by {where}: "
+                                 f"{describe_rejection(assoc.acceptor.primitive)}",
+                                 rejected=True)
+    if not connected:
+        why = connect_errors[-1] if connect_errors else "no connection"
+        return AssociationFailed(f"cannot connect to {where}: {why}")
+    if assoc.is_aborted and assoc.accepted_contexts == [] and assoc.rejected_contexts:
+        classes = ", ".join(_uid_name(cx.abstract_syntax) for cx in assoc.rejected_contexts)
+        return AssociationFailed(f"{where} accepted none of the presentation contexts "
+                                 f"({classes})")
+    return AssociationFailed(f"association with {where} aborted or timed out during "
+                             "negotiation")
+
+
+def _associate(peer: Peer, syntaxes: dict[str, set[str]], timeout_s: float) -> Any:
+    """An established association with ``peer`` proposing one context per SOP class.
+
+    Raises:
+        AssociationFailed: no association (rejected, aborted, no connection).
+    """
+    from pynetdicom import AE, evt
+    from pynetdicom.presentation import build_context
+
+    ae = AE(ae_title=peer.calling_ae_title)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
+    ae.connection_timeout = timeout_s
+    contexts = [build_context(uid, sorted(ts)) for uid, ts in syntaxes.items()]
+    context = client_ssl_context(peer.tls)
+    tls_args = None if context is None else (context, peer.host)
+    connected = threading.Event()
+    handlers = [(evt.EVT_CONN_OPEN, partial(_on_open, connected)),
+                (evt.EVT_FSM_TRANSITION, _on_transition)]
+    with _capture_connect_errors() as errors:
+        assoc = ae.associate(peer.host, peer.port, contexts=contexts, ae_title=peer.ae_title,
+                             tls_args=tls_args, evt_handlers=handlers)
+    if not assoc.is_established:
+        raise _association_failure(peer, assoc, connected.is_set(), errors.messages)
+    return assoc
+
+
+_LOST = "the association was lost (aborted by the peer or the network)"
+
+
+def _unsendable(item: OutgoingFile, assoc: Any, accepted: set[tuple[str, str]],
+                peer: Peer) -> FileOutcome | None:
+    """The outcome of a file that cannot be sent (the association is gone, the file is
+    missing, or no context was accepted for it); None when it can be."""
+    if not assoc.is_established:
+        return FileOutcome(error=_LOST)
+    if not item.path.is_file():
+        return FileOutcome(error=f"outbox file missing: {item.path}", lost=True)
+    if (item.sop_class_uid, item.transfer_syntax_uid) not in accepted:
+        return FileOutcome(
+            error=f"{peer.ae_title} accepted no presentation context for "
+                  f"{_uid_name(item.sop_class_uid)} in "
+                  f"{_uid_name(item.transfer_syntax_uid)}")
+    return None
+
+
+def _c_store(assoc: Any, item: OutgoingFile) -> FileOutcome:
+    """C-STORE one file; the peer's status, or why there is none (a peer that does not
+    answer is aborted: it is not waited on again)."""
+    try:
+        status = assoc.send_c_store(item.path)
+    except RuntimeError:  # the association ended since it was checked
+        return FileOutcome(error=_LOST)
+    except Exception as exc:  # an unreadable file (InvalidDicomError, EOFError...)
+        return FileOutcome(error=f"cannot send {item.path}: {type(exc).__name__}: {exc}")
+    if "Status" not in status:
+        if assoc.is_established:
+            assoc.abort()
+        return FileOutcome(error="no response (the association was aborted or timed out)",
+                           suspect=True)
+    code = int(status.Status)
+    return FileOutcome(status=code, error=None if is_success(code) else describe_status(code))
+
+
+def _end(assoc: Any, stop: threading.Event | None) -> None:
+    """Release the association, or abort it when the send was stopped."""
+    if assoc.is_established:
+        if stop is not None and stop.is_set():
+            assoc.abort()
+        else:
+            assoc.release()
+
+
 def send_files(peer: Peer, files: Sequence[OutgoingFile], timeout_s: float = 30.0,
                stop: threading.Event | None = None,
                on_sent: Callable[[int, int], None] | None = None,
@@ -270,110 +393,26 @@ def send_files(peer: Peer, files: Sequence[OutgoingFile], timeout_s: float = 30.
     Raises:
         AssociationFailed: no association (rejected, aborted, no connection).
     """
-    from pynetdicom import AE, evt
-    from pynetdicom.presentation import build_context
-
-    syntaxes: dict[str, set[str]] = defaultdict(set)
-    for item in files:
-        syntaxes[item.sop_class_uid].add(item.transfer_syntax_uid)
-    if len(syntaxes) > MAX_CONTEXTS:
-        raise ValueError(f"{len(syntaxes)} SOP classes: more than one association can carry")
+    syntaxes = _syntaxes_by_class(files)
     outcomes: dict[Any, FileOutcome] = {}
     if not files:
         return outcomes
-    ae = AE(ae_title=peer.calling_ae_title)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
-    ae.connection_timeout = timeout_s
-    contexts = [build_context(uid, sorted(ts)) for uid, ts in syntaxes.items()]
-    context = client_ssl_context(peer.tls)
-    tls_args = None if context is None else (context, peer.host)
-    connected = threading.Event()
-
-    def on_open(event: Any) -> None:
-        connected.set()
-        # one PDU per C-STORE: without TCP_NODELAY each waits for the peer's delayed ACK
-        with contextlib.suppress(AttributeError, OSError):
-            event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-    def on_transition(event: Any) -> None:
-        # The connection closed (Evt17: the peer died or aborted). pynetdicom would notice
-        # it only after the DIMSE timeout when it happens while a C-STORE awaits its response;
-        # an empty message wakes that wait now (it reads as "no response").
-        if event.fsm_event == "Evt17":
-            with contextlib.suppress(AttributeError):
-                event.assoc.dimse.msg_queue.put((None, None))
-
-    handlers = [(evt.EVT_CONN_OPEN, on_open), (evt.EVT_FSM_TRANSITION, on_transition)]
-    with _capture_connect_errors() as errors:
-        assoc = ae.associate(peer.host, peer.port, contexts=contexts, ae_title=peer.ae_title,
-                             tls_args=tls_args, evt_handlers=handlers)
-    if not assoc.is_established:
-        where = f"{peer.ae_title}@{peer.host}:{peer.port}"
-        if assoc.is_rejected:
-            raise AssociationFailed(f"association rejected by {where}: "
-                                    f"{describe_rejection(assoc.acceptor.primitive)}",
-                                    rejected=True)
-        if not connected.is_set():
-            why = errors.messages[-1] if errors.messages else "no connection"
-            raise AssociationFailed(f"cannot connect to {where}: {why}")
-        if assoc.is_aborted and assoc.accepted_contexts == [] and assoc.rejected_contexts:
-            classes = ", ".join(_uid_name(cx.abstract_syntax) for cx in assoc.rejected_contexts)
-            raise AssociationFailed(f"{where} accepted none of the presentation contexts "
-                                    f"({classes})")
-        raise AssociationFailed(f"association with {where} aborted or timed out during "
-                                "negotiation")
+    assoc = _associate(peer, syntaxes, timeout_s)
     accepted = {(cx.abstract_syntax, cx.transfer_syntax[0]) for cx in assoc.accepted_contexts}
-    lost = "the association was lost (aborted by the peer or the network)"
-
-    def done(key: Any, outcome: FileOutcome) -> None:
-        outcomes[key] = outcome
-        if on_outcome is not None:
-            on_outcome(key, outcome)
-
     try:
         for item in files:
             if stop is not None and stop.is_set():
                 break
-            if not assoc.is_established:
-                done(item.key, FileOutcome(error=lost))
-                continue
-            if not item.path.is_file():
-                done(item.key, FileOutcome(error=f"outbox file missing: {item.path}",
-                                           lost=True))
-                continue
-            if (item.sop_class_uid, item.transfer_syntax_uid) not in accepted:
-                done(item.key, FileOutcome(
-                    error=f"{peer.ae_title} accepted no presentation context for "
-                          f"{_uid_name(item.sop_class_uid)} in "
-                          f"{_uid_name(item.transfer_syntax_uid)}"))
-                continue
-            try:
-                status = assoc.send_c_store(item.path)
-            except RuntimeError:  # the association ended since the check above
-                done(item.key, FileOutcome(error=lost))
-                continue
-            except Exception as exc:  # an unreadable file (InvalidDicomError, EOFError...)
-                done(item.key, FileOutcome(
-                    error=f"cannot send {item.path}: {type(exc).__name__}: {exc}"))
-                continue
-            if "Status" not in status:
-                if assoc.is_established:  # a peer that does not answer: do not wait on it again
-                    assoc.abort()
-                done(item.key, FileOutcome(
-                    error="no response (the association was aborted or timed out)",
-                    suspect=True))
-                continue
-            code = int(status.Status)
-            done(item.key, FileOutcome(
-                status=code, error=None if is_success(code) else describe_status(code)))
-            if on_sent is not None:
+            outcome = _unsendable(item, assoc, accepted, peer)
+            if outcome is None:
+                outcome = _c_store(assoc, item)
+            outcomes[item.key] = outcome
+            if on_outcome is not None:
+                on_outcome(item.key, outcome)
+            if outcome.status is not None and on_sent is not None:
                 on_sent(len(outcomes), len(files))
     finally:
-        if assoc.is_established:
-            if stop is not None and stop.is_set():
-                assoc.abort()
-            else:
-                assoc.release()
+        _end(assoc, stop)
     return outcomes
 
 
