@@ -487,15 +487,19 @@ def test_process_send_resumes_after_a_dropped_association(tmp_path: Path, source
 
 
 @pytest.mark.slow
-def test_process_command_runs_the_pipeline(tmp_path: Path, source: Path) -> None:
+def test_process_command_runs_the_pipeline(tmp_path: Path) -> None:
     """``qsmnode process`` itself, with the real pipeline: QSM, the M1 analysis and every
     derived object, written as files; sending to nobody is a clear error."""
+    from tests.nodeutil import write_qsm_study
+
+    source = tmp_path / "source"  # the grid the real QSM gives a real χ map on
+    write_qsm_study(source, "siemens", SEED)
     done = cli("process", source, "--out", tmp_path / "out")
     assert done.returncode == 0, done.stderr
     written = [p for p in (tmp_path / "out").rglob("*.dcm")]
     assert f"series 5, 6: {len(written)} derived objects written" in done.stdout
     classes = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPClassUID) for p in written}
-    # This toy study (7 mm voxels) is too coarse for a reliable M1 analysis: the maps are
+    # This toy study (12 mm slices) is too coarse for a reliable M1 analysis: the maps are
     # written, and the reason is said, not skipped in silence (the M1 analysis either cannot
     # run, or runs and its quality checks fail: since the PDF + TV-ADMM default the QSM mask
     # covers M1 and the analysis runs)

@@ -41,6 +41,7 @@ from tests.nodeutil import (
     send_raw,
     study_uid,
     wait_for,
+    write_qsm_study,
     write_study,
 )
 from tests.orthanc import Orthanc
@@ -146,8 +147,8 @@ def test_four_scanners_at_once_are_processed_and_delivered_without_mixing(
     nodes: list[Node], tmp_path: Path, orthanc: Orthanc
 ) -> None:
     studies = {seed: tmp_path / "studies" / str(seed) for seed in FOUR}
-    for seed, style in FOUR.items():
-        write_study(studies[seed], style, seed)
+    for seed, style in FOUR.items():  # the real pipeline: the grid it gives a real χ map on
+        write_qsm_study(studies[seed], style, seed)
     orthanc.start()
     node = make_node(nodes, tmp_path / "node",
                      sections={**QUICK, "tracker": {"quiet_period_s": 2, "max_wait_s": 120},

@@ -549,8 +549,7 @@ def test_error_text_never_quotes_the_patients_values(
 
 
 def test_malformed_header_dates_are_found_before_qsm_and_emptied_in_the_derived_objects(
-    tmp_path: Path, queued: dict[str, object], monkeypatch: pytest.MonkeyPatch,
-    caplog: pytest.LogCaptureFixture,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Dates and times in the DICOM format that are not real ones (month 13, hour 25) made
     highdicom raise while building the derived objects, after QSM: the job failed then. They
@@ -561,10 +560,12 @@ def test_malformed_header_dates_are_found_before_qsm_and_emptied_in_the_derived_
     import pydicom
 
     import qsmnode.pipeline
+    from tests.nodeutil import write_qsm_study
 
     bad = {"PatientBirthDate": "19701301", "StudyDate": "20221340", "StudyTime": "250000"}
-    files: dict[int, list[Path]] = queued["files"]  # type: ignore[assignment]
-    copies = copies_with(files[61], bad, tmp_path / "in")
+    # the real QSM runs (and its plausibility gate): the grid it gives a real χ map on
+    source = write_qsm_study(tmp_path / "source", "siemens", 61)
+    copies = copies_with(source, bad, tmp_path / "in")
     state = _state(tmp_path, {"files": {61: copies}}, (61,))
     settings = dataclasses.replace(settings_for(state), pipeline=dataclasses.replace(
         settings_for(state).pipeline, qsm=True, m1=False))

@@ -305,3 +305,22 @@ def test_a_flat_qsm_result_fails_the_job_once_and_nothing_is_built(
     ranges = run_pipeline(_one(tmp_path / "normal")).qsm_quality["map_ranges_ppm"]
     assert ranges["chi"]["p99"] - ranges["chi"]["p1"] > 2 * CHI_RANGE_FLOOR_PPM
     assert ranges["chi"]["floor"] == CHI_RANGE_FLOOR_PPM
+
+
+def test_a_nearly_flat_chi_map_is_refused_and_the_node_tests_qsm_grid_passes(
+        tmp_path: Path) -> None:
+    """The floor means something: single-step TV on the node tests' 7 mm toy grid gives a χ
+    map that spans 0.001 ppm (QSM failed on that grid: nothing about the tissue in it) and is
+    refused; the same field of view on the 3 mm grid the node tests run QSM on
+    (``tests.nodeutil.QSM_SCAN``) spans several times the floor and goes through."""
+    from qsmnode.qsm.quality import CHI_RANGE_FLOOR_PPM, FIELD_RANGE_FLOOR_PPM
+    from tests.nodeutil import qsm_simulation, small_simulation
+
+    assert CHI_RANGE_FLOOR_PPM >= 0.005 and FIELD_RANGE_FLOOR_PPM >= 0.002
+    write_dicom(small_simulation().gre, tmp_path / "toy", "siemens", SimStudyInfo(seed=5))
+    with pytest.raises(PipelineError, match="implausibly flat result: the susceptibility"):
+        run_pipeline(_one(tmp_path / "toy"))
+    write_dicom(qsm_simulation().gre, tmp_path / "qsm", "philips", SimStudyInfo(seed=5))
+    ranges = run_pipeline(_one(tmp_path / "qsm")).qsm_quality["map_ranges_ppm"]
+    assert ranges["chi"]["p99"] - ranges["chi"]["p1"] > 4 * CHI_RANGE_FLOOR_PPM
+    assert ranges["local_field"]["p99"] - ranges["local_field"]["p1"] > 4 * FIELD_RANGE_FLOOR_PPM

@@ -165,37 +165,38 @@ def peel_source_layers(
     return out, start - int(m.sum())
 
 
-CHI_RANGE_FLOOR_PPM = 1e-4
+CHI_RANGE_FLOOR_PPM = 0.005
 """Smallest plausible spread of χ inside the QSM mask, from its 1st to its 99th percentile
 (ppm). A normal run spans about ±0.1..±0.3 ppm (grey and white matter, iron-rich nuclei,
-veins); a phase that carries no field gives exactly 0. The floor sits below every result on
-the project's data, the lowest being the default single-step TV on the node tests' toy grid
-(``tests.nodeutil.SMALL_SCAN``: the tiny preset on 7 × 7 × 12 mm voxels, 24 × 28 × 12), whose
-χ map is nearly flat itself (other methods give 0.17..0.35 ppm there), yet is delivered by
-the node's tests. Measured 1st..99th percentile spreads (ppm) of χ / local field in the QSM
-mask / total field in the brain mask, ``run_qsm`` with the method named:
+veins); a phase that carries no field gives exactly 0, and a method that fails on its grid
+gives next to nothing. Measured 1st..99th percentile spreads (ppm) of χ / local field in the
+QSM mask / total field in the brain mask, through ``run_pipeline`` (QSM only, default
+single-step TV unless named):
 
-- toy grid (SMALL_SCAN, seed 0): single-step TV (default) 0.00095 / 0.00047 / 0.525;
-  PDF + TV-ADMM 0.168 / 0.040 / 0.525; RESHARP+LBV + TV-ADMM 0.351 / 0.109 / 0.525;
-  RESHARP+LBV + TKD 0.306 / 0.109 / 0.525.
-- ``preset("tiny")`` (7 T, 3 mm, seed 0): single-step TV 0.023 / 0.014 / 0.609;
-  PDF + TV-ADMM 0.244 / 0.052 / 0.609; RESHARP+LBV + TV-ADMM 0.063 / 0.026 / 0.609;
-  RESHARP+LBV + TKD 0.078 / 0.026 / 0.609.
-- the real Philips 3 T 2-echo sample (``philips-3t-2echo/classic``): single-step TV
-  2.93 / 0.723 / 3.44; PDF + TV-ADMM 4.56 / 0.887 / 3.44; RESHARP+LBV + TV-ADMM
-  2.73 / 0.677 / 3.44; RESHARP+LBV + TKD 2.39 / 0.677 / 3.44.
+- the real ROMEO 3 T 3-echo head (``romeo-3echo-nifti/small``, 0.47 × 0.47 × 1 mm,
+  ``run_qsm``): 0.509 / 0.118 / 1.35.
+- the real Philips 3 T 2-echo sample (``philips-3t-2echo/classic``, 3 mm): 2.93 / 0.723 / 3.44
+  (PDF + TV-ADMM 4.56 / 0.887; RESHARP+LBV + TV-ADMM 2.73 / 0.677; + TKD 2.39 / 0.677).
+- the simulator's slabs: ``preset("small-slab")`` 0.064 / 0.024 / 0.179; the anatomy phantom
+  on it (the fault and T1w tests) 0.061 / 0.025 / 0.259.
+- ``preset("tiny")`` (7 T, 3 × 3 × 3.6 mm): 0.023 / 0.014 / 0.609 (PDF + TV-ADMM 0.244 /
+  0.052; RESHARP+LBV + TV-ADMM 0.063 / 0.026; + TKD 0.078 / 0.026).
+- the node tests' QSM grid (``tests.nodeutil.QSM_SCAN``: the tiny preset's field of view on
+  56 × 68 × 12 voxels of 3 × 3 × 12 mm, any vendor style): 0.037 / 0.023 / 0.580; the 2-D
+  gap test's 24 × 28 × 12 at 3 mm: 0.015 / 0.032 / 0.088.
 
-Also: seeds 1 and 2 within 0.004 of seed 0; ``preset("small-slab")`` (0.8 mm slab) with
-PDF + TV-ADMM 0.256 / 0.062 / 0.179; the tiny preset with the echo-1 phase copied to every
-echo (no field evolution; PDF + TV-ADMM) 0.103 / 0.029 / 0.083. The floor is 9.5× below the
-lowest χ spread measured (single-step TV on the toy grid) and 230× below the tiny preset's."""
+The floor is 3× below the lowest of these (the 2-D gap test's small grid), 4.6× below the tiny
+preset and 100× below real heads. Grids with 4..7 mm voxels in-plane fall below it with
+single-step TV, whose χ there is nearly flat: ``tests.nodeutil.SMALL_SCAN`` (24 × 28 × 12
+voxels of 7 × 7 × 12 mm) 0.00095 / 0.00047 (other methods 0.17..0.35 ppm), 4 × 4 × 6 mm
+(42 × 50 × 24) 0.0037, 5 × 5 × 8 mm 0.0019..0.0028 (3.5 × 3.5 × 12 mm: 0.0099). Such a map
+is refused, as it should be: it says nothing about the tissue."""
 
-FIELD_RANGE_FLOOR_PPM = 5e-5
+FIELD_RANGE_FLOOR_PPM = 0.002
 """Smallest plausible 1st..99th percentile spread of the local field (inside the QSM mask)
-and of the total field (inside the brain mask), ppm: 9.4× below the lowest measured (local
-field 0.00047 ppm, single-step TV on the toy grid; 0.014 ppm on the tiny preset; see
-:data:`CHI_RANGE_FLOOR_PPM`). A field below it is constant: the phase held no field
-information."""
+and of the total field (inside the brain mask), ppm: 7× below the lowest measured on a grid
+QSM works on (local field 0.014 ppm, the tiny preset; see :data:`CHI_RANGE_FLOOR_PPM`; real
+heads 0.12..0.72 ppm). A field below it is constant: the phase held no field information."""
 
 
 @dataclass(frozen=True)
