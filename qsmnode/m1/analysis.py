@@ -31,6 +31,7 @@ from numpy.typing import NDArray
 
 from qsmnode.acquisition import voxel_size_mm
 from qsmnode.m1.atlas import resample_labels
+from qsmnode.m1.laterality import laterality_check
 from qsmnode.m1.layers import DepthMethod, cortical_layers
 from qsmnode.m1.measure import (
     NormativeTable,
@@ -171,6 +172,24 @@ def registration_flags(reg: Registration, through_t1w: bool) -> tuple[QualityFla
     )
 
 
+LATERALITY_FLAG = "t1w_laterality"
+"""The flag of :func:`qsmnode.m1.laterality.laterality_check` (present only with a T1w)."""
+
+
+def laterality_flags(magnitude: F32, affine: NDArray[np.float64],
+                     brain_mask: NDArray[np.bool_], t1w: SameSessionT1w | None,
+                     ) -> tuple[QualityFlag, ...]:
+    """With a same-session T1w, whether the GRE is mirrored left-right with respect to it
+    (:func:`qsmnode.m1.laterality.laterality_check`; a failure makes the measures not
+    reliable); nothing without a T1w or when too little of the GRE lies in the T1w's view."""
+    if t1w is None:
+        return ()
+    check = laterality_check(magnitude, affine, brain_mask, t1w.image, t1w.affine)
+    if check is None:
+        return ()
+    return (QualityFlag(LATERALITY_FLAG, check.passed, float(check.difference), check.text()),)
+
+
 def withhold_if_unreliable(
     measurements: tuple[Measurement, ...], flags: tuple[QualityFlag, ...]
 ) -> tuple[tuple[Measurement, ...], tuple[QualityFlag, ...]]:
@@ -242,7 +261,8 @@ def analyse_m1(
         brain_mask: the QSM brain mask (also the registration's metric mask).
         affine: voxel-to-RAS affine of the acquisition.
         t1w: a same-session T1w to register to the template instead of the magnitude
-            (:func:`register_t1w_or_gre`).
+            (:func:`register_t1w_or_gre`); the GRE is also checked against it for a
+            left-right mirror (:func:`laterality_flags`, a reliability check).
     """
     p = params or M1Params()
     vs = voxel_size_mm(affine)
@@ -281,7 +301,8 @@ def analyse_m1(
     )
     coverage = area_coverage(areas, seg.gm, layers.depth, vs, **rule)
     flags = (*registration_flags(reg, t1w is not None and not t1w_not_used),
-             *quality_flags(coverage, seg.gm, seg.wm, layers.thickness_mm))
+             *quality_flags(coverage, seg.gm, seg.wm, layers.thickness_mm),
+             *laterality_flags(magnitude, affine, brain_mask, t1w))
     measurements, flags = withhold_if_unreliable(measurements, flags)
     labels = region_labels(areas, seg.gm, layers.depth)
     seconds["measurements"] = time.perf_counter() - t

@@ -67,10 +67,11 @@ class QualityFlag:
 
 
 RELIABILITY_CHECKS = ("registration_nmi", "registration_mask", "segmentation_gm_wm_ratio",
-                      "cortical_thickness")
+                      "cortical_thickness", "t1w_laterality")
 """The quality flags the M1 measures rest on: when one fails (a misregistration, a
-segmentation that found no cortex, non-brain input such as a phantom sphere), the measures are
-not reliable. Coverage is not among them: an area out of view is reported "not covered"."""
+segmentation that found no cortex, non-brain input such as a phantom sphere, a GRE mirrored
+left-right with respect to its same-session T1w), the measures are not reliable. Coverage is
+not among them: an area out of view is reported "not covered"."""
 RELIABILITY_FLAG = "m1_measures_reliable"
 """The flag that says the M1 measures are not reliable, and why (present only then)."""
 
