@@ -175,8 +175,10 @@ single-step TV unless named):
 
 - the real ROMEO 3 T 3-echo head (``romeo-3echo-nifti/small``, 0.47 × 0.47 × 1 mm,
   ``run_qsm``): 0.509 / 0.118 / 1.35.
-- the real Philips 3 T 2-echo sample (``philips-3t-2echo/classic``, 3 mm): 2.93 / 0.723 / 3.44
-  (PDF + TV-ADMM 4.56 / 0.887; RESHARP+LBV + TV-ADMM 2.73 / 0.677; + TKD 2.39 / 0.677).
+- the real Philips 3 T 2-echo sample (``philips-3t-2echo/classic``, 3 mm, its brain mask
+  restricted by the template prior): 0.172 / 0.054 / 1.12 (with the former magnitude-only
+  mask, which held the skull: 2.93 / 0.723 / 3.44; PDF + TV-ADMM 4.56 / 0.887;
+  RESHARP+LBV + TV-ADMM 2.73 / 0.677; + TKD 2.39 / 0.677).
 - the simulator's slabs: ``preset("small-slab")`` 0.064 / 0.024 / 0.179; the anatomy phantom
   on it (the fault and T1w tests) 0.061 / 0.025 / 0.259.
 - ``preset("tiny")`` (7 T, 3 × 3 × 3.6 mm): 0.023 / 0.014 / 0.609 (PDF + TV-ADMM 0.244 /
@@ -186,7 +188,7 @@ single-step TV unless named):
   gap test's 24 × 28 × 12 at 3 mm: 0.015 / 0.032 / 0.088.
 
 The floor is 3× below the lowest of these (the 2-D gap test's small grid), 4.6× below the tiny
-preset and 100× below real heads. Grids with 4..7 mm voxels in-plane fall below it with
+preset and 34× below real heads. Grids with 4..7 mm voxels in-plane fall below it with
 single-step TV, whose χ there is nearly flat: ``tests.nodeutil.SMALL_SCAN`` (24 × 28 × 12
 voxels of 7 × 7 × 12 mm) 0.00095 / 0.00047 (other methods 0.17..0.35 ppm), 4 × 4 × 6 mm
 (42 × 50 × 24) 0.0037, 5 × 5 × 8 mm 0.0019..0.0028 (3.5 × 3.5 × 12 mm: 0.0099). Such a map
@@ -196,7 +198,7 @@ FIELD_RANGE_FLOOR_PPM = 0.002
 """Smallest plausible 1st..99th percentile spread of the local field (inside the QSM mask)
 and of the total field (inside the brain mask), ppm: 7× below the lowest measured on a grid
 QSM works on (local field 0.014 ppm, the tiny preset; see :data:`CHI_RANGE_FLOOR_PPM`; real
-heads 0.12..0.72 ppm). A field below it is constant: the phase held no field information."""
+heads 0.054..0.118 ppm). A field below it is constant: the phase held no field information."""
 
 
 @dataclass(frozen=True)
