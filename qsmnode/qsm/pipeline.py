@@ -83,7 +83,7 @@ class QSMParams:
     # only with run_qsm's brain_prior)
     mask_prior: bool = True
     mask_prior_min_extent_mm: float = 130.0
-    mask_prior_min_volume_ml: float = 2000.0
+    mask_prior_min_volume_ml: float = 2200.0
     mask_prior_margin_mm: float = 3.0
     # phase offsets (offsets.mcpc3ds_offset)
     remove_offsets: bool = True
