@@ -416,6 +416,56 @@ def send_files(peer: Peer, files: Sequence[OutgoingFile], timeout_s: float = 30.
     return outcomes
 
 
+def _batch_of(due: Sequence[DueSend], suspects: set[str]) -> list[DueSend]:
+    """The due sends one association carries: in the recorded order with what the peer last
+    choked on at the end (a stable sort), up to :data:`MAX_CONTEXTS` SOP classes (the next
+    batch takes the rest)."""
+    classes: list[str] = []
+    batch = []
+    for item in sorted(due, key=lambda d: d.sop_instance_uid in suspects):
+        if item.sop_class_uid not in classes:
+            if len(classes) == MAX_CONTEXTS:
+                continue  # the next batch takes it
+            classes.append(item.sop_class_uid)
+        batch.append(item)
+    return batch
+
+
+def _transport(peer: Peer) -> Callable[..., dict[Any, FileOutcome]]:
+    """How to send to ``peer``: DICOMweb STOW-RS when it has a ``stow_url``, else C-STORE."""
+    if peer.stow_url:
+        from qsmnode.node.stow import stow_files
+
+        return stow_files
+    return send_files
+
+
+class _BatchProgress:
+    """The outcomes of one batch as it goes, handed to ``record`` at least every ``every_s``
+    seconds (so a node killed mid-batch resends little)."""
+
+    def __init__(self, record: Callable[[list[SendOutcome]], None], every_s: float) -> None:
+        self.outcomes: list[SendOutcome] = []
+        self.unsaved: list[SendOutcome] = []
+        self._record = record
+        self._every_s = every_s
+        self._saved_at = time.monotonic()
+
+    def add(self, outcome: SendOutcome) -> None:
+        """One more outcome; record the unsaved ones when ``every_s`` has passed."""
+        self.outcomes.append(outcome)
+        self.unsaved.append(outcome)
+        if time.monotonic() - self._saved_at >= self._every_s:
+            self.save()
+
+    def save(self) -> None:
+        """Record the outcomes not recorded yet."""
+        chunk = self.unsaved[:]
+        self.unsaved.clear()
+        self._saved_at = time.monotonic()
+        self._record(chunk)
+
+
 class Sender:
     """The node's sender thread (see the module docstring)."""
 
@@ -572,72 +622,66 @@ class Sender:
     def deliver(self, peer: Peer, due: Sequence[DueSend]) -> list[SendOutcome]:
         """Send one batch to ``peer`` and record the outcome of every send tried (as the
         batch goes, at least every ``record_every_s``)."""
-        state_dir = self.settings.paths.state_dir
         suspects = self._suspects[peer.name]
-        classes: list[str] = []
-        batch = []
-        # stable: the recorded order, with what the peer last choked on at the end
-        for item in sorted(due, key=lambda d: d.sop_instance_uid in suspects):
-            if item.sop_class_uid not in classes:
-                if len(classes) == MAX_CONTEXTS:
-                    continue  # the next batch takes it
-                classes.append(item.sop_class_uid)
-            batch.append(item)
+        batch = _batch_of(due, suspects)
+        state_dir = self.settings.paths.state_dir
         files = [OutgoingFile(item, state_dir / item.path, item.sop_class_uid,
                               item.transfer_syntax_uid, item.sop_instance_uid)
                  for item in batch]
         draw = random.random()  # one jitter per batch: its sends stay one batch
         started = time.monotonic()
-        outcomes: list[SendOutcome] = []
-        unsaved: list[SendOutcome] = []
-        saved_at = [time.monotonic()]
-
-        def save() -> None:
-            chunk = unsaved[:]
-            unsaved.clear()
-            saved_at[0] = time.monotonic()
-            self._record(peer, batch, chunk)
+        progress = _BatchProgress(partial(self._record, peer, batch), self.record_every_s)
 
         def on_outcome(item: DueSend, result: FileOutcome) -> None:
-            if result.ok:
-                outcome = SendOutcome(item.sop_instance_uid, item.destination, True,
-                                      result.status)
-                suspects.discard(item.sop_instance_uid)
-            else:
-                outcome = self._failed(item, result.error or "failed", result.status, draw,
-                                       lost=result.lost)
-                if result.suspect:
-                    if len(suspects) >= _SUSPECTS_KEPT:
-                        suspects.clear()
-                    suspects.add(item.sop_instance_uid)
-            outcomes.append(outcome)
-            unsaved.append(outcome)
-            if time.monotonic() - saved_at[0] >= self.record_every_s:
-                save()
+            progress.add(self._outcome(item, result, suspects, draw))
 
-        if peer.stow_url:
-            from qsmnode.node.stow import stow_files as send
-        else:
-            send = send_files
         try:
-            send(peer, files, self.timeout_s, self._stop, on_outcome=on_outcome)
+            _transport(peer)(peer, files, self.timeout_s, self._stop, on_outcome=on_outcome)
         except AssociationFailed as exc:
-            outcomes = [self._failed(item, str(exc), None, draw, rejected=exc.rejected)
-                        for item in batch]
-            self._record(peer, batch, outcomes)
-            nxt = min(o.next_try_at or 0.0 for o in outcomes)
-            self._holds[peer.name] = (nxt, True)
-            log.warning("sender: %s: %s; %d send%s stay queued (next try in %.0f s, attempt "
-                        "%d)", peer.name, exc, len(batch), "" if len(batch) == 1 else "s",
-                        max(nxt - self.clock(), 0.0), max(item.attempts for item in batch) + 1)
-            return outcomes
+            return self._association_failed(peer, batch, exc, draw)
         except BaseException:
-            if unsaved:  # keep what was tried: it is not sent again
+            if progress.unsaved:  # keep what was tried: it is not sent again
                 with contextlib.suppress(Exception):
-                    save()
+                    progress.save()
             raise
-        save()
+        progress.save()
         self._holds.pop(peer.name, None)
+        self._log_batch(peer, batch, progress.outcomes, started)
+        return progress.outcomes
+
+    def _outcome(self, item: DueSend, result: FileOutcome, suspects: set[str],
+                 draw: float) -> SendOutcome:
+        """The send's outcome from the file's; a file that was out, unanswered, when the
+        association ended becomes a suspect (last in the next batch), one sent is none."""
+        if result.ok:
+            outcome = SendOutcome(item.sop_instance_uid, item.destination, True, result.status)
+            suspects.discard(item.sop_instance_uid)
+            return outcome
+        outcome = self._failed(item, result.error or "failed", result.status, draw,
+                               lost=result.lost)
+        if result.suspect:
+            if len(suspects) >= _SUSPECTS_KEPT:
+                suspects.clear()
+            suspects.add(item.sop_instance_uid)
+        return outcome
+
+    def _association_failed(self, peer: Peer, batch: list[DueSend], exc: AssociationFailed,
+                            draw: float) -> list[SendOutcome]:
+        """Record every send of the batch as tried and failed, and hold the destination
+        until the earliest next try."""
+        outcomes = [self._failed(item, str(exc), None, draw, rejected=exc.rejected)
+                    for item in batch]
+        self._record(peer, batch, outcomes)
+        nxt = min(o.next_try_at or 0.0 for o in outcomes)
+        self._holds[peer.name] = (nxt, True)
+        log.warning("sender: %s: %s; %d send%s stay queued (next try in %.0f s, attempt "
+                    "%d)", peer.name, exc, len(batch), "" if len(batch) == 1 else "s",
+                    max(nxt - self.clock(), 0.0), max(item.attempts for item in batch) + 1)
+        return outcomes
+
+    def _log_batch(self, peer: Peer, batch: list[DueSend], outcomes: list[SendOutcome],
+                   started: float) -> None:
+        """One line for the batch, and one for each of the first five sends not sent."""
         sent = [o for o in outcomes if o.sent]
         failed = [o for o in outcomes if not o.sent]
         studies = sorted({item.study_uid for item in batch})
@@ -650,7 +694,6 @@ class Sender:
                         "; given up" if outcome.give_up else "")
         if len(failed) > 5:
             log.warning("sender: %s: %d more instances not sent", peer.name, len(failed) - 5)
-        return outcomes
 
     def _audit(self, peer: Peer, batch: Sequence[DueSend],
                outcomes: Sequence[SendOutcome]) -> None:
