@@ -108,16 +108,8 @@ class Candidate:
         )
 
     def passed_over(self, why: str) -> PassedOver:
-        """The candidate as passed over (rule 7), for ``why``."""
-        uids, numbers = self.series()
-        first = self.units[0].refs[0].instance
-        return PassedOver(
-            reason=f"{self.label()}: passed over: {why}",
-            study_uid=first.study_uid,
-            series_uids=uids,
-            series_numbers=numbers,
-            why=why,
-        )
+        """The candidate as passed over (rule 7), for ``why``: its problem, so labelled."""
+        return PassedOver(**vars(self.problem(f"passed over: {why}")), why=why)
 
 
 def sort_key(cand: Candidate) -> tuple:
