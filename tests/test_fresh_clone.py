@@ -18,6 +18,7 @@ from tests.orthanc import Orthanc
 pytestmark = pytest.mark.slow
 
 
+@pytest.mark.timeout(1500)  # setup and two visits; the suite's other worker shares the cores
 def test_make_demo_from_a_fresh_clone(tmp_path: Path) -> None:
     """``make demo`` from a fresh clone, in its follow-up form (two visits a year apart, the
     second compared with the first's report found in the PACS: issue 17's demo)."""
