@@ -332,11 +332,16 @@ def _check_plausible(loaded: LoadedAcquisition, result: QSMResult) -> None:
     flat = [r for r in ranges if r.flat]
     if flat:
         series = ", ".join("?" if n is None else str(n) for n in loaded.series_numbers)
+        if ranges[2].flat:  # the total field itself: nothing came from the phase
+            why = "The phase images carry no usable field (constant or scaled to nothing?)"
+        else:
+            voxel = " x ".join(f"{v:.3g}" for v in loaded.gre.voxel_size_mm)
+            why = (f"The phase carries a field but QSM found no contrast in it (voxels of "
+                   f"{voxel} mm: too coarse for QSM?)")
         raise PipelineError(
             f"series {series}: implausibly flat result: "
             + "; ".join(r.text() for r in flat)
-            + ". The phase images carry no usable field (constant or scaled to nothing?); "
-            "the maps are not delivered as a valid result")
+            + f". {why}; the maps are not delivered as a valid result")
 
 
 T1W_FLAG = "t1w_reference"

@@ -296,7 +296,7 @@ def test_a_flat_qsm_result_fails_the_job_once_and_nothing_is_built(
     assert text.startswith("series 5, 6: implausibly flat result: the susceptibility (χ) "
                            "map inside the χ mask spans 0 ppm")
     assert f"below the plausibility floor of {CHI_RANGE_FLOOR_PPM:g} ppm" in text
-    assert "not delivered" in text
+    assert "not delivered" in text and "phase images carry no usable field" in text
     assert "SIM^PHANTOM" not in text and "QSMNODE-SIM" not in text  # no patient data
     assert not built and not any(out.rglob("*"))
 
@@ -318,8 +318,11 @@ def test_a_nearly_flat_chi_map_is_refused_and_the_node_tests_qsm_grid_passes(
 
     assert CHI_RANGE_FLOOR_PPM >= 0.005 and FIELD_RANGE_FLOOR_PPM >= 0.002
     write_dicom(small_simulation().gre, tmp_path / "toy", "siemens", SimStudyInfo(seed=5))
-    with pytest.raises(PipelineError, match="implausibly flat result: the susceptibility"):
+    with pytest.raises(PipelineError, match="implausibly flat result: the susceptibility") as toy:
         run_pipeline(_one(tmp_path / "toy"))
+    # the toy's phase holds a field (its total field is not flat): the reason says so
+    assert "carries a field but QSM found no contrast in it (voxels of 7 x 7 x 12 mm" in str(
+        toy.value), str(toy.value)
     write_dicom(qsm_simulation().gre, tmp_path / "qsm", "philips", SimStudyInfo(seed=5))
     ranges = run_pipeline(_one(tmp_path / "qsm")).qsm_quality["map_ranges_ppm"]
     assert ranges["chi"]["p99"] - ranges["chi"]["p1"] > 4 * CHI_RANGE_FLOOR_PPM
