@@ -49,6 +49,7 @@ from tests.nodeutil import (
     settings_for,
     study_uid,
     wait_for,
+    write_qsm_study,
     write_study,
 )
 
@@ -205,11 +206,12 @@ def test_the_job_function_loads_the_acquisition_from_the_spool(
         execute_job(broken)
 
 
-def test_run_pipeline_checks_what_it_is_given(queued: dict[str, object]) -> None:
+def test_run_pipeline_checks_what_it_is_given(tmp_path: Path) -> None:
+    """The pipeline's record of what it ran on (an Enhanced MR study on the grid the node
+    tests run the real QSM on: on the 7 mm toy grid the χ map is refused as flat)."""
     from qsmnode.dicom.load import load_folder
 
-    files: dict[int, list[Path]] = queued["files"]  # type: ignore[assignment]
-    [loaded] = load_folder(files[63][0])
+    [loaded] = load_folder(write_qsm_study(tmp_path / "in", "enhanced", 63)[0].parent)
     result = run_pipeline(loaded, PipelineParams())  # type: ignore[arg-type]
     assert result.acquisition.vendor == "philips" and result.acquisition.n_echoes == 3
     assert result.acquisition.b0_direction == pytest.approx(
