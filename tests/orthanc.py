@@ -18,13 +18,14 @@ class DicomWebOrthanc(Orthanc):
     """An :class:`Orthanc` that also answers DICOMweb (QIDO-RS, WADO-RS) under
     ``/dicom-web/`` with full study and series metadata, as OHIF reads it."""
 
-    def __init__(self, folder: Path, ae_title: str = "ORTHANC") -> None:
+    def __init__(self, folder: Path, ae_title: str = "ORTHANC",
+                 known_modalities: dict[str, tuple[str, int]] | None = None) -> None:
         if not DICOMWEB_PLUGIN.exists():
             raise RuntimeError(
                 f"Orthanc's DICOMweb plugin is missing ({DICOMWEB_PLUGIN}): install the Debian "
                 "package orthanc-dicomweb (scripts/setup.sh does)"
             )
-        super().__init__(folder, ae_title)
+        super().__init__(folder, ae_title, known_modalities)
         config = json.loads(self.config_path.read_text())
         config["Plugins"] = [str(DICOMWEB_PLUGIN)]
         config["DicomWeb"] = {

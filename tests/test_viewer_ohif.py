@@ -1,7 +1,9 @@
 """Every derived object in a real viewer: OHIF 3 in headless Chromium, reading Orthanc's DICOMweb.
 
-The test starts Orthanc with Debian's DICOMweb plugin on free loopback ports, stores a simulated
-study in it (the source images, as the scanner sends them, and every derived object), serves
+The test starts Orthanc with Debian's DICOMweb plugin on free loopback ports; the scanner
+archives a simulated study in it (C-STORE) and ``qsmnode process --send`` processes the study
+and sends every derived object to it, as at a site (two visits of the demo's follow-up patient,
+so that the second report is compared with the first, found in the PACS). It serves
 OHIF's built viewer (npm ``@ohif/app``, its ``dist/`` in ``viewer/ohif``) with an app-config
 pointing at a same-origin proxy of Orthanc's ``/dicom-web``, and drives Debian's ``chromium``
 with ``puppeteer-core`` (``viewer/drive-ohif.mjs``). For each derived series it loads the
@@ -14,12 +16,13 @@ piece fails the test with its name. Screenshots are kept under ``$TMPDIR/qsmnode
 
 from __future__ import annotations
 
-import datetime as dt
 import http.server
+import io
 import json
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 import urllib.error
@@ -29,25 +32,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+import pydicom
 import pytest
+from pydicom.dataset import Dataset
 
 from qsmnode.demo.pacs import free_port
-from qsmnode.dicom.derived import DerivedObjects, build_derived_objects, source_reader
-from qsmnode.dicom.load import LoadedAcquisition, load_folder
-from qsmnode.m1.followup import FollowUp, PriorResult, Protocol, compare, current_values
-from qsmnode.m1.result import M1Result
-from qsmnode.sim.scanner import preset, simulate
-from qsmnode.sim.vendor_dicom import SimStudyInfo, write_dicom
-from tests.derivedutil import m1_from_truth
+from qsmnode.demo.progress import Console
+from qsmnode.demo.run import FOLLOW_UP_VISITS, simulate_scan
+from qsmnode.node.storescu import send_files
 from tests.orthanc import DICOMWEB_PLUGIN, DicomWebOrthanc
 
 ROOT = Path(__file__).resolve().parents[1]
 VIEWER = ROOT / "viewer"
 OHIF_DIST = VIEWER / "ohif"
 DRIVER = VIEWER / "drive-ohif.mjs"
+PMAP_SCRIPT = VIEWER / "qsmnode-pmap.js"
+"""Real-world values, the map's window and a diverging colour map for Parametric Maps in OHIF."""
 CHROMIUM_NAMES = ("chromium", "chromium-browser")
-VERSION = "1.2.3"
 
 
 def chromium() -> str:
@@ -80,7 +81,9 @@ def require_viewer() -> None:
 
 
 def app_config() -> str:
-    """OHIF's app-config.js: one DICOMweb data source, the proxy's ``/dicom-web``."""
+    """OHIF's app-config.js: one DICOMweb data source, the proxy's ``/dicom-web``, and the
+    site script for qsmnode's Parametric Maps (:data:`PMAP_SCRIPT`) after it, as the README
+    tells a site to add it."""
     source = {
         "namespace": "@ohif/extension-default.dataSourcesModule.dicomweb",
         "sourceName": "dicomweb",
@@ -114,7 +117,7 @@ def app_config() -> str:
         "modes": [],
         "dataSources": [source],
     }
-    return f"window.config = {json.dumps(config, indent=2)};\n"
+    return f"window.config = {json.dumps(config, indent=2)};\n\n" + PMAP_SCRIPT.read_text()
 
 
 class ViewerServer:
@@ -190,56 +193,74 @@ class ViewerServer:
 
 # --- the study --------------------------------------------------------------------------
 
+NODE_AE = "QSMNODE"
+SCANNER_AE = "DEMO7T"
+SIZE = "small-slab"
+"""The demo's end-to-end scan: 0.8 × 0.8 × 1.2 mm, fine enough for the M1 analysis."""
+
 
 @dataclass
 class ViewerStudy:
+    """The second visit of the demo's follow-up patient, as the PACS holds it after the scanner
+    archived its images and ``qsmnode process --send`` sent its derived objects."""
+
     study_uid: str
-    loaded: LoadedAcquisition
-    objects: DerivedObjects
-    m1: M1Result
     sources: list[Path]
-    derived: list[Path]
+    derived: list[Dataset]
+    process_output: str
+
+    def one(self, sop_class: str, image_type: str | None = None) -> list[Dataset]:
+        """The derived instances of ``sop_class`` (and with ``image_type`` as ImageType[2])."""
+        return [ds for ds in self.derived if ds.SOPClassUID == sop_class
+                and (image_type is None or list(ds.ImageType)[2:3] == [image_type])]
 
 
-def follow_up_of(loaded: LoadedAcquisition, m1: M1Result) -> FollowUp:
-    """A follow-up visit: the patient's prior report (not in the PACS: only referenced) had
-    0.02 ppm less deep-layer χ in the left hand area, a year before."""
-    values = dict(current_values(m1))
-    values[("left_hand", "deep", "chi_mean_ppm")] -= 0.02
-    gre = loaded.gre
-    protocol = Protocol(gre.field_strength_t, tuple(gre.voxel_size_mm), tuple(gre.echo_times_s))
-    prior = PriorResult("1.2.826.0.1.3680043.8.498.1", dt.date(2023, 1, 1),
-                        "1.2.826.0.1.3680043.8.498.3", "1.2.826.0.1.3680043.8.498.2",
-                        "1.2.840.10008.5.1.4.1.1.88.34", VERSION, protocol, values)
-    follow = compare(m1, dt.date(2024, 1, 1), protocol, VERSION, [prior])
-    assert follow.exceeding(), follow.note
-    return follow
+def node_config(path: Path, orthanc: DicomWebOrthanc) -> Path:
+    """The site's configuration for ``qsmnode process``: the PACS as a destination, and asked
+    for the patient's earlier reports (the follow-up)."""
+    path.write_text(
+        f'[paths]\nstate_dir = "{path.parent / "state"}"\n\n'
+        f'[[destinations]]\nname = "pacs"\nae_title = "{orthanc.ae_title}"\n'
+        f'host = "127.0.0.1"\nport = {orthanc.dicom_port}\ncalling_ae_title = "{NODE_AE}"\n\n'
+        '[follow_up]\npacs = "pacs"\n')
+    return path
 
 
-def make_study(root: Path) -> ViewerStudy:
-    """A simulated oblique 4-echo study (classic Siemens files) and its derived objects, with
-    the M1 regions and values of the simulator's truth, as a follow-up visit (the SR with its
-    change groups, the key images with the trend)."""
-    sim = simulate(preset("tiny", shape=(42, 50, 24), voxel_size_mm=(4.0, 4.0, 6.0),
-                          echo_times_s=(0.005, 0.0105, 0.016, 0.0215)))
-    sources = write_dicom(sim.gre, root / "source", "siemens", SimStudyInfo(seed=11))
-    (loaded,) = load_folder(root / "source")
-    assert isinstance(loaded, LoadedAcquisition)
-    # as the pipeline gives them: values inside the brain mask, NaN (stored as 0) outside
-    inside = sim.truth.brain_mask
-    chi = np.where(inside, sim.truth.chi_ppm, np.nan).astype(np.float32)
-    r2star = np.where(inside, sim.truth.r2star_per_s, np.nan).astype(np.float32)
-    m1 = m1_from_truth(sim)
-    objects = build_derived_objects(loaded, chi, r2star, m1, source_reader(sources), VERSION,
-                                    follow_up=follow_up_of(loaded, m1))
-    out = root / "derived"
-    out.mkdir(parents=True, exist_ok=True)
-    derived = []
-    for ds in objects.datasets:
-        path = out / f"{ds.SOPInstanceUID}.dcm"
-        ds.save_as(path, enforce_file_format=True)
-        derived.append(path)
-    return ViewerStudy(loaded.study_uid, loaded, objects, m1, sources, derived)
+def process_and_send(folder: Path, out: Path, config: Path) -> str:
+    """``qsmnode process FOLDER --send pacs``, as a site runs it; its output."""
+    done = subprocess.run(
+        [sys.executable, "-m", "qsmnode", "process", str(folder), "--out", str(out),
+         "--send", "pacs", "--config", str(config)],
+        capture_output=True, text=True, timeout=1200, check=False, cwd=ROOT,
+    )
+    assert done.returncode == 0, f"qsmnode process failed:\n{done.stdout}\n{done.stderr}"
+    assert "sent " in done.stdout and "Traceback" not in done.stderr, done.stdout
+    return done.stdout + done.stderr
+
+
+def archive(files: list[Path], orthanc: DicomWebOrthanc) -> None:
+    """The scanner archives its images in the PACS (C-STORE), so the overlays have their
+    anatomy there."""
+    report = send_files(files, "127.0.0.1", orthanc.dicom_port, orthanc.ae_title, SCANNER_AE)
+    assert report.ok, (report.statuses, report.errors)
+
+
+def make_study(root: Path, orthanc: DicomWebOrthanc) -> ViewerStudy:
+    """The demo's follow-up patient (:data:`qsmnode.demo.run.FOLLOW_UP_VISITS`): two simulated
+    7T slabs a year apart, each archived in the PACS by the scanner and processed with
+    ``qsmnode process --send``; the second visit's report is compared with the first's, which
+    the node finds in the PACS. The viewer opens the second visit."""
+    console = Console(io.StringIO())
+    config = node_config(root / "qsmnode.toml", orthanc)
+    output = ""
+    for n, visit in enumerate(FOLLOW_UP_VISITS, 1):
+        files, _ = simulate_scan(console, SIZE, root / f"scanner-{n}", visit)
+        archive(files, orthanc)
+        output = process_and_send(root / f"scanner-{n}", root / f"derived-{n}", config)
+    derived = [pydicom.dcmread(p) for p in sorted((root / f"derived-{n}").rglob("*.dcm"))]
+    study_uids = {str(ds.StudyInstanceUID) for ds in derived}
+    assert len(study_uids) == 1, study_uids
+    return ViewerStudy(study_uids.pop(), files, derived, output)
 
 
 @pytest.fixture(scope="module")
@@ -247,11 +268,12 @@ def viewer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ViewerSer
     require_viewer()
     chromium()
     root = tmp_path_factory.mktemp("ohif")
-    study = make_study(root)
-    orthanc = DicomWebOrthanc(root / "orthanc").start()
+    # the node's AE title may query and retrieve (the follow-up's C-FIND and C-GET)
+    orthanc = DicomWebOrthanc(root / "orthanc", known_modalities={NODE_AE: ("127.0.0.1", 104)})
+    orthanc.start()
     server = None
     try:
-        orthanc.upload(study.sources + study.derived)
+        study = make_study(root, orthanc)
         server = ViewerServer(OHIF_DIST, orthanc.url).start()
         yield server, study
     finally:
@@ -266,7 +288,7 @@ def artifacts() -> Path:
     return out
 
 
-def drive(url: str, plan: dict[str, Any], out: Path, timeout_s: float = 600) -> dict[str, Any]:
+def drive(url: str, plan: dict[str, Any], out: Path, timeout_s: float = 1200) -> dict[str, Any]:
     """Run viewer/drive-ohif.mjs: it opens ``url`` in headless Chromium, follows ``plan`` and
     prints one JSON report."""
     proc = subprocess.run(
@@ -302,27 +324,78 @@ def errors(entry: dict[str, Any]) -> list[str]:
     return list(dict.fromkeys(out))
 
 
+def pmap_layer(entry: dict[str, Any]) -> dict[str, Any]:
+    """The Parametric Map's layer in the viewport (OHIF's volume id ends ``pmap.<guid>``)."""
+    layers = [layer for layer in entry.get("layers") or [] if "pmap." in str(layer["volumeId"])]
+    assert len(layers) == 1, entry.get("layers")
+    return layers[0]  # type: ignore[no-any-return]
+
+
 def grid_difference(a: dict[str, Any], b: dict[str, Any]) -> int:
     """Largest difference between two viewports' 16 × 16 grey thumbnails (0..255)."""
     return max(abs(x - y) for x, y in zip(a["grid"], b["grid"], strict=True))
 
 
+PARAMETRIC_MAP = "1.2.840.10008.5.1.4.1.1.30"
+MR_IMAGE = "1.2.840.10008.5.1.4.1.1.4"
+SEGMENTATION = "1.2.840.10008.5.1.4.1.1.66.4"
+COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
+SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+TRACKING_IDENTIFIER = "112039"
+PROBES = (-10.0, -5.0, -1.0, 0.0, 1.0, 5.0, 10.0)
+"""Values at which the QSM map's colour and opacity in OHIF are read, in OHIF's scale (the
+stored value × 100): χ of ±0.1, ±0.05, ±0.01 and 0 ppm."""
+
+
+def sr_numbers(ds: Dataset, tracking: str | None = None) -> Iterator[tuple[str, Dataset]]:
+    """Every NUM content item of the SR as (tracking identifier of its group, item)."""
+    for item in ds.get("ContentSequence", []):
+        if item.ValueType == "TEXT" and item.ConceptNameCodeSequence[0].CodeValue == (
+                TRACKING_IDENTIFIER):
+            tracking = str(item.TextValue)
+    for item in ds.get("ContentSequence", []):
+        if item.ValueType == "NUM":
+            yield tracking or "", item
+        elif "ContentSequence" in item:
+            yield from sr_numbers(item, tracking)
+
+
+def change_label(report: Dataset, region: str) -> str:
+    """The label OHIF shows for ``region``'s deep χ change since the prior report: the NUM's
+    meaning and its value as OHIF formats it (``Number(v).toFixed(2)``, then the unit)."""
+    [change] = [item for tracking, item in sr_numbers(report) if tracking == region
+                and item.ConceptNameCodeSequence[0].CodeMeaning == "Change in mean susceptibility"]
+    value = change.MeasuredValueSequence[0]
+    return (f"Change in mean susceptibility: {float(value.NumericValue):.2f} "
+            f"{value.MeasurementUnitsCodeSequence[0].CodeValue}")
+
+
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # two visits through `qsmnode process` (~5 min), then OHIF
 def test_every_derived_object_displays_in_ohif(viewer: tuple[ViewerServer, ViewerStudy]) -> None:
     server, study = viewer
-    objects = study.objects
-    assert objects.segmentation is not None and objects.report is not None
+    [qsm_mr] = {str(d.SeriesInstanceUID): d for d in study.one(MR_IMAGE, "QSM")}.values()
+    [r2s_mr] = {str(d.SeriesInstanceUID): d for d in study.one(MR_IMAGE, "R2STAR")}.values()
+    maps = {str(d.ReferencedSeriesSequence[0].SeriesInstanceUID): d
+            for d in study.one(PARAMETRIC_MAP)}
+    qsm_map, r2s_map = maps[str(qsm_mr.SeriesInstanceUID)], maps[str(r2s_mr.SeriesInstanceUID)]
+    [segmentation] = study.one(SEGMENTATION)
+    [report_sr] = study.one(COMPREHENSIVE_3D_SR)
+    key_images = study.one(SECONDARY_CAPTURE)
     names = {
-        "qsm_mr": str(objects.qsm_images[0].SeriesDescription),
-        "r2s_mr": str(objects.r2star_images[0].SeriesDescription),
-        "qsm_pm": str(objects.qsm_map.SeriesDescription),
-        "r2s_pm": str(objects.r2star_map.SeriesDescription),  # type: ignore[union-attr]
-        "seg": str(objects.segmentation.SeriesDescription),
-        "sr": str(objects.report.SeriesDescription),
-        "key": str(objects.key_images[0].SeriesDescription),
+        "qsm_mr": str(qsm_mr.SeriesDescription),
+        "r2s_mr": str(r2s_mr.SeriesDescription),
+        "qsm_pm": str(qsm_map.SeriesDescription),
+        "r2s_pm": str(r2s_map.SeriesDescription),
+        "seg": str(segmentation.SeriesDescription),
+        "sr": str(report_sr.SeriesDescription),
+        "key": str(key_images[0].SeriesDescription),
     }
-    key_series = str(objects.key_images[0].SeriesInstanceUID)
-    expected = [str(item.SegmentLabel) for item in objects.segmentation.SegmentSequence]
+    key_series = str(key_images[0].SeriesInstanceUID)
+    expected = [str(item.SegmentLabel) for item in segmentation.SegmentSequence]
+    # the follow-up was found and compared: the SR holds the change since the first visit
+    assert "follow-up:" in study.process_output, study.process_output
+    left_deep_change = change_label(report_sr, "M1 left hand deep")
     plan = {"series": [
         {"name": names["qsm_mr"], "key": "qsm-mr"},
         {"name": names["r2s_mr"], "key": "r2star-mr"},
@@ -330,9 +403,9 @@ def test_every_derived_object_displays_in_ohif(viewer: tuple[ViewerServer, Viewe
         # match: the radiologist shows the map's series first (else OHIF may place it on the
         # 4-echo source, whose images the map does not reference)
         {"name": names["qsm_pm"], "key": "qsm-pm", "before": [names["qsm_mr"]],
-         "waitForColour": True},
+         "waitForColour": "tinted", "probes": list(PROBES)},
         {"name": names["r2s_pm"], "key": "r2star-pm", "before": [names["r2s_mr"]],
-         "waitForColour": True},
+         "waitForColour": True, "probes": [30.0]},
         # a segment or measurement clicked in its panel: OHIF jumps to its slice
         {"name": names["seg"], "key": "seg", "before": [names["qsm_mr"]],
          "prompt": True, "panel": "panelSegmentation-btn", "clickAfter": expected[0],
@@ -366,9 +439,39 @@ def test_every_derived_object_displays_in_ohif(viewer: tuple[ViewerServer, Viewe
         assert active["series"] == [f"PMAP:{pm}"], entry["viewports"]
         assert shown_on in entry["text"]["viewport"], entry["text"]["viewport"]
         assert "Loading Parametric Map" not in entry["text"]["body"]
-        assert entry["canvas"]["colouredFraction"] > 0.001, (key, entry["canvas"])
-    assert grid_difference(report["qsm-pm"]["canvas"], base) > 5
+        # χ's diverging map is drawn pastel by OHIF (tinted); R2*'s rainbow in full colour
+        measure = "tintedFraction" if key == "qsm-pm" else "colouredFraction"
+        assert entry["canvas"][measure] > 0.001, (key, entry["canvas"])
+    # the χ map over its own χ series changes hue, not grey level: the series alone is grey
+    assert base["tintedFraction"] == 0, base
     assert grid_difference(report["r2star-pm"]["canvas"], report["r2star-mr"]["canvas"]) > 5
+
+    # OHIF holds each map's stored values × 100 (its PMAP loader; docs/ohif/README.md), and with
+    # viewer/qsmnode-pmap.js shows them in the window of the map's own Frame VOI LUT (× 100 too)
+    for key, pm_ds in (("qsm-pm", qsm_map), ("r2star-pm", r2s_map)):
+        layer = pmap_layer(report[key])
+        stored = pm_ds.pixel_array
+        assert layer["min"] == pytest.approx(100 * float(stored.min()), abs=1e-2), (key, layer)
+        assert layer["max"] == pytest.approx(100 * float(stored.max()), abs=1e-2), (key, layer)
+        voi = pm_ds.SharedFunctionalGroupsSequence[0].FrameVOILUTSequence[0]
+        centre, width = float(voi.WindowCenter), float(voi.WindowWidth)
+        assert layer["voiRange"] == pytest.approx(
+            {"lower": 100 * (centre - width / 2), "upper": 100 * (centre + width / 2)}), (
+            key, layer)
+    # χ: a diverging colour map centred on 0 ppm: 0 is transparent (the anatomy shows), negative
+    # χ blue, positive χ red, both drawn
+    probes = {p["value"]: p for p in pmap_layer(report["qsm-pm"])["probes"]}
+    assert probes[0.0]["opacity"] == 0, probes
+    for value in (-10, -5, 5, 10):  # ±0.1 and ±0.05 ppm, in OHIF's scale
+        assert probes[value]["opacity"] >= 0.5, probes
+    for value in (-10, -5):
+        red, _, blue = probes[value]["rgb"]
+        assert blue - red > 0.3, probes
+    for value in (5, 10):
+        red, _, blue = probes[value]["rgb"]
+        assert red - blue > 0.3, probes
+    canvas = report["qsm-pm"]["canvas"]
+    assert canvas["reddishFraction"] > 0.001 and canvas["bluishFraction"] > 0.001, canvas
 
     # the SEG: every segment, by name, in OHIF's segmentation service and panel, drawn in colour
     seg = report["seg"]
@@ -383,16 +486,18 @@ def test_every_derived_object_displays_in_ohif(viewer: tuple[ViewerServer, Viewe
     [sr_set] = [d for d in report["sr"]["ohif"]["displaySets"] if d["modality"] == "SR"]
     assert sr_set["loaded"] is True
     measured = {m["id"]: m for m in sr_set["srMeasurements"]}
-    regions = [m for m in study.m1.measurements if m.voxel_count > 0]
-    assert len(measured) == len(regions) + 1, sorted(measured)  # + the quality control
-    assert "Quality control" in measured
+    # each region the SEG names (each covered area and layer), each of those areas over all its
+    # layers, and the quality control
+    whole_areas = {label.rsplit(" ", 1)[0] + " all layers" for label in expected}
+    assert set(measured) == {*expected, *whole_areas, "Quality control"}, sorted(measured)
     for label in expected:
         assert measured[label]["loaded"] is True, measured[label]
         assert any(x.startswith("Magnetic Susceptibility: ") and "ppm" in x
                    for x in measured[label]["labels"]), measured[label]
     assert all(m["loaded"] for m in measured.values()), measured
     # a follow-up visit: the change since the prior report shows with the region's values
-    assert "Change in mean susceptibility: 0.02 ppm" in measured["M1 left hand deep"]["labels"]
+    assert left_deep_change in measured["M1 left hand deep"]["labels"], (
+        left_deep_change, measured["M1 left hand deep"]["labels"])
     # OHIF's measurement panel: every region (a rectangle on its slice), named
     panel = report["sr"]["text"]["body"]
     assert f"Measurements ({len(measured)})" in panel, panel[-3000:]

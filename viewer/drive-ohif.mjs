@@ -4,7 +4,7 @@
 //
 // PLAN: {"series": [{"name": <series description>, "key": <file stem>, "before": [<series
 // description shown first>, ...], "query": <appended to URL>, "panel": <data-cy of a panel tab
-// to open>, "prompt": <true: the series asks to be loaded; wait for the prompt>, "clickAfter": <text to click then, e.g. a segment>, "waitForColour": <true: wait until the viewport shows colour, scrolling a slice on and back every 5 s>}, ...], "waitMs": N}.
+// to open>, "prompt": <true: the series asks to be loaded; wait for the prompt>, "clickAfter": <text to click then, e.g. a segment>, "waitForColour": <true (or "tinted": pastel colour will do): wait until the viewport shows colour, scrolling a slice on and back every 5 s>, "probes": [<values: report each volume layer's colour and opacity at them>]}, ...], "waitMs": N}.
 // For each series, in a fresh page at URL (an OHIF /viewer?StudyInstanceUIDs=... address):
 // skip the tour, double-click the series' thumbnail in the study browser, accept a load prompt
 // when one comes, wait for the network and the viewport to settle, then record the console
@@ -58,7 +58,9 @@ function canvasStats() {
   const ctx = best.getContext('2d');
   if (!ctx) return {width: best.width, height: best.height, error: 'no 2d context'};
   const {data, width, height} = ctx.getImageData(0, 0, best.width, best.height);
-  let lit = 0, coloured = 0, sum = 0;
+  // coloured: a channel spread over 40 (of 255); tinted: over 20, with reddish and bluish
+  // (red minus blue, blue minus red, over 20): a pastel overlay
+  let lit = 0, coloured = 0, tinted = 0, reddish = 0, bluish = 0, sum = 0;
   const grid = new Array(256).fill(0), counts = new Array(256).fill(0);
   for (let y = 0; y < height; y++) {
     for (let x = 0; x < width; x++) {
@@ -67,13 +69,19 @@ function canvasStats() {
       const grey = (r + g + b) / 3;
       sum += grey;
       if (grey > 20) lit++;
-      if (Math.max(r, g, b) - Math.min(r, g, b) > 40) coloured++;
+      const spread = Math.max(r, g, b) - Math.min(r, g, b);
+      if (spread > 40) coloured++;
+      if (spread > 20) tinted++;
+      if (r - b > 20) reddish++;
+      if (b - r > 20) bluish++;
       const cell = Math.floor(16 * y / height) * 16 + Math.floor(16 * x / width);
       grid[cell] += grey; counts[cell]++;
     }
   }
   const n = width * height;
-  return {width, height, litFraction: lit / n, colouredFraction: coloured / n, mean: sum / n,
+  return {width, height, litFraction: lit / n, colouredFraction: coloured / n,
+          tintedFraction: tinted / n, reddishFraction: reddish / n, bluishFraction: bluish / n,
+          mean: sum / n,
           grid: grid.map((v, i) => Math.round(v / Math.max(counts[i], 1)))};
 }
 
@@ -140,16 +148,67 @@ async function scrollOneSlice(page) {
   await page.mouse.wheel({deltaY: -120});
 }
 
-async function waitForColour(page, seconds) {
+function hasColour(stats, how) {
+  // how: true (coloured) or 'tinted' (a pastel overlay)
+  return !!stats && (how === 'tinted' ? stats.tintedFraction : stats.colouredFraction) > 0;
+}
+
+async function waitForColour(page, seconds, how) {
   // an overlay is drawn once its volume has loaded: poll the viewport, scrolling a slice on and
   // back every 5 s without colour
   for (let t = 1; t <= seconds; t++) {
     const stats = await page.evaluate(canvasStats);
-    if (stats && stats.colouredFraction > 0) break;
+    if (hasColour(stats, how)) break;
     await sleep(1000);
     if (t % 5 === 0) await scrollOneSlice(page);
   }
   await sleep(1000);
+}
+
+function volumeLayers(probes) {
+  // Each volume layer Cornerstone draws (window.cornerstone, as OHIF exposes it): its volume,
+  // the range of the values it holds, its VOI range and colour map, and, at each probe value,
+  // the colour (RGB 0..1) and opacity its transfer functions give, i.e. what a voxel of that
+  // value looks like in the viewport
+  const cs = window.cornerstone;
+  if (!cs || !cs.getEnabledElements) return null;
+  const out = [];
+  for (const enabled of cs.getEnabledElements()) {
+    const viewport = enabled.viewport;
+    if (!viewport || !viewport.getActors) continue;
+    for (const entry of viewport.getActors()) {
+      const volumeId = entry.referencedId || entry.uid;
+      const layer = {viewportId: viewport.id, type: viewport.type, volumeId};
+      try {
+        const props = viewport.getProperties(volumeId) || {};
+        layer.voiRange = props.voiRange || null;
+        layer.colormap = props.colormap ? {name: props.colormap.name ?? null,
+                                           opacity: props.colormap.opacity ?? null} : null;
+      } catch (e) { layer.propertiesError = String(e); }
+      const volume = cs.cache.getVolume(volumeId) || cs.cache.getVolume(String(volumeId).split(':').pop());
+      try {
+        const data = volume && volume.voxelManager.getCompleteScalarDataArray();
+        if (data) {
+          let lo = Infinity, hi = -Infinity;
+          for (let i = 0; i < data.length; i++) { const v = data[i]; if (v < lo) lo = v; if (v > hi) hi = v; }
+          layer.min = lo; layer.max = hi;
+        }
+      } catch (e) { layer.dataError = String(e); }
+      try {
+        const property = entry.actor.getProperty();
+        const colours = property.getRGBTransferFunction(0);
+        const opacity = property.getScalarOpacity(0);
+        layer.probes = (probes || []).map(value => {
+          const rgb = [0, 0, 0];
+          colours.getColor(value, rgb);
+          return {value, rgb: rgb.map(c => Math.round(c * 1000) / 1000),
+                  opacity: Math.round(opacity.getValue(value) * 1000) / 1000};
+        });
+      } catch (e) { layer.probeError = String(e); }
+      out.push(layer);
+    }
+  }
+  return out;
 }
 
 function viewportSeries() {
@@ -209,7 +268,7 @@ async function runItem(item) {
       entry.clicked.push(clicked);
       await settle(page);
     }
-    if (item.waitForColour) await waitForColour(page, 90);
+    if (item.waitForColour) await waitForColour(page, 90, item.waitForColour);
     if (item.panel) {
       // open a right-hand panel (e.g. the measurements) by its tab
       entry.dataCy = await page.evaluate(() => Array.from(document.querySelectorAll('[data-cy]'))
@@ -228,9 +287,10 @@ async function runItem(item) {
       // e.g. a segment or measurement in the panel: OHIF jumps to its slice
       entry.clicked.push(await clickText(page, [item.clickAfter]));
       await settle(page);
-      if (item.waitForColour) await waitForColour(page, 30);
+      if (item.waitForColour) await waitForColour(page, 30, item.waitForColour);
     }
     entry.viewports = await page.evaluate(viewportSeries).catch(e => ({error: String(e)}));
+    if (item.probes) entry.layers = await page.evaluate(volumeLayers, item.probes).catch(e => ({error: String(e)}));
     entry.consoleAfterLoad = consoleLines.slice(before);
     entry.canvas = await page.evaluate(canvasStats);
     entry.text = await page.evaluate(panelText);
@@ -244,7 +304,7 @@ async function runItem(item) {
 try {
   for (const item of plan.series) {
     let entry = await runItem(item);
-    if (item.waitForColour && !entry.error && !(entry.canvas && entry.canvas.colouredFraction > 0)) {
+    if (item.waitForColour && !entry.error && !hasColour(entry.canvas, item.waitForColour)) {
       // the overlay never showed (OHIF, busy, may put it on another series): reload the
       // viewer and load it again, once, as a radiologist would; the report says so
       const first = entry;
