@@ -481,11 +481,11 @@ def _run_process(folder: Path, out: Path, send: str | None, config: Path | None,
     import time
 
     from qsmnode.dicom.load import LoadedAcquisition, load_folder
+    from qsmnode.node.association import AssociationFailed, OutgoingFile, Peer
     from qsmnode.node.config import ConfigError, PipelineConfig, SenderConfig, load_settings
     from qsmnode.node.followup import FollowUpSource
     from qsmnode.node.jobs import JobError
     from qsmnode.node.outbox import write_datasets
-    from qsmnode.node.sender import AssociationFailed, OutgoingFile, Peer
     from qsmnode.node.storescu import send_resuming
     from qsmnode.node.worker import resolve_job_function
 

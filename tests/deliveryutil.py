@@ -18,8 +18,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from qsmnode.node.association import Peer
 from qsmnode.node.config import DestinationConfig, SenderConfig, Settings
-from qsmnode.node.sender import Peer
 from tests.nodeutil import Node, toml_value, wait_for
 from tests.orthanc import Orthanc
 

@@ -37,17 +37,16 @@ from pydicom.uid import ExplicitVRLittleEndian
 from qsmnode.dicom.load import LoadedAcquisition, load_folder
 from qsmnode.node import sender as sender_module
 from qsmnode.node import spool as spool_module
-from qsmnode.node.config import ClientTLSConfig, ConfigError, Settings, load_settings
-from qsmnode.node.outbox import Outbox, write_datasets
-from qsmnode.node.sender import (
+from qsmnode.node.association import (
     AssociationFailed,
     OutgoingFile,
     Peer,
-    Sender,
-    backoff_s,
     describe_rejection,
     send_files,
 )
+from qsmnode.node.config import ClientTLSConfig, ConfigError, Settings, load_settings
+from qsmnode.node.outbox import Outbox, write_datasets
+from qsmnode.node.sender import Sender, backoff_s
 from qsmnode.node.store import SCHEMA_VERSION, OutboxRecord, SendOutcome, Store
 from tests.conftest import REPO, require_tool
 from tests.deliveryutil import (

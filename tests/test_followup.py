@@ -27,8 +27,8 @@ from qsmnode.m1.followup import (
     why_not_comparable,
 )
 from qsmnode.m1.result import M1Result, Measurement
+from qsmnode.node.association import Peer
 from qsmnode.node.followup import FollowUpSource, find_priors
-from qsmnode.node.sender import Peer
 from qsmnode.sim.scanner import Simulation, preset, simulate
 from qsmnode.sim.vendor_dicom import SimStudyInfo, write_dicom
 from tests.conftest import require_tool
@@ -452,7 +452,7 @@ def _archive(server: Orthanc, sim: Simulation, root: Path, info: SimStudyInfo, m
              version: str, qsm_note: str | None = None) -> Dataset:
     """A visit processed with ``m1`` (the truth's numbers) by ``version`` (``qsm_note``: as a
     2-D protocol without QSM), its report stored in the PACS by C-STORE; the report."""
-    from qsmnode.node.sender import OutgoingFile, send_files
+    from qsmnode.node.association import OutgoingFile, send_files
 
     sources = write_dicom(sim.gre, root / "source", "siemens", info)
     (loaded,) = load_folder(root / "source")

@@ -21,6 +21,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
 from qsmnode.demo.pacs import Orthanc, free_port
+from qsmnode.node.association import Peer
 from qsmnode.node.prior_query import (
     PriorQuery,
     PriorQueryError,
@@ -28,7 +29,6 @@ from qsmnode.node.prior_query import (
     _is_qsmnode_report,
     find_prior_reports,
 )
-from qsmnode.node.sender import Peer
 from tests.conftest import require_tool
 
 CALLING = "QSMNODE"

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 
 from qsmnode.dicom.load import LoadedAcquisition, load_folder
+from qsmnode.node.association import AssociationFailed, OutgoingFile, Peer
 from qsmnode.node.outbox import write_datasets
-from qsmnode.node.sender import AssociationFailed, OutgoingFile, Peer
 from qsmnode.node.stow import stow_files
 from tests.conftest import require_tool
 from tests.deliveryutil import truth_process

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from qsmnode.node.association import Peer
 from qsmnode.node.config import ConfigError, load_settings
-from qsmnode.node.sender import Peer
 
 TABLE = """
 [[destinations]]

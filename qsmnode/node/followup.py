@@ -21,8 +21,8 @@ from typing import Any
 
 from qsmnode.dicom.prior_report import PriorReportError, read_prior_report
 from qsmnode.m1.followup import PriorResult, RetestLimits
+from qsmnode.node.association import Peer
 from qsmnode.node.config import ClientTLSConfig, Settings
-from qsmnode.node.sender import Peer
 
 log = logging.getLogger(__name__)
 

@@ -38,6 +38,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from qsmnode.node.association import client_ssl_context
 from qsmnode.node.config import HL7DestinationConfig, Settings
 from qsmnode.node.hl7_facts import job_facts, result_key
 from qsmnode.node.hl7_message import (
@@ -52,7 +53,7 @@ from qsmnode.node.hl7_observations import FLAG_RANK
 from qsmnode.node.hl7_queue import DueMessage, HL7Queue, MessageOutcome, QueuedMessage
 from qsmnode.node.mllp import MLLPConnection, MLLPError
 from qsmnode.node.redact import Redactor, dataset_values
-from qsmnode.node.sender import backoff_s, client_ssl_context
+from qsmnode.node.sender import backoff_s
 from qsmnode.node.store import Store
 
 log = logging.getLogger(__name__)

@@ -5,7 +5,7 @@ up to its own ``<FS><CR>``, within the timeout. A connection that closes before 
 answer came, an answer without the start byte, one larger than :data:`MAX_ANSWER_BYTES`, or
 silence past the timeout is an :class:`MLLPError`: the connection is closed then (its stream
 state is unknown) and the caller tries again later. Optionally over TLS (the server is verified
-as for DICOM destinations: :func:`qsmnode.node.sender.client_ssl_context`).
+as for DICOM destinations: :func:`qsmnode.node.association.client_ssl_context`).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Finding a patient's earlier qsmnode Structured Reports in a PACS (DICOM Query/Retrieve SCU).
 
 :func:`find_prior_reports` makes one association with the PACS (like
-:func:`qsmnode.node.sender.send_files`: the peer's calling AE title, its TLS, the same timeouts
+:func:`qsmnode.node.association.send_files`: the peer's calling AE title, its TLS, the same timeouts
 and the same account of a refused or failed connection) and asks, in the Study Root
 Query/Retrieve Information Model:
 
@@ -43,15 +43,15 @@ from typing import Any
 import pydicom
 
 from qsmnode.dicom.derived.common import MANUFACTURER
-from qsmnode.node.logtext import printable
-from qsmnode.node.redact import Redactor
-from qsmnode.node.sender import (
+from qsmnode.node.association import (
     Peer,
     _capture_connect_errors,
     _uid_name,
     client_ssl_context,
     describe_rejection,
 )
+from qsmnode.node.logtext import printable
+from qsmnode.node.redact import Redactor
 
 log = logging.getLogger(__name__)
 

@@ -1,5 +1,5 @@
 """A C-STORE SCU for files on disk, as a scanner sends them (the simulator and the demo use it):
-:func:`qsmnode.node.sender.send_files` with each file's SOP class and transfer syntax read from
+:func:`qsmnode.node.association.send_files` with each file's SOP class and transfer syntax read from
 its file meta.
 
 A lost association (the peer aborted, the network dropped, a response never came) does not end
@@ -21,14 +21,14 @@ from typing import Any
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_file_meta_info
 
-from qsmnode.node.sender import (
+from qsmnode.node.association import (
     AssociationFailed,
     FileOutcome,
     OutgoingFile,
     Peer,
     is_success,
 )
-from qsmnode.node.sender import send_files as send_outgoing
+from qsmnode.node.association import send_files as send_outgoing
 
 
 class StoreError(RuntimeError):
@@ -109,7 +109,7 @@ def send_resuming(peer: Peer, outgoing: Sequence[OutgoingFile], timeout_s: float
                   on_sent: Callable[[int, int], None] | None = None,
                   reassociations: int = REASSOCIATIONS, retry_delay_s: float = 1.0,
                   ) -> tuple[dict[Any, Any], int]:
-    """:func:`qsmnode.node.sender.send_files`, resumed on a new association when one is lost
+    """:func:`qsmnode.node.association.send_files`, resumed on a new association when one is lost
     (see the module docstring). Returns the outcome per key and how many associations it took.
 
     Raises:
