@@ -23,7 +23,8 @@ it, it cannot tell (a head lying symmetric about the scanner's midline, or a T1w
 in common with the GRE) and passes, saying so. It does not catch a T1w mirrored *with* the
 GRE (both wrong the same way): left and right then rest on the DICOM geometry alone.
 
-numpy only: nearest-neighbour sampling and a joint histogram.
+Nearest-neighbour sampling in numpy; the NMI is the registration's own
+(:func:`qsmnode.m1.register.normalised_mutual_information`, 32 bins).
 """
 
 from __future__ import annotations
@@ -33,13 +34,14 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import NDArray
 
+from qsmnode.m1.register import normalised_mutual_information
+
 MIRROR_MARGIN = 0.01
 """NMI by which the mirrored GRE must fit the T1w better for the check to fail: a third of
 the smallest margin measured on real data (0.023), an order above the mirrored-template
 noise (0.004)."""
 MIN_OVERLAP_VOXELS = 1000
 """Fewer GRE mask voxels inside the T1w's field of view than this: no check."""
-BINS = 32
 
 
 def sample_nearest(volume: NDArray[np.floating], affine: NDArray[np.float64],
@@ -54,20 +56,6 @@ def sample_nearest(volume: NDArray[np.floating], affine: NDArray[np.float64],
     out = np.full(index.shape[1], np.nan, dtype=np.float32)
     out[inside] = np.asarray(volume)[tuple(ijk[:, inside])]
     return out.reshape(shape)
-
-
-def normalised_mutual_information(a: NDArray[np.floating], b: NDArray[np.floating],
-                                  bins: int = BINS) -> float:
-    """Studholme's NMI, (H(a) + H(b)) / H(a, b), from a ``bins``² joint histogram: 1 for
-    independent values, 2 for values that determine each other."""
-    joint, _, _ = np.histogram2d(np.ravel(a), np.ravel(b), bins=bins)
-    p = joint / joint.sum()
-
-    def entropy(q: NDArray[np.float64]) -> float:
-        q = q[q > 0]
-        return float(-np.sum(q * np.log(q)))
-
-    return (entropy(p.sum(axis=1)) + entropy(p.sum(axis=0))) / entropy(p.ravel())
 
 
 def left_right_axis(affine: NDArray[np.float64]) -> int:
