@@ -34,7 +34,7 @@ ALS = {"left_hand": 0.04}
 
 def _worker(tmp: str) -> dict:
     """Run ``analyse_m1`` in this fresh process on the inputs saved in ``tmp``."""
-    from qsmnode.dicom.templates import load_m1_atlas
+    from qsmnode.dicom.reference_data import load_m1_atlas
     from qsmnode.m1.analysis import analyse_m1
 
     d = Path(tmp)

@@ -75,12 +75,12 @@ def _simulate(args: argparse.Namespace) -> int:
         return written
     if not args.send:
         return 0
-    from qsmnode.node.storescu import StoreError, send_files
+    from qsmnode.node.storescu import SendError, send_paths
 
     host, port = args.send
     try:
-        report = send_files(written, host, port, args.called_ae, args.calling_ae)
-    except StoreError as exc:
+        report = send_paths(written, host, port, args.called_ae, args.calling_ae)
+    except SendError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     failed = {p: s for p, s in report.statuses.items() if s != 0}

@@ -71,7 +71,7 @@ from qsmnode.dicom.derived.common import source_reader
 from qsmnode.dicom.derived.key_images import Z_FLAG
 from qsmnode.dicom.headers import slice_thickness_mm
 from qsmnode.dicom.load import LoadedAcquisition, LoadedT1w
-from qsmnode.dicom.templates import brain_prior_for
+from qsmnode.dicom.reference_data import brain_prior_for
 from qsmnode.m1.analysis import M1Atlas, M1Params, SameSessionT1w, analyse_m1
 from qsmnode.m1.followup import FollowUp, PriorResult, Protocol, RetestLimits, compare
 from qsmnode.m1.measure import NormativeTable

@@ -100,14 +100,14 @@ def _sop_uids(paths: list[Path]) -> dict[Path, str]:
 
 def test_a_dropped_association_is_resumed_from_the_first_unacknowledged_file(
         tiny_study: Path) -> None:
-    from qsmnode.node.storescu import send_files
+    from qsmnode.node.storescu import send_paths
 
     files = sorted((tiny_study / "dicom").rglob("*.dcm"))[:40]
     uids = _sop_uids(files)
     peer = DroppingStoreSCP(drop_at=15, drops=2)
     try:
         progress: list[int] = []
-        report = send_files(files, "127.0.0.1", peer.port, "QSMNODE", "SCANNER7T",
+        report = send_paths(files, "127.0.0.1", peer.port, "QSMNODE", "SCANNER7T",
                             timeout_s=30, retry_delay_s=0.05,
                             on_sent=lambda done, total: progress.append(done))
     finally:
@@ -121,13 +121,13 @@ def test_a_dropped_association_is_resumed_from_the_first_unacknowledged_file(
 
 def test_a_send_that_keeps_being_dropped_names_exactly_the_files_not_stored(
         tiny_study: Path) -> None:
-    from qsmnode.node.storescu import send_files
+    from qsmnode.node.storescu import send_paths
 
     files = sorted((tiny_study / "dicom").rglob("*.dcm"))[:40]
     uids = _sop_uids(files)
     peer = DroppingStoreSCP(drop_at=5, drops=100)
     try:
-        report = send_files(files, "127.0.0.1", peer.port, "QSMNODE", "SCANNER7T",
+        report = send_paths(files, "127.0.0.1", peer.port, "QSMNODE", "SCANNER7T",
                             timeout_s=30, reassociations=2, retry_delay_s=0.05)
     finally:
         peer.close()

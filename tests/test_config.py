@@ -583,7 +583,7 @@ def test_cli_config_check_bad_file(tmp_path: Path) -> None:
 
 
 def test_config_knows_every_m1_atlas() -> None:
-    from qsmnode.dicom.templates import ATLASES
+    from qsmnode.dicom.reference_data import ATLASES
     from qsmnode.node.config import M1_ATLASES
 
     assert set(M1_ATLASES) == set(ATLASES)

@@ -42,7 +42,7 @@ from qsmnode.node.association import (
     OutgoingFile,
     Peer,
     describe_rejection,
-    send_files,
+    send_over_association,
 )
 from qsmnode.node.config import ClientTLSConfig, ConfigError, Settings, load_settings
 from qsmnode.node.outbox import Outbox, write_datasets
@@ -242,7 +242,7 @@ def test_connection_refused_and_tls(tmp_path: Path, derived: list[Dataset]) -> N
     port = free_port()
     with pytest.raises(AssociationFailed, match=r"cannot connect to STORE@127\.0\.0\.1:"
                        rf"{port}: .*Connection refused") as refused:
-        send_files(Peer("x", "STORE", "127.0.0.1", port), files)
+        send_over_association(Peer("x", "STORE", "127.0.0.1", port), files)
     assert not refused.value.rejected
 
     pem = _certificates(tmp_path / "pki")
@@ -262,13 +262,15 @@ def test_connection_refused_and_tls(tmp_path: Path, derived: list[Dataset]) -> N
                               evt_handlers=[(evt.EVT_C_STORE, on_store)])
     try:
         tls = ClientTLSConfig(True, pem["ca_crt"], pem["client_crt"], pem["client_key"])
-        results = send_files(Peer("x", "STORE", "127.0.0.1", port, "QSMNODE", tls), files)
+        results = send_over_association(
+            Peer("x", "STORE", "127.0.0.1", port, "QSMNODE", tls), files)
         assert all(r.ok for r in results.values()) and len(results) == 3
         assert received == [str(d.SOPInstanceUID) for d in derived[:3]]
         untrusted = ClientTLSConfig(True, pem["rogue_crt"], pem["client_crt"],
                                     pem["client_key"])
         with pytest.raises(AssociationFailed, match="CERTIFICATE_VERIFY_FAILED"):
-            send_files(Peer("x", "STORE", "127.0.0.1", port, "QSMNODE", untrusted), files)
+            send_over_association(
+                Peer("x", "STORE", "127.0.0.1", port, "QSMNODE", untrusted), files)
     finally:
         server.shutdown()
 
@@ -691,13 +693,13 @@ def test_object_the_peer_never_answers_does_not_block_the_others(tmp_path: Path)
 
 def _count_associations(monkeypatch: pytest.MonkeyPatch) -> list[float]:
     calls: list[float] = []
-    real = sender_module.send_files
+    real = sender_module.send_over_association
 
     def counting(*args: Any, **kwargs: Any) -> Any:
         calls.append(time.monotonic())
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(sender_module, "send_files", counting)
+    monkeypatch.setattr(sender_module, "send_over_association", counting)
     return calls
 
 
@@ -940,7 +942,7 @@ def test_tls_failure_is_one_clear_line_without_traceback(
                 ClientTLSConfig(True))
     try:
         with pytest.raises(AssociationFailed, match=r"cannot connect to .*SSL"):
-            send_files(peer, files, timeout_s=5)
+            send_over_association(peer, files, timeout_s=5)
     finally:
         listener.close()
         thread.join(5)

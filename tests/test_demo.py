@@ -11,7 +11,7 @@ import pydicom
 from qsmnode.demo.pacs import BuiltinPacs, start_pacs
 from qsmnode.demo.progress import Console, bar
 from qsmnode.demo.run import Timeline, deep_contrast, latency_rows, measurement_table, run_demo
-from qsmnode.node.storescu import send_files
+from qsmnode.node.storescu import send_paths
 from tests.nodeutil import write_study
 
 
@@ -21,7 +21,7 @@ def test_builtin_pacs_stores_what_it_is_sent_and_counts_series(tmp_path: Path) -
     assert isinstance(pacs, BuiltinPacs)
     seen: list[tuple[int, int]] = []
     try:
-        report = send_files(files, "127.0.0.1", pacs.dicom_port, pacs.ae_title, "DEMO7T",
+        report = send_paths(files, "127.0.0.1", pacs.dicom_port, pacs.ae_title, "DEMO7T",
                             on_sent=lambda done, total: seen.append((done, total)))
     finally:
         pacs.stop()

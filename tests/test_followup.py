@@ -452,7 +452,7 @@ def _archive(server: Orthanc, sim: Simulation, root: Path, info: SimStudyInfo, m
              version: str, qsm_note: str | None = None) -> Dataset:
     """A visit processed with ``m1`` (the truth's numbers) by ``version`` (``qsm_note``: as a
     2-D protocol without QSM), its report stored in the PACS by C-STORE; the report."""
-    from qsmnode.node.association import OutgoingFile, send_files
+    from qsmnode.node.association import OutgoingFile, send_over_association
 
     sources = write_dicom(sim.gre, root / "source", "siemens", info)
     (loaded,) = load_folder(root / "source")
@@ -461,7 +461,7 @@ def _archive(server: Orthanc, sim: Simulation, root: Path, info: SimStudyInfo, m
     path = root / "sr.dcm"
     objects.report.save_as(path, enforce_file_format=True)
     sr = objects.report
-    outcome = send_files(_source(server).peer, [OutgoingFile(
+    outcome = send_over_association(_source(server).peer, [OutgoingFile(
         path, path, str(sr.SOPClassUID), str(sr.file_meta.TransferSyntaxUID),
         str(sr.SOPInstanceUID))])
     assert all(o.ok for o in outcome.values()), outcome

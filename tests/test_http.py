@@ -369,7 +369,7 @@ def test_a_2d_acquisition_without_qsm_says_so_on_the_page_and_in_qsmnode_status(
     few for the M1 analysis too, which says so as well)."""
     from qsmnode.cli import main
     from qsmnode.dicom.load import LoadedAcquisition, load_folder
-    from qsmnode.dicom.templates import load_m1_atlas
+    from qsmnode.dicom.reference_data import load_m1_atlas
     from qsmnode.pipeline import PipelineParams, run_pipeline
     from qsmnode.sim.scanner import preset, simulate
     from qsmnode.sim.vendor_dicom import SimStudyInfo, write_dicom

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from qsmnode.dicom.templates import load_m1_atlas
+from qsmnode.dicom.reference_data import load_m1_atlas
 from qsmnode.m1.analysis import analyse_m1
 from qsmnode.m1.measure import NormativeTable, NormativeValue
 from qsmnode.m1.result import AREAS, LAYERS, RELIABILITY_FLAG, segment_of

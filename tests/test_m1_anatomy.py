@@ -8,7 +8,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from qsmnode.dicom import templates
+from qsmnode.dicom import reference_data
 from qsmnode.m1.atlas import (
     LEFT,
     OTHER_M1,
@@ -40,25 +40,25 @@ def _grid_points(shape, affine):
 
 
 def test_templates_are_found_in_installed_packages_with_licences():
-    t = templates.load_template()
+    t = reference_data.load_template()
     assert t.data.dtype == np.float32 and t.data.ndim == 3
     assert t.affine.shape == (4, 4) and np.allclose(np.abs(np.diag(t.affine)[:3]), 1.0)
     assert "McGill" in t.licence and "Fonov" in t.citation
-    tt = templates.load_tissue_template()
+    tt = reference_data.load_tissue_template()
     assert tt.gm.shape == tt.wm.shape == tt.t1.shape
     assert 0 <= tt.gm.min() and tt.gm.max() <= 1 and tt.wm.max() <= 1
-    for name, info in templates.ATLASES.items():
+    for name, info in reference_data.ATLASES.items():
         assert info.file.licence and info.file.citation, name
-    vol, info = templates.load_atlas("hcpex")
+    vol, info = reference_data.load_atlas("hcpex")
     assert vol.data.shape == t.data.shape and np.allclose(vol.affine, t.affine)
     assert "HCP" in vol.licence
 
 
 def test_missing_files_say_what_to_do(tmp_path):
-    with pytest.raises(templates.TemplateNotFound, match="no template/atlas file"):
-        templates.load_volume(tmp_path / "absent.nii.gz")
+    with pytest.raises(reference_data.TemplateNotFound, match="no template/atlas file"):
+        reference_data.load_volume(tmp_path / "absent.nii.gz")
     with pytest.raises(KeyError, match="unknown M1 atlas"):
-        templates.load_atlas("nonexistent")
+        reference_data.load_atlas("nonexistent")
 
 
 # --- the hand/foot split ----------------------------------------------------------------------
@@ -121,7 +121,7 @@ def test_probabilistic_atlas_uses_maximum_probability():
 
 def test_shipped_atlases_give_four_areas_at_the_expected_places():
     for name in ("hcpex", "juelich-ba4", "harvard-oxford-precentral"):
-        vol, info = templates.load_atlas(name)
+        vol, info = reference_data.load_atlas(name)
         areas = split_areas(m1_hemispheres(vol.data, vol.affine, info.m1), vol.affine)
         xyz = _grid_points(areas.shape, vol.affine)
         for area, centre in (("left_hand", (-36, -20, 57)), ("right_hand", (36, -20, 57)),
@@ -253,7 +253,7 @@ def test_simulate_anatomy_gives_the_simulators_types_and_writes_truth(tmp_path):
 def test_phantom_is_not_the_registration_target():
     """The phantom's template (2009a symmetric) differs from the target (2009c asymmetric)."""
     assert AnatomyParams().template == "mni152-2009a-sym"
-    assert templates.DEFAULT_TEMPLATE.startswith("mni152-2009c")
+    assert reference_data.DEFAULT_TEMPLATE.startswith("mni152-2009c")
 
 
 def test_extent_contains_the_head():
@@ -280,7 +280,7 @@ def test_the_phantoms_areas_are_its_own_and_where_anatomy_puts_them():
     gm = (m.pial >= 0) & (m.white < 0)
     affine = np.linalg.inv(m.inv_affine)
     xyz = _grid_points(gm.shape, affine)
-    vol, info = templates.load_atlas(templates.DEFAULT_ATLAS)
+    vol, info = reference_data.load_atlas(reference_data.DEFAULT_ATLAS)
     analysis = resample_labels(split_areas(m1_hemispheres(vol.data, vol.affine, info.m1),
                                            vol.affine), vol.affine, gm.shape, affine)
     dice = {}

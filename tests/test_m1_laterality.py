@@ -126,7 +126,7 @@ def test_the_m1_analysis_of_a_mirrored_slab_with_its_t1w_is_not_reliable(simulat
     z-score."""
     import tomllib
 
-    from qsmnode.dicom.templates import load_m1_atlas
+    from qsmnode.dicom.reference_data import load_m1_atlas
     from qsmnode.m1.analysis import LATERALITY_FLAG, SameSessionT1w, analyse_m1
     from qsmnode.m1.measure import NormativeTable
     from qsmnode.m1.result import RELIABILITY_FLAG

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from qsmnode.dicom import templates
+from qsmnode.dicom import reference_data
 from qsmnode.m1.atlas import area_value, m1_hemispheres, resample_labels, split_areas
 from qsmnode.m1.register import (
     Registration,
@@ -39,8 +39,8 @@ to the phantom's paracentral box)."""
 @pytest.fixture(scope="module")
 def target():
     """The registration target (2009c asymmetric brain) and the atlas's areas on it."""
-    tmpl = templates.load_template()
-    vol, info = templates.load_atlas()
+    tmpl = reference_data.load_template()
+    vol, info = reference_data.load_atlas()
     areas = split_areas(m1_hemispheres(vol.data, vol.affine, info.m1), vol.affine)
     return tmpl, areas, vol.affine
 

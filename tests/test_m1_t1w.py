@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from qsmnode.dicom.templates import load_m1_atlas
+from qsmnode.dicom.reference_data import load_m1_atlas
 from qsmnode.m1.analysis import SameSessionT1w, analyse_m1, register_subject
 from qsmnode.m1.result import AREAS, segment_of
 from qsmnode.sim.anatomy import simulate_anatomy, simulate_t1w

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from qsmnode.dicom.load import LoadedAcquisition, load_folder
-from qsmnode.dicom.templates import load_m1_atlas
+from qsmnode.dicom.reference_data import load_m1_atlas
 from qsmnode.pipeline import PipelineError, PipelineParams, run_pipeline
 from qsmnode.sim.phantom import PhantomParams
 from qsmnode.sim.scanner import preset, simulate

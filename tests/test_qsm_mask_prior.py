@@ -131,7 +131,7 @@ def test_real_philips_whole_head_gets_a_brain_sized_mask(shared_data: Path) -> N
     held the head (3481 mL) with a saturated rim (χ 1st/99th percentiles −1.65/+1.28 ppm).
     Measured 2026-12-06: 1574 mL, QSM mask 1132 mL, χ −0.077/+0.094 ppm."""
     from qsmnode.dicom.load import load_folder
-    from qsmnode.dicom.templates import load_m1_atlas
+    from qsmnode.dicom.reference_data import load_m1_atlas
     from qsmnode.m1.register import brain_prior_function
 
     (loaded,) = load_folder(shared_data / "philips-3t-2echo" / "classic")

@@ -39,7 +39,7 @@ from pydicom.dataset import Dataset
 from qsmnode.demo.pacs import free_port
 from qsmnode.demo.progress import Console
 from qsmnode.demo.run import FOLLOW_UP_VISITS, simulate_scan
-from qsmnode.node.storescu import send_files
+from qsmnode.node.storescu import send_paths
 from tests.orthanc import DICOMWEB_PLUGIN, DicomWebOrthanc
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -241,7 +241,7 @@ def process_and_send(folder: Path, out: Path, config: Path) -> str:
 def archive(files: list[Path], orthanc: DicomWebOrthanc) -> None:
     """The scanner archives its images in the PACS (C-STORE), so the overlays have their
     anatomy there."""
-    report = send_files(files, "127.0.0.1", orthanc.dicom_port, orthanc.ae_title, SCANNER_AE)
+    report = send_paths(files, "127.0.0.1", orthanc.dicom_port, orthanc.ae_title, SCANNER_AE)
     assert report.ok, (report.statuses, report.errors)
 
 

@@ -52,7 +52,7 @@ def single_folder(folder: Path, out: Path, method: str = "single-step-tv") -> in
     """QSM of the one acquisition in ``folder`` with the named pipeline
     (:data:`qsmnode.qsm.pipeline.METHODS`); maps as ``out/<quantity>.nii.gz``."""
     from qsmnode.dicom.nifti import BidsError, read_megre, write_nifti
-    from qsmnode.dicom.templates import brain_prior_for
+    from qsmnode.dicom.reference_data import brain_prior_for
     from qsmnode.qsm.pipeline import METHODS, run_qsm
 
     try:

@@ -291,7 +291,7 @@ def _header_facts(gre: Any, acquisition: MegreAcquisition, bids_root: Path,
 
 @functools.cache
 def _m1_atlas() -> Any:
-    from qsmnode.dicom.templates import load_m1_atlas
+    from qsmnode.dicom.reference_data import load_m1_atlas
 
     return load_m1_atlas()
 
@@ -341,7 +341,7 @@ def process_acquisition(acquisition: MegreAcquisition, bids_root: Path, output_d
 def _process(acquisition: MegreAcquisition, bids_root: Path, root: Path,
              options: Options) -> dict[str, Any]:
     from qsmnode.dicom.nifti import read_megre_files, write_nifti
-    from qsmnode.dicom.templates import brain_prior_for
+    from qsmnode.dicom.reference_data import brain_prior_for
     from qsmnode.qsm.pipeline import run_qsm
 
     gre = read_megre_files(acquisition.file_map(), acquisition.name, bids_root)

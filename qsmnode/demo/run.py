@@ -246,15 +246,14 @@ def send_study_to_pacs(console: Console, files: list[Path], pacs: Pacs) -> None:
 
 def _scanner_send(files: list[Path], line: Line, host: str, port: int, ae_title: str,
                   who: str) -> None:
-    from qsmnode.node.storescu import StoreError as SendError
-    from qsmnode.node.storescu import send_files
+    from qsmnode.node.storescu import SendError, send_paths
 
     def sent(done: int, total: int) -> None:
         if done == total or done % 8 == 0:
             line.update(f"{bar(done, total)}  C-STORE {SCANNER_AE} → {ae_title}")
 
     try:
-        report = send_files(files, host, port, ae_title, SCANNER_AE, on_sent=sent)
+        report = send_paths(files, host, port, ae_title, SCANNER_AE, on_sent=sent)
     except SendError as exc:
         line.fail(str(exc))
         raise DemoError(f"the scanner could not send to {who}: {exc}") from None

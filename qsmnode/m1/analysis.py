@@ -17,7 +17,7 @@
    ``m1_measures_reliable`` flag saying which, and no z-score.
 
 Arrays in, an ``M1Result`` out. The template and atlas arrive as arrays (``M1Atlas``); reading
-them from their packages is the edge's job (``qsmnode.dicom.templates``).
+them from their packages is the edge's job (``qsmnode.dicom.reference_data``).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Registration of a subject image to an MNI template, and MNI labels warped onto the subject.
 
 Pure numerical code on arrays and affines (SimpleITK, numpy, scipy); the template and atlas
-arrays come from ``qsmnode.dicom.templates``.
+arrays come from ``qsmnode.dicom.reference_data``.
 
 Method (``register``):
 - both images go to a working grid of ``resolution_mm`` (2 mm): the subject on its own

@@ -1,6 +1,6 @@
 """One association to a DICOM peer: the peer (:class:`Peer`), the files to send and their
-outcomes (:class:`OutgoingFile`, :class:`FileOutcome`), and :func:`send_files`, C-STORE of
-files over one association with one presentation context per SOP class, optionally over TLS.
+outcomes (:class:`OutgoingFile`, :class:`FileOutcome`), and :func:`send_over_association`, C-STORE
+of files over one association with one presentation context per SOP class, optionally over TLS.
 
 The node's sender (:mod:`qsmnode.node.sender`) records these outcomes and retries; the
 STOW-RS transport (:mod:`qsmnode.node.stow`) has the same contract; the scanner-like SCU of
@@ -327,11 +327,11 @@ def _end(assoc: Any, stop: threading.Event | None) -> None:
             assoc.release()
 
 
-def send_files(peer: Peer, files: Sequence[OutgoingFile], timeout_s: float = 30.0,
-               stop: threading.Event | None = None,
-               on_sent: Callable[[int, int], None] | None = None,
-               on_outcome: Callable[[Any, FileOutcome], None] | None = None
-               ) -> dict[Any, FileOutcome]:
+def send_over_association(peer: Peer, files: Sequence[OutgoingFile], timeout_s: float = 30.0,
+                          stop: threading.Event | None = None,
+                          on_sent: Callable[[int, int], None] | None = None,
+                          on_outcome: Callable[[Any, FileOutcome], None] | None = None
+                          ) -> dict[Any, FileOutcome]:
     """Send files over one association with one presentation context per SOP class (with the
     transfer syntaxes of its files). Returns an outcome per key; keys without one were not
     tried (``stop`` was set). At most :data:`MAX_CONTEXTS` SOP classes. ``on_sent(done,

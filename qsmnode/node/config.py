@@ -272,7 +272,7 @@ class RulesConfig:
 
 
 M1_ATLASES: tuple[str, ...] = ("hcpex", "juelich-ba4", "harvard-oxford-precentral")
-"""The M1 atlases qsmnode knows (qsmnode.dicom.templates.ATLASES; a test keeps them equal)."""
+"""The M1 atlases qsmnode knows (qsmnode.dicom.reference_data.ATLASES; a test keeps them equal)."""
 
 
 @dataclass(frozen=True)

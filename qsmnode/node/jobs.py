@@ -332,7 +332,7 @@ def job_outputs(work_dir: Path) -> list[Path]:
 @functools.cache
 def _m1_atlas(name: str) -> Any:
     """The registration target and M1 areas of an atlas, read once per process."""
-    from qsmnode.dicom.templates import load_m1_atlas
+    from qsmnode.dicom.reference_data import load_m1_atlas
 
     return load_m1_atlas(atlas=name)
 

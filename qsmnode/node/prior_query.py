@@ -1,8 +1,8 @@
 """Finding a patient's earlier qsmnode Structured Reports in a PACS (DICOM Query/Retrieve SCU).
 
 :func:`find_prior_reports` makes one association with the PACS (like
-:func:`qsmnode.node.association.send_files`: the peer's calling AE title, its TLS, the same timeouts
-and the same account of a refused or failed connection) and asks, in the Study Root
+:func:`qsmnode.node.association.send_over_association`: the peer's calling AE title, its TLS, the
+same timeouts and the same account of a refused or failed connection) and asks, in the Study Root
 Query/Retrieve Information Model:
 
 1. C-FIND, STUDY level: the studies of ``PatientID`` (exact: a returned PatientID that differs,

@@ -2,8 +2,8 @@
 
 :class:`Sender` is a thread in the node. Each pass takes the store's due sends (pending, their
 ``next_try_at`` reached), per destination, and sends them over one association per batch
-(:func:`qsmnode.node.association.send_files`): one presentation context per SOP class in the
-batch, with the transfer syntax of its files (pynetdicom's default storage contexts lack
+(:func:`qsmnode.node.association.send_over_association`): one presentation context per SOP class in
+the batch, with the transfer syntax of its files (pynetdicom's default storage contexts lack
 Parametric Map), optionally over TLS. The outcome is recorded per instance as the batch goes
 (at least every second, so a node killed mid-batch resends little):
 
@@ -33,7 +33,7 @@ Outcomes the store cannot record are kept and recorded before anything is sent a
 
 Pending sends live in the store, so a restarted node resumes them. Log lines name UIDs, AE
 titles and addresses, never patient data. ``qsmnode process --send`` uses
-:func:`~qsmnode.node.association.send_files` directly (one try, no store).
+:func:`~qsmnode.node.association.send_over_association` directly (one try, no store).
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ from qsmnode.node.association import (
     FileOutcome,
     OutgoingFile,
     Peer,
-    send_files,
+    send_over_association,
 )
 from qsmnode.node.config import Settings
 from qsmnode.node.store import DueSend, SendOutcome, Store
@@ -103,7 +103,7 @@ def _transport(peer: Peer) -> Callable[..., dict[Any, FileOutcome]]:
         from qsmnode.node.stow import stow_files
 
         return stow_files
-    return send_files
+    return send_over_association
 
 
 class _BatchProgress:

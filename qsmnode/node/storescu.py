@@ -1,6 +1,6 @@
 """A C-STORE SCU for files on disk, as a scanner sends them (the simulator and the demo use it):
-:func:`qsmnode.node.association.send_files` with each file's SOP class and transfer syntax read from
-its file meta.
+:func:`qsmnode.node.association.send_over_association` with each file's SOP class and
+transfer syntax read from its file meta.
 
 A lost association (the peer aborted, the network dropped, a response never came) does not end
 the send: the SCU associates again and resumes from the first file not acknowledged, at most
@@ -27,11 +27,11 @@ from qsmnode.node.association import (
     OutgoingFile,
     Peer,
     is_success,
+    send_over_association,
 )
-from qsmnode.node.association import send_files as send_outgoing
 
 
-class StoreError(RuntimeError):
+class SendError(RuntimeError):
     """The peer could not be reached or refused the association; names the peer and why."""
 
 
@@ -60,7 +60,7 @@ def _association_lost(outcome: object) -> bool:
                  or "association was lost" in str(getattr(outcome, "error", ""))))
 
 
-def send_files(
+def send_paths(
     paths: Sequence[Path],
     host: str,
     port: int,
@@ -77,7 +77,7 @@ def send_files(
     most, after ``retry_delay_s``, then twice that, and so on.
 
     Raises:
-        StoreError: no first association (the peer is unreachable or refused it).
+        SendError: no first association (the peer is unreachable or refused it).
     """
     report = StoreReport()
     outgoing = []
@@ -95,7 +95,7 @@ def send_files(
         outcomes, report.associations = send_resuming(
             peer, outgoing, timeout_s, on_sent, reassociations, retry_delay_s)
     except AssociationFailed as exc:
-        raise StoreError(str(exc)) from None
+        raise SendError(str(exc)) from None
     for item in outgoing:
         outcome = outcomes.get(item.key)
         if outcome is not None and outcome.status is not None:
@@ -109,8 +109,9 @@ def send_resuming(peer: Peer, outgoing: Sequence[OutgoingFile], timeout_s: float
                   on_sent: Callable[[int, int], None] | None = None,
                   reassociations: int = REASSOCIATIONS, retry_delay_s: float = 1.0,
                   ) -> tuple[dict[Any, Any], int]:
-    """:func:`qsmnode.node.association.send_files`, resumed on a new association when one is lost
-    (see the module docstring). Returns the outcome per key and how many associations it took.
+    """:func:`qsmnode.node.association.send_over_association`, resumed on a new association
+    when one is lost (see the module docstring). Returns the outcome per key and how many
+    associations it took.
 
     Raises:
         AssociationFailed: no first association.
@@ -132,7 +133,7 @@ def send_resuming(peer: Peer, outgoing: Sequence[OutgoingFile], timeout_s: float
             time.sleep(retry_delay_s * 2 ** (attempt - 1))
         try:
             associations += 1
-            outcomes.update(send_outgoing(peer, remaining, timeout_s, on_sent=sent))
+            outcomes.update(send_over_association(peer, remaining, timeout_s, on_sent=sent))
         except AssociationFailed as exc:
             if attempt == 0:
                 raise

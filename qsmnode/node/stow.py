@@ -1,15 +1,15 @@
 """DICOMweb STOW-RS delivery (dicomweb-client): the alternative to C-STORE for a destination
 with ``stow_url`` (:class:`qsmnode.node.config.DestinationConfig`).
 
-:func:`stow_files` has the contract of :func:`qsmnode.node.association.send_files`, so the sender's
-outbox, retries, holds and exactly-once bookkeeping are the same for both: the files go in
-POSTs of :data:`STOW_CHUNK` instances, and each instance's outcome comes from the STOW-RS
-response (PS3.18 Store Instances Response): listed in the Referenced SOP Sequence, stored
-(a Warning Reason is still stored); in the Failed SOP Sequence, failed with its Failure
-Reason (0x0111, already stored, counts as delivered as for C-STORE); not listed, not
-confirmed (tried again). A server that cannot be reached, times out on the first POST, or
-answers 5xx, 401, 403 or 404 to it is :class:`~qsmnode.node.association.AssociationFailed`: the
-whole batch stays queued and the destination waits for its retry.
+:func:`stow_files` has the contract of :func:`qsmnode.node.association.send_over_association`, so
+the sender's outbox, retries, holds and exactly-once bookkeeping are the same for both: the files go
+in POSTs of :data:`STOW_CHUNK` instances, and each instance's outcome comes from the STOW-RS
+response (PS3.18 Store Instances Response): listed in the Referenced SOP Sequence, stored (a Warning
+Reason is still stored); in the Failed SOP Sequence, failed with its Failure Reason (0x0111, already
+stored, counts as delivered as for C-STORE); not listed, not confirmed (tried again). A server that
+cannot be reached, times out on the first POST, or answers 5xx, 401, 403 or 404 to it is
+:class:`~qsmnode.node.association.AssociationFailed`: the whole batch stays queued and the
+destination waits for its retry.
 """
 
 from __future__ import annotations

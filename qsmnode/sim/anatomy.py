@@ -58,7 +58,7 @@ import numpy as np
 from numpy.typing import NDArray
 from scipy import ndimage
 
-from qsmnode.dicom import templates
+from qsmnode.dicom import reference_data
 from qsmnode.sim.m1_areas import AreaRule, m1_area_labels
 from qsmnode.sim.phantom import (
     CHI_AIR_PPM,
@@ -252,7 +252,7 @@ class _Model:
 
 @lru_cache(maxsize=2)
 def _model(template: str, rule: AreaRule, head_mm: float, neck_bottom_mm: float) -> _Model:
-    tt = templates.load_tissue_template(template)
+    tt = reference_data.load_tissue_template(template)
     brain = tt.t1 > 0
     csf = np.clip(1 - tt.gm - tt.wm, 0, 1)
     wm = brain & (tt.wm >= tt.gm) & (tt.wm >= csf)

@@ -39,7 +39,7 @@ import numpy as np
 from numpy.typing import NDArray
 from scipy import ndimage
 
-from qsmnode.dicom import templates
+from qsmnode.dicom import reference_data
 from qsmnode.sim.field import voxel_field
 
 # qsm-ci labels
@@ -128,7 +128,7 @@ class HeadSimulation:
 
 
 def _load(name: str) -> nib.Nifti1Image:
-    return nib.load(str(templates.locate(name)))
+    return nib.load(str(reference_data.locate(name)))
 
 
 def _resample(volume: NDArray, src_affine: NDArray, affine: NDArray,
@@ -157,7 +157,7 @@ def _ellipsoid(affine: NDArray, shape: tuple[int, ...], centre, semi) -> NDArray
 
 
 def _harvard_oxford() -> tuple[nib.Nifti1Image, dict[str, int]]:
-    path = templates.locate("harvard-oxford")
+    path = reference_data.locate("harvard-oxford")
     img = nib.load(str(path))
     names = {}
     for line in (path.parent / "labels_harvard_oxford.csv").read_text().splitlines()[1:]:

@@ -7,7 +7,7 @@ its own way, from other sources:
 
 - **M1** is Brodmann area 4 of the Jülich cytoarchitectonic maps (Geyer et al., Nature
   1996;382:805, areas 4a and 4p; Eickhoff et al., NeuroImage 2005;25:1325), shipped as FSL's
-  probabilistic Jülich histological atlas (read through ``qsmnode.dicom.templates``, the
+  probabilistic Jülich histological atlas (read through ``qsmnode.dicom.reference_data``, the
   IO edge): a voxel of a hemisphere is M1 where the summed probability of its 4a and 4p maps
   is at least ``AreaRule.min_probability`` (20 %: the maps are population maps of ten
   post-mortem brains, so a lower threshold covers the area of an individual cortex; only the
@@ -40,11 +40,11 @@ import numpy as np
 from numpy.typing import NDArray
 from scipy import ndimage
 
-from qsmnode.dicom import templates
+from qsmnode.dicom import reference_data
 from qsmnode.sim.phantom import M1Area
 
 JUELICH_KEY = "juelich"
-"""The Jülich histological atlas (``qsmnode.dicom.templates.FILES``): 4-D, percent."""
+"""The Jülich histological atlas (``qsmnode.dicom.reference_data.FILES``): 4-D, percent."""
 JUELICH_BA4: dict[str, tuple[int, ...]] = {"left": (46, 48), "right": (47, 49)}
 """Volumes of the FSL Jülich atlas (0-based, the order of its label list): GM Primary motor
 cortex BA4a and BA4p, left and right."""
@@ -89,7 +89,7 @@ def m1_area_labels(shape: tuple[int, int, int], affine_key: tuple[float, ...],
     its shape and flattened 4 × 4 affine, and the atlas's licence. Not restricted to grey
     matter: the phantom labels only its grey-matter points."""
     affine = np.asarray(affine_key, np.float64).reshape(4, 4)
-    atlas = templates.load_volume(JUELICH_KEY)
+    atlas = reference_data.load_volume(JUELICH_KEY)
     ijk = np.indices(shape, dtype=np.float32)
     x, _, z = (np.float32(affine[r, 0]) * ijk[0] + np.float32(affine[r, 1]) * ijk[1]
                + np.float32(affine[r, 2]) * ijk[2] + np.float32(affine[r, 3]) for r in range(3))
