@@ -137,3 +137,26 @@ def test_a_scheduler_without_workers_is_named(sim: Simulation, tmp_path: Path) -
     assert run.returncode == 2
     assert f"the Dask scheduler at {address} has no workers (none joined within 3 s)" in stderr
     assert "Traceback" not in stderr
+
+
+@pytest.mark.parametrize("preset_threads", [None, "1"])
+def test_the_embedded_clusters_workers_share_the_cores_for_their_ffts(
+        preset_threads: str | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    from qsmnode.bids.cluster import dask_client, default_workers
+
+    if preset_threads is None:
+        monkeypatch.delenv("QSMNODE_FFT_WORKERS", raising=False)
+    else:
+        monkeypatch.setenv("QSMNODE_FFT_WORKERS", preset_threads)
+    cores = default_workers(10**6)
+    expected = int(preset_threads) if preset_threads else max(1, cores // 2)
+
+    def fft_workers() -> tuple[str, int]:
+        from qsmnode.qsm.dipole import FFT_WORKERS
+
+        return os.environ.get("QSMNODE_FFT_WORKERS", ""), FFT_WORKERS
+
+    with dask_client(None, 2, "1GiB") as client:
+        seen = client.run(fft_workers)
+    assert len(seen) == 2
+    assert set(seen.values()) == {(str(expected), expected)}

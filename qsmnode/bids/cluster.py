@@ -2,9 +2,14 @@
 
 By default an embedded ``LocalCluster`` (worker processes, one thread each, as many as the
 machine has cores or the cohort has acquisitions, whichever is fewer; memory per worker from
-``memory_limit``). With a scheduler address (``tcp://host:8786``) the tasks go to an existing
-cluster instead: its workers must have qsmnode installed and see the dataset and OUTPUT_DIR at
-the same paths (shared storage). On SLURM or PBS, ``dask-jobqueue`` starts such a cluster
+``memory_limit``). The cores are shared out: each worker's FFTs use cores ÷ workers threads
+(``QSMNODE_FFT_WORKERS`` in the worker's environment, unless the caller set it), so two workers
+on two cores do not each start two FFT threads and fight for the same cores; Dask's nanny
+already sets the BLAS/OpenMP threads of its workers to one.
+
+With a scheduler address (``tcp://host:8786``) the tasks go to an existing cluster instead:
+its workers must have qsmnode installed and see the dataset and OUTPUT_DIR at the same paths
+(shared storage). On SLURM or PBS, ``dask-jobqueue`` starts such a cluster
 (see the README).
 
 Each task writes its outputs and then its record (``derivatives``), so a re-run skips what is
@@ -66,6 +71,19 @@ def default_workers(n_tasks: int) -> int:
     return max(1, min(cores or 1, n_tasks))
 
 
+def fft_threads_per_worker(n_workers: int) -> int:
+    """FFT threads for each worker of an embedded cluster of ``n_workers``: the cores this
+    process may use divided among the workers (at least one)."""
+    return max(1, default_workers(10**6) // max(1, n_workers))
+
+
+def worker_environment(n_workers: int) -> dict[str, str]:
+    """The environment an embedded cluster's worker processes get: ``QSMNODE_FFT_WORKERS``
+    from :func:`fft_threads_per_worker`, or the caller's own setting when it has one."""
+    threads = os.environ.get("QSMNODE_FFT_WORKERS") or str(fft_threads_per_worker(n_workers))
+    return {"QSMNODE_FFT_WORKERS": threads}
+
+
 def progress_bar(done: int, total: int, width: int = 20) -> str:
     """``|#####-----|`` for ``done`` of ``total``: the progress line's bar."""
     filled = round(width * done / total) if total else width
@@ -101,7 +119,7 @@ def dask_client(scheduler: str | None, n_workers: int, memory_limit: str | None,
     try:
         cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
                                memory_limit=memory_limit or "auto", dashboard_address=None,
-                               silence_logs=logging.ERROR)
+                               silence_logs=logging.ERROR, env=worker_environment(n_workers))
     except (OSError, ValueError, TypeError) as exc:
         raise ClusterError(f"cannot start a local Dask cluster of {n_workers} worker(s): "
                            f"{exc}") from None
