@@ -6,8 +6,16 @@ The cohort: ``--subjects`` whole-head 1 mm simulated brains (the simulator's ``b
 160×200×160, 4 echoes; one scanner noise seed per subject), written as BIDS MEGRE NIfTI. Each
 run is ``qsmnode qsm BIDS OUT participant --n-workers N`` (the embedded LocalCluster) into a
 fresh OUTPUT_DIR, timed from start to exit; the peak resident memory of the Dask worker
-processes is sampled every 0.2 s. Both runs are in the same invocation, one after the other,
-on the same machine. Usage::
+processes is sampled every 0.2 s. Two ways of giving the cores to the workers, each with 1
+and 2 workers, all in the same invocation, one after the other, on the same machine:
+
+- ``shared``: the default, each worker's FFTs use cores ÷ workers threads (one worker uses
+  the whole machine; two workers one core each);
+- ``one-core``: ``QSMNODE_FFT_WORKERS=1`` for every worker, so each worker is one core, as a
+  cluster node's worker slot is: the ratio then measures how the engine scales with workers,
+  not how one worker's threads compare with two processes.
+
+Usage::
 
     .venv/bin/python benchmarks/bench_cohort.py [--subjects 4] [--size brain|tiny]
 """
@@ -16,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -57,13 +66,18 @@ def peak_worker_rss(process: subprocess.Popen[str], stop: threading.Event,
         stop.wait(0.2)
 
 
-def run(bids: Path, out: Path, workers: int) -> dict[str, float]:
+MODES = {"shared": {}, "one-core": {"QSMNODE_FFT_WORKERS": "1"}}
+"""The environment of each way of giving the cores to the workers (see the docstring)."""
+
+
+def run(bids: Path, out: Path, workers: int, mode: str) -> dict[str, float]:
     shutil.rmtree(out, ignore_errors=True)
+    env = {k: v for k, v in os.environ.items() if k != "QSMNODE_FFT_WORKERS"} | MODES[mode]
     started = time.perf_counter()
     process = subprocess.Popen(
         [sys.executable, "-m", "qsmnode", "qsm", str(bids), str(out), "participant",
          "--n-workers", str(workers)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     stop = threading.Event()
     peak: dict[str, float] = {}
     sampler = threading.Thread(target=peak_worker_rss, args=(process, stop, peak), daemon=True)
@@ -73,7 +87,8 @@ def run(bids: Path, out: Path, workers: int) -> dict[str, float]:
     stop.set()
     sampler.join()
     if process.returncode != 0:
-        raise SystemExit(f"{workers} worker(s): exit {process.returncode}\n{stderr[-2000:]}")
+        raise SystemExit(f"{mode}, {workers} worker(s): exit {process.returncode}\n"
+                         f"{stderr[-2000:]}")
     return {"workers": workers, "seconds": seconds, "peak_worker_mib": peak.get("worker_mib", 0)}
 
 
@@ -81,6 +96,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--subjects", type=int, default=4)
     parser.add_argument("--size", default="brain", choices=("brain", "tiny"))
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="qsmnode-bench-cohort-"))
     try:
@@ -88,12 +104,15 @@ def main() -> int:
         write_cohort(root / "bids", args.subjects, args.size)
         print(f"cohort: {args.subjects} subjects ({args.size}) written in "
               f"{time.perf_counter() - started:.1f} s", flush=True)
-        rows = [run(root / "bids", root / f"out-{n}", n) for n in (1, 2)]
-        for row in rows:
-            per_hour = args.subjects / row["seconds"] * 3600
-            print(f"{row['workers']} worker(s): {row['seconds']:.1f} s, {per_hour:.1f} "
-                  f"subjects/hour, peak worker RSS {row['peak_worker_mib']:.0f} MiB", flush=True)
-        print(f"speed-up 1 -> 2 workers: {rows[0]['seconds'] / rows[1]['seconds']:.2f}x")
+        for mode in args.modes:
+            rows = [run(root / "bids", root / f"out-{mode}-{n}", n, mode) for n in (1, 2)]
+            for row in rows:
+                per_hour = args.subjects / row["seconds"] * 3600
+                print(f"{mode}: {row['workers']} worker(s): {row['seconds']:.1f} s, "
+                      f"{per_hour:.1f} subjects/hour, peak worker RSS "
+                      f"{row['peak_worker_mib']:.0f} MiB", flush=True)
+            print(f"{mode}: speed-up 1 -> 2 workers: "
+                  f"{rows[0]['seconds'] / rows[1]['seconds']:.2f}x", flush=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return 0
