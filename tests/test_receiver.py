@@ -831,7 +831,7 @@ def test_p_data_right_after_the_accept_is_read_before_the_association_is_marked_
     before pynetdicom's thread marks the association established (a busy machine, four
     scanners at once). The gate bounds that P-DATA by the node's Maximum Length, not by the
     64 KiB allowed before an association; a P-DATA before any request is still refused."""
-    from qsmnode.node.pynetdicom_compat import PduGate
+    from qsmnode.compat import PduGate
 
     def gate_on(sock: socket.socket) -> tuple[PduGate, list[object]]:
         assoc = SimpleNamespace(is_established=False, requestor=None,

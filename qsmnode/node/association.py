@@ -10,18 +10,17 @@ the simulator and the demo (:mod:`qsmnode.node.storescu`) resumes a lost associa
 from __future__ import annotations
 
 import contextlib
-import logging
 import socket
 import ssl
 import threading
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
 
+from qsmnode import compat
 from qsmnode.node.config import ClientTLSConfig, DestinationConfig
 
 MAX_CONTEXTS = 128
@@ -166,36 +165,9 @@ class FileOutcome:
         return self.status is not None and is_success(self.status)
 
 
-class _ConnectErrors(logging.Handler):
-    """Keeps pynetdicom's "TCP Initialisation Error" text (the OS error of a failed connect)."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.ERROR)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        message = record.getMessage()
-        if message.startswith("TCP Initialisation Error"):
-            self.messages.append(message.partition(":")[2].strip())
-
-
-def _no_traceback(record: logging.LogRecord) -> bool:
-    """pynetdicom logs a failed TLS handshake a second time with its traceback
-    (``LOGGER.exception``): the "TCP Initialisation Error" line already says it all."""
-    return not record.exc_info
-
-
-@contextmanager
-def _capture_connect_errors() -> Iterator[_ConnectErrors]:
-    handler = _ConnectErrors()
-    logger = logging.getLogger("pynetdicom.transport")
-    logger.addHandler(handler)
-    logger.addFilter(_no_traceback)
-    try:
-        yield handler
-    finally:
-        logger.removeFilter(_no_traceback)
-        logger.removeHandler(handler)
+_capture_connect_errors = compat.capture_connect_errors
+"""Kept for :mod:`qsmnode.node.prior_query`, which imports it from here (use
+:func:`qsmnode.compat.capture_connect_errors`)."""
 
 
 def _uid_name(uid: str) -> str:
@@ -223,17 +195,10 @@ def _on_open(connected: threading.Event, event: Any) -> None:
     """The connection is open: say so, and send each PDU at once."""
     connected.set()
     # one PDU per C-STORE: without TCP_NODELAY each waits for the peer's delayed ACK
-    with contextlib.suppress(AttributeError, OSError):
-        event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
-def _on_transition(event: Any) -> None:
-    """The connection closed (Evt17: the peer died or aborted). pynetdicom would notice it
-    only after the DIMSE timeout when it happens while a C-STORE awaits its response; an
-    empty message wakes that wait now (it reads as "no response")."""
-    if event.fsm_event == "Evt17":
-        with contextlib.suppress(AttributeError):
-            event.assoc.dimse.msg_queue.put((None, None))
+    sock = compat.raw_socket(event.assoc)
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def _association_failure(peer: Peer, assoc: Any, connected: bool,
@@ -272,8 +237,8 @@ def _associate(peer: Peer, syntaxes: dict[str, set[str]], timeout_s: float) -> A
     tls_args = None if context is None else (context, peer.host)
     connected = threading.Event()
     handlers = [(evt.EVT_CONN_OPEN, partial(_on_open, connected)),
-                (evt.EVT_FSM_TRANSITION, _on_transition)]
-    with _capture_connect_errors() as errors:
+                (evt.EVT_FSM_TRANSITION, compat.wake_dimse_on_close)]
+    with compat.capture_connect_errors() as errors:
         assoc = ae.associate(peer.host, peer.port, contexts=contexts, ae_title=peer.ae_title,
                              tls_args=tls_args, evt_handlers=handlers)
     if not assoc.is_established:

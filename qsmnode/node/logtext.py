@@ -15,7 +15,7 @@ import warnings
 from collections.abc import Iterator
 from typing import IO
 
-from qsmnode.node import pynetdicom_compat as compat
+from qsmnode import compat
 from qsmnode.node.redact import NO_REDACTION, Redactor
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"

@@ -58,6 +58,7 @@ from pynetdicom import AE, StoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
+from qsmnode import compat
 from qsmnode.dicom.headers import MR_SOP_CLASSES
 from qsmnode.dicom.wire import (
     IMPLEMENTATION_CLASS_UID,
@@ -69,7 +70,6 @@ from qsmnode.dicom.wire import (
     file_prefix_from_meta,
     inspect_dataset,
 )
-from qsmnode.node import pynetdicom_compat as compat
 from qsmnode.node.access import AccessPolicy, server_ssl_context
 from qsmnode.node.config import Settings
 from qsmnode.node.spool import MIB, Spool, SpoolError, is_uid
@@ -169,7 +169,7 @@ class Receiver:
         self._pending: dict[int, _Pending] = {}  # connections without an association yet
         self._admitted: dict[int, Any] = {}  # associations past the policy check
         listener = settings.listener
-        compat.check_version()
+        compat.check_versions("pynetdicom")
         ae = AE(ae_title=listener.ae_title)
         ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
         ae.implementation_version_name = IMPLEMENTATION_VERSION_NAME
@@ -239,8 +239,8 @@ class Receiver:
     def _on_conn_open(self, event: evt.Event) -> None:
         compat.shorten_dul_idle_sleep(event.assoc, DUL_IDLE_SLEEP_S)
         self._gate(event.assoc)
-        sock = event.assoc.dul.socket
-        raw = sock.socket if sock is not None else None
+        sock = compat.association_socket(event.assoc)
+        raw = compat.raw_socket(event.assoc)
         if not isinstance(raw, ssl.SSLSocket):
             return
         previous = raw.gettimeout()

@@ -48,6 +48,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from qsmnode import __version__
+from qsmnode.compat import IncompatibleLibrary
 from qsmnode.node import logtext
 from qsmnode.node.audit import NULL_AUDIT, AuditLog
 from qsmnode.node.config import ConfigError, Settings, load_settings
@@ -56,7 +57,6 @@ from qsmnode.node.http import start_http
 from qsmnode.node.jobs import DEFAULT_JOB_FUNCTION
 from qsmnode.node.normative import NormativeTableError, load_normative_table
 from qsmnode.node.outbox import Outbox
-from qsmnode.node.pynetdicom_compat import IncompatibleLibrary
 from qsmnode.node.receiver import SPOOL_DIRNAME, Receiver, quiet_library_loggers
 from qsmnode.node.recovery import recover
 from qsmnode.node.retention import Retention

@@ -1,66 +1,168 @@
-"""Every use of pynetdicom's internals, in one place, checked against the installed version.
+"""Every use of a library internal, in one place, checked against the installed versions.
 
-DESIGN.md: a private API of pynetdicom is used only here, and :func:`check_version` refuses a
-pynetdicom outside the range these uses were written and tested against (the pin in
-``pyproject.toml`` carries the same bounds). What is used:
+qsmnode relies on a few things pynetdicom and highdicom do not promise. Each is used only
+through this module; :func:`check_versions` (at start-up) refuses an installed library outside
+the range these uses were written and tested against (:data:`TESTED`: ``pyproject.toml`` pins
+the same ranges, ``tests/test_compat.py`` compares them), with an error that names the library,
+the installed version and the range, instead of a silent slowdown or a traceback later; and
+:func:`install` puts in place what is changed process-wide. Importing this module changes
+nothing and imports neither library nor anything of qsmnode, so the DICOM code and the node
+can both use it. The start-up (``qsmnode.__main__.main``, the worker child, a Dask task of the
+BIDS App) calls ``check_versions()`` then ``install()``.
 
-- ``DULServiceProvider._run_loop_delay``, the DUL reactor's polling sleep
-  (:func:`shorten_dul_idle_sleep`);
+The internals, by library (each tested over the range of :data:`TESTED`):
+
+pynetdicom (>= 3.0, < 3.1):
+
+- ``DULServiceProvider._run_loop_delay``, the DUL reactor's polling sleep: shortened for each
+  association, the latency of every C-STORE (:func:`shorten_dul_idle_sleep`);
+- ``Association.dul.socket`` (the ``AssociationSocket``) and its ``socket`` (the connected
+  socket): TCP_NODELAY, the TLS handshake in the connection's thread, closing a connection
+  (:func:`association_socket`, :func:`raw_socket`);
 - how the DUL reads a PDU: ``AssociationSocket.recv(6)`` for the header, then
-  ``recv(length)`` for the body, and nothing else (``dul._read_pdu_data``); a short read of the
-  header is taken as "connection closed" (event 17) without a log line. :class:`PduGate`
+  ``recv(length)`` for the body, and nothing else (``dul._read_pdu_data``); a short read of
+  the header is taken as "connection closed" (event 17) without a log line. :class:`PduGate`
   stands in for ``recv`` on an acceptor's socket, so that a PDU is measured before its body
   is read, and refused (with nothing buffered) when it is larger than allowed;
-- ``Association.dul.socket.socket``, the connected socket (:func:`raw_socket`);
 - an acceptor's association thread waits for the A-ASSOCIATE-RQ in
   ``dul.receive_pdu(wait=True, timeout=acse_timeout)`` and ends quietly when that gives None:
   :class:`PduGate` puts None in ``dul.to_user_queue`` when it closes a connection that has
-  not sent its request, so the thread ends at once instead of after the ACSE timeout.
+  not sent its request, so the thread ends at once instead of after the ACSE timeout;
+- ``Association.dimse.msg_queue`` and the state machine's event name ``Evt17`` (connection
+  closed): an empty message ``(None, None)`` wakes a C-STORE waiting for its response when
+  the connection closes, instead of after the DIMSE timeout (:func:`wake_dimse_on_close`);
+- pynetdicom's threads carry their association (the DUL thread as ``assoc``, the association
+  thread is it): :func:`peer_of_current_thread` names the peer in a log line;
+- the text of ``pynetdicom.transport``'s record ``TCP Initialisation Error: <OS error>`` on a
+  failed connect, logged a second time with its traceback: :func:`capture_connect_errors`
+  keeps the OS error and drops the traceback;
+- the accept loop wraps each accepted socket with ``ssl_context.wrap_socket`` in the loop's
+  own thread: :class:`LazyHandshakeContext` defers the handshake to the connection's thread.
+
+highdicom (>= 0.23, < 0.29):
+
+- ``highdicom._standard_utils.is_attribute_in_iod`` and the copies ``highdicom.base`` and
+  ``highdicom.sr.content`` import: :func:`install` replaces them with a memoised version,
+  which returns exactly what highdicom's does (``tests/test_derived.py`` checks it): highdicom
+  walks the standard's module tables on every call (several milliseconds), thousands of times
+  per acquisition, about half of the build time of the derived objects.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import socket
+import ssl
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+from importlib import metadata
 from typing import Any
-
-import pynetdicom
 
 log = logging.getLogger(__name__)
 
-SUPPORTED = ((3, 0), (3, 1))
-"""pynetdicom versions whose internals this module knows: from 3.0 up to, not including, 3.1."""
+TESTED: dict[str, tuple[str, str]] = {
+    "pynetdicom": ("3.0", "3.1"),
+    "highdicom": ("0.23", "0.29"),
+}
+"""Distribution name -> (lowest version, first version not supported) of each library whose
+internals are used: the range they were written and tested against. ``pyproject.toml`` pins
+each as :func:`requirement` writes it."""
 
 
 class IncompatibleLibrary(RuntimeError):
-    """The installed pynetdicom is outside :data:`SUPPORTED`."""
+    """An installed library is outside the range of :data:`TESTED`, or missing."""
+
+
+def requirement(name: str) -> str:
+    """The dependency string of ``name`` in ``pyproject.toml``: ``name>=low,<high``."""
+    low, high = TESTED[name]
+    return f"{name}>={low},<{high}"
 
 
 def _version_tuple(text: str) -> tuple[int, ...]:
+    """The release numbers of a version (``3.0.4`` -> (3, 0, 4); ``3.1.0rc1`` -> (3, 1, 0))."""
     parts = []
-    for part in text.split(".")[:2]:
-        digits = "".join(c for c in part if c.isdigit())
+    for part in text.split("."):
+        digits = ""
+        for char in part:
+            if not char.isdigit():
+                break
+            digits += char
         parts.append(int(digits or 0))
+        if len(digits) < len(part):
+            break  # a pre-release, post-release or local suffix ends the release numbers
     return tuple(parts)
 
 
-def check_version(version: str | None = None) -> None:
-    """Raise :class:`IncompatibleLibrary` unless pynetdicom (or ``version``) is supported."""
-    text = pynetdicom.__version__ if version is None else version
-    low, high = SUPPORTED
-    if not low <= _version_tuple(text) < high:
-        raise IncompatibleLibrary(
-            f"pynetdicom {text} is not supported: qsmnode uses internals of pynetdicom "
-            f"{low[0]}.{low[1]} (>= {low[0]}.{low[1]}, < {high[0]}.{high[1]})")
+def check_versions(*names: str) -> None:
+    """Raise :class:`IncompatibleLibrary` unless every library of :data:`TESTED` (or only
+    ``names``) is installed in its tested range; the message names each library outside it,
+    its installed version and the range."""
+    problems: dict[str, str] = {}
+    for name in names or tuple(TESTED):
+        low, high = TESTED[name]
+        try:
+            installed = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            problems[name] = f"{name} is not installed (qsmnode needs {name} >= {low}, < {high})"
+            continue
+        if not _version_tuple(low) <= _version_tuple(installed) < _version_tuple(high):
+            problems[name] = (f"{name} {installed} is installed, but qsmnode uses internals of "
+                              f"{name} tested only with versions >= {low}, < {high}")
+    if problems:
+        fix = " ".join(f"'{requirement(name)}'" for name in problems)
+        raise IncompatibleLibrary(f"{'; '.join(problems.values())} (see qsmnode/compat.py); "
+                                  f"install a tested version: pip install {fix}")
+
+
+def install() -> None:
+    """Put in place what qsmnode changes process-wide (idempotent): highdicom's memoised
+    :func:`is_attribute_in_iod`. pynetdicom's tweaks are made per association, by the node's
+    event handlers (:func:`shorten_dul_idle_sleep`, :class:`PduGate`, ...): nothing to do for
+    them here."""
+    import highdicom._standard_utils as standard_utils
+    import highdicom.base
+    import highdicom.sr.content
+
+    original = _highdicom_is_attribute_in_iod()
+    for module in (standard_utils, highdicom.base, highdicom.sr.content):
+        if getattr(module, "is_attribute_in_iod", None) is original:
+            module.is_attribute_in_iod = is_attribute_in_iod  # type: ignore[attr-defined]
 
 
 # ------------------------------------------------------------------------------------------------
-# The DUL's polling delay
+# highdicom: the memoised IOD look-up
+
+
+@functools.cache
+def _highdicom_is_attribute_in_iod() -> Callable[..., bool]:
+    """highdicom's own ``is_attribute_in_iod`` (taken before :func:`install` replaces it)."""
+    import highdicom._standard_utils as standard_utils
+
+    return standard_utils.is_attribute_in_iod  # type: ignore[no-any-return]
+
+
+@functools.cache
+def _cached_is_attribute_in_iod(attribute: str, sop_class_uid: str,
+                                exclude: tuple[str, ...] | None) -> bool:
+    return bool(_highdicom_is_attribute_in_iod()(attribute, sop_class_uid,
+                                                 None if exclude is None else list(exclude)))
+
+
+def is_attribute_in_iod(attribute: str, sop_class_uid: str,
+                        exclude_path_elements: Sequence[str] | None = None) -> bool:
+    """highdicom's ``is_attribute_in_iod``, memoised on its arguments."""
+    exclude = None if exclude_path_elements is None else tuple(exclude_path_elements)
+    return _cached_is_attribute_in_iod(str(attribute), str(sop_class_uid), exclude)
+
+
+# ------------------------------------------------------------------------------------------------
+# pynetdicom: an association's DUL, DIMSE and socket
 
 _dul_knob_missing_logged = False
 
@@ -78,10 +180,25 @@ def shorten_dul_idle_sleep(assoc: Any, seconds: float) -> None:
         log.warning("pynetdicom's DUL has no _run_loop_delay: its default polling delay is kept")
 
 
+def association_socket(assoc: Any) -> Any:
+    """pynetdicom's ``AssociationSocket`` of ``assoc`` (None when there is none)."""
+    return getattr(getattr(assoc, "dul", None), "socket", None)
+
+
 def raw_socket(assoc: Any) -> socket.socket | None:
     """The connected socket of ``assoc`` (None once pynetdicom has closed it)."""
-    wrapper = getattr(getattr(assoc, "dul", None), "socket", None)
-    return getattr(wrapper, "socket", None)
+    return getattr(association_socket(assoc), "socket", None)
+
+
+def wake_dimse_on_close(event: Any) -> None:
+    """An ``EVT_FSM_TRANSITION`` handler: when the connection closed (Evt17: the peer died or
+    aborted) while a request awaits its response, pynetdicom would notice only after the
+    DIMSE timeout; an empty message wakes that wait now (it reads as "no response")."""
+    if getattr(event, "fsm_event", None) == "Evt17":
+        try:
+            event.assoc.dimse.msg_queue.put((None, None))
+        except AttributeError:
+            pass
 
 
 def peer_of_current_thread() -> str | None:
@@ -99,7 +216,58 @@ def peer_of_current_thread() -> str | None:
 
 
 # ------------------------------------------------------------------------------------------------
-# Reading PDUs with limits
+# pynetdicom: log text of a failed connect; the accept loop's TLS wrapping
+
+
+class ConnectErrors(logging.Handler):
+    """Keeps pynetdicom's "TCP Initialisation Error" text (the OS error of a failed connect)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if message.startswith("TCP Initialisation Error"):
+            self.messages.append(message.partition(":")[2].strip())
+
+
+def _no_traceback(record: logging.LogRecord) -> bool:
+    """pynetdicom logs a failed TLS handshake a second time with its traceback
+    (``LOGGER.exception``): the "TCP Initialisation Error" line already says it all."""
+    return not record.exc_info
+
+
+@contextmanager
+def capture_connect_errors() -> Iterator[ConnectErrors]:
+    """Within the block, the OS errors of failed connects (``messages``), without pynetdicom's
+    second record and its traceback."""
+    handler = ConnectErrors()
+    logger = logging.getLogger("pynetdicom.transport")
+    logger.addHandler(handler)
+    logger.addFilter(_no_traceback)
+    try:
+        yield handler
+    finally:
+        logger.removeFilter(_no_traceback)
+        logger.removeHandler(handler)
+
+
+class LazyHandshakeContext(ssl.SSLContext):
+    """An SSLContext whose server sockets defer the handshake.
+
+    pynetdicom wraps accepted sockets in its accept loop, where a default handshake would let
+    one slow or silent client stall every other connection. The receiver runs the handshake in
+    the connection's thread instead (see ``Receiver._on_conn_open``).
+    """
+
+    def wrap_socket(self, sock: socket.socket, *args: Any, **kwargs: Any) -> ssl.SSLSocket:
+        kwargs["do_handshake_on_connect"] = False
+        return super().wrap_socket(sock, *args, **kwargs)
+
+
+# ------------------------------------------------------------------------------------------------
+# pynetdicom: reading PDUs with limits
 
 A_ASSOCIATE_RQ, P_DATA_TF = 0x01, 0x04
 _PDU_TYPES = range(0x01, 0x08)
