@@ -21,10 +21,9 @@ import numpy as np
 import pytest
 
 from qsmnode import __version__
-from qsmnode.acquisition import MultiEchoGRE
-from qsmnode.dicom.nifti import write_megre
 from qsmnode.sim.phantom import Tissue
 from qsmnode.sim.scanner import Simulation, preset, simulate
+from tests.bidsutil import write_cohort
 from tests.conftest import REPO
 
 GOOD = {  # acquisition name -> (folder, shift of the affine in mm along x)
@@ -38,28 +37,6 @@ BAD = {
 }
 MAPS = ("Chimap", "R2starmap", "T2starmap", "desc-echocombined_T2starw", "desc-brain_mask",
         "desc-qsm_mask", "desc-total_fieldmap", "desc-local_fieldmap")
-
-
-def shifted(gre: MultiEchoGRE, mm: float) -> MultiEchoGRE:
-    affine = gre.affine.copy()
-    affine[0, 3] += mm
-    return dataclasses.replace(gre, affine=affine)
-
-
-def write_cohort(root: Path, sim: Simulation, good: dict[str, tuple[str, float]],
-                 bad: dict[str, tuple[str, float]] | None = None) -> Path:
-    """A BIDS dataset of the simulated head, one acquisition per entry (see the docstring)."""
-    for name, (folder, mm) in {**good, **(bad or {})}.items():
-        write_megre(shifted(sim.gre, mm), root / folder, prefix=name)
-    if bad and "sub-03" in bad:
-        path = root / "sub-03/anat/sub-03_echo-2_part-mag_MEGRE.nii"
-        img = nib.load(path, mmap=False)  # not mapped: the file is replaced below
-        nib.save(nib.Nifti1Image(np.asarray(img.dataobj)[:, :, :-2], img.affine), path)
-    if bad and "sub-04" in bad:
-        (root / "sub-04/anat/sub-04_echo-3_part-phase_MEGRE.nii").unlink()
-    (root / "dataset_description.json").write_text(
-        json.dumps({"Name": "simulated cohort", "BIDSVersion": "1.10.0"}) + "\n")
-    return root
 
 
 def qsm(*args: str | Path, timeout: float = 600) -> subprocess.CompletedProcess[str]:

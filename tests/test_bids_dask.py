@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 
 from qsmnode.sim.scanner import Simulation, preset, simulate
+from tests.bidsutil import write_cohort
 from tests.conftest import REPO
 from tests.daskutil import DASK, Cluster, free_port, stop
-from tests.test_bids_app import write_cohort
 
 pytestmark = pytest.mark.slow
 

@@ -29,19 +29,12 @@ from qsmnode.dicom.load import (
 )
 from qsmnode.sim.scanner import Simulation, preset, simulate
 from qsmnode.sim.vendor_dicom import (
-    PHILIPS_PHASE_SLOPE,
     STYLES,
     SimStudyInfo,
     magnitude_scale,
     write_dicom,
 )
-
-PHASE_STEP = {
-    "siemens": 2 * np.pi / 4096,
-    "siemens-xa": 2 * np.pi / 4096,
-    "philips": PHILIPS_PHASE_SLOPE / 1000,
-    "enhanced": PHILIPS_PHASE_SLOPE / 1000,
-}
+from tests.dicomutil import PHASE_STEP, angle_error, voxel_map
 
 
 @pytest.fixture(scope="module")
@@ -87,24 +80,6 @@ def _plan(folder: Path, **kwargs: object) -> AcquisitionPlan | Problem:
     results = group_acquisitions(summarize_files(_files(folder)), **kwargs)  # type: ignore[arg-type]
     assert len(results) == 1, results
     return results[0]
-
-
-def voxel_map(a: np.ndarray, b: np.ndarray, shape_b: tuple[int, ...], tol_mm: float = 1e-3):
-    """Indices into grid ``a`` of every voxel of grid ``b`` (shape ``shape_b``), asserting the two
-    grids put voxels at the same positions (axis flips and permutations allowed)."""
-    m = np.linalg.inv(a) @ b
-    perm = np.round(m[:3, :3])
-    assert np.allclose(np.abs(perm).sum(axis=0), 1) and np.allclose(np.abs(perm).sum(axis=1), 1)
-    idx_b = np.indices(shape_b[:3]).reshape(3, -1).astype(np.float64)
-    idx_a = perm @ idx_b + np.round(m[:3, 3])[:, None]
-    pos_a = a[:3, :3] @ idx_a + a[:3, 3:4]
-    pos_b = b[:3, :3] @ idx_b + b[:3, 3:4]
-    assert np.abs(pos_a - pos_b).max() < tol_mm
-    return tuple(np.rint(idx_a).astype(int)), tuple(np.rint(idx_b).astype(int))
-
-
-def angle_error(x: np.ndarray, y: np.ndarray) -> float:
-    return float(np.abs(np.angle(np.exp(1j * (x.astype(np.float64) - y)))).max())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ import pytest
 
 from qsmnode.dicom.load import AcquisitionPlan, group_acquisitions, load_acquisition
 from qsmnode.dicom.load import summarize_files as summarize_paths
+from tests.dicomutil import PHASE_STEP, angle_error, voxel_map
 from tests.nodeutil import (
     HOOKS_ENV,
     Node,
@@ -31,7 +32,6 @@ from tests.nodeutil import (
     wait_for,
     write_study,
 )
-from tests.test_dicom_load import PHASE_STEP, angle_error, voxel_map
 
 pytestmark = pytest.mark.slow
 

@@ -30,27 +30,13 @@ from qsmnode.dicom.load import (
 )
 from qsmnode.m1.result import M1Result, QualityFlag
 from qsmnode.sim.scanner import ScanParams
-from qsmnode.sim.vendor_dicom import SimStudyInfo, T1wProtocol, write_t1w_dicom
+from qsmnode.sim.vendor_dicom import SimStudyInfo, write_t1w_dicom
+from tests.dicomutil import T1W_SCAN, t1w_image, write_t1w
 from tests.nodeutil import write_study
 
 SEED = 31
 NORMATIVE_EXAMPLE = Path(__file__).resolve().parents[1] / "config" / "m1_normative.example.toml"
 DICOM_Z_SCORE = b"121416"  # DCM code of "Z-score of measurement"
-T1W_SCAN = ScanParams(shape=(32, 36, 20), voxel_size_mm=(1.5, 1.5, 1.5),
-                      rotation_deg=(-6.0, 4.0, 0.0), centre_mm=(0.0, -18.0, 30.0))
-"""A small axial T1w grid with its own tilt (the grouping and loading tests need no anatomy)."""
-
-
-def t1w_image(scan: ScanParams = T1W_SCAN, seed: int = 0) -> np.ndarray:
-    return (np.random.default_rng(seed).random(scan.shape) * 100 + 5).astype(np.float32)
-
-
-def write_t1w(out: Path, scan: ScanParams = T1W_SCAN, seed: int = SEED,
-              **protocol: Any) -> list[Path]:
-    return write_t1w_dicom(t1w_image(scan), scan.affine, out, SimStudyInfo(seed=seed),
-                           T1wProtocol(**protocol))
-
-
 def grouped(folder: Path) -> list[AcquisitionPlan | Problem]:
     return group_acquisitions(summarize_files(p for p in sorted(folder.rglob("*.dcm"))))
 

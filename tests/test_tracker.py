@@ -300,7 +300,7 @@ def test_a_t1w_in_the_study_is_the_acquisitions_reference_not_a_problem(
     tmp_path: Path, studies: dict[str, list[Path]]
 ) -> None:
     from qsmnode.node.jobs import job_spec, load_job_acquisition
-    from tests.test_t1w_edge import T1W_SCAN, write_t1w
+    from tests.dicomutil import T1W_SCAN, write_t1w
 
     t1w = write_t1w(tmp_path / "t1w", seed=23)  # series 2 of the Siemens study (seed 23)
     clock = Clock(10_000.0)
