@@ -193,6 +193,7 @@ def main() -> None:
     parser.add_argument("--skip-inversion-alone", action="store_true")
     args = parser.parse_args()
 
+    from qsmnode.qsm import background as bg
     from qsmnode.qsm import inversion as inv
     from qsmnode.qsm.util import time_one_fft
     from qsmnode.sim.phantom import PhantomParams
@@ -221,8 +222,8 @@ def main() -> None:
         runs = [("full pipeline (defaults)", "full", {})]
         if not args.skip_baseline:
             runs.append(("baseline lap+VSHARP+TKD", "base",
-                         {"unwrap_method": "laplacian", "background_method": "vsharp",
-                          "inversion_method": "tkd"}))
+                         {"unwrap_method": "laplacian", "background_method": bg.VSharp(),
+                          "inversion_method": inv.TKD()}))
         for name, tag, kw in runs:
             info, chi, qmask = run_pipeline(tmp, tag, kw)
             report += fmt_run(name, info)

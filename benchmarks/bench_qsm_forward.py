@@ -104,7 +104,6 @@ def run_cli(anat: Path, out: Path, method: str) -> dict[str, float]:
 def budget(sim: HeadSimulation, out: Path) -> dict[str, float]:
     """Stage-by-stage RMS errors (ppm) and the inversion alone from the true fields."""
     from qsmnode.qsm import inversion as inv
-    from qsmnode.qsm.pipeline import QSMParams
     from qsmnode.qsm.reference import reference_chi
 
     m = evaluation_mask(sim)
@@ -121,19 +120,14 @@ def budget(sim: HeadSimulation, out: Path) -> dict[str, float]:
         "true_local_rms_brain": float(np.sqrt(np.mean(
             (sim.local_field_ppm[both] - sim.local_field_ppm[both].mean()) ** 2))),
     }
-    p = QSMParams()
     vs = np.sqrt((sim.affine[:3, :3] ** 2).sum(axis=0))
     t0 = time.perf_counter()
-    chi, cmask, _, _ = inv.single_step_tv(
-        sim.total_field_ppm, sim.brain_mask, vs, sim.b0_direction, lam=p.sstv_lambda,
-        rho_data=p.sstv_rho_data, max_iter=p.sstv_max_iter, tol=p.sstv_tol,
-        pad_mm=p.sstv_pad_mm, edge_voxels=p.sstv_edge_voxels, relax=p.sstv_relax)
+    chi, cmask, _, _ = inv.SingleStepTV().invert_total(
+        sim.total_field_ppm, sim.brain_mask, vs, sim.b0_direction)
     chi, _ = reference_chi(chi, cmask)
     res["sstv_from_true_total_s"] = time.perf_counter() - t0
     res.update({f"sstv_true_{k}": v for k, v in score(chi, sim).items()})
-    chi, _ = inv.tv_admm(sim.local_field_ppm, sim.brain_mask, vs, sim.b0_direction,
-                         lam=p.tv_lambda, rho=p.tv_rho, rho_data=p.tv_rho_data,
-                         max_iter=p.tv_max_iter, tol=p.tv_tol, pad_mm=p.inversion_pad_mm)
+    chi, _ = inv.TVADMM().invert(sim.local_field_ppm, sim.brain_mask, vs, sim.b0_direction)
     chi, _ = reference_chi(chi, sim.brain_mask)
     res.update({f"tvadmm_true_local_{k}": v for k, v in score(chi, sim).items()})
     return res

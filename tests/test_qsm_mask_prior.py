@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from qsmnode.qsm.mask import brain_mask, covers_whole_head, restrict_to_prior
+from qsmnode.qsm.mask import MaskParams, brain_mask, covers_whole_head, restrict_to_prior
 from qsmnode.qsm.pipeline import QSMParams, run_qsm
 from qsmnode.qsm.synthetic import centred_coordinates, ellipsoid, multi_echo_signal
 
@@ -119,7 +119,7 @@ def test_run_qsm_uses_the_prior_on_a_whole_head_only(head: dict[str, np.ndarray]
     failed = run_qsm(head["mag"], head["phase"], *args, brain_prior=failing)
     assert np.array_equal(failed.mask, plain.mask)
     assert failed.quality["mask_prior"]["why_not"].endswith("no good")
-    off = run_qsm(head["mag"], head["phase"], *args, QSMParams(mask_prior=False),
+    off = run_qsm(head["mag"], head["phase"], *args, QSMParams(mask=MaskParams(prior=False)),
                   brain_prior=prior)
     assert np.array_equal(off.mask, plain.mask)
 

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import numpy as np
 import pytest
 from scipy import ndimage
 
+from qsmnode.qsm import background as bg
+from qsmnode.qsm import inversion as inv
 from qsmnode.qsm.pipeline import QSMParams, QSMResult, run_qsm
 from qsmnode.qsm.synthetic import centred_coordinates, ellipsoid, multi_echo_signal
 from qsmnode.sim.field import voxel_field
@@ -104,21 +108,22 @@ def test_mask_field_and_chi_match_truth(head: dict[str, np.ndarray], result: QSM
 
 @pytest.mark.parametrize(
     ("inversion", "background", "unwrap", "bound"),
-    [("tkd", "vsharp", "laplacian", 1.0), ("tv_admm", "resharp_lbv", "bestpath", 0.6),
-     ("tv_admm", "pdf", "bestpath", 0.8)],
+    [(inv.TKD(), bg.VSharp(), "laplacian", 1.0), (inv.TVADMM(), bg.ResharpLBV(), "bestpath", 0.6),
+     (inv.TVADMM(), bg.PDF(), "bestpath", 0.8)],
 )
 def test_two_step_pipelines_run(
-    head: dict[str, np.ndarray], inversion: str, background: str, unwrap: str, bound: float
+    head: dict[str, np.ndarray], inversion: inv.LocalFieldInversion,
+    background: bg.BackgroundMethod, unwrap: Literal["bestpath", "laplacian"], bound: float
 ) -> None:
-    params = QSMParams(
-        inversion_method=inversion,  # type: ignore[arg-type]
-        background_method=background,  # type: ignore[arg-type]
-        unwrap_method=unwrap,  # type: ignore[arg-type]
-    )
+    params = QSMParams(inversion_method=inversion, background_method=background,
+                       unwrap_method=unwrap)
     res = run_qsm(head["mag"], head["phase"], TE, VOX, B0, B0_T, params)
     region = res.qsm_mask & head["brain"]
     assert _nrmse(res.chi_ppm, head["chi"], region) < bound
-    assert res.quality["params"]["inversion_method"] == inversion
+    record = res.quality["params"]
+    assert record["inversion_method"] == inversion.method
+    assert record["background_method"] == background.method
+    assert record["unwrap_method"] == unwrap
     assert res.quality["background"]["n_fft"] >= 0
 
 

@@ -33,10 +33,16 @@ kernel radius, so the FFT's circular wrap never reaches the data):
 
 Each returns ``(local_field_ppm, mask_out, info)``; ``mask_out`` is where the local field is
 valid (the eroded mask for SMV methods), ``info`` holds ``n_fft``, ``fft_shape``, iterations.
+
+The engine chooses a method by its parameter type (:data:`BackgroundMethod`: :class:`ResharpLBV`,
+:class:`Resharp`, :class:`LBV`, :class:`ISMV`, :class:`VSharp`, :class:`PDF`), whose fields are
+the keywords of the function above and whose ``remove`` runs it (like QSM.jl's keyword sets per
+method); :func:`remove_background` still dispatches by name.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
@@ -49,6 +55,7 @@ from qsmnode.qsm.util import (
     cg,
     crop_to_mask,
     erode_sphere,
+    keywords,
     laplacian_7pt,
     sphere_kernel,
 )
@@ -411,3 +418,155 @@ def remove_background(
     if method == "pdf":
         return pdf(field_ppm, mask, voxel_size_mm, b0_direction, **options)
     raise ValueError(f"unknown background removal method {method!r}")
+
+
+Removed = tuple[NDArray[np.float32], NDArray[np.bool_], Info]
+
+
+@dataclass(frozen=True)
+class ResharpLBV:
+    """RESHARP in the core and LBV in the rim, offset-matched (:func:`resharp_lbv`; RESHARP:
+    Sun & Wilman, MRM 2014;71:1151; LBV: Zhou et al., NMR Biomed 2014;27:312).
+
+    Attributes:
+        radius_mm: RESHARP's sphere radius (mm); default 10 (the engine's, where the
+            function's own default is 4).
+        tikhonov: RESHARP's Tikhonov weight λ (dimensionless); default 1e-3.
+        resharp_tol: RESHARP's CG relative residual; default 1e-3.
+        lbv_tol: LBV's CG relative residual; default 1e-4.
+        lbv_max_iter: LBV's CG iterations at most; default 100.
+        blend_sigma_mm: width of the RESHARP − LBV continuation into the rim (mm); default
+            None: ``radius_mm / 2``.
+    """
+
+    radius_mm: float = 10.0
+    tikhonov: float = 1e-3
+    resharp_tol: float = 1e-3
+    lbv_tol: float = 1e-4
+    lbv_max_iter: int = 100
+    blend_sigma_mm: float | None = None
+    method: str = field(default="resharp_lbv", init=False)
+
+    def remove(self, field_ppm: NDArray[np.floating], mask: NDArray[np.bool_],
+               voxel_size_mm: ArrayLike, b0_direction: ArrayLike,
+               weight: NDArray[np.floating] | None = None) -> Removed:
+        """The local field (``weight`` is not used)."""
+        return resharp_lbv(field_ppm, mask, voxel_size_mm, **keywords(self))
+
+
+@dataclass(frozen=True)
+class Resharp:
+    """RESHARP, Tikhonov-regularised SHARP (:func:`resharp`; Sun & Wilman, MRM 2014;71:1151).
+
+    Attributes:
+        radius_mm: sphere radius (mm); default 10 (the engine's, where the function's own
+            default is 4). The output mask is the mask eroded by it.
+        tikhonov: Tikhonov weight λ (dimensionless); default 1e-3.
+        tol: CG relative residual; default 1e-3.
+        max_iter: CG iterations at most; default 200.
+    """
+
+    radius_mm: float = 10.0
+    tikhonov: float = 1e-3
+    tol: float = 1e-3
+    max_iter: int = 200
+    method: str = field(default="resharp", init=False)
+
+    def remove(self, field_ppm: NDArray[np.floating], mask: NDArray[np.bool_],
+               voxel_size_mm: ArrayLike, b0_direction: ArrayLike,
+               weight: NDArray[np.floating] | None = None) -> Removed:
+        """The local field (``weight`` is not used)."""
+        return resharp(field_ppm, mask, voxel_size_mm, **keywords(self))
+
+
+@dataclass(frozen=True)
+class LBV:
+    """Laplacian boundary value method (:func:`lbv`; Zhou et al., NMR Biomed 2014;27:312).
+
+    Attributes:
+        tol: CG relative residual; default 1e-4.
+        max_iter: CG iterations at most; default 300.
+    """
+
+    tol: float = 1e-4
+    max_iter: int = 300
+    method: str = field(default="lbv", init=False)
+
+    def remove(self, field_ppm: NDArray[np.floating], mask: NDArray[np.bool_],
+               voxel_size_mm: ArrayLike, b0_direction: ArrayLike,
+               weight: NDArray[np.floating] | None = None) -> Removed:
+        """The local field (``weight`` is not used)."""
+        return lbv(field_ppm, mask, voxel_size_mm, **keywords(self))
+
+
+@dataclass(frozen=True)
+class ISMV:
+    """Iterative spherical mean value method (:func:`ismv`; Wen et al., MRM 2014;72:1065).
+
+    Attributes:
+        radius_mm: sphere radius (mm); default 10 (the engine's); None: twice the largest
+            voxel edge (the function's default). The output mask is the mask eroded by it.
+        tol: CG relative residual; default 1e-3.
+        max_iter: CG iterations at most; default 500.
+    """
+
+    radius_mm: float | None = 10.0
+    tol: float = 1e-3
+    max_iter: int = 500
+    method: str = field(default="ismv", init=False)
+
+    def remove(self, field_ppm: NDArray[np.floating], mask: NDArray[np.bool_],
+               voxel_size_mm: ArrayLike, b0_direction: ArrayLike,
+               weight: NDArray[np.floating] | None = None) -> Removed:
+        """The local field (``weight`` is not used)."""
+        return ismv(field_ppm, mask, voxel_size_mm, **keywords(self))
+
+
+@dataclass(frozen=True)
+class VSharp:
+    """V-SHARP, variable-radius SHARP (:func:`vsharp`; Wu et al., MRM 2012;67:137).
+
+    Attributes:
+        radii_mm: sphere radii (mm), any order; default None: :func:`default_vsharp_radii`
+            (12 mm down to the largest voxel edge). The output mask is the mask eroded by the
+            smallest.
+        threshold: TSVD threshold on ``1 − S`` of the largest sphere; default 0.05.
+    """
+
+    radii_mm: tuple[float, ...] | None = None
+    threshold: float = 0.05
+    method: str = field(default="vsharp", init=False)
+
+    def remove(self, field_ppm: NDArray[np.floating], mask: NDArray[np.bool_],
+               voxel_size_mm: ArrayLike, b0_direction: ArrayLike,
+               weight: NDArray[np.floating] | None = None) -> Removed:
+        """The local field (``weight`` is not used)."""
+        return vsharp(field_ppm, mask, voxel_size_mm, **keywords(self))
+
+
+@dataclass(frozen=True)
+class PDF:
+    """Projection onto dipole fields (:func:`pdf`; Liu et al., NMR Biomed 2011;24:1129).
+
+    Attributes:
+        pad_mm: zero padding around the mask's box where the outside sources live (mm);
+            default 20 (the engine's; the function's own is 40).
+        tol: CG relative residual; default 3e-3 (the engine's; the function's own is 1e-2).
+        max_iter: CG iterations at most; default 200 (the engine's; the function's own is 100).
+    """
+
+    pad_mm: float = 20.0
+    tol: float = 3e-3
+    max_iter: int = 200
+    method: str = field(default="pdf", init=False)
+
+    def remove(self, field_ppm: NDArray[np.floating], mask: NDArray[np.bool_],
+               voxel_size_mm: ArrayLike, b0_direction: ArrayLike,
+               weight: NDArray[np.floating] | None = None) -> Removed:
+        """The local field, fitted with ``weight`` (inverse noise; None: uniform)."""
+        return pdf(field_ppm, mask, voxel_size_mm, b0_direction, weight=weight,
+                   **keywords(self))
+
+
+BackgroundMethod = ResharpLBV | Resharp | LBV | ISMV | VSharp | PDF
+"""A background removal method with its settings; ``method`` is its name in records."""

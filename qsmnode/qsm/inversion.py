@@ -21,6 +21,11 @@ All work on the mask's bounding box, zero-padded by ``pad_mm`` so the circular c
 does not fold the field of one edge into the other (important for slabs). Every function
 returns ``(chi_ppm, info)`` where ``info["n_fft"]`` counts FFTs on ``info["fft_shape"]``.
 
+The engine chooses a method by its parameter type (:data:`InversionMethod`: :class:`SingleStepTV`,
+:class:`TVADMM`, :class:`TKD`), whose fields are the keywords of the function above (like QSM.jl's
+keyword sets per method): ``invert`` runs a local-field method, ``invert_total`` the single-step
+one.
+
 Speed: the element-wise work between the FFTs is fused into one image-space and one k-space
 pass per iteration, run on cache-sized blocks of planes, one contiguous range of planes per
 thread (as many threads as ``scipy.fft`` workers; numpy releases the GIL).
@@ -31,13 +36,14 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from qsmnode.qsm.dipole import FFT_WORKERS, dipole_kernel
-from qsmnode.qsm.util import FftGrid, crop_to_mask, laplacian_7pt
+from qsmnode.qsm.util import FftGrid, crop_to_mask, keywords, laplacian_7pt
 
 Info = dict[str, Any]
 F32 = NDArray[np.float32]
@@ -488,3 +494,102 @@ def single_step_tv(
     info["fft_shape"] = grid.shape
     info["n_fft"] = grid.n_fft
     return out, mask_out, model, info
+
+
+@dataclass(frozen=True)
+class SingleStepTV:
+    """Single-step TV QSM of the total field (:func:`single_step_tv`; Chatnuntawech et al., NMR
+    Biomed 2017;30:e3570; Langkammer et al., NeuroImage 2015;111:622): no background removal.
+
+    Attributes:
+        lam: TV weight λ (field in ppm, gradients in ppm/mm); default 1e-4.
+        rho_data: ADMM penalty of the Laplacian data split; default 0.01.
+        rho_tv: ADMM penalty of the gradient split; default None: ``100·lam``.
+        max_iter: ADMM iterations at most; default 30.
+        tol: stop when ``‖Δχ‖/‖χ‖`` is below it; default 1e-2.
+        pad_mm: zero padding around the mask's box (mm); default 4.
+        edge_voxels: voxel layers dropped from χ beyond the Laplacian's one; default 1.
+        relax: ADMM over-relaxation; default 1 (none).
+    """
+
+    lam: float = 1e-4
+    rho_data: float = 0.01
+    rho_tv: float | None = None
+    max_iter: int = 30
+    tol: float = 1e-2
+    pad_mm: float = 4.0
+    edge_voxels: int = 1
+    relax: float = 1.0
+    method: str = field(default="single_step_tv", init=False)
+
+    def invert_total(
+        self, total_field_ppm: NDArray[np.floating], mask: NDArray[np.bool_],
+        voxel_size_mm: ArrayLike, b0_direction: ArrayLike,
+    ) -> tuple[NDArray[np.float32], NDArray[np.bool_], NDArray[np.float32], Info]:
+        """χ, its mask, the model local field and info (:func:`single_step_tv`)."""
+        return single_step_tv(total_field_ppm, mask, voxel_size_mm, b0_direction,
+                              **keywords(self))
+
+
+@dataclass(frozen=True)
+class TVADMM:
+    """TV-regularised dipole inversion of the local field by ADMM (:func:`tv_admm`; Bilgic et
+    al., MRM 2014;72:1444; the masked data term: Milovic et al., MRM 2018;80:814).
+
+    Attributes:
+        lam: TV weight λ (field in ppm, gradients in ppm/mm); default 1e-4.
+        rho: ADMM penalty of the gradient split; default None: ``100·lam``.
+        rho_data: ADMM penalty of the masked data split; default 0.1.
+        data_term: ``"masked"`` (default; weighted by the mask and the noise weight) or
+            ``"unmasked"`` (the QSM challenges' closed form).
+        max_iter: ADMM iterations at most; default 50.
+        tol: stop when ``‖Δχ‖/‖χ‖`` is below it; default 3e-3.
+        relax: ADMM over-relaxation; default 1 (none).
+        pad_mm: zero padding around the mask's box (mm); default 24 (the engine's; the
+            function's own is 12).
+    """
+
+    lam: float = 1e-4
+    rho: float | None = None
+    rho_data: float = 0.1
+    data_term: Literal["masked", "unmasked"] = "masked"
+    max_iter: int = 50
+    tol: float = 3e-3
+    relax: float = 1.0
+    pad_mm: float = 24.0
+    method: str = field(default="tv_admm", init=False)
+
+    def invert(self, local_field_ppm: NDArray[np.floating], mask: NDArray[np.bool_],
+               voxel_size_mm: ArrayLike, b0_direction: ArrayLike,
+               weight: NDArray[np.floating] | None = None) -> tuple[NDArray[np.float32], Info]:
+        """χ and info, the data term weighted by ``weight`` (inverse noise; None: the mask)."""
+        return tv_admm(local_field_ppm, mask, voxel_size_mm, b0_direction, weight=weight,
+                       **keywords(self))
+
+
+@dataclass(frozen=True)
+class TKD:
+    """Truncated k-space division (:func:`tkd`; Shmueli et al., MRM 2009;62:1510; Wharton et
+    al., MRM 2010;63:1292).
+
+    Attributes:
+        threshold: ``|D|`` below it is set to ``±threshold``; default 0.15.
+        pad_mm: zero padding around the mask's box (mm); default 24.
+    """
+
+    threshold: float = 0.15
+    pad_mm: float = 24.0
+    method: str = field(default="tkd", init=False)
+
+    def invert(self, local_field_ppm: NDArray[np.floating], mask: NDArray[np.bool_],
+               voxel_size_mm: ArrayLike, b0_direction: ArrayLike,
+               weight: NDArray[np.floating] | None = None) -> tuple[NDArray[np.float32], Info]:
+        """χ and info (``weight`` is not used)."""
+        return tkd(local_field_ppm, mask, voxel_size_mm, b0_direction, **keywords(self))
+
+
+LocalFieldInversion = TVADMM | TKD
+"""A dipole inversion of the local field (after background removal)."""
+
+InversionMethod = SingleStepTV | TVADMM | TKD
+"""A dipole inversion with its settings; ``method`` is its name in records."""

@@ -20,6 +20,8 @@ The steps:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 from scipy import ndimage
@@ -138,6 +140,34 @@ def fill_holes_open_faces(mask: NDArray[np.bool_]) -> NDArray[np.bool_]:
         crop[axis] = slice(1, -1)
         filled = out[tuple(crop)]
     return filled | mask
+
+
+@dataclass(frozen=True)
+class MaskParams:
+    """How the engine makes its brain mask: :func:`brain_mask`'s settings, and on a whole head
+    (:func:`covers_whole_head`) the restriction to a template's brain (:func:`restrict_to_prior`).
+
+    Attributes:
+        threshold: fraction of the local tissue level kept (:func:`brain_mask`); default 0.35.
+        use_phase: add the phase-coherence criterion (needs two echoes or more); default True.
+        coherence_threshold: phase coherence kept; default 0.5.
+        bias_sigma_mm: Gaussian width of the receive-bias estimate (mm); default 20.
+        separate_mm: erosion that separates brain from scalp before regrowing (mm); default 3.
+        prior: restrict a whole head's mask to the brain prior when one is given; default True.
+        prior_min_extent_mm: a whole head spans at least this along every axis (mm); default 130.
+        prior_min_volume_ml: and holds at least this volume (mL); default 2200.
+        prior_margin_mm: the prior is grown by this before restricting (mm); default 3.
+    """
+
+    threshold: float = 0.35
+    use_phase: bool = True
+    coherence_threshold: float = 0.5
+    bias_sigma_mm: float = 20.0
+    separate_mm: float = 3.0
+    prior: bool = True
+    prior_min_extent_mm: float = 130.0
+    prior_min_volume_ml: float = 2200.0
+    prior_margin_mm: float = 3.0
 
 
 def brain_mask(

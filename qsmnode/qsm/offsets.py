@@ -10,6 +10,8 @@ harm) and removed from every echo.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 from scipy import ndimage
@@ -72,6 +74,19 @@ def local_linear_smooth(
     rhs = np.stack([b0, *b1], axis=-1).astype(np.float64)
     theta = np.linalg.solve(a, rhs[..., None])[..., 0, 0]
     return np.where(m0 > 1e-6, theta, 0.0).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class MCPC3DS:
+    """MCPC-3D-S phase offset removal (:func:`mcpc3ds_offset`; Eckstein et al., MRM
+    2018;79:2996).
+
+    Attributes:
+        sigma_mm: Gaussian width of the complex smoothing of φ0 (mm); default 4.
+    """
+
+    sigma_mm: float = 4.0
+    method: str = field(default="mcpc3ds", init=False)
 
 
 def mcpc3ds_offset(

@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -56,9 +56,11 @@ from scipy import ndimage
 from qsmnode.qsm import background as bg
 from qsmnode.qsm import inversion as inv
 from qsmnode.qsm.fieldfit import fit_field
-from qsmnode.qsm.mask import brain_mask, covers_whole_head, restrict_to_prior
-from qsmnode.qsm.offsets import echo_difference, mcpc3ds_offset, remove_offset
+from qsmnode.qsm.mask import MaskParams, brain_mask, covers_whole_head, restrict_to_prior
+from qsmnode.qsm.offsets import MCPC3DS, echo_difference, mcpc3ds_offset, remove_offset
 from qsmnode.qsm.quality import (
+    PeelParams,
+    RepairParams,
     peel_source_layers,
     phase_jumps,
     repair_field,
@@ -71,66 +73,62 @@ from qsmnode.qsm.unwrap import unwrap_spatial, unwrap_temporal, wrap
 
 @dataclass(frozen=True)
 class QSMParams:
-    """Every choice the QSM engine makes (see the module docstring for the defaults)."""
+    """Every choice the QSM engine makes (see the module docstring for the defaults): one
+    parameter type per step, beside the method it configures, and the method of a step chosen
+    by its type (:data:`~qsmnode.qsm.background.BackgroundMethod`,
+    :data:`~qsmnode.qsm.inversion.InversionMethod`). None skips an optional step.
 
-    # mask (mask.brain_mask)
-    mask_threshold: float = 0.35
-    mask_use_phase: bool = True
-    mask_coherence_threshold: float = 0.5
-    mask_bias_sigma_mm: float = 20.0
-    mask_separate_mm: float = 3.0
-    # whole head: restrict to a template's brain (mask.covers_whole_head, restrict_to_prior;
-    # only with run_qsm's brain_prior)
-    mask_prior: bool = True
-    mask_prior_min_extent_mm: float = 130.0
-    mask_prior_min_volume_ml: float = 2200.0
-    mask_prior_margin_mm: float = 3.0
-    # phase offsets (offsets.mcpc3ds_offset)
-    remove_offsets: bool = True
-    offset_sigma_mm: float = 4.0
-    # unwrapping of the echo-difference template (unwrap.unwrap_spatial)
+    Attributes:
+        mask: the brain mask and its whole-head restriction to a prior.
+        offsets: phase offset removal (None: the offsets stay in the phase).
+        unwrap_method: unwrapping of the echo-difference template
+            (:func:`~qsmnode.qsm.unwrap.unwrap_spatial`).
+        repair: unreliable field voxels dropped or filled (None: all kept).
+        peel: outer mask layers holding strong sources peeled (None: none).
+        background_peel_voxels: voxel layers eroded from the mask before background removal
+            or inversion; default 0.
+        background_method: background removal, for a local-field inversion (a single-step
+            inversion needs none and does not use it).
+        noise_weighting: PDF and TV-ADMM weight their data terms by the combined magnitude
+            (inverse noise).
+        inversion_method: the dipole inversion.
+        reference: χ referenced to the mean over the QSM mask or over ``run_qsm``'s CSF mask.
+        r2star_method, r2star_max_per_s, combine_method: relaxometry
+            (:func:`~qsmnode.qsm.relaxometry.r2star_map`,
+            :func:`~qsmnode.qsm.relaxometry.combine_magnitude`).
+
+    The ``*_method`` fields keep their names of the flat record (:meth:`to_record`), which the
+    BIDS derivatives read from ``dataclasses.asdict``.
+    """
+
+    mask: MaskParams = field(default_factory=MaskParams)
+    offsets: MCPC3DS | None = field(default_factory=MCPC3DS)
     unwrap_method: Literal["bestpath", "laplacian"] = "bestpath"
-    # unreliable phase (quality.*)
-    repair_unreliable: bool = True
-    jump_limit_rad: float = float(np.pi)
-    residual_floor_rad: float = 1.0
-    residual_factor: float = 10.0
-    # background removal (background.*)
-    background_method: bg.Method = "resharp_lbv"
+    repair: RepairParams | None = field(default_factory=RepairParams)
+    peel: PeelParams | None = field(default_factory=PeelParams)
     background_peel_voxels: int = 0
-    peel_sources: bool = True
-    peel_factor: float = 1.0
-    peel_max_mm: float = 4.0
-    background_radius_mm: float = 10.0
-    background_tikhonov: float = 1e-3
-    vsharp_radii_mm: tuple[float, ...] | None = None
-    pdf_tol: float = 3e-3
-    pdf_max_iter: int = 200
-    pdf_pad_mm: float = 20.0
+    background_method: bg.BackgroundMethod = field(default_factory=bg.ResharpLBV)
     noise_weighting: bool = True
-    # dipole inversion (inversion.*)
-    inversion_method: Literal["single_step_tv", "tv_admm", "tkd"] = "single_step_tv"
-    tkd_threshold: float = 0.15
-    tv_lambda: float = 1e-4
-    tv_rho: float | None = None
-    tv_rho_data: float = 0.1
-    tv_data_term: Literal["masked", "unmasked"] = "masked"
-    tv_max_iter: int = 50
-    tv_tol: float = 3e-3
-    inversion_pad_mm: float = 24.0
-    sstv_lambda: float = 1e-4
-    sstv_rho_data: float = 0.01
-    sstv_max_iter: int = 30
-    sstv_relax: float = 1.0
-    sstv_tol: float = 1e-2
-    sstv_pad_mm: float = 4.0
-    sstv_edge_voxels: int = 1
-    # referencing (reference.reference_chi)
+    inversion_method: inv.InversionMethod = field(default_factory=inv.SingleStepTV)
     reference: Literal["mask", "csf"] = "mask"
-    # relaxometry (relaxometry.*)
     r2star_method: Literal["auto", "arlo", "loglinear"] = "auto"
     r2star_max_per_s: float = R2STAR_MAX_PER_S
     combine_method: Literal["rss", "te_weighted"] = "rss"
+
+    def to_record(self) -> dict[str, Any]:
+        """Every parameter, flat, as recorded in ``quality["params"]``: a step's settings as
+        ``<step>_<setting>`` (``mask_threshold``, ``peel_max_mm``, ``inversion_lam``), its
+        method's name as ``<step>_method`` (``background_method: "pdf"``,
+        ``inversion_method: "tv_admm"``), a skipped step as None (``offsets: None``)."""
+        record: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if not is_dataclass(value):
+                record[f.name] = value
+                continue
+            step = f.name.removesuffix("_method")
+            record.update({f"{step}_{key}": v for key, v in asdict(value).items()})
+        return record
 
 
 @dataclass(frozen=True)
@@ -168,32 +166,10 @@ class QSMResult:
 
 METHODS: dict[str, QSMParams] = {
     "single-step-tv": QSMParams(),
-    "pdf-tv-admm": QSMParams(background_method="pdf", peel_sources=False,
-                             inversion_method="tv_admm"),
+    "pdf-tv-admm": QSMParams(background_method=bg.PDF(), peel=None,
+                             inversion_method=inv.TVADMM()),
 }
 """The pipelines measured against the independent forward model, by name (module docstring)."""
-
-
-def _background(
-    total: NDArray[np.float32],
-    mask: NDArray[np.bool_],
-    vs: NDArray[np.float64],
-    b0: NDArray[np.float64],
-    p: QSMParams,
-    weight: NDArray[np.float32] | None = None,
-) -> tuple[NDArray[np.float32], NDArray[np.bool_], dict[str, Any]]:
-    method = p.background_method
-    options: dict[str, Any] = {}
-    if method in ("resharp", "resharp_lbv"):
-        options = {"radius_mm": p.background_radius_mm, "tikhonov": p.background_tikhonov}
-    elif method == "ismv":
-        options = {"radius_mm": p.background_radius_mm}
-    elif method == "vsharp":
-        options = {"radii_mm": p.vsharp_radii_mm}
-    elif method == "pdf":
-        options = {"tol": p.pdf_tol, "max_iter": p.pdf_max_iter, "pad_mm": p.pdf_pad_mm,
-                   "weight": weight}
-    return bg.remove_background(total, mask, vs, b0, method, **options)
 
 
 def _noise_weight(combined: NDArray[np.float32], mask: NDArray[np.bool_]) -> NDArray[np.float32]:
@@ -216,21 +192,21 @@ and a template are (:func:`qsmnode.m1.register.brain_prior_function`)."""
 
 
 def _apply_prior(m: NDArray[np.bool_], first_echo: NDArray[np.float32], vs: NDArray[np.float64],
-                 prior: BrainPrior | None, p: QSMParams, quality: dict) -> NDArray[np.bool_]:
+                 prior: BrainPrior | None, p: MaskParams, quality: dict) -> NDArray[np.bool_]:
     """``m`` restricted to the brain prior (:func:`restrict_to_prior`) when there is one, it is
     enabled and the signal mask spans a whole head (:func:`covers_whole_head`; slabs keep the
     signal mask); ``quality["mask_prior"]`` says what was done and why."""
     record: dict[str, Any] = {"signal_mask_voxels": int(m.sum())}
     quality["mask_prior"] = record
-    if not p.mask_prior or prior is None:
+    if not p.prior or prior is None:
         record["applied"] = False
-        record["why_not"] = "disabled" if not p.mask_prior else "no template given"
+        record["why_not"] = "disabled" if not p.prior else "no template given"
         return m
-    if not covers_whole_head(m, vs, p.mask_prior_min_extent_mm, p.mask_prior_min_volume_ml):
+    if not covers_whole_head(m, vs, p.prior_min_extent_mm, p.prior_min_volume_ml):
         record["applied"] = False
         record["why_not"] = (f"not a whole head (the signal mask is under "
-                             f"{p.mask_prior_min_extent_mm:g} mm along an axis or "
-                             f"{p.mask_prior_min_volume_ml:g} mL)")
+                             f"{p.prior_min_extent_mm:g} mm along an axis or "
+                             f"{p.prior_min_volume_ml:g} mL)")
         return m
     t0 = time.perf_counter()
     try:
@@ -238,7 +214,7 @@ def _apply_prior(m: NDArray[np.bool_], first_echo: NDArray[np.float32], vs: NDAr
     except (ValueError, RuntimeError) as exc:
         record.update(applied=False, why_not=str(exc))
         return m
-    restricted = restrict_to_prior(m, brain, vs, p.mask_prior_margin_mm)
+    restricted = restrict_to_prior(m, brain, vs, p.prior_margin_mm)
     record.update(seconds=round(time.perf_counter() - t0, 2), prior_voxels=int(brain.sum()))
     if not restricted.any():
         record.update(applied=False, why_not="the prior does not overlap the signal mask")
@@ -249,15 +225,15 @@ def _apply_prior(m: NDArray[np.bool_], first_echo: NDArray[np.float32], vs: NDAr
 
 def _masked(mag: np.ndarray, vs: np.ndarray, phase: np.ndarray | None,
             mask: np.ndarray | None, finite: np.ndarray, maps: tuple[np.ndarray, ...],
-            p: QSMParams, quality: dict, prior: BrainPrior | None = None) -> np.ndarray:
+            p: MaskParams, quality: dict, prior: BrainPrior | None = None) -> np.ndarray:
     """The brain mask (``mask`` when given, else :func:`brain_mask` of the magnitude, with the
     phase's coherence when ``phase`` is given, restricted to ``prior`` on a whole head:
     :func:`_apply_prior`), restricted to finite voxels; ``maps`` are set to 0 outside it and
     ``quality`` records its size."""
     if mask is None:
-        m = brain_mask(mag, vs, phase=phase, threshold=p.mask_threshold,
-                       coherence_threshold=p.mask_coherence_threshold,
-                       bias_sigma_mm=p.mask_bias_sigma_mm, separate_mm=p.mask_separate_mm)
+        m = brain_mask(mag, vs, phase=phase, threshold=p.threshold,
+                       coherence_threshold=p.coherence_threshold,
+                       bias_sigma_mm=p.bias_sigma_mm, separate_mm=p.separate_mm)
         m = _apply_prior(m, mag[..., 0], vs, prior, p, quality)
     else:
         m = np.asarray(mask, dtype=bool).copy()
@@ -315,7 +291,7 @@ def run_qsm(
     if np.any(order != np.arange(te.size)):
         mag, ph, te = mag[..., order], ph[..., order], te[order]
     timings: dict[str, float] = {}
-    quality: dict[str, Any] = {"params": asdict(p), "shape": tuple(mag.shape)}
+    quality: dict[str, Any] = {"params": p.to_record(), "shape": tuple(mag.shape)}
 
     def tick(name: str, t0: float) -> float:
         now = time.perf_counter()
@@ -339,15 +315,15 @@ def run_qsm(
     t0 = tick("relaxometry", t0)
 
     # 2. mask
-    m = _masked(mag, vs, ph if (p.mask_use_phase and te.size >= 2) else None, mask, finite,
-                (r2s, t2s), p, quality, brain_prior)
+    m = _masked(mag, vs, ph if (p.mask.use_phase and te.size >= 2) else None, mask, finite,
+                (r2s, t2s), p.mask, quality, brain_prior)
     t0 = tick("mask", t0)
 
     # 3-4. offsets and unwrapping
     if te.size >= 2:
         diff = unwrap_spatial(echo_difference(ph), m, method=p.unwrap_method, voxel_size_mm=vs)
         t0 = tick("unwrap_template", t0)
-        if p.remove_offsets:
+        if p.offsets is not None:
             phi0 = mcpc3ds_offset(
                 ph[..., 0],
                 diff,
@@ -356,7 +332,7 @@ def run_qsm(
                 vs,
                 magnitude=mag[..., 0],
                 mask=m,
-                sigma_mm=p.offset_sigma_mm,
+                sigma_mm=p.offsets.sigma_mm,
             )
             ph = remove_offset(ph, phi0)
         t0 = tick("offsets", t0)
@@ -374,9 +350,10 @@ def run_qsm(
     quality["fit_residual_rad_median"] = float(np.median(res_in)) if res_in.size else 0.0
     quality["fit_residual_rad_p95"] = float(np.percentile(res_in, 95)) if res_in.size else 0.0
     field_ppm, field_mask = fit.field_ppm, m
-    if p.repair_unreliable:
-        bad = phase_jumps(template, m, p.jump_limit_rad)
-        bad |= residual_outliers(fit.residual_rad, m, p.residual_floor_rad, p.residual_factor)
+    if p.repair is not None:
+        bad = phase_jumps(template, m, p.repair.jump_limit_rad)
+        bad |= residual_outliers(fit.residual_rad, m, p.repair.residual_floor_rad,
+                                 p.repair.residual_factor)
         field_ppm, field_mask, n_filled = repair_field(fit.field_ppm, m, bad, vs)
         quality["unreliable_voxels"] = int(bad.sum())
         quality["filled_voxels"] = n_filled
@@ -386,55 +363,25 @@ def run_qsm(
 
     # 6-7. background removal and inversion (the outermost voxel layers of a magnitude mask
     # can hold partial-volume bone/air sources: peel them first)
-    if p.peel_sources:
+    if p.peel is not None:
         field_mask, n_peeled = peel_source_layers(
-            field_ppm, field_mask, vs, max_mm=p.peel_max_mm, factor=p.peel_factor
+            field_ppm, field_mask, vs, max_mm=p.peel.max_mm, factor=p.peel.factor
         )
         quality["peeled_voxels"] = n_peeled
         t0 = tick("peel", t0)
     if p.background_peel_voxels > 0:
         field_mask = ndimage.binary_erosion(field_mask, iterations=p.background_peel_voxels)
-    if p.inversion_method == "single_step_tv":
-        chi, qsm_mask, local, info_inv = inv.single_step_tv(
-            field_ppm,
-            field_mask,
-            vs,
-            b0,
-            lam=p.sstv_lambda,
-            rho_data=p.sstv_rho_data,
-            max_iter=p.sstv_max_iter,
-            tol=p.sstv_tol,
-            pad_mm=p.sstv_pad_mm,
-            edge_voxels=p.sstv_edge_voxels,
-            relax=p.sstv_relax,
-        )
-        quality["background"] = {"method": "none (single-step inversion of the total field)"}
-    else:
-        weight = _noise_weight(combined, field_mask) if p.noise_weighting else None
-        local, qsm_mask, info_bg = _background(field_ppm, field_mask, vs, b0, p, weight)
-        quality["background"] = info_bg
-        t0 = tick("background", t0)
-        if p.inversion_method == "tkd":
-            chi, info_inv = inv.tkd(
-                local, qsm_mask, vs, b0, threshold=p.tkd_threshold, pad_mm=p.inversion_pad_mm
-            )
-        elif p.inversion_method == "tv_admm":
-            chi, info_inv = inv.tv_admm(
-                local,
-                qsm_mask,
-                vs,
-                b0,
-                lam=p.tv_lambda,
-                rho=p.tv_rho,
-                rho_data=p.tv_rho_data,
-                data_term=p.tv_data_term,
-                max_iter=p.tv_max_iter,
-                tol=p.tv_tol,
-                pad_mm=p.inversion_pad_mm,
-                weight=weight,
-            )
-        else:
-            raise ValueError(f"unknown inversion method {p.inversion_method!r}")
+    match p.inversion_method:
+        case inv.SingleStepTV() as single_step:
+            chi, qsm_mask, local, info_inv = single_step.invert_total(field_ppm, field_mask, vs, b0)
+            quality["background"] = {"method": "none (single-step inversion of the total field)"}
+        case inversion:
+            weight = _noise_weight(combined, field_mask) if p.noise_weighting else None
+            local, qsm_mask, info_bg = p.background_method.remove(field_ppm, field_mask, vs, b0,
+                                                                  weight)
+            quality["background"] = info_bg
+            t0 = tick("background", t0)
+            chi, info_inv = inversion.invert(local, qsm_mask, vs, b0, weight)
     quality["qsm_mask_fraction_of_mask"] = float(qsm_mask.sum() / max(int(m.sum()), 1))
     quality["inversion"] = info_inv
     t0 = tick("inversion", t0)
@@ -490,7 +437,7 @@ def run_relaxometry(
     if not finite.all():
         mag = np.where(finite[..., None], mag, 0.0).astype(np.float32)
     timings: dict[str, float] = {}
-    quality: dict[str, Any] = {"params": asdict(p), "shape": tuple(mag.shape),
+    quality: dict[str, Any] = {"params": p.to_record(), "shape": tuple(mag.shape),
                                "qsm_computed": False}
     t0 = t_start = time.perf_counter()
     combined = combine_magnitude(mag, te, method=p.combine_method)
@@ -501,7 +448,7 @@ def run_relaxometry(
         t2s = np.zeros_like(r2s)
     timings["relaxometry"] = round(time.perf_counter() - t0, 3)
     t0 = time.perf_counter()
-    m = _masked(mag, vs, None, mask, finite, (r2s, t2s), p, quality)
+    m = _masked(mag, vs, None, mask, finite, (r2s, t2s), p.mask, quality)
     timings["mask"] = round(time.perf_counter() - t0, 3)
     timings["total"] = round(time.perf_counter() - t_start, 3)
     quality["timings_s"] = timings

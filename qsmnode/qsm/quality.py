@@ -29,6 +29,39 @@ from scipy import ndimage
 from qsmnode.qsm.util import bounding_box
 
 
+@dataclass(frozen=True)
+class RepairParams:
+    """Which voxels of the fitted field are unreliable, to be dropped or filled
+    (:func:`phase_jumps`, :func:`residual_outliers`, :func:`repair_field`).
+
+    Attributes:
+        jump_limit_rad: a jump of the unwrapped template to a neighbour above it (rad);
+            default π.
+        residual_floor_rad: a fit residual above ``max(residual_floor_rad, residual_factor ×
+            its median in the mask)`` is an outlier (rad); default 1.
+        residual_factor: see ``residual_floor_rad``; default 10.
+    """
+
+    jump_limit_rad: float = float(np.pi)
+    residual_floor_rad: float = 1.0
+    residual_factor: float = 10.0
+
+
+@dataclass(frozen=True)
+class PeelParams:
+    """Outer mask layers holding strong sources (bone/air partial volume) are peeled before
+    background removal or inversion (:func:`peel_source_layers`).
+
+    Attributes:
+        factor: a layer is hot above this times the deep 99th percentile of ``|∇²f|``;
+            default 1.
+        max_mm: peel at most this depth (mm); default 4.
+    """
+
+    factor: float = 1.0
+    max_mm: float = 4.0
+
+
 def phase_jumps(
     unwrapped: NDArray[np.floating], mask: NDArray[np.bool_], limit: float = np.pi
 ) -> NDArray[np.bool_]:

@@ -7,7 +7,8 @@ time in units of "one FFT on this grid" (``n_fft`` in the steps' info dicts).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 import numpy as np
 import scipy.fft as sfft
@@ -52,6 +53,12 @@ class FftGrid:
         out = np.zeros(self.shape, dtype=dtype)
         out[: x.shape[0], : x.shape[1], : x.shape[2]] = x
         return out
+
+
+def keywords(params: Any) -> dict[str, Any]:
+    """A method's parameter type (a dataclass) as the keywords of the method's function: its
+    fields, less those not set at construction (``method``, the name it is recorded by)."""
+    return {f.name: getattr(params, f.name) for f in fields(params) if f.init}
 
 
 def time_one_fft(shape: tuple[int, int, int], repeats: int = 3) -> float:
