@@ -10,10 +10,18 @@ from typing import Any
 
 import pytest
 
+from qsmnode import compat
 from qsmnode.demo.pacs import Orthanc
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("QSMNODE_SHARED", REPO.parent / "shared")) / "data"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def library_tweaks() -> None:
+    """What the start-up installs (:func:`qsmnode.compat.install`: highdicom's memoised IOD
+    look-up), once per test process, as ``qsmnode`` and the worker child do."""
+    compat.install()
 
 
 @pytest.fixture(scope="session")

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import math
 import re
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -612,11 +614,16 @@ def test_without_m1_or_r2star(study: Study, sim, tmp_path) -> None:
 def test_the_memoised_iod_lookup_answers_as_highdicom_does() -> None:
     import highdicom._standard_utils as standard_utils
     import highdicom.base
+    import highdicom.sr.content
 
-    from qsmnode.dicom.derived import iod_cache
+    from qsmnode import compat
 
-    assert standard_utils.is_attribute_in_iod is iod_cache.is_attribute_in_iod
-    assert highdicom.base.is_attribute_in_iod is iod_cache.is_attribute_in_iod
+    compat.install()
+    compat.install()  # idempotent
+    for module in (standard_utils, highdicom.base, highdicom.sr.content):
+        assert module.is_attribute_in_iod is compat.is_attribute_in_iod
+    original = compat._highdicom_is_attribute_in_iod()
+    assert original is not compat.is_attribute_in_iod
     classes = ["1.2.840.10008.5.1.4.1.1.4", "1.2.840.10008.5.1.4.1.1.4.1",
                "1.2.840.10008.5.1.4.1.1.30", "1.2.840.10008.5.1.4.1.1.66.4",
                "1.2.840.10008.5.1.4.1.1.88.34", "1.2.840.10008.5.1.4.1.1.7"]
@@ -625,10 +632,18 @@ def test_the_memoised_iod_lookup_answers_as_highdicom_does() -> None:
     for sop_class in classes:
         for attribute in attributes:
             for exclude in (None, ["IconImageSequence"]):
-                want = iod_cache._ORIGINAL(attribute, sop_class, exclude)
-                assert iod_cache.is_attribute_in_iod(attribute, sop_class, exclude) is want
+                want = original(attribute, sop_class, exclude)
+                assert compat.is_attribute_in_iod(attribute, sop_class, exclude) is want
     with pytest.raises(KeyError, match="No IOD found"):
-        iod_cache.is_attribute_in_iod("PixelData", "1.2.3.4")
+        compat.is_attribute_in_iod("PixelData", "1.2.3.4")
+
+
+def test_importing_the_derived_objects_leaves_highdicom_alone() -> None:
+    """The memo is the start-up's to install (qsmnode.compat.install), not an import's."""
+    code = ("import highdicom._standard_utils as s; f = s.is_attribute_in_iod; "
+            "import highdicom.base, qsmnode.dicom.derived; "
+            "assert s.is_attribute_in_iod is f and highdicom.base.is_attribute_in_iod is f")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
 def test_a_key_image_without_m1_says_why() -> None:

@@ -27,6 +27,10 @@ no QSM objects: the SEG and the SR's region outlines reference the R2* derived M
 leaves the χ items out (they are NaN) and carries the failed ``qsm_computed`` flag of the M1
 result, the key images show R2* with the reason, and the Key Object Selection's reason starts
 with it.
+
+Building calls highdicom's IOD look-up thousands of times: the start-up's
+:func:`qsmnode.compat.install` memoises it (about half the build time); importing this package
+changes nothing in highdicom.
 """
 
 from __future__ import annotations
@@ -48,7 +52,6 @@ from qsmnode.dicom.derived.common import (
     source_reader,
 )
 from qsmnode.dicom.derived.derived_mr import QSM_MR, R2STAR_MR, build_derived_mr
-from qsmnode.dicom.derived.iod_cache import install as _install_iod_cache
 from qsmnode.dicom.derived.key_images import Z_FLAG, build_key_images
 from qsmnode.dicom.derived.kos import build_key_object_selection, kos_reason
 from qsmnode.dicom.derived.parametric_map import QSM, R2STAR, build_parametric_map
@@ -58,8 +61,6 @@ from qsmnode.dicom.derived.uids import DerivedUids
 from qsmnode.dicom.load import LoadedAcquisition
 from qsmnode.m1.followup import FollowUp
 from qsmnode.m1.result import M1Result
-
-_install_iod_cache()
 
 __all__ = [
     "ALGORITHM_NAME",
