@@ -40,7 +40,7 @@ def test_dockerfile_copies_what_exists_and_runs_as_non_root() -> None:
     # The package the image installs is the one pyproject declares, with its console script.
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     entry = [rest for keyword, rest in rows if keyword == "ENTRYPOINT"][-1]
-    assert project["scripts"]["qsmnode"] == "qsmnode.cli:main" and "qsmnode" in entry
+    assert project["scripts"]["qsmnode"] == "qsmnode.__main__:main" and "qsmnode" in entry
     command = [rest for keyword, rest in rows if keyword == "CMD"][-1]
     build_parser().parse_args(json.loads(command))  # a real subcommand
 
