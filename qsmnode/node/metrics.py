@@ -6,7 +6,7 @@ SQLite connection (``file:...?mode=ro``), reads one consistent snapshot (one rea
 and closes it. A reader never blocks the node (WAL mode), never writes, and sees what a restart
 would see.
 
-The SQL here is written against the schema documented in :mod:`qsmnode.node.store` and only
+The SQL here is written against the schema in :mod:`qsmnode.node.store.connection` and only
 reads. Tables added by later schema versions (``acquisitions``, ``problems`` and ``jobs`` in
 version 2; ``outbox`` and ``sends`` in version 3) may be missing: what they would report is then
 left out (metrics) or shown as unavailable (status page), never an error.
@@ -68,8 +68,8 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from qsmnode import __version__
-from qsmnode.node.hl7_queue import HL7Summary, summarize
 from qsmnode.node.store import SCHEMA_VERSION, STORE_FILENAME
+from qsmnode.node.store.hl7 import HL7Summary, summarize_hl7
 
 MIB = 1024 * 1024
 
@@ -583,7 +583,7 @@ def read_status(db: sqlite3.Connection, limit: int = 25,
                 "WHERE passed_over IS NOT NULL ORDER BY last_received_at DESC, series_number "
                 "LIMIT ?", (limit * 20,))
         ]
-    results = summarize(db) if "hl7_messages" in tables else None
+    results = summarize_hl7(db) if "hl7_messages" in tables else None
     return Status(read_counts(db), studies, jobs, problems, deliveries, passed_over, results,
                   failed_jobs)
 

@@ -16,8 +16,8 @@ The API is small and has no ORM: records in, records out. Its parts:
 - one mixin per aggregate, combined by :class:`Store`: :mod:`~qsmnode.node.store.ingest`
   (instances and series), :mod:`~qsmnode.node.store.grouping` (acquisitions, problems,
   studies), :mod:`~qsmnode.node.store.jobs`, :mod:`~qsmnode.node.store.delivery` (outbox and
-  sends) and :mod:`~qsmnode.node.store.retention`. The HL7 tables are kept by
-  :mod:`qsmnode.node.hl7_queue` through :meth:`Store.transaction` and :meth:`Store.reading`.
+  sends), :mod:`~qsmnode.node.store.retention` and :mod:`~qsmnode.node.store.hl7` (the HL7
+  results to the RIS, queued by :mod:`qsmnode.node.hl7_queue`).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from qsmnode.node.store.connection import (
 )
 from qsmnode.node.store.delivery import DeliveryMixin
 from qsmnode.node.store.grouping import GroupingMixin
+from qsmnode.node.store.hl7 import HL7Mixin
 from qsmnode.node.store.ingest import IngestMixin
 from qsmnode.node.store.jobs import JobsMixin
 from qsmnode.node.store.records import (
@@ -99,7 +100,7 @@ __all__ = [
 ]
 
 
-class Store(IngestMixin, GroupingMixin, JobsMixin, DeliveryMixin, RetentionMixin):
+class Store(IngestMixin, GroupingMixin, JobsMixin, DeliveryMixin, RetentionMixin, HL7Mixin):
     """The SQLite store. Thread-safe: one connection, serialised by a lock.
 
     ``readonly=True`` opens an existing store without writing (no migrations), for status

@@ -8,11 +8,12 @@ or column. Later versions append to :data:`MIGRATIONS`.
 
 Conventions the DDL does not show: times are Unix seconds (float); ``path`` columns are
 relative to the state directory; ``series_uids``, ``summary``, ``result`` and ``notes`` hold
-JSON. The HL7 tables (version 6) are kept by :mod:`qsmnode.node.hl7_queue`:
-``hl7_messages.message`` (the ER7 text) is cleared once the RIS acknowledged it, so that no
-patient data stays longer than needed; ``notes`` are plain remarks (no accession number, not
-assessable, ...), ``abnormal`` the worst abnormal flag; ``hl7_destinations.since`` is when a
-destination was first configured (results finished before then are not sent to it).
+JSON. What each table means is said by the module that keeps it: ``series`` and
+``instances`` :mod:`~qsmnode.node.store.ingest`; ``acquisitions``, ``problems`` and
+``studies`` :mod:`~qsmnode.node.store.grouping`; ``jobs`` :mod:`~qsmnode.node.store.jobs`;
+``outbox`` and ``sends`` :mod:`~qsmnode.node.store.delivery`; ``prunings``
+:mod:`~qsmnode.node.store.retention`; ``hl7_destinations`` and ``hl7_messages``
+:mod:`~qsmnode.node.store.hl7`.
 """
 
 from __future__ import annotations
@@ -294,8 +295,7 @@ class StoreConnection:
 
     @contextmanager
     def reading(self) -> Iterator[sqlite3.Connection]:
-        """The connection, held for reads (no transaction is opened): for modules that keep
-        their own tables here (:mod:`qsmnode.node.hl7_queue`)."""
+        """The connection, held for reads (no transaction is opened)."""
         with self._lock:
             yield self._db
 
