@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -448,148 +448,9 @@ def _resend(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_process(folder: Path, out: Path, send: str | None = None, config: Path | None = None,
-                processor: str = "qsmnode.node.jobs:process_acquisition",
-                calling_ae: str | None = None) -> int:
-    """``qsmnode process``: load every acquisition under ``folder``, run the pipeline
-    (``processor``, ``module:function`` like :func:`qsmnode.node.jobs.process_acquisition`)
-    and write the derived objects under ``out`` (``<study>/<series>/<sop>.dcm``); with
-    ``send``, C-STORE them to that destination (a configured name, or HOST:PORT:AE). Returns
-    the exit status: 0 done, 1 an acquisition or the send failed, 2 bad arguments or
-    configuration.
-
-    As in a worker child, the patient and study values of the folder's files never reach the
-    output: library warnings and log records are redacted
-    (:func:`~qsmnode.node.logtext.redacted_library_output`), and so are the reasons printed
-    (each ``<Keyword>`` instead of the value, control characters escaped)."""
-    from qsmnode.node import logtext
-    from qsmnode.node.redact import Redactor, dataset_values
-
-    sources = [str(p) for p in sorted(folder.rglob("*")) if p.is_file()] if (
-        folder.is_dir()) else []
-    redactor = Redactor(dataset_values(sources))
-    with logtext.redacted_library_output(redactor):
-        return _run_process(folder, out, send, config, processor, calling_ae, sources,
-                            lambda text: logtext.printable(redactor(text)))
-
-
-def _run_process(folder: Path, out: Path, send: str | None, config: Path | None,
-                 processor: str, calling_ae: str | None, sources: list[str],
-                 clean: Callable[[str], str]) -> int:
-    """:func:`run_process` within its redaction: ``sources`` are the folder's files, and
-    ``clean`` makes a reason fit to print."""
-    import time
-
-    from qsmnode.dicom.load import LoadedAcquisition, load_folder
-    from qsmnode.node.association import AssociationFailed, OutgoingFile, Peer
-    from qsmnode.node.config import ConfigError, PipelineConfig, SenderConfig, load_settings
-    from qsmnode.node.followup import FollowUpSource
-    from qsmnode.node.jobs import JobError
-    from qsmnode.node.outbox import write_datasets
-    from qsmnode.node.storescu import send_resuming
-    from qsmnode.node.worker import resolve_job_function
-
-    settings = None
-    # a destination name needs the configuration; HOST:PORT:AE (names have no colon) does not
-    if config is not None or (send is not None and ":" not in send):
-        try:
-            settings = load_settings(config)
-        except ConfigError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-    peer = None
-    if send is not None:
-        try:
-            peer = Peer.parse(send, settings.destinations if settings else (),
-                              calling_ae or "QSMNODE")
-        except ValueError as exc:
-            print(f"error: --send {exc}", file=sys.stderr)
-            return 2
-    if not folder.is_dir():
-        print(f"error: {folder}: not a folder", file=sys.stderr)
-        return 2
-    function = resolve_job_function(processor)
-    started = time.perf_counter()
-    rules = settings.rules if settings is not None else None
-    found = load_folder(folder, min_echoes=rules.min_echoes if rules else 2,
-                        require_phase=rules.require_phase if rules else True)
-    for item in found:
-        if not isinstance(item, LoadedAcquisition):
-            print(f"skipped: {clean(item.reason)}", file=sys.stderr)
-    acquisitions = [item for item in found if isinstance(item, LoadedAcquisition)]
-    if not acquisitions:
-        print(f"error: {folder}: no acquisition to process", file=sys.stderr)
-        return 1
-    status = 0
-    written: list[tuple[Path, Any]] = []
-    for loaded in acquisitions:
-        numbers = ", ".join("?" if n is None else str(n) for n in loaded.series_numbers)
-        if loaded.t1w_note:
-            print(f"series {numbers}: {clean(loaded.t1w_note)}")
-        if loaded.t1w_error:
-            print(f"series {numbers}: {clean(loaded.t1w_error)}; the GRE is registered instead",
-                  file=sys.stderr)
-        work = out / "pipeline" / loaded.study_uid / f"series-{numbers.replace(', ', '-')}"
-        try:
-            pipeline = settings.pipeline if settings is not None else PipelineConfig()
-            follow = FollowUpSource.from_settings(settings) if settings is not None else None
-            record, datasets = function(loaded, sources, work,  # type: ignore[call-arg]
-                                        pipeline.qsm, pipeline.m1, pipeline.atlas, None,
-                                        pipeline.m1_normative_table, pipeline.z_flag,
-                                        **({} if follow is None else {"follow_up": follow}))
-        except JobError as exc:
-            print(f"series {numbers}: failed: {clean(str(exc))}", file=sys.stderr)
-            status = 1
-            continue
-        except (ValueError, LookupError, AttributeError, TypeError) as exc:
-            # from the input (a header the builders cannot use): a reason, not a traceback
-            print(f"series {numbers}: failed: the input could not be handled "
-                  f"({type(exc).__name__}: {clean(str(exc))})", file=sys.stderr)
-            status = 1
-            continue
-        finally:
-            for empty in (work, work.parent, work.parent.parent):
-                if empty.is_dir() and not any(empty.iterdir()):
-                    empty.rmdir()
-        if record.get("qsm_not_computed"):
-            print(f"series {numbers}: {clean(record['qsm_not_computed'])}; R2* and the M1 "
-                  "T2*-signal and thickness analysis are written instead", file=sys.stderr)
-        m1_error = (record.get("m1") or {}).get("error")
-        if m1_error:
-            print(f"series {numbers}: {clean(m1_error)}; the maps are written without it",
-                  file=sys.stderr)
-        follow_up = (record.get("m1") or {}).get("follow_up")
-        if follow_up:
-            print(f"series {numbers}: follow-up: {clean(follow_up['note'])}")
-        paths = write_datasets(datasets, out)
-        written += list(zip(paths, datasets, strict=True))
-        print(f"series {numbers}: {len(paths)} derived objects written under {out} "
-              f"(study {loaded.study_uid})")
-    print(f"processed {len(acquisitions)} acquisition(s) in {time.perf_counter() - started:.1f} s")
-    if peer is None or not written:
-        return status
-    outgoing = [OutgoingFile(path, path, str(ds.SOPClassUID),
-                             str(ds.file_meta.TransferSyntaxUID), str(ds.SOPInstanceUID))
-                for path, ds in written]
-    started = time.perf_counter()
-    try:
-        # a lost association is resumed from the first file not acknowledged (bounded)
-        results, associations = send_resuming(peer, outgoing, (
-            settings.sender if settings is not None else SenderConfig()).timeout_s)
-    except AssociationFailed as exc:
-        print(f"error: not sent to {peer}: {exc}", file=sys.stderr)
-        return 1
-    failed = {key: r for key, r in results.items() if not r.ok}
-    resumed = f" ({associations} associations: resumed after a lost one)" if (
-        associations > 1) else ""
-    print(f"sent {len(results) - len(failed)} of {len(outgoing)} to {peer} in "
-          f"{time.perf_counter() - started:.1f} s{resumed}")
-    for path, result in failed.items():  # every file not stored, by name
-        print(f"not sent: {Path(path).name}: {result.error}", file=sys.stderr)
-    return 1 if failed else status
-
-
 def _process(args: argparse.Namespace) -> int:
+    from qsmnode.commands.process import run_process
+
     return run_process(args.folder, args.out, args.send, args.config,
                        calling_ae=args.calling_ae)
 

@@ -43,11 +43,15 @@ in order, each a small function that reads what earlier stages produced from a
    not be looked up (:attr:`PipelineParams.prior_note`) give no comparison, and say why.
 4. ``derived``: every derived DICOM object (:func:`qsmnode.dicom.derived.build_derived`).
 
-The node's worker calls it in a child process (``qsmnode.node.jobs``), and the offline
-``qsmnode process DIR`` is to call it too, so both give the same result. It knows nothing of
-the network, the store or the configuration file: everything it needs comes in through its
-arguments, and everything it makes goes out in the :class:`PipelineResult` (and, for later
-stages, files under :attr:`PipelineParams.out_dir`).
+:func:`process_acquisition` is the one entry point: it checks the source header the derived
+objects copy from (:func:`check_source_header`), takes the acquisition's T1w and runs the
+stages. The node's worker calls it in a child process (through :mod:`qsmnode.node.jobs`), and
+the offline ``qsmnode process DIR`` calls it too, so both give the same result. It knows
+nothing of the network, the store or the configuration file: the M1 atlas, the normative
+table and the patient's earlier results come in already loaded (the callers read them at the
+edge: :func:`qsmnode.dicom.reference_data.load_m1_atlas`,
+:func:`qsmnode.node.normative.load_normative_table`, :func:`qsmnode.node.followup.find_priors`),
+and everything it makes goes out in the :class:`PipelineResult`; it writes no files.
 """
 
 from __future__ import annotations
@@ -57,7 +61,7 @@ import itertools
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -67,7 +71,7 @@ from pydicom import Dataset
 
 from qsmnode import __version__
 from qsmnode.dicom.derived import build_derived
-from qsmnode.dicom.derived.common import source_reader
+from qsmnode.dicom.derived.common import source_fixes, source_reader
 from qsmnode.dicom.derived.key_images import Z_FLAG
 from qsmnode.dicom.headers import slice_thickness_mm
 from qsmnode.dicom.load import LoadedAcquisition, LoadedT1w
@@ -101,8 +105,6 @@ class PipelineParams:
     """What the stages may need besides the acquisition.
 
     Attributes:
-        out_dir: folder for files the stages write (None: the stages write no files). Created
-            when needed.
         source_files: the acquisition's source files (the derived objects reference them);
             empty: no derived objects.
         qsm: run QSM (and so the M1 analysis and the derived objects).
@@ -119,7 +121,6 @@ class PipelineParams:
         retest_limits: the test–retest limits of the comparison.
     """
 
-    out_dir: Path | None = None
     source_files: tuple[Path, ...] = ()
     qsm: bool = True
     qsm_params: QSMParams = field(default_factory=QSMParams)
@@ -233,7 +234,17 @@ Stage = Callable[[_Context], None]
 
 def _check(ctx: _Context) -> None:
     """The loaded arrays are sane; summarize them."""
-    loaded, gre = ctx.loaded, ctx.loaded.gre
+    ctx.summary = check_acquisition(ctx.loaded)
+
+
+def check_acquisition(loaded: LoadedAcquisition) -> AcquisitionSummary:
+    """The summary of a loaded acquisition whose arrays are sane (stage ``check``).
+
+    Raises:
+        PipelineError: a value is not finite, the echo times are not positive and ascending,
+            or the phase is outside [-π, π).
+    """
+    gre = loaded.gre
     magnitude = gre.magnitude
     if not np.isfinite(magnitude).all():
         bad = int(np.count_nonzero(~np.isfinite(magnitude)))
@@ -252,7 +263,7 @@ def _check(ctx: _Context) -> None:
         if lo < -pi or hi >= pi:
             raise PipelineError(f"the phase spans {lo:.4f}..{hi:.4f} rad, outside [-π, π)")
         phase_range = (lo, hi)
-    ctx.summary = AcquisitionSummary(
+    return AcquisitionSummary(
         study_uid=loaded.study_uid,
         series_uids=tuple(loaded.series_uids),
         series_numbers=tuple(loaded.series_numbers),
@@ -515,8 +526,6 @@ def run_pipeline(loaded: LoadedAcquisition, params: PipelineParams | None = None
         PipelineError: a stage found the acquisition unfit; the message says why.
     """
     ctx = _Context(loaded, params or PipelineParams())
-    if ctx.params.out_dir is not None:
-        ctx.params.out_dir.mkdir(parents=True, exist_ok=True)
     for name, stage in STAGES:
         if progress is not None:
             progress(name)
@@ -529,3 +538,73 @@ def run_pipeline(loaded: LoadedAcquisition, params: PipelineParams | None = None
     return PipelineResult(acquisition=ctx.summary, stages=tuple(ctx.stages),
                           qsm_not_computed=ctx.qsm_not_computed, qsm_quality=quality,
                           m1=ctx.m1_record, datasets=ctx.datasets)
+
+
+@dataclass(frozen=True)
+class EarlierResults:
+    """The patient's earlier results for a follow-up comparison, as the caller found them
+    (the node asks the PACS: :func:`qsmnode.node.followup.find_priors`).
+
+    Attributes:
+        priors: the earlier results (empty: none was found); None: they could not be looked
+            up, and ``note`` says why.
+        note: why they could not be looked up ("" when they were).
+        limits: the test–retest limits of the comparison.
+    """
+
+    priors: tuple[PriorResult, ...] | None
+    note: str = ""
+    limits: RetestLimits = field(default_factory=RetestLimits)
+
+
+def check_source_header(loaded: Any) -> list[str]:
+    """What the derived objects will not copy as it is from the acquisition's source header
+    (:func:`~qsmnode.dicom.derived.common.source_fixes`: an absent or invalid Type 2 patient or
+    study value is left empty, an empty sequence left out), logged before the pipeline runs, so
+    that a value the build cannot take is known before QSM spends its time. The phrases name
+    attributes only, never their values (patient data)."""
+    header = getattr(loaded, "header", None)
+    if not isinstance(header, Dataset):
+        return []
+    fixes = source_fixes(header)
+    if fixes:
+        invalid = any("not a valid value" in fix for fix in fixes)
+        log.log(logging.WARNING if invalid else logging.INFO,
+                "series %s: the derived objects will not copy the source header as it is: %s",
+                ", ".join("?" if n is None else str(n)
+                          for n in getattr(loaded, "series_numbers", ()) or ()),
+                "; ".join(fixes))
+    return fixes
+
+
+def process_acquisition(loaded: LoadedAcquisition, source_files: Sequence[str | Path], *,
+                        qsm: bool = True, m1_atlas: M1Atlas | None = None,
+                        normative: NormativeTable | None = None, z_flag: float = Z_FLAG,
+                        earlier: EarlierResults | None = None,
+                        progress: Callable[[str], None] | None = None) -> PipelineResult:
+    """Process one loaded acquisition: the one way to do it (see the module docstring).
+
+    ``source_files`` are the acquisition's source files (the derived objects reference them);
+    ``qsm`` and ``z_flag`` (the |z| the key images and the KOS flag) are the ``[pipeline]``
+    settings; ``m1_atlas`` (None: no M1 analysis) and ``normative`` (None: no z-scores) are
+    loaded by the caller; ``earlier`` (None: no follow-up) holds the patient's earlier
+    results. The acquisition's T1w (``loaded.t1w``, its note and error) goes to the M1
+    analysis. ``progress`` is told each stage's name as it starts.
+
+    Raises:
+        PipelineError: a stage found the acquisition unfit; the message says why.
+    """
+    check_source_header(loaded)
+    params = PipelineParams(
+        source_files=tuple(Path(f) for f in source_files),
+        qsm=qsm,
+        m1_atlas=m1_atlas,
+        normative=normative,
+        t1w=getattr(loaded, "t1w", None),
+        t1w_note=getattr(loaded, "t1w_note", ""),
+        t1w_error=getattr(loaded, "t1w_error", ""),
+        z_flag=z_flag,
+        **({} if earlier is None else {"priors": earlier.priors, "prior_note": earlier.note,
+                                       "retest_limits": earlier.limits}),
+    )
+    return run_pipeline(loaded, params, progress)

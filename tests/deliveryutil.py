@@ -1,11 +1,12 @@
 """Test helpers for delivery: derived objects from the simulator's truth, until the pipeline
 makes them itself.
 
-:func:`truth_process` has the signature of :func:`qsmnode.node.jobs.process_acquisition` but
-builds the derived objects with :func:`~qsmnode.dicom.derived.build_derived` from the small
-simulation's ground truth (χ, R2*, M1 labels); :func:`truth_job` is the matching job function
-(``tests.deliveryutil:truth_job``), and ``python -m tests.deliveryutil process DIR --out DIR
-[--send DEST]`` is ``qsmnode process`` with it.
+:func:`truth_process` builds the derived objects of a loaded acquisition with
+:func:`~qsmnode.dicom.derived.build_derived` from the small simulation's ground truth (χ, R2*,
+M1 labels); :func:`truth_job` is the matching job function (``tests.deliveryutil:truth_job``),
+:func:`truth_pipeline` the matching stand-in for :func:`qsmnode.pipeline.process_acquisition`,
+and ``python -m tests.deliveryutil process DIR --out DIR [--send DEST]`` is ``qsmnode process``
+with it.
 """
 
 from __future__ import annotations
@@ -85,12 +86,27 @@ def truth_process(loaded: Any, files: Sequence[str], out_dir: Path | None,
     return {"derived": len(datasets)}, datasets
 
 
+def truth_pipeline(loaded: Any, source_files: Sequence[str | Path],
+                   **settings: object) -> Any:
+    """:func:`truth_process` in the place of :func:`qsmnode.pipeline.process_acquisition`
+    (``qsmnode process``): a :class:`~qsmnode.pipeline.PipelineResult` with the truth's
+    derived objects; :class:`~qsmnode.pipeline.PipelineError` for another study."""
+    from qsmnode.node.jobs import JobError
+    from qsmnode.pipeline import PipelineError, PipelineResult, check_acquisition
+
+    try:
+        _, datasets = truth_process(loaded, [str(f) for f in source_files], None)
+    except JobError as exc:
+        raise PipelineError(str(exc)) from None
+    return PipelineResult(check_acquisition(loaded), (), datasets=tuple(datasets))
+
+
 def truth_job(spec: Any) -> dict[str, Any]:
     """A job function: the default one, with :func:`truth_process` as the pipeline."""
     from qsmnode.node.jobs import load_job_acquisition, write_job_outputs
 
     loaded = load_job_acquisition(spec)
-    result, datasets = truth_process(loaded, spec.files, spec.out_dir)
+    result, datasets = truth_process(loaded, spec.files, None)
     write_job_outputs(spec, datasets)
     return result
 
@@ -134,7 +150,7 @@ class DroppingStoreSCP:
 
 
 def _main() -> int:
-    from qsmnode.cli import run_process
+    from qsmnode.commands.process import run_process
 
     parser = argparse.ArgumentParser(description="qsmnode process with truth_process")
     parser.add_argument("command", choices=["process"])
@@ -144,7 +160,7 @@ def _main() -> int:
     parser.add_argument("--config", type=Path)
     args = parser.parse_args()
     return run_process(args.folder, args.out, args.send, args.config,
-                       processor="tests.deliveryutil:truth_process")
+                       processor=truth_pipeline)
 
 
 if __name__ == "__main__":

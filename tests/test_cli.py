@@ -263,7 +263,7 @@ def test_process_output_never_quotes_a_patient_value_pydicom_warns_of(
     import logging
     import warnings
 
-    from qsmnode.cli import run_process
+    from qsmnode.commands.process import run_process
 
     folder = _slab_2d(tmp_path / "in", _QUOTED)
     with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.INFO):
@@ -301,13 +301,13 @@ def test_process_redacts_what_its_libraries_quote(
     import logging
     import warnings
 
-    from qsmnode.cli import run_process
+    from qsmnode.commands.process import run_process
 
     folder = _slab_2d(tmp_path / "in", _QUOTED)
     with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.INFO):
         warnings.simplefilter("always")
         status = run_process(folder, tmp_path / "out",
-                             processor="tests.test_cli:quoting_processor")
+                             processor=quoting_processor)
     out, err = capsys.readouterr()
     assert status == 1
     assert "failed: the input could not be handled (ValueError: Unable to convert " \

@@ -10,12 +10,13 @@ worker child (:mod:`qsmnode.node.worker`) runs a *job function* on it, by defaul
    them again with the same rules;
 2. take the plan made of exactly the job's series (the same acquisition the tracker found);
 3. :func:`~qsmnode.dicom.load.load_acquisition` it from the spool files, with its T1w;
-4. check the source header the derived objects copy from (:func:`check_source_header`, before
-   QSM: a malformed date or time that the build would choke on is emptied there, and the log
-   names the attribute, never the value);
-5. :func:`qsmnode.pipeline.run_pipeline` it (:func:`process_acquisition`, which ``qsmnode
-   process`` calls too), write the derived datasets it returns into the attempt's ``derived``
-   folder (:func:`write_job_outputs`), and return the result as JSON.
+4. read the M1 atlas and the normative table, look up the patient's earlier results, and
+   give them with the acquisition to :func:`qsmnode.pipeline.process_acquisition`, the one
+   entry point ``qsmnode process`` calls too (:func:`process_acquisition` here; it checks the
+   source header the derived objects copy from before QSM, logging the attributes it cannot
+   copy, never their values);
+5. write the derived datasets it returns into the attempt's ``derived`` folder
+   (:func:`write_job_outputs`), and return the result as JSON.
 
 The parent, which owns the store, moves the derived files into the outbox and records them
 with their sends in the transaction that marks the job done (:func:`job_outputs` lists them;
@@ -121,7 +122,7 @@ class JobSpec:
         z_flag: the |z| at or beyond which the key images and the KOS flag a deep-layer χ.
         follow_up: where to look for the patient's earlier results
             (:meth:`qsmnode.node.followup.FollowUpSource.to_json`); None: no follow-up.
-        work_dir: this attempt's folder (spec, result, ``out/``).
+        work_dir: this attempt's folder (spec, result, progress, ``derived/``).
     """
 
     job_id: int
@@ -144,10 +145,6 @@ class JobSpec:
     pass_over: bool = True
     qsm_series: tuple[str, ...] = ()
     follow_up: dict[str, Any] | None = None
-
-    @property
-    def out_dir(self) -> Path:
-        return Path(self.work_dir) / "out"
 
     @property
     def progress_path(self) -> Path:
@@ -296,7 +293,7 @@ def load_job_acquisition(spec: JobSpec) -> Any:
 def write_job_outputs(spec: JobSpec, datasets: Sequence[Dataset]) -> list[Path]:
     """Write a job's derived datasets as files under :attr:`JobSpec.derived_dir`, then a
     manifest naming them in order (written last: without it the parent takes no files)."""
-    from qsmnode.node.outbox import write_datasets
+    from qsmnode.dicom.files import write_datasets
 
     folder = spec.derived_dir
     folder.mkdir(parents=True, exist_ok=True)
@@ -338,52 +335,35 @@ def _m1_atlas(name: str) -> Any:
 
 
 def check_source_header(loaded: Any) -> list[str]:
-    """What the derived objects will not copy as it is from the acquisition's source header
-    (:func:`~qsmnode.dicom.derived.common.source_fixes`: an absent or invalid Type 2 patient or
-    study value is left empty, an empty sequence left out), logged before the pipeline runs, so
-    that a value the build cannot take is known before QSM spends its time. The phrases name
-    attributes only, never their values (patient data)."""
-    from pydicom.dataset import Dataset
+    """:func:`qsmnode.pipeline.check_source_header`, here for earlier importers."""
+    from qsmnode.pipeline import check_source_header as check
 
-    from qsmnode.dicom.derived.common import source_fixes
-
-    header = getattr(loaded, "header", None)
-    if not isinstance(header, Dataset):
-        return []
-    fixes = source_fixes(header)
-    if fixes:
-        invalid = any("not a valid value" in fix for fix in fixes)
-        log.log(logging.WARNING if invalid else logging.INFO,
-                "series %s: the derived objects will not copy the source header as it is: %s",
-                ", ".join("?" if n is None else str(n)
-                          for n in getattr(loaded, "series_numbers", ()) or ()),
-                "; ".join(fixes))
-    return fixes
+    return check(loaded)
 
 
-def process_acquisition(loaded: Any, files: Sequence[str], out_dir: Path | None,
+def process_acquisition(loaded: Any, files: Sequence[str], out_dir: Path | None = None,
                         qsm: bool = True, m1: bool = True, atlas: str = "hcpex",
                         progress: Callable[[str], None] | None = None,
                         m1_normative_table: str | Path | None = None,
                         z_flag: float = 2.0,
                         follow_up: Any = None,
                         ) -> tuple[dict[str, Any], list[Dataset]]:
-    """Run the pipeline on a loaded acquisition: its result as JSON and the derived datasets
-    it made. ``files`` are the acquisition's source files; ``qsm``, ``m1``, ``atlas``,
-    ``m1_normative_table`` (a file, for z-scores) and ``z_flag`` (the |z| the key images and
-    the KOS flag) are the ``[pipeline]`` settings; ``follow_up`` (a
-    :class:`~qsmnode.node.followup.FollowUpSource`, or None) is where the patient's earlier
-    results are looked for before the pipeline runs (``[follow_up]``). The
-    acquisition's T1w (``loaded.t1w``, its note and error) goes to the M1 analysis. The node's
-    jobs and ``qsmnode process`` both call this, so both make the same datasets.
+    """:func:`qsmnode.pipeline.process_acquisition` with the node's settings: the result as
+    JSON and the derived datasets. ``files`` are the acquisition's source files; ``qsm``,
+    ``m1``, ``atlas`` (a name: the atlas is read here, once per process),
+    ``m1_normative_table`` (a file, for z-scores, read here) and ``z_flag`` are the
+    ``[pipeline]`` settings; ``follow_up`` (a :class:`~qsmnode.node.followup.FollowUpSource`,
+    or None) is where the patient's earlier results are looked for before the pipeline runs
+    (``[follow_up]``, stage ``priors``). ``out_dir`` is not used (the pipeline writes no
+    files); it is kept for callers of the earlier signature.
 
     Raises:
         JobError: the pipeline found the acquisition unfit, or the normative table is bad.
     """
     from qsmnode.node.normative import NormativeTableError, load_normative_table
-    from qsmnode.pipeline import PipelineError, PipelineParams, run_pipeline
+    from qsmnode.pipeline import EarlierResults, PipelineError
+    from qsmnode.pipeline import process_acquisition as run
 
-    check_source_header(loaded)
     with_m1 = qsm and m1
     normative = None
     if with_m1 and m1_normative_table is not None:
@@ -391,30 +371,17 @@ def process_acquisition(loaded: Any, files: Sequence[str], out_dir: Path | None,
             normative = load_normative_table(str(m1_normative_table))
         except NormativeTableError as exc:
             raise JobError(f"pipeline.m1_normative_table: {exc}") from None
-    priors, prior_note, limits = None, "", None
+    earlier = None
     if with_m1 and follow_up is not None:
         from qsmnode.node.followup import find_priors
 
         if progress is not None:
             progress("priors")
         priors, prior_note = find_priors(follow_up, loaded)
-        limits = follow_up.limits
-    params = PipelineParams(
-        out_dir=out_dir,
-        source_files=tuple(Path(f) for f in files),
-        qsm=qsm,
-        m1_atlas=_m1_atlas(atlas) if with_m1 else None,
-        normative=normative,
-        t1w=getattr(loaded, "t1w", None),
-        t1w_note=getattr(loaded, "t1w_note", ""),
-        t1w_error=getattr(loaded, "t1w_error", ""),
-        z_flag=z_flag,
-        priors=priors,
-        prior_note=prior_note,
-        **({} if limits is None else {"retest_limits": limits}),
-    )
+        earlier = EarlierResults(priors, prior_note, follow_up.limits)
     try:
-        result = run_pipeline(loaded, params, progress)
+        result = run(loaded, files, qsm=qsm, m1_atlas=_m1_atlas(atlas) if with_m1 else None,
+                     normative=normative, z_flag=z_flag, earlier=earlier, progress=progress)
     except PipelineError as exc:
         raise JobError(str(exc)) from None
     return result.to_json(), list(result.datasets)
@@ -463,10 +430,10 @@ def execute_job(spec: JobSpec) -> dict[str, Any]:
     loaded = None
     try:
         loaded = load_job_acquisition(spec)
-        result, datasets = process_acquisition(loaded, spec.files, spec.out_dir, spec.qsm,
-                                               spec.m1, spec.atlas, progress,
-                                               spec.m1_normative_table, spec.z_flag,
-                                               _follow_up_source(spec))
+        result, datasets = process_acquisition(
+            loaded, spec.files, qsm=spec.qsm, m1=spec.m1, atlas=spec.atlas, progress=progress,
+            m1_normative_table=spec.m1_normative_table, z_flag=spec.z_flag,
+            follow_up=_follow_up_source(spec))
     except (JobError, MemoryError, OSError):
         raise
     except Exception as exc:  # from the input (e.g. a header the builders cannot use): final

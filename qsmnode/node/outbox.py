@@ -10,9 +10,10 @@ a crash between writing and recording leaves files that no row names: :meth:`Out
 deletes them at start, and the job, not done, runs again and writes them anew (deterministic
 UIDs: the same names).
 
-:func:`write_datasets` writes datasets to any folder in the same layout. The worker child uses
-it for its job folder (the parent, which owns the store, then moves them into the outbox), and
-``qsmnode process --out`` for its output folder.
+Datasets are encoded as Part 10 files with :func:`qsmnode.dicom.files.encode`. Writing them to
+any other folder in the same layout (the worker child's job folder, from which the parent,
+which owns the store, moves them into the outbox; ``qsmnode process --out``) is
+:func:`qsmnode.dicom.files.write_datasets`, at the DICOM edge (also importable from here).
 
 Delivered files do not stay forever: retention (:mod:`qsmnode.node.retention`) removes a
 study's outbox files once every destination has them and they are ``[retention] outbox_days``
@@ -31,19 +32,14 @@ from pathlib import Path
 import pydicom
 from pydicom.dataset import Dataset
 
+from qsmnode.dicom.files import encode, write_datasets
 from qsmnode.node.spool import Spool
 from qsmnode.node.store import OutboxRecord, Store
 
 log = logging.getLogger(__name__)
 
 OUTBOX_DIRNAME = "outbox"
-
-
-def encode(ds: Dataset) -> bytes:
-    """A dataset as a DICOM Part 10 file (preamble, file meta, data set)."""
-    buffer = io.BytesIO()
-    pydicom.dcmwrite(buffer, ds, enforce_file_format=True)
-    return buffer.getvalue()
+__all__ = ["OUTBOX_DIRNAME", "Outbox", "encode", "write_datasets"]
 
 
 def _text(ds: Dataset, keyword: str) -> str:
@@ -58,20 +54,6 @@ def _int(value: object) -> int | None:
         return None if value is None or value == "" else int(value)  # type: ignore[call-overload]
     except (TypeError, ValueError):
         return None
-
-
-def write_datasets(datasets: Iterable[Dataset], folder: Path) -> list[Path]:
-    """Write datasets durably to ``<folder>/<study>/<series>/<sop>.dcm``; return the paths in
-    the order given. Raises ValueError for a dataset without valid UIDs, and
-    :class:`~qsmnode.node.spool.SpoolError`."""
-    files = Spool(folder)
-    paths = []
-    for ds in datasets:
-        path = files.path_for(_text(ds, "StudyInstanceUID"), _text(ds, "SeriesInstanceUID"),
-                              _text(ds, "SOPInstanceUID"))
-        files.write(path, [encode(ds)])
-        paths.append(path)
-    return paths
 
 
 class Outbox:
