@@ -55,7 +55,7 @@ from scipy import ndimage
 
 from qsmnode.qsm import background as bg
 from qsmnode.qsm import inversion as inv
-from qsmnode.qsm.fieldfit import fit_field
+from qsmnode.qsm.fieldfit import FieldFit, fit_field
 from qsmnode.qsm.mask import MaskParams, brain_mask, covers_whole_head, restrict_to_prior
 from qsmnode.qsm.offsets import MCPC3DS, echo_difference, mcpc3ds_offset, remove_offset
 from qsmnode.qsm.quality import (
@@ -245,6 +245,135 @@ def _masked(mag: np.ndarray, vs: np.ndarray, phase: np.ndarray | None,
     return m
 
 
+class _Clock:
+    """Wall time of each step (s), for ``quality["timings_s"]``: a step's time runs from the
+    previous :meth:`tick` to its own."""
+
+    def __init__(self) -> None:
+        self.timings: dict[str, float] = {}
+        self.start = self.last = time.perf_counter()
+
+    def tick(self, step: str) -> None:
+        now = time.perf_counter()
+        self.timings[step] = round(now - self.last, 3)
+        self.last = now
+
+    def done(self) -> dict[str, float]:
+        """The timings with their ``total``."""
+        self.timings["total"] = round(time.perf_counter() - self.start, 3)
+        return self.timings
+
+
+def _by_echo_time(te: NDArray[np.float64], *volumes: NDArray[np.float32]
+                  ) -> tuple[NDArray[np.float64], list[NDArray[np.float32]]]:
+    """Echo times ascending, and the volumes' echoes (last axis) in the same order."""
+    order = np.argsort(te)
+    if np.any(order != np.arange(te.size)):
+        return te[order], [v[..., order] for v in volumes]
+    return te, list(volumes)
+
+
+def _zero_missing(*volumes: NDArray[np.float32]
+                  ) -> tuple[NDArray[np.bool_], list[NDArray[np.float32]]]:
+    """Voxels finite in every echo of every volume, and the volumes with the others set to 0."""
+    finite = np.logical_and.reduce([np.isfinite(v).all(axis=-1) for v in volumes])
+    if finite.all():
+        return finite, list(volumes)
+    return finite, [np.where(finite[..., None], v, 0.0).astype(np.float32) for v in volumes]
+
+
+def _relaxometry(mag: NDArray[np.float32], te: NDArray[np.float64], p: QSMParams
+                 ) -> tuple[NDArray[np.float32], NDArray[np.float32], NDArray[np.float32]]:
+    """Step 1: the combined magnitude, R2* and T2* (both 0 with a single echo)."""
+    combined = combine_magnitude(mag, te, method=p.combine_method)
+    if te.size >= 2:
+        r2s, t2s = r2star_map(mag, te, method=p.r2star_method, r2star_max_per_s=p.r2star_max_per_s)
+    else:
+        r2s = np.zeros(mag.shape[:-1], np.float32)
+        t2s = np.zeros_like(r2s)
+    return combined, r2s, t2s
+
+
+def _unwrapped(ph: NDArray[np.float32], mag: NDArray[np.float32], te: NDArray[np.float64],
+               m: NDArray[np.bool_], vs: NDArray[np.float64], p: QSMParams, clock: _Clock
+               ) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
+    """Steps 3-4: the unwrapped phase of every echo (offsets removed, :attr:`QSMParams.offsets`)
+    and the spatially unwrapped template it was made congruent to (the echo-2/echo-1 phase
+    difference; with one echo, the echo itself)."""
+    if te.size < 2:
+        template = unwrap_spatial(ph[..., 0], m, method=p.unwrap_method, voxel_size_mm=vs)
+        clock.tick("unwrap_temporal")
+        return template[..., None], template
+    diff = unwrap_spatial(echo_difference(ph), m, method=p.unwrap_method, voxel_size_mm=vs)
+    clock.tick("unwrap_template")
+    if p.offsets is not None:
+        phi0 = mcpc3ds_offset(ph[..., 0], diff, te[0], te[1], vs, magnitude=mag[..., 0], mask=m,
+                              sigma_mm=p.offsets.sigma_mm)
+        ph = remove_offset(ph, phi0)
+    clock.tick("offsets")
+    unwrapped = unwrap_temporal(ph, te, diff / np.float32(te[1] - te[0]), mag)
+    clock.tick("unwrap_temporal")
+    return unwrapped, diff
+
+
+def _reliable_field(fit: FieldFit, template: NDArray[np.float32], m: NDArray[np.bool_],
+                    vs: NDArray[np.float64], repair: RepairParams | None, quality: dict
+                    ) -> tuple[NDArray[np.float32], NDArray[np.bool_]]:
+    """Step 5 after the fit: the field and its mask with unreliable voxels (π-jumps in the
+    template, large fit residuals) dropped or filled; ``quality`` records the residual and
+    the counts."""
+    res_in = fit.residual_rad[m]
+    quality["fit_residual_rad_median"] = float(np.median(res_in)) if res_in.size else 0.0
+    quality["fit_residual_rad_p95"] = float(np.percentile(res_in, 95)) if res_in.size else 0.0
+    if repair is None:
+        return fit.field_ppm, m
+    bad = phase_jumps(template, m, repair.jump_limit_rad)
+    bad |= residual_outliers(fit.residual_rad, m, repair.residual_floor_rad,
+                             repair.residual_factor)
+    field_ppm, field_mask, n_filled = repair_field(fit.field_ppm, m, bad, vs)
+    quality["unreliable_voxels"] = int(bad.sum())
+    quality["filled_voxels"] = n_filled
+    quality["dropped_voxels"] = int(m.sum() - field_mask.sum())
+    return field_ppm, field_mask
+
+
+def _peeled(field_ppm: NDArray[np.float32], field_mask: NDArray[np.bool_],
+            vs: NDArray[np.float64], p: QSMParams, quality: dict, clock: _Clock
+            ) -> NDArray[np.bool_]:
+    """The mask the inversion gets: the outermost voxel layers of a magnitude mask can hold
+    partial-volume bone/air sources, peeled first (:attr:`QSMParams.peel`), then
+    ``background_peel_voxels`` layers eroded."""
+    if p.peel is not None:
+        field_mask, n_peeled = peel_source_layers(field_ppm, field_mask, vs, max_mm=p.peel.max_mm,
+                                                  factor=p.peel.factor)
+        quality["peeled_voxels"] = n_peeled
+        clock.tick("peel")
+    if p.background_peel_voxels > 0:
+        field_mask = ndimage.binary_erosion(field_mask, iterations=p.background_peel_voxels)
+    return field_mask
+
+
+def _chi(field_ppm: NDArray[np.float32], field_mask: NDArray[np.bool_],
+         combined: NDArray[np.float32], vs: NDArray[np.float64], b0: NDArray[np.float64],
+         p: QSMParams, quality: dict, clock: _Clock
+         ) -> tuple[NDArray[np.float32], NDArray[np.bool_], NDArray[np.float32], inv.Info]:
+    """Steps 6-7, chosen by the inversion's type: a single-step inversion of the total field,
+    or the background removal then the local-field inversion. χ (unreferenced), the QSM mask,
+    the local field and the inversion's info; ``quality["background"]`` says what removed the
+    background."""
+    match p.inversion_method:
+        case inv.SingleStepTV() as single_step:
+            quality["background"] = {"method": "none (single-step inversion of the total field)"}
+            return single_step.invert_total(field_ppm, field_mask, vs, b0)
+        case inversion:
+            weight = _noise_weight(combined, field_mask) if p.noise_weighting else None
+            local, qsm_mask, quality["background"] = p.background_method.remove(
+                field_ppm, field_mask, vs, b0, weight)
+            clock.tick("background")
+            chi, info = inversion.invert(local, qsm_mask, vs, b0, weight)
+            return chi, qsm_mask, local, info
+
+
 def run_qsm(
     magnitude: NDArray[np.floating],
     phase: NDArray[np.floating],
@@ -272,7 +401,7 @@ def run_qsm(
         mask: brain mask to use instead of computing one.
         csf_mask: CSF mask for ``params.reference == "csf"``.
         brain_prior: a template's brain on this grid (:data:`BrainPrior`; None: none). On a
-            whole head the signal mask is restricted to it (``params.mask_prior*``), so
+            whole head the signal mask is restricted to it (``params.mask.prior*``), so
             scalp, skull, orbits and sinuses leave the mask; a slab keeps the signal mask.
     """
     p = params
@@ -287,123 +416,35 @@ def run_qsm(
         raise ValueError(
             f"magnitude {mag.shape}, phase {ph.shape} and {te.size} echo times disagree"
         )
-    order = np.argsort(te)
-    if np.any(order != np.arange(te.size)):
-        mag, ph, te = mag[..., order], ph[..., order], te[order]
-    timings: dict[str, float] = {}
+    te, (mag, ph) = _by_echo_time(te, mag, ph)
     quality: dict[str, Any] = {"params": p.to_record(), "shape": tuple(mag.shape)}
-
-    def tick(name: str, t0: float) -> float:
-        now = time.perf_counter()
-        timings[name] = round(now - t0, 3)
-        return now
-
-    t0 = t_start = time.perf_counter()
-    finite = np.isfinite(ph).all(axis=-1) & np.isfinite(mag).all(axis=-1)
-    if not finite.all():
-        ph = np.where(finite[..., None], ph, 0.0).astype(np.float32)
-        mag = np.where(finite[..., None], mag, 0.0).astype(np.float32)
+    clock = _Clock()
+    finite, (ph, mag) = _zero_missing(ph, mag)
     ph = wrap(ph)
-
-    # 1. relaxometry and combined magnitude
-    combined = combine_magnitude(mag, te, method=p.combine_method)
-    if te.size >= 2:
-        r2s, t2s = r2star_map(mag, te, method=p.r2star_method, r2star_max_per_s=p.r2star_max_per_s)
-    else:
-        r2s = np.zeros(mag.shape[:-1], np.float32)
-        t2s = np.zeros_like(r2s)
-    t0 = tick("relaxometry", t0)
-
-    # 2. mask
+    combined, r2s, t2s = _relaxometry(mag, te, p)
+    clock.tick("relaxometry")
     m = _masked(mag, vs, ph if (p.mask.use_phase and te.size >= 2) else None, mask, finite,
                 (r2s, t2s), p.mask, quality, brain_prior)
-    t0 = tick("mask", t0)
-
-    # 3-4. offsets and unwrapping
-    if te.size >= 2:
-        diff = unwrap_spatial(echo_difference(ph), m, method=p.unwrap_method, voxel_size_mm=vs)
-        t0 = tick("unwrap_template", t0)
-        if p.offsets is not None:
-            phi0 = mcpc3ds_offset(
-                ph[..., 0],
-                diff,
-                te[0],
-                te[1],
-                vs,
-                magnitude=mag[..., 0],
-                mask=m,
-                sigma_mm=p.offsets.sigma_mm,
-            )
-            ph = remove_offset(ph, phi0)
-        t0 = tick("offsets", t0)
-        unwrapped = unwrap_temporal(ph, te, diff / np.float32(te[1] - te[0]), mag)
-        template = diff
-    else:
-        template = unwrap_spatial(ph[..., 0], m, method=p.unwrap_method, voxel_size_mm=vs)
-        unwrapped = template[..., None]
-    t0 = tick("unwrap_temporal", t0)
-
-    # 5. field fit
+    clock.tick("mask")
+    unwrapped, template = _unwrapped(ph, mag, te, m, vs, p, clock)
     fit = fit_field(unwrapped, mag, te, field_strength_t, mask=m)
     del unwrapped
-    res_in = fit.residual_rad[m]
-    quality["fit_residual_rad_median"] = float(np.median(res_in)) if res_in.size else 0.0
-    quality["fit_residual_rad_p95"] = float(np.percentile(res_in, 95)) if res_in.size else 0.0
-    field_ppm, field_mask = fit.field_ppm, m
-    if p.repair is not None:
-        bad = phase_jumps(template, m, p.repair.jump_limit_rad)
-        bad |= residual_outliers(fit.residual_rad, m, p.repair.residual_floor_rad,
-                                 p.repair.residual_factor)
-        field_ppm, field_mask, n_filled = repair_field(fit.field_ppm, m, bad, vs)
-        quality["unreliable_voxels"] = int(bad.sum())
-        quality["filled_voxels"] = n_filled
-        quality["dropped_voxels"] = int(m.sum() - field_mask.sum())
+    field_ppm, field_mask = _reliable_field(fit, template, m, vs, p.repair, quality)
     del template
-    t0 = tick("field_fit", t0)
-
-    # 6-7. background removal and inversion (the outermost voxel layers of a magnitude mask
-    # can hold partial-volume bone/air sources: peel them first)
-    if p.peel is not None:
-        field_mask, n_peeled = peel_source_layers(
-            field_ppm, field_mask, vs, max_mm=p.peel.max_mm, factor=p.peel.factor
-        )
-        quality["peeled_voxels"] = n_peeled
-        t0 = tick("peel", t0)
-    if p.background_peel_voxels > 0:
-        field_mask = ndimage.binary_erosion(field_mask, iterations=p.background_peel_voxels)
-    match p.inversion_method:
-        case inv.SingleStepTV() as single_step:
-            chi, qsm_mask, local, info_inv = single_step.invert_total(field_ppm, field_mask, vs, b0)
-            quality["background"] = {"method": "none (single-step inversion of the total field)"}
-        case inversion:
-            weight = _noise_weight(combined, field_mask) if p.noise_weighting else None
-            local, qsm_mask, info_bg = p.background_method.remove(field_ppm, field_mask, vs, b0,
-                                                                  weight)
-            quality["background"] = info_bg
-            t0 = tick("background", t0)
-            chi, info_inv = inversion.invert(local, qsm_mask, vs, b0, weight)
+    clock.tick("field_fit")
+    field_mask = _peeled(field_ppm, field_mask, vs, p, quality, clock)
+    chi, qsm_mask, local, quality_inv = _chi(field_ppm, field_mask, combined, vs, b0, p, quality,
+                                             clock)
     quality["qsm_mask_fraction_of_mask"] = float(qsm_mask.sum() / max(int(m.sum()), 1))
-    quality["inversion"] = info_inv
-    t0 = tick("inversion", t0)
-
-    # 8. reference
-    chi, offset = reference_chi(chi, qsm_mask, csf_mask=csf_mask if p.reference == "csf" else None)
-    quality["reference_offset_ppm"] = offset
-    tick("reference", t0)
-    timings["total"] = round(time.perf_counter() - t_start, 3)
-    quality["timings_s"] = timings
-    return QSMResult(
-        chi_ppm=chi,
-        r2star_per_s=r2s,
-        t2star_s=t2s,
-        magnitude=combined,
-        mask=m,
-        qsm_mask=qsm_mask,
-        total_field_ppm=fit.field_ppm,
-        local_field_ppm=local,
-        fit_residual_rad=fit.residual_rad,
-        quality=quality,
-    )
+    quality["inversion"] = quality_inv
+    clock.tick("inversion")
+    chi, quality["reference_offset_ppm"] = reference_chi(
+        chi, qsm_mask, csf_mask=csf_mask if p.reference == "csf" else None)
+    clock.tick("reference")
+    quality["timings_s"] = clock.done()
+    return QSMResult(chi_ppm=chi, r2star_per_s=r2s, t2star_s=t2s, magnitude=combined, mask=m,
+                     qsm_mask=qsm_mask, total_field_ppm=fit.field_ppm, local_field_ppm=local,
+                     fit_residual_rad=fit.residual_rad, quality=quality)
 
 
 def run_relaxometry(
@@ -430,28 +471,16 @@ def run_relaxometry(
         mag = mag[..., None]
     if mag.shape[-1] != te.size:
         raise ValueError(f"magnitude {mag.shape} and {te.size} echo times disagree")
-    order = np.argsort(te)
-    if np.any(order != np.arange(te.size)):
-        mag, te = mag[..., order], te[order]
-    finite = np.isfinite(mag).all(axis=-1)
-    if not finite.all():
-        mag = np.where(finite[..., None], mag, 0.0).astype(np.float32)
-    timings: dict[str, float] = {}
+    te, (mag,) = _by_echo_time(te, mag)
+    finite, (mag,) = _zero_missing(mag)
     quality: dict[str, Any] = {"params": p.to_record(), "shape": tuple(mag.shape),
                                "qsm_computed": False}
-    t0 = t_start = time.perf_counter()
-    combined = combine_magnitude(mag, te, method=p.combine_method)
-    if te.size >= 2:
-        r2s, t2s = r2star_map(mag, te, method=p.r2star_method, r2star_max_per_s=p.r2star_max_per_s)
-    else:
-        r2s = np.zeros(mag.shape[:-1], np.float32)
-        t2s = np.zeros_like(r2s)
-    timings["relaxometry"] = round(time.perf_counter() - t0, 3)
-    t0 = time.perf_counter()
+    clock = _Clock()
+    combined, r2s, t2s = _relaxometry(mag, te, p)
+    clock.tick("relaxometry")
     m = _masked(mag, vs, None, mask, finite, (r2s, t2s), p.mask, quality)
-    timings["mask"] = round(time.perf_counter() - t0, 3)
-    timings["total"] = round(time.perf_counter() - t_start, 3)
-    quality["timings_s"] = timings
+    clock.tick("mask")
+    quality["timings_s"] = clock.done()
     nan = np.full(m.shape, np.nan, dtype=np.float32)
     return QSMResult(
         chi_ppm=nan,
