@@ -40,13 +40,22 @@ def outside_source() -> tuple[np.ndarray, np.ndarray]:
     return field, mask
 
 
-@pytest.mark.parametrize("method", list(BOUNDS))
+# each method's functions' own defaults, but a 6 mm RESHARP sphere
+METHODS = [bg.ResharpLBV(radius_mm=6.0), bg.Resharp(radius_mm=6.0), bg.LBV(),
+           bg.ISMV(radius_mm=None), bg.VSharp(), bg.PDF(pad_mm=40.0, tol=1e-2, max_iter=100)]
+
+
+def test_every_method_is_bounded() -> None:
+    assert sorted(m.method for m in METHODS) == sorted(BOUNDS)
+
+
+@pytest.mark.parametrize("params", METHODS, ids=lambda m: m.method)
 def test_background_from_outside_source_is_removed(
-    method: str, outside_source: tuple[np.ndarray, np.ndarray]
+    params: bg.BackgroundMethod, outside_source: tuple[np.ndarray, np.ndarray]
 ) -> None:
     field, mask = outside_source
-    options = {"radius_mm": 6.0} if method in ("resharp_lbv", "resharp") else {}
-    local, mask_out, info = bg.remove_background(field, mask, VOX, B0, method, **options)  # type: ignore[arg-type]
+    method = params.method
+    local, mask_out, info = params.remove(field, mask, VOX, B0)
     assert local.dtype == np.float32 and local.shape == SHAPE
     assert not (mask_out & ~mask).any()
     assert np.all(local[~mask_out] == 0)

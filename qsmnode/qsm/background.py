@@ -21,8 +21,8 @@ kernel radius, so the FFT's circular wrap never reaches the data):
   outermost voxel layer.
 - :func:`pdf`: projection onto dipole fields (Liu et al., NMR Biomed 2011;24:1129): fit the
   field inside the mask with sources outside it, weighted least squares by CG.
-- :func:`resharp_lbv` (default of :func:`remove_background`; the engine itself now defaults to
-  single-step TV, ``inversion.single_step_tv``, which needs no background removal): RESHARP
+- :func:`resharp_lbv` (the engine's default for a local-field inversion; the engine itself
+  defaults to single-step TV, ``inversion.single_step_tv``, which needs none): RESHARP
   with a large sphere in the core of the mask, where it
   is the most accurate method, and LBV in the rim it erodes away. LBV's error is the harmonic
   extension of the local field on the mask boundary, which is smooth; it is removed by the
@@ -37,13 +37,13 @@ valid (the eroded mask for SMV methods), ``info`` holds ``n_fft``, ``fft_shape``
 The engine chooses a method by its parameter type (:data:`BackgroundMethod`: :class:`ResharpLBV`,
 :class:`Resharp`, :class:`LBV`, :class:`ISMV`, :class:`VSharp`, :class:`PDF`), whose fields are
 the keywords of the function above and whose ``remove`` runs it (like QSM.jl's keyword sets per
-method); :func:`remove_background` still dispatches by name.
+method).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
@@ -391,33 +391,6 @@ def resharp_lbv(
         "core_fraction": float(core.sum() / max(int(mask_out.sum()), 1)),
     }
     return local, mask_out, info
-
-
-Method = Literal["resharp_lbv", "resharp", "lbv", "ismv", "vsharp", "pdf"]
-
-
-def remove_background(
-    field_ppm: NDArray[np.floating],
-    mask: NDArray[np.bool_],
-    voxel_size_mm: ArrayLike,
-    b0_direction: ArrayLike,
-    method: Method = "resharp_lbv",
-    **options: Any,
-) -> tuple[NDArray[np.float32], NDArray[np.bool_], Info]:
-    """Dispatch to one background removal method by name (options go to that function)."""
-    if method == "resharp_lbv":
-        return resharp_lbv(field_ppm, mask, voxel_size_mm, **options)
-    if method == "lbv":
-        return lbv(field_ppm, mask, voxel_size_mm, **options)
-    if method == "vsharp":
-        return vsharp(field_ppm, mask, voxel_size_mm, **options)
-    if method == "resharp":
-        return resharp(field_ppm, mask, voxel_size_mm, **options)
-    if method == "ismv":
-        return ismv(field_ppm, mask, voxel_size_mm, **options)
-    if method == "pdf":
-        return pdf(field_ppm, mask, voxel_size_mm, b0_direction, **options)
-    raise ValueError(f"unknown background removal method {method!r}")
 
 
 Removed = tuple[NDArray[np.float32], NDArray[np.bool_], Info]
