@@ -20,7 +20,6 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from qsmnode import __version__
 from qsmnode.node import audit as audit_module
-from qsmnode.node import metrics as metrics_module
 from qsmnode.node.audit import AuditLog
 from qsmnode.node.config import HTTPConfig, ListenerConfig, Settings
 from qsmnode.node.http import HttpServer, short_uid, start_http
@@ -37,6 +36,7 @@ from qsmnode.node.store import (
     Store,
     StudyInfo,
 )
+from qsmnode.node.store import queries as queries_module
 
 MR = "1.2.840.10008.5.1.4.1.1.4"
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
@@ -310,8 +310,8 @@ def test_failed_jobs_come_first_with_their_reason_and_the_command_to_run_them_ag
         failed_ids = [j.id for j in store.jobs("failed")]
         with start_http(settings(), state_dir, port=0) as http:
             page = fetch(http.url + "/")[2]
-        with metrics_module.read_store(state_dir) as db:
-            status = metrics_module.read_status(db, limit=1)
+        with queries_module.read_store(state_dir) as db:
+            status = queries_module.read_status(db, limit=1)
     assert len(failed_ids) == 3
     # the oldest failed job's acquisition is not among the 1 most recent, but it is listed
     assert [j.job_id for j in status.failed_jobs or ()] == [retried_job.id, long_job.id,
@@ -597,7 +597,7 @@ def test_odd_requests_do_not_break_the_server(server: HttpServer) -> None:
 
 def test_a_locked_store_gives_503_with_a_plain_message(tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(metrics_module, "READ_TIMEOUT_S", 0.1)
+    monkeypatch.setattr(queries_module, "READ_TIMEOUT_S", 0.1)
     state = tmp_path / "state"
     with Store.in_state_dir(state) as store:
         populate(store)

@@ -23,7 +23,6 @@ from qsmnode.node.config import (
     RetentionConfig,
     Settings,
 )
-from qsmnode.node.metrics import read_counts, read_store
 from qsmnode.node.retention import DAY_S, Retention, retention_status
 from qsmnode.node.spool import MIB
 from qsmnode.node.store import (
@@ -36,6 +35,7 @@ from qsmnode.node.store import (
     SendOutcome,
     Store,
 )
+from qsmnode.node.store.queries import read_counts, read_store
 
 T0 = 1_700_000_000.0
 OWNER = "test:1"

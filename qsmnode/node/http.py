@@ -20,8 +20,8 @@ another path 404; a query string is ignored, a request body of 1 KiB or more get
   is HTML-escaped.
 
 Every request reads the store through its own read-only SQLite connection
-(:func:`qsmnode.node.metrics.read_store`): the endpoint never writes, and a slow page never
-holds up the node.
+(:func:`qsmnode.node.store.queries.read_store`, where all the SQL it runs is): the endpoint never
+writes, and a slow page never holds up the node.
 """
 
 from __future__ import annotations
@@ -43,18 +43,17 @@ from waitress.server import BaseWSGIServer, create_server
 from qsmnode import __version__
 from qsmnode.node.config import Settings
 from qsmnode.node.jobs import STAGE_NAMES, read_progress
-from qsmnode.node.metrics import (
-    MIB,
+from qsmnode.node.metrics import MIB, free_disk_bytes, make_registry
+from qsmnode.node.store import study_when
+from qsmnode.node.store.queries import (
     JobRow,
     Status,
     StoreUnavailable,
     StudyRow,
-    free_disk_bytes,
-    make_registry,
     read_status,
     read_store,
+    readable_version,
 )
-from qsmnode.node.store import study_when
 
 log = logging.getLogger(__name__)
 
@@ -140,8 +139,7 @@ class StatusApp:
         version = None
         try:
             with read_store(self.state_dir) as db:
-                version = int(db.execute("PRAGMA user_version").fetchone()[0])
-                db.execute("SELECT count(*) FROM series").fetchone()
+                version = readable_version(db)
             store = "ok"
         except StoreUnavailable as exc:
             store = "error"

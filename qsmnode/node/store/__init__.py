@@ -17,7 +17,9 @@ The API is small and has no ORM: records in, records out. Its parts:
   (instances and series), :mod:`~qsmnode.node.store.grouping` (acquisitions, problems,
   studies), :mod:`~qsmnode.node.store.jobs`, :mod:`~qsmnode.node.store.delivery` (outbox and
   sends), :mod:`~qsmnode.node.store.retention` and :mod:`~qsmnode.node.store.hl7` (the HL7
-  results to the RIS, queued by :mod:`qsmnode.node.hl7_queue`).
+  results to the RIS, queued by :mod:`qsmnode.node.hl7_queue`);
+- :mod:`~qsmnode.node.store.queries`: the read-only queries of the status readers (metrics,
+  health check, status page), each on its own read-only snapshot, tolerant of an older schema.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from qsmnode.node.store.records import (
     PRUNE_KINDS,
     PRUNE_REASONS,
     SEND_STATES,
+    SERIES_STATES,
     AcquisitionRecord,
     DestinationSummary,
     DueSend,
@@ -58,6 +61,7 @@ from qsmnode.node.store.records import (
     StudyReady,
     StudyRetention,
     describe_summary,
+    result_notes,
     series_key,
     series_numbers_text,
     study_when,
@@ -72,6 +76,7 @@ __all__ = [
     "PRUNE_REASONS",
     "SCHEMA_VERSION",
     "SEND_STATES",
+    "SERIES_STATES",
     "STORE_FILENAME",
     "AcquisitionRecord",
     "DestinationSummary",
@@ -94,6 +99,7 @@ __all__ = [
     "StudyReady",
     "StudyRetention",
     "describe_summary",
+    "result_notes",
     "series_key",
     "series_numbers_text",
     "study_when",

@@ -13,7 +13,8 @@ JSON. What each table means is said by the module that keeps it: ``series`` and
 ``studies`` :mod:`~qsmnode.node.store.grouping`; ``jobs`` :mod:`~qsmnode.node.store.jobs`;
 ``outbox`` and ``sends`` :mod:`~qsmnode.node.store.delivery`; ``prunings``
 :mod:`~qsmnode.node.store.retention`; ``hl7_destinations`` and ``hl7_messages``
-:mod:`~qsmnode.node.store.hl7`.
+:mod:`~qsmnode.node.store.hl7`. The status readers (metrics, health check, status page) read
+through :mod:`~qsmnode.node.store.queries`.
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -292,6 +293,7 @@ class Pruning(_Record):
 
 PRUNE_KINDS = ("spool", "outbox")
 PRUNE_REASONS = ("age", "emergency")
+SERIES_STATES = ("open", "complete")
 ACQUISITION_STATES = ("accepted", "ignored")
 JOB_STATES = ("queued", "running", "done", "failed")
 SEND_STATES = ("pending", "sent", "failed")
@@ -337,6 +339,42 @@ def describe_summary(summary: dict[str, Any]) -> str:
     return (f"series {series_numbers_text(summary.get('series_numbers', ()))}"
             f"{f' {description!r}' if description else ''}, {summary.get('n_echoes')} echoes "
             f"(TE {tes} ms), {shape}, {summary.get('vendor')}{field_text}")
+
+
+def result_notes(result: Mapping[str, Any] | None) -> tuple[str, ...]:
+    """What a done job's result (:meth:`qsmnode.pipeline.PipelineResult.to_json`) says that a
+    physicist must see beside "done", one line each, in this order:
+
+    - why QSM was not computed (``qsm_not_computed``: a 2-D protocol with slice gaps gets R2*
+      and the M1 T2*-signal and thickness analysis instead, and says so);
+    - why the M1 analysis could not run (``m1.error``), or that its measures are not reliable
+      (the failed ``m1_measures_reliable`` flag, naming the failed checks);
+    - the follow-up note (``m1.follow_up.note``), prefixed "follow-up: ".
+
+    Tolerant: an older, partial or odd record gives what it holds, never an error."""
+    from qsmnode.m1.result import RELIABILITY_FLAG
+
+    if not isinstance(result, Mapping):
+        return ()
+    notes = []
+    qsm = result.get("qsm_not_computed")
+    if isinstance(qsm, str) and qsm:
+        notes.append(qsm + "; R2*, T2* signal ratio and thickness computed instead")
+    m1 = result.get("m1")
+    m1 = m1 if isinstance(m1, Mapping) else {}
+    error = m1.get("error")
+    if isinstance(error, str) and error:
+        notes.append(error)
+    flags = m1.get("flags")
+    for flag in flags if isinstance(flags, list) else ():
+        if (isinstance(flag, Mapping) and flag.get("name") == RELIABILITY_FLAG
+                and not flag.get("passed")):
+            notes.append(str(flag.get("text") or "the M1 measures are not reliable"))
+    follow = m1.get("follow_up")
+    note = follow.get("note") if isinstance(follow, Mapping) else None
+    if isinstance(note, str) and note:
+        notes.append(f"follow-up: {note}")
+    return tuple(notes)
 
 
 def acquisition_from_row(row: sqlite3.Row) -> AcquisitionRecord:
