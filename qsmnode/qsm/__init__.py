@@ -3,5 +3,6 @@
 The engine is :func:`qsmnode.qsm.pipeline.run_qsm` with its settings in
 :class:`qsmnode.qsm.pipeline.QSMParams`; each step is its own module (``mask``, ``offsets``,
 ``unwrap``, ``fieldfit``, ``quality``, ``background``, ``inversion``, ``reference``,
-``relaxometry``).
+``relaxometry``), with the parameter type of each method beside it (``background.PDF``,
+``inversion.SingleStepTV``, ``mask.MaskParams``, ...), which ``QSMParams`` composes.
 """

@@ -97,8 +97,10 @@ class QSMParams:
             (:func:`~qsmnode.qsm.relaxometry.r2star_map`,
             :func:`~qsmnode.qsm.relaxometry.combine_magnitude`).
 
-    The ``*_method`` fields keep their names of the flat record (:meth:`to_record`), which the
-    BIDS derivatives read from ``dataclasses.asdict``.
+    ``unwrap_method``, ``background_method`` and ``inversion_method`` keep the names of the
+    former flat fields: the BIDS derivatives find each step's method by the ``_method`` suffix
+    of ``dataclasses.asdict``'s keys (their values are now the method's settings with its
+    ``method`` name).
     """
 
     mask: MaskParams = field(default_factory=MaskParams)
