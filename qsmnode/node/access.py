@@ -15,8 +15,8 @@ import logging
 import socket
 import ssl
 from dataclasses import dataclass, field
-from typing import Any
 
+from qsmnode.compat import LazyHandshakeContext
 from qsmnode.node.config import Settings
 
 log = logging.getLogger(__name__)
@@ -102,25 +102,12 @@ class AccessPolicy:
 # TLS
 
 
-class _LazyHandshakeContext(ssl.SSLContext):
-    """An SSLContext whose server sockets defer the handshake.
-
-    pynetdicom wraps accepted sockets in its accept loop, where a default handshake would let
-    one slow or silent client stall every other connection. The receiver runs the handshake in
-    the connection's thread instead (see ``Receiver._on_conn_open``).
-    """
-
-    def wrap_socket(self, sock: socket.socket, *args: Any, **kwargs: Any) -> ssl.SSLSocket:
-        kwargs["do_handshake_on_connect"] = False
-        return super().wrap_socket(sock, *args, **kwargs)
-
-
 def server_ssl_context(settings: Settings) -> ssl.SSLContext | None:
     """The listener's TLS context from ``[listener.tls]``, or None when TLS is off."""
     tls = settings.listener.tls
     if not tls.enabled:
         return None
-    context = _LazyHandshakeContext(ssl.PROTOCOL_TLS_SERVER)
+    context = LazyHandshakeContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     assert tls.cert_file is not None and tls.key_file is not None  # checked by the config
     context.load_cert_chain(tls.cert_file, tls.key_file)

@@ -165,11 +165,6 @@ class FileOutcome:
         return self.status is not None and is_success(self.status)
 
 
-_capture_connect_errors = compat.capture_connect_errors
-"""Kept for :mod:`qsmnode.node.prior_query`, which imports it from here (use
-:func:`qsmnode.compat.capture_connect_errors`)."""
-
-
 def _uid_name(uid: str) -> str:
     from pydicom.uid import UID
 

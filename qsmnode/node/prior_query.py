@@ -42,10 +42,10 @@ from typing import Any
 
 import pydicom
 
+from qsmnode import compat
 from qsmnode.dicom.derived.common import MANUFACTURER
 from qsmnode.node.association import (
     Peer,
-    _capture_connect_errors,
     _uid_name,
     client_ssl_context,
     describe_rejection,
@@ -250,7 +250,7 @@ class _Session:
         connected = threading.Event()
         handlers = [(evt.EVT_CONN_OPEN, lambda event: connected.set()),
                     (evt.EVT_C_STORE, self.on_store)]
-        with _capture_connect_errors() as errors:
+        with compat.capture_connect_errors() as errors:
             assoc = ae.associate(peer.host, peer.port, contexts=contexts,
                                  ae_title=peer.ae_title, ext_neg=roles or None,
                                  tls_args=tls_args, evt_handlers=handlers)
