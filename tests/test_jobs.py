@@ -37,7 +37,8 @@ from qsmnode.node.store import (
     Store,
 )
 from qsmnode.node.tracker import Tracker
-from qsmnode.node.worker import WorkerPool, limit_memory, resolve_job_function
+from qsmnode.node.worker import WorkerPool
+from qsmnode.node.worker_child import limit_memory, resolve_job_function
 from qsmnode.pipeline import PipelineParams, run_pipeline
 from tests.nodeutil import (
     HOOKS_ENV,
@@ -379,7 +380,7 @@ def test_limit_memory_caps_the_address_space() -> None:
 
     code = (
         "import numpy as np, resource\n"
-        "from qsmnode.node.worker import limit_memory\n"
+        "from qsmnode.node.worker_child import limit_memory\n"
         "limit = limit_memory(64)\n"
         "assert resource.getrlimit(resource.RLIMIT_AS)[0] == limit\n"
         "try:\n"

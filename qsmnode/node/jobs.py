@@ -3,7 +3,7 @@
 A job processes one accepted acquisition. The node (parent side) turns a claimed job into a
 :class:`JobSpec` with :func:`job_spec`: plain data (JSON), the acquisition's series and the
 absolute paths of their spool files, the grouping rules, and the attempt's output folder. The
-worker child (:mod:`qsmnode.node.worker`) runs a *job function* on it, by default
+worker child (:mod:`qsmnode.node.worker_child`) runs a *job function* on it, by default
 :func:`execute_job`:
 
 1. summarize the files (and those of the acquisition's T1w reference, if it has one) and group
