@@ -196,8 +196,9 @@ def qsm_params(method: str) -> Any:
 
 def parameters(options: Options) -> dict[str, Any]:
     """Every parameter of the run, as recorded in ``dataset_description.json`` and each
-    record: the QSM engine's (all fields of ``QSMParams``) and the participant options."""
-    return {"qsm_method": options.method, "qsm": dataclasses.asdict(qsm_params(options.method)),
+    record: the QSM engine's (``QSMParams.to_record()``: every setting, flat, with each step's
+    method by name) and the participant options."""
+    return {"qsm_method": options.method, "qsm": qsm_params(options.method).to_record(),
             "m1": options.m1,
             "normative_table": None if options.normative is None else str(options.normative)}
 
@@ -349,7 +350,7 @@ def _process(acquisition: MegreAcquisition, bids_root: Path, root: Path,
     result = run_qsm(gre.magnitude, gre.phase, gre.echo_times_s, gre.voxel_size_mm,
                      gre.b0_direction, gre.field_strength_t, params,
                      brain_prior=brain_prior_for(gre.affine))
-    param_dict = dataclasses.asdict(params)
+    param_dict = params.to_record()
     quality = {k: v for k, v in result.quality.items() if k != "params"}
     facts = _header_facts(gre, acquisition, bids_root, param_dict)
     reference = _reference_region(param_dict, quality)
