@@ -152,9 +152,9 @@ def test_send_to_nobody_is_a_clear_error(tmp_path: Path) -> None:
 def test_status_tables_show_control_characters_escaped(capsys: pytest.CaptureFixture[str]) -> None:
     """A series description from a peer may hold an escape sequence or a newline: the status
     table shows them as escapes, never acting on the operator's terminal."""
-    from qsmnode.cli import _table
+    from qsmnode.commands.status import table
 
-    _table(("SERIES", "DESCRIPTION"), [("5", "gre\x1b[2J\x1b[31mred\nfake line")])
+    table(("SERIES", "DESCRIPTION"), [("5", "gre\x1b[2J\x1b[31mred\nfake line")])
     out = capsys.readouterr().out
     assert "\x1b" not in out and out.count("\n") == 2
     assert "gre\\x1b[2J\\x1b[31mred\\nfake line" in out
