@@ -97,10 +97,8 @@ class QSMParams:
             (:func:`~qsmnode.qsm.relaxometry.r2star_map`,
             :func:`~qsmnode.qsm.relaxometry.combine_magnitude`).
 
-    ``unwrap_method``, ``background_method`` and ``inversion_method`` keep the names of the
-    former flat fields: the BIDS derivatives find each step's method by the ``_method`` suffix
-    of ``dataclasses.asdict``'s keys (their values are now the method's settings with its
-    ``method`` name).
+    Outputs record the parameters flat (:meth:`to_record`: ``quality.json``, the BIDS
+    sidecars, the SR's provenance), each step's method by name under ``<step>_method``.
     """
 
     mask: MaskParams = field(default_factory=MaskParams)
