@@ -23,9 +23,10 @@ Memory, the rule: a job that needs more than its own budget will need it again, 
 machine short of memory because several jobs ran at once is not the job's fault.
 
 - A ``MemoryError`` in the child under its address-space limit (``workers.memory_budget_mb``,
-  see below) fails the job at once (final, one attempt): the same input needs the same memory.
-  The error names the budget and the key to raise (then ``qsmnode retry``). A ``MemoryError``
-  in a child whose limit could not be set is the machine's shortage: treated as a kill below.
+  see :mod:`~qsmnode.node.worker_child`) fails the job at once (final, one attempt): the
+  same input needs the same memory. The error names the budget and the key to raise (then
+  ``qsmnode retry``). A ``MemoryError`` in a child whose limit could not be set is the
+  machine's shortage: treated as a kill below.
 - A child killed by SIGKILL (what the kernel's OOM killer sends; the pool's own kills at a
   lease's end or a shutdown are recorded apart) while another job ran beside it hands its job
   back without counting the attempt, and the pool then runs one job at a time until that job
