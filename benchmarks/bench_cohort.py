@@ -5,7 +5,9 @@ worker.
 The cohort: ``--subjects`` whole-head 1 mm simulated brains (the simulator's ``brain`` preset,
 160×200×160, 4 echoes; one scanner noise seed per subject), written as BIDS MEGRE NIfTI. Each
 run is ``qsmnode qsm BIDS OUT participant --n-workers N`` (the embedded LocalCluster) into a
-fresh OUTPUT_DIR, timed from start to exit; the peak resident memory of the Dask worker
+fresh OUTPUT_DIR, timed from start to exit and, from its progress lines, from the first task's
+submission to the last result (the span a large cohort is made of: without the cluster's
+start-up and the dataset scan); the peak resident memory of the Dask worker
 processes is sampled every 0.2 s. Two ways of giving the cores to the workers, each with 1
 and 2 workers, all in the same invocation, one after the other, on the same machine:
 
@@ -14,6 +16,11 @@ and 2 workers, all in the same invocation, one after the other, on the same mach
 - ``one-core``: ``QSMNODE_FFT_WORKERS=1`` for every worker, so each worker is one core, as a
   cluster node's worker slot is: the ratio then measures how the engine scales with workers,
   not how one worker's threads compare with two processes.
+
+The machine's own ceiling is measured in the same run: a fixed single-threaded FFT workload
+(forward and inverse real FFTs of a whole-head 1 mm float32 volume, ``scipy.fft`` with one
+worker) in one process, then in two processes at once; the ratio of the work done per second
+is the most two workers can gain on this machine, whatever the engine.
 
 Usage::
 
@@ -25,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -70,6 +78,32 @@ MODES = {"shared": {}, "one-core": {"QSMNODE_FFT_WORKERS": "1"}}
 """The environment of each way of giving the cores to the workers (see the docstring)."""
 
 
+_FFT_LOAD = """
+import sys, time
+import numpy as np
+from scipy import fft
+x = np.random.default_rng(0).random((160, 200, 160), dtype=np.float32)
+end = time.perf_counter() + float(sys.argv[1])
+n = 0
+while time.perf_counter() < end:
+    fft.irfftn(fft.rfftn(x, workers=1), s=x.shape, workers=1)
+    n += 1
+print(n)
+"""
+
+
+def machine_scaling(seconds: float = 20.0) -> float:
+    """Work per second of two single-threaded FFT processes at once over one alone."""
+    def rounds(processes: int) -> int:
+        running = [subprocess.Popen([sys.executable, "-c", _FFT_LOAD, str(seconds)],
+                                    stdout=subprocess.PIPE, text=True)
+                   for _ in range(processes)]
+        return sum(int(p.communicate()[0]) for p in running)
+
+    one = rounds(1)
+    return rounds(2) / one
+
+
 def run(bids: Path, out: Path, workers: int, mode: str) -> dict[str, float]:
     shutil.rmtree(out, ignore_errors=True)
     env = {k: v for k, v in os.environ.items() if k != "QSMNODE_FFT_WORKERS"} | MODES[mode]
@@ -82,14 +116,18 @@ def run(bids: Path, out: Path, workers: int, mode: str) -> dict[str, float]:
     peak: dict[str, float] = {}
     sampler = threading.Thread(target=peak_worker_rss, args=(process, stop, peak), daemon=True)
     sampler.start()
-    _, stderr = process.communicate()
+    stdout, stderr = process.communicate()
     seconds = time.perf_counter() - started
     stop.set()
     sampler.join()
     if process.returncode != 0:
         raise SystemExit(f"{mode}, {workers} worker(s): exit {process.returncode}\n"
                          f"{stderr[-2000:]}")
-    return {"workers": workers, "seconds": seconds, "peak_worker_mib": peak.get("worker_mib", 0)}
+    done = [(float(task), float(elapsed)) for task, elapsed in
+            re.findall(r": done in ([0-9.]+) s.*?\(([0-9.]+) s elapsed", stdout)]
+    return {"workers": workers, "seconds": seconds, "peak_worker_mib": peak.get("worker_mib", 0),
+            "processing_s": max((e for _, e in done), default=float("nan")),
+            "task_s": sum(t for t, _ in done) / max(len(done), 1)}
 
 
 def main() -> int:
@@ -104,15 +142,20 @@ def main() -> int:
         write_cohort(root / "bids", args.subjects, args.size)
         print(f"cohort: {args.subjects} subjects ({args.size}) written in "
               f"{time.perf_counter() - started:.1f} s", flush=True)
+        print(f"machine: two single-threaded FFT processes do {machine_scaling():.2f}x the "
+              "work of one", flush=True)
         for mode in args.modes:
             rows = [run(root / "bids", root / f"out-{mode}-{n}", n, mode) for n in (1, 2)]
             for row in rows:
                 per_hour = args.subjects / row["seconds"] * 3600
                 print(f"{mode}: {row['workers']} worker(s): {row['seconds']:.1f} s, "
-                      f"{per_hour:.1f} subjects/hour, peak worker RSS "
-                      f"{row['peak_worker_mib']:.0f} MiB", flush=True)
+                      f"{per_hour:.1f} subjects/hour; tasks {row['processing_s']:.1f} s from "
+                      f"the first submission to the last result, {row['task_s']:.1f} s per "
+                      f"task; peak worker RSS {row['peak_worker_mib']:.0f} MiB", flush=True)
             print(f"{mode}: speed-up 1 -> 2 workers: "
-                  f"{rows[0]['seconds'] / rows[1]['seconds']:.2f}x", flush=True)
+                  f"{rows[0]['seconds'] / rows[1]['seconds']:.2f}x start to exit, "
+                  f"{rows[0]['processing_s'] / rows[1]['processing_s']:.2f}x in the tasks' "
+                  "span", flush=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return 0
