@@ -234,7 +234,7 @@ def test_connection_refused_and_tls(tmp_path: Path, derived: list[Dataset]) -> N
     from pynetdicom import AE, evt
     from pynetdicom.presentation import build_context
 
-    from tests.test_receiver import _certificates
+    from tests.tlsutil import certificates
 
     paths = write_datasets(derived[:3], tmp_path / "files")
     files = [OutgoingFile(p, p, str(d.SOPClassUID), str(d.file_meta.TransferSyntaxUID))
@@ -245,7 +245,7 @@ def test_connection_refused_and_tls(tmp_path: Path, derived: list[Dataset]) -> N
         send_over_association(Peer("x", "STORE", "127.0.0.1", port), files)
     assert not refused.value.rejected
 
-    pem = _certificates(tmp_path / "pki")
+    pem = certificates(tmp_path / "pki")
     server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=pem["ca_crt"])
     server_context.load_cert_chain(pem["server_crt"], pem["server_key"])
     server_context.verify_mode = ssl.CERT_REQUIRED

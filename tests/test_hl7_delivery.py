@@ -338,9 +338,9 @@ def test_results_finished_before_the_ris_was_configured_are_not_sent(tmp_path, r
 
 def test_mllp_over_tls_verifies_the_ris(tmp_path, ris, store):
     from qsmnode.node.config import ClientTLSConfig
-    from tests.test_receiver import _certificates
+    from tests.tlsutil import certificates
 
-    pem = _certificates(tmp_path / "pki")
+    pem = certificates(tmp_path / "pki")
     server = ris("aa", tls=(pem["server_crt"], pem["server_key"])).start()
     clock = Clock(1000.0)
     done_job(store, tmp_path / "state", {"m1": m1_record_from_truth(), "version": "t"})

@@ -58,6 +58,7 @@ from tests.nodeutil import (
     dataset_bytes,
     send_raw,
 )
+from tests.tlsutil import certificates
 
 ALLOWED = "SCANNER7T"
 
@@ -634,32 +635,8 @@ def test_rows_lost_with_the_relaxed_commit_are_redone_from_the_spool(
     node.stop()
 
 
-def _openssl(*args: str | Path) -> None:
-    subprocess.run([require_tool("openssl", "openssl"), *map(str, args)], check=True,
-                   capture_output=True, timeout=60)
-
-
-def _certificates(folder: Path) -> dict[str, Path]:
-    """A CA, a server and a client certificate it signs, and a self-signed rogue client."""
-    folder.mkdir()
-    opts = ["-newkey", "rsa:2048", "-nodes"]
-    _openssl("req", "-x509", *opts, "-keyout", folder / "ca.key", "-out", folder / "ca.crt",
-             "-days", "2", "-subj", "/CN=qsmnode test CA")
-    for name, extra in (("server", "subjectAltName=IP:127.0.0.1,DNS:localhost"),
-                        ("client", "extendedKeyUsage=clientAuth")):
-        _openssl("req", *opts, "-keyout", folder / f"{name}.key", "-out", folder / f"{name}.csr",
-                 "-subj", f"/CN={name}")
-        (folder / f"{name}.ext").write_text(extra + "\n")
-        _openssl("x509", "-req", "-in", folder / f"{name}.csr", "-CA", folder / "ca.crt",
-                 "-CAkey", folder / "ca.key", "-CAcreateserial", "-days", "2",
-                 "-out", folder / f"{name}.crt", "-extfile", folder / f"{name}.ext")
-    _openssl("req", "-x509", *opts, "-keyout", folder / "rogue.key", "-out",
-             folder / "rogue.crt", "-days", "2", "-subj", "/CN=rogue")
-    return {p.stem + p.suffix.replace(".", "_"): p for p in folder.iterdir()}
-
-
 def test_tls_requires_a_trusted_client_certificate(nodes: list[Node], tmp_path: Path) -> None:
-    pem = _certificates(tmp_path / "pki")
+    pem = certificates(tmp_path / "pki")
     node = make_node(nodes, tmp_path / "node", max_associations=1, tls={
         "enabled": True, "cert_file": pem["server_crt"], "key_file": pem["server_key"],
         "ca_file": pem["ca_crt"], "require_client_cert": True,
