@@ -6,10 +6,12 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 
+from pydicom.uid import EnhancedMRImageStorage, MRImageStorage
+
 STYLES = ("siemens", "siemens-xa", "philips", "enhanced")
 
-MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
-ENHANCED_MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4.1"
+MR_IMAGE_STORAGE = str(MRImageStorage)
+ENHANCED_MR_IMAGE_STORAGE = str(EnhancedMRImageStorage)
 
 _UID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "https://qsmnode/sim/vendor_dicom")
 IMPLEMENTATION_CLASS_UID = f"2.25.{uuid.uuid5(_UID_NAMESPACE, 'implementation').int}"
