@@ -195,6 +195,7 @@ def main() -> None:
 
     from qsmnode.qsm import background as bg
     from qsmnode.qsm import inversion as inv
+    from qsmnode.qsm.unwrap import Laplacian
     from qsmnode.qsm.util import time_one_fft
     from qsmnode.sim.phantom import PhantomParams
     from qsmnode.sim.scanner import simulate
@@ -222,7 +223,7 @@ def main() -> None:
         runs = [("full pipeline (defaults)", "full", {})]
         if not args.skip_baseline:
             runs.append(("baseline lap+VSHARP+TKD", "base",
-                         {"unwrap_method": "laplacian", "background_method": bg.VSharp(),
+                         {"unwrap_method": Laplacian(), "background_method": bg.VSharp(),
                           "inversion_method": inv.TKD()}))
         for name, tag, kw in runs:
             info, chi, qmask = run_pipeline(tmp, tag, kw)

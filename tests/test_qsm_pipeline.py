@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 import numpy as np
 import pytest
 from scipy import ndimage
@@ -12,6 +10,7 @@ from qsmnode.qsm import background as bg
 from qsmnode.qsm import inversion as inv
 from qsmnode.qsm.pipeline import QSMParams, QSMResult, run_qsm
 from qsmnode.qsm.synthetic import centred_coordinates, ellipsoid, multi_echo_signal
+from qsmnode.qsm.unwrap import BestPath, Laplacian, SpatialUnwrap
 from qsmnode.sim.field import voxel_field
 
 SHAPE = (56, 64, 52)
@@ -108,12 +107,12 @@ def test_mask_field_and_chi_match_truth(head: dict[str, np.ndarray], result: QSM
 
 @pytest.mark.parametrize(
     ("inversion", "background", "unwrap", "bound"),
-    [(inv.TKD(), bg.VSharp(), "laplacian", 1.0), (inv.TVADMM(), bg.ResharpLBV(), "bestpath", 0.6),
-     (inv.TVADMM(), bg.PDF(), "bestpath", 0.8)],
+    [(inv.TKD(), bg.VSharp(), Laplacian(), 1.0), (inv.TVADMM(), bg.ResharpLBV(), BestPath(), 0.6),
+     (inv.TVADMM(), bg.PDF(), BestPath(), 0.8)],
 )
 def test_two_step_pipelines_run(
     head: dict[str, np.ndarray], inversion: inv.LocalFieldInversion,
-    background: bg.BackgroundMethod, unwrap: Literal["bestpath", "laplacian"], bound: float
+    background: bg.BackgroundMethod, unwrap: SpatialUnwrap, bound: float
 ) -> None:
     params = QSMParams(inversion_method=inversion, background_method=background,
                        unwrap_method=unwrap)
@@ -123,7 +122,7 @@ def test_two_step_pipelines_run(
     record = res.quality["params"]
     assert record["inversion_method"] == inversion.method
     assert record["background_method"] == background.method
-    assert record["unwrap_method"] == unwrap
+    assert record["unwrap_method"] == unwrap.method
     assert res.quality["background"]["n_fft"] >= 0
 
 

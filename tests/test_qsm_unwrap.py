@@ -6,7 +6,15 @@ import numpy as np
 import pytest
 
 from qsmnode.qsm.synthetic import centred_coordinates, ellipsoid
-from qsmnode.qsm.unwrap import laplacian_unwrap, unwrap_spatial, unwrap_temporal, wrap
+from qsmnode.qsm.unwrap import (
+    BestPath,
+    Laplacian,
+    SpatialUnwrap,
+    laplacian_unwrap,
+    unwrap_spatial,
+    unwrap_temporal,
+    wrap,
+)
 
 SHAPE = (48, 48, 48)
 VOX = (1.0, 1.0, 1.0)
@@ -24,12 +32,12 @@ def _congruent(unwrapped: np.ndarray, wrapped: np.ndarray) -> bool:
     return bool(np.all(np.abs(k - np.rint(k)) < 1e-4))
 
 
-@pytest.mark.parametrize("method", ["bestpath", "laplacian"])
-def test_spatial_unwrap_is_congruent_and_exact(method: str) -> None:
+@pytest.mark.parametrize("method", [BestPath(), Laplacian()], ids=lambda m: m.method)
+def test_spatial_unwrap_is_congruent_and_exact(method: SpatialUnwrap) -> None:
     truth = _bump()
     wrapped = wrap(truth)
     mask = ellipsoid(SHAPE, VOX, (22, 20, 21))
-    out = unwrap_spatial(wrapped, mask, method=method)  # type: ignore[arg-type]
+    out = unwrap_spatial(wrapped, mask, method=method)
     assert out.dtype == np.float32
     assert _congruent(out, wrapped)
     k = np.rint((out - truth) / (2 * np.pi))[mask]

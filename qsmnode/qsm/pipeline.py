@@ -68,7 +68,7 @@ from qsmnode.qsm.quality import (
 )
 from qsmnode.qsm.reference import reference_chi
 from qsmnode.qsm.relaxometry import R2STAR_MAX_PER_S, combine_magnitude, r2star_map
-from qsmnode.qsm.unwrap import unwrap_spatial, unwrap_temporal, wrap
+from qsmnode.qsm.unwrap import BestPath, SpatialUnwrap, unwrap_spatial, unwrap_temporal, wrap
 
 
 @dataclass(frozen=True)
@@ -103,7 +103,7 @@ class QSMParams:
 
     mask: MaskParams = field(default_factory=MaskParams)
     offsets: MCPC3DS | None = field(default_factory=MCPC3DS)
-    unwrap_method: Literal["bestpath", "laplacian"] = "bestpath"
+    unwrap_method: SpatialUnwrap = field(default_factory=BestPath)
     repair: RepairParams | None = field(default_factory=RepairParams)
     peel: PeelParams | None = field(default_factory=PeelParams)
     background_peel_voxels: int = 0

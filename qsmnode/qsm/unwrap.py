@@ -18,6 +18,7 @@ best-path spatial unwrapper:
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
@@ -153,40 +154,63 @@ def _global_correction(unwrapped: NDArray[np.float32], mask: NDArray[np.bool_]) 
             unwrapped[part] -= TWO_PI * np.float32(k)
 
 
-def unwrap_spatial(
-    phase: NDArray[np.floating],
-    mask: NDArray[np.bool_] | None = None,
-    *,
-    method: Literal["bestpath", "laplacian"] = "bestpath",
-    voxel_size_mm: ArrayLike = (1.0, 1.0, 1.0),
-) -> NDArray[np.float32]:
-    """Exactly 2π-congruent spatial unwrapping of one wrapped 3-D phase image, float32.
+@dataclass(frozen=True)
+class BestPath:
+    """Best-path spatial unwrapping (Herráez et al., Appl Opt 2002;41:7437; scikit-image's
+    ``unwrap_phase``), restricted to the mask. No settings."""
 
-    ``bestpath``: Herráez 2002 (skimage), restricted to ``mask``. ``laplacian``: the Poisson
-    (least-squares) estimate from wrapped differences (Ghiglia & Romero 1994; the sin/cos form
-    of Schofield & Zhu 2003 underestimates gradients above ~1 rad/voxel), then the congruent
-    value nearest to it: exact where the estimate is within π of the truth. Every connected
-    part of the mask is then shifted by a multiple of 2π so its median lies in [−π, π).
-    Outside the mask the input phase is returned unchanged.
-    """
-    p = wrap(phase)
-    m = np.ones(p.shape, dtype=bool) if mask is None else np.asarray(mask, dtype=bool)
-    if method == "bestpath":
+    method: str = field(default="bestpath", init=False)
+
+    def unwrap(self, phase: NDArray[np.float32], mask: NDArray[np.bool_],
+               voxel_size_mm: ArrayLike) -> NDArray[np.float32]:
+        """Unwrapped ``phase`` (wrapped, float32) in ``mask``; the input outside."""
         from skimage.restoration import unwrap_phase
 
-        flat = tuple(n for n in p.shape if n > 1)  # skimage prefers no length-1 axes
-        ps, ms = p.reshape(flat), m.reshape(flat)
+        flat = tuple(n for n in phase.shape if n > 1)  # skimage prefers no length-1 axes
+        ps, ms = phase.reshape(flat), mask.reshape(flat)
         if ms.all():
             res = unwrap_phase(ps)
         else:
             res = np.ma.getdata(unwrap_phase(np.ma.array(ps, mask=~ms)))
-        out = np.where(m, np.asarray(res).reshape(p.shape), p).astype(np.float32)
-        out = congruent(p, out)  # remove float64→float32 drift
-    elif method == "laplacian":
-        est = laplacian_unwrap(p, voxel_size_mm, m, formula="wrapped")
-        out = np.where(m, congruent(p, est), p)
-    else:
-        raise ValueError(f"unknown unwrapping method {method!r}")
+        out = np.where(mask, np.asarray(res).reshape(phase.shape), phase).astype(np.float32)
+        return congruent(phase, out)  # remove float64→float32 drift
+
+
+@dataclass(frozen=True)
+class Laplacian:
+    """Laplacian (Poisson, least-squares) unwrapping from wrapped differences (Ghiglia & Romero,
+    JOSA A 1994;11:107; the sin/cos form of Schofield & Zhu, Opt Lett 2003;28:1194,
+    underestimates gradients above ~1 rad/voxel), then the congruent value nearest to the
+    estimate: exact where the estimate is within π of the truth. No settings."""
+
+    method: str = field(default="laplacian", init=False)
+
+    def unwrap(self, phase: NDArray[np.float32], mask: NDArray[np.bool_],
+               voxel_size_mm: ArrayLike) -> NDArray[np.float32]:
+        """Unwrapped ``phase`` (wrapped, float32) in ``mask``; the input outside."""
+        est = laplacian_unwrap(phase, voxel_size_mm, mask, formula="wrapped")
+        return np.where(mask, congruent(phase, est), phase)
+
+
+SpatialUnwrap = BestPath | Laplacian
+"""A spatial unwrapping method; ``method`` is its name in records."""
+
+
+def unwrap_spatial(
+    phase: NDArray[np.floating],
+    mask: NDArray[np.bool_] | None = None,
+    *,
+    method: SpatialUnwrap = BestPath(),
+    voxel_size_mm: ArrayLike = (1.0, 1.0, 1.0),
+) -> NDArray[np.float32]:
+    """Exactly 2π-congruent spatial unwrapping of one wrapped 3-D phase image, float32, by
+    ``method`` (:class:`BestPath`, default, or :class:`Laplacian`), restricted to ``mask``
+    (None: the whole grid). Every connected part of the mask is then shifted by a multiple of
+    2π so its median lies in [−π, π). Outside the mask the input phase is returned unchanged.
+    """
+    p = wrap(phase)
+    m = np.ones(p.shape, dtype=bool) if mask is None else np.asarray(mask, dtype=bool)
+    out = method.unwrap(p, m, voxel_size_mm)
     _global_correction(out, m)
     return out
 
