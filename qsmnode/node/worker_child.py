@@ -138,6 +138,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                          daemon=True).start()
     try:
         function = resolve_job_function(args.job_function)
+        from qsmnode import compat
+
+        compat.check_versions()
+        compat.install()  # the start-up of python -m qsmnode: this child is started on its own
         import pydicom.config
 
         import qsmnode.dicom.load
