@@ -65,7 +65,7 @@ def peak_rss_gib() -> float:
 
 def _pipeline_worker(tmp: str, tag: str, params_kw: dict) -> dict:
     """Run run_qsm in this (fresh) process; write χ and qsm_mask to ``tmp``."""
-    from qsmnode.qsm.pipeline import QSMParams, run_qsm
+    from qsmnode.qsm.engine import QSMParams, run_qsm
     from qsmnode.qsm.util import time_one_fft
 
     d = Path(tmp)

@@ -6,11 +6,11 @@ in order, each a small function that reads what earlier stages produced from a
 
 1. ``check``: the loaded arrays are sane (finite magnitude, phase in [-π, π) when present,
    echo times ascending) and summarized (:class:`AcquisitionSummary`).
-2. ``qsm``: susceptibility and R2* (:func:`qsmnode.qsm.pipeline.run_qsm`), only on a 3-D
+2. ``qsm``: susceptibility and R2* (:func:`qsmnode.qsm.engine.run_qsm`), only on a 3-D
    volume of contiguous slices. Slices further apart than they are thick (a 2-D protocol
    with a slice gap, as the seed study's targeted M1 acquisition, Cosottini 2016) get no QSM:
    the dipole model needs contiguous voxels. R2*, the T2*-weighted combined magnitude and
-   the brain mask are still computed (:func:`qsmnode.qsm.pipeline.run_relaxometry`, χ NaN),
+   the brain mask are still computed (:func:`qsmnode.qsm.engine.run_relaxometry`, χ NaN),
    and the rest of the pipeline runs on them: the M1 analysis measures R2*, the T2*-weighted
    signal ratio and thickness (χ NaN, left out of the report), its flags carry a failed
    ``qsm_computed`` flag saying why, and the derived objects are the R2* maps, the SEG, the
@@ -81,7 +81,7 @@ from qsmnode.m1.followup import FollowUp, PriorResult, Protocol, RetestLimits, c
 from qsmnode.m1.measure import NormativeTable
 from qsmnode.m1.register import brain_prior_function
 from qsmnode.m1.result import M1Result, QualityFlag
-from qsmnode.qsm.pipeline import QSMParams, QSMResult, run_qsm, run_relaxometry
+from qsmnode.qsm.engine import QSMParams, QSMResult, run_qsm, run_relaxometry
 from qsmnode.qsm.quality import map_ranges
 
 log = logging.getLogger(__name__)

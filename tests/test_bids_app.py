@@ -90,7 +90,7 @@ def test_derivatives_have_bids_names_headers_and_sidecars(
     assert description["DatasetType"] == "derivative"
     (generated,) = description["GeneratedBy"]
     assert generated["Name"] == "qsmnode" and generated["Version"] == __version__
-    from qsmnode.qsm.pipeline import METHODS
+    from qsmnode.qsm.engine import METHODS
 
     recorded = generated["Parameters"]["qsm"]
     assert recorded == json.loads(json.dumps(

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from qsmnode.qsm.pipeline import METHODS, QSMParams, run_qsm
+from qsmnode.qsm.engine import METHODS, QSMParams, run_qsm
 from qsmnode.sim.forward_head import CSF, HeadConditions, HeadSimulation, simulate_head
 
 COARSE = HeadConditions(voxel_mm=3.0)

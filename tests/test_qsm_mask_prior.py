@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from qsmnode.qsm.engine import QSMParams, run_qsm
 from qsmnode.qsm.mask import MaskParams, brain_mask, covers_whole_head, restrict_to_prior
-from qsmnode.qsm.pipeline import QSMParams, run_qsm
 from qsmnode.qsm.synthetic import centred_coordinates, ellipsoid, multi_echo_signal
 
 VOX = (3.0, 3.0, 3.0)

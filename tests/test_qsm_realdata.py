@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from qsmnode.qsm.engine import run_qsm
 from qsmnode.qsm.fieldfit import fit_field
 from qsmnode.qsm.mask import brain_mask
 from qsmnode.qsm.offsets import echo_difference, mcpc3ds_offset, remove_offset
-from qsmnode.qsm.pipeline import run_qsm
 from qsmnode.qsm.quality import phase_jumps, repair_field, residual_outliers
 from qsmnode.qsm.unwrap import unwrap_spatial, unwrap_temporal
 

@@ -24,7 +24,7 @@ def error(text: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Dispatch on the form of the command line (see the module docstring)."""
-    from qsmnode.qsm.pipeline import METHODS
+    from qsmnode.qsm.engine import METHODS
 
     if args.method not in METHODS:
         error(f"--method {args.method!r}: expected one of {', '.join(METHODS)}")
@@ -50,10 +50,10 @@ def run(args: argparse.Namespace) -> int:
 
 def single_folder(folder: Path, out: Path, method: str = "single-step-tv") -> int:
     """QSM of the one acquisition in ``folder`` with the named pipeline
-    (:data:`qsmnode.qsm.pipeline.METHODS`); maps as ``out/<quantity>.nii.gz``."""
+    (:data:`qsmnode.qsm.engine.METHODS`); maps as ``out/<quantity>.nii.gz``."""
     from qsmnode.dicom.nifti import BidsError, read_megre, write_nifti
     from qsmnode.dicom.reference_data import brain_prior_for
-    from qsmnode.qsm.pipeline import METHODS, run_qsm
+    from qsmnode.qsm.engine import METHODS, run_qsm
 
     try:
         gre = read_megre(folder)

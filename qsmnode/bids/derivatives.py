@@ -65,7 +65,7 @@ class Options:
     Attributes:
         m1: run the M1 analysis and write its segmentation and measurements.
         normative: a normative table (TOML) for the M1 z-scores; None: no z-scores.
-        method: the QSM pipeline, a name of :data:`qsmnode.qsm.pipeline.METHODS`.
+        method: the QSM pipeline, a name of :data:`qsmnode.qsm.engine.METHODS`.
     """
 
     m1: bool = False
@@ -78,7 +78,7 @@ class MapSpec:
     """One output map: where it comes from, its name and what it holds."""
 
     attribute: str
-    """The :class:`~qsmnode.qsm.pipeline.QSMResult` attribute."""
+    """The :class:`~qsmnode.qsm.engine.QSMResult` attribute."""
     suffix: str
     """The name's ending after ``<name>_``, without extension."""
     units: str
@@ -189,7 +189,7 @@ def _tsv_cell(value: Any) -> str:
 
 def qsm_params(method: str) -> Any:
     """The QSM engine's parameters of the named pipeline, read where the engine defines them."""
-    from qsmnode.qsm.pipeline import METHODS
+    from qsmnode.qsm.engine import METHODS
 
     return METHODS[method]
 
@@ -343,7 +343,7 @@ def _process(acquisition: MegreAcquisition, bids_root: Path, root: Path,
              options: Options) -> dict[str, Any]:
     from qsmnode.dicom.nifti import read_megre_files, write_nifti
     from qsmnode.dicom.reference_data import brain_prior_for
-    from qsmnode.qsm.pipeline import run_qsm
+    from qsmnode.qsm.engine import run_qsm
 
     gre = read_megre_files(acquisition.file_map(), acquisition.name, bids_root)
     params = qsm_params(options.method)

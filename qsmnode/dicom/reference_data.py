@@ -252,7 +252,7 @@ def load_m1_atlas(
 def brain_prior_for(
     affine: NDArray[np.float64], template: str = DEFAULT_TEMPLATE
 ) -> Callable[[NDArray[np.float32], NDArray[np.bool_]], NDArray[np.bool_]]:
-    """A ``brain_prior`` for :func:`qsmnode.qsm.pipeline.run_qsm` on the grid of ``affine``
+    """A ``brain_prior`` for :func:`qsmnode.qsm.engine.run_qsm` on the grid of ``affine``
     that reads the template only when it is asked for (a whole head): the brain of
     ``template`` (default :data:`DEFAULT_TEMPLATE`, the M1 registration's target) registered
     to the image (:func:`qsmnode.m1.register.brain_prior_function`; atlas-based brain

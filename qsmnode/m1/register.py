@@ -463,7 +463,7 @@ def brain_prior_function(
     template_affine: NDArray[np.float64],
     params: RegistrationParams = BRAIN_PRIOR_PARAMS,
 ) -> Callable[[F32, NDArray[np.bool_]], NDArray[np.bool_]]:
-    """A ``brain_prior`` for :func:`qsmnode.qsm.pipeline.run_qsm`, which knows no affine nor
+    """A ``brain_prior`` for :func:`qsmnode.qsm.engine.run_qsm`, which knows no affine nor
     template: ``f(image, head_mask)`` is :func:`template_brain_prior`'s prior for an image on
     the grid of ``affine``.
 

@@ -1,7 +1,7 @@
 """Quantitative susceptibility mapping: pure numerical code, arrays in and arrays out.
 
-The engine is :func:`qsmnode.qsm.pipeline.run_qsm` with its settings in
-:class:`qsmnode.qsm.pipeline.QSMParams`; each step is its own module (``mask``, ``offsets``,
+The engine is :func:`qsmnode.qsm.engine.run_qsm` with its settings in
+:class:`qsmnode.qsm.engine.QSMParams`; each step is its own module (``mask``, ``offsets``,
 ``unwrap``, ``fieldfit``, ``quality``, ``background``, ``inversion``, ``reference``,
 ``relaxometry``), with the parameter type of each method beside it (``background.PDF``,
 ``inversion.SingleStepTV``, ``mask.MaskParams``, ...), which ``QSMParams`` composes.

@@ -8,7 +8,7 @@ from scipy import ndimage
 
 from qsmnode.qsm import background as bg
 from qsmnode.qsm import inversion as inv
-from qsmnode.qsm.pipeline import QSMParams, QSMResult, run_qsm
+from qsmnode.qsm.engine import QSMParams, QSMResult, run_qsm
 from qsmnode.qsm.synthetic import centred_coordinates, ellipsoid, multi_echo_signal
 from qsmnode.qsm.unwrap import BestPath, Laplacian, SpatialUnwrap
 from qsmnode.sim.field import voxel_field
