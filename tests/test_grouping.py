@@ -242,3 +242,49 @@ def test_single_echo_scans_are_merged_only_when_the_headers_allow_one_acquisitio
              + series(7, M, [10.0], description="gre_te10")
              + series(8, P, [10.0], description="gre_te10"))
     assert not plans(group_acquisitions(named))
+
+
+# ---------------------------------------------------------------------------------------------
+# a plan as JSON (what the store keeps for the acquisition's job)
+
+
+def assert_same_plan(read: AcquisitionPlan, written: AcquisitionPlan) -> None:
+    """Every field of two plans (and of their T1w references) equal, frame by frame."""
+    import dataclasses
+
+    import numpy as np
+
+    for f in dataclasses.fields(AcquisitionPlan):
+        a, b = getattr(read, f.name), getattr(written, f.name)
+        if f.name == "affine":
+            assert a.dtype == b.dtype and np.array_equal(a, b), f.name
+        elif f.name == "t1w" and b is not None:
+            for g in dataclasses.fields(type(b)):
+                x, y = getattr(a, g.name), getattr(b, g.name)
+                assert (np.array_equal(x, y) if g.name == "affine" else x == y), g.name
+        else:
+            assert a == b and type(a) is type(b), f.name
+
+
+def test_a_plan_read_back_from_json_equals_the_plan_written(tmp_path: Path) -> None:
+    """Real simulated files: classic Siemens with a same-session T1w, and Enhanced MR (every
+    echo and part as frames of one file); paths are kept relative to the root."""
+    import json
+
+    from qsmnode.dicom.grouping import plan_from_json, plan_to_json
+    from qsmnode.dicom.headers import summarize_files
+    from tests.dicomutil import T1W_SEED, write_t1w
+    from tests.nodeutil import write_study
+
+    write_study(tmp_path / "classic", "siemens", T1W_SEED)
+    write_t1w(tmp_path / "classic")
+    write_study(tmp_path / "enhanced", "enhanced", 72)
+    for folder in ("classic", "enhanced"):
+        files = sorted((tmp_path / folder).rglob("*.dcm"))
+        [plan] = plans(group_acquisitions(summarize_files(files)))
+        assert (plan.t1w is not None) == (folder == "classic")
+        data = json.loads(json.dumps(plan_to_json(plan, tmp_path)))
+        paths = {row["path"] for row in data["instances"]}
+        assert paths and all(p.startswith(f"{folder}/") for p in paths)
+        assert_same_plan(plan_from_json(data, tmp_path), plan)
+        assert_same_plan(plan_from_json(plan_to_json(plan)), plan)

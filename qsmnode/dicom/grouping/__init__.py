@@ -77,7 +77,9 @@ The package, one module a step:
   :mod:`~qsmnode.dicom.grouping.plan`: rules 4 and 5, a candidate as a plan or its reasons;
 - :mod:`~qsmnode.dicom.grouping.t1w`: rule 6, T1w references;
 - :mod:`~qsmnode.dicom.grouping.triage`: rule 7, what is passed over;
-- :mod:`~qsmnode.dicom.grouping.group`: :func:`group_acquisitions`, the rules in order.
+- :mod:`~qsmnode.dicom.grouping.group`: :func:`group_acquisitions`, the rules in order;
+- :mod:`~qsmnode.dicom.grouping.stored`: a plan as JSON and back (the store keeps it for the
+  acquisition's job).
 
 Import from ``qsmnode.dicom.grouping`` itself: the names below are its API; the modules'
 other names are the package's own.
@@ -97,6 +99,7 @@ from qsmnode.dicom.grouping.results import (
     Problem,
     T1wReference,
 )
+from qsmnode.dicom.grouping.stored import plan_from_json, plan_to_json
 from qsmnode.dicom.grouping.t1w import T1W_MAX_VOXEL_MM, T1W_MIN_SLICES
 
 __all__ = [
@@ -112,4 +115,6 @@ __all__ = [
     "T1wReference",
     "echo_key",
     "group_acquisitions",
+    "plan_from_json",
+    "plan_to_json",
 ]
