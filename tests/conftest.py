@@ -17,6 +17,24 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("QSMNODE_SHARED", REPO.parent / "shared")) / "data"
 
 
+LONGEST_FIRST = ("test_viewer_ohif.py", "test_fresh_clone.py", "test_node_e2e.py",
+                 "test_faults.py")
+"""Modules holding the suite's longest tests (3-6 minutes each), run first. ``-n 2 --dist
+worksteal`` gives each worker a contiguous part of the collection and lets an idle worker
+take queued tests from the other, never a running one: a long test left at the end of a part
+ran alone while the other worker sat idle."""
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The modules of :data:`LONGEST_FIRST` first, in that order; every module's tests stay
+    together and in their order (their module fixtures are made once per worker)."""
+    def rank(item: pytest.Item) -> int:
+        name = item.path.name
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: the rest keeps the collection order
+
+
 @pytest.fixture(scope="session", autouse=True)
 def library_tweaks() -> None:
     """What the start-up installs (:func:`qsmnode.compat.install`: highdicom's memoised IOD
