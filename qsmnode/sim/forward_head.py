@@ -94,6 +94,9 @@ class HeadConditions:
         slab_below_m1_mm: when set, the acquisition covers only a slab along k, from this far
             below the lowest M1 voxel to the top of the brain (the clinical M1 protocol); the
             field is still that of the whole head.
+        skull_mm: skull thickness; a thin one (1-2 mm) lets the scalp's signal touch the
+            brain's, as partial volume does on real 3 mm images, so the signal mask is the
+            whole head.
         seed: noise and tilt azimuth.
     """
 
@@ -106,6 +109,7 @@ class HeadConditions:
     exterior_sigma_mm: float = 1.0
     field_model: Literal["qsm-forward", "box-voxel"] = "qsm-forward"
     slab_below_m1_mm: float | None = None
+    skull_mm: float = 6.0
     seed: int = 0
 
 
@@ -167,8 +171,10 @@ def _harvard_oxford() -> tuple[nib.Nifti1Image, dict[str, int]]:
 
 
 @functools.lru_cache(maxsize=2)
-def build_head(voxel_mm: float = 1.0, deep_m1_change_ppm: float = 0.02) -> dict[str, NDArray]:
-    """The head model on the MNI grid (cropped to the head), at ``voxel_mm``.
+def build_head(voxel_mm: float = 1.0, deep_m1_change_ppm: float = 0.02,
+               skull_mm: float = 6.0) -> dict[str, NDArray]:
+    """The head model on the MNI grid (cropped to the head), at ``voxel_mm``, with a skull
+    ``skull_mm`` thick (the scalp fills the rest of the 14 mm outside the intracranial space).
 
     Returns a dict of arrays: ``chi`` (ppm), ``r2star_7t`` (1/s), ``m0``, ``seg`` (qsm-ci
     labels), ``brain`` (bool: the intracranial space, CSF included), ``left_deep`` and
@@ -181,12 +187,12 @@ def build_head(voxel_mm: float = 1.0, deep_m1_change_ppm: float = 0.02) -> dict[
     affine = t1.affine.copy()
 
     # the template is skull-stripped: the intracranial space is the filled, slightly dilated
-    # brain; skull (6 mm) and scalp (5 mm) are shells around it
+    # brain; skull (skull_mm, default 6) and scalp (the rest of 14 mm) are shells around it
     tissue = ((gm + wm) > 0.5) | (t1d > 20)
     brain = ndimage.binary_fill_holes(ndimage.binary_closing(tissue, iterations=4))
     outside = ndimage.distance_transform_edt(~brain)
     brain = outside <= 1.0
-    skull = (outside > 1.0) & (outside <= 7.0)
+    skull = (outside > 1.0) & (outside <= 1.0 + skull_mm)
     head = outside <= 15.0
     seg = np.full(gm.shape, AIR, np.uint8)
     seg[head] = MUSCLE
@@ -305,7 +311,7 @@ def simulate_head(cond: HeadConditions = HeadConditions()) -> HeadSimulation:
     import qsm_forward as qf
 
     rng = np.random.default_rng(cond.seed)
-    head = build_head(cond.voxel_mm, cond.deep_m1_change_ppm)
+    head = build_head(cond.voxel_mm, cond.deep_m1_change_ppm, cond.skull_mm)
     vs = np.abs(np.diag(head["affine"])[:3])
     b0 = _tilted_b0(cond.tilt_deg, rng)
     brain = head["brain"]
