@@ -69,8 +69,7 @@ def wait_delivered(node: Node, n: int, timeout_s: float = 90.0) -> dict[str, Any
     return wait_for(done, f"{n} sends delivered", timeout_s, 0.25, node.log)
 
 
-def truth_process(loaded: Any, files: Sequence[str], out_dir: Path | None,
-                  *pipeline: object) -> tuple[dict[str, Any], list[Any]]:
+def truth_process(loaded: Any, files: Sequence[str]) -> tuple[dict[str, Any], list[Any]]:
     """The derived objects of the small simulated study, from its truth."""
     from qsmnode.dicom.derived import build_derived, source_reader
     from qsmnode.node.jobs import JobError
@@ -95,7 +94,7 @@ def truth_pipeline(loaded: Any, source_files: Sequence[str | Path],
     from qsmnode.pipeline import PipelineError, PipelineResult, check_acquisition
 
     try:
-        _, datasets = truth_process(loaded, [str(f) for f in source_files], None)
+        _, datasets = truth_process(loaded, [str(f) for f in source_files])
     except JobError as exc:
         raise PipelineError(str(exc)) from None
     return PipelineResult(check_acquisition(loaded), (), datasets=tuple(datasets))
@@ -106,7 +105,7 @@ def truth_job(spec: Any) -> dict[str, Any]:
     from qsmnode.node.jobs import load_job_acquisition, write_job_outputs
 
     loaded = load_job_acquisition(spec)
-    result, datasets = truth_process(loaded, spec.files, None)
+    result, datasets = truth_process(loaded, spec.files)
     write_job_outputs(spec, datasets)
     return result
 

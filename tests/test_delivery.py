@@ -101,7 +101,7 @@ def derived(source: Path) -> list[Dataset]:
     (loaded,) = load_folder(source)
     assert isinstance(loaded, LoadedAcquisition)
     files = [str(p) for p in sorted(source.rglob("*")) if p.is_file()]
-    _, datasets = truth_process(loaded, files, None)
+    _, datasets = truth_process(loaded, files)
     assert len(datasets) == N_DERIVED
     return datasets
 

@@ -25,6 +25,7 @@ from qsmnode.node.jobs import (
     MANIFEST_FILENAME,
     PROGRESS_FILENAME,
     JobError,
+    JobSpec,
     execute_job,
     job_spec,
 )
@@ -205,6 +206,71 @@ def test_the_job_function_loads_the_acquisition_from_the_spool(
     broken = dataclasses.replace(spec, files=spec.files[1:])
     with pytest.raises(JobError, match=r"no longer make this acquisition: .*missing"):
         execute_job(broken)
+
+
+def test_the_job_loads_the_trackers_plan_and_an_older_acquisition_is_grouped_again(
+    tmp_path: Path, queued: dict[str, object], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The job carries the plan the tracker made (absolute paths) and loads it without
+    summarizing or grouping the files again; a file that changed since fails it, naming the
+    change. An acquisition recorded before plans were kept (a version 6 store, migrated) has
+    none: its job groups the files again, as before."""
+    import pydicom
+
+    import qsmnode.dicom.load as load_module
+    from qsmnode.node.jobs import load_job_acquisition
+    from qsmnode.node.store import STORE_FILENAME
+
+    state = _state(tmp_path, queued, (63, 61))
+    settings = settings_for(state)
+    with Store.in_state_dir(state) as store:
+        jobs = store.jobs("queued")
+        enhanced, classic = (job_spec(store, job, settings) for job in jobs)
+    for spec in (enhanced, classic):
+        assert spec.plan is not None and JobSpec.from_json(spec.to_json()) == spec
+        paths = {row["path"] for row in spec.plan["instances"]}
+        assert paths == set(spec.files) and all(Path(p).is_absolute() for p in paths)
+
+    def no_grouping(*args: object, **kwargs: object) -> None:
+        raise AssertionError("grouped again")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(load_module, "group_acquisitions", no_grouping)
+        patch.setattr(load_module, "summarize_files", no_grouping)
+        for spec in (enhanced, classic):
+            loaded = load_job_acquisition(spec)
+            assert loaded.series_uids == spec.series_uids and loaded.gre.shape == (24, 28, 12)
+
+    # a classic magnitude image whose echo time changed in the spool
+    ds = pydicom.dcmread(classic.files[0])
+    ds.EchoTime = "99"
+    ds.save_as(classic.files[0])
+    with pytest.raises(JobError, match=r"^the spool files no longer make this acquisition: "
+                                       r"series 5, 6: .*changed since it was grouped: TE 99 ms "
+                                       r"\(grouped with TE [0-9.]+ ms\)$"):
+        load_job_acquisition(classic)
+    (Path(classic.files[1])).write_bytes(b"not DICOM")
+    with pytest.raises(JobError, match=r"^only 71 of 72 spool files could be read$"):
+        load_job_acquisition(classic)
+
+    # the store of the previous schema: the plan column dropped, the version set back
+    db = sqlite3.connect(state / STORE_FILENAME, isolation_level=None)
+    db.execute("ALTER TABLE acquisitions DROP COLUMN plan")
+    db.execute("PRAGMA user_version = 6")
+    db.close()
+    with Store.in_state_dir(state, readonly=True) as old:
+        assert old.acquisition_plan(jobs[0].acquisition_id) is None
+    with Store.in_state_dir(state) as store:
+        assert store.schema_version() == SCHEMA_VERSION
+        assert store.acquisition_plan(jobs[0].acquisition_id) is None
+        old_spec = job_spec(store, jobs[0], settings)
+    assert old_spec.plan is None and old_spec.files == enhanced.files
+    with monkeypatch.context() as patch:
+        patch.setattr(load_module, "load_acquisition", no_grouping)  # not the plan's loader
+        with pytest.raises(AssertionError, match="grouped again"):
+            load_job_acquisition(dataclasses.replace(enhanced, plan=None))
+    loaded = load_job_acquisition(old_spec)
+    assert loaded.series_uids == enhanced.series_uids and loaded.gre.shape == (24, 28, 12)
 
 
 def test_run_pipeline_checks_what_it_is_given(tmp_path: Path) -> None:

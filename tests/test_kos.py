@@ -163,8 +163,8 @@ def test_the_pipeline_z_flag_setting_reaches_the_builders(monkeypatch: Any) -> N
 
     monkeypatch.setattr(pipeline_module, "run_pipeline",
                         lambda loaded, params, progress=None: seen.append(params) or Result())
-    process_acquisition(object(), [], None, True, False, "hcpex", None, None, 3.0)
-    process_acquisition(object(), [], None, True, False, "hcpex")
+    process_acquisition(object(), [], True, False, "hcpex", None, None, 3.0)
+    process_acquisition(object(), [], True, False, "hcpex")
     assert [params.z_flag for params in seen] == [3.0, 2.0]
 
     built: list[dict[str, Any]] = []

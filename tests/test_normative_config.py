@@ -140,13 +140,13 @@ def test_process_acquisition_gives_the_table_to_the_pipeline(monkeypatch: Any) -
 
     monkeypatch.setattr(qsmnode.pipeline, "run_pipeline", fake_run)
     monkeypatch.setattr("qsmnode.node.jobs._m1_atlas", lambda name: f"atlas {name}")
-    process_acquisition(object(), [], None, True, True, "hcpex", None, str(EXAMPLE))
-    process_acquisition(object(), [], None, True, True, "hcpex")
-    process_acquisition(object(), [], None, True, False, "hcpex", None, str(EXAMPLE))
+    process_acquisition(object(), [], True, True, "hcpex", None, str(EXAMPLE))
+    process_acquisition(object(), [], True, True, "hcpex")
+    process_acquisition(object(), [], True, False, "hcpex", None, str(EXAMPLE))
     with_table, without, no_m1 = seen
     assert isinstance(with_table.normative, NormativeTable) and with_table.normative.placeholder
     assert without.normative is None and no_m1.normative is None and no_m1.m1_atlas is None
     with pytest.raises(JobError, match=r"pipeline.m1_normative_table: .*absent.toml: file not "):
-        process_acquisition(object(), [], None, True, True, "hcpex", None, "/nowhere/absent.toml")
+        process_acquisition(object(), [], True, True, "hcpex", None, "/nowhere/absent.toml")
     with pytest.raises(NormativeTableError):
         read_normative_table("/nowhere/absent.toml")

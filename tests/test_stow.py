@@ -48,7 +48,7 @@ def outgoing(source: Path, folder: Path) -> list[OutgoingFile]:
     (loaded,) = load_folder(source)
     assert isinstance(loaded, LoadedAcquisition)
     files = [str(p) for p in sorted(source.rglob("*")) if p.is_file()]
-    _, datasets = truth_process(loaded, files, None)
+    _, datasets = truth_process(loaded, files)
     paths = write_datasets(datasets, folder)
     return [OutgoingFile(ds.SOPInstanceUID, path, ds.SOPClassUID,
                          ds.file_meta.TransferSyntaxUID, ds.SOPInstanceUID)

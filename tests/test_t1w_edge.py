@@ -339,7 +339,7 @@ def test_process_acquisition_registers_through_the_t1w(tmp_path: Path) -> None:
     np.testing.assert_allclose(loaded.t1w.affine, affine, atol=1e-4)
 
     # With the example normative table (``[pipeline] m1_normative_table``): z-scores too.
-    record, datasets = process_acquisition(loaded, [str(f) for f in files], None,
+    record, datasets = process_acquisition(loaded, [str(f) for f in files],
                                            m1_normative_table=NORMATIVE_EXAMPLE)
     m1 = record["m1"]
     assert "error" not in m1, m1

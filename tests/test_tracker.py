@@ -329,6 +329,17 @@ def test_a_t1w_in_the_study_is_the_acquisitions_reference_not_a_problem(
         assert loaded.t1w is not None and loaded.t1w.series_uid == t1w_uid
         assert loaded.t1w.image.shape == T1W_SCAN.shape
 
+        # a T1w file changed since the grouping (another series UID): the GRE alone, and why
+        changed = pydicom.dcmread(spec.t1w_files[0])
+        changed.SeriesInstanceUID = "2.25.99"
+        changed.save_as(spec.t1w_files[0])
+        loaded = load_job_acquisition(spec)
+        assert loaded.t1w is None and loaded.t1w_error.startswith(
+            "the T1w series 2 't1_mprage_sag'")
+        assert ("changed since it was grouped: its SeriesInstanceUID is not the one it was "
+                "grouped with") in loaded.t1w_error
+        assert loaded.gre.shape[:3] == tuple(summary["shape"])
+
         # a pruned T1w file: the job still runs, on the GRE alone, and says why
         os.unlink(spec.t1w_files[0])
         spec = job_spec(store, job, settings)

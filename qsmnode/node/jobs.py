@@ -2,20 +2,24 @@
 
 A job processes one accepted acquisition. The node (parent side) turns a claimed job into a
 :class:`JobSpec` with :func:`job_spec`: plain data (JSON), the acquisition's series and the
-absolute paths of their spool files, the grouping rules, and the attempt's output folder. The
-worker child (:mod:`qsmnode.node.worker_child`) runs a *job function* on it, by default
-:func:`execute_job`:
+absolute paths of their spool files, the plan the tracker grouped them into (recorded with the
+acquisition, :mod:`qsmnode.dicom.grouping.stored`), the grouping rules, and the attempt's
+output folder. The worker child (:mod:`qsmnode.node.worker_child`) runs a *job function* on
+it, by default :func:`execute_job`:
 
-1. summarize the files (and those of the acquisition's T1w reference, if it has one) and group
-   them again with the same rules;
-2. take the plan made of exactly the job's series (the same acquisition the tracker found);
-3. :func:`~qsmnode.dicom.load.load_acquisition` it from the spool files, with its T1w;
-4. read the M1 atlas and the normative table, look up the patient's earlier results, and
+1. check that every spool file of the job is still there and readable, and that the plan's
+   files are among them (:func:`load_job_acquisition`);
+2. :func:`~qsmnode.dicom.load.load_acquisition` the plan from the spool files, with its T1w,
+   each file checked against the summary it was grouped with as it is read (a file changed
+   since fails the job, naming what changed); an acquisition recorded before plans were kept
+   (an upgraded store) is grouped again from its files with the same rules instead, and the
+   plan made of exactly the job's series is loaded;
+3. read the M1 atlas and the normative table, look up the patient's earlier results, and
    give them with the acquisition to :func:`qsmnode.pipeline.process_acquisition`, the one
    entry point ``qsmnode process`` calls too (:func:`process_acquisition` here; it checks the
    source header the derived objects copy from before QSM, logging the attributes it cannot
    copy, never their values);
-5. write the derived datasets it returns into the attempt's ``derived`` folder
+4. write the derived datasets it returns into the attempt's ``derived`` folder
    (:func:`write_job_outputs`), and return the result as JSON.
 
 The parent, which owns the store, moves the derived files into the outbox and records them
@@ -123,6 +127,9 @@ class JobSpec:
         follow_up: where to look for the patient's earlier results
             (:meth:`qsmnode.node.followup.FollowUpSource.to_json`); None: no follow-up.
         work_dir: this attempt's folder (spec, result, progress, ``derived/``).
+        plan: the acquisition's plan as the tracker grouped it
+            (:func:`~qsmnode.dicom.grouping.plan_to_json`, absolute paths); None for an
+            acquisition recorded before plans were kept: the job groups its files again.
     """
 
     job_id: int
@@ -145,6 +152,7 @@ class JobSpec:
     pass_over: bool = True
     qsm_series: tuple[str, ...] = ()
     follow_up: dict[str, Any] | None = None
+    plan: dict[str, Any] | None = None
 
     @property
     def progress_path(self) -> Path:
@@ -193,6 +201,15 @@ def job_spec(store: Store, job: JobRecord, settings: Settings) -> JobSpec:
             f"missing (first: {missing[0] if missing else 'none recorded'})"
         )
     t1w_uid, t1w_files, t1w_error = _t1w_files(store, acquisition.summary, state_dir)
+    plan = store.acquisition_plan(acquisition.id)
+    if plan is not None:  # the paths made absolute, like ``files``
+        from qsmnode.dicom.grouping import plan_from_json, plan_to_json
+
+        try:
+            plan = plan_to_json(plan_from_json(plan, state_dir))
+        except (ValueError, KeyError, TypeError, IndexError) as exc:
+            raise JobError(f"the recorded plan of acquisition {acquisition.id} cannot be "
+                           f"read ({type(exc).__name__}: {exc})") from None
     return JobSpec(
         job_id=job.id,
         acquisition_id=acquisition.id,
@@ -215,6 +232,7 @@ def job_spec(store: Store, job: JobRecord, settings: Settings) -> JobSpec:
         pass_over=settings.rules.pass_over,
         qsm_series=settings.rules.qsm_series,
         follow_up=_follow_up_json(settings),
+        plan=plan,
     )
 
 
@@ -245,7 +263,168 @@ def _t1w_files(store: Store, summary: dict[str, Any], state_dir: Path,
 
 
 def load_job_acquisition(spec: JobSpec) -> Any:
-    """Group the spec's files again and load the acquisition made of exactly its series.
+    """Load the spec's plan from its spool files (the tracker's grouping, not done again); a
+    T1w that cannot serve leaves the GRE loaded alone, with why in ``t1w_error``. Without a
+    plan (recorded before plans were kept): :func:`regroup_job_acquisition`.
+
+    Raises:
+        JobError: a file is missing, unreadable, or changed since it was grouped, or the
+            plan's files cannot be loaded (the reason is given).
+    """
+    if spec.plan is None:
+        return regroup_job_acquisition(spec)
+    from qsmnode.dicom.grouping import plan_from_json
+    from qsmnode.dicom.load import LoadError, load_acquisition
+
+    unreadable = _unreadable(spec.files)
+    if unreadable:
+        raise JobError(f"only {len(spec.files) - unreadable} of {len(spec.files)} spool files "
+                       "could be read")
+    plan = plan_from_json(spec.plan)
+    missing = _outside(_plan_paths(plan.magnitude, plan.phase), spec.files)
+    if missing:
+        raise JobError(f"the spool files no longer make this acquisition: {missing}")
+    t1w_error = spec.t1w_error
+    if spec.t1w_series_uid is not None and plan.t1w is None and not t1w_error:
+        t1w_error = (f"the T1w series (series UID {spec.t1w_series_uid}) no longer makes a T1w "
+                     "reference for this acquisition (not in its plan)")
+    with_t1w = spec.t1w_series_uid is not None and plan.t1w is not None and not t1w_error
+    t1w_unreadable = _unreadable(spec.t1w_files) if with_t1w else 0
+    if t1w_unreadable:
+        t1w_error = (f"only {len(spec.t1w_files) - t1w_unreadable} of {len(spec.t1w_files)} "
+                     f"spool files of the T1w series (series UID {spec.t1w_series_uid}) could "
+                     "be read")
+    elif with_t1w and plan.t1w is not None:
+        gone = _outside(_plan_paths((plan.t1w.frames,)), spec.t1w_files)
+        if gone:
+            t1w_error = (f"the T1w series (series UID {spec.t1w_series_uid}) no longer makes "
+                         f"a T1w reference for this acquisition ({gone})")
+    try:
+        loaded = load_acquisition(plan, _checked_reader(plan),
+                                  with_t1w=with_t1w and not t1w_error)
+    except _Changed as exc:
+        raise JobError(f"the spool files no longer make this acquisition: series "
+                       f"{_numbers(plan.series_numbers)}: {exc}") from None
+    except LoadError as exc:
+        raise JobError(f"cannot load the acquisition: {exc}") from None
+    if t1w_error:
+        loaded = dataclasses.replace(loaded, t1w_error=t1w_error)
+    return loaded
+
+
+def _numbers(numbers: Sequence[int | None]) -> str:
+    return ", ".join("?" if n is None else str(n) for n in numbers)
+
+
+def _unreadable(paths: Sequence[str]) -> int:
+    """How many of ``paths`` cannot be opened or do not start as a DICOM file (the receiver
+    writes each with its Part 10 preamble)."""
+    count = 0
+    for path in paths:
+        try:
+            with open(path, "rb") as file:
+                head = file.read(132)
+        except OSError:
+            head = b""
+        count += head[128:132] != b"DICM"
+    return count
+
+
+def _plan_paths(*tables: Any) -> list[str]:
+    """The distinct file paths of a plan's frame tables (``[k][e]``), in order."""
+    paths: dict[str, None] = {}
+    for table in tables:
+        for row in table or ():
+            for ref in row:
+                paths[str(ref.path)] = None
+    return list(paths)
+
+
+def _outside(paths: list[str], files: Sequence[str]) -> str:
+    """Which of a plan's ``paths`` are not among the job's spool ``files``, in words ('' when
+    all are)."""
+    known = set(files)
+    missing = [p for p in paths if p not in known]
+    if not missing:
+        return ""
+    return (f"{len(missing)} of its {len(paths)} files {'is' if len(missing) == 1 else 'are'} "
+            f"missing from the spool (first: {missing[0]})")
+
+
+class _Changed(ValueError):
+    """A spool file whose header no longer says what it said when it was grouped."""
+
+
+_CHECKED_FIELDS = {"sop_class_uid": "SOPClassUID", "sop_instance_uid": "SOPInstanceUID",
+                   "study_uid": "StudyInstanceUID", "series_uid": "SeriesInstanceUID",
+                   "frame_of_reference_uid": "FrameOfReferenceUID", "rows": "Rows",
+                   "columns": "Columns"}
+"""The instance fields a plan relies on (besides its frames), with their DICOM keywords."""
+
+
+def _change(recorded: Any, now: Any) -> str:
+    """What differs between the summary an instance was grouped with and its summary now, in
+    words ('' when nothing the plan relies on does): its identity, matrix or frames."""
+    for name, keyword in _CHECKED_FIELDS.items():
+        if getattr(recorded, name) != getattr(now, name):
+            return f"its {keyword} is not the one it was grouped with"
+    if len(recorded.frames) != len(now.frames):
+        return f"{len(now.frames)} frames, grouped with {len(recorded.frames)}"
+    for number, (was, is_) in enumerate(zip(recorded.frames, now.frames, strict=True), 1):
+        if was == is_:
+            continue
+        where = f"frame {number}: " if len(now.frames) > 1 else ""
+        for name in dataclasses.fields(was):
+            old, new = getattr(was, name.name), getattr(is_, name.name)
+            if old == new:
+                continue
+            if name.name == "echo_time_s":
+                def te(value: float | None) -> str:
+                    return "TE unknown" if value is None else f"TE {value * 1000:g} ms"
+                return f"{where}{te(new)} (grouped with {te(old)})"
+            return f"{where}{name.name.replace('_', ' ')} {new} (grouped with {old})"
+    return ""
+
+
+def _checked_reader(plan: Any) -> Callable[[str], Dataset]:
+    """A reader for :func:`~qsmnode.dicom.load.load_acquisition` that checks each file of
+    ``plan`` (and of its T1w) against the summary it was grouped with.
+
+    Raises (from the reader):
+        _Changed: a file no longer says what it said (a :class:`LoadError` for the T1w).
+    """
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    from qsmnode.dicom.headers import HeaderError, summarize
+    from qsmnode.dicom.load import LoadError
+
+    recorded = {ref.path: ref.instance
+                for table in (plan.magnitude, plan.phase or (),
+                              (plan.t1w.frames,) if plan.t1w is not None else ())
+                for row in table for ref in row}
+
+    class Changed(_Changed, LoadError):
+        """Also a :class:`LoadError`: a changed T1w file leaves the GRE loaded alone."""
+
+    def read(path: str) -> Dataset:
+        try:
+            ds = pydicom.dcmread(path)
+            now = summarize(ds)
+        except (InvalidDicomError, EOFError, HeaderError) as exc:
+            raise LoadError(f"{path}: cannot be read ({type(exc).__name__}: {exc})") from None
+        info = recorded.get(path)
+        change = "" if info is None else _change(info, now)
+        if change:
+            raise Changed(f"{Path(path).name} changed since it was grouped: {change}")
+        return ds
+
+    return read
+
+
+def regroup_job_acquisition(spec: JobSpec) -> Any:
+    """Group the spec's files again and load the acquisition made of exactly its series (for
+    an acquisition recorded without its plan, before plans were kept).
 
     Raises:
         JobError: the files no longer make that acquisition (the reason is given).
@@ -341,7 +520,7 @@ def check_source_header(loaded: Any) -> list[str]:
     return check(loaded)
 
 
-def process_acquisition(loaded: Any, files: Sequence[str], out_dir: Path | None = None,
+def process_acquisition(loaded: Any, files: Sequence[str],
                         qsm: bool = True, m1: bool = True, atlas: str = "hcpex",
                         progress: Callable[[str], None] | None = None,
                         m1_normative_table: str | Path | None = None,
@@ -354,8 +533,7 @@ def process_acquisition(loaded: Any, files: Sequence[str], out_dir: Path | None 
     ``m1_normative_table`` (a file, for z-scores, read here) and ``z_flag`` are the
     ``[pipeline]`` settings; ``follow_up`` (a :class:`~qsmnode.node.followup.FollowUpSource`,
     or None) is where the patient's earlier results are looked for before the pipeline runs
-    (``[follow_up]``, stage ``priors``). ``out_dir`` is not used (the pipeline writes no
-    files); it is kept for callers of the earlier signature.
+    (``[follow_up]``, stage ``priors``).
 
     Raises:
         JobError: the pipeline found the acquisition unfit, or the normative table is bad.

@@ -26,7 +26,9 @@ its last instance is at least ``min(quiet_period_s, 1 s)`` old (a short settle t
 the next series of a sender that completes series by count has started arriving), the tracker
 summarizes the study's spool files (headers only, cached), leaves out non-MR instances (log
 line), and groups them with :func:`~qsmnode.dicom.load.group_acquisitions` under
-``rules.min_echoes`` and ``rules.require_phase``. Then the field-strength rule
+``rules.min_echoes`` and ``rules.require_phase``. An accepted acquisition is recorded with its
+plan (every frame, :mod:`qsmnode.dicom.grouping.stored`), which its job loads without grouping
+again. Then the field-strength rule
 (``rules.field_strengths_t``; empty = any; a match is within 0.1 T; an unknown field strength
 passes): an acquisition outside it is recorded as ``ignored`` with the reason (no job), and a
 problem whose series all have another field strength is passed over with a log line.
@@ -85,6 +87,7 @@ from typing import Any
 import numpy as np
 from pydicom.errors import InvalidDicomError
 
+from qsmnode.dicom.grouping import plan_to_json
 from qsmnode.dicom.headers import (
     ENHANCED_SOP_CLASSES,
     MR_SOP_CLASSES,
@@ -370,8 +373,10 @@ class Tracker:
                 if refusal is not None:
                     log.info("study %s: ignored acquisition (%s): %s", ready.study_uid,
                              describe_summary(summary), refusal)
+                plan = None if refusal is not None else plan_to_json(item, self.state_dir)
                 acquisitions.append(NewAcquisition(item.study_uid or ready.study_uid,
-                                                   tuple(item.series_uids), summary, refusal))
+                                                   tuple(item.series_uids), summary, refusal,
+                                                   plan))
             elif isinstance(item, PassedOver):
                 for series_uid in item.series_uids:  # the why can quote a description
                     passed_over[series_uid] = redact()(item.why)

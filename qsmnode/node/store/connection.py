@@ -7,8 +7,8 @@ nothing, so the other modules check :attr:`StoreConnection.version` before using
 or column. Later versions append to :data:`MIGRATIONS`.
 
 Conventions the DDL does not show: times are Unix seconds (float); ``path`` columns are
-relative to the state directory; ``series_uids``, ``summary``, ``result`` and ``notes`` hold
-JSON. What each table means is said by the module that keeps it: ``series`` and
+relative to the state directory; ``series_uids``, ``summary``, ``plan``, ``result`` and
+``notes`` hold JSON. What each table means is said by the module that keeps it: ``series`` and
 ``instances`` :mod:`~qsmnode.node.store.ingest`; ``acquisitions``, ``problems`` and
 ``studies`` :mod:`~qsmnode.node.store.grouping`; ``jobs`` :mod:`~qsmnode.node.store.jobs`;
 ``outbox`` and ``sends`` :mod:`~qsmnode.node.store.delivery`; ``prunings``
@@ -200,6 +200,9 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX hl7_messages_due ON hl7_messages (state, next_try_at);
     CREATE INDEX hl7_messages_study ON hl7_messages (study_uid);
+    """,
+    """
+    ALTER TABLE acquisitions ADD COLUMN plan TEXT;
     """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)

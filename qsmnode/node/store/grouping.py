@@ -3,7 +3,10 @@
 Acquisitions: one row per distinct set of series (``series_key``: the sorted series UIDs joined
 by ``\\``, :func:`~qsmnode.node.store.records.series_key`), so the same acquisition is never
 recorded, nor processed, twice. ``summary`` holds the plan: series UIDs and numbers, echo
-count, echo times, shape, affine, vendor, field strength. ``state`` is ``accepted`` (it has a
+count, echo times, shape, affine, vendor, field strength. ``plan`` (from version 7; NULL
+before) holds the grouping's whole plan, every frame of it (:mod:`qsmnode.dicom.grouping.stored`):
+the job loads it instead of grouping the files again; it is read only by
+:meth:`GroupingMixin.acquisition_plan`, never with the records. ``state`` is ``accepted`` (it has a
 job) or ``ignored`` (a rule left it out; ``reason`` says which). Problems are images that make
 no acquisition, with a plain-language reason; a later grouping of the same study that no
 longer finds one sets its ``resolved_at``. ``studies`` holds what a study is recognised by in
@@ -15,9 +18,11 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from typing import Any
 
 from qsmnode.node.store.connection import StoreConnection
 from qsmnode.node.store.records import (
+    ACQUISITION_COLUMNS,
     JOB_COLUMNS,
     AcquisitionRecord,
     GroupingOutcome,
@@ -30,6 +35,8 @@ from qsmnode.node.store.records import (
     problem_from_row,
     series_key,
 )
+
+_SELECT_ACQUISITIONS = f"SELECT {', '.join(ACQUISITION_COLUMNS)} FROM acquisitions"
 
 
 class GroupingMixin(StoreConnection):
@@ -121,28 +128,29 @@ class GroupingMixin(StoreConnection):
                             outcome: GroupingOutcome) -> None:
         key = series_key(new.series_uids)
         state = "accepted" if new.ignored_reason is None else "ignored"
-        row = db.execute("SELECT * FROM acquisitions WHERE series_key = ?", (key,)).fetchone()
+        row = db.execute(f"{_SELECT_ACQUISITIONS} WHERE series_key = ?", (key,)).fetchone()
         if row is not None and not (row["state"] == "ignored" and state == "accepted"):
             outcome.known.append(acquisition_from_row(row))
             return
         summary = json.dumps(new.summary)
+        plan = None if new.plan is None else json.dumps(new.plan)
         if row is None:
             cursor = db.execute(
                 "INSERT INTO acquisitions (study_uid, series_key, series_uids, state, reason, "
-                "summary, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                "summary, plan, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (new.study_uid, key, json.dumps(list(new.series_uids)), state,
-                 new.ignored_reason, summary, at, at),
+                 new.ignored_reason, summary, plan, at, at),
             )
             acquisition_id = int(cursor.lastrowid or 0)
         else:
             acquisition_id = int(row["id"])
             db.execute(
                 "UPDATE acquisitions SET state = 'accepted', reason = NULL, summary = ?, "
-                "updated_at = ? WHERE id = ?",
-                (summary, at, acquisition_id),
+                "plan = ?, updated_at = ? WHERE id = ?",
+                (summary, plan, at, acquisition_id),
             )
         record = acquisition_from_row(
-            db.execute("SELECT * FROM acquisitions WHERE id = ?", (acquisition_id,)).fetchone()
+            db.execute(f"{_SELECT_ACQUISITIONS} WHERE id = ?", (acquisition_id,)).fetchone()
         )
         outcome.created.append(record)
         if state == "accepted":
@@ -158,7 +166,7 @@ class GroupingMixin(StoreConnection):
 
     def acquisitions(self, study_uid: str | None = None) -> list[AcquisitionRecord]:
         """Recorded acquisitions (of one study, or all), in order of recording."""
-        sql, args = "SELECT * FROM acquisitions", ()
+        sql, args = _SELECT_ACQUISITIONS, ()
         if study_uid is not None:
             sql, args = sql + " WHERE study_uid = ?", (study_uid,)
         with self._lock:
@@ -168,9 +176,20 @@ class GroupingMixin(StoreConnection):
     def acquisition(self, acquisition_id: int) -> AcquisitionRecord | None:
         """The recorded acquisition with this id, if any."""
         with self._lock:
-            row = self._db.execute("SELECT * FROM acquisitions WHERE id = ?",
+            row = self._db.execute(f"{_SELECT_ACQUISITIONS} WHERE id = ?",
                                    (acquisition_id,)).fetchone()
         return None if row is None else acquisition_from_row(row)
+
+    def acquisition_plan(self, acquisition_id: int) -> dict[str, Any] | None:
+        """The grouping's plan recorded with an acquisition (JSON, paths relative to the state
+        directory); None when it has none (recorded before version 7, or no such
+        acquisition)."""
+        if self._version < 7:
+            return None
+        with self._lock:
+            row = self._db.execute("SELECT plan FROM acquisitions WHERE id = ?",
+                                   (acquisition_id,)).fetchone()
+        return None if row is None or row[0] is None else json.loads(row[0])
 
     def studies(self) -> dict[str, StudyInfo]:
         """What each grouped study is recognised by (empty before version 5)."""

@@ -126,12 +126,16 @@ class JobRecord(_Record):
 
 @dataclass(frozen=True)
 class NewAcquisition:
-    """An acquisition found by the grouping, to record (``ignored_reason``: left out by a rule)."""
+    """An acquisition found by the grouping, to record (``ignored_reason``: left out by a rule).
+
+    ``plan``: the grouping's plan as JSON (:func:`~qsmnode.dicom.grouping.plan_to_json`, paths
+    relative to the state directory), which the acquisition's job loads; None: none kept."""
 
     study_uid: str
     series_uids: tuple[str, ...]
     summary: dict[str, Any]
     ignored_reason: str | None = None
+    plan: dict[str, Any] | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -377,8 +381,14 @@ def result_notes(result: Mapping[str, Any] | None) -> tuple[str, ...]:
     return tuple(notes)
 
 
+ACQUISITION_COLUMNS = ("id", "study_uid", "series_uids", "state", "reason", "summary",
+                       "created_at", "updated_at")
+"""The ``acquisitions`` columns of an :class:`AcquisitionRecord` (not its ``plan``: thousands
+of frames, read only by :meth:`~qsmnode.node.store.Store.acquisition_plan`)."""
+
+
 def acquisition_from_row(row: sqlite3.Row) -> AcquisitionRecord:
-    """An ``acquisitions`` row (all columns) as its record."""
+    """An ``acquisitions`` row (:data:`ACQUISITION_COLUMNS`) as its record."""
     return AcquisitionRecord(
         id=int(row["id"]), study_uid=row["study_uid"],
         series_uids=tuple(json.loads(row["series_uids"])), state=row["state"],
