@@ -17,10 +17,12 @@ and 2 workers, all in the same invocation, one after the other, on the same mach
   cluster node's worker slot is: the ratio then measures how the engine scales with workers,
   not how one worker's threads compare with two processes.
 
-The machine's own ceiling is measured in the same run: a fixed single-threaded FFT workload
+The machine's own ceiling is measured in the same run: a fixed single-threaded workload in one
+process, then in two processes at once; the ratio of the work done per second is the most two
+workers can gain on this machine, whatever the engine. Two workloads bracket QSM: FFTs
 (forward and inverse real FFTs of a whole-head 1 mm float32 volume, ``scipy.fft`` with one
-worker) in one process, then in two processes at once; the ratio of the work done per second
-is the most two workers can gain on this machine, whatever the engine.
+worker) and memory-bound element-wise arithmetic on the four echoes of such a volume (numpy).
+``--machine-only`` measures only these.
 
 Usage::
 
@@ -92,10 +94,27 @@ print(n)
 """
 
 
-def machine_scaling(seconds: float = 20.0) -> float:
-    """Work per second of two single-threaded FFT processes at once over one alone."""
+_ELEMENTWISE_LOAD = """
+import sys, time
+import numpy as np
+x = np.random.default_rng(0).random((160, 200, 160, 4), dtype=np.float32)
+y, z = x.copy(), np.empty_like(x)
+end = time.perf_counter() + float(sys.argv[1])
+n = 0
+while time.perf_counter() < end:
+    np.multiply(x, 1.0001, out=z)
+    np.add(z, y, out=z)
+    np.sqrt(z, out=z)
+    n += 1
+print(n)
+"""
+
+
+def machine_scaling(load: str, seconds: float = 20.0) -> float:
+    """Work per second of two single-threaded processes running ``load`` at once over one
+    alone."""
     def rounds(processes: int) -> int:
-        running = [subprocess.Popen([sys.executable, "-c", _FFT_LOAD, str(seconds)],
+        running = [subprocess.Popen([sys.executable, "-c", load, str(seconds)],
                                     stdout=subprocess.PIPE, text=True)
                    for _ in range(processes)]
         return sum(int(p.communicate()[0]) for p in running)
@@ -135,15 +154,19 @@ def main() -> int:
     parser.add_argument("--subjects", type=int, default=4)
     parser.add_argument("--size", default="brain", choices=("brain", "tiny"))
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    parser.add_argument("--machine-only", action="store_true")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="qsmnode-bench-cohort-"))
     try:
+        for name, load in (("FFT", _FFT_LOAD), ("element-wise", _ELEMENTWISE_LOAD)):
+            print(f"machine: two single-threaded {name} processes do "
+                  f"{machine_scaling(load):.2f}x the work of one", flush=True)
+        if args.machine_only:
+            return 0
         started = time.perf_counter()
         write_cohort(root / "bids", args.subjects, args.size)
         print(f"cohort: {args.subjects} subjects ({args.size}) written in "
               f"{time.perf_counter() - started:.1f} s", flush=True)
-        print(f"machine: two single-threaded FFT processes do {machine_scaling():.2f}x the "
-              "work of one", flush=True)
         for mode in args.modes:
             rows = [run(root / "bids", root / f"out-{mode}-{n}", n, mode) for n in (1, 2)]
             for row in rows:
