@@ -823,7 +823,7 @@ def test_patient_values_with_control_characters_or_bad_forms_are_tidied(
     from pydicom.tag import Tag
 
     from qsmnode.dicom.derived.common import tidy_source
-    from qsmnode.node.jobs import check_source_header
+    from qsmnode.pipeline import check_source_header
 
     ds = Dataset()
     ds.PatientName, ds.PatientID, ds.StudyDate = "Plain^Name", "P1", "20220711"

@@ -416,7 +416,7 @@ def test_result_notes_name_an_unreliable_m1_and_the_follow_up() -> None:
     """A done job's notes: the failed reliability flag's text (naming the failed checks) and
     the follow-up; an odd or older record gives what it holds, never an error."""
     from qsmnode.m1.result import RELIABILITY_FLAG
-    from qsmnode.node.metrics import result_notes
+    from qsmnode.node.store.records import result_notes
 
     text = "the M1 measures are not reliable (registration_mask failed); no z-score is reported"
     record = {"qsm_not_computed": "", "m1": {

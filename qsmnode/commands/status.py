@@ -43,8 +43,8 @@ def run_status(config: Path | None, as_json: bool = False) -> int:
     0, or 2 when the configuration or the store cannot be read."""
     from qsmnode.node.config import ConfigError, load_settings
     from qsmnode.node.hl7_status import hl7_status, print_hl7_status
-    from qsmnode.node.metrics import result_notes
     from qsmnode.node.store import Store, StoreError, StudyInfo, describe_summary, study_when
+    from qsmnode.node.store.records import result_notes
 
     try:
         settings = load_settings(config)

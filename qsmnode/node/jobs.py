@@ -513,13 +513,6 @@ def _m1_atlas(name: str) -> Any:
     return load_m1_atlas(atlas=name)
 
 
-def check_source_header(loaded: Any) -> list[str]:
-    """:func:`qsmnode.pipeline.check_source_header`, here for earlier importers."""
-    from qsmnode.pipeline import check_source_header as check
-
-    return check(loaded)
-
-
 def process_acquisition(loaded: Any, files: Sequence[str],
                         qsm: bool = True, m1: bool = True, atlas: str = "hcpex",
                         progress: Callable[[str], None] | None = None,

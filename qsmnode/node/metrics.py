@@ -34,10 +34,6 @@ it into a private registry. The metrics:
 
 The ``_total`` counters are counts of store rows: they only go down if rows are deleted (or a
 late instance re-opens a complete series), which Prometheus treats as a counter reset.
-
-The query module's :func:`read_store`, :func:`read_counts`, :func:`read_status` and row types
-(:class:`Counts`, :class:`Status`, ...), and :func:`result_notes`, are also importable from
-here.
 """
 
 from __future__ import annotations
@@ -58,52 +54,11 @@ from prometheus_client.registry import Collector
 
 from qsmnode import __version__
 from qsmnode.node.store.queries import (
-    PROCESSING_BUCKETS_S,
     Counts,
-    DeliveryRow,
-    JobRow,
-    PassedOverRow,
-    ProblemRow,
-    Processing,
-    Status,
     StoreUnavailable,
-    StudyRow,
     read_counts,
-    read_status,
     read_store,
 )
-from qsmnode.node.store.records import (
-    ACQUISITION_STATES,
-    JOB_STATES,
-    SEND_STATES,
-    SERIES_STATES,
-    result_notes,
-)
-
-__all__ = [
-    "ACQUISITION_STATES",
-    "JOB_STATES",
-    "MIB",
-    "PROCESSING_BUCKETS_S",
-    "SEND_STATES",
-    "SERIES_STATES",
-    "Counts",
-    "DeliveryRow",
-    "JobRow",
-    "NodeCollector",
-    "PassedOverRow",
-    "ProblemRow",
-    "Processing",
-    "Status",
-    "StoreUnavailable",
-    "StudyRow",
-    "free_disk_bytes",
-    "make_registry",
-    "read_counts",
-    "read_status",
-    "read_store",
-    "result_notes",
-]
 
 MIB = 1024 * 1024
 
