@@ -16,6 +16,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from qsmnode.acquisition import GAMMA_BAR_HZ_PER_T
+from qsmnode.qsm.util import plane_blocks
 
 
 @dataclass(frozen=True)
@@ -57,37 +58,53 @@ def fit_field(
     p = np.asarray(phase_unwrapped, dtype=np.float32)
     mag = np.asarray(magnitude, dtype=np.float32)
     scale = np.float32(1.0 / max(float(mag.max()), 1e-30))
+    k = np.float32(ppm_per_rad_per_s(field_strength_t))
+    shape = p.shape[:-1]
+    field = np.empty(shape, np.float32)
+    res = np.empty(shape, np.float32)
+    noise = np.empty(shape, np.float32)
+    for b in plane_blocks(shape[0], p[0].nbytes):
+        _fit_block(p[b], mag[b], te, scale, k, field[b], res[b], noise[b])
+    if mask is not None:
+        outside = ~np.asarray(mask, bool)
+        for out in (field, res, noise):
+            np.copyto(out, 0.0, where=outside)
+    return FieldFit(field_ppm=field, residual_rad=res, noise_ppm=noise)
+
+
+def _fit_block(p: NDArray[np.float32], mag: NDArray[np.float32], te: NDArray[np.float64],
+               scale: np.float32, k: np.float32, field: NDArray[np.float32],
+               res: NDArray[np.float32], noise: NDArray[np.float32]) -> None:
+    """:func:`fit_field` without the mask on one block of planes, into ``field``, ``res``
+    and ``noise`` (views of the outputs)."""
     shape = p.shape[:-1]
     num = np.zeros(shape, np.float32)
     den = np.zeros(shape, np.float32)
     sw = np.zeros(shape, np.float32)
+    w = np.empty(shape, np.float32)
+    r = np.empty(shape, np.float32)
     for n, t in enumerate(te):
-        w = mag[..., n] * scale
+        np.multiply(mag[..., n], scale, out=w)
         w *= w
         sw += w
         w *= np.float32(t)
-        num += w * p[..., n]
+        num += np.multiply(w, p[..., n], out=r)
         w *= np.float32(t)
         den += w
-    omega = np.zeros(shape, np.float32)
+    omega = field
+    omega.fill(0.0)
     np.divide(num, den, out=omega, where=den > 0)
-    res = np.zeros(shape, np.float32)
+    res.fill(0.0)
     for n, t in enumerate(te):
-        w = mag[..., n] * scale
+        np.multiply(mag[..., n], scale, out=w)
         w *= w
-        r = p[..., n] - omega * np.float32(t)
+        np.multiply(omega, np.float32(t), out=r)
+        np.subtract(p[..., n], r, out=r)
         r *= r
         r *= w
         res += r
     np.divide(res, sw, out=res, where=sw > 0)
     np.sqrt(res, out=res)
-    k = np.float32(ppm_per_rad_per_s(field_strength_t))
-    field = omega * k
-    noise = np.zeros(shape, np.float32)
-    np.divide(k, np.sqrt(den), out=noise, where=den > 0)
-    if mask is not None:
-        outside = ~np.asarray(mask, bool)
-        field[outside] = 0.0
-        res[outside] = 0.0
-        noise[outside] = 0.0
-    return FieldFit(field_ppm=field, residual_rad=res, noise_ppm=noise)
+    omega *= k  # the field (ppm)
+    noise.fill(0.0)
+    np.divide(k, np.sqrt(den, out=den), out=noise, where=den > 0)

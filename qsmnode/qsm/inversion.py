@@ -43,7 +43,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from qsmnode.qsm.dipole import FFT_WORKERS, dipole_kernel
-from qsmnode.qsm.util import FftGrid, crop_to_mask, keywords, laplacian_7pt
+from qsmnode.qsm.util import FftGrid, crop_to_mask, erode_faces, keywords, laplacian_7pt
 
 Info = dict[str, Any]
 F32 = NDArray[np.float32]
@@ -408,24 +408,8 @@ def tv_admm(
     return _paste(local_field_ppm.shape, box, chi, m), info
 
 
-def _erode_faces(mask: NDArray[np.bool_], iterations: int = 1) -> NDArray[np.bool_]:
-    """Binary erosion by the 6-neighbourhood with voxels beyond the border off (as
-    ``ndimage.binary_erosion`` with the face structure), by shifted slices."""
-    out = mask
-    for _ in range(iterations):
-        src = out
-        out = src.copy()
-        for axis in range(3):
-            n = src.shape[axis]
-
-            def at(lo: int, hi: int, axis: int = axis) -> tuple[slice, ...]:
-                return tuple(slice(lo, hi) if a == axis else slice(None) for a in range(3))
-
-            out[at(1, n)] &= src[at(0, n - 1)]
-            out[at(0, n - 1)] &= src[at(1, n)]
-            out[at(0, 1)] = False
-            out[at(n - 1, n)] = False
-    return out
+_erode_faces = erode_faces
+"""The face erosion of :mod:`qsmnode.qsm.util` (``util.erode_faces``), by its former name here."""
 
 
 def _laplacian_eigenvalues(grid: FftGrid, vs: NDArray[np.float64]) -> NDArray[np.float32]:
@@ -470,7 +454,7 @@ def single_step_tv(
     vs = np.asarray(voxel_size_mm, dtype=np.float64)
     rho2 = 100.0 * lam if rho_tv is None else rho_tv
     box, grid, f, m = crop_to_mask(total_field_ppm, mask, vs, pad_mm, extra_voxels=1)
-    inner_box = _erode_faces(m)
+    inner_box = erode_faces(m)
     inner = grid.embed(inner_box, np.float32)
     f_full = grid.embed(f)
     del f
@@ -484,7 +468,7 @@ def single_step_tv(
         max_iter=max_iter, tol=tol, relax=relax,
     )
     del a, g, inner
-    keep = _erode_faces(inner_box, edge_voxels)
+    keep = erode_faces(inner_box, edge_voxels)
     out = _paste(total_field_ppm.shape, box, chi, keep)
     mask_out = np.zeros(total_field_ppm.shape, bool)
     mask_out[box] = keep

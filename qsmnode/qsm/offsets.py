@@ -17,16 +17,16 @@ from numpy.typing import ArrayLike, NDArray
 from scipy import ndimage
 
 from qsmnode.qsm.unwrap import wrap
-from qsmnode.qsm.util import block_mean, upsample_linear
+from qsmnode.qsm.util import block_mean, plane_blocks, upsample_linear
 
 
 def echo_difference(
     phase: NDArray[np.floating], first: int = 0, second: int = 1
 ) -> NDArray[np.float32]:
     """Wrapped phase of echo ``second`` relative to echo ``first`` (the Hermitian product)."""
-    return wrap(
-        np.asarray(phase[..., second], np.float32) - np.asarray(phase[..., first], np.float32)
-    )
+    d = np.subtract(np.asarray(phase[..., second], np.float32),
+                    np.asarray(phase[..., first], np.float32))
+    return wrap(d, out=d)
 
 
 def local_linear_smooth(
@@ -61,18 +61,21 @@ def local_linear_smooth(
                 m2[i, j] += sig[i] ** 2 * m0
     b0 = gf(wv, (0, 0, 0))
     b1 = [sig[i] ** 2 * gf(wv, unit[i]) for i in range(3)]
-    a = np.empty((*w.shape, 4, 4), np.float64)
-    a[..., 0, 0] = m0
+    # the 4×4 systems, one per voxel, held entry-major (each entry a contiguous volume, written
+    # in one pass) and handed to the solver as a [..., 4, 4] view
+    a = np.empty((4, 4, *w.shape), np.float64)
+    a[0, 0] = m0
     for i in range(3):
-        a[..., 0, i + 1] = a[..., i + 1, 0] = m1[i]
+        a[0, i + 1] = a[i + 1, 0] = m1[i]
         for j in range(i, 3):
-            a[..., i + 1, j + 1] = a[..., j + 1, i + 1] = m2[i, j]
+            a[i + 1, j + 1] = a[j + 1, i + 1] = m2[i, j]
     scale = np.maximum(m0, 1e-12)
-    a[..., 0, 0] += ridge * scale
+    a[0, 0] += ridge * scale
     for i in range(3):
-        a[..., i + 1, i + 1] += ridge * scale * sig[i] ** 2
-    rhs = np.stack([b0, *b1], axis=-1).astype(np.float64)
-    theta = np.linalg.solve(a, rhs[..., None])[..., 0, 0]
+        a[i + 1, i + 1] += ridge * scale * sig[i] ** 2
+    rhs = np.stack([b0, *b1]).astype(np.float64)
+    theta = np.linalg.solve(np.moveaxis(a, (0, 1), (-2, -1)),
+                            np.moveaxis(rhs, 0, -1)[..., None])[..., 0, 0]
     return np.where(m0 > 1e-6, theta, 0.0).astype(np.float32)
 
 
@@ -117,17 +120,27 @@ def mcpc3ds_offset(
         sigma_mm: Gaussian smoothing width; 0 disables smoothing.
     """
     ratio = np.float32(te_first_s / (te_second_s - te_first_s))
-    raw = np.asarray(phase_first, np.float32) - ratio * np.asarray(difference_unwrapped, np.float32)
+    raw = np.multiply(np.asarray(difference_unwrapped, np.float32), ratio)
+    np.subtract(np.asarray(phase_first, np.float32), raw, out=raw)
     if sigma_mm <= 0:
-        return wrap(raw)
-    w = np.ones(raw.shape, np.float32) if magnitude is None else np.asarray(magnitude, np.float32)
-    if mask is not None:
-        w = w * mask
-    w = w / np.float32(max(float(w.max()), 1e-30))
+        return wrap(raw, out=raw)
+    if magnitude is None:
+        w = np.ones(raw.shape, np.float32) if mask is None else np.asarray(mask, np.float32)
+    elif mask is None:
+        w = np.array(magnitude, np.float32)
+    else:
+        w = np.multiply(np.asarray(magnitude, np.float32), mask, dtype=np.float32)
+    w /= np.float32(max(float(w.max()), 1e-30))
     vs = np.asarray(voxel_size_mm, dtype=np.float64)
     sigma_vox = sigma_mm / vs
     factors = tuple(max(1, int(np.floor(s / 1.5))) for s in sigma_vox)
-    z = block_mean((w * np.exp(1j * raw)).astype(np.complex64), factors)  # type: ignore[arg-type]
+    shape = raw.shape
+    z = np.multiply(raw, 1j, dtype=np.complex64)
+    del raw
+    np.exp(z, out=z)
+    z *= w
+    del w
+    z = block_mean(z, factors)  # type: ignore[arg-type]
     sig_d = sigma_vox / np.asarray(factors)
     smooth = ndimage.gaussian_filter(z.real, sig_d, mode="constant", truncate=3.0) + 1j * (
         ndimage.gaussian_filter(z.imag, sig_d, mode="constant", truncate=3.0)
@@ -135,12 +148,17 @@ def mcpc3ds_offset(
     base = np.angle(smooth).astype(np.float32)
     resid = np.angle(z * np.exp(-1j * base)).astype(np.float32)
     base += local_linear_smooth(resid, np.abs(z), sig_d)
-    re = upsample_linear(np.cos(base), factors, raw.shape)  # type: ignore[arg-type]
-    im = upsample_linear(np.sin(base), factors, raw.shape)  # type: ignore[arg-type]
-    return np.arctan2(im, re).astype(np.float32)
+    re = upsample_linear(np.cos(base), factors, shape)  # type: ignore[arg-type]
+    im = upsample_linear(np.sin(base), factors, shape)  # type: ignore[arg-type]
+    return np.arctan2(im, re, out=im)
 
 
 def remove_offset(phase: NDArray[np.floating], offset: NDArray[np.floating]) -> NDArray[np.float32]:
     """Every echo of ``phase [i, j, k, echo]`` minus ``offset [i, j, k]``, wrapped, float32."""
-    p = np.asarray(phase, np.float32) - np.asarray(offset, np.float32)[..., None]
-    return wrap(p)
+    ph = np.asarray(phase, np.float32)
+    off = np.asarray(offset, np.float32)
+    out = np.empty(ph.shape, np.float32)
+    for b in plane_blocks(ph.shape[0], ph[0].nbytes):
+        np.subtract(ph[b], off[b][..., None], out=out[b])
+        wrap(out[b], out=out[b])
+    return out

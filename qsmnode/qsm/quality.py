@@ -26,7 +26,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 from scipy import ndimage
 
-from qsmnode.qsm.util import bounding_box
+from qsmnode.qsm.util import bounding_box, erode_faces, farther_than
 
 
 @dataclass(frozen=True)
@@ -171,18 +171,17 @@ def peel_source_layers(
     m = np.ascontiguousarray(mask[box], dtype=bool)
     f = np.asarray(field_ppm[box], dtype=np.float32)
     face = ndimage.generate_binary_structure(3, 1)
-    dist = ndimage.distance_transform_edt(m, sampling=vs)
-    inner = ndimage.binary_erosion(m, structure=face)
+    inner = erode_faces(m)
     g = _laplacian_abs(f * m, vs)
-    deep = inner & (dist > deep_mm)
+    deep = inner & farther_than(m, vs, deep_mm)
     if deep.sum() < 100:
         return mask.copy(), 0
     limit = factor * float(np.percentile(g[deep], 99))
     start = int(m.sum())
     steps = max(1, int(np.ceil(max_mm / vs.min())))
     for _ in range(steps):
-        inner = ndimage.binary_erosion(m, structure=face)
-        second = inner & ~ndimage.binary_erosion(inner, structure=face)
+        inner = erode_faces(m)
+        second = inner & ~erode_faces(inner)
         boundary = m & ~inner
         g = _laplacian_abs(f * m, vs) * inner
         cnt = ndimage.uniform_filter(inner.astype(np.float32), 3)

@@ -17,6 +17,8 @@ from typing import Literal
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
+from qsmnode.qsm.util import plane_blocks
+
 R2STAR_MAX_PER_S = 500.0
 """Upper clip of R2* (1/s); veins at 7T reach ~150–300 s⁻¹, anything above is noise."""
 
@@ -37,20 +39,33 @@ def r2star_arlo(magnitude: NDArray[np.floating], echo_times_s: ArrayLike) -> NDA
         raise ValueError("ARLO needs at least 3 equally spaced echoes")
     mag = np.asarray(magnitude, dtype=np.float32)
     third = np.float32((te[1] - te[0]) / 3.0)
+    out = np.zeros(mag.shape[:-1], dtype=np.float32)
+    if mag.ndim < 2:
+        _arlo_block(mag, te.size, third, out)
+        return out
+    for b in plane_blocks(mag.shape[0], mag[0].nbytes):
+        _arlo_block(mag[b], te.size, third, out[b])
+    return out
+
+
+def _arlo_block(mag: NDArray[np.float32], n_echoes: int, third: np.float32,
+                out: NDArray[np.float32]) -> None:
+    """:func:`r2star_arlo` on one block of planes, into ``out`` (zeros; a view of the output)."""
     num = np.zeros(mag.shape[:-1], dtype=np.float32)
     den = np.zeros(mag.shape[:-1], dtype=np.float32)
-    for i in range(te.size - 2):
-        s = mag[..., i] + 4.0 * mag[..., i + 1]
+    s = np.empty(mag.shape[:-1], dtype=np.float32)
+    d = np.empty(mag.shape[:-1], dtype=np.float32)
+    for i in range(n_echoes - 2):
+        np.multiply(mag[..., i + 1], 4.0, out=s)
+        np.add(mag[..., i], s, out=s)
         s += mag[..., i + 2]
         s *= third
-        d = mag[..., i] - mag[..., i + 2]
+        np.subtract(mag[..., i], mag[..., i + 2], out=d)
         d *= s
         num += d
         s *= s
         den += s
-    out = np.zeros_like(num)
     np.divide(num, den, out=out, where=den > 0)
-    return out
 
 
 def r2star_loglinear(
@@ -127,8 +142,12 @@ def combine_magnitude(
     mag = np.asarray(magnitude, dtype=np.float32)
     if method == "rss":
         out = np.zeros(mag.shape[:-1], dtype=np.float32)
-        for n in range(mag.shape[-1]):
-            out += mag[..., n] * mag[..., n]
+        blocks = plane_blocks(mag.shape[0], mag[0].nbytes) if mag.ndim > 1 else [...]
+        for b in blocks:
+            mb, ob = mag[b], out[b]
+            sq = np.empty(ob.shape, dtype=np.float32)
+            for n in range(mag.shape[-1]):
+                ob += np.multiply(mb[..., n], mb[..., n], out=sq)
         return np.sqrt(out, out=out)
     te = np.asarray(echo_times_s, dtype=np.float64)
     out = np.zeros(mag.shape[:-1], dtype=np.float32)

@@ -27,22 +27,54 @@ from numpy.typing import ArrayLike, NDArray
 from scipy import ndimage
 
 from qsmnode.qsm.dipole import FFT_WORKERS
-from qsmnode.qsm.util import cg
+from qsmnode.qsm.util import bounding_box, cg, plane_blocks
 
 TWO_PI = np.float32(2.0 * np.pi)
 
 
-def wrap(phase: NDArray[np.floating]) -> NDArray[np.float32]:
-    """Phase wrapped to [−π, π), float32."""
-    p = np.asarray(phase, dtype=np.float32)
-    return (p + np.float32(np.pi)) % TWO_PI - np.float32(np.pi)
+_PI = np.float32(np.pi)
+
+
+def wrap(phase: NDArray[np.floating], *, out: NDArray[np.float32] | None = None
+         ) -> NDArray[np.float32]:
+    """Phase wrapped to [−π, π), float32: ``(phase + π) mod 2π − π``, into ``out`` when given
+    (float32, of the phase's shape; it may be ``phase`` itself).
+
+    Bit for bit the float32 ``np.remainder`` form, in two or three passes instead of a slow
+    ``remainder``: after adding π, values already in [0, 2π) keep theirs, and values in
+    [−2π, 0) or [2π, 4π) get ± 2π, which is exact there (Sterbenz), as the remainder's own
+    correction step is; wider ranges take ``np.remainder``.
+    """
+    t = np.add(np.asarray(phase, dtype=np.float32), _PI, out=out, dtype=np.float32)
+    lo, hi = float(t.min(initial=0.0)), float(t.max(initial=0.0))
+    if not lo >= 0.0 or not hi < TWO_PI:  # also NaN
+        if lo >= -TWO_PI and hi < 2 * TWO_PI:
+            np.add(t, TWO_PI, out=t, where=t < 0)
+            np.subtract(t, TWO_PI, out=t, where=t >= TWO_PI)
+        else:
+            np.remainder(t, TWO_PI, out=t)
+    t -= _PI
+    return t
 
 
 def congruent(wrapped: NDArray[np.floating], estimate: NDArray[np.floating]) -> NDArray[np.float32]:
     """The value 2π-congruent to ``wrapped`` that is nearest to ``estimate``, float32."""
     w = np.asarray(wrapped, dtype=np.float32)
-    k = np.rint((np.asarray(estimate, dtype=np.float32) - w) / TWO_PI)
-    return w + TWO_PI * k
+    k = np.subtract(np.asarray(estimate, dtype=np.float32), w, dtype=np.float32)
+    return _congruent_into(w, k, k, subtracted=True)
+
+
+def _congruent_into(wrapped: NDArray[np.float32], estimate: NDArray[np.float32],
+                    out: NDArray[np.float32], *, subtracted: bool = False
+                    ) -> NDArray[np.float32]:
+    """:func:`congruent` into ``out``, with ``estimate`` as scratch (overwritten; it may be
+    ``out``, ``wrapped`` may not). ``subtracted``: ``estimate`` already holds
+    ``estimate − wrapped``."""
+    k = estimate if subtracted else np.subtract(estimate, wrapped, out=estimate)
+    k /= TWO_PI
+    np.rint(k, out=k)
+    k *= TWO_PI
+    return np.add(wrapped, k, out=out)
 
 
 def _laplacian_eigenvalues(
@@ -119,7 +151,7 @@ def laplacian_unwrap(
     diffs = []
     for axis in range(3):
         d = np.diff(p, axis=axis)
-        d = np.sin(d) if formula == "sincos" else wrap(d)
+        d = np.sin(d, out=d) if formula == "sincos" else wrap(d, out=d)
         d *= pairs[axis]
         diffs.append(d)
     src = _masked_divergence(diffs, p.shape, vs)
@@ -166,13 +198,18 @@ class BestPath:
         """Unwrapped ``phase`` (wrapped, float32) in ``mask``; the input outside."""
         from skimage.restoration import unwrap_phase
 
-        flat = tuple(n for n in phase.shape if n > 1)  # skimage prefers no length-1 axes
-        ps, ms = phase.reshape(flat), mask.reshape(flat)
+        # on the mask's box, one voxel wider (the same result: voxels outside the mask take
+        # no part), and without length-1 axes, which skimage prefers
+        box = bounding_box(mask, margin=1) if phase.ndim == 3 else (slice(None),) * phase.ndim
+        pb, mb = phase[box], mask[box]
+        flat = tuple(n for n in pb.shape if n > 1)
+        ps, ms = np.ascontiguousarray(pb).reshape(flat), mb.reshape(flat)
         if ms.all():
             res = unwrap_phase(ps)
         else:
             res = np.ma.getdata(unwrap_phase(np.ma.array(ps, mask=~ms)))
-        out = np.where(mask, np.asarray(res).reshape(phase.shape), phase).astype(np.float32)
+        out = np.array(phase, dtype=np.float32)
+        out[box] = np.where(mb, np.asarray(res).reshape(pb.shape), pb)
         return congruent(phase, out)  # remove float64→float32 drift
 
 
@@ -234,40 +271,58 @@ def unwrap_temporal(
     p = np.asarray(phase, dtype=np.float32)
     out = np.empty(p.shape, dtype=np.float32)
     omega = np.asarray(template_rad_per_s, dtype=np.float32)
+    scale = np.float32(1.0)
+    mag = None
+    if magnitude is not None:
+        scale = np.float32(1.0 / max(float(np.max(magnitude)), 1e-30))
+        mag = np.asarray(magnitude, dtype=np.float32)
+    for b in plane_blocks(p.shape[0], p[0].nbytes):
+        _temporal_block(p[b], te, omega[b], None if mag is None else mag[b], scale, out[b])
+    return out
+
+
+def _temporal_block(p: NDArray[np.float32], te: NDArray[np.float64],
+                    omega: NDArray[np.float32], magnitude: NDArray[np.float32] | None,
+                    scale: np.float32, out: NDArray[np.float32]) -> None:
+    """:func:`unwrap_temporal` on one block of planes, into ``out`` (a view of the output)."""
     t_mid = float(te.mean())
     shape = p.shape[:-1]
     sw, swt, swtt, swy, swty = (np.zeros(shape, dtype=np.float32) for _ in range(5))
+    # scratch, reused echo after echo (the sums are updated in place)
+    pred, y, tmp, tmp2, w = (np.empty(shape, dtype=np.float32) for _ in range(5))
     order = np.argsort(te)
-    scale = np.float32(1.0)
-    if magnitude is not None:
-        scale = np.float32(1.0 / max(float(np.max(magnitude)), 1e-30))
     for count, n in enumerate(order):
         t = np.float32(te[n] - t_mid)
         if count == 0:
-            pred = omega * np.float32(te[n])
+            np.multiply(omega, np.float32(te[n]), out=pred)
         elif count == 1:
-            first = order[0]
-            pred = out[..., first] + omega * np.float32(te[n] - te[first])
+            np.multiply(omega, np.float32(te[n] - te[order[0]]), out=pred)
+            pred += y  # y: the first echo, unwrapped
         else:
-            det = sw * swtt - swt * swt
-            slope = np.zeros(shape, dtype=np.float32)
-            np.divide(sw * swty - swt * swy, det, out=slope, where=det > 0)
-            icpt = np.zeros(shape, dtype=np.float32)
-            np.divide(swy - slope * swt, sw, out=icpt, where=sw > 0)
-            pred = icpt + slope * t
-        out[..., n] = congruent(p[..., n], pred)
+            det = np.multiply(sw, swtt, out=tmp)
+            det -= np.multiply(swt, swt, out=pred)
+            num = np.multiply(sw, swty, out=tmp2)
+            num -= np.multiply(swt, swy, out=pred)
+            slope = y  # the previous echo, already in out
+            slope.fill(0.0)
+            np.divide(num, det, out=slope, where=det > 0)
+            np.subtract(swy, np.multiply(slope, swt, out=tmp2), out=tmp2)
+            pred.fill(0.0)
+            np.divide(tmp2, sw, out=pred, where=sw > 0)  # the intercept
+            slope *= t
+            pred += slope
+        _congruent_into(p[..., n], pred, y)
+        out[..., n] = y
         if count < len(order) - 1:
             if magnitude is None:
-                w = np.ones(shape, dtype=np.float32)
+                w.fill(1.0)
             else:
-                w = np.asarray(magnitude[..., n], dtype=np.float32) * scale
+                np.multiply(magnitude[..., n], scale, out=w)
                 w *= w
-            y = out[..., n]
             sw += w
-            swy += w * y
+            swy += np.multiply(w, y, out=tmp)
             w *= t
             swt += w
-            swty += w * y
+            swty += np.multiply(w, y, out=tmp)
             w *= t
             swtt += w
-    return out

@@ -6,7 +6,7 @@ time in units of "one FFT on this grid" (``n_fft`` in the steps' info dicts).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -53,6 +53,21 @@ class FftGrid:
         out = np.zeros(self.shape, dtype=dtype)
         out[: x.shape[0], : x.shape[1], : x.shape[2]] = x
         return out
+
+
+PLANE_BLOCK_BYTES = 1 << 20
+"""Bytes of the largest array per block of :func:`plane_blocks` (a core's L2 cache or so)."""
+
+
+def plane_blocks(n_planes: int, plane_bytes: int,
+                 block_bytes: int = PLANE_BLOCK_BYTES) -> Iterator[slice]:
+    """Consecutive slices of axis 0 (``n_planes`` planes of ``plane_bytes`` each in the
+    largest array), about ``block_bytes`` per slice: element-wise work done block by block
+    keeps its temporaries in cache and reads a multi-echo array once, instead of once per
+    echo and per operation."""
+    step = max(1, block_bytes // max(plane_bytes, 1))
+    for lo in range(0, n_planes, step):
+        yield slice(lo, min(lo + step, n_planes))
 
 
 def keywords(params: Any) -> dict[str, Any]:
@@ -116,7 +131,7 @@ def block_mean(x: NDArray[np.generic], factors: tuple[int, int, int]) -> NDArray
     if factors == (1, 1, 1):
         return x
     pad = [(0, (-n) % f) for n, f in zip(x.shape, factors, strict=True)]
-    xp = np.pad(x, pad, mode="edge")
+    xp = np.pad(x, pad, mode="edge") if any(p for _, p in pad) else x
     n = [m // f for m, f in zip(xp.shape, factors, strict=True)]
     f = factors
     return xp.reshape(n[0], f[0], n[1], f[1], n[2], f[2]).mean(axis=(1, 3, 5))
@@ -138,7 +153,12 @@ def upsample_linear(
         view = [1, 1, 1]
         view[axis] = n
         w = w.reshape(view)
-        out = np.take(out, lo, axis=axis) * (1 - w) + np.take(out, hi, axis=axis) * w
+        low = np.take(out, lo, axis=axis)
+        low *= 1 - w
+        high = np.take(out, hi, axis=axis)
+        high *= w
+        low += high
+        out = low
     return out.astype(np.float32, copy=False)
 
 
@@ -161,6 +181,55 @@ def sphere_kernel(grid: FftGrid, voxel_size_mm: ArrayLike, radius_mm: float) -> 
     )
     grid.n_fft += 1
     return np.ascontiguousarray(sfft.rfftn(kernel, workers=FFT_WORKERS).real, dtype=np.float32)
+
+
+def farther_than(mask: NDArray[np.bool_], voxel_size_mm: ArrayLike,
+                 distance_mm: float) -> NDArray[np.bool_]:
+    """Voxels of ``mask`` farther than ``distance_mm`` from every voxel off it: the same as
+    ``ndimage.distance_transform_edt(mask, sampling=voxel_size_mm) > distance_mm`` (voxels
+    beyond the array count as on), but by counting the off voxels in each voxel's ball
+    with one FFT convolution (counts are whole numbers; float32 round-off stays far below the
+    0.5 threshold), without the transform's index arrays. A mask with no voxel off has no
+    distance to measure: it takes the transform itself."""
+    m = np.asarray(mask, dtype=bool)
+    if m.all() or m.ndim != 3:
+        from scipy import ndimage
+
+        return ndimage.distance_transform_edt(m, sampling=voxel_size_mm) > distance_mm
+    vs = np.broadcast_to(np.asarray(voxel_size_mm, dtype=np.float64), (3,))
+    reach = np.floor(distance_mm / vs).astype(int)
+    di, dj, dk = np.meshgrid(*[np.arange(-r, r + 1) for r in reach], indexing="ij")
+    # the transform's own distance: sqrt of the sum of squared, scaled index differences
+    ball = np.sqrt((di * vs[0]) ** 2 + (dj * vs[1]) ** 2 + (dk * vs[2]) ** 2) <= distance_mm
+    grid = FftGrid(fast_shape(m.shape, reach))
+    kernel = np.zeros(grid.shape, np.float32)
+    kernel[di[ball] % grid.shape[0], dj[ball] % grid.shape[1], dk[ball] % grid.shape[2]] = 1.0
+    grid.n_fft += 1
+    spectrum = np.ascontiguousarray(sfft.rfftn(kernel, workers=FFT_WORKERS).real,
+                                    dtype=np.float32)
+    del kernel
+    count = convolve(grid, np.logical_not(m).astype(np.float32), spectrum)
+    return count[: m.shape[0], : m.shape[1], : m.shape[2]] < 0.5
+
+
+def erode_faces(mask: NDArray[np.bool_], iterations: int = 1) -> NDArray[np.bool_]:
+    """Binary erosion by the 6-neighbourhood with voxels beyond the border off (as
+    ``ndimage.binary_erosion`` with the face structure), by shifted slices."""
+    out = mask
+    for _ in range(iterations):
+        src = out
+        out = src.copy()
+        for axis in range(3):
+            n = src.shape[axis]
+
+            def at(lo: int, hi: int, axis: int = axis) -> tuple[slice, ...]:
+                return tuple(slice(lo, hi) if a == axis else slice(None) for a in range(3))
+
+            out[at(1, n)] &= src[at(0, n - 1)]
+            out[at(0, n - 1)] &= src[at(1, n)]
+            out[at(0, 1)] = False
+            out[at(n - 1, n)] = False
+    return out
 
 
 def convolve(
@@ -193,6 +262,7 @@ def cg(
 
     Hestenes & Stiefel 1952. Returns the solution, the number of iterations and the final
     relative residual ``|b − Ax| / |b|`` (of the recursively updated residual). float32.
+    ``apply`` must return a new array: its result is reused as scratch.
     """
 
     def dot(a: NDArray[np.float32], b: NDArray[np.float32]) -> float:
@@ -209,6 +279,7 @@ def cg(
         r = rhs - apply(x)
     z = r if precond is None else precond(r)
     p = z.copy()
+    tmp = np.empty_like(p)
     rz = dot(r, z)
     rr = dot(r, r)
     it = 0
@@ -218,8 +289,8 @@ def cg(
         if pap <= 0.0:
             break
         alpha = np.float32(rz / pap)
-        x += alpha * p
-        r -= alpha * ap
+        x += np.multiply(p, alpha, out=tmp)
+        r -= np.multiply(ap, alpha, out=ap)
         rr = dot(r, r)
         z = r if precond is None else precond(r)
         rz_new = dot(r, z)
