@@ -65,12 +65,25 @@ def worker(data: Path, method: str) -> None:
     t0, c0 = time.perf_counter(), time.process_time()
     res = run_qsm(mag, phase, meta["te"], meta["vs"], meta["b0"], meta["b0_t"],
                   params=METHODS[method])
+    usage = resource.getrusage(resource.RUSAGE_SELF)
     print(json.dumps({
         "wall": time.perf_counter() - t0,
         "cpu": time.process_time() - c0,
-        "rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "rss_gib": peak_rss_gib(),
+        "minor_faults": usage.ru_minflt,
         "timings": res.quality["timings_s"],
     }))
+
+
+def peak_rss_gib() -> float:
+    """This process's peak RSS (``VmHWM``; ``ru_maxrss`` would carry the parent's over from
+    the fork)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def launch(tree: Path, data: Path, method: str, n: int) -> list[dict]:
