@@ -1,4 +1,5 @@
-"""Shared numerical helpers for the QSM steps: counted real FFTs, cropping, spheres, CG.
+"""Shared numerical helpers for the QSM steps: counted real FFTs, cropping, spheres, CG, face
+erosion, a distance threshold, and blocks of planes for element-wise work (:func:`plane_blocks`).
 
 Every FFT a step makes goes through :class:`FftGrid`, so a benchmark can report a step's wall
 time in units of "one FFT on this grid" (``n_fft`` in the steps' info dicts).
