@@ -20,8 +20,11 @@ Steps (each a module of this package; methods cited there):
    (Wharton 2010); PDF and TV-ADMM take the combined magnitude as inverse-noise weights.
 7. ``reference``: χ relative to the mean over the QSM mask (or CSF).
 
-:data:`METHODS` names the two measured pipelines (``qsmnode qsm --method``):
-``single-step-tv`` (the default) and ``pdf-tv-admm``. Measured (issue 11, numbers in
+:data:`METHODS` names the measured pipelines (``qsmnode qsm --method``):
+``single-step-tv`` (the default), ``pdf-tv-admm`` and ``tfi`` (preconditioned total field
+inversion, ``qsmnode.qsm.tfi``, Liu 2017: brain and background χ fitted together to the
+total field, the brain's χ then by TV-ADMM of the local field it leaves; numbers in
+``benchmarks/RESULTS.md``, not the default). Measured (issue 11, numbers in
 ``benchmarks/RESULTS.md``) on an independent forward model (``qsmnode.sim.forward_head``: MNI152
 head, qsm-forward's field, shim, offsets and noise; qsm-ci scores, dropped voxels as 0):
 
@@ -68,6 +71,7 @@ from qsmnode.qsm.quality import (
 )
 from qsmnode.qsm.reference import reference_chi
 from qsmnode.qsm.relaxometry import R2STAR_MAX_PER_S, combine_magnitude, r2star_map
+from qsmnode.qsm.tfi import TFI
 from qsmnode.qsm.unwrap import BestPath, SpatialUnwrap, unwrap_spatial, unwrap_temporal, wrap
 
 
@@ -109,7 +113,7 @@ class QSMParams:
     background_peel_voxels: int = 0
     background_method: bg.BackgroundMethod = field(default_factory=bg.ResharpLBV)
     noise_weighting: bool = True
-    inversion_method: inv.InversionMethod = field(default_factory=inv.SingleStepTV)
+    inversion_method: inv.InversionMethod | TFI = field(default_factory=inv.SingleStepTV)
     reference: Literal["mask", "csf"] = "mask"
     r2star_method: Literal["auto", "arlo", "loglinear"] = "auto"
     r2star_max_per_s: float = R2STAR_MAX_PER_S
@@ -168,6 +172,7 @@ METHODS: dict[str, QSMParams] = {
     "single-step-tv": QSMParams(),
     "pdf-tv-admm": QSMParams(background_method=bg.PDF(), peel=None,
                              inversion_method=inv.TVADMM()),
+    "tfi": QSMParams(peel=None, inversion_method=TFI()),
 }
 """The pipelines measured against the independent forward model, by name (module docstring)."""
 
@@ -365,6 +370,10 @@ def _chi(field_ppm: NDArray[np.float32], field_mask: NDArray[np.bool_],
         case inv.SingleStepTV() as single_step:
             quality["background"] = {"method": "none (single-step inversion of the total field)"}
             return single_step.invert_total(field_ppm, field_mask, vs, b0)
+        case TFI() as total_field:
+            quality["background"] = {"method": "none (total field inversion)"}
+            weight = _noise_weight(combined, field_mask) if p.noise_weighting else None
+            return total_field.invert_total(field_ppm, field_mask, vs, b0, weight, combined)
         case inversion:
             weight = _noise_weight(combined, field_mask) if p.noise_weighting else None
             local, qsm_mask, quality["background"] = p.background_method.remove(
