@@ -2,7 +2,9 @@
 
 The real Philips 3T 3 mm whole head: the magnitude-only mask held scalp, skull, orbits and
 sinuses (3481 mL); with the template's brain registered to the first echo it is brain-sized.
-Synthetic cases check the restriction itself and that slabs keep their signal mask.
+Synthetic cases check the restriction itself and that slabs keep their signal mask; a whole
+head made here from the MNI152 2009a tissue maps checks that the prior's registration finds
+the brain where the one-level registration of 2026-12-06 did not.
 """
 
 from __future__ import annotations
@@ -124,12 +126,77 @@ def test_run_qsm_uses_the_prior_on_a_whole_head_only(head: dict[str, np.ndarray]
     assert np.array_equal(off.mask, plain.mask)
 
 
+@pytest.fixture(scope="module")
+def mni_head() -> dict[str, np.ndarray]:
+    """A 3 mm whole head made here from the MNI152 2009a GM/WM maps (not the registration's
+    2009c template): brain (filled GM+WM with a voxel of CSF), a 3 mm partial-volume skull
+    whose signal bridges brain and scalp, and 12 mm of bright scalp. The truth brain is made
+    by this fixture, not by the code under test."""
+    from scipy import ndimage
+
+    from qsmnode.dicom.reference_data import load_tissue_template
+
+    tissue = load_tissue_template()
+
+    def block(a: np.ndarray, f: int = 3) -> np.ndarray:
+        n = [s // f * f for s in a.shape]
+        a = a[: n[0], : n[1], : n[2]]
+        return a.reshape(n[0] // f, f, n[1] // f, f, n[2] // f, f).mean(axis=(1, 3, 5))
+
+    gm, wm = block(tissue.gm), block(tissue.wm)
+    affine = tissue.affine.copy()
+    affine[:3, 3] += affine[:3, :3] @ np.ones(3)  # the centre of the first 3-voxel block
+    affine[:3, :3] *= 3.0
+    brain = ndimage.binary_fill_holes(ndimage.binary_closing(gm + wm > 0.5, iterations=2))
+    brain = ndimage.binary_dilation(brain)
+    outside_mm = ndimage.distance_transform_edt(~brain, sampling=VOX)
+    skull = (outside_mm > 0) & (outside_mm <= 3.0)
+    scalp = (outside_mm > 3.0) & (outside_mm <= 15.0)
+    csf = np.clip(1.0 - gm - wm, 0.0, 1.0)
+    mag = np.where(brain, 0.8 * gm + 0.6 * wm + csf, 0.0)
+    mag[skull], mag[scalp] = 0.45, 1.3
+    mag = np.abs(mag + np.random.default_rng(0).normal(0.0, 0.02, mag.shape))
+    return {"first_echo": mag.astype(np.float32), "affine": affine, "brain": brain,
+            "head": brain | skull | scalp, "outer_scalp": (outside_mm > 9.0) & scalp}
+
+
+@pytest.mark.parametrize("pose_deg", [(0.0, 0.0, 0.0), (20.0, 0.0, 0.0)])
+def test_the_prior_registration_finds_a_brain_the_one_level_one_missed(
+    mni_head: dict[str, np.ndarray], pose_deg: tuple[float, float, float],
+) -> None:
+    """The template prior on a whole head whose scalp touches the brain (``mni_head``), as
+    the MNI grid and with the head nodded 20 degrees: the searched registration
+    (``BRAIN_PRIOR_PARAMS``) passes the NMI gate, its prior is the brain (measured
+    2026-12-07: NMI 1.145, Dice 0.914, 1.19 times the brain's volume) and the restricted mask
+    drops the outer scalp (0.6 % of the scalp beyond 9 mm kept). The one-level registration
+    of 2026-12-06 (``ONE_LEVEL_BRAIN_PRIOR_PARAMS``: rigid + affine at 4 mm from the geometry)
+    failed every check: NMI 1.015 and 1.012, the template grown over the whole head (3.96 and
+    3.78 times the brain, Dice 0.40 and 0.42, 97 % of the outer scalp kept)."""
+    from scipy.spatial.transform import Rotation
+
+    from qsmnode.dicom.reference_data import load_template
+    from qsmnode.m1.register import MIN_QUALITY_NMI, template_brain_prior
+
+    head = mni_head
+    turn = np.eye(4)
+    turn[:3, :3] = Rotation.from_euler("xyz", pose_deg, degrees=True).as_matrix()
+    template = load_template()
+    prior, registration = template_brain_prior(head["first_echo"], turn @ head["affine"],
+                                               head["head"], template.data, template.affine)
+    assert registration.quality_nmi >= MIN_QUALITY_NMI, registration.quality_nmi
+    assert _dice(prior, head["brain"]) > 0.88
+    assert 0.8 * _ml(head["brain"]) < _ml(prior) < 1.3 * _ml(head["brain"])
+    restricted = restrict_to_prior(head["head"], prior, VOX)
+    assert (restricted & head["outer_scalp"]).sum() < 0.03 * head["outer_scalp"].sum()
+
+
 @pytest.mark.slow
 def test_real_philips_whole_head_gets_a_brain_sized_mask(shared_data: Path) -> None:
     """Philips 3T 2-echo FFE, 3 mm, whole head: with the MNI template's brain (registered to
     the first echo) the mask is 1.0-1.7 L and χ in it is tissue-like; the magnitude-only mask
     held the head (3481 mL) with a saturated rim (χ 1st/99th percentiles −1.65/+1.28 ppm).
-    Measured 2026-12-06: 1574 mL, QSM mask 1132 mL, χ −0.077/+0.094 ppm."""
+    Measured 2026-12-06: 1574 mL, QSM mask 1132 mL, χ −0.077/+0.094 ppm; with the searched
+    registration (2026-12-07) 1571 mL, QSM mask 1128 mL, χ −0.075/+0.094 ppm, NMI 1.120."""
     from qsmnode.dicom.load import load_folder
     from qsmnode.dicom.reference_data import load_m1_atlas
     from qsmnode.m1.register import brain_prior_function
@@ -156,7 +223,7 @@ def test_the_pipeline_without_an_m1_atlas_reads_the_template_itself(shared_data:
     """``run_pipeline`` without the M1 analysis (``qsmnode process`` without an atlas, and the
     same ``brain_prior_for`` in ``qsmnode qsm``) masks the Philips whole head the same way: it
     reads the default template only for a whole head. Measured: 58311 voxels (1574 mL), as
-    with the M1 atlas's template."""
+    with the M1 atlas's template (2026-12-06; 1571 mL with the searched registration)."""
     from qsmnode.dicom.load import load_folder
     from qsmnode.pipeline import PipelineParams, run_pipeline
 
