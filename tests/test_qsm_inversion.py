@@ -163,10 +163,3 @@ def test_single_step_tv_from_total_field_with_background(
     assert naive > 2 * nrmse
 
 
-def test_face_erosion_matches_ndimage() -> None:
-    rng = np.random.default_rng(3)
-    m = ndimage.gaussian_filter(rng.standard_normal((15, 12, 9)), 1.5) > -0.1
-    face = ndimage.generate_binary_structure(3, 1)
-    for n in (1, 2):
-        want = ndimage.binary_erosion(m, structure=face, iterations=n)
-        np.testing.assert_array_equal(inversion._erode_faces(m, n), want)

@@ -408,10 +408,6 @@ def tv_admm(
     return _paste(local_field_ppm.shape, box, chi, m), info
 
 
-_erode_faces = erode_faces
-"""The face erosion of :mod:`qsmnode.qsm.util` (``util.erode_faces``), by its former name here."""
-
-
 def _laplacian_eigenvalues(grid: FftGrid, vs: NDArray[np.float64]) -> NDArray[np.float32]:
     """Eigenvalues (≤ 0) of the periodic 7-point Laplacian on the half spectrum."""
     out = _grad_sq_eigenvalues(grid, vs)
