@@ -312,6 +312,8 @@ def _searched_rigid_start(params: RegistrationParams, fixed_mask: sitk.Image, n_
        and the geometry start (identity) are each registered rigidly on the coarsest level for
        ``search_iterations`` iterations.
     3. The one with the lowest (best) metric is returned; the caller finishes the rigid stage.
+    When a grid rotation carries the image off the template (ITK stops the search), only the
+    two fixed starts are refined.
 
     A multi-start global search in the spirit of FSL FLIRT's coarse rotation search
     (Jenkinson & Smith 2001, Med Image Anal 5:143): a gradient descent from the geometry alone
@@ -342,7 +344,10 @@ def _searched_rigid_start(params: RegistrationParams, fixed_mask: sitk.Image, n_
     grid: list[tuple[float, tuple[float, ...]]] = []
     reg.AddCommand(sitk.sitkIterationEvent,
                    lambda: grid.append((reg.GetMetricValue(), tuple(reg.GetOptimizerPosition()))))
-    _execute(reg, fixed, moving, "start search")
+    try:
+        _execute(reg, fixed, moving, "start search")
+    except RegistrationLost:  # a far rotation left the template: the fixed starts remain
+        grid.clear()
     grid.sort(key=lambda g: g[0])
     starts = [position for _, position in grid[:params.search_starts]]
     starts += [(0.0, 0.0, 0.0, *map(float, shift)), (0.0,) * 6]
