@@ -38,6 +38,16 @@ Where this differs from the paper, measured (issue 11, ``benchmarks/RESULTS.md``
   ``f − D χ_outside``, i.e. TFI is used for what the error budget says costs most, the
   background; ``polish_lam=None`` returns the TFI χ itself.
 
+Measured through ``qsmnode qsm --method tfi`` against ``pdf-tv-admm`` in the same runs
+(``bench_qsm_forward.py``, qsm-forward MNI head, qsm-ci scores; 2026-12-07, busy machine):
+NRMSE 40.7 / 40.7 / 42.7 % against 45.3 / 45.6 / 44.6 % (7T, seeds 0 / 1 / 2), XSIM
+0.600 / 0.582 / 0.632 against 0.579 / 0.571 / 0.623, tissue 71 / 74 / 70 % against
+84 / 89 / 73 %, but deep grey 22 / 24 / 15 % against 15 / 16 / 16 %; 3T SNR 50: 38.6 % /
+0.57 against 43.3 % / 0.54; the 7T slab over M1: 50.6 % / 0.45 against 50.4 % / 0.48, deep-M1
+error −0.009 against −0.006 ppm. About 930 FFTs on the padded whole-head box (a floor of
+~100 s on 2 cores, against the issue's 30 s for the whole pipeline), peak 1.8 GiB. Not the
+default.
+
 The engine runs it like single-step TV (it takes the total field and needs no background
 removal): ``TFI().invert_total`` returns χ (0 outside the mask), the mask, the local field
 ``f − D χ_outside`` on the mask, and info (``n_fft`` counts FFTs on ``fft_shape``, the
