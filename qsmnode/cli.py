@@ -255,9 +255,10 @@ def build_parser() -> argparse.ArgumentParser:
     qsm.add_argument("--out", type=Path, default=None,
                      help="single-folder form: output folder")
     qsm.add_argument("--method", default="single-step-tv", metavar="NAME",
-                     help="the QSM pipeline: single-step-tv (default) or pdf-tv-admm (PDF "
+                     help="the QSM pipeline: single-step-tv (default), pdf-tv-admm (PDF "
                      "background removal and TV-ADMM: better grey/white contrast, slower, "
-                     "less of a deep-layer M1 change on slabs; benchmarks/RESULTS.md)")
+                     "less of a deep-layer M1 change on slabs) or tfi (preconditioned total "
+                     "field inversion: best on whole heads, slowest); benchmarks/RESULTS.md")
     qsm.add_argument("--participant-label", nargs="+", default=None, metavar="LABEL",
                      help="only these participants (with or without sub-)")
     qsm.add_argument("--session-label", nargs="+", default=None, metavar="LABEL",
