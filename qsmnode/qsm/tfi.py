@@ -56,7 +56,6 @@ TV-ADMM's scaled to that grid).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,7 +64,7 @@ from numpy.typing import ArrayLike, NDArray
 
 from qsmnode.qsm.dipole import dipole_kernel
 from qsmnode.qsm.inversion import tv_admm
-from qsmnode.qsm.util import crop_to_mask, keywords
+from qsmnode.qsm.util import cg, crop_to_mask, keywords
 
 F32 = NDArray[np.float32]
 Info = dict[str, Any]
@@ -124,50 +123,6 @@ def forward_differences_adjoint(g: list[F32], inv_h: NDArray[np.float32],
         out[hi] += ga[lo]
         out[first] += ga[last]
     return out
-
-
-def _dot(a: F32, b: F32) -> float:
-    return float(np.dot(a.ravel(), b.ravel()))
-
-
-def cg_warm(apply: Callable[[F32], F32], rhs: F32, x0: F32, *, tol: float, max_iter: int
-            ) -> tuple[F32, int, float]:
-    """Conjugate gradients (Hestenes & Stiefel 1952) from ``x0``, stopping when the residual
-    has fallen by ``tol`` relative to its value at ``x0`` (so a warm start still takes
-    steps) or after ``max_iter`` steps.
-
-    Args:
-        apply: the symmetric positive (semi)definite operator.
-        rhs: right-hand side, float32.
-        x0: starting point, float32 (not modified).
-        tol: relative reduction of the residual norm.
-        max_iter: steps at most.
-
-    Returns:
-        The solution, the steps taken and the residual norm relative to the initial one.
-    """
-    x = x0.copy()
-    r = rhs - apply(x) if np.any(x) else rhs.copy()
-    r0 = np.sqrt(_dot(r, r))
-    if r0 == 0.0:
-        return x, 0, 0.0
-    p = r.copy()
-    rr = r0 * r0
-    it = 0
-    while it < max_iter and np.sqrt(rr) > tol * r0:
-        ap = apply(p)
-        pap = _dot(p, ap)
-        if pap <= 0.0:
-            break
-        alpha = np.float32(rr / pap)
-        x += alpha * p
-        r -= alpha * ap
-        rr_new = _dot(r, r)
-        p *= np.float32(rr_new / rr)
-        p += r
-        rr = rr_new
-        it += 1
-    return x, it, float(np.sqrt(rr) / r0)
 
 
 def edge_weights(magnitude: F32, mask: NDArray[np.bool_], voxel_size_mm: ArrayLike,
@@ -329,7 +284,7 @@ def tfi(
             out *= precond
             return out
 
-        y, n_it, res = cg_warm(apply, rhs, y, tol=cg_tol, max_iter=cg_max_iter)
+        y, n_it, res = cg(apply, rhs, y, tol=cg_tol, max_iter=cg_max_iter, relative_to="start")
         cg_iters.append(n_it)
         cg_res.append(round(res, 5))
         new = y * precond

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import scipy.fft as sfft
@@ -258,26 +258,33 @@ def cg(
     tol: float = 1e-3,
     max_iter: int = 100,
     precond: Callable[[NDArray[np.float32]], NDArray[np.float32]] | None = None,
+    relative_to: Literal["rhs", "start"] = "rhs",
 ) -> tuple[NDArray[np.float32], int, float]:
     """(Preconditioned) conjugate gradients for a symmetric positive (semi)definite operator.
 
     Hestenes & Stiefel 1952. Returns the solution, the number of iterations and the final
     relative residual ``|b − Ax| / |b|`` (of the recursively updated residual). float32.
-    ``apply`` must return a new array: its result is reused as scratch.
+    ``apply`` must return a new array: its result is reused as scratch. ``relative_to="start"``
+    measures ``tol`` and the returned residual against the residual at ``x0`` instead of
+    ``|b|``, so a warm start close to the solution still takes steps (TFI's reweightings).
     """
 
     def dot(a: NDArray[np.float32], b: NDArray[np.float32]) -> float:
         return float(np.dot(a.ravel(), b.ravel()))
 
     b_norm = np.sqrt(dot(rhs, rhs))
-    if b_norm == 0.0:
+    if b_norm == 0.0 and relative_to == "rhs":
         return np.zeros_like(rhs), 0, 0.0
-    if x0 is None:
+    if x0 is None or not np.any(x0):
         x = np.zeros_like(rhs)
         r = rhs.copy()
     else:
         x = x0.astype(np.float32, copy=True)
         r = rhs - apply(x)
+    if relative_to == "start":
+        b_norm = np.sqrt(dot(r, r))
+        if b_norm == 0.0:
+            return x, 0, 0.0
     z = r if precond is None else precond(r)
     p = z.copy()
     tmp = np.empty_like(p)
