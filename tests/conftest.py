@@ -19,10 +19,10 @@ SHARED_DATA = Path(os.environ.get("QSMNODE_SHARED", REPO.parent / "shared")) / "
 
 LONGEST_FIRST = ("test_viewer_ohif.py", "test_fresh_clone.py", "test_node_e2e.py",
                  "test_faults.py")
-"""Modules holding the suite's longest tests (3-6 minutes each), run first. ``-n 2 --dist
+"""Modules holding the suite's longest tests (3-6 minutes each), run first. ``-n 3 --dist
 worksteal`` gives each worker a contiguous part of the collection and lets an idle worker
 take queued tests from the other, never a running one: a long test left at the end of a part
-ran alone while the other worker sat idle."""
+ran alone while the other workers sat idle."""
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
