@@ -36,13 +36,17 @@ from qsmnode.dicom.reference_data import load_template
 from qsmnode.m1.register import (
     BRAIN_PRIOR_PARAMS,
     MIN_QUALITY_NMI,
-    ONE_LEVEL_BRAIN_PRIOR_PARAMS,
     Registration,
     RegistrationParams,
     template_brain_prior,
 )
 from qsmnode.qsm.engine import run_qsm
 from qsmnode.sim.forward_head import HeadConditions, simulate_head
+
+ONE_LEVEL_BRAIN_PRIOR_PARAMS = RegistrationParams(resolution_mm=4.0, levels=(1,),
+                                                  bspline_mesh_mm=0.0)
+"""The prior's registration before the start search (2026-12-06): rigid + affine on one 4 mm
+level from the DICOM geometry, the "before" column."""
 
 PriorFunction = Callable[[NDArray[np.float32], NDArray[np.bool_]], NDArray[np.bool_]]
 

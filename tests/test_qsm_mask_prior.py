@@ -169,7 +169,7 @@ def test_the_prior_registration_finds_a_brain_the_one_level_one_missed(
     (``BRAIN_PRIOR_PARAMS``) passes the NMI gate, its prior is the brain (measured
     2026-12-07: NMI 1.145, Dice 0.914, 1.19 times the brain's volume) and the restricted mask
     drops the outer scalp (0.6 % of the scalp beyond 9 mm kept). The one-level registration
-    of 2026-12-06 (``ONE_LEVEL_BRAIN_PRIOR_PARAMS``: rigid + affine at 4 mm from the geometry)
+    of 2026-12-06 (rigid + affine at 4 mm from the geometry, in bench_brain_prior.py)
     failed every check: NMI 1.015 and 1.012, the template grown over the whole head (3.96 and
     3.78 times the brain, Dice 0.40 and 0.42, 97 % of the outer scalp kept)."""
     from scipy.spatial.transform import Rotation

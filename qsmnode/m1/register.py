@@ -520,20 +520,15 @@ at 8 then 4 mm; no B-spline. Measured on the qsm-forward head whose scalp touche
 (2 mm, skull 1 mm; three seeds/tilts, each as simulated, with its head mask eroded or dilated
 by a voxel, and turned by ±15 degrees or by 20 degrees and 28 mm: 18 cases): NMI 1.200-1.215,
 prior Dice 0.938-0.942 against the true brain, restricted mask Dice 0.984-0.985, 2.7-16 s
-(load 3-7). The one-level registration (:data:`ONE_LEVEL_BRAIN_PRIOR_PARAMS`) was rejected in
-10 of those 18 (NMI 1.026-1.058, priors 930-2005 mL, Dice 0.64-0.90) and two more passed off
-the optimum (NMI 1.10 and 1.13, Dice 0.86 and 0.93). On the Philips 3T head, as acquired,
+(load 3-7). The one-level registration (4 mm, from the geometry; in
+``benchmarks/bench_brain_prior.py``) was rejected in 10 of those 18 (NMI 1.026-1.058,
+priors 930-2005 mL, Dice 0.64-0.90) and two more passed off the optimum (NMI 1.10 and 1.13,
+Dice 0.86 and 0.93). On the Philips 3T head, as acquired,
 with its mask eroded or dilated, turned ±15 degrees or 20 degrees and 28 mm: NMI
 1.116-1.120, prior 1405-1465 mL (one-level: 1.084-1.120, 1271-1481 mL).
 What did not help: the same search with the affine on the 4 mm level alone (its first steps
 grew the template over the head in 10 of 12 phantom cases, NMI 1.02-1.06); refining only
 the grid's best rotation (on the Philips head it was the wrong one)."""
-
-
-ONE_LEVEL_BRAIN_PRIOR_PARAMS = RegistrationParams(resolution_mm=4.0, levels=(1,),
-                                                  bspline_mesh_mm=0.0)
-"""The prior's registration before the start search (2026-12-06): rigid + affine on one 4 mm
-level from the DICOM geometry. Kept for comparison (``benchmarks/bench_brain_prior.py``)."""
 
 
 def template_brain_prior(

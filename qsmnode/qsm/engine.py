@@ -23,10 +23,10 @@ Steps (each a module of this package; methods cited there):
 :data:`METHODS` names the measured pipelines (``qsmnode qsm --method``):
 ``single-step-tv`` (the default), ``pdf-tv-admm`` and ``tfi`` (preconditioned total field
 inversion, ``qsmnode.qsm.tfi``, Liu 2017: brain and background χ fitted together to the
-total field, the brain's χ then by TV-ADMM of the local field it leaves; numbers in
-``benchmarks/RESULTS.md``, not the default). Measured (issue 11, numbers in
-``benchmarks/RESULTS.md``) on an independent forward model (``qsmnode.sim.forward_head``: MNI152
-head, qsm-forward's field, shim, offsets and noise; qsm-ci scores, dropped voxels as 0):
+total field, the brain's χ then by TV-ADMM of the local field it leaves; not the default).
+Measured (issue 11, numbers in ``benchmarks/RESULTS.md``) on an independent forward model
+(``qsmnode.sim.forward_head``: MNI152 head, qsm-forward's field, shim, offsets and noise; qsm-ci
+scores, dropped voxels as 0):
 
 ==========================================  =======================  ======================
                                             single-step-tv           pdf-tv-admm
