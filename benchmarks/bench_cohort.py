@@ -24,9 +24,16 @@ workers can gain on this machine, whatever the engine. Two workloads bracket QSM
 worker) and memory-bound element-wise arithmetic on the four echoes of such a volume (numpy).
 ``--machine-only`` measures only these.
 
+On a small shared VM one run of each is not a number: the single worker's time per task and the
+machine's own ceilings move by ±15 % from minute to minute. ``--repeats K`` runs every mode's
+1- and 2-worker runs K times, interleaved (the order of 1 and 2 workers alternates from one
+repeat to the next, so a drift of the machine falls on both alike), measures the ceilings before
+every repeat, and reports medians: the speed-up is the ratio of the median times, and the
+per-repeat ratios are printed beside it so their spread can be read.
+
 Usage::
 
-    .venv/bin/python benchmarks/bench_cohort.py [--subjects 4] [--size brain|tiny]
+    .venv/bin/python benchmarks/bench_cohort.py [--subjects 4] [--size brain|tiny] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -149,36 +157,83 @@ def run(bids: Path, out: Path, workers: int, mode: str) -> dict[str, float]:
             "task_s": sum(t for t, _ in done) / max(len(done), 1)}
 
 
+def report(mode: str, rows: list[dict[str, float]], subjects: int) -> None:
+    """Print one run's line."""
+    for row in rows:
+        per_hour = subjects / row["seconds"] * 3600
+        print(f"{mode}: {row['workers']} worker(s): {row['seconds']:.1f} s, "
+              f"{per_hour:.1f} subjects/hour; tasks {row['processing_s']:.1f} s from "
+              f"the first submission to the last result, {row['task_s']:.1f} s per "
+              f"task; peak worker RSS {row['peak_worker_mib']:.0f} MiB", flush=True)
+
+
+def summary(mode: str, runs: list[dict[str, float]], subjects: int) -> None:
+    """Medians over the repeats of one mode, and the speed-up from them."""
+    def median(workers: int, key: str) -> float:
+        return statistics.median(r[key] for r in runs if r["workers"] == workers)
+
+    def ratios(key: str) -> str:
+        ones = [r[key] for r in runs if r["workers"] == 1]
+        twos = [r[key] for r in runs if r["workers"] == 2]
+        return ", ".join(f"{a / b:.2f}" for a, b in zip(ones, twos, strict=True))
+
+    repeats = len(runs) // 2
+    for workers in (1, 2):
+        print(f"{mode}: median of {repeats}, {workers} worker(s): "
+              f"{median(workers, 'seconds'):.1f} s "
+              f"({subjects / median(workers, 'seconds') * 3600:.0f} subjects/hour), span "
+              f"{median(workers, 'processing_s'):.1f} s, {median(workers, 'task_s'):.1f} s "
+              f"per task, peak worker RSS {median(workers, 'peak_worker_mib'):.0f} MiB",
+              flush=True)
+    print(f"{mode}: speed-up 1 -> 2 workers from the medians: "
+          f"{median(1, 'seconds') / median(2, 'seconds'):.2f}x start to exit "
+          f"(per repeat {ratios('seconds')}), "
+          f"{median(1, 'processing_s') / median(2, 'processing_s'):.2f}x in the tasks' span "
+          f"(per repeat {ratios('processing_s')})", flush=True)
+
+
+def ceilings() -> None:
+    for name, load in (("FFT", _FFT_LOAD), ("element-wise", _ELEMENTWISE_LOAD)):
+        print(f"machine: two single-threaded {name} processes do "
+              f"{machine_scaling(load):.2f}x the work of one", flush=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--subjects", type=int, default=4)
     parser.add_argument("--size", default="brain", choices=("brain", "tiny"))
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="interleaved repeats of every run; medians are reported")
     parser.add_argument("--machine-only", action="store_true")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="qsmnode-bench-cohort-"))
     try:
-        for name, load in (("FFT", _FFT_LOAD), ("element-wise", _ELEMENTWISE_LOAD)):
-            print(f"machine: two single-threaded {name} processes do "
-                  f"{machine_scaling(load):.2f}x the work of one", flush=True)
         if args.machine_only:
+            ceilings()
             return 0
         started = time.perf_counter()
         write_cohort(root / "bids", args.subjects, args.size)
         print(f"cohort: {args.subjects} subjects ({args.size}) written in "
               f"{time.perf_counter() - started:.1f} s", flush=True)
-        for mode in args.modes:
-            rows = [run(root / "bids", root / f"out-{mode}-{n}", n, mode) for n in (1, 2)]
-            for row in rows:
-                per_hour = args.subjects / row["seconds"] * 3600
-                print(f"{mode}: {row['workers']} worker(s): {row['seconds']:.1f} s, "
-                      f"{per_hour:.1f} subjects/hour; tasks {row['processing_s']:.1f} s from "
-                      f"the first submission to the last result, {row['task_s']:.1f} s per "
-                      f"task; peak worker RSS {row['peak_worker_mib']:.0f} MiB", flush=True)
-            print(f"{mode}: speed-up 1 -> 2 workers: "
-                  f"{rows[0]['seconds'] / rows[1]['seconds']:.2f}x start to exit, "
-                  f"{rows[0]['processing_s'] / rows[1]['processing_s']:.2f}x in the tasks' "
-                  "span", flush=True)
+        runs: dict[str, list[dict[str, float]]] = {mode: [] for mode in args.modes}
+        for repeat in range(args.repeats):
+            print(f"repeat {repeat + 1} of {args.repeats}", flush=True)
+            ceilings()
+            order = (1, 2) if repeat % 2 == 0 else (2, 1)
+            modes = args.modes if repeat % 2 == 0 else args.modes[::-1]
+            for mode in modes:
+                rows = [run(root / "bids", root / f"out-{mode}-{n}", n, mode) for n in order]
+                rows.sort(key=lambda row: row["workers"])
+                report(mode, rows, args.subjects)
+                print(f"{mode}: speed-up 1 -> 2 workers: "
+                      f"{rows[0]['seconds'] / rows[1]['seconds']:.2f}x start to exit, "
+                      f"{rows[0]['processing_s'] / rows[1]['processing_s']:.2f}x in the "
+                      "tasks' span", flush=True)
+                runs[mode].extend(rows)
+        if args.repeats > 1:
+            for mode in args.modes:
+                summary(mode, runs[mode], args.subjects)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return 0

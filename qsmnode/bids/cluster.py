@@ -191,7 +191,7 @@ def run_participants(layout: Layout, output_dir: Path, options: Options,
                 m1_error = (record.get("m1") or {}).get("error")
                 note = f"; {m1_error}" if m1_error else ""
                 say(f"{bar} [{n}/{len(todo)}] {acquisition.name}: done in "
-                    f"{record.get('seconds', 0):.1f} s{note} ({elapsed:.0f} s elapsed, "
+                    f"{record.get('seconds', 0):.1f} s{note} ({elapsed:.1f} s elapsed, "
                     f"about {eta:.0f} s to go)")
             else:
                 report.failed[acquisition.name] = str(record.get("error"))
