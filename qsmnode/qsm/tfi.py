@@ -33,20 +33,27 @@ Where this differs from the paper, measured (issue 11, ``benchmarks/RESULTS.md``
 - the TV term stops at the mask's border (t_a), on both sides alike: a one-sided border term
   tied the brain's edge to the ppm-sized background χ (7T MNI head, 1 mm, both with the
   TV-ADMM below: NRMSE 44.5 % against 40.7 %);
-- the IRLS is not run to convergence (a whole head is ~900 FFTs already): χ in the brain
+- the IRLS is not run to convergence (a whole head is ~700 FFTs already): χ in the brain
   is taken from TV-ADMM (``inversion.tv_admm``, ``polish_lam``) of the local field
   ``f − D χ_outside``, i.e. TFI is used for what the error budget says costs most, the
-  background; ``polish_lam=None`` returns the TFI χ itself.
+  background; ``polish_lam=None`` returns the TFI χ itself;
+- that TV-ADMM stops after 20 iterations (``polish_iter``), not TV-ADMM's own 50: stopping
+  early smooths, and 20 beat 50 on all three 7T seeds (NRMSE 38.8 / 39.1 / 40.5 % against
+  40.7 / 40.7 / 42.7 %, tissue 64 / 68 / 62 % against 71 / 74 / 70 %, deep grey 16 / 20 / 10 %
+  against 22 / 24 / 15 %); on the test phantom 0.36 against 0.34.
 
-Measured through ``qsmnode qsm --method tfi`` against ``pdf-tv-admm`` in the same runs
-(``bench_qsm_forward.py``, qsm-forward MNI head, qsm-ci scores; 2026-12-07, busy machine):
-NRMSE 40.7 / 40.7 / 42.7 % against 45.3 / 45.6 / 44.6 % (7T, seeds 0 / 1 / 2), XSIM
-0.600 / 0.582 / 0.632 against 0.579 / 0.571 / 0.623, tissue 71 / 74 / 70 % against
-84 / 89 / 73 %, but deep grey 22 / 24 / 15 % against 15 / 16 / 16 %; 3T SNR 50: 38.6 % /
-0.57 against 43.3 % / 0.54; the 7T slab over M1: 50.6 % / 0.45 against 50.4 % / 0.48, deep-M1
-error −0.009 against −0.006 ppm. About 930 FFTs on the padded whole-head box (a floor of
-~100 s on 2 cores, against the issue's 30 s for the whole pipeline), peak 1.8 GiB. Not the
-default.
+Measured (qsm-forward MNI head, qsm-ci scores, ``benchmarks/RESULTS.md``): NRMSE 38.8 / 39.1
+/ 40.5 %, XSIM 0.628 / 0.600 / 0.662 on 7T seeds 0 / 1 / 2, against pdf-tv-admm's 45.3 / 45.6
+/ 44.6 % and 0.579 / 0.571 / 0.623; 3T and slab figures in RESULTS.md. About 810 FFTs on the
+padded whole-head box, 43–49 s for this function alone on 2 quiet cores (the issue asks 30 s
+for the whole pipeline), peak 1.8 GiB. Not the default.
+
+``coarse_factor=2`` starts the joint fit from one on a grid twice as coarse (three
+reweightings there, about 90 FFTs' worth) and then, with ``max_outer=1, cg_max_iter=100``,
+does one quadratic solve at full resolution: 580 FFTs, and as good on the MNI heads (39.1 /
+38.8 / 39.0 %, XSIM 0.636 / 0.618 / 0.672), but the test phantom, whose air pocket lies
+1.5 mm from the brain, needs the full-resolution reweightings (0.51 against 0.36), so it is
+an option, not the default.
 
 The engine runs it like single-step TV (it takes the total field and needs no background
 removal): ``TFI().invert_total`` returns χ (0 outside the mask), the mask, the local field
@@ -64,7 +71,14 @@ from numpy.typing import ArrayLike, NDArray
 
 from qsmnode.qsm.dipole import dipole_kernel
 from qsmnode.qsm.inversion import tv_admm
-from qsmnode.qsm.util import cg, crop_to_mask, keywords
+from qsmnode.qsm.util import (
+    FftGrid,
+    block_mean,
+    cg,
+    crop_to_mask,
+    keywords,
+    upsample_linear,
+)
 
 F32 = NDArray[np.float32]
 Info = dict[str, Any]
@@ -155,83 +169,26 @@ def edge_weights(magnitude: F32, mask: NDArray[np.bool_], voxel_size_mm: ArrayLi
     return [(np.abs(ga) <= threshold).astype(np.float32) for ga in g]
 
 
-def tfi(
-    total_field_ppm: NDArray[np.floating],
-    mask: NDArray[np.bool_],
-    voxel_size_mm: ArrayLike,
-    b0_direction: ArrayLike,
-    *,
-    weight: NDArray[np.floating] | None = None,
-    magnitude: NDArray[np.floating] | None = None,
-    lam: float = 2e-4,
-    p_outside: float = 30.0,
-    outside_tv: float = 0.0,
-    edge_fraction: float = 0.0,
-    eps: float = 1e-6,
-    pad_mm: float = 20.0,
-    max_outer: int = 3,
-    cg_max_iter: int = 60,
-    cg_tol: float = 1e-3,
-    polish_lam: float | None = 1e-4,
-    polish_iter: int = 50,
-) -> tuple[NDArray[np.float32], NDArray[np.bool_], NDArray[np.float32], Info]:
-    """Preconditioned total field inversion (Liu Z et al., MRM 2017;78:303).
-
-    Solves ``min_χ ½‖W(f − Dχ)‖² + λ Σ_a ‖t_a w_a G_a χ‖₁`` over the mask's bounding box
-    padded by ``pad_mm`` (module docstring), as ``χ = P y`` by IRLS with CG, then (by
-    default) takes the brain's χ from TV-ADMM of the local field ``f − D χ_outside``.
+def _joint_fit(
+    grid: FftGrid, d: F32, f_full: F32, inside: NDArray[np.bool_], w2: F32, precond: F32,
+    inv_h: NDArray[np.float32], wg: list[F32] | None, *, lam: float, outside_tv: float,
+    eps: float, max_outer: int, cg_max_iter: int, cg_tol: float, chi0: F32 | None,
+) -> tuple[F32, list[int], list[float], float]:
+    """The IRLS of :func:`tfi` on one FFT grid: ``max_outer`` reweightings, each a CG solve of
+    ``P (D W² D + λ Gᵀ t w V w t G) P y = P D W² f`` warm started from the last ``y``.
 
     Args:
-        total_field_ppm: total field (ppm of B0; background not removed), read in the mask.
-        mask: where the field is known (bool); χ is returned on it.
-        voxel_size_mm: voxel edge lengths (mm).
-        b0_direction: unit vector of B0 in voxel-index space.
-        weight: inverse-noise weight of the field (e.g. the combined magnitude), scaled to
-            mean 1 in the mask; default None: 1.
-        magnitude: magnitude for the morphology (edge) weights; used when ``edge_fraction``
-            is above 0.
-        lam: TV weight λ of the joint fit (field in ppm, gradients in ppm/mm); default 2e-4.
-        p_outside: preconditioner outside the mask (1 inside); default 30 (the paper's).
-        outside_tv: TV weight, relative to λ, of differences that leave the mask; default 0.
-        edge_fraction: fraction of the mask's magnitude gradients left unregularised
-            (MEDI's morphology prior); default 0 (plain TV).
-        eps: IRLS smoothing of ``|G_a χ|`` ((ppm/mm)²); default 1e-6.
-        pad_mm: zero padding around the mask's box where the background sources live (mm);
-            default 20.
-        max_outer: IRLS (reweighting) iterations; default 3.
-        cg_max_iter: CG iterations per reweighting at most; default 60.
-        cg_tol: CG residual reduction per reweighting; default 1e-3.
-        polish_lam: λ of the TV-ADMM of the local field that gives the brain's χ
-            (``inversion.tv_admm``, masked data term, noise weight, 24 mm padding); default
-            1e-4; None: χ is the joint fit's.
-        polish_iter: TV-ADMM iterations at most; default 50.
+        grid: the padded FFT grid; ``d`` its dipole kernel (half spectrum).
+        f_full: total field on the grid (ppm, 0 outside the mask).
+        inside: the mask on the grid; ``w2`` the squared data weight; ``precond`` P.
+        inv_h: 1 / voxel size (1/mm); ``wg``: MEDI edge weights or None.
+        lam, outside_tv, eps, max_outer, cg_max_iter, cg_tol: as :func:`tfi`.
+        chi0: χ to start from (ppm; its gradients give the first weights), or None: 0.
 
     Returns:
-        χ (ppm, float32, 0 outside the mask), the mask (bool), the local field
-        ``f − D χ_outside`` on the mask (ppm, float32) and info: ``n_fft`` (the TV-ADMM's
-        scaled to this grid), ``fft_shape``, ``iterations`` (CG steps in all), ``outer``,
-        ``last_change`` (relative change of χ in the mask at the last reweighting), the CG
-        residuals per reweighting, the settings and ``polish`` (the TV-ADMM's iterations).
+        χ on the grid (ppm), CG steps and relative residuals per reweighting, and the
+        relative change of χ in the mask at the last reweighting.
     """
-    vs = np.asarray(voxel_size_mm, dtype=np.float64)
-    inv_h = (1.0 / vs).astype(np.float32)
-    box, grid, f, m = crop_to_mask(total_field_ppm, mask, vs, pad_mm, extra_voxels=1)
-    d = dipole_kernel(grid.shape, vs, b0_direction)
-    inside = grid.embed(m, bool).astype(bool)
-    w2 = grid.embed(m.astype(np.float32))
-    if weight is not None:
-        wb = np.asarray(weight[box], np.float32) * m
-        mean = float(wb[m].mean()) if m.any() else 1.0
-        wb /= np.float32(max(mean, 1e-30))
-        w2[: m.shape[0], : m.shape[1], : m.shape[2]] = wb * wb
-    f_full = grid.embed(f)
-    precond = np.where(inside, np.float32(1.0), np.float32(p_outside)).astype(np.float32)
-    if magnitude is not None and edge_fraction > 0:
-        mag = grid.embed(np.asarray(magnitude[box], np.float32))
-        wg = edge_weights(mag, inside, vs, edge_fraction)
-        del mag
-    else:
-        wg = None
 
     def dconv(x: F32) -> F32:
         spec = grid.forward(x)
@@ -240,7 +197,6 @@ def tfi(
 
     rhs = dconv(w2 * f_full)
     rhs *= precond
-    del f_full
     lam32 = np.float32(lam)
     # TV weight per difference: 1 where both voxels are in the mask, outside_tv elsewhere
     tv_scale = [np.where(inside & np.roll(inside, -1, axis=a), np.float32(1.0),
@@ -248,8 +204,12 @@ def tfi(
     eps32 = np.float32(eps)
     grads = [np.empty(grid.shape, np.float32) for _ in range(3)]
     tmp = np.empty(grid.shape, np.float32)
-    y = np.zeros(grid.shape, np.float32)
-    chi = np.zeros(grid.shape, np.float32)
+    if chi0 is None:
+        chi = np.zeros(grid.shape, np.float32)
+        y = np.zeros(grid.shape, np.float32)
+    else:
+        chi = chi0
+        y = chi0 / precond
     cg_iters: list[int] = []
     cg_res: list[float] = []
     change = np.inf
@@ -293,8 +253,157 @@ def tfi(
         change = float(np.linalg.norm(diff)) / max(norm, 1e-30)
         chi = new
         grads = [vw[a] for a in range(3)]
+    return chi, cg_iters, cg_res, change
+
+
+def _coarse_start(
+    shape: tuple[int, int, int], f_full: F32, inside: NDArray[np.bool_], w2: F32,
+    voxel_size_mm: NDArray[np.float64], b0_direction: ArrayLike, factor: int, *,
+    lam: float, p_outside: float, outside_tv: float, eps: float, max_outer: int,
+    cg_max_iter: int, cg_tol: float,
+) -> tuple[F32, Info]:
+    """The joint fit on a grid ``factor`` times coarser (block means of the field and its
+    weight; the mask where at least half a block is in it), interpolated back to ``shape``
+    as the fine fit's start: the many CG steps that move the far background sources are
+    paid on ``factor³`` fewer voxels.
+
+    Returns:
+        χ on the fine grid (ppm, float32) and info: the coarse grid's shape, its FFTs and
+        CG steps per reweighting.
+    """
+    factors = (factor, factor, factor)
+    frac = block_mean(inside.astype(np.float32), factors)
+    inside_c = frac >= 0.5
+    w2_c = block_mean(w2, factors) * inside_c
+    f_c = block_mean(f_full, factors)
+    f_c /= np.maximum(frac, np.float32(1e-6))
+    f_c *= inside_c
+    del frac
+    grid_c = FftGrid(tuple(int(n) for n in f_c.shape))  # type: ignore[arg-type]
+    vs_c = voxel_size_mm * factor
+    d_c = dipole_kernel(grid_c.shape, vs_c, b0_direction)
+    precond_c = np.where(inside_c, np.float32(1.0), np.float32(p_outside)).astype(np.float32)
+    chi_c, iters, _, _ = _joint_fit(
+        grid_c, d_c, f_c.astype(np.float32), inside_c, w2_c.astype(np.float32), precond_c,
+        (1.0 / vs_c).astype(np.float32), None, lam=lam, outside_tv=outside_tv, eps=eps,
+        max_outer=max_outer, cg_max_iter=cg_max_iter, cg_tol=cg_tol, chi0=None)
+    # the background's χ only: the brain's starts from 0 (interpolating across the mask's
+    # border would carry ppm-sized background χ into the brain's edge)
+    outside_c = (~inside_c).astype(np.float32)
+    chi = upsample_linear(chi_c * outside_c, factors, shape)
+    chi /= np.maximum(upsample_linear(outside_c, factors, shape), np.float32(1e-3))
+    chi[inside] = 0.0
+    return chi, {"shape": grid_c.shape, "n_fft": grid_c.n_fft, "cg_iterations": iters}
+
+
+def tfi(
+    total_field_ppm: NDArray[np.floating],
+    mask: NDArray[np.bool_],
+    voxel_size_mm: ArrayLike,
+    b0_direction: ArrayLike,
+    *,
+    weight: NDArray[np.floating] | None = None,
+    magnitude: NDArray[np.floating] | None = None,
+    lam: float = 2e-4,
+    p_outside: float = 30.0,
+    outside_tv: float = 0.0,
+    edge_fraction: float = 0.0,
+    eps: float = 1e-6,
+    pad_mm: float = 20.0,
+    max_outer: int = 3,
+    cg_max_iter: int = 60,
+    cg_tol: float = 1e-3,
+    polish_lam: float | None = 1e-4,
+    polish_iter: int = 20,
+    coarse_factor: int = 1,
+    coarse_outer: int = 3,
+    coarse_cg_max_iter: int = 60,
+) -> tuple[NDArray[np.float32], NDArray[np.bool_], NDArray[np.float32], Info]:
+    """Preconditioned total field inversion (Liu Z et al., MRM 2017;78:303).
+
+    Solves ``min_χ ½‖W(f − Dχ)‖² + λ Σ_a ‖t_a w_a G_a χ‖₁`` over the mask's bounding box
+    padded by ``pad_mm`` (module docstring), as ``χ = P y`` by IRLS with CG, then (by
+    default) takes the brain's χ from TV-ADMM of the local field ``f − D χ_outside``.
+
+    Args:
+        total_field_ppm: total field (ppm of B0; background not removed), read in the mask.
+        mask: where the field is known (bool); χ is returned on it.
+        voxel_size_mm: voxel edge lengths (mm).
+        b0_direction: unit vector of B0 in voxel-index space.
+        weight: inverse-noise weight of the field (e.g. the combined magnitude), scaled to
+            mean 1 in the mask; default None: 1.
+        magnitude: magnitude for the morphology (edge) weights; used when ``edge_fraction``
+            is above 0.
+        lam: TV weight λ of the joint fit (field in ppm, gradients in ppm/mm); default 2e-4.
+        p_outside: preconditioner outside the mask (1 inside); default 30 (the paper's).
+        outside_tv: TV weight, relative to λ, of differences that leave the mask; default 0.
+        edge_fraction: fraction of the mask's magnitude gradients left unregularised
+            (MEDI's morphology prior); default 0 (plain TV).
+        eps: IRLS smoothing of ``|G_a χ|`` ((ppm/mm)²); default 1e-6.
+        pad_mm: zero padding around the mask's box where the background sources live (mm);
+            default 20.
+        max_outer: IRLS (reweighting) iterations; default 3.
+        cg_max_iter: CG iterations per reweighting at most; default 60.
+        cg_tol: CG residual reduction per reweighting; default 1e-3.
+        polish_lam: λ of the TV-ADMM of the local field that gives the brain's χ
+            (``inversion.tv_admm``, masked data term, noise weight, 24 mm padding); default
+            1e-4; None: χ is the joint fit's.
+        polish_iter: TV-ADMM iterations at most; default 20 (fewer than TV-ADMM's own 50:
+            stopping early smooths, and on the qsm-forward heads 20 beat 30 and 50; module
+            docstring).
+        coarse_factor: 1 (default): the joint fit starts from 0 at the field's resolution;
+            2 or more: it starts from a joint fit on a grid that many times coarser
+            (:func:`_coarse_start`), which is cheaper but loses where strong sources lie
+            within a few millimetres of the brain (module docstring).
+        coarse_outer: reweightings on the coarse grid; default 3.
+        coarse_cg_max_iter: CG iterations per coarse reweighting at most; default 60.
+
+    Returns:
+        χ (ppm, float32, 0 outside the mask), the mask (bool), the local field
+        ``f − D χ_outside`` on the mask (ppm, float32) and info: ``n_fft`` (the TV-ADMM's
+        scaled to this grid), ``fft_shape``, ``iterations`` (CG steps in all), ``outer``,
+        ``last_change`` (relative change of χ in the mask at the last reweighting), the CG
+        residuals per reweighting, the settings and ``polish`` (the TV-ADMM's iterations).
+    """
+    vs = np.asarray(voxel_size_mm, dtype=np.float64)
+    inv_h = (1.0 / vs).astype(np.float32)
+    box, grid, f, m = crop_to_mask(total_field_ppm, mask, vs, pad_mm, extra_voxels=1)
+    d = dipole_kernel(grid.shape, vs, b0_direction)
+    inside = grid.embed(m, bool).astype(bool)
+    w2 = grid.embed(m.astype(np.float32))
+    if weight is not None:
+        wb = np.asarray(weight[box], np.float32) * m
+        mean = float(wb[m].mean()) if m.any() else 1.0
+        wb /= np.float32(max(mean, 1e-30))
+        w2[: m.shape[0], : m.shape[1], : m.shape[2]] = wb * wb
+    f_full = grid.embed(f)
+    precond = np.where(inside, np.float32(1.0), np.float32(p_outside)).astype(np.float32)
+    if magnitude is not None and edge_fraction > 0:
+        mag = grid.embed(np.asarray(magnitude[box], np.float32))
+        wg = edge_weights(mag, inside, vs, edge_fraction)
+        del mag
+    else:
+        wg = None
+
+    chi0 = None
+    coarse_info: Info = {}
+    if coarse_factor > 1:
+        chi0, coarse_info = _coarse_start(grid.shape, f_full, inside, w2, vs, b0_direction,
+                                          coarse_factor, lam=lam, p_outside=p_outside,
+                                          outside_tv=outside_tv, eps=eps,
+                                          max_outer=coarse_outer,
+                                          cg_max_iter=coarse_cg_max_iter, cg_tol=cg_tol)
+    chi, cg_iters, cg_res, change = _joint_fit(
+        grid, d, f_full, inside, w2, precond, inv_h, wg, lam=lam, outside_tv=outside_tv,
+        eps=eps, max_outer=max_outer, cg_max_iter=cg_max_iter, cg_tol=cg_tol, chi0=chi0)
+    del f_full, chi0
+
+    def dconv(x: F32) -> F32:
+        spec = grid.forward(x)
+        spec *= d
+        return grid.inverse(spec)
+
     chi_in = chi * inside
-    del grads, y
     # the local field: the measured field less that of the fitted background sources
     background = dconv(chi * ~inside)
     n = m.shape
@@ -317,6 +426,10 @@ def tfi(
         "p_outside": p_outside,
         "edge_fraction": edge_fraction,
     }
+    if coarse_info:
+        info["coarse"] = coarse_info
+        info["n_fft"] += round(coarse_info["n_fft"] * np.prod(coarse_info["shape"])
+                               / np.prod(grid.shape))
     if polish_lam is not None:
         out, polish_info = tv_admm(local, mask_out, vs, b0_direction, lam=polish_lam,
                                    weight=weight, max_iter=polish_iter, pad_mm=24.0)
@@ -346,7 +459,10 @@ class TFI:
         cg_tol: CG residual reduction per reweighting; default 1e-3.
         polish_lam: λ of the TV-ADMM of the local field; default 1e-4 (None: the joint
             fit's χ).
-        polish_iter: TV-ADMM iterations at most; default 50.
+        polish_iter: TV-ADMM iterations at most; default 20.
+        coarse_factor: start from a joint fit this many times coarser; default 1 (none).
+        coarse_outer: reweightings on the coarse grid; default 3.
+        coarse_cg_max_iter: CG iterations per coarse reweighting at most; default 60.
     """
 
     lam: float = 2e-4
@@ -359,7 +475,10 @@ class TFI:
     cg_max_iter: int = 60
     cg_tol: float = 1e-3
     polish_lam: float | None = 1e-4
-    polish_iter: int = 50
+    polish_iter: int = 20
+    coarse_factor: int = 1
+    coarse_outer: int = 3
+    coarse_cg_max_iter: int = 60
     method: str = field(default="tfi", init=False)
 
     def invert_total(
