@@ -28,21 +28,24 @@ Measured (issue 11, numbers in ``benchmarks/RESULTS.md``) on an independent forw
 (``qsmnode.sim.forward_head``: MNI152 head, qsm-forward's field, shim, offsets and noise; qsm-ci
 scores, dropped voxels as 0):
 
-==========================================  =======================  ======================
-                                            single-step-tv           pdf-tv-admm
-==========================================  =======================  ======================
-7T head 1 mm: NRMSE, XSIM, deep-M1 error    90.3 %, 0.19, +0.039     45.3 %, 0.58, −0.002
-7T 60 mm slab over M1: NRMSE, XSIM, M1 err  99.6 %, 0.17, −0.004     50.5 %, 0.48, −0.006
-3T SNR 30: NRMSE, XSIM                      95.8 %, 0.15             45.6 %, 0.48
-anatomy phantom small-slab: deep-M1 found   0.0265 of 0.030 ppm      0.0164 of 0.030 ppm
-same: seconds on 2 busy cores               5                        30
-==========================================  =======================  ======================
+=============================  ====================  ====================  ====================
+                               single-step-tv        pdf-tv-admm           tfi
+=============================  ====================  ====================  ====================
+7T head 1 mm: NRMSE, XSIM, M1  90.3 %, 0.19, +0.039  45.3 %, 0.58, −0.002  38.8 %, 0.63, −0.001
+7T slab over M1: same          99.6 %, 0.17, −0.004  50.5 %, 0.48, −0.006  49.6 %, 0.47, −0.007
+3T SNR 30: NRMSE, XSIM         95.8 %, 0.15          45.6 %, 0.48          39.2 %, 0.52
+small-slab deep-M1, of 0.030   0.026 / 0.027 ppm     0.016 / 0.003 ppm     0.024 / 0.011 ppm
+same, poses 1 / 0: s, quiet    3                     13–16                 15–16
+=============================  ====================  ====================  ====================
 
 PDF + TV-ADMM restores the grey/white and deep-grey contrast the single-step TV loses, but on
 the slabs the node is for it finds less of the deep-layer M1 change (the clinical measure) and
 is six times slower, so it is not the default yet: no pipeline wins in every condition.
-Single-step TV: λ = 1e-4, ρ_data = 0.01, 30 iterations; PDF: tolerance 3e-3, at most 200
-iterations, 20 mm padding; TV-ADMM: λ = 1e-4, 50 iterations.
+TFI is better again on whole heads (the only pipeline within the 3T targets) and finds more
+of the deep-layer change than PDF + TV-ADMM on the small slab, but less than single-step TV,
+and it is slower still. Single-step TV: λ = 1e-4, ρ_data = 0.01, 30 iterations; PDF:
+tolerance 3e-3, at most 200 iterations, 20 mm padding; TV-ADMM: λ = 1e-4, 50 iterations;
+TFI: ``qsmnode.qsm.tfi.TFI``'s defaults.
 """
 
 from __future__ import annotations
