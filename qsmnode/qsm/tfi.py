@@ -169,6 +169,24 @@ def edge_weights(magnitude: F32, mask: NDArray[np.bool_], voxel_size_mm: ArrayLi
     return [(np.abs(ga) <= threshold).astype(np.float32) for ga in g]
 
 
+def _add_tv_term(x: F32, v: list[F32], diff: F32, out: F32) -> None:
+    """``out += Σ_a Dᵀ_a (v_a · D_a x)`` with ``D_a`` the unscaled periodic forward difference
+    (``x[i+1] − x[i]``) and ``Dᵀ_a g = g[i−1] − g[i]``: the IRLS's TV term, in one scratch
+    array and without allocating (the CG applies it on every step)."""
+    for a in range(3):
+        n = x.shape[a]
+
+        def cut(lo: int, hi: int, a: int = a) -> tuple[slice, ...]:
+            return tuple(slice(lo, hi) if b == a else slice(None) for b in range(3))
+
+        np.subtract(x[cut(1, n)], x[cut(0, n - 1)], out=diff[cut(0, n - 1)])
+        np.subtract(x[cut(0, 1)], x[cut(n - 1, n)], out=diff[cut(n - 1, n)])
+        diff *= v[a]
+        out -= diff
+        out[cut(1, n)] += diff[cut(0, n - 1)]
+        out[cut(0, 1)] += diff[cut(n - 1, n)]
+
+
 def _joint_fit(
     grid: FftGrid, d: F32, f_full: F32, inside: NDArray[np.bool_], w2: F32, precond: F32,
     inv_h: NDArray[np.float32], wg: list[F32] | None, *, lam: float, outside_tv: float,
@@ -203,7 +221,8 @@ def _joint_fit(
                          np.float32(outside_tv)).astype(np.float32) for a in range(3)]
     eps32 = np.float32(eps)
     grads = [np.empty(grid.shape, np.float32) for _ in range(3)]
-    tmp = np.empty(grid.shape, np.float32)
+    px = np.empty(grid.shape, np.float32)  # buffers the CG steps reuse
+    scratch = np.empty(grid.shape, np.float32)
     if chi0 is None:
         chi = np.zeros(grid.shape, np.float32)
         y = np.zeros(grid.shape, np.float32)
@@ -230,17 +249,15 @@ def _joint_fit(
             if outside_tv != 1.0:
                 g *= tv_scale[a]
             vw.append(g)
+        for a in range(3):  # the 1/h of both G and Gᵀ, folded in once per reweighting
+            vw[a] *= np.float32(inv_h[a] ** 2)
 
         def apply(x: F32, vw: list[F32] = vw) -> F32:
-            px = x * precond
+            np.multiply(x, precond, out=px)
             out = dconv(px)
             out *= w2
             out = dconv(out)
-            gx = forward_differences(px, inv_h)
-            for a in range(3):
-                gx[a] *= vw[a]
-            forward_differences_adjoint(gx, inv_h, tmp)
-            out += tmp
+            _add_tv_term(px, vw, scratch, out)
             out *= precond
             return out
 
