@@ -45,8 +45,8 @@ Where this differs from the paper, measured (issue 11, ``benchmarks/RESULTS.md``
 Measured (qsm-forward MNI head, qsm-ci scores, ``benchmarks/RESULTS.md``): NRMSE 38.8 / 39.1
 / 40.5 %, XSIM 0.628 / 0.600 / 0.662 on 7T seeds 0 / 1 / 2, against pdf-tv-admm's 45.3 / 45.6
 / 44.6 % and 0.579 / 0.571 / 0.623; 3T and slab figures in RESULTS.md. About 810 FFTs on the
-padded whole-head box, 43–49 s for this function alone on 2 quiet cores (the issue asks 30 s
-for the whole pipeline), peak 1.8 GiB. Not the default.
+padded whole-head box; the 7T head takes 52 s through ``qsmnode qsm`` on 2 quiet cores (the
+issue asks 30 s), peak 1.6 GiB. Not the default.
 
 ``coarse_factor=2`` starts the joint fit from one on a grid twice as coarse (three
 reweightings there, about 90 FFTs' worth) and then, with ``max_outer=1, cg_max_iter=100``,
