@@ -110,35 +110,6 @@ def forward_differences(x: F32, inv_h: NDArray[np.float32], out: list[F32] | Non
     return out
 
 
-def forward_differences_adjoint(g: list[F32], inv_h: NDArray[np.float32],
-                                out: F32 | None = None) -> F32:
-    """``Σ_a G_aᵀ g_a = Σ_a (g_a[i−1] − g_a[i]) / h_a``, the adjoint of
-    :func:`forward_differences` (periodic).
-
-    Args:
-        g: three float32 arrays of one shape.
-        inv_h: ``1 / voxel size`` (1/mm) per axis.
-        out: float32 array to write into (default: a new one).
-
-    Returns:
-        The sum, float32.
-    """
-    if out is None:
-        out = np.empty_like(g[0])
-    out[...] = 0.0
-    for a in range(3):
-        n = g[a].shape[a]
-        hi = tuple(slice(1, n) if b == a else slice(None) for b in range(3))
-        lo = tuple(slice(0, n - 1) if b == a else slice(None) for b in range(3))
-        first = tuple(slice(0, 1) if b == a else slice(None) for b in range(3))
-        last = tuple(slice(n - 1, n) if b == a else slice(None) for b in range(3))
-        ga = g[a] * inv_h[a]
-        out -= ga
-        out[hi] += ga[lo]
-        out[first] += ga[last]
-    return out
-
-
 def edge_weights(magnitude: F32, mask: NDArray[np.bool_], voxel_size_mm: ArrayLike,
                  edge_fraction: float) -> list[F32]:
     """MEDI's morphology weights (Liu T et al., MRM 2012;68:1563): per axis, 0 where the
@@ -169,7 +140,7 @@ def edge_weights(magnitude: F32, mask: NDArray[np.bool_], voxel_size_mm: ArrayLi
     return [(np.abs(ga) <= threshold).astype(np.float32) for ga in g]
 
 
-def _add_tv_term(x: F32, v: list[F32], diff: F32, out: F32) -> None:
+def add_tv_term(x: F32, v: list[F32], diff: F32, out: F32) -> None:
     """``out += Σ_a Dᵀ_a (v_a · D_a x)`` with ``D_a`` the unscaled periodic forward difference
     (``x[i+1] − x[i]``) and ``Dᵀ_a g = g[i−1] − g[i]``: the IRLS's TV term, in one scratch
     array and without allocating (the CG applies it on every step)."""
@@ -257,7 +228,7 @@ def _joint_fit(
             out = dconv(px)
             out *= w2
             out = dconv(out)
-            _add_tv_term(px, vw, scratch, out)
+            add_tv_term(px, vw, scratch, out)
             out *= precond
             return out
 
