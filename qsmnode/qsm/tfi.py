@@ -75,6 +75,7 @@ from qsmnode.qsm.util import (
     FftGrid,
     block_mean,
     cg,
+    convolve,
     crop_to_mask,
     keywords,
     upsample_linear,
@@ -180,9 +181,7 @@ def _joint_fit(
     """
 
     def dconv(x: F32) -> F32:
-        spec = grid.forward(x)
-        spec *= d
-        return grid.inverse(spec)
+        return convolve(grid, x, d)
 
     rhs = dconv(w2 * f_full)
     rhs *= precond
@@ -272,7 +271,8 @@ def _coarse_start(
     d_c = dipole_kernel(grid_c.shape, vs_c, b0_direction)
     precond_c = np.where(inside_c, np.float32(1.0), np.float32(p_outside)).astype(np.float32)
     chi_c, iters, _, _ = _joint_fit(
-        grid_c, d_c, f_c.astype(np.float32), inside_c, w2_c.astype(np.float32), precond_c,
+        grid_c, d_c, f_c.astype(np.float32, copy=False), inside_c,
+        w2_c.astype(np.float32, copy=False), precond_c,
         (1.0 / vs_c).astype(np.float32), None, lam=lam, outside_tv=outside_tv, eps=eps,
         max_outer=max_outer, cg_max_iter=cg_max_iter, cg_tol=cg_tol, chi0=None)
     # the background's χ only: the brain's starts from 0 (interpolating across the mask's
@@ -386,14 +386,9 @@ def tfi(
         eps=eps, max_outer=max_outer, cg_max_iter=cg_max_iter, cg_tol=cg_tol, chi0=chi0)
     del f_full, chi0
 
-    def dconv(x: F32) -> F32:
-        spec = grid.forward(x)
-        spec *= d
-        return grid.inverse(spec)
-
     chi_in = chi * inside
     # the local field: the measured field less that of the fitted background sources
-    background = dconv(chi * ~inside)
+    background = convolve(grid, chi * ~inside, d)
     n = m.shape
     local = np.zeros(total_field_ppm.shape, np.float32)
     local[box] = (f - background[: n[0], : n[1], : n[2]]) * m
