@@ -63,6 +63,33 @@ def test_tv_admm_nrmse_and_fft_count(phantom: tuple[np.ndarray, np.ndarray, np.n
     assert nrmse < _nrmse(tkd(field, mask, VOX, B0)[0], chi, mask)
 
 
+def test_tv_weights_of_zero_on_the_edges_keep_a_thin_layer(
+    phantom: tuple[np.ndarray, np.ndarray, np.ndarray],
+) -> None:
+    """A TV weight of 0 on the differences that cross a χ boundary (what MEDI's magnitude
+    edges stand for) keeps the 3-voxel "cortex" shell that plain TV at a strong λ flattens;
+    weights of 1 give plain TV exactly."""
+    chi, field, mask = phantom
+    plain, _ = tv_admm(field, mask, VOX, B0, lam=1e-3, max_iter=40)
+    ones = [np.ones(SHAPE, np.float32)] * 3
+    same, _ = tv_admm(field, mask, VOX, B0, lam=1e-3, max_iter=40, tv_weights=ones)
+    np.testing.assert_array_equal(same, plain)
+    edges = [(np.roll(chi, -1, axis=a) == chi).astype(np.float32) for a in range(3)]
+    kept, _ = tv_admm(field, mask, VOX, B0, lam=1e-3, max_iter=40, tv_weights=edges)
+    shell = mask & ~ellipsoid(SHAPE, VOX, (17, 18, 17)) & (chi == np.float32(0.02))
+    core = ellipsoid(SHAPE, VOX, (15, 16, 15)) & (chi == np.float32(-0.03))
+
+    def contrast(x: np.ndarray) -> float:
+        return float(x[shell].mean() - x[core].mean())
+
+    print(f"shell − white contrast: truth {contrast(chi):.4f}, plain TV {contrast(plain):.4f}, "
+          f"edge-weighted {contrast(kept):.4f}; NRMSE {_nrmse(plain, chi, mask):.3f} → "
+          f"{_nrmse(kept, chi, mask):.3f}")
+    # measured: truth 0.050 ppm, plain TV 0.039, edge-weighted 0.046; NRMSE 0.182 → 0.063
+    assert abs(contrast(kept) - contrast(chi)) < 0.5 * abs(contrast(plain) - contrast(chi))
+    assert _nrmse(kept, chi, mask) < _nrmse(plain, chi, mask)
+
+
 def test_masked_data_term_beats_unmasked_on_a_cut_mask() -> None:
     """The field of the χ inside a mask extends outside it. The classic TV-ADMM fits Dχ = 0
     there; the mask-weighted data term does not. On a slab-like mask cut by the field of view
@@ -106,24 +133,26 @@ def test_gradient_adjoint_and_eigenvalues() -> None:
 
 
 @pytest.mark.parametrize("block_bytes", [3000, 1 << 19])
+@pytest.mark.parametrize("weighted", [False, True])
 def test_fused_tv_pass_matches_the_reference_operators(
-    block_bytes: int, monkeypatch: pytest.MonkeyPatch
+    block_bytes: int, weighted: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The blocked, threaded image-space pass equals u ← clip(Gχ + u), rhs = Gᵀ(z − u) with
-    z = soft(Gχ + u) computed with the reference operators, across block and thread edges."""
+    """The blocked, threaded image-space pass equals u ← clip(Gχ + u, ±κ), rhs = Gᵀ(z − u)
+    with z = soft(Gχ + u) computed with the reference operators, across block and thread
+    edges; κ one number, or one per difference (a weighted TV)."""
     monkeypatch.setattr(inversion, "_BLOCK_BYTES", block_bytes)
     rng = np.random.default_rng(2)
     shape, vox = (23, 11, 7), np.array([0.4, 0.4, 0.8])
     chi = rng.standard_normal(shape).astype(np.float32)
     u = [0.1 * rng.standard_normal(shape).astype(np.float32) for _ in range(3)]
-    kappa = np.float32(0.5)
+    kappa = [np.float32(0.5)] * 3
+    if weighted:
+        kappa = [0.5 * rng.random(shape).astype(np.float32) for _ in range(3)]
     v = [g + b for g, b in zip(gradient(chi, vox), u, strict=True)]
-    u_ref = [np.clip(a, -kappa, kappa) for a in v]
+    u_ref = [np.clip(a, -k, k) for a, k in zip(v, kappa, strict=True)]
     rhs_ref = gradient_adjoint([a - 2 * c for a, c in zip(v, u_ref, strict=True)], vox)
     rhs = np.empty(shape, np.float32)
-    inversion._tv_image_pass(
-        chi, None, u, np.full(3, kappa, np.float32), (1 / vox).astype(np.float32), rhs, None
-    )
+    inversion._tv_image_pass(chi, None, u, kappa, (1 / vox).astype(np.float32), rhs, None)
     for a in range(3):
         np.testing.assert_allclose(u[a], u_ref[a], atol=1e-5)
     np.testing.assert_allclose(rhs, rhs_ref, atol=1e-4)

@@ -34,7 +34,7 @@ thread (as many threads as ``scipy.fft`` workers; numpy releases the GIL).
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
@@ -147,10 +147,11 @@ def _planes(arr: NDArray[Any]) -> int:
     return max(1, _BLOCK_BYTES // max(arr[0].nbytes, 1))
 
 
-def _shrink_into(g: F32, u: F32, kappa: np.float32, inv_h: np.float32) -> None:
+def _shrink_into(g: F32, u: F32, kappa: np.float32 | F32, inv_h: np.float32) -> None:
     """``g ← (v − 2 clip(v)) / h`` with ``v = g + u`` and ``u ← clip(v, ±κ)`` (in place).
 
     ``v − clip(v)`` is the soft threshold ``z`` of the TV split, so ``v − 2 clip(v) = z − u``.
+    κ is one threshold or one per difference (a weighted TV).
     """
     g += u
     np.clip(g, -kappa, kappa, out=u)
@@ -163,20 +164,24 @@ def _tv_image_pass(
     chi: F32,
     old: F32 | None,
     u: list[F32],
-    kappa: NDArray[np.float32],
+    kappa: list[np.float32 | F32],
     inv_h: NDArray[np.float32],
     rhs: F32,
     data: tuple[F32, F32, F32, F32, F32, F32, float] | None,
 ) -> tuple[float, float]:
     """One fused image-space pass of the ADMM, blocked and threaded over axis 0.
 
-    For each axis a: ``u_a ← clip(G_a χ + u_a, ±κ_a)``, and ``rhs ← Σ_a G_aᵀ(z_a − u_a)``
+    For each axis a: ``u_a ← clip(G_a χ + u_a, ±κ_a)`` (κ_a a number or an array on the
+    grid), and ``rhs ← Σ_a G_aᵀ(z_a − u_a)``
     (the TV split's input to the next χ update). With ``data = (aχ, v, u1, x, c, vnum, α)``
     also the data split: ``h = α aχ + (1 − α) v``, ``v ← vnum + c (h + u1)``,
     ``u1 ← h + u1 − v`` and ``x ← v − u1``. Returns ``(‖χ − old‖², ‖χ‖²)`` (0 without old).
     """
     n0 = chi.shape[0]
     bp = _planes(chi)
+
+    def k(a: int, b0: int, b1: int) -> np.float32 | F32:
+        return kappa[a] if np.ndim(kappa[a]) == 0 else kappa[a][b0:b1]
 
     def work(lo: int, hi: int) -> tuple[F32, float, float]:
         g = np.empty((min(bp, hi - lo), *chi.shape[1:]), np.float32)
@@ -212,7 +217,7 @@ def _tv_image_pass(
                 np.subtract(chi[b0 + 1 : b1], chi[b0 : b1 - 1], out=gg[: nb - 1])
             np.subtract(chi[b1 % n0], chi[b1 - 1], out=gg[nb - 1])
             gg *= inv_h[0]
-            _shrink_into(gg, u[0][b0:b1], kappa[0], inv_h[0])
+            _shrink_into(gg, u[0][b0:b1], k(0, b0, b1), inv_h[0])
             np.negative(gg, out=r)
             r[1:] += gg[:-1]
             if b0 > lo:
@@ -229,7 +234,7 @@ def _tv_image_pass(
                 np.subtract(c[tuple(hi_sl)], c[tuple(lo_sl)], out=gg[tuple(lo_sl)])
                 np.subtract(c[tuple(first)], c[tuple(last)], out=gg[tuple(last)])
                 gg *= inv_h[a]
-                _shrink_into(gg, u[a][b0:b1], kappa[a], inv_h[a])
+                _shrink_into(gg, u[a][b0:b1], k(a, b0, b1), inv_h[a])
                 r -= gg
                 r[tuple(hi_sl)] += gg[tuple(lo_sl)]
                 r[tuple(first)] += gg[tuple(last)]
@@ -275,13 +280,15 @@ def _admm_tv(
     vs: NDArray[np.float64],
     *,
     lam: float,
+    tv_weights: list[F32] | None = None,
     rho_data: float,
     rho_tv: float,
     max_iter: int,
     tol: float,
     relax: float = 1.0,
 ) -> tuple[F32, Info]:
-    """ADMM for ``min_χ ½‖W(Aχ − y)‖² + λ Σ_a ‖G_a χ‖₁`` with A = F⁻¹ diag(kernel) F.
+    """ADMM for ``min_χ ½‖W(Aχ − y)‖² + λ Σ_a ‖w_a G_a χ‖₁`` with A = F⁻¹ diag(kernel) F
+    and w_a ``tv_weights`` on the grid (None: 1).
 
     Splits ``z = Gχ`` (penalty ρ_tv, soft threshold) and, with a weight W, ``v = Aχ``
     (penalty ρ_data, pointwise update; Boyd et al. 2011, §3.4.3 over-relaxation α = relax).
@@ -320,7 +327,9 @@ def _admm_tv(
         a1 /= r2  # K F y / denom
     del denom
     inv_h = (1.0 / vs).astype(np.float32)
-    kappa = np.full(3, lam / rho_tv, np.float32)
+    kappa: list[np.float32 | F32] = [np.float32(lam / rho_tv)] * 3
+    if tv_weights is not None:
+        kappa = [np.multiply(w, np.float32(lam / rho_tv), dtype=np.float32) for w in tv_weights]
     u = [np.zeros(grid.shape, np.float32) for _ in range(3)]
     rhs = np.zeros(grid.shape, np.float32)  # Gᵀ(z − u), zero at the start
     chi = np.zeros(grid.shape, np.float32)
@@ -370,6 +379,7 @@ def tv_admm(
     rho_data: float = 0.1,
     data_term: Literal["masked", "unmasked"] = "masked",
     weight: NDArray[np.floating] | None = None,
+    tv_weights: Sequence[NDArray[np.floating]] | None = None,
     max_iter: int = 50,
     tol: float = 3e-3,
     relax: float = 1.0,
@@ -383,7 +393,10 @@ def tv_admm(
     given, and χ outside the mask is left to the TV term (Milovic 2018's weighted linear
     split, penalty ``rho_data``): four FFTs per iteration. ``"unmasked"``: W = 1 on the whole
     padded box with f = 0 outside the mask (the QSM challenge TV-ADMM): two FFTs per
-    iteration, but biased wherever the true field extends outside the mask. Stops when
+    iteration, but biased wherever the true field extends outside the mask. ``tv_weights``
+    (three arrays of the field's shape, one per axis; e.g. MEDI's morphology weights,
+    ``tfi.edge_weights``) weight the TV's differences, ``λ Σ_a ‖w_a G_a χ‖₁``; differences
+    in the padding keep weight 1. Stops when
     ``‖Δχ‖/‖χ‖ < tol`` or after ``max_iter``. float32; memory about twelve (masked) or six
     arrays of the padded box.
     """
@@ -400,9 +413,16 @@ def tv_admm(
             w = grid.embed(wb / np.float32(max(float(wb[m].mean()), 1e-30)))
     elif data_term != "unmasked":
         raise ValueError(f"unknown data term {data_term!r}")
+    tw = None
+    if tv_weights is not None:
+        tw = []
+        for wa in tv_weights:
+            g = np.ones(grid.shape, np.float32)
+            g[: m.shape[0], : m.shape[1], : m.shape[2]] = wa[box]
+            tw.append(g)
     chi, info = _admm_tv(
         grid, d, fe, w, vs, lam=lam, rho_data=rho_data, rho_tv=rho_tv, max_iter=max_iter,
-        tol=tol, relax=relax,
+        tol=tol, relax=relax, tv_weights=tw,
     )
     info["data_term"] = data_term
     return _paste(local_field_ppm.shape, box, chi, m), info

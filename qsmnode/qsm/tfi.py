@@ -303,6 +303,7 @@ def tfi(
     cg_tol: float = 1e-3,
     polish_lam: float | None = 1e-4,
     polish_iter: int = 20,
+    polish_edge_fraction: float = 0.0,
     coarse_factor: int = 1,
     coarse_outer: int = 3,
     coarse_cg_max_iter: int = 60,
@@ -414,8 +415,13 @@ def tfi(
         info["n_fft"] += round(coarse_info["n_fft"] * np.prod(coarse_info["shape"])
                                / np.prod(grid.shape))
     if polish_lam is not None:
+        tv_weights = None
+        if magnitude is not None and polish_edge_fraction > 0:
+            tv_weights = edge_weights(np.asarray(magnitude, np.float32), mask_out, vs,
+                                      polish_edge_fraction)
         out, polish_info = tv_admm(local, mask_out, vs, b0_direction, lam=polish_lam,
-                                   weight=weight, max_iter=polish_iter, pad_mm=24.0)
+                                   weight=weight, tv_weights=tv_weights, max_iter=polish_iter,
+                                   pad_mm=24.0)
         info["polish"] = {k: polish_info[k] for k in ("iterations", "last_change", "n_fft")}
         info["n_fft"] += round(polish_info["n_fft"] * np.prod(polish_info["fft_shape"])
                                / np.prod(grid.shape))
@@ -459,6 +465,7 @@ class TFI:
     cg_tol: float = 1e-3
     polish_lam: float | None = 1e-4
     polish_iter: int = 20
+    polish_edge_fraction: float = 0.0
     coarse_factor: int = 1
     coarse_outer: int = 3
     coarse_cg_max_iter: int = 60
