@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from qsmnode import __version__
+from qsmnode.qsm import DEFAULT_METHOD as DEFAULT_QSM_METHOD
 
 
 def _config_check(args: argparse.Namespace) -> int:
@@ -254,11 +255,11 @@ def build_parser() -> argparse.ArgumentParser:
                      "cohort table and figures)")
     qsm.add_argument("--out", type=Path, default=None,
                      help="single-folder form: output folder")
-    qsm.add_argument("--method", default="single-step-tv", metavar="NAME",
-                     help="the QSM pipeline: single-step-tv (default), pdf-tv-admm (PDF "
-                     "background removal and TV-ADMM: better grey/white contrast, slower, "
-                     "less of a deep-layer M1 change on slabs) or tfi (preconditioned total "
-                     "field inversion: best on whole heads, slowest); benchmarks/RESULTS.md")
+    qsm.add_argument("--method", default=DEFAULT_QSM_METHOD, metavar="NAME",
+                     help=f"the QSM pipeline: tfi (preconditioned total field inversion, the "
+                     f"node's; default {DEFAULT_QSM_METHOD}), pdf-tv-admm (PDF background "
+                     "removal and TV-ADMM) or single-step-tv (the Laplacian single-step TV: "
+                     "fastest, loses the grey/white contrast); benchmarks/RESULTS.md")
     qsm.add_argument("--participant-label", nargs="+", default=None, metavar="LABEL",
                      help="only these participants (with or without sub-)")
     qsm.add_argument("--session-label", nargs="+", default=None, metavar="LABEL",

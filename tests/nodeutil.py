@@ -272,7 +272,7 @@ QSM_SCAN = {"shape": (56, 68, 12), "voxel_size_mm": (3.0, 3.0, 12.0),
             "echo_times_s": (0.005, 0.0105, 0.016)}
 """The same field of view, slices, echoes and files as :data:`SMALL_SCAN`, on the tiny
 preset's 3 mm in-plane grid: for the tests that run the real QSM and deliver it. On the
-7 mm grid the default QSM's χ map is nearly flat (1st..99th percentile spread 0.00095 ppm,
+7 mm grid single-step TV's χ map is nearly flat (1st..99th percentile spread 0.00095 ppm,
 below any plausibility floor that means something); here it spans 0.037 ppm
 (:data:`qsmnode.qsm.quality.CHI_RANGE_FLOOR_PPM`)."""
 

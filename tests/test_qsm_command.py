@@ -12,6 +12,8 @@ import numpy as np
 from scipy import ndimage
 
 from qsmnode.dicom.nifti import write_megre
+from qsmnode.qsm import DEFAULT_METHOD
+from qsmnode.qsm.engine import METHODS, QSMParams
 from qsmnode.sim.phantom import Tissue
 from qsmnode.sim.scanner import preset, simulate
 from tests.conftest import REPO
@@ -37,7 +39,7 @@ def test_qsm_command_writes_maps_with_the_input_affine(tmp_path: Path) -> None:
     chi = nib.load(tmp_path / "out" / "chi_ppm.nii.gz")
     assert np.allclose(chi.affine, sim.gre.affine)
     # the maps lie where the truth does: R2* voxel by voxel (measured r = 0.96) and χ away
-    # from the mask edge (r = 0.69 with the default single-step TV)
+    # from the mask edge
     truth = sim.truth
     chi_ppm = np.asarray(chi.dataobj)
     r2star = np.asarray(nib.load(tmp_path / "out" / "r2star_per_s.nii.gz").dataobj)
@@ -49,20 +51,27 @@ def test_qsm_command_writes_maps_with_the_input_affine(tmp_path: Path) -> None:
     r = np.corrcoef(chi_ppm[inner], truth.chi_ppm[inner])[0, 1]
     assert r > 0.5, f"χ correlates {r:.2f} with the truth inside the mask"
     quality = json.loads((tmp_path / "out" / "quality.json").read_text())
-    assert quality["method"] == "single-step-tv"
+    assert quality["method"] == DEFAULT_METHOD == "tfi"
+    record = json.loads(json.dumps(QSMParams().to_record(), default=str))
+    assert quality["params"] == record and METHODS["tfi"] == QSMParams()
+    assert quality["params"]["inversion_method"] == "tfi"
 
-    # PDF + TV-ADMM keeps the deep nuclei's contrast to white matter (measured 0.070 ppm
-    # against 0.077 in the truth) where the default keeps half of it (0.035)
+    # the default keeps the deep nuclei's contrast to white matter where single-step TV keeps
+    # half of it (measured: truth 0.077 ppm, default 0.069, single-step TV 0.035)
     default = deep_minus_white(chi_ppm, truth, inner)
-    done = run(tmp_path / "in", "--out", tmp_path / "pdf", "--method", "pdf-tv-admm")
+    done = run(tmp_path / "in", "--out", tmp_path / "sstv", "--method", "single-step-tv")
     assert done.returncode == 0, done.stderr
-    pdf_chi = np.asarray(nib.load(tmp_path / "pdf" / "chi_ppm.nii.gz").dataobj)
-    pdf = deep_minus_white(pdf_chi, truth, inner)
+    sstv_chi = np.asarray(nib.load(tmp_path / "sstv" / "chi_ppm.nii.gz").dataobj)
+    sstv = deep_minus_white(sstv_chi, truth, inner)
     expected = deep_minus_white(np.where(inside, truth.chi_ppm, 0), truth, inner)
-    assert 0.5 * expected < pdf < 1.5 * expected and pdf > default + 0.01, (pdf, default, expected)
-    assert json.loads((tmp_path / "pdf" / "quality.json").read_text())["method"] == "pdf-tv-admm"
+    print(f"deep nuclei − white matter: truth {expected:.3f}, default {default:.3f}, "
+          f"single-step TV {sstv:.3f} ppm")
+    assert 0.5 * expected < default < 1.5 * expected and default > sstv + 0.01, \
+        (default, sstv, expected)
+    quality = json.loads((tmp_path / "sstv" / "quality.json").read_text())
+    assert quality["method"] == "single-step-tv"
     failed = run(tmp_path / "in", "--out", tmp_path / "x", "--method", "magic")
-    assert failed.returncode == 2 and "--method 'magic': expected one of single-step-tv, " \
+    assert failed.returncode == 2 and "--method 'magic': expected one of tfi, single-step-tv, " \
         "pdf-tv-admm" in failed.stderr
 
 

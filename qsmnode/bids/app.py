@@ -16,6 +16,8 @@ import json
 import sys
 from pathlib import Path
 
+from qsmnode.qsm import DEFAULT_METHOD
+
 
 def error(text: str) -> None:
     """One ``error:`` line on stderr."""
@@ -48,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     return group(args)
 
 
-def single_folder(folder: Path, out: Path, method: str = "single-step-tv") -> int:
+def single_folder(folder: Path, out: Path, method: str = DEFAULT_METHOD) -> int:
     """QSM of the one acquisition in ``folder`` with the named pipeline
     (:data:`qsmnode.qsm.engine.METHODS`); maps as ``out/<quantity>.nii.gz``."""
     from qsmnode.dicom.nifti import BidsError, read_megre, write_nifti
@@ -79,7 +81,7 @@ def single_folder(folder: Path, out: Path, method: str = "single-step-tv") -> in
     }
     for name, (volume, what) in outputs.items():
         write_nifti(volume, gre.affine, out / f"{name}.nii.gz", f"qsmnode: {what}")
-    quality = {"method": method, **{k: v for k, v in result.quality.items() if k != "params"}}
+    quality = {"method": method, **result.quality}  # "params": every setting of every step
     (out / "quality.json").write_text(json.dumps(quality, indent=2, default=str) + "\n")
     print(f"{len(outputs)} maps written to {out} "
           f"({gre.n_echoes} echoes, {gre.field_strength_t:g} T, shape {gre.shape})")

@@ -49,6 +49,7 @@ import numpy as np
 
 from qsmnode import __version__
 from qsmnode.bids.layout import MegreAcquisition, sources_of
+from qsmnode.qsm import DEFAULT_METHOD
 
 PIPELINE_NAME = "qsmnode"
 """The derivatives folder under OUTPUT_DIR, and ``GeneratedBy.Name``."""
@@ -70,7 +71,7 @@ class Options:
 
     m1: bool = False
     normative: Path | None = None
-    method: str = "single-step-tv"
+    method: str = DEFAULT_METHOD
 
 
 @dataclass(frozen=True)

@@ -5,4 +5,8 @@ The engine is :func:`qsmnode.qsm.engine.run_qsm` with its settings in
 ``unwrap``, ``fieldfit``, ``quality``, ``background``, ``inversion``, ``reference``,
 ``relaxometry``), with the parameter type of each method beside it (``background.PDF``,
 ``inversion.SingleStepTV``, ``mask.MaskParams``, ...), which ``QSMParams`` composes.
+``engine.METHODS`` names the measured pipelines; ``DEFAULT_METHOD`` (here, so that commands
+name it without importing numpy) is the one ``QSMParams()`` holds and the node runs.
 """
+
+DEFAULT_METHOD = "tfi"

@@ -13,39 +13,41 @@ Steps (each a module of this package; methods cited there):
    dropped (edge islands) or filled from their neighbours (enclosed holes), and outer mask
    layers holding strong sources (bone/air partial volume, seen as a high ``|∇²f|``) are
    peeled (``peel_sources``).
-6. ``inversion.single_step_tv`` (default): TV-regularised inversion of the total field through
-   its Laplacian (Chatnuntawech 2017, Langkammer 2015), so no separate background removal
-   erodes the cortex. Alternatives: ``background`` (RESHARP+LBV, RESHARP, LBV, iSMV, V-SHARP,
-   PDF; Liu 2011) followed by ``inversion.tv_admm`` (Bilgic 2014) or ``inversion.tkd``
-   (Wharton 2010); PDF and TV-ADMM take the combined magnitude as inverse-noise weights.
+6. ``tfi`` (default): preconditioned total field inversion (Liu 2017): the brain's and the
+   background's χ fitted together to the total field, so no separate background removal;
+   the brain's χ then from ``inversion.tv_admm`` of the local field it leaves, with MEDI's
+   magnitude-edge weights on the TV (Liu T 2012). Alternatives: ``inversion.single_step_tv``
+   (Laplacian single-step TV, Chatnuntawech 2017, Langkammer 2015) with source-layer peeling;
+   ``background`` (RESHARP+LBV, RESHARP, LBV, iSMV, V-SHARP, PDF; Liu 2011) followed by
+   ``inversion.tv_admm`` (Bilgic 2014) or ``inversion.tkd`` (Wharton 2010). TFI, PDF and
+   TV-ADMM take the combined magnitude as inverse-noise weights.
 7. ``reference``: χ relative to the mean over the QSM mask (or CSF).
 
-:data:`METHODS` names the measured pipelines (``qsmnode qsm --method``):
-``single-step-tv`` (the default), ``pdf-tv-admm`` and ``tfi`` (preconditioned total field
-inversion, ``qsmnode.qsm.tfi``, Liu 2017: brain and background χ fitted together to the
-total field, the brain's χ then by TV-ADMM of the local field it leaves; not the default).
-Measured (issue 11, numbers in ``benchmarks/RESULTS.md``) on an independent forward model
-(``qsmnode.sim.forward_head``: MNI152 head, qsm-forward's field, shim, offsets and noise; qsm-ci
-scores, dropped voxels as 0):
+:data:`METHODS` names the measured pipelines (``qsmnode qsm --method``): ``tfi`` (the
+default, ``QSMParams()``), ``single-step-tv`` and ``pdf-tv-admm``. Measured (issue 11,
+numbers in ``benchmarks/RESULTS.md``) on an independent forward model
+(``qsmnode.sim.forward_head``: MNI152 head, qsm-forward's field, shim, offsets and noise;
+qsm-ci scores, dropped voxels as 0; M1: error of the deep-layer left−right change, truth
++0.02 ppm), and on the project's anatomy phantom (field by a box-voxel kernel the
+reconstruction does not use; deep-layer left-hand change of a true +0.030 ppm):
 
-=============================  ====================  ====================  ====================
-                               single-step-tv        pdf-tv-admm           tfi
-=============================  ====================  ====================  ====================
-7T head 1 mm: NRMSE, XSIM, M1  90.3 %, 0.19, +0.039  45.3 %, 0.58, −0.002  38.8 %, 0.63, −0.001
-7T slab over M1: same          99.6 %, 0.17, −0.004  50.5 %, 0.48, −0.006  49.6 %, 0.47, −0.007
-3T SNR 30: NRMSE, XSIM         95.8 %, 0.15          45.6 %, 0.48          39.2 %, 0.52
-small-slab deep-M1, of 0.030   0.026 / 0.027 ppm     0.016 / 0.003 ppm     0.024 / 0.011 ppm
-same, poses 1 / 0: s, quiet    3                     13–16                 15–16
-=============================  ====================  ====================  ====================
+=============================  ======================  ======================  ===============
+                               tfi (default)           single-step-tv          pdf-tv-admm
+=============================  ======================  ======================  ===============
+7T head 1 mm, NRMSE %          36.2 / 36.9 / 39.6      90.3 / 87.4 / 87.4      45.3 / 45.6 / 44.6
+7T head 1 mm, XSIM             0.69 / 0.66 / 0.70      0.19 / 0.26 / 0.27      0.58 / 0.57 / 0.62
+7T slab, M1 error (ppm)        −.005 / −.004 / −.005   −.004 / −.001 / SSTV2   −.006 (seed 0)
+anatomy, change (of 0.030)     .024 .032 .022 .025 .027  .027 .026 .022 .022 .026  .003 .016
+small slab, run_qsm s          36-38                   6-7                     13-16
+=============================  ======================  ======================  ===============
 
-PDF + TV-ADMM restores the grey/white and deep-grey contrast the single-step TV loses, but on
-the slabs the node is for it finds less of the deep-layer M1 change (the clinical measure) and
-is six times slower, so it is not the default yet: no pipeline wins in every condition.
-TFI is better again on whole heads (the only pipeline within the 3T targets) and finds more
-of the deep-layer change than PDF + TV-ADMM on the small slab, but less than single-step TV,
-and it is slower still. Single-step TV: λ = 1e-4, ρ_data = 0.01, 30 iterations; PDF:
-tolerance 3e-3, at most 200 iterations, 20 mm padding; TV-ADMM: λ = 1e-4, 50 iterations;
-TFI: ``qsmnode.qsm.tfi.TFI``'s defaults.
+(seeds 0 / 1 / 2 of the head and slab; anatomy poses 0-4, pdf-tv-admm poses 0-1)
+
+TFI keeps the grey/white and deep-grey contrast that single-step TV loses (tissue NRMSE
+59-64 % against 168-395 %), finds the deep-layer M1 change as well as single-step TV on the
+slabs, and is the only pipeline within the 3T targets; it is the slowest. Single-step TV:
+λ = 1e-4, ρ_data = 0.01, 30 iterations; PDF: tolerance 3e-3, at most 200 iterations, 20 mm
+padding; TV-ADMM: λ = 1e-4, 50 iterations; TFI: ``qsmnode.qsm.tfi.TFI``'s defaults.
 """
 
 from __future__ import annotations
@@ -112,11 +114,11 @@ class QSMParams:
     offsets: MCPC3DS | None = field(default_factory=MCPC3DS)
     unwrap_method: SpatialUnwrap = field(default_factory=BestPath)
     repair: RepairParams | None = field(default_factory=RepairParams)
-    peel: PeelParams | None = field(default_factory=PeelParams)
+    peel: PeelParams | None = None
     background_peel_voxels: int = 0
     background_method: bg.BackgroundMethod = field(default_factory=bg.ResharpLBV)
     noise_weighting: bool = True
-    inversion_method: inv.InversionMethod | TFI = field(default_factory=inv.SingleStepTV)
+    inversion_method: inv.InversionMethod | TFI = field(default_factory=TFI)
     reference: Literal["mask", "csf"] = "mask"
     r2star_method: Literal["auto", "arlo", "loglinear"] = "auto"
     r2star_max_per_s: float = R2STAR_MAX_PER_S
@@ -172,12 +174,12 @@ class QSMResult:
 
 
 METHODS: dict[str, QSMParams] = {
-    "single-step-tv": QSMParams(),
-    "pdf-tv-admm": QSMParams(background_method=bg.PDF(), peel=None,
-                             inversion_method=inv.TVADMM()),
-    "tfi": QSMParams(peel=None, inversion_method=TFI()),
+    "tfi": QSMParams(),
+    "single-step-tv": QSMParams(peel=PeelParams(), inversion_method=inv.SingleStepTV()),
+    "pdf-tv-admm": QSMParams(background_method=bg.PDF(), inversion_method=inv.TVADMM()),
 }
-"""The pipelines measured against the independent forward model, by name (module docstring)."""
+"""The pipelines measured against the independent forward model, by name (module docstring);
+``qsmnode.qsm.DEFAULT_METHOD`` is ``QSMParams()``, the one the node runs."""
 
 
 def _noise_weight(combined: NDArray[np.float32], mask: NDArray[np.bool_]) -> NDArray[np.float32]:
