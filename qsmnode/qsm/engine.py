@@ -31,17 +31,15 @@ qsm-ci scores, dropped voxels as 0; M1: error of the deep-layer left−right cha
 +0.02 ppm), and on the project's anatomy phantom (field by a box-voxel kernel the
 reconstruction does not use; deep-layer left-hand change of a true +0.030 ppm):
 
-=============================  ======================  ======================  ===============
-                               tfi (default)           single-step-tv          pdf-tv-admm
-=============================  ======================  ======================  ===============
-7T head 1 mm, NRMSE %          36.2 / 36.9 / 39.6      90.3 / 87.4 / 87.4      45.3 / 45.6 / 44.6
-7T head 1 mm, XSIM             0.69 / 0.66 / 0.70      0.19 / 0.26 / 0.27      0.58 / 0.57 / 0.62
-7T slab, M1 error (ppm)        −.005 / −.004 / −.005   −.004 / −.001 / SSTV2   −.006 (seed 0)
-anatomy, change (of 0.030)     .024 .032 .022 .025 .027  .027 .026 .022 .022 .026  .003 .016
-small slab, run_qsm s          36-38                   6-7                     13-16
-=============================  ======================  ======================  ===============
-
-(seeds 0 / 1 / 2 of the head and slab; anatomy poses 0-4, pdf-tv-admm poses 0-1)
+- 7T head, 1 mm, seeds 0 / 1 / 2, NRMSE % and XSIM: tfi 36.2 / 36.9 / 39.6 and 0.69 / 0.66 /
+  0.70; single-step-tv 90.3 / 87.4 / 87.4 and 0.19 / 0.26 / 0.27; pdf-tv-admm 45.3 / 45.6 /
+  44.6 and 0.58 / 0.57 / 0.62.
+- 7T 60 mm slab over M1, seeds 0 / 1 / 2, deep-M1 change error (ppm): tfi −0.005 / −0.004 /
+  −0.005; single-step-tv −0.004 / −0.001 / −0.006; pdf-tv-admm −0.006 (seed 0).
+- Anatomy phantom (small slab), deep-layer change found, poses 0-4 (ppm): tfi 0.024 / 0.032 /
+  0.022 / 0.025 / 0.027; single-step-tv 0.027 / 0.026 / 0.022 / 0.022 / 0.026; pdf-tv-admm
+  0.003 / 0.016 (poses 0 / 1). ``run_qsm`` there: tfi 36-38 s, single-step-tv 6-7 s (2 cores
+  shared by three jobs).
 
 TFI keeps the grey/white and deep-grey contrast that single-step TV loses (tissue NRMSE
 59-64 % against 168-395 %), finds the deep-layer M1 change as well as single-step TV on the

@@ -288,7 +288,7 @@ def _admm_tv(
     relax: float = 1.0,
 ) -> tuple[F32, Info]:
     """ADMM for ``min_χ ½‖W(Aχ − y)‖² + λ Σ_a ‖w_a G_a χ‖₁`` with A = F⁻¹ diag(kernel) F
-    and w_a ``tv_weights`` on the grid (None: 1).
+    and w_a ``tv_weights`` on the grid (None: 1; float32, scaled in place into the thresholds).
 
     Splits ``z = Gχ`` (penalty ρ_tv, soft threshold) and, with a weight W, ``v = Aχ``
     (penalty ρ_data, pointwise update; Boyd et al. 2011, §3.4.3 over-relaxation α = relax).
@@ -328,8 +328,10 @@ def _admm_tv(
     del denom
     inv_h = (1.0 / vs).astype(np.float32)
     kappa: list[np.float32 | F32] = [np.float32(lam / rho_tv)] * 3
-    if tv_weights is not None:
-        kappa = [np.multiply(w, np.float32(lam / rho_tv), dtype=np.float32) for w in tv_weights]
+    if tv_weights is not None:  # scaled in place: the caller hands them over
+        for w in tv_weights:
+            w *= np.float32(lam / rho_tv)
+        kappa = list(tv_weights)
     u = [np.zeros(grid.shape, np.float32) for _ in range(3)]
     rhs = np.zeros(grid.shape, np.float32)  # Gᵀ(z − u), zero at the start
     chi = np.zeros(grid.shape, np.float32)
