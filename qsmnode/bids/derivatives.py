@@ -106,8 +106,9 @@ MAPS: tuple[MapSpec, ...] = (
     MapSpec("total_field_ppm", "desc-total_fieldmap", "ppm", "total field (ppm of B0)",
             "Total field fitted over the echoes, in ppm of B0; 0 outside the brain mask."),
     MapSpec("local_field_ppm", "desc-local_fieldmap", "ppm", "local field (ppm of B0)",
-            "Local (tissue) field after background removal, in ppm of B0 (for single-step "
-            "inversions, the model field of χ)."),
+            "Local (tissue) field after background removal, in ppm of B0 (total field "
+            "inversion: the field less that of the fitted background sources; single-step "
+            "TV: the model field of χ)."),
 )
 
 MEASUREMENT_UNITS: Mapping[str, str] = {
