@@ -54,9 +54,9 @@ def test_the_default_tfi_keeps_more_of_the_contrast_than_pdf_tv_admm(
     head: HeadSimulation,
 ) -> None:
     tfi = score(reconstruct(head, QSMParams()), head)
-    # measured at 3 mm (2026-12-07): XSIM 0.429 against PDF + TV-ADMM's 0.305, deep grey
-    # 35.5 % against 37.6 %, coverage 0.97 (noise-weighted 0.417 and 36.0 %; also without the
-    # magnitude-edge weights of its polish 0.398 and 37.4 %; 1 mm: 0.700 against 0.579)
+    # measured at 3 mm (2026-12-07): XSIM 0.417 against PDF + TV-ADMM's 0.305, deep grey
+    # 36.0 % against 37.6 %, coverage 0.97 (without the magnitude-edge weights of its polish
+    # 0.398 and 37.4 %; 1 mm: 0.690 against 0.579, RESULTS.md)
     assert tfi["xsim"] > 0.34 and tfi["nrmse_dgm"] < 50 and tfi["coverage"] > 0.9, tfi
     pdf = score(reconstruct(head, METHODS["pdf-tv-admm"]), head)
     assert tfi["xsim"] > pdf["xsim"] + 0.05, (tfi, pdf)

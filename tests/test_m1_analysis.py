@@ -287,7 +287,7 @@ def test_real_philips_whole_head_registration_flags(shared_data) -> None:
     of it: peeled and eroded) still failed the registration (NMI 1.035 < 1.07,
     mask_in_template 0.873). The default TFI keeps the whole brain mask (99.9 %), and the
     registration passes (measured NMI 1.082, mask_in_template 0.979). At 3 mm the
-    segmentation finds no cortex it can measure (grey/white ratio 60, median thickness 50 mm):
+    segmentation finds no cortex it can measure (grey/white ratio 59, median thickness 48 mm):
     the flags, and so the SR and key image, say the M1 measures are not reliable, naming those
     checks."""
     from qsmnode.dicom.load import load_folder

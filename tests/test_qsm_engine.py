@@ -94,8 +94,7 @@ def test_mask_field_and_chi_match_truth(head: dict[str, np.ndarray], result: QSM
     region = result.qsm_mask & brain
     nrmse = _nrmse(result.chi_ppm, head["chi"], region)
     print(f"pipeline chi NRMSE {nrmse:.3f}")
-    # measured 0.46 with the default TFI (0.48 noise-weighted, and 0.38 so over single-step
-    # TV's smaller mask), 0.25 with
+    # measured 0.48 with the default TFI (0.38 over single-step TV's smaller mask), 0.25 with
     # single-step TV (0.08 when this head's field came from the reconstruction's own kernel:
     # an inverse crime), PDF + TV-ADMM 0.69 (test below): this head's white matter is one
     # uniform ellipsoid inside a uniform shell, a smooth field the two-step methods partly

@@ -19,10 +19,8 @@ Steps (each a module of this package; methods cited there):
    magnitude-edge weights on the TV (Liu T 2012). Alternatives: ``inversion.single_step_tv``
    (Laplacian single-step TV, Chatnuntawech 2017, Langkammer 2015) with source-layer peeling;
    ``background`` (RESHARP+LBV, RESHARP, LBV, iSMV, V-SHARP, PDF; Liu 2011) followed by
-   ``inversion.tv_admm`` (Bilgic 2014) or ``inversion.tkd`` (Wharton 2010). PDF and TV-ADMM
-   (``pdf-tv-admm``) take the combined magnitude as inverse-noise weights; the default TFI
-   does not (``QSMParams.noise_weighting``): on the 7T heads and slabs the unweighted fit is
-   better on every seed, at 3T SNR 30 and 35° tilt it scores the same NRMSE and 0.01 less XSIM.
+   ``inversion.tv_admm`` (Bilgic 2014) or ``inversion.tkd`` (Wharton 2010). TFI, PDF and
+   TV-ADMM take the combined magnitude as inverse-noise weights.
 7. ``reference``: χ relative to the mean over the QSM mask (or CSF).
 
 :data:`METHODS` names the measured pipelines (``qsmnode qsm --method``): ``tfi`` (the
@@ -33,18 +31,18 @@ qsm-ci scores, dropped voxels as 0; M1: error of the deep-layer left−right cha
 +0.02 ppm), and on the project's anatomy phantom (field by a box-voxel kernel the
 reconstruction does not use; deep-layer left-hand change of a true +0.030 ppm):
 
-- 7T head, 1 mm, seeds 0 / 1 / 2, NRMSE % and XSIM: tfi 35.0 / 36.1 / 38.1 and 0.70 / 0.67 /
-  0.72; single-step-tv 90.3 / 87.4 / 87.4 and 0.19 / 0.26 / 0.27; pdf-tv-admm 45.3 / 45.6 /
+- 7T head, 1 mm, seeds 0 / 1 / 2, NRMSE % and XSIM: tfi 36.2 / 36.9 / 39.6 and 0.69 / 0.66 /
+  0.70; single-step-tv 90.3 / 87.4 / 87.4 and 0.19 / 0.26 / 0.27; pdf-tv-admm 45.3 / 45.6 /
   44.6 and 0.58 / 0.57 / 0.62.
-- 7T 60 mm slab over M1, seeds 0 / 1 / 2, deep-M1 change error (ppm): tfi −0.0046 / −0.0039
-  / −0.0048; single-step-tv −0.004 / −0.001 / −0.006; pdf-tv-admm −0.006 (seed 0).
+- 7T 60 mm slab over M1, seeds 0 / 1 / 2, deep-M1 change error (ppm): tfi −0.005 / −0.004 /
+  −0.005; single-step-tv −0.004 / −0.001 / −0.006; pdf-tv-admm −0.006 (seed 0).
 - Anatomy phantom (small slab), deep-layer change found, poses 0-4 (ppm): tfi 0.024 / 0.032 /
-  0.021 / 0.025 / 0.027; single-step-tv 0.027 / 0.026 / 0.022 / 0.022 / 0.026; pdf-tv-admm
+  0.022 / 0.025 / 0.027; single-step-tv 0.027 / 0.026 / 0.022 / 0.022 / 0.026; pdf-tv-admm
   0.003 / 0.016 (poses 0 / 1). ``run_qsm`` there: tfi 36-38 s, single-step-tv 6-7 s (2 cores
   shared by three jobs).
 
 TFI keeps the grey/white and deep-grey contrast that single-step TV loses (tissue NRMSE
-56-62 % against 168-395 %), finds the deep-layer M1 change as well as single-step TV on the
+59-64 % against 168-395 %), finds the deep-layer M1 change as well as single-step TV on the
 slabs, and is the only pipeline within the 3T targets; it is the slowest. Single-step TV:
 λ = 1e-4, ρ_data = 0.01, 30 iterations; PDF: tolerance 3e-3, at most 200 iterations, 20 mm
 padding; TV-ADMM: λ = 1e-4, 50 iterations; TFI: ``qsmnode.qsm.tfi.TFI``'s defaults.
@@ -98,10 +96,8 @@ class QSMParams:
             or inversion; default 0.
         background_method: background removal, for a local-field inversion (a single-step
             inversion needs none and does not use it).
-        noise_weighting: TFI, PDF and TV-ADMM weight their data terms by the combined
-            magnitude (inverse noise); default False (for TFI, measured: at 7T the error of the
-            field model, not the noise, dominates where the magnitude is low; module
-            docstring); ``pdf-tv-admm`` sets it.
+        noise_weighting: TFI, PDF and TV-ADMM weight their data terms by the combined magnitude
+            (inverse noise).
         inversion_method: the dipole inversion.
         reference: χ referenced to the mean over the QSM mask or over ``run_qsm``'s CSF mask.
         r2star_method, r2star_max_per_s, combine_method: relaxometry
@@ -119,7 +115,7 @@ class QSMParams:
     peel: PeelParams | None = None
     background_peel_voxels: int = 0
     background_method: bg.BackgroundMethod = field(default_factory=bg.ResharpLBV)
-    noise_weighting: bool = False
+    noise_weighting: bool = True
     inversion_method: inv.InversionMethod | TFI = field(default_factory=TFI)
     reference: Literal["mask", "csf"] = "mask"
     r2star_method: Literal["auto", "arlo", "loglinear"] = "auto"
@@ -178,8 +174,7 @@ class QSMResult:
 METHODS: dict[str, QSMParams] = {
     "tfi": QSMParams(),
     "single-step-tv": QSMParams(peel=PeelParams(), inversion_method=inv.SingleStepTV()),
-    "pdf-tv-admm": QSMParams(background_method=bg.PDF(), inversion_method=inv.TVADMM(),
-                             noise_weighting=True),
+    "pdf-tv-admm": QSMParams(background_method=bg.PDF(), inversion_method=inv.TVADMM()),
 }
 """The pipelines measured against the independent forward model, by name (module docstring);
 ``qsmnode.qsm.DEFAULT_METHOD`` is ``QSMParams()``, the one the node runs."""

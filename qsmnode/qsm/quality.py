@@ -223,7 +223,7 @@ The floor is 3× below the lowest of these (the 2-D gap test's small grid), 4.6�
 preset and 34× below real heads. Grids with 4..7 mm voxels in-plane fall below it with
 single-step TV, whose χ there is nearly flat: ``tests.nodeutil.SMALL_SCAN`` (24 × 28 × 12
 voxels of 7 × 7 × 12 mm) 0.00095 / 0.00047 (other methods 0.17..0.35 ppm; the default TFI
-0.160 / 0.049), 4 × 4 × 6 mm
+0.158 / 0.049), 4 × 4 × 6 mm
 (42 × 50 × 24) 0.0037, 5 × 5 × 8 mm 0.0019..0.0028 (3.5 × 3.5 × 12 mm: 0.0099). Such a map
 is refused, as it should be: it says nothing about the tissue."""
 
