@@ -312,7 +312,7 @@ def test_a_nearly_flat_chi_map_is_refused_and_the_node_tests_qsm_grid_passes(
     map that spans 0.001 ppm (QSM failed on that grid: nothing about the tissue in it) and is
     refused; the same field of view on the 3 mm grid the node tests run QSM on
     (``tests.nodeutil.QSM_SCAN``) spans several times the floor and goes through with the
-    default pipeline. (The default TFI's map of the toy spans −0.09..0.07 ppm and passes.)"""
+    default pipeline. (TFI's map of the toy spans −0.09..0.07 ppm and passes.)"""
     from qsmnode.qsm.engine import METHODS
     from qsmnode.qsm.quality import CHI_RANGE_FLOOR_PPM, FIELD_RANGE_FLOOR_PPM
     from tests.nodeutil import qsm_simulation, small_simulation
