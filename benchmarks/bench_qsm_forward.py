@@ -124,8 +124,8 @@ def budget(sim: HeadSimulation, out: Path) -> dict[str, float]:
     }
     vs = np.sqrt((sim.affine[:3, :3] ** 2).sum(axis=0))
     t0 = time.perf_counter()
-    # the default total-field inversion (TFI; no noise weight or magnitude edges: the true
-    # field has no noise and the truth no magnitude)
+    # the default pipeline's total-field inversion (no noise weight or magnitude edges: the
+    # true field has no noise and the truth no magnitude)
     chi, cmask, _, _ = METHODS[DEFAULT_METHOD].inversion_method.invert_total(
         sim.total_field_ppm, sim.brain_mask, vs, sim.b0_direction)
     chi, _ = reference_chi(chi, cmask)
@@ -138,7 +138,7 @@ def budget(sim: HeadSimulation, out: Path) -> dict[str, float]:
 
 
 def run_case(name: str, cond: HeadConditions, tmp: Path, with_budget: bool,
-             method: str = "tfi") -> dict:
+             method: str) -> dict:
     t0 = time.perf_counter()
     sim = simulate_head(cond)
     sim_s = time.perf_counter() - t0

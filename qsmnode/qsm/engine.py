@@ -48,9 +48,9 @@ single-step TV on the slabs, and is the only pipeline within the 3T targets; it 
 It is not the default: made the default on 2026-12-07, it failed the demo's follow-up, where
 the node's own M1 analysis (registration, areas, layers) found +0.003 ppm of a true +0.02
 change in the left-hand deep layer between two visits (``test_fresh_clone``), which
-single-step TV finds. Single-step TV:
-λ = 1e-4, ρ_data = 0.01, 30 iterations; PDF: tolerance 3e-3, at most 200 iterations, 20 mm
-padding; TV-ADMM: λ = 1e-4, 50 iterations; TFI: ``qsmnode.qsm.tfi.TFI``'s defaults.
+single-step TV finds. Single-step TV: λ = 1e-4, ρ_data = 0.01, 30 iterations; PDF: tolerance
+3e-3, at most 200 iterations, 20 mm padding; TV-ADMM: λ = 1e-4, 50 iterations; TFI:
+``qsmnode.qsm.tfi.TFI``'s defaults.
 """
 
 from __future__ import annotations
