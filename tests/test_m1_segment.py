@@ -88,6 +88,20 @@ def test_without_the_chi_gate_deep_m1_would_be_white_matter(als_slab):
     assert float(np.mean(seg.wm[_deep_left_hand(sim.truth)])) > 0.5
 
 
+def test_deep_m1_with_iron_is_not_csf_when_chi_is_smooth(als_slab):
+    """A smooth χ map (0.005 ppm noise, like a regularised reconstruction's) gives grey matter
+    a narrow χ spread; the raised deep layer is still cortex, not CSF (whose R2* is a sixth of
+    its own). Before grey matter's χ was held against a voxel only below its mean, 42% of it
+    went to CSF."""
+    sim, mag, r2, _ = als_slab
+    chi = sim.truth.chi_ppm + np.random.default_rng(8).normal(0, 0.005, mag.shape).astype(
+        np.float32)
+    seg = segment_tissue(mag, r2, chi, sim.truth.brain_mask, sim.gre.voxel_size_mm)
+    deep = _deep_left_hand(sim.truth)
+    assert float(np.mean(seg.csf[deep])) < 0.02
+    assert float(np.mean(seg.gm[deep])) > 0.95
+
+
 def test_veins_are_not_grey_matter(als_slab, segmented):
     sim, *_ = als_slab
     veins = (sim.truth.labels == Tissue.VEIN) & sim.truth.brain_mask
