@@ -256,11 +256,10 @@ def build_parser() -> argparse.ArgumentParser:
     qsm.add_argument("--out", type=Path, default=None,
                      help="single-folder form: output folder")
     qsm.add_argument("--method", default=DEFAULT_QSM_METHOD, metavar="NAME",
-                     help=f"the QSM pipeline (default {DEFAULT_QSM_METHOD}, the node's): "
-                     "single-step-tv (Laplacian single-step TV: fastest, loses the grey/white "
-                     "contrast), pdf-tv-admm (PDF background removal and TV-ADMM) or tfi "
-                     "(preconditioned total field inversion: best on whole heads, slowest); "
-                     "benchmarks/RESULTS.md")
+                     help=f"the QSM pipeline: tfi (preconditioned total field inversion, the "
+                     f"node's; default {DEFAULT_QSM_METHOD}), pdf-tv-admm (PDF background "
+                     "removal and TV-ADMM) or single-step-tv (the Laplacian single-step TV: "
+                     "fastest, loses the grey/white contrast); benchmarks/RESULTS.md")
     qsm.add_argument("--participant-label", nargs="+", default=None, metavar="LABEL",
                      help="only these participants (with or without sub-)")
     qsm.add_argument("--session-label", nargs="+", default=None, metavar="LABEL",

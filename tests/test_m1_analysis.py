@@ -283,9 +283,10 @@ def test_registration_flags_name_each_check_and_its_threshold() -> None:
 def test_real_philips_whole_head_registration_flags(shared_data) -> None:
     """The real Philips 3T 3 mm whole head. Its magnitude-only mask held the head (3481 mL),
     and the registration was rejected for it (mask_in_template 0.645, NMI 1.109). With the
-    template's brain prior (issue 11) the mask is the brain; the default single-step TV's QSM
-    mask (72 % of it: peeled and eroded) still fails the registration (NMI 1.035 < 1.07,
-    mask_in_template 0.873). TFI, run here, keeps the whole brain mask (99.9 %), and the
+    template's brain prior (issue 11) the mask is the brain; single-step TV's QSM mask (72 %
+    of it: peeled and eroded) still fails the registration (NMI 1.035 < 1.07,
+    mask_in_template 0.873). TFI (the default, named here) keeps the whole brain mask
+    (99.9 %), and the
     registration passes (measured NMI 1.082, mask_in_template 0.979). At 3 mm the
     segmentation finds no cortex it can measure (grey/white ratio 59, median thickness 48 mm):
     the flags, and so the SR and key image, say the M1 measures are not reliable, naming those

@@ -51,28 +51,28 @@ def test_qsm_command_writes_maps_with_the_input_affine(tmp_path: Path) -> None:
     r = np.corrcoef(chi_ppm[inner], truth.chi_ppm[inner])[0, 1]
     assert r > 0.5, f"χ correlates {r:.2f} with the truth inside the mask"
     quality = json.loads((tmp_path / "out" / "quality.json").read_text())
-    assert quality["method"] == DEFAULT_METHOD == "single-step-tv"
+    assert quality["method"] == DEFAULT_METHOD == "tfi"
     record = json.loads(json.dumps(QSMParams().to_record(), default=str))
-    assert quality["params"] == record and METHODS["single-step-tv"] == QSMParams()
-    assert quality["params"]["inversion_method"] == "single_step_tv"
+    assert quality["params"] == record and METHODS["tfi"] == QSMParams()
+    assert quality["params"]["inversion_method"] == "tfi"
 
-    # TFI keeps the deep nuclei's contrast to white matter where the default single-step TV
-    # keeps half of it (measured: truth 0.077 ppm, TFI 0.069, single-step TV 0.035)
+    # the default keeps the deep nuclei's contrast to white matter where single-step TV keeps
+    # half of it (measured: truth 0.077 ppm, default 0.069, single-step TV 0.035)
     default = deep_minus_white(chi_ppm, truth, inner)
-    done = run(tmp_path / "in", "--out", tmp_path / "tfi", "--method", "tfi")
+    done = run(tmp_path / "in", "--out", tmp_path / "sstv", "--method", "single-step-tv")
     assert done.returncode == 0, done.stderr
-    tfi_chi = np.asarray(nib.load(tmp_path / "tfi" / "chi_ppm.nii.gz").dataobj)
-    tfi = deep_minus_white(tfi_chi, truth, inner)
+    sstv_chi = np.asarray(nib.load(tmp_path / "sstv" / "chi_ppm.nii.gz").dataobj)
+    sstv = deep_minus_white(sstv_chi, truth, inner)
     expected = deep_minus_white(np.where(inside, truth.chi_ppm, 0), truth, inner)
-    print(f"deep nuclei − white matter: truth {expected:.3f}, TFI {tfi:.3f}, "
-          f"single-step TV (default) {default:.3f} ppm")
-    assert 0.5 * expected < tfi < 1.5 * expected and tfi > default + 0.01, \
-        (tfi, default, expected)
-    quality = json.loads((tmp_path / "tfi" / "quality.json").read_text())
-    assert quality["method"] == "tfi" and quality["params"]["inversion_method"] == "tfi"
+    print(f"deep nuclei − white matter: truth {expected:.3f}, default {default:.3f}, "
+          f"single-step TV {sstv:.3f} ppm")
+    assert 0.5 * expected < default < 1.5 * expected and default > sstv + 0.01, \
+        (default, sstv, expected)
+    quality = json.loads((tmp_path / "sstv" / "quality.json").read_text())
+    assert quality["method"] == "single-step-tv"
     failed = run(tmp_path / "in", "--out", tmp_path / "x", "--method", "magic")
-    assert failed.returncode == 2 and "--method 'magic': expected one of single-step-tv, " \
-        "pdf-tv-admm, tfi" in failed.stderr
+    assert failed.returncode == 2 and "--method 'magic': expected one of tfi, single-step-tv, " \
+        "pdf-tv-admm" in failed.stderr
 
 
 def test_qsm_command_names_a_missing_part(tmp_path: Path) -> None:

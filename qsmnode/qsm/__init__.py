@@ -9,4 +9,4 @@ The engine is :func:`qsmnode.qsm.engine.run_qsm` with its settings in
 name it without importing numpy) is the one ``QSMParams()`` holds and the node runs.
 """
 
-DEFAULT_METHOD = "single-step-tv"
+DEFAULT_METHOD = "tfi"

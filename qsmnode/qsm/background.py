@@ -22,7 +22,7 @@ kernel radius, so the FFT's circular wrap never reaches the data):
 - :func:`pdf`: projection onto dipole fields (Liu et al., NMR Biomed 2011;24:1129): fit the
   field inside the mask with sources outside it, weighted least squares by CG.
 - :func:`resharp_lbv` (the engine's default for a local-field inversion; the engine itself
-  defaults to single-step TV, ``inversion.single_step_tv``, which needs none): RESHARP
+  defaults to total field inversion, ``tfi``, which needs none): RESHARP
   with a large sphere in the core of the mask, where it
   is the most accurate method, and LBV in the rim it erodes away. LBV's error is the harmonic
   extension of the local field on the mask boundary, which is smooth; it is removed by the

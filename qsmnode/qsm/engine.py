@@ -13,19 +13,18 @@ Steps (each a module of this package; methods cited there):
    dropped (edge islands) or filled from their neighbours (enclosed holes), and outer mask
    layers holding strong sources (bone/air partial volume, seen as a high ``|∇²f|``) are
    peeled (``peel_sources``).
-6. ``inversion.single_step_tv`` (default): Laplacian single-step TV of the total field
-   (Chatnuntawech 2017, Langkammer 2015) after source-layer peeling. Alternatives: ``tfi``,
-   preconditioned total field inversion (Liu 2017): the brain's and the
+6. ``tfi`` (default): preconditioned total field inversion (Liu 2017): the brain's and the
    background's χ fitted together to the total field, so no separate background removal;
    the brain's χ then from ``inversion.tv_admm`` of the local field it leaves, with MEDI's
-   magnitude-edge weights on the TV (Liu T 2012);
+   magnitude-edge weights on the TV (Liu T 2012). Alternatives: ``inversion.single_step_tv``
+   (Laplacian single-step TV, Chatnuntawech 2017, Langkammer 2015) with source-layer peeling;
    ``background`` (RESHARP+LBV, RESHARP, LBV, iSMV, V-SHARP, PDF; Liu 2011) followed by
    ``inversion.tv_admm`` (Bilgic 2014) or ``inversion.tkd`` (Wharton 2010). TFI, PDF and
    TV-ADMM take the combined magnitude as inverse-noise weights.
 7. ``reference``: χ relative to the mean over the QSM mask (or CSF).
 
-:data:`METHODS` names the measured pipelines (``qsmnode qsm --method``): ``single-step-tv``
-(the default, ``QSMParams()``), ``tfi`` and ``pdf-tv-admm``. Measured (issue 11,
+:data:`METHODS` names the measured pipelines (``qsmnode qsm --method``): ``tfi`` (the
+default, ``QSMParams()``), ``single-step-tv`` and ``pdf-tv-admm``. Measured (issue 11,
 numbers in ``benchmarks/RESULTS.md``) on an independent forward model
 (``qsmnode.sim.forward_head``: MNI152 head, qsm-forward's field, shim, offsets and noise;
 qsm-ci scores, dropped voxels as 0; M1: error of the deep-layer left−right change, truth
@@ -43,12 +42,12 @@ reconstruction does not use; deep-layer left-hand change of a true +0.030 ppm):
   shared by three jobs).
 
 TFI keeps the grey/white and deep-grey contrast that single-step TV loses (tissue NRMSE
-59-64 % against 168-395 %), finds the deep-layer M1 change over the true deep layer as well as
-single-step TV on the slabs, and is the only pipeline within the 3T targets; it is the slowest.
-It is not the default: made the default on 2026-12-07, it failed the demo's follow-up, where
-the node's own M1 analysis (registration, areas, layers) found +0.003 ppm of a true +0.02
-change in the left-hand deep layer between two visits (``test_fresh_clone``), which
-single-step TV finds. Single-step TV: λ = 1e-4, ρ_data = 0.01, 30 iterations; PDF: tolerance
+59-64 % against 168-395 %), finds the deep-layer M1 change as well as single-step TV on the
+slabs and through the node's own M1 analysis, and is the only pipeline within the 3T targets;
+it is the slowest. (On 2026-12-07 it first failed the demo's follow-up through the M1
+analysis, +0.003 of a true +0.02 ppm: the segmentation called the raised deep layer of its
+smooth χ CSF, fixed in ``qsmnode.m1.segment``; now +0.0096, single-step TV +0.0107.)
+Single-step TV: λ = 1e-4, ρ_data = 0.01, 30 iterations; PDF: tolerance
 3e-3, at most 200 iterations, 20 mm padding; TV-ADMM: λ = 1e-4, 50 iterations; TFI:
 ``qsmnode.qsm.tfi.TFI``'s defaults.
 """
@@ -117,11 +116,11 @@ class QSMParams:
     offsets: MCPC3DS | None = field(default_factory=MCPC3DS)
     unwrap_method: SpatialUnwrap = field(default_factory=BestPath)
     repair: RepairParams | None = field(default_factory=RepairParams)
-    peel: PeelParams | None = field(default_factory=PeelParams)
+    peel: PeelParams | None = None
     background_peel_voxels: int = 0
     background_method: bg.BackgroundMethod = field(default_factory=bg.ResharpLBV)
     noise_weighting: bool = True
-    inversion_method: inv.InversionMethod | TFI = field(default_factory=inv.SingleStepTV)
+    inversion_method: inv.InversionMethod | TFI = field(default_factory=TFI)
     reference: Literal["mask", "csf"] = "mask"
     r2star_method: Literal["auto", "arlo", "loglinear"] = "auto"
     r2star_max_per_s: float = R2STAR_MAX_PER_S
@@ -177,10 +176,9 @@ class QSMResult:
 
 
 METHODS: dict[str, QSMParams] = {
-    "single-step-tv": QSMParams(),
-    "pdf-tv-admm": QSMParams(background_method=bg.PDF(), peel=None,
-                             inversion_method=inv.TVADMM()),
-    "tfi": QSMParams(peel=None, inversion_method=TFI()),
+    "tfi": QSMParams(),
+    "single-step-tv": QSMParams(peel=PeelParams(), inversion_method=inv.SingleStepTV()),
+    "pdf-tv-admm": QSMParams(background_method=bg.PDF(), inversion_method=inv.TVADMM()),
 }
 """The pipelines measured against the independent forward model, by name (module docstring);
 ``qsmnode.qsm.DEFAULT_METHOD`` is ``QSMParams()``, the one the node runs."""

@@ -202,8 +202,8 @@ CHI_RANGE_FLOOR_PPM = 0.005
 (ppm). A normal run spans about ±0.1..±0.3 ppm (grey and white matter, iron-rich nuclei,
 veins); a phase that carries no field gives exactly 0, and a method that fails on its grid
 gives next to nothing. Measured 1st..99th percentile spreads (ppm) of χ / local field in the
-QSM mask / total field in the brain mask, through ``run_pipeline`` (QSM only, the default
-single-step TV unless named):
+QSM mask / total field in the brain mask, through ``run_pipeline`` (QSM only, single-step TV,
+the default until 2026-12-07, unless named):
 
 - the real ROMEO 3 T 3-echo head (``romeo-3echo-nifti/small``, 0.47 × 0.47 × 1 mm,
   ``run_qsm``): 0.509 / 0.118 / 1.35.
@@ -222,7 +222,7 @@ single-step TV unless named):
 The floor is 3× below the lowest of these (the 2-D gap test's small grid), 4.6× below the tiny
 preset and 34× below real heads. Grids with 4..7 mm voxels in-plane fall below it with
 single-step TV, whose χ there is nearly flat: ``tests.nodeutil.SMALL_SCAN`` (24 × 28 × 12
-voxels of 7 × 7 × 12 mm) 0.00095 / 0.00047 (other methods 0.17..0.35 ppm; TFI
+voxels of 7 × 7 × 12 mm) 0.00095 / 0.00047 (other methods 0.17..0.35 ppm; the default TFI
 0.158 / 0.049), 4 × 4 × 6 mm
 (42 × 50 × 24) 0.0037, 5 × 5 × 8 mm 0.0019..0.0028 (3.5 × 3.5 × 12 mm: 0.0099). Such a map
 is refused, as it should be: it says nothing about the tissue."""

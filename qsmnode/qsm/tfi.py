@@ -54,8 +54,7 @@ Where this differs from the paper, measured (issue 11, ``benchmarks/RESULTS.md``
 
 Measured (qsm-forward MNI head, qsm-ci scores, ``benchmarks/RESULTS.md``): see the list above
 and the table of ``qsmnode.qsm.engine``; 3T and slab figures in RESULTS.md. About 810 FFTs on
-the padded whole-head box. Not the engine's default: as the default, the node's own M1
-analysis found too little of the demo's follow-up change (``qsmnode.qsm.engine``).
+the padded whole-head box. The engine's default (``qsmnode.qsm.engine``).
 
 ``coarse_factor=2`` starts the joint fit from one on a grid twice as coarse (three
 reweightings there, about 90 FFTs' worth) and then, with ``max_outer=1, cg_max_iter=100``,
