@@ -8,6 +8,8 @@ skull shell (−2 ppm) outside it make a background field far stronger than the 
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pytest
 
@@ -75,6 +77,14 @@ def test_differences_and_the_tv_term_built_on_them() -> None:
     dx, dy = forward_differences(x, ones), forward_differences(y, ones)
     expected = sum(float(np.vdot(b, a * w)) for a, b, w in zip(dx, dy, v, strict=True))
     assert abs(float(np.vdot(y, out - 2.0)) - expected) < 1e-4 * abs(expected)
+    # in slabs on a thread pool (as the joint fit runs it): the same sums, bit for bit, also
+    # with slabs of uneven rows and more slabs than threads
+    for n_slabs in (2, 3):
+        threaded = np.full(x.shape, 2.0, np.float32)
+        with ThreadPoolExecutor(2) as pool:
+            add_tv_term(x, v, np.empty_like(x), threaded, pool=pool,
+                        chunk_scratch=[np.empty_like(x) for _ in range(n_slabs)])
+        np.testing.assert_array_equal(threaded, out)
 
 
 def test_edge_weights_leave_the_strongest_magnitude_edges_free() -> None:
