@@ -46,10 +46,12 @@ TFI keeps the grey/white and deep-grey contrast that single-step TV loses (tissu
 slabs and through the node's own M1 analysis, and is the only pipeline within the 3T targets;
 it is the slowest. (On 2026-12-07 it first failed the demo's follow-up through the M1
 analysis, +0.003 of a true +0.02 ppm: the segmentation called the raised deep layer of its
-smooth χ CSF, fixed in ``qsmnode.m1.segment``; now +0.0096, single-step TV +0.0107.)
-Single-step TV: λ = 1e-4, ρ_data = 0.01, 30 iterations; PDF: tolerance
-3e-3, at most 200 iterations, 20 mm padding; TV-ADMM: λ = 1e-4, 50 iterations; TFI:
-``qsmnode.qsm.tfi.TFI``'s defaults.
+smooth χ CSF, fixed in ``qsmnode.m1.segment``; now +0.0096, single-step TV +0.0107.) The
+TFI figures above are with its earlier 20 mm source shell; with 14 mm (its default now,
+``qsmnode.qsm.tfi``) the heads score 36.2 / 37.1 / 39.7 % and the slabs' M1 errors are
+−0.005 / −0.003 / −0.005 ppm. Single-step TV: λ = 1e-4, ρ_data = 0.01, 30 iterations; PDF:
+tolerance 3e-3, at most 200 iterations, 20 mm padding; TV-ADMM: λ = 1e-4, 50 iterations;
+TFI: ``qsmnode.qsm.tfi.TFI``'s defaults.
 """
 
 from __future__ import annotations

@@ -256,7 +256,6 @@ def _joint_fit(
     n_slabs = max(1, min(FFT_WORKERS, grid.shape[0] // 8))
     rows = -(-grid.shape[0] // n_slabs)
     slab_scratch = [np.empty((rows, *grid.shape[1:]), np.float32) for _ in range(n_slabs)]
-    pool = ThreadPoolExecutor(max_workers=n_slabs, thread_name_prefix="tfi-tv")
     if chi0 is None:
         chi = np.zeros(grid.shape, np.float32)
         y = np.zeros(grid.shape, np.float32)
@@ -266,7 +265,7 @@ def _joint_fit(
     cg_iters: list[int] = []
     cg_res: list[float] = []
     change = np.inf
-    try:
+    with ThreadPoolExecutor(max_workers=n_slabs, thread_name_prefix="tfi-tv") as pool:
         for _ in range(max_outer):
             forward_differences(chi, inv_h, grads)
             vw = []
@@ -305,8 +304,6 @@ def _joint_fit(
             change = float(np.linalg.norm(diff)) / max(norm, 1e-30)
             chi = new
             grads = [vw[a] for a in range(3)]
-    finally:
-        pool.shutdown(wait=True)
     return chi, cg_iters, cg_res, change
 
 
