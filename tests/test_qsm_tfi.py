@@ -25,6 +25,7 @@ from qsmnode.qsm.tfi import (
     forward_differences,
     tfi,
 )
+from qsmnode.qsm.util import Slabs
 from qsmnode.sim.field import voxel_field
 
 N = 48
@@ -63,9 +64,10 @@ def _nrmse(chi: np.ndarray, truth: np.ndarray, mask: np.ndarray) -> float:
 
 def test_differences_and_the_tv_term_built_on_them() -> None:
     rng = np.random.default_rng(1)
-    x = rng.standard_normal((6, 7, 8)).astype(np.float32)
-    y = rng.standard_normal((6, 7, 8)).astype(np.float32)
-    v = [rng.random((6, 7, 8)).astype(np.float32) for _ in range(3)]
+    shape = (6, 7, 8)
+    x = rng.standard_normal(shape).astype(np.float32)
+    y = rng.standard_normal(shape).astype(np.float32)
+    v = [rng.random(shape).astype(np.float32) for _ in range(3)]
     inv_h = np.array([1.0, 0.5, 2.0], np.float32)
     gx = forward_differences(x, inv_h)
     np.testing.assert_allclose(gx[1], (np.roll(x, -1, axis=1) - x) * 0.5, rtol=1e-5, atol=1e-6)
@@ -82,8 +84,7 @@ def test_differences_and_the_tv_term_built_on_them() -> None:
     for n_slabs in (2, 3):
         threaded = np.full(x.shape, 2.0, np.float32)
         with ThreadPoolExecutor(2) as pool:
-            add_tv_term(x, v, np.empty_like(x), threaded, pool=pool,
-                        chunk_scratch=[np.empty_like(x) for _ in range(n_slabs)])
+            add_tv_term(x, v, np.empty_like(x), threaded, slabs=Slabs(x.shape[0], pool, n_slabs))
         np.testing.assert_array_equal(threaded, out)
 
 

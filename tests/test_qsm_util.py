@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pytest
 from scipy import ndimage
 
-from qsmnode.qsm.util import erode_faces, farther_than, plane_blocks
+from qsmnode.qsm.util import Slabs, cg, erode_faces, farther_than, plane_blocks
 
 
 def _blob(shape: tuple[int, int, int], seed: int) -> np.ndarray:
@@ -47,3 +49,38 @@ def test_plane_blocks_cover_every_plane_once() -> None:
         covered = [i for s in blocks for i in range(n)[s]]
         assert covered == list(range(n))
         assert all(s.stop - s.start <= max(1, block // plane_bytes) for s in blocks)
+
+
+def test_slabs_split_axis_0_into_consecutive_pieces() -> None:
+    with ThreadPoolExecutor(2) as pool:
+        for n, k in ((10, 2), (7, 3), (2, 5)):
+            slabs = Slabs(n, pool, k)
+            rows = [i for s in slabs.slices for i in range(n)[s]]
+            assert rows == list(range(n)) and len(slabs.slices) == min(n, k)
+            assert slabs.map(lambda s: s.stop - s.start) == [s.stop - s.start for s in slabs.slices]
+    assert Slabs(9, None, 4).slices == [slice(0, 9)]  # no pool: one slab, the caller's thread
+
+
+@pytest.mark.parametrize("preconditioned", [False, True])
+def test_cg_in_slabs_solves_what_it_solves_serially(preconditioned: bool) -> None:
+    # an SPD operator on a 3-D grid: a positive diagonal plus the periodic Laplacian's negative
+    rng = np.random.default_rng(4)
+    shape = (9, 6, 5)
+    diag = (1.0 + rng.random(shape)).astype(np.float32)
+
+    def apply(x: np.ndarray) -> np.ndarray:
+        out = diag * x
+        for a in range(3):
+            out += 2 * x - np.roll(x, 1, axis=a) - np.roll(x, -1, axis=a)
+        return out.astype(np.float32)
+
+    rhs = rng.standard_normal(shape).astype(np.float32)
+    precond = (lambda r: r / (diag + 6)) if preconditioned else None
+    serial, n_serial, res_serial = cg(apply, rhs, tol=1e-6, max_iter=200, precond=precond)
+    with ThreadPoolExecutor(2) as pool:
+        threaded, n_threaded, res_threaded = cg(apply, rhs, tol=1e-6, max_iter=200,
+                                                precond=precond, slabs=Slabs(9, pool, 3))
+    for x, res in ((serial, res_serial), (threaded, res_threaded)):
+        assert res < 1e-5
+        np.testing.assert_allclose(apply(x), rhs, atol=1e-4)
+    assert abs(n_threaded - n_serial) <= 1

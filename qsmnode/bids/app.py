@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
 def single_folder(folder: Path, out: Path, method: str = DEFAULT_METHOD) -> int:
     """QSM of the one acquisition in ``folder`` with the named pipeline
     (:data:`qsmnode.qsm.engine.METHODS`); maps as ``out/<quantity>.nii.gz``."""
-    from qsmnode.dicom.nifti import BidsError, read_megre, write_nifti
+    from qsmnode.dicom.nifti import BidsError, read_megre, write_niftis
     from qsmnode.dicom.reference_data import brain_prior_for
     from qsmnode.qsm.engine import METHODS, run_qsm
 
@@ -79,8 +79,8 @@ def single_folder(folder: Path, out: Path, method: str = DEFAULT_METHOD) -> int:
         "total_field_ppm": (result.total_field_ppm, "total field (ppm)"),
         "local_field_ppm": (result.local_field_ppm, "local field (ppm)"),
     }
-    for name, (volume, what) in outputs.items():
-        write_nifti(volume, gre.affine, out / f"{name}.nii.gz", f"qsmnode: {what}")
+    write_niftis([(volume, gre.affine, out / f"{name}.nii.gz", f"qsmnode: {what}")
+                  for name, (volume, what) in outputs.items()])
     quality = {"method": method, **result.quality}  # "params": every setting of every step
     (out / "quality.json").write_text(json.dumps(quality, indent=2, default=str) + "\n")
     print(f"{len(outputs)} maps written to {out} "

@@ -343,7 +343,7 @@ def process_acquisition(acquisition: MegreAcquisition, bids_root: Path, output_d
 
 def _process(acquisition: MegreAcquisition, bids_root: Path, root: Path,
              options: Options) -> dict[str, Any]:
-    from qsmnode.dicom.nifti import read_megre_files, write_nifti
+    from qsmnode.dicom.nifti import read_megre_files, write_niftis
     from qsmnode.dicom.reference_data import brain_prior_for
     from qsmnode.qsm.engine import run_qsm
 
@@ -357,11 +357,11 @@ def _process(acquisition: MegreAcquisition, bids_root: Path, root: Path,
     facts = _header_facts(gre, acquisition, bids_root, param_dict)
     reference = _reference_region(param_dict, quality)
     outputs: list[Path] = []
-    for spec in MAPS:
-        volume = getattr(result, spec.attribute)
-        volume = volume.astype(np.uint8) if spec.mask else volume.astype(np.float32)
-        path = output_path(root, acquisition, spec.suffix, ".nii.gz")
-        write_nifti(volume, gre.affine, path, f"qsmnode {__version__}: {spec.descrip}")
+    paths = write_niftis([
+        (getattr(result, spec.attribute).astype(np.uint8 if spec.mask else np.float32),
+         gre.affine, output_path(root, acquisition, spec.suffix, ".nii.gz"),
+         f"qsmnode {__version__}: {spec.descrip}") for spec in MAPS])
+    for spec, path in zip(MAPS, paths, strict=True):
         sidecar: dict[str, Any] = {"Description": spec.description, **facts}
         if spec.mask:
             sidecar["Type"] = "Brain"

@@ -11,8 +11,10 @@ import json
 import os
 import re
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TypeVar
 
 import nibabel as nib
 import numpy as np
@@ -20,6 +22,9 @@ from nibabel.filebasedimages import ImageFileError
 from numpy.typing import NDArray
 
 from qsmnode.acquisition import MultiEchoGRE
+
+A = TypeVar("A")
+R = TypeVar("R")
 
 
 class BidsError(ValueError):
@@ -119,38 +124,34 @@ def read_megre_files(files: Mapping[tuple[int, str], Path], name: str,
                 raise BidsError(f"{name}: echo {e} has no part-{part} file")
     mags, phases, tes, b0 = [], [], [], None
     affine = shape = None
-    for e in echoes:
-        for part in ("mag", "phase"):
-            path = files[(e, part)]
+    order = [(e, part) for e in echoes for part in ("mag", "phase")]
+    volumes = _in_threads(_load_volume, [files[key] for key in order])
+    for (e, part), (img_affine, data) in zip(order, volumes, strict=True):
+        path = files[(e, part)]
+        if data.ndim != 3:
+            raise BidsError(f"{path}: expected a 3-D volume, got shape {data.shape}")
+        if affine is None:
+            affine, shape = img_affine, data.shape
+        elif data.shape != shape:
+            raise BidsError(f"{path}: shape {data.shape} differs from the first echo's "
+                            f"{shape}")
+        elif not np.allclose(img_affine, affine, atol=1e-3):
+            raise BidsError(f"{path}: its affine differs from the first echo's")
+        if part == "mag":
+            mags.append(data)
+            meta = _sidecar(path) if root is None else inherited_sidecar(path, root)
+            if "EchoTime" not in meta:
+                raise BidsError(f"{_sidecar_path(path)}: no EchoTime"
+                                + ("" if root is None else " (nor in an inherited "
+                                   "sidecar)"))
             try:
-                img = nib.load(path)
-                data = np.asarray(img.dataobj, dtype=np.float32)
-            except (ImageFileError, OSError, ValueError, EOFError) as exc:
-                raise BidsError(f"{path}: not a readable NIfTI file ({exc})") from None
-            if data.ndim != 3:
-                raise BidsError(f"{path}: expected a 3-D volume, got shape {data.shape}")
-            if affine is None:
-                affine, shape = img.affine, data.shape
-            elif data.shape != shape:
-                raise BidsError(f"{path}: shape {data.shape} differs from the first echo's "
-                                f"{shape}")
-            elif not np.allclose(img.affine, affine, atol=1e-3):
-                raise BidsError(f"{path}: its affine differs from the first echo's")
-            if part == "mag":
-                mags.append(data)
-                meta = _sidecar(path) if root is None else inherited_sidecar(path, root)
-                if "EchoTime" not in meta:
-                    raise BidsError(f"{_sidecar_path(path)}: no EchoTime"
-                                    + ("" if root is None else " (nor in an inherited "
-                                       "sidecar)"))
-                try:
-                    tes.append(float(meta["EchoTime"]))
-                    b0 = float(meta.get("MagneticFieldStrength", b0 or 0.0))
-                except (TypeError, ValueError):
-                    raise BidsError(f"{_sidecar_path(path)}: EchoTime and "
-                                    "MagneticFieldStrength must be numbers") from None
-            else:
-                phases.append(_as_radians(data))
+                tes.append(float(meta["EchoTime"]))
+                b0 = float(meta.get("MagneticFieldStrength", b0 or 0.0))
+            except (TypeError, ValueError):
+                raise BidsError(f"{_sidecar_path(path)}: EchoTime and "
+                                "MagneticFieldStrength must be numbers") from None
+        else:
+            phases.append(_as_radians(data))
     if not b0:
         raise BidsError(f"{name}: no MagneticFieldStrength in the sidecars")
     if len(set(tes)) != len(tes):
@@ -162,6 +163,32 @@ def read_megre_files(files: Mapping[tuple[int, str], Path], name: str,
         affine=np.asarray(affine, dtype=np.float64),
         field_strength_t=b0,
     )
+
+
+def _load_volume(path: Path) -> tuple[NDArray[np.float64], NDArray[np.float32]]:
+    """A NIfTI file's affine and its data as float32; :class:`BidsError` if unreadable."""
+    try:
+        img = nib.load(path)
+        return img.affine, np.asarray(img.dataobj, dtype=np.float32)
+    except (ImageFileError, OSError, ValueError, EOFError) as exc:
+        raise BidsError(f"{path}: not a readable NIfTI file ({exc})") from None
+
+
+def _in_threads(work: Callable[[A], R], items: Sequence[A]) -> list[R]:
+    """``work`` on every item, on one thread per core (zlib releases the GIL while it
+    inflates or deflates a ``.nii.gz``), results in order; the first error is raised."""
+    if len(items) <= 1:
+        return [work(item) for item in items]
+    with ThreadPoolExecutor(max_workers=min(len(items), os.cpu_count() or 1),
+                            thread_name_prefix="nifti") as pool:
+        return list(pool.map(work, items))
+
+
+def write_niftis(volumes: Sequence[tuple[NDArray, NDArray[np.float64], Path, str | None]]
+                 ) -> list[Path]:
+    """:func:`write_nifti` of several ``(volume, affine, path, descrip)`` at once, compressed
+    on one thread per core; the paths in order."""
+    return _in_threads(lambda item: write_nifti(*item), volumes)
 
 
 def _sidecar_path(path: Path) -> Path:

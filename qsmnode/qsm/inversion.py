@@ -33,17 +33,22 @@ thread (as many threads as ``scipy.fft`` workers; numpy releases the GIL).
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from qsmnode.qsm.dipole import FFT_WORKERS, dipole_kernel
-from qsmnode.qsm.util import FftGrid, crop_to_mask, erode_faces, keywords, laplacian_7pt
+from qsmnode.qsm.dipole import dipole_kernel
+from qsmnode.qsm.util import (
+    FftGrid,
+    crop_to_mask,
+    erode_faces,
+    keywords,
+    laplacian_7pt,
+    thread_slabs,
+)
 
 Info = dict[str, Any]
 F32 = NDArray[np.float32]
@@ -52,7 +57,6 @@ T = TypeVar("T")
 _BLOCK_BYTES = 1 << 19
 """Bytes per array per block of the fused element-wise passes (fits a core's L2 cache)."""
 
-_POOL: ThreadPoolExecutor | None = None
 
 
 def _paste(
@@ -125,21 +129,11 @@ def gradient_adjoint(y: list[F32], voxel_size_mm: ArrayLike) -> F32:
     return out
 
 
-def _pool() -> ThreadPoolExecutor:
-    global _POOL
-    if _POOL is None:
-        _POOL = ThreadPoolExecutor(max_workers=max(FFT_WORKERS, 1), thread_name_prefix="qsm-admm")
-    return _POOL
-
-
 def _by_ranges(n: int, work: Callable[[int, int], T]) -> tuple[list[tuple[int, int]], list[T]]:
     """Run ``work(lo, hi)`` on one contiguous range of axis 0 per thread; results in order."""
-    k = max(1, min(FFT_WORKERS, n // 4))
-    edges = np.linspace(0, n, k + 1).round().astype(int)
-    ranges = [(int(a), int(b)) for a, b in itertools.pairwise(edges) if b > a]
-    if len(ranges) == 1:
-        return ranges, [work(*ranges[0])]
-    return ranges, list(_pool().map(lambda r: work(*r), ranges))
+    slabs = thread_slabs(n)
+    return ([(s.start, s.stop) for s in slabs.slices],
+            slabs.map(lambda s: work(s.start, s.stop)))
 
 
 def _planes(arr: NDArray[Any]) -> int:

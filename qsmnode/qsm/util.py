@@ -7,9 +7,11 @@ time in units of "one FFT on this grid" (``n_fft`` in the steps' info dicts).
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterator
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 import scipy.fft as sfft
@@ -18,6 +20,7 @@ from numpy.typing import ArrayLike, NDArray
 from qsmnode.qsm.dipole import FFT_WORKERS
 
 Slices = tuple[slice, slice, slice]
+T = TypeVar("T")
 
 
 @dataclass
@@ -42,12 +45,12 @@ class FftGrid:
         self.n_fft += 1
         return sfft.rfftn(x, s=self.shape, workers=FFT_WORKERS)
 
-    def inverse(
-        self, spectrum: NDArray[np.complex64], overwrite: bool = True
-    ) -> NDArray[np.float32]:
-        """``irfftn`` back to the full real grid, float32 (the input may be destroyed)."""
+    def inverse(self, spectrum: NDArray[np.complex64]) -> NDArray[np.float32]:
+        """``irfftn`` back to the full real grid, float32; the spectrum is kept. (Letting
+        pocketfft overwrite it was slower: 162×200×180 on 2 cores, median 25.6 against 21.3
+        ms; TFI on a 7T head 26.7 → 25.8 s.)"""
         self.n_fft += 1
-        return sfft.irfftn(spectrum, s=self.shape, workers=FFT_WORKERS, overwrite_x=overwrite)
+        return sfft.irfftn(spectrum, s=self.shape, workers=FFT_WORKERS)
 
     def embed(self, x: NDArray[np.floating], dtype: type = np.float32) -> NDArray[np.float32]:
         """``x`` copied into the low corner of a zero array of the grid shape."""
@@ -71,6 +74,59 @@ def plane_blocks(n_planes: int, plane_bytes: int,
         yield slice(lo, min(lo + step, n_planes))
 
 
+@dataclass
+class Slabs:
+    """Consecutive slabs along axis 0 of one grid, worked on in parallel by a thread pool.
+
+    NumPy releases the GIL in its element-wise loops and dot products, so memory-bound passes
+    over a whole grid (the CG's vector updates, products with weights) run on every core when
+    each thread takes one slab. Measured on a 162×200×180 float32 grid, 2 cores: a product
+    3.6 → 1.5 ms, a dot product 1.6 → 1.0 ms. Without a pool (the default) there is one slab,
+    the whole axis, and the work runs in the caller's thread.
+
+    Args:
+        n_rows: length of axis 0 of the arrays to split (a half spectrum has the same).
+        pool: the thread pool, or None: serial.
+        count: number of slabs (one per thread of ``pool``; at most ``n_rows``).
+    """
+
+    n_rows: int
+    pool: Executor | None = None
+    count: int = 1
+    slices: list[slice] = field(init=False)
+
+    def __post_init__(self) -> None:
+        k = 1 if self.pool is None else max(1, min(self.count, self.n_rows))
+        edges = [round(i * self.n_rows / k) for i in range(k + 1)]
+        self.slices = [slice(lo, hi) for lo, hi in itertools.pairwise(edges)]
+
+    def map(self, work: Callable[[slice], T]) -> list[T]:
+        """``work(slab)`` for every slab (in the pool when there is more than one), in order."""
+        if self.pool is None or len(self.slices) == 1:
+            return [work(s) for s in self.slices]
+        return list(self.pool.map(work, self.slices))
+
+    def dot(self, a: NDArray[np.float32], b: NDArray[np.float32]) -> float:
+        """``Σ a·b`` over the whole arrays, one partial sum per slab."""
+        return sum(self.map(lambda s: float(np.dot(a[s].ravel(), b[s].ravel()))))
+
+    def multiply(self, a: NDArray[Any], b: NDArray[Any], out: NDArray[Any]) -> None:
+        """``out = a · b`` in slabs (all three with the slabs' axis-0 length)."""
+        self.map(lambda s: np.multiply(a[s], b[s], out=out[s]))
+
+
+_POOL: ThreadPoolExecutor | None = None
+
+
+def thread_slabs(n_rows: int, min_rows: int = 4) -> Slabs:
+    """Slabs of axis 0 (length ``n_rows``) on the QSM steps' shared thread pool: one per FFT
+    worker, each at least ``min_rows`` long (fewer on a short axis)."""
+    global _POOL
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(max_workers=max(FFT_WORKERS, 1), thread_name_prefix="qsm-slab")
+    return Slabs(n_rows, _POOL, max(1, min(FFT_WORKERS, n_rows // min_rows)))
+
+
 def keywords(params: Any) -> dict[str, Any]:
     """A method's parameter type (a dataclass) as the keywords of the method's function: its
     fields, less those not set at construction (``method``, the name it is recorded by)."""
@@ -86,7 +142,7 @@ def time_one_fft(shape: tuple[int, int, int], repeats: int = 3) -> float:
     for _ in range(repeats):
         t0 = time.perf_counter()
         s = sfft.rfftn(x, workers=FFT_WORKERS)
-        sfft.irfftn(s, s=shape, workers=FFT_WORKERS, overwrite_x=True)
+        sfft.irfftn(s, s=shape, workers=FFT_WORKERS)
         times.append((time.perf_counter() - t0) / 2)
     return float(np.median(times))
 
@@ -234,11 +290,16 @@ def erode_faces(mask: NDArray[np.bool_], iterations: int = 1) -> NDArray[np.bool
 
 
 def convolve(
-    grid: FftGrid, x: NDArray[np.float32], kernel: NDArray[np.float32]
+    grid: FftGrid, x: NDArray[np.float32], kernel: NDArray[np.float32],
+    slabs: Slabs | None = None,
 ) -> NDArray[np.float32]:
-    """Circular convolution of ``x`` (embedded in the grid) with a real half-spectrum kernel."""
+    """Circular convolution of ``x`` (embedded in the grid) with a real half-spectrum kernel
+    (the product with the kernel in ``slabs`` of axis 0, if given)."""
     spec = grid.forward(x)
-    spec *= kernel
+    if slabs is None:
+        spec *= kernel
+    else:
+        slabs.multiply(spec, kernel, spec)
     return grid.inverse(spec)
 
 
@@ -259,6 +320,7 @@ def cg(
     max_iter: int = 100,
     precond: Callable[[NDArray[np.float32]], NDArray[np.float32]] | None = None,
     relative_to: Literal["rhs", "start"] = "rhs",
+    slabs: Slabs | None = None,
 ) -> tuple[NDArray[np.float32], int, float]:
     """(Preconditioned) conjugate gradients for a symmetric positive (semi)definite operator.
 
@@ -267,12 +329,11 @@ def cg(
     ``apply`` must return a new array: its result is reused as scratch. ``relative_to="start"``
     measures ``tol`` and the returned residual against the residual at ``x0`` instead of
     ``|b|``, so a warm start close to the solution still takes steps (TFI's reweightings).
+    ``slabs`` (:class:`Slabs` of ``rhs``'s axis 0) runs the vector updates and dot products
+    slab by slab on its thread pool; the sums then add in another order (float32 rounding).
     """
-
-    def dot(a: NDArray[np.float32], b: NDArray[np.float32]) -> float:
-        return float(np.dot(a.ravel(), b.ravel()))
-
-    b_norm = np.sqrt(dot(rhs, rhs))
+    sl = slabs if slabs is not None else Slabs(rhs.shape[0])
+    b_norm = np.sqrt(sl.dot(rhs, rhs))
     if b_norm == 0.0 and relative_to == "rhs":
         return np.zeros_like(rhs), 0, 0.0
     if x0 is None or not np.any(x0):
@@ -281,29 +342,43 @@ def cg(
     else:
         x = x0.astype(np.float32, copy=True)
         r = rhs - apply(x)
+    rr = sl.dot(r, r)
     if relative_to == "start":
-        b_norm = np.sqrt(dot(r, r))
+        b_norm = np.sqrt(rr)
         if b_norm == 0.0:
             return x, 0, 0.0
     z = r if precond is None else precond(r)
     p = z.copy()
     tmp = np.empty_like(p)
-    rz = dot(r, z)
-    rr = dot(r, r)
+    rz = rr if precond is None else sl.dot(r, z)
     it = 0
     while it < max_iter and np.sqrt(rr) > tol * b_norm:
         ap = apply(p)
-        pap = dot(p, ap)
+        pap = sl.dot(p, ap)
         if pap <= 0.0:
             break
         alpha = np.float32(rz / pap)
-        x += np.multiply(p, alpha, out=tmp)
-        r -= np.multiply(ap, alpha, out=ap)
-        rr = dot(r, r)
-        z = r if precond is None else precond(r)
-        rz_new = dot(r, z)
-        p *= np.float32(rz_new / rz)
-        p += z
+
+        def update(s: slice, alpha: np.float32 = alpha, ap: NDArray[np.float32] = ap) -> float:
+            x[s] += np.multiply(p[s], alpha, out=tmp[s])
+            rs = r[s]
+            rs -= np.multiply(ap[s], alpha, out=ap[s])
+            return float(np.dot(rs.ravel(), rs.ravel()))
+
+        rr = sum(sl.map(update))
+        if precond is None:
+            z, rz_new = r, rr
+        else:
+            z = precond(r)
+            rz_new = sl.dot(r, z)
+        beta = np.float32(rz_new / rz)
+
+        def direction(s: slice, beta: np.float32 = beta, z: NDArray[np.float32] = z) -> None:
+            ps = p[s]
+            ps *= beta
+            ps += z[s]
+
+        sl.map(direction)
         rz = rz_new
         it += 1
     return x, it, float(np.sqrt(rr) / b_norm)
