@@ -13,6 +13,7 @@ from qsmnode.dicom import reference_data
 from qsmnode.m1.atlas import area_value, m1_hemispheres, resample_labels, split_areas
 from qsmnode.m1.register import (
     Registration,
+    RegistrationLost,
     RegistrationParams,
     normalised_mutual_information,
     register,
@@ -273,3 +274,17 @@ def test_a_vertex_slab_mirrored_left_right_is_rejected(target):
     reg = register(mirrored, sim.gre.affine, mask, tmpl.data, tmpl.affine)
     print(f"mirrored vertex slab: NMI {reg.quality_nmi:.3f}, mask {reg.mask_in_template:.3f}")
     assert not reg.acceptable
+
+
+def test_a_subject_far_off_the_template_fails_with_a_plain_reason(target) -> None:
+    """A header that puts the brain 400 mm from where it is: the optimiser finds no overlap
+    with the template (ITK: "All samples map outside moving image buffer"), reported in plain
+    words that name the likely cause, not ITK's text."""
+    tmpl = target[0]
+    shifted = tmpl.affine.copy()
+    shifted[0, 3] += 400.0
+    with pytest.raises(RegistrationLost, match="no longer overlapped the template") as caught:
+        register(tmpl.data, shifted, tmpl.data > 0, tmpl.data, tmpl.affine,
+                 RegistrationParams(bspline_mesh_mm=0.0, affine=False))
+    assert "ITK" not in str(caught.value) and "patient position" in str(caught.value)
+    assert isinstance(caught.value, ValueError)
