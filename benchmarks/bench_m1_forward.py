@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import subprocess
 import sys
 import tempfile
@@ -37,7 +36,7 @@ import nibabel as nib
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_qsm_forward import CASES
+from bench_qsm_forward import CASES, report
 
 from qsmnode.m1.result import segment_label
 from qsmnode.sim.forward_head import simulate_head, write_bids
@@ -97,13 +96,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.cases:
             for seed in args.seeds:
-                res = run_case(name, seed, Path(tmp))
-                line = json.dumps({k: (round(v, 4) if isinstance(v, float) else v)
-                                   for k, v in res.items()})
-                print(line, flush=True)
-                if args.json:
-                    with args.json.open("a") as f:
-                        f.write(line + "\n")
+                report(run_case(name, seed, Path(tmp)), args.json)
 
 
 if __name__ == "__main__":

@@ -163,6 +163,16 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
     return float(2 * (a & b).sum() / max(a.sum() + b.sum(), 1))
 
 
+def report(result: dict, json_path: Path | None) -> None:
+    """Print one result as a JSON line (floats to 4 decimals), and append it to ``json_path``."""
+    line = json.dumps({k: (round(v, 4) if isinstance(v, float) else v)
+                       for k, v in result.items()})
+    print(line, flush=True)
+    if json_path:
+        with json_path.open("a") as f:
+            f.write(line + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
@@ -180,13 +190,7 @@ def main() -> None:
             for seed in args.seeds:
                 cond = replace(CASES[name], seed=seed, voxel_mm=args.voxel_mm)
                 for method in args.methods:
-                    res = run_case(name, cond, Path(td), args.budget, method)
-                    line = json.dumps({k: (round(v, 4) if isinstance(v, float) else v)
-                                       for k, v in res.items()})
-                    print(line, flush=True)
-                    if args.json:
-                        with args.json.open("a") as f:
-                            f.write(line + "\n")
+                    report(run_case(name, cond, Path(td), args.budget, method), args.json)
 
 
 if __name__ == "__main__":
