@@ -445,7 +445,9 @@ def test_study_is_stored_as_received_once(
     again = node.storescu("+sd", "+r", study[0].parent.parent)
     assert again.returncode == 0, again.stderr
     assert node.count() == 320 and len(node.spool_files()) == 320
-    assert "0 stored, 320 duplicates" in node.log()
+    # the association's summary is logged after the release that ends storescu
+    nodeutil.wait_for(lambda: "0 stored, 320 duplicates" in node.log(), "the duplicates' summary",
+             timeout_s=30, log=node.log)
 
     # another SOP class of the same study is kept when store_other_sop_classes is true
     capture = secondary_capture(study[0], tmp_path / "capture.dcm")
