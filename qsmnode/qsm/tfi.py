@@ -242,8 +242,10 @@ def _joint_fit(
     grads = [np.empty(grid.shape, np.float32) for _ in range(3)]
     px = np.empty(grid.shape, np.float32)  # buffers the CG steps reuse
     scratch = np.empty(grid.shape, np.float32)
-    # element-wise work in slabs of axis 0, one per FFT worker, so it uses every core too
-    slabs = thread_slabs(grid.shape[0], min_rows=8)
+    # element-wise work in slabs of axis 0, one per FFT worker, so it uses every core too: the
+    # TV term's always, the light passes (CG updates, products) on a grid large enough to gain
+    tv_slabs = thread_slabs(grid.shape[0], min_rows=8)
+    slabs = thread_slabs(grid.shape[0], min_rows=8, n_voxels=int(np.prod(grid.shape)))
     rhs = dconv(w2 * f_full)
     rhs *= precond
     if chi0 is None:
@@ -280,7 +282,7 @@ def _joint_fit(
             out = dconv(px)
             slabs.multiply(out, w2, out)
             out = dconv(out)
-            add_tv_term(px, vw, scratch, out, slabs=slabs)
+            add_tv_term(px, vw, scratch, out, slabs=tv_slabs)
             slabs.multiply(out, precond, out)
             return out
 
