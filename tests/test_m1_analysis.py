@@ -16,7 +16,7 @@ import pytest
 from qsmnode.dicom.reference_data import load_m1_atlas
 from qsmnode.m1.analysis import analyse_m1
 from qsmnode.m1.measure import NormativeTable, NormativeValue
-from qsmnode.m1.result import AREAS, LAYERS, RELIABILITY_FLAG, segment_of
+from qsmnode.m1.result import AREAS, LAYERS, RELIABILITY_CHECKS, RELIABILITY_FLAG, segment_of
 from qsmnode.sim.anatomy import simulate_anatomy
 from qsmnode.sim.phantom import DEFAULT_PROPERTIES, Tissue
 from qsmnode.sim.scanner import ScanParams, preset
@@ -380,3 +380,28 @@ def test_a_slab_with_feet_first_for_head_first_is_rejected_with_a_plain_reason(l
     assert "normalised mutual information" in flags["registration_nmi"].text
     assert not flags["m1_measures_reliable"].passed
     assert not any(flags[f"coverage_{a}"].passed for a in AREAS)
+
+
+def test_area_size_flag_catches_a_warp_that_distorts_one_area() -> None:
+    """The misregistration of bench_m1_forward seed 0 (before the 8 mm pyramid level) passed
+    NMI and mask checks but shrank the left hand area to 0.56 of its atlas volume while the
+    others kept 0.65-1.08: the relative sizes say so. Areas out of view are not judged."""
+    from qsmnode.m1.analysis import area_size_flag
+
+    atlas = {"left_hand": 3192.0, "right_hand": 3026.0, "left_foot": 4406.0,
+             "right_foot": 4226.0}
+    everywhere = dict.fromkeys(AREAS, True)
+    scaled = {a: 1.1 * v for a, v in atlas.items()}  # a larger brain: every area alike
+    (good,) = area_size_flag(scaled, atlas, everywhere)
+    assert good.name == "registration_areas" and good.passed and abs(good.value - 1) < 1e-9
+    bad_scale = {"left_hand": 0.56, "right_hand": 1.08, "left_foot": 0.65, "right_foot": 0.80}
+    distorted = {a: bad_scale[a] * v for a, v in atlas.items()}
+    (bad,) = area_size_flag(distorted, atlas, everywhere)
+    assert not bad.passed and "right_hand is distorted" in bad.text
+    assert bad.value == pytest.approx(1.08 / np.median(list(bad_scale.values())))
+    # judged on the two left-side areas only (a lateral slab: 0.56 and 0.65, alike enough)
+    left_only = {"left_hand": True, "left_foot": True}
+    (left,) = area_size_flag(distorted, atlas, left_only)
+    assert left.passed
+    assert area_size_flag(distorted, atlas, {"left_hand": True}) == ()
+    assert "registration_areas" in RELIABILITY_CHECKS

@@ -11,7 +11,9 @@
 3. Cortical depth and thickness in the segmented grey matter (``layers``).
 4. Measurements per area and layer, coverage and quality flags (``measure``). The
    registration has one flag per acceptance criterion (``registration_nmi``,
-   ``registration_mask``), each naming its threshold. When a check the measures rest on fails
+   ``registration_mask``), each naming its threshold, and one for the areas' sizes after the
+   warp (``registration_areas``: a misregistration the two image figures pass). When a check
+   the measures rest on fails
    (``RELIABILITY_CHECKS``: registration, grey/white ratio, cortical thickness; e.g. on a
    phantom sphere or a gross misregistration), the result carries a failed
    ``m1_measures_reliable`` flag saying which, and no z-score.
@@ -172,6 +174,51 @@ def registration_flags(reg: Registration, through_t1w: bool) -> tuple[QualityFla
     )
 
 
+AREA_SIZE_RANGE = (0.8, 1.25)
+"""Allowed size of each area in view after the warp, relative to the others (its warped
+volume over its atlas volume, divided by the median of that over the areas in view). A good
+warp scales the areas alike: anatomy phantom slabs (poses 1-5, a randomly deformed
+template) 0.87-1.07, qsm-forward's vertex slab 0.96-1.03. The misregistration of
+``benchmarks/bench_m1_forward.py`` seed 0 before the 8 mm pyramid level (left hand knob 21 mm
+off, NMI 1.095 and mask 0.996 passing) shrank the left hand area to 0.77 and grew another to
+1.49; the real Philips 3T 3 mm whole head (NMI 1.082) gives 0.93-1.43."""
+
+
+def area_size_flag(expected_mm3: dict[str, float], atlas_mm3: dict[str, float],
+                   in_view: dict[str, bool],
+                   size_range: tuple[float, float] = AREA_SIZE_RANGE) -> tuple[QualityFlag, ...]:
+    """``registration_areas``: whether the warp kept the areas' relative sizes.
+
+    Args:
+        expected_mm3: each area's whole warped volume in the subject (beyond the slab too).
+        atlas_mm3: each area's volume in the atlas.
+        in_view: whether enough of the area is in the field of view to judge it (an area far
+            outside the slab is warped by an unconstrained part of the transform).
+        size_range: the allowed relative size (:data:`AREA_SIZE_RANGE`).
+
+    Returns:
+        One flag, or none when fewer than two areas are in view.
+    """
+    judged = [a for a in AREAS if in_view.get(a) and atlas_mm3.get(a, 0) > 0]
+    if len(judged) < 2:
+        return ()
+    scale = {a: expected_mm3[a] / atlas_mm3[a] for a in judged}
+    median = float(np.median(list(scale.values())))
+    if median <= 0:
+        return (QualityFlag("registration_areas", False, None,
+                            "the atlas areas vanish after registration"),)
+    relative = {a: v / median for a, v in scale.items()}
+    worst = max(judged, key=lambda a: abs(np.log(max(relative[a], 1e-6))))
+    lo, hi = size_range
+    passed = all(lo <= v <= hi for v in relative.values())
+    sizes = ", ".join(f"{a} {relative[a]:.2f}" for a in judged)
+    text = (f"area sizes after registration relative to their median: {sizes} "
+            f"(allowed {lo:g}-{hi:g}; "
+            + ("acceptable)" if passed else
+               f"{worst} is distorted: the registration misplaced the M1 region)"))
+    return (QualityFlag("registration_areas", passed, float(relative[worst]), text),)
+
+
 LATERALITY_FLAG = "t1w_laterality"
 """The flag of :func:`qsmnode.m1.laterality.laterality_check` (present only with a T1w)."""
 
@@ -300,7 +347,12 @@ def analyse_m1(
         boundary_margin_mm=p.boundary_margin_mm, **rule,
     )
     coverage = area_coverage(areas, seg.gm, layers.depth, vs, **rule)
+    counts = np.bincount(np.asarray(atlas.areas).ravel(), minlength=len(AREAS) + 1)
+    atlas_voxel = abs(float(np.linalg.det(atlas.areas_affine[:3, :3])))
+    atlas_mm3 = {a: float(counts[i]) * atlas_voxel for i, a in enumerate(AREAS, start=1)}
+    in_view = {a: c.fov_fraction >= p.min_fov_fraction for a, c in coverage.items()}
     flags = (*registration_flags(reg, t1w is not None and not t1w_not_used),
+             *area_size_flag(expected, atlas_mm3, in_view),
              *quality_flags(coverage, seg.gm, seg.wm, layers.thickness_mm),
              *laterality_flags(magnitude, affine, brain_mask, t1w))
     measurements, flags = withhold_if_unreliable(measurements, flags)

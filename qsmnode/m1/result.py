@@ -66,8 +66,8 @@ class QualityFlag:
     text: str
 
 
-RELIABILITY_CHECKS = ("registration_nmi", "registration_mask", "segmentation_gm_wm_ratio",
-                      "cortical_thickness", "t1w_laterality")
+RELIABILITY_CHECKS = ("registration_nmi", "registration_mask", "registration_areas",
+                      "segmentation_gm_wm_ratio", "cortical_thickness", "t1w_laterality")
 """The quality flags the M1 measures rest on: when one fails (a misregistration, a
 segmentation that found no cortex, non-brain input such as a phantom sphere, a GRE mirrored
 left-right with respect to its same-session T1w), the measures are not reliable. Coverage is
