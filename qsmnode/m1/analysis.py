@@ -27,6 +27,7 @@ from __future__ import annotations
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 
 import numpy as np
 from numpy.typing import NDArray
@@ -68,6 +69,17 @@ class M1Atlas:
     template_affine: NDArray[np.float64]
     areas: NDArray[np.uint8]
     areas_affine: NDArray[np.float64]
+
+    @cached_property
+    def area_volumes_mm3(self) -> dict[str, float]:
+        """Each area's volume in the atlas (mm³), counted once."""
+        return area_volumes(self.areas, abs(float(np.linalg.det(self.areas_affine[:3, :3]))))
+
+
+def area_volumes(labels: NDArray, voxel_mm3: float) -> dict[str, float]:
+    """Volume (mm³) of each area of ``AREAS`` in a label volume (``AREAS.index(area) + 1``)."""
+    counts = np.bincount(np.asarray(labels).ravel(), minlength=len(AREAS) + 1)
+    return {area: float(counts[i]) * voxel_mm3 for i, area in enumerate(AREAS, start=1)}
 
 
 @dataclass(frozen=True)
@@ -124,8 +136,7 @@ def expected_area_volumes(
     """Each area's whole volume in the subject (mm³), warped onto a grid beyond the slab."""
     ext_shape, ext_affine = _extended_grid(shape, affine, margin_mm, step_mm)
     warped = warp_labels(registration, atlas.areas, atlas.areas_affine, ext_shape, ext_affine)
-    counts = np.bincount(np.asarray(warped).ravel(), minlength=len(AREAS) + 1)
-    return {area: float(counts[i]) * step_mm**3 for i, area in enumerate(AREAS, start=1)}
+    return area_volumes(warped, step_mm**3)
 
 
 def register_subject(
@@ -347,12 +358,9 @@ def analyse_m1(
         boundary_margin_mm=p.boundary_margin_mm, **rule,
     )
     coverage = area_coverage(areas, seg.gm, layers.depth, vs, **rule)
-    counts = np.bincount(np.asarray(atlas.areas).ravel(), minlength=len(AREAS) + 1)
-    atlas_voxel = abs(float(np.linalg.det(atlas.areas_affine[:3, :3])))
-    atlas_mm3 = {a: float(counts[i]) * atlas_voxel for i, a in enumerate(AREAS, start=1)}
     in_view = {a: c.fov_fraction >= p.min_fov_fraction for a, c in coverage.items()}
     flags = (*registration_flags(reg, t1w is not None and not t1w_not_used),
-             *area_size_flag(expected, atlas_mm3, in_view),
+             *area_size_flag(expected, atlas.area_volumes_mm3, in_view),
              *quality_flags(coverage, seg.gm, seg.wm, layers.thickness_mm),
              *laterality_flags(magnitude, affine, brain_mask, t1w))
     measurements, flags = withhold_if_unreliable(measurements, flags)

@@ -305,10 +305,7 @@ def convolve(
     """Circular convolution of ``x`` (embedded in the grid) with a real half-spectrum kernel
     (the product with the kernel in ``slabs`` of axis 0, if given)."""
     spec = grid.forward(x)
-    if slabs is None:
-        spec *= kernel
-    else:
-        slabs.multiply(spec, kernel, spec)
+    (slabs or Slabs(spec.shape[0])).multiply(spec, kernel, spec)
     return grid.inverse(spec)
 
 
