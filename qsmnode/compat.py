@@ -201,6 +201,32 @@ def wake_dimse_on_close(event: Any) -> None:
             pass
 
 
+class RejectionSeen:
+    """The A-ASSOCIATE-RJ a requestor's DUL received, as an ``EVT_PDU_RECV`` handler.
+
+    pynetdicom's requestor can miss a rejection: when the peer closes the connection right
+    after its A-ASSOCIATE-RJ and the DUL thread has closed the socket before the requesting
+    thread looks, that thread sees no connection and aborts, so the association reads as
+    aborted, not rejected (on a loaded machine, 1 in 10 rejections by Orthanc). The DUL did
+    decode the PDU: this keeps it.
+    """
+
+    def __init__(self) -> None:
+        self.received: Any = None
+
+    def handler(self, event: Any) -> None:
+        from pynetdicom.pdu import A_ASSOCIATE_RJ
+
+        if isinstance(event.pdu, A_ASSOCIATE_RJ):
+            self.received = event.pdu.to_primitive()
+
+    def rejection(self, assoc: Any) -> Any:
+        """The rejecting A-ASSOCIATE primitive of ``assoc``; None when it was not rejected."""
+        if assoc.is_rejected:
+            return assoc.acceptor.primitive
+        return self.received
+
+
 def peer_of_current_thread() -> str | None:
     """``host:port`` of the peer of the association whose thread (pynetdicom's association or
     DUL thread) is running, or None."""

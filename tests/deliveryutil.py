@@ -12,9 +12,11 @@ with it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import socket
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,39 @@ ALGORITHM_VERSION = "0.1-test"
 CREATED = dt.datetime(2024, 5, 17, 12, 0, 0)
 
 
+
+
+@contextlib.contextmanager
+def rejecting_peer(ae_title: str) -> Iterator[int]:
+    """A pynetdicom SCP (Verification and Study Root FIND) that rejects every association
+    not called ``ae_title`` (before it looks at the contexts); yields its port."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind, Verification
+
+    ae = AE(ae_title=ae_title)
+    ae.require_called_aet = True
+    ae.add_supported_context(Verification)
+    ae.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
+    server = ae.start_server(("127.0.0.1", 0), block=False)
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+
+
+def slow_requestor(monkeypatch: Any, delay_s: float = 0.5) -> None:
+    """Make pynetdicom's requesting thread pause after it sends A-ASSOCIATE-RQ, so the DUL
+    thread has received the answer (and, for a rejection, closed the connection) before the
+    requestor looks: the interleaving a loaded machine produces by chance."""
+    from pynetdicom.acse import ACSE
+
+    send_request = ACSE.send_request
+
+    def slow(self: Any) -> None:
+        send_request(self)
+        time.sleep(delay_s)
+
+    monkeypatch.setattr(ACSE, "send_request", slow)
 
 
 def kill(server: Orthanc) -> None:

@@ -56,7 +56,9 @@ from tests.deliveryutil import (
     kill,
     orthanc_series,
     orthanc_study_uids,
+    rejecting_peer,
     settings_for,
+    slow_requestor,
     truth_process,
     wait_delivered,
 )
@@ -228,6 +230,25 @@ def test_backoff_doubles_to_its_ceiling_and_rejections_read_in_words() -> None:
     assert describe_rejection(Rejection()) == (
         "calling AE title not recognised (permanent rejection by the service user; result 1, "
         "source 1, diagnostic 3)")
+
+
+@pytest.mark.parametrize("slow", [False, True], ids=["", "requestor-slower-than-the-close"])
+def test_a_rejection_reads_as_a_rejection(slow: bool, tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Even when pynetdicom's requesting thread looks only after the rejection has closed the
+    connection (it then reads the association as aborted)."""
+    if slow:
+        slow_requestor(monkeypatch)
+    path = tmp_path / "1.dcm"
+    pydicom.dcmwrite(path, tiny_instance(1), enforce_file_format=True)
+    files = [sender_module.OutgoingFile(path, path, MR_IMAGE, ExplicitVRLittleEndian)]
+    with rejecting_peer("STORE") as port:
+        peer = Peer("x", "NOTSTORE", "127.0.0.1", port, "QSMNODE")
+        with pytest.raises(AssociationFailed) as caught:
+            send_over_association(peer, files, timeout_s=30)
+    assert caught.value.rejected
+    assert str(caught.value).startswith("association rejected by NOTSTORE@127.0.0.1:")
+    assert "called AE title not recognised (permanent rejection" in str(caught.value)
 
 
 def test_connection_refused_and_tls(tmp_path: Path, derived: list[Dataset]) -> None:

@@ -30,6 +30,7 @@ from qsmnode.node.prior_query import (
     find_prior_reports,
 )
 from tests.conftest import require_tool
+from tests.deliveryutil import rejecting_peer, slow_requestor
 
 CALLING = "QSMNODE"
 MOVE_AE = "QSMPRIOR"
@@ -317,11 +318,21 @@ def test_silent_peer_times_out() -> None:
 
 
 def test_rejected(pacs: Pacs) -> None:
-    # A generous timeout: on a loaded 2-core CI machine Orthanc once took over 5 s to answer
-    # the association request, and the test reported a timeout, not the rejection it checks.
     with pytest.raises(PriorQueryError, match=r"prior query to test-pacs .*association "
                                               r"rejected: called AE title not recognised"):
-        find_prior_reports(pacs.peer("NOTORTHANC"), ada_query(pacs), timeout_s=30)
+        find_prior_reports(pacs.peer("NOTORTHANC"), ada_query(pacs), timeout_s=5)
+
+
+def test_rejected_when_the_requestor_looks_after_the_close(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """pynetdicom's requesting thread, looking only after the rejection closed the connection,
+    reads the association as aborted: the rejection is still what is reported."""
+    slow_requestor(monkeypatch)
+    with rejecting_peer("PACS") as port:
+        peer = Peer("slow-pacs", "NOTPACS", "127.0.0.1", port, CALLING)
+        with pytest.raises(PriorQueryError, match=r"^prior query to slow-pacs .*association "
+                                                  r"rejected: called AE title not recognised"):
+            find_prior_reports(peer, PriorQuery("X1", "", generate_uid(), ""), timeout_s=30)
 
 
 def test_find_failure_status() -> None:

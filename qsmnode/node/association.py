@@ -196,14 +196,14 @@ def _on_open(connected: threading.Event, event: Any) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-def _association_failure(peer: Peer, assoc: Any, connected: bool,
+def _association_failure(peer: Peer, assoc: Any, rejection: Any, connected: bool,
                          connect_errors: list[str]) -> AssociationFailed:
-    """Why no association was established with ``peer``, as the error to raise."""
+    """Why no association was established with ``peer`` (``rejection``: the A-ASSOCIATE-RJ
+    received, or None), as the error to raise."""
     where = f"{peer.ae_title}@{peer.host}:{peer.port}"
-    if assoc.is_rejected:
+    if rejection is not None:
         return AssociationFailed(f"association rejected by {where}: "
-                                 f"{describe_rejection(assoc.acceptor.primitive)}",
-                                 rejected=True)
+                                 f"{describe_rejection(rejection)}", rejected=True)
     if not connected:
         why = connect_errors[-1] if connect_errors else "no connection"
         return AssociationFailed(f"cannot connect to {where}: {why}")
@@ -231,13 +231,16 @@ def _associate(peer: Peer, syntaxes: dict[str, set[str]], timeout_s: float) -> A
     context = client_ssl_context(peer.tls)
     tls_args = None if context is None else (context, peer.host)
     connected = threading.Event()
+    rejected = compat.RejectionSeen()
     handlers = [(evt.EVT_CONN_OPEN, partial(_on_open, connected)),
+                (evt.EVT_PDU_RECV, rejected.handler),
                 (evt.EVT_FSM_TRANSITION, compat.wake_dimse_on_close)]
     with compat.capture_connect_errors() as errors:
         assoc = ae.associate(peer.host, peer.port, contexts=contexts, ae_title=peer.ae_title,
                              tls_args=tls_args, evt_handlers=handlers)
     if not assoc.is_established:
-        raise _association_failure(peer, assoc, connected.is_set(), errors.messages)
+        raise _association_failure(peer, assoc, rejected.rejection(assoc), connected.is_set(),
+                                   errors.messages)
     return assoc
 
 

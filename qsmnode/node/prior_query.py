@@ -248,16 +248,18 @@ class _Session:
         ssl_context = client_ssl_context(peer.tls)
         tls_args = None if ssl_context is None else (ssl_context, peer.host)
         connected = threading.Event()
+        rejected = compat.RejectionSeen()
         handlers = [(evt.EVT_CONN_OPEN, lambda event: connected.set()),
+                    (evt.EVT_PDU_RECV, rejected.handler),
                     (evt.EVT_C_STORE, self.on_store)]
         with compat.capture_connect_errors() as errors:
             assoc = ae.associate(peer.host, peer.port, contexts=contexts,
                                  ae_title=peer.ae_title, ext_neg=roles or None,
                                  tls_args=tls_args, evt_handlers=handlers)
         if not assoc.is_established:
-            if assoc.is_rejected:
-                raise self.fail("association rejected: "
-                                f"{describe_rejection(assoc.acceptor.primitive)}")
+            rejection = rejected.rejection(assoc)
+            if rejection is not None:
+                raise self.fail(f"association rejected: {describe_rejection(rejection)}")
             if not connected.is_set():
                 why = errors.messages[-1] if errors.messages else "no connection"
                 raise self.fail(f"cannot connect: {printable(why)}")
