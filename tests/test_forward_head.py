@@ -52,9 +52,9 @@ def test_pdf_tv_admm_keeps_the_deep_grey_contrast_the_single_step_tv_loses(
 @pytest.mark.slow
 def test_tfi_keeps_more_of_the_contrast_than_pdf_tv_admm(head: HeadSimulation) -> None:
     tfi = score(reconstruct(head, METHODS["tfi"]), head)
-    # measured at 3 mm (2026-12-07): XSIM 0.417 against PDF + TV-ADMM's 0.305, deep grey
-    # 36.0 % against 37.6 %, coverage 0.97 (without the magnitude-edge weights of its polish
-    # 0.398 and 37.4 %; 1 mm: 0.690 against 0.579, RESULTS.md)
+    # measured at 3 mm (2026-12-07): XSIM 0.416 against PDF + TV-ADMM's 0.305, deep grey
+    # 36.6 % against 37.6 %, coverage 0.97 (without the border weight of its polish 0.417 and
+    # 36.0 %; without its magnitude-edge weights 0.398 and 37.4 %; 1 mm: RESULTS.md)
     assert tfi["xsim"] > 0.34 and tfi["nrmse_dgm"] < 50 and tfi["coverage"] > 0.9, tfi
     pdf = score(reconstruct(head, METHODS["pdf-tv-admm"]), head)
     assert tfi["xsim"] > pdf["xsim"] + 0.05, (tfi, pdf)
