@@ -19,8 +19,9 @@ Steps (each a module of this package; methods cited there):
    magnitude-edge weights on the TV (Liu T 2012). Alternatives: ``inversion.single_step_tv``
    (Laplacian single-step TV, Chatnuntawech 2017, Langkammer 2015) with source-layer peeling;
    ``background`` (RESHARP+LBV, RESHARP, LBV, iSMV, V-SHARP, PDF; Liu 2011) followed by
-   ``inversion.tv_admm`` (Bilgic 2014) or ``inversion.tkd`` (Wharton 2010). TFI, PDF and
-   TV-ADMM take the combined magnitude as inverse-noise weights.
+   ``inversion.tv_admm`` (Bilgic 2014) or ``inversion.tkd`` (Wharton 2010). PDF and TV-ADMM
+   (``pdf-tv-admm``) take the combined magnitude as inverse-noise weights; the default TFI does
+   not (``noise_weighting``).
 7. ``reference``: χ relative to the mean over the QSM mask (or CSF).
 
 :data:`METHODS` names the measured pipelines (``qsmnode qsm --method``): ``tfi`` (the
@@ -49,9 +50,12 @@ analysis, +0.003 of a true +0.02 ppm: the segmentation called the raised deep la
 smooth χ CSF, fixed in ``qsmnode.m1.segment``; now +0.0096, single-step TV +0.0107.) The
 TFI figures above are with its earlier 20 mm source shell; with 14 mm (its default now,
 ``qsmnode.qsm.tfi``) the heads score 36.2 / 37.1 / 39.7 % and the slabs' M1 errors are
-−0.005 / −0.003 / −0.005 ppm. Single-step TV: λ = 1e-4, ρ_data = 0.01, 30 iterations; PDF:
-tolerance 3e-3, at most 200 iterations, 20 mm padding; TV-ADMM: λ = 1e-4, 50 iterations;
-TFI: ``qsmnode.qsm.tfi.TFI``'s defaults.
+−0.005 / −0.003 / −0.005 ppm; with the polish's border weight and no noise weight (session
+16, RESULTS.md) the heads score 33.0 / 34.3 / 36.6 %, 3T SNR 50 / 30 / 35° tilt 32.4 / 37.0
+/ 37.1 %, the slabs' M1 errors −0.003 / −0.002 / −0.004 ppm, and the anatomy phantom's
+deep-layer change reads 0.023 / 0.030 / 0.021 / 0.023 / 0.028 ppm. Single-step TV: λ = 1e-4,
+ρ_data = 0.01, 30 iterations; PDF: tolerance 3e-3, at most 200 iterations, 20 mm padding;
+TV-ADMM: λ = 1e-4, 50 iterations; TFI: ``qsmnode.qsm.tfi.TFI``'s defaults.
 """
 
 from __future__ import annotations
@@ -103,7 +107,10 @@ class QSMParams:
         background_method: background removal, for a local-field inversion (a single-step
             inversion needs none and does not use it).
         noise_weighting: TFI, PDF and TV-ADMM weight their data terms by the combined magnitude
-            (inverse noise).
+            (inverse noise); default False: at 7T the field model's error where the
+            magnitude is dark (sinuses, the brain's edge) outweighs the noise there, and the
+            unweighted TFI scored better in every independent condition measured, 3T SNR 30
+            included (RESULTS.md, session 16). ``pdf-tv-admm`` sets it.
         inversion_method: the dipole inversion.
         reference: χ referenced to the mean over the QSM mask or over ``run_qsm``'s CSF mask.
         r2star_method, r2star_max_per_s, combine_method: relaxometry
@@ -121,7 +128,7 @@ class QSMParams:
     peel: PeelParams | None = None
     background_peel_voxels: int = 0
     background_method: bg.BackgroundMethod = field(default_factory=bg.ResharpLBV)
-    noise_weighting: bool = True
+    noise_weighting: bool = False
     inversion_method: inv.InversionMethod | TFI = field(default_factory=TFI)
     reference: Literal["mask", "csf"] = "mask"
     r2star_method: Literal["auto", "arlo", "loglinear"] = "auto"
@@ -180,7 +187,8 @@ class QSMResult:
 METHODS: dict[str, QSMParams] = {
     "tfi": QSMParams(),
     "single-step-tv": QSMParams(peel=PeelParams(), inversion_method=inv.SingleStepTV()),
-    "pdf-tv-admm": QSMParams(background_method=bg.PDF(), inversion_method=inv.TVADMM()),
+    "pdf-tv-admm": QSMParams(background_method=bg.PDF(), noise_weighting=True,
+                             inversion_method=inv.TVADMM()),
 }
 """The pipelines measured against the independent forward model, by name (module docstring);
 ``qsmnode.qsm.DEFAULT_METHOD`` is ``QSMParams()``, the one the node runs."""
