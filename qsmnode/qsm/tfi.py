@@ -9,7 +9,8 @@ background removal is needed:
 
     min_χ  ½‖W (f − D χ)‖²  +  λ Σ_a ‖t_a w_a G_a χ‖₁ ,
 
-with W the mask times the inverse-noise weight (the field is only known inside the mask),
+with W the mask times an optional inverse-noise weight (the engine passes none by default,
+``QSMParams.noise_weighting``: it scored worse at 7T; the field is only known inside the mask),
 D the dipole convolution (``dipole.dipole_kernel``, the true oblique B0 direction), G_a the
 forward differences (ppm/mm), w_a the optional morphology weight of MEDI (Liu T et al., MRM
 2012;68:1563: 0 where the magnitude has an edge) and t_a 1 on differences between two mask
@@ -65,8 +66,9 @@ Where this differs from the paper, measured (issue 11, ``benchmarks/RESULTS.md``
   lies within a few millimetres of the border (+0.030 ppm true; poses 0-2, 12 mm, power 1.5:
   0.0213 / 0.0277 / 0.0194 against 0.0244 / 0.0324 / 0.0220 ppm); 6 mm keeps it (poses 0-4:
   0.0236 / 0.0302 / 0.0221 / 0.0239 / 0.0278 against 0.0244 / 0.0324 / 0.0220 / 0.0244 /
-  0.0273 ppm, χ NRMSE better on four of five). A Bregman step (the residual added back)
-  and other λ, ρ or iteration counts of the polish gained nothing (36.1-37.5 %);
+  0.0273 ppm, χ NRMSE better on four of five; all these with the noise weight). A Bregman
+  step (the residual added back) and other λ, ρ or iteration counts of the polish gained
+  nothing (36.1-37.5 %);
 - the background sources live in 14 mm around the mask's box, not more: a harmonic field in
   the brain is made as well by sources near it. Against 20 mm the grid of a whole 1 mm head
   has 17 % fewer voxels and the joint fit takes 16-18 % less time (7T heads 34-35 → 28-29 s,
