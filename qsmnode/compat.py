@@ -204,11 +204,10 @@ def wake_dimse_on_close(event: Any) -> None:
 class RejectionSeen:
     """The A-ASSOCIATE-RJ a requestor's DUL received, as an ``EVT_PDU_RECV`` handler.
 
-    pynetdicom's requestor can miss a rejection: when the peer closes the connection right
-    after its A-ASSOCIATE-RJ and the DUL thread has closed the socket before the requesting
-    thread looks, that thread sees no connection and aborts, so the association reads as
-    aborted, not rejected (on a loaded machine, 1 in 10 rejections by Orthanc). The DUL did
-    decode the PDU: this keeps it.
+    pynetdicom's requestor can miss a rejection: its DUL thread closes the connection as soon
+    as it has the A-ASSOCIATE-RJ, and when the requesting thread looks only after that, it sees
+    no connection and aborts, so the association reads as aborted, not rejected (on a loaded
+    machine, 1 in 10 rejections by Orthanc). The DUL did decode the PDU: this keeps it.
     """
 
     def __init__(self) -> None:

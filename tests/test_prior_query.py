@@ -355,7 +355,7 @@ def test_find_failure_status() -> None:
         peer = Peer("failing-pacs", "FAILPACS", "127.0.0.1", server.server_address[1], CALLING)
         with pytest.raises(PriorQueryError) as caught:
             find_prior_reports(peer, PriorQuery(ADA.patient_id, "", generate_uid(), ""),
-                               timeout_s=30)
+                               timeout_s=5)
     finally:
         server.shutdown()
     message = str(caught.value)

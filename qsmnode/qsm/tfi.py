@@ -108,6 +108,7 @@ from qsmnode.qsm.util import (
     FftGrid,
     Slabs,
     block_mean,
+    bounding_box,
     cg,
     convolve,
     crop_to_mask,
@@ -199,7 +200,7 @@ def border_weight(mask: NDArray[np.bool_], voxel_size_mm: ArrayLike, depth_mm: f
     out = np.zeros(mask.shape, np.float32)
     if not mask.any():
         return out
-    box = tuple(slice(int(i.min()), int(i.max()) + 1) for i in np.nonzero(mask))
+    box = bounding_box(mask)
     depth = ndimage.distance_transform_edt(np.pad(mask[box], 1), sampling=vs)[1:-1, 1:-1, 1:-1]
     out[box] = np.minimum(depth / depth_mm, 1.0)
     return out
