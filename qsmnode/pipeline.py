@@ -81,7 +81,8 @@ from qsmnode.m1.followup import FollowUp, PriorResult, Protocol, RetestLimits, c
 from qsmnode.m1.measure import NormativeTable
 from qsmnode.m1.register import brain_prior_function
 from qsmnode.m1.result import M1Result, QualityFlag
-from qsmnode.qsm.engine import QSMParams, QSMResult, run_qsm, run_relaxometry
+from qsmnode.qsm import DEFAULT_METHOD
+from qsmnode.qsm.engine import METHODS, QSMParams, QSMResult, run_qsm, run_relaxometry
 from qsmnode.qsm.quality import map_ranges
 
 log = logging.getLogger(__name__)
@@ -108,6 +109,8 @@ class PipelineParams:
         source_files: the acquisition's source files (the derived objects reference them);
             empty: no derived objects.
         qsm: run QSM (and so the M1 analysis and the derived objects).
+        qsm_method: the QSM pipeline by name (``qsmnode.qsm.engine.METHODS``; ``[pipeline]
+            qsm_method``); its parameters are :attr:`qsm_params`.
         m1_atlas: template and M1 areas for the M1 analysis; None: no M1 analysis.
         t1w: the same-session T1w to register to the template (None: the GRE magnitude).
         t1w_note: the grouping's note on the study's T1w series (for the record).
@@ -123,7 +126,7 @@ class PipelineParams:
 
     source_files: tuple[Path, ...] = ()
     qsm: bool = True
-    qsm_params: QSMParams = field(default_factory=QSMParams)
+    qsm_method: str = DEFAULT_METHOD
     m1_atlas: M1Atlas | None = None
     m1_params: M1Params = field(default_factory=M1Params)
     normative: NormativeTable | None = None
@@ -135,10 +138,22 @@ class PipelineParams:
     prior_note: str = ""
     retest_limits: RetestLimits = field(default_factory=RetestLimits)
 
+    def __post_init__(self) -> None:
+        if self.qsm_method not in METHODS:
+            raise ValueError(f"unknown QSM method {self.qsm_method!r}: expected one of "
+                             f"{', '.join(METHODS)}")
 
-def algorithm_version() -> str:
-    """The version that goes into the derived objects (and that a follow-up compares)."""
-    return f"{__version__}/{PIPELINE_VERSION}"
+    @property
+    def qsm_params(self) -> QSMParams:
+        """The QSM engine's parameters of :attr:`qsm_method`."""
+        return METHODS[self.qsm_method]
+
+
+def algorithm_version(qsm_method: str = DEFAULT_METHOD) -> str:
+    """The version that goes into the derived objects and that a follow-up compares: the
+    package's, the pipeline's and the QSM method's (``[pipeline] qsm_method``), so that a
+    result is never compared with one that another method made."""
+    return f"{__version__}/{PIPELINE_VERSION}/{qsm_method}"
 
 
 @dataclass(frozen=True)
@@ -184,6 +199,8 @@ class PipelineResult:
     acquisition: AcquisitionSummary
     stages: tuple[StageRecord, ...]
     version: str = PIPELINE_VERSION
+    qsm_method: str = DEFAULT_METHOD
+    """The QSM pipeline by name (``[pipeline] qsm_method``)."""
     qsm_not_computed: str = ""
     """Why QSM was not computed although R2* and the M1 analysis were ("" when it was)."""
     qsm_quality: dict[str, Any] = field(default_factory=dict)
@@ -196,6 +213,7 @@ class PipelineResult:
             "acquisition": asdict(self.acquisition),
             "stages": [asdict(stage) for stage in self.stages],
             "version": self.version,
+            "qsm_method": self.qsm_method,
             "qsm_not_computed": self.qsm_not_computed,
             "qsm_quality": self.qsm_quality,
             "m1": self.m1,
@@ -456,7 +474,8 @@ def _follow_up(ctx: _Context, result: M1Result) -> None:
     elif date is None:
         follow = FollowUp(None, (), (), (), "no comparison: the study has no valid StudyDate")
     else:
-        follow = compare(result, date, acquisition_protocol(ctx.loaded), algorithm_version(),
+        follow = compare(result, date, acquisition_protocol(ctx.loaded),
+                         algorithm_version(params.qsm_method),
                          params.priors or (), params.retest_limits)
     log.info("study %s: follow-up: %s", ctx.loaded.study_uid, _log_text(follow))
     ctx.follow_up = follow
@@ -502,7 +521,7 @@ def _derived(ctx: _Context) -> None:
         note = "the M1 analysis is turned off in this node's configuration (pipeline.m1)"
     ctx.datasets = tuple(build_derived(
         ctx.loaded, ctx.qsm.chi_ppm, ctx.qsm.r2star_per_s, ctx.m1,
-        source_reader(ctx.params.source_files), algorithm_version(),
+        source_reader(ctx.params.source_files), algorithm_version(ctx.params.qsm_method),
         m1_note=note, z_flag=ctx.params.z_flag, follow_up=ctx.follow_up,
         qsm_note=ctx.qsm_not_computed or None,
     ))
@@ -536,6 +555,7 @@ def run_pipeline(loaded: LoadedAcquisition, params: PipelineParams | None = None
     quality = dict(ctx.qsm.quality) if ctx.qsm is not None else {}
     quality.pop("params", None)
     return PipelineResult(acquisition=ctx.summary, stages=tuple(ctx.stages),
+                          qsm_method=ctx.params.qsm_method,
                           qsm_not_computed=ctx.qsm_not_computed, qsm_quality=quality,
                           m1=ctx.m1_record, datasets=ctx.datasets)
 
@@ -578,16 +598,17 @@ def check_source_header(loaded: Any) -> list[str]:
 
 
 def process_acquisition(loaded: LoadedAcquisition, source_files: Sequence[str | Path], *,
-                        qsm: bool = True, m1_atlas: M1Atlas | None = None,
+                        qsm: bool = True, qsm_method: str = DEFAULT_METHOD,
+                        m1_atlas: M1Atlas | None = None,
                         normative: NormativeTable | None = None, z_flag: float = Z_FLAG,
                         earlier: EarlierResults | None = None,
                         progress: Callable[[str], None] | None = None) -> PipelineResult:
     """Process one loaded acquisition: the one way to do it (see the module docstring).
 
     ``source_files`` are the acquisition's source files (the derived objects reference them);
-    ``qsm`` and ``z_flag`` (the |z| the key images and the KOS flag) are the ``[pipeline]``
-    settings; ``m1_atlas`` (None: no M1 analysis) and ``normative`` (None: no z-scores) are
-    loaded by the caller; ``earlier`` (None: no follow-up) holds the patient's earlier
+    ``qsm``, ``qsm_method`` and ``z_flag`` (the |z| the key images and the KOS flag) are the
+    ``[pipeline]`` settings; ``m1_atlas`` (None: no M1 analysis) and ``normative`` (None: no
+    z-scores) are loaded by the caller; ``earlier`` (None: no follow-up) holds the patient's earlier
     results. The acquisition's T1w (``loaded.t1w``, its note and error) goes to the M1
     analysis. ``progress`` is told each stage's name as it starts.
 
@@ -598,6 +619,7 @@ def process_acquisition(loaded: LoadedAcquisition, source_files: Sequence[str | 
     params = PipelineParams(
         source_files=tuple(Path(f) for f in source_files),
         qsm=qsm,
+        qsm_method=qsm_method,
         m1_atlas=m1_atlas,
         normative=normative,
         t1w=getattr(loaded, "t1w", None),

@@ -351,6 +351,11 @@ BAD = {
         _PACS + '[follow_up]\npacs = "pacs"\nretrieve = "move"\n',
         'follow_up.move_port: expected a port 1-65535 with retrieve = "move", got 0',
     ),
+    "qsm method unknown": (
+        '[pipeline]\nqsm_method = "morphology"\n',
+        'pipeline.qsm_method: expected one of tfi, single-step-tv, pdf-tv-admm, got string '
+        '"morphology"',
+    ),
     "follow-up retrieve unknown": (
         '[follow_up]\nretrieve = "fetch"\n', "follow_up.retrieve: expected one of",
     ),
@@ -587,3 +592,12 @@ def test_config_knows_every_m1_atlas() -> None:
     from qsmnode.node.config import M1_ATLASES
 
     assert set(M1_ATLASES) == set(ATLASES)
+
+
+def test_config_knows_every_qsm_method() -> None:
+    """``[pipeline] qsm_method`` takes exactly the engine's named pipelines; another name is
+    refused with the choices named."""
+    from qsmnode.qsm import DEFAULT_METHOD, METHOD_NAMES
+    from qsmnode.qsm.engine import METHODS
+
+    assert METHOD_NAMES == tuple(METHODS) and DEFAULT_METHOD in METHOD_NAMES

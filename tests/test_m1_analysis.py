@@ -293,11 +293,9 @@ def test_real_philips_whole_head_registration_flags(shared_data) -> None:
     checks."""
     from qsmnode.dicom.load import load_folder
     from qsmnode.pipeline import PipelineParams, run_pipeline
-    from qsmnode.qsm.engine import METHODS
 
     (loaded,) = load_folder(shared_data / "philips-3t-2echo" / "classic")
-    result = run_pipeline(loaded, PipelineParams(m1_atlas=load_m1_atlas(),
-                                                 qsm_params=METHODS["tfi"]))
+    result = run_pipeline(loaded, PipelineParams(m1_atlas=load_m1_atlas(), qsm_method="tfi"))
     assert result.qsm_quality["mask_prior"]["applied"] is True
     flags = {f["name"]: f for f in result.m1["flags"]}
     assert flags["registration_mask"]["passed"], flags["registration_mask"]

@@ -313,13 +313,12 @@ def test_a_nearly_flat_chi_map_is_refused_and_the_node_tests_qsm_grid_passes(
     refused; the same field of view on the 3 mm grid the node tests run QSM on
     (``tests.nodeutil.QSM_SCAN``) spans several times the floor and goes through with the
     default pipeline. (TFI's map of the toy spans −0.09..0.07 ppm and passes.)"""
-    from qsmnode.qsm.engine import METHODS
     from qsmnode.qsm.quality import CHI_RANGE_FLOOR_PPM, FIELD_RANGE_FLOOR_PPM
     from tests.nodeutil import qsm_simulation, small_simulation
 
     assert CHI_RANGE_FLOOR_PPM >= 0.005 and FIELD_RANGE_FLOOR_PPM >= 0.002
     write_dicom(small_simulation().gre, tmp_path / "toy", "siemens", SimStudyInfo(seed=5))
-    sstv = PipelineParams(qsm_params=METHODS["single-step-tv"])
+    sstv = PipelineParams(qsm_method="single-step-tv")
     with pytest.raises(PipelineError, match="implausibly flat result: the susceptibility") as toy:
         run_pipeline(_one(tmp_path / "toy"), sstv)
     # the toy's phase holds a field (its total field is not flat): the reason says so
@@ -329,3 +328,19 @@ def test_a_nearly_flat_chi_map_is_refused_and_the_node_tests_qsm_grid_passes(
     ranges = run_pipeline(_one(tmp_path / "qsm")).qsm_quality["map_ranges_ppm"]
     assert ranges["chi"]["p99"] - ranges["chi"]["p1"] > 4 * CHI_RANGE_FLOOR_PPM
     assert ranges["local_field"]["p99"] - ranges["local_field"]["p1"] > 4 * FIELD_RANGE_FLOOR_PPM
+
+
+def test_the_qsm_method_is_chosen_by_name_and_is_part_of_the_algorithm_version() -> None:
+    """``[pipeline] qsm_method`` reaches the engine by name; an unknown name is refused with
+    the choices; two methods never share an algorithm version, so a follow-up (which
+    compares versions) never compares their results."""
+    from qsmnode.pipeline import algorithm_version
+    from qsmnode.qsm import DEFAULT_METHOD
+    from qsmnode.qsm.engine import METHODS
+
+    assert PipelineParams().qsm_params == METHODS[DEFAULT_METHOD]
+    assert PipelineParams(qsm_method="pdf-tv-admm").qsm_params == METHODS["pdf-tv-admm"]
+    with pytest.raises(ValueError, match="unknown QSM method 'medi': expected one of tfi, "):
+        PipelineParams(qsm_method="medi")
+    assert len({algorithm_version(name) for name in METHODS}) == len(METHODS)
+    assert algorithm_version() == algorithm_version(DEFAULT_METHOD)

@@ -31,7 +31,7 @@ class Processor(Protocol):
     :class:`~qsmnode.pipeline.PipelineError` for an acquisition it finds unfit."""
 
     def __call__(self, loaded: LoadedAcquisition, source_files: Sequence[str | Path], *,
-                 qsm: bool = ..., m1_atlas: M1Atlas | None = ...,
+                 qsm: bool = ..., qsm_method: str = ..., m1_atlas: M1Atlas | None = ...,
                  normative: NormativeTable | None = ..., z_flag: float = ...,
                  earlier: EarlierResults | None = ...,
                  progress: Callable[[str], None] | None = ...) -> PipelineResult: ...
@@ -158,7 +158,8 @@ def _run_process(folder: Path, out: Path, send: str | None, config: Path | None,
             if reference.with_m1 and follow is not None:
                 priors, prior_note = find_priors(follow, loaded)
                 earlier = EarlierResults(priors, prior_note, follow.limits)
-            result = function(loaded, sources, qsm=pipeline.qsm, m1_atlas=reference.atlas(),
+            result = function(loaded, sources, qsm=pipeline.qsm,
+                              qsm_method=pipeline.qsm_method, m1_atlas=reference.atlas(),
                               normative=normative, z_flag=pipeline.z_flag, earlier=earlier)
         except PipelineError as exc:
             print(f"series {numbers}: failed: {clean(str(exc))}", file=sys.stderr)

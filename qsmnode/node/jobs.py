@@ -53,6 +53,7 @@ from typing import TYPE_CHECKING, Any
 
 from qsmnode.node.config import Settings
 from qsmnode.node.store import JobRecord, Store
+from qsmnode.qsm import DEFAULT_METHOD
 
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
@@ -121,7 +122,8 @@ class JobSpec:
             ``t1w``) and the absolute paths of its spool files; None and empty without one.
         t1w_error: why the T1w named in the summary cannot be given (files missing).
         min_echoes, require_phase, pass_over, qsm_series: the grouping rules (``[rules]``).
-        qsm, m1, atlas: what the pipeline computes (``[pipeline]`` in the configuration).
+        qsm, qsm_method, m1, atlas: what the pipeline computes (``[pipeline]`` in the
+            configuration).
         m1_normative_table: the normative table file for z-scores (None: no z-scores).
         z_flag: the |z| at or beyond which the key images and the KOS flag a deep-layer χ.
         follow_up: where to look for the patient's earlier results
@@ -142,6 +144,7 @@ class JobSpec:
     require_phase: bool
     work_dir: str
     qsm: bool = True
+    qsm_method: str = DEFAULT_METHOD
     m1: bool = True
     atlas: str = "hcpex"
     m1_normative_table: str | None = None
@@ -221,6 +224,7 @@ def job_spec(store: Store, job: JobRecord, settings: Settings) -> JobSpec:
         require_phase=settings.rules.require_phase,
         work_dir=str(attempt_dir(state_dir, job.id, job.attempts)),
         qsm=settings.pipeline.qsm,
+        qsm_method=settings.pipeline.qsm_method,
         m1=settings.pipeline.m1,
         atlas=settings.pipeline.atlas,
         m1_normative_table=(None if settings.pipeline.m1_normative_table is None
@@ -514,15 +518,15 @@ def _m1_atlas(name: str) -> Any:
 
 
 def process_acquisition(loaded: Any, files: Sequence[str],
-                        qsm: bool = True, m1: bool = True, atlas: str = "hcpex",
-                        progress: Callable[[str], None] | None = None,
+                        qsm: bool = True, qsm_method: str = DEFAULT_METHOD, m1: bool = True,
+                        atlas: str = "hcpex", progress: Callable[[str], None] | None = None,
                         m1_normative_table: str | Path | None = None,
                         z_flag: float = 2.0,
                         follow_up: Any = None,
                         ) -> tuple[dict[str, Any], list[Dataset]]:
     """:func:`qsmnode.pipeline.process_acquisition` with the node's settings: the result as
     JSON and the derived datasets. ``files`` are the acquisition's source files; ``qsm``,
-    ``m1``, ``atlas`` (a name: the atlas is read here, once per process),
+    ``qsm_method``, ``m1``, ``atlas`` (a name: the atlas is read here, once per process),
     ``m1_normative_table`` (a file, for z-scores, read here) and ``z_flag`` are the
     ``[pipeline]`` settings; ``follow_up`` (a :class:`~qsmnode.node.followup.FollowUpSource`,
     or None) is where the patient's earlier results are looked for before the pipeline runs
@@ -551,8 +555,9 @@ def process_acquisition(loaded: Any, files: Sequence[str],
         priors, prior_note = find_priors(follow_up, loaded)
         earlier = EarlierResults(priors, prior_note, follow_up.limits)
     try:
-        result = run(loaded, files, qsm=qsm, m1_atlas=_m1_atlas(atlas) if with_m1 else None,
-                     normative=normative, z_flag=z_flag, earlier=earlier, progress=progress)
+        result = run(loaded, files, qsm=qsm, qsm_method=qsm_method,
+                     m1_atlas=_m1_atlas(atlas) if with_m1 else None, normative=normative,
+                     z_flag=z_flag, earlier=earlier, progress=progress)
     except PipelineError as exc:
         raise JobError(str(exc)) from None
     return result.to_json(), list(result.datasets)
@@ -602,7 +607,8 @@ def execute_job(spec: JobSpec) -> dict[str, Any]:
     try:
         loaded = load_job_acquisition(spec)
         result, datasets = process_acquisition(
-            loaded, spec.files, qsm=spec.qsm, m1=spec.m1, atlas=spec.atlas, progress=progress,
+            loaded, spec.files, qsm=spec.qsm, qsm_method=spec.qsm_method, m1=spec.m1,
+            atlas=spec.atlas, progress=progress,
             m1_normative_table=spec.m1_normative_table, z_flag=spec.z_flag,
             follow_up=_follow_up_source(spec))
     except (JobError, MemoryError, OSError):

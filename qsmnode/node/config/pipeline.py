@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qsmnode.node.config.fields import format_number, rule
+from qsmnode.qsm import DEFAULT_METHOD, METHOD_NAMES
 
 
 @dataclass(frozen=True)
@@ -58,12 +59,17 @@ class PipelineConfig:
     (:func:`qsmnode.node.normative.read_normative_table`), so a bad table stops the node at
     start with the file, the key and the problem named.
 
+    ``qsm_method``: the QSM pipeline (``qsmnode qsm --method``'s names; the default is the one
+    measured in ``benchmarks/RESULTS.md``). It is part of the algorithm version the derived
+    objects carry, so a follow-up never compares results that two methods made.
+
     ``z_flag``: a deep-layer χ z-score at or beyond it (either sign) is flagged on the key
     images and is the finding of the Key Object Selection (the ORU has its own ``[hl7]
     z_high``).
     """
 
     qsm: bool = True
+    qsm_method: str = field(default=DEFAULT_METHOD, metadata=rule(choices=METHOD_NAMES))
     m1: bool = True
     atlas: str = field(default="hcpex", metadata=rule(choices=M1_ATLASES))
     m1_normative_table: Path | None = field(default=None,
