@@ -114,6 +114,22 @@ def test_border_weight_rises_with_the_distance_to_the_nearest_face() -> None:
         assert w[ijk] == pytest.approx(min(1.0, nearest_mm / 6.0), abs=1e-6), ijk
 
 
+def test_border_weight_equals_scipys_distance_transform_on_a_folded_shape() -> None:
+    """On an irregular mask (a smoothed random blob with holes and a cut at the array's end)
+    and anisotropic voxels, the weight is scipy's exact Euclidean distance transform, clipped
+    at the depth: the truncated separable passes miss no voxel shallower than the depth."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(4)
+    blob = ndimage.gaussian_filter(rng.standard_normal((40, 36, 24)), 3.0)
+    mask = blob > np.quantile(blob, 0.45)
+    mask[:, :, -1] |= mask[:, :, -2]  # reaches the array's end on axis 2
+    for vs, depth in (((0.8, 0.8, 1.2), 6.0), ((1.0, 0.5, 2.0), 3.5), ((2.0, 2.0, 2.0), 5.0)):
+        distance = ndimage.distance_transform_edt(np.pad(mask, 1), sampling=vs)[1:-1, 1:-1, 1:-1]
+        expected = np.minimum(distance / depth, 1.0)
+        np.testing.assert_allclose(border_weight(mask, vs, depth), expected, atol=1e-6)
+
+
 def test_tfi_recovers_the_brain_beside_a_strong_outside_source(phantom) -> None:
     chi_true, mask, field = phantom
     inside = chi_true * mask
