@@ -48,11 +48,12 @@ slabs and through the node's own M1 analysis, and is the only pipeline within th
 it is the slowest. (On 2026-12-07 it first failed the demo's follow-up through the M1
 analysis, +0.003 of a true +0.02 ppm: the segmentation called the raised deep layer of its
 smooth χ CSF, fixed in ``qsmnode.m1.segment``; now +0.0096, single-step TV +0.0107.) The
-TFI figures above are from its first form as the default. Now (14 mm source shell, the
-polish's border weight, no noise weight, joint-fit λ 1e-3; RESULTS.md, sessions 16-17) the
-7T heads score 32.0 / 33.7 / 34.8 %, 3T SNR 50 31.2 %, the slabs' M1 errors are −0.003 /
-−0.003 / −0.004 ppm, and the anatomy phantom's deep-layer change reads 0.022 / 0.028 / 0.022
-/ 0.023 / 0.026 ppm. Single-step TV: λ = 1e-4,
+TFI figures above are with its earlier 20 mm source shell; with 14 mm (its default now,
+``qsmnode.qsm.tfi``) the heads score 36.2 / 37.1 / 39.7 % and the slabs' M1 errors are
+−0.005 / −0.003 / −0.005 ppm; with the polish's border weight and no noise weight (session
+16, RESULTS.md) the heads score 33.0 / 34.3 / 36.6 %, 3T SNR 50 / 30 / 35° tilt 32.4 / 37.0
+/ 37.1 %, the slabs' M1 errors −0.003 / −0.002 / −0.004 ppm, and the anatomy phantom's
+deep-layer change reads 0.023 / 0.030 / 0.021 / 0.023 / 0.028 ppm. Single-step TV: λ = 1e-4,
 ρ_data = 0.01, 30 iterations; PDF: tolerance 3e-3, at most 200 iterations, 20 mm padding;
 TV-ADMM: λ = 1e-4, 50 iterations; TFI: ``qsmnode.qsm.tfi.TFI``'s defaults.
 """
