@@ -518,19 +518,20 @@ def _m1_atlas(name: str) -> Any:
 
 
 def process_acquisition(loaded: Any, files: Sequence[str],
-                        qsm: bool = True, qsm_method: str = DEFAULT_METHOD, m1: bool = True,
-                        atlas: str = "hcpex", progress: Callable[[str], None] | None = None,
+                        qsm: bool = True, m1: bool = True, atlas: str = "hcpex",
+                        progress: Callable[[str], None] | None = None,
                         m1_normative_table: str | Path | None = None,
                         z_flag: float = 2.0,
                         follow_up: Any = None,
+                        qsm_method: str = DEFAULT_METHOD,
                         ) -> tuple[dict[str, Any], list[Dataset]]:
     """:func:`qsmnode.pipeline.process_acquisition` with the node's settings: the result as
     JSON and the derived datasets. ``files`` are the acquisition's source files; ``qsm``,
-    ``qsm_method``, ``m1``, ``atlas`` (a name: the atlas is read here, once per process),
-    ``m1_normative_table`` (a file, for z-scores, read here) and ``z_flag`` are the
-    ``[pipeline]`` settings; ``follow_up`` (a :class:`~qsmnode.node.followup.FollowUpSource`,
-    or None) is where the patient's earlier results are looked for before the pipeline runs
-    (``[follow_up]``, stage ``priors``).
+    ``m1``, ``atlas`` (a name: the atlas is read here, once per process),
+    ``m1_normative_table`` (a file, for z-scores, read here), ``z_flag`` and ``qsm_method``
+    are the ``[pipeline]`` settings; ``follow_up`` (a
+    :class:`~qsmnode.node.followup.FollowUpSource`, or None) is where the patient's earlier
+    results are looked for before the pipeline runs (``[follow_up]``, stage ``priors``).
 
     Raises:
         JobError: the pipeline found the acquisition unfit, or the normative table is bad.
