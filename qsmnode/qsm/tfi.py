@@ -215,9 +215,9 @@ def border_weight(mask: NDArray[np.bool_], voxel_size_mm: ArrayLike, depth_mm: f
     box = bounding_box(mask)
     cap = np.float32(depth_mm * depth_mm)  # squared distances at or beyond it all mean "deep"
     d2 = np.where(np.pad(mask[box], 1), cap, np.float32(0))  # 0 on the voxels outside
-    scratch = np.empty_like(d2)
-    for axis, h in enumerate(vs):
-        before = d2.copy()
+    before, scratch = np.empty_like(d2), np.empty_like(d2)
+    for axis, h in enumerate(vs):  # the passes only lower d2: it stays <= cap
+        np.copyto(before, d2)
         n = d2.shape[axis]
         for k in range(1, min(int(depth_mm / h), n - 1) + 1):
             lo, hi = [slice(None)] * 3, [slice(None)] * 3
@@ -227,7 +227,6 @@ def border_weight(mask: NDArray[np.bool_], voxel_size_mm: ArrayLike, depth_mm: f
                 candidate = scratch[a]
                 np.add(before[b], step, out=candidate)
                 np.minimum(d2[a], candidate, out=d2[a])
-        np.minimum(d2, cap, out=d2)
     np.sqrt(d2, out=d2)
     d2 *= np.float32(1.0 / depth_mm)
     out[box] = d2[1:-1, 1:-1, 1:-1]
