@@ -480,7 +480,7 @@ def test_every_derived_object_displays_in_ohif(viewer: tuple[ViewerServer, Viewe
     assert [s["label"] for s in seg["ohif"]["segments"]] == expected
     for label in expected:
         assert label in seg["text"]["body"]
-    assert seg["canvas"]["colouredFraction"] > 0.0005, seg["canvas"]
+    assert seg["canvas"]["colouredFraction"] > 0.0005, (seg["canvas"], seg.get("retried"))
     assert names["qsm_mr"] in seg["text"]["viewport"]
 
     # the SR: every measurement group is placed on an image (its outline on the QSM MR image)

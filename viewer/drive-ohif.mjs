@@ -309,7 +309,9 @@ try {
       // viewer and load it again, once, as a radiologist would; the report says so
       const first = entry;
       entry = await runItem(item);
-      entry.retried = {viewports: first.viewports, canvas: first.canvas};
+      entry.retried = {viewports: first.viewports, canvas: first.canvas, clicked: first.clicked,
+                       consoleAfterLoad: first.consoleAfterLoad, viewportText: first.text?.viewport,
+                       ohif: first.ohif};
     }
   }
 } finally {
