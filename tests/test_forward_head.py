@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from qsmnode.qsm.engine import METHODS, QSMParams, run_qsm
-from qsmnode.sim.forward_head import CSF, HeadConditions, HeadSimulation, simulate_head
+from qsmnode.qsm.mask import brain_mask
+from qsmnode.sim.forward_head import BLOOD, CSF, HeadConditions, HeadSimulation, simulate_head
 
 COARSE = HeadConditions(voxel_mm=3.0)
 
@@ -77,3 +78,20 @@ def test_a_slab_is_the_whole_heads_slices_over_m1_with_the_affine_moved(
     lowest = np.flatnonzero((head.m1_deep["left"] | head.m1_deep["right"]).any(axis=(0, 1))).min()
     assert lowest - k0 == round(20.0 / 3.0)
     assert not slab.brain_mask[..., -1].any()
+
+
+@pytest.mark.slow
+def test_the_brain_mask_keeps_the_sinus_at_7t(head: HeadSimulation) -> None:
+    """The venous sinus (χ 0.35 ppm) at the brain's top: at 7 T its field jumps by about
+    0.2 ppm at its wall, about 2 rad of the phase difference of echoes 5 ms apart, so the
+    phase coherence across the wall falls to 0.3-0.5. The coherence criterion is for noise
+    (pure noise: 0.2), and must not cut the sinus out: on the 1 mm heads the 0.5 threshold
+    left 423 sinus voxels out of the mask, 22 % of the squared χ error (RESULTS.md). Measured
+    here, the blood kept: 0.853 at 0.5, 0.937 at 0.3 (2026-12-08)."""
+    voxel_mm = np.sqrt((head.affine[:3, :3] ** 2).sum(axis=0))
+    mask = brain_mask(head.magnitude, voxel_mm, phase=head.phase_rad)
+    evaluated = head.brain_mask & (head.seg != CSF)
+    blood = evaluated & (head.seg == BLOOD)
+    assert (mask & blood).sum() > 0.92 * blood.sum(), (mask & blood).sum() / blood.sum()
+    assert (mask & evaluated).sum() > 0.98 * evaluated.sum()
+    assert (mask & ~head.brain_mask).sum() < 0.005 * head.brain_mask.sum()
