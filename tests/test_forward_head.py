@@ -82,16 +82,18 @@ def test_a_slab_is_the_whole_heads_slices_over_m1_with_the_affine_moved(
 
 @pytest.mark.slow
 def test_the_brain_mask_keeps_the_sinus_at_7t(head: HeadSimulation) -> None:
-    """The venous sinus (χ 0.35 ppm) at the brain's top: at 7 T its field jumps by about
-    0.2 ppm at its wall, about 2 rad of the phase difference of echoes 5 ms apart, so the
-    phase coherence across the wall falls to 0.3-0.5. The coherence criterion is for noise
-    (pure noise: 0.2), and must not cut the sinus out: on the 1 mm heads the 0.5 threshold
-    left 423 sinus voxels out of the mask, 22 % of the squared χ error (RESULTS.md). Measured
-    here, the blood kept: 0.853 at 0.5, 0.937 at 0.3 (2026-12-08)."""
+    """The venous sinus (χ 0.35 ppm, dark: short T2*) at the brain's top: at 7 T its field
+    jumps by about 0.2 ppm at its wall, about 2 rad of the phase difference of echoes 5 ms
+    apart, so the phase coherence across the wall falls to 0.3-0.5. The coherence criterion
+    is for noise (pure noise: 0.2), and must not cut the sinus out: on the 1 mm heads a
+    uniform 0.5 threshold left 423 sinus voxels out of the mask, 22 % of the squared χ error
+    (RESULTS.md). Measured here (2026-12-08), blood kept / evaluated kept / outside the brain:
+    0.853 / 0.975 / 0.11 % at 0.5; 0.937 / 0.978 / 0.11 % with 0.3 where darker than tissue
+    (the default); 0.937 / 0.987 / 0.19 % at 0.3 everywhere."""
     voxel_mm = np.sqrt((head.affine[:3, :3] ** 2).sum(axis=0))
     mask = brain_mask(head.magnitude, voxel_mm, phase=head.phase_rad)
     evaluated = head.brain_mask & (head.seg != CSF)
     blood = evaluated & (head.seg == BLOOD)
     assert (mask & blood).sum() > 0.92 * blood.sum(), (mask & blood).sum() / blood.sum()
-    assert (mask & evaluated).sum() > 0.98 * evaluated.sum()
-    assert (mask & ~head.brain_mask).sum() < 0.005 * head.brain_mask.sum()
+    assert (mask & evaluated).sum() > 0.97 * evaluated.sum()
+    assert (mask & ~head.brain_mask).sum() < 0.0015 * head.brain_mask.sum()

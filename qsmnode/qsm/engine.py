@@ -255,6 +255,7 @@ def _masked(mag: np.ndarray, vs: np.ndarray, phase: np.ndarray | None,
     if mask is None:
         m = brain_mask(mag, vs, phase=phase, threshold=p.threshold,
                        coherence_threshold=p.coherence_threshold,
+                       dark_coherence_threshold=p.dark_coherence_threshold,
                        bias_sigma_mm=p.bias_sigma_mm, separate_mm=p.separate_mm)
         m = _apply_prior(m, mag[..., 0], vs, prior, p, quality)
     else:

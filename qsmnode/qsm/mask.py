@@ -10,7 +10,8 @@ The steps:
    of several across the head; after the division tissue sits near 1 everywhere.
 3. Threshold the bias-normalised image (and a phase-coherence quality map, if phase is given:
    local coherence of the echo-difference phasor, the idea behind ROMEO's and QSMxT's
-   quality-map masks, Dymerska 2021).
+   quality-map masks, Dymerska 2021). Voxels darker than tissue may be less coherent: at
+   7 T a large vein is dark and its field jumps at its wall (:func:`brain_mask`).
 4. Separate the brain from scalp: erode by a few mm, keep the largest component, then grow it
    back by geodesic dilation inside the thresholded mask. Thin cortex next to the mask edge is
    restored exactly, so the superficial cortex is not eroded away.
@@ -150,7 +151,9 @@ class MaskParams:
     Attributes:
         threshold: fraction of the local tissue level kept (:func:`brain_mask`); default 0.35.
         use_phase: add the phase-coherence criterion (needs two echoes or more); default True.
-        coherence_threshold: phase coherence kept; default 0.3 (:func:`brain_mask`).
+        coherence_threshold: phase coherence kept; default 0.5 (:func:`brain_mask`).
+        dark_coherence_threshold: phase coherence kept where the magnitude is below the
+            local tissue level; default 0.3 (:func:`brain_mask`; None: as elsewhere).
         bias_sigma_mm: Gaussian width of the receive-bias estimate (mm); default 20.
         separate_mm: erosion that separates brain from scalp before regrowing (mm); default 3.
         prior: restrict a whole head's mask to the brain prior when one is given; default True.
@@ -161,7 +164,8 @@ class MaskParams:
 
     threshold: float = 0.35
     use_phase: bool = True
-    coherence_threshold: float = 0.3
+    coherence_threshold: float = 0.5
+    dark_coherence_threshold: float | None = 0.3
     bias_sigma_mm: float = 20.0
     separate_mm: float = 3.0
     prior: bool = True
@@ -176,7 +180,8 @@ def brain_mask(
     *,
     phase: NDArray[np.floating] | None = None,
     threshold: float = 0.35,
-    coherence_threshold: float = 0.3,
+    coherence_threshold: float = 0.5,
+    dark_coherence_threshold: float | None = 0.3,
     bias_sigma_mm: float = 20.0,
     separate_mm: float = 3.0,
 ) -> NDArray[np.bool_]:
@@ -189,12 +194,16 @@ def brain_mask(
             that drops noise voxels with high magnitude (ghosts, flow artefacts).
         threshold: keep voxels above this fraction of the local (bias-field) tissue level.
         coherence_threshold: minimum local phase coherence (see :func:`phase_coherence`);
-            default 0.3. Pure noise gives 0.2 (17 % of noise voxels above 0.3, 0.7 % above
-            0.5), but a large vein at 7 T gives 0.3-0.5 across its wall: its field jumps
-            by about 0.2 ppm there, 2 rad of the echo-2 minus echo-1 phase 5 ms apart.
-            0.5 left 5 % of the 1 mm qsm-forward heads' sinus (where it meets the
-            brain's surface) out of the mask, χ 0 there: a fifth of their squared χ
-            error (RESULTS.md).
+            default 0.5. Pure noise gives 0.2 (0.7 % of noise voxels above 0.5).
+        dark_coherence_threshold: the minimum where the voxel is darker than the local
+            tissue level (bias-normalised magnitude below 1); default 0.3 (17 % of noise
+            voxels above it); None: ``coherence_threshold`` everywhere. A large vein at 7 T
+            is dark (short T2*), and its field jumps by about 0.2 ppm at its wall: 2 rad of
+            the echo-2 minus echo-1 phase 5 ms apart, so the coherence across the wall is
+            0.3-0.5. With 0.5 everywhere, 5 % of the 1 mm qsm-forward heads' sinus (where it
+            meets the brain's surface) left the mask, χ 0 there: a fifth of their squared χ
+            error. 0.3 everywhere also let in bright extracerebral CSF against bone, whose
+            field jumps too, and lost the anatomy phantom's deep-M1 change (RESULTS.md).
         bias_sigma_mm: Gaussian width of the bias-field estimate.
         separate_mm: erosion radius used only to cut scalp/brain bridges; the edge is
             restored afterwards (geodesic dilation), so the mask is not eroded.
@@ -215,7 +224,11 @@ def brain_mask(
     candidate = norm > threshold
     candidate &= img > 0.5 * otsu_log_threshold(img)
     if phase is not None:
-        candidate &= phase_coherence(np.asarray(phase), mag) > coherence_threshold
+        coherence = phase_coherence(np.asarray(phase), mag)
+        coherent = coherence > coherence_threshold
+        if dark_coherence_threshold is not None:
+            coherent |= (coherence > dark_coherence_threshold) & (norm < 1.0)
+        candidate &= coherent
     out = np.zeros(candidate.shape, dtype=bool)
     if not candidate.any():
         return out
